@@ -1,0 +1,146 @@
+"""The one server interceptor of every service: request context, errors, metrics.
+
+For each RPC it (1) validates the caller's principal from metadata, (2) binds it and the
+request id into a ContextVar and the log context, (3) maps :class:`AeternaError` to a
+``google.rpc.Status`` with details and any other exception to ``INTERNAL`` (logged, never
+leaked), and (4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
+Infrastructure services (``grpc.health.v1``, reflection) need no principal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+
+from aeterna_common import context as rc
+from aeterna_common.errors import AeternaError, internal_status
+from aeterna_common.telemetry import GRPC_HANDLED, GRPC_HANDLING_SECONDS
+
+log = structlog.get_logger("aeterna.rpc")
+
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+"""Methods that run without a principal: health checks and reflection."""
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class _Call:
+    """Bookkeeping of one RPC: context binding, error mapping, metrics."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.method = method
+        self.context = context
+        self.service, self.name = _split(method)
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+
+    def begin(self) -> rc.RequestContext:
+        md = tuple(self.context.invocation_metadata() or ())
+        request_id = rc.request_id_from_metadata(md)
+        structlog.contextvars.bind_contextvars(request_id=request_id, method=self.name)
+        principal = rc.principal_from_metadata(md)
+        structlog.contextvars.bind_contextvars(tenant=principal.tenant_id)
+        return rc.RequestContext(principal=principal, request_id=request_id, method=self.method)
+
+    async def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, AeternaError):
+            self.code = exc.code
+            log.info("rpc.error", code=exc.code.name, reason=exc.reason, message=exc.message)
+            await self.context.abort_with_status(rpc_status.to_status(exc.to_status()))
+        self.code = grpc.StatusCode.INTERNAL
+        log.exception("rpc.internal_error", exc_info=exc)
+        await self.context.abort_with_status(rpc_status.to_status(internal_status()))
+
+    def finish(self) -> None:
+        code = self.code
+        # An abort by the handler itself (context.abort) sets the code on the context.
+        ctx_code = self.context.code()
+        if code == grpc.StatusCode.OK and isinstance(ctx_code, grpc.StatusCode):
+            code = ctx_code
+        GRPC_HANDLED.labels(self.service, self.name, code.name).inc()
+        GRPC_HANDLING_SECONDS.labels(self.service, self.name).observe(
+            time.perf_counter() - self.start
+        )
+        structlog.contextvars.clear_contextvars()
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio raises AbortError out of context.abort(); it must pass through untouched.
+    return type(exc).__name__ == "AbortError"
+
+
+def _wrap_unary(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = _Call(method, context)
+        try:
+            with rc.bind(call.begin()):
+                return await behavior(request, context)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return handler
+
+
+def _wrap_stream(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+    method: str,
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = _Call(method, context)
+        try:
+            with rc.bind(call.begin()):
+                async for item in behavior(request, context):
+                    yield item
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return handler
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """Binds the request context, maps errors and records metrics for every RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the method handler (see the module docstring)."""
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        des, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), des, ser
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), des, ser
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), des, ser
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method), des, ser
+        )

@@ -1,0 +1,397 @@
+"""Vector index adapter on ``qdrant-edge-py`` (Qdrant's embedded engine, one shard per process).
+
+The engine is synchronous; every call runs in a worker thread (:func:`asyncio.to_thread`).
+Its queries release the GIL and are safe from several threads, and an ``update`` does not block
+queries, so no lock is taken around reads. ``optimize()`` does block queries while it runs.
+
+A shard directory can be opened by one process (one :class:`EdgeVectorIndex`) at a time: the
+write-ahead log is locked. The WAL is always on: without it nothing is locked and unflushed
+updates are lost on a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import qdrant_edge as qe
+
+from aeterna_common.vectors.filters import (
+    TENANT_FIELD,
+    normalize_id,
+    sparse_parts,
+    tenant_filter,
+    translate,
+)
+from aeterna_common.vectors.port import (
+    DENSE_VECTOR,
+    SPARSE_VECTOR,
+    IndexFilter,
+    IndexPoint,
+    ScoredId,
+    SparseVector,
+)
+
+IdfScope = Literal["tenant", "collection"]
+"""Population the sparse IDF is computed over: the searching tenant's points, or all points."""
+
+_SCROLL_PAGE = 10_000
+
+
+class VectorIndexLockedError(RuntimeError):
+    """The shard directory is already open (in this or another process)."""
+
+
+class _EdgeBuilder:
+    """:class:`~aeterna_common.vectors.filters.FilterBuilder` for ``qdrant_edge``."""
+
+    def match_value(self, key: str, value: str | int | bool) -> Any:
+        return qe.FieldCondition(key, match=qe.MatchValue(value))
+
+    def match_any(self, key: str, values: list[str] | list[int]) -> Any:
+        return qe.FieldCondition(key, match=qe.MatchAny(values))
+
+    def range(self, key: str, gte: float | None, lte: float | None) -> Any:
+        return qe.FieldCondition(key, range=qe.RangeFloat(gte=gte, lte=lte))
+
+    def filter(self, must: Sequence[Any], should: Sequence[Any], must_not: Sequence[Any]) -> Any:
+        return qe.Filter(
+            must=list(must) or None, should=list(should) or None, must_not=list(must_not) or None
+        )
+
+
+_BUILDER = _EdgeBuilder()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeTuning:
+    """Index and optimizer settings of an edge shard.
+
+    The defaults are the configuration measured by ``bench/bench_vectors.py`` (100k x 384-d
+    points, one tenant; see ``bench/results/vectors.json``).
+
+    Attributes:
+        hnsw_m: HNSW edges per node (Qdrant default 16).
+        hnsw_ef_construct: HNSW build candidates (Qdrant default 100).
+        full_scan_threshold_kb: Below this many KB of vectors matching a filter, a segment is
+            scanned exactly instead of walking the graph (Qdrant default 10000).
+        payload_m: HNSW edges per node in the per-tenant subgraphs built for ``is_tenant``
+            fields; ``None`` keeps Qdrant's default (``hnsw_m``).
+        hnsw_ef: Search-time beam width; ``None`` uses Qdrant's default (``ef_construct``).
+        indexing_threshold_kb: Segments above this many KB of vectors get an HNSW graph when
+            :meth:`EdgeVectorIndex.optimize` runs (Qdrant default 10000, i.e. about 6.5k
+            384-d float32 vectors).
+        max_segment_size_kb: Upper bound of an optimized segment; ``None`` lets Qdrant derive it.
+        default_segment_number: Target number of segments; 0 lets Qdrant derive it from CPUs.
+        field_hnsw: Build extra HNSW links per value of the keyword/float payload indexes
+            (Qdrant ``enable_hnsw``) when optimizing. Helps mid-selectivity filters, costs
+            optimize time; the tenant field always gets them.
+
+    """
+
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    full_scan_threshold_kb: int = 10_000
+    payload_m: int | None = None
+    hnsw_ef: int | None = 128
+    indexing_threshold_kb: int = 10_000
+    max_segment_size_kb: int | None = None
+    default_segment_number: int = 0
+    field_hnsw: bool = False
+
+
+class EdgeVectorIndex:
+    """:class:`~aeterna_common.vectors.port.VectorIndex` on an embedded Qdrant edge shard.
+
+    Args:
+        path: Shard directory; created on :meth:`ensure_collection` if it holds no shard.
+        keyword_fields: Payload keys indexed as keywords (dotted paths allowed, e.g.
+            ``metadata.speaker``); ``tenant_id`` is always indexed, with ``is_tenant=True``.
+        float_fields: Payload keys indexed as floats (range filters), e.g. ``created_at``.
+        tuning: HNSW and optimizer settings; defaults to :class:`EdgeTuning`.
+        idf_scope: ``"tenant"`` (default) computes the sparse IDF over the searching tenant's
+            points, so one tenant's documents never change another's scores; ``"collection"``
+            uses the engine's global statistics, which keep counting deleted points.
+
+    Point ids are UUID strings and come back in canonical lower-case form.
+
+    """
+
+    def __init__(
+        self,
+        path: str,
+        keyword_fields: Sequence[str],
+        float_fields: Sequence[str] = (),
+        *,
+        tuning: EdgeTuning | None = None,
+        idf_scope: IdfScope = "tenant",
+    ) -> None:
+        self._path = os.path.abspath(path)
+        self._keyword_fields = tuple(dict.fromkeys(f for f in keyword_fields if f != TENANT_FIELD))
+        self._float_fields = tuple(dict.fromkeys(float_fields))
+        self._tuning = tuning or EdgeTuning()
+        self._idf_scope: IdfScope = idf_scope
+        self._shard: Any = None
+        self._closed = False
+        self._open_lock = asyncio.Lock()
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the shard directory."""
+        return self._path
+
+    def _config(self, dimension: int) -> Any:
+        t = self._tuning
+        return qe.EdgeConfig(
+            vectors={
+                DENSE_VECTOR: qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine)
+            },
+            sparse_vectors={SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+            hnsw_config=qe.HnswIndexConfig(
+                m=t.hnsw_m,
+                ef_construct=t.hnsw_ef_construct,
+                full_scan_threshold=t.full_scan_threshold_kb,
+                payload_m=t.payload_m,
+            ),
+            optimizers=qe.EdgeOptimizersConfig(
+                indexing_threshold=t.indexing_threshold_kb,
+                max_segment_size=t.max_segment_size_kb,
+                default_segment_number=t.default_segment_number,
+            ),
+        )
+
+    def _open(self, dimension: int) -> Any:
+        config = self._config(dimension)
+        exists = os.path.exists(os.path.join(self._path, "edge_config.json"))
+        try:
+            if exists:
+                shard = qe.EdgeShard.load(self._path, config)
+            else:
+                shard = qe.EdgeShard.create(self._path, config)
+        except Exception as exc:
+            if "WouldBlock" in str(exc):
+                raise VectorIndexLockedError(
+                    f"vector index directory {self._path} is already open by another process "
+                    "or index instance; a shard directory can be opened by one at a time"
+                ) from exc
+            raise RuntimeError(f"cannot open vector index at {self._path}: {exc}") from exc
+        try:
+            present = set(shard.info().payload_schema)
+            wanted: list[tuple[str, Any]] = [(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True))]
+            hnsw = self._tuning.field_hnsw
+            wanted += [(f, qe.KeywordIndexParams(enable_hnsw=hnsw)) for f in self._keyword_fields]
+            wanted += [(f, qe.FloatIndexParams(enable_hnsw=hnsw)) for f in self._float_fields]
+            for name, schema in wanted:
+                if name not in present:
+                    shard.update(qe.UpdateOperation.create_field_index(name, schema))
+        except BaseException:
+            shard.close()
+            raise
+        return shard
+
+    async def ensure_collection(self, dimension: int) -> None:
+        """Create or load the shard and create missing payload indexes.
+
+        Args:
+            dimension: Dense vector size (384 for all-MiniLM-L6-v2).
+
+        Raises:
+            VectorIndexLockedError: If the directory is already open elsewhere.
+            RuntimeError: If the shard cannot be created or loaded (e.g. it was created with
+                another dimension), or this index was closed.
+
+        """
+        async with self._open_lock:
+            if self._closed:
+                raise RuntimeError(f"vector index at {self._path} is closed")
+            if self._shard is None:
+                self._shard = await asyncio.to_thread(self._open, dimension)
+
+    def _live(self) -> Any:
+        if self._closed:
+            raise RuntimeError(f"vector index at {self._path} is closed")
+        if self._shard is None:
+            raise RuntimeError("call ensure_collection() before using the vector index")
+        return self._shard
+
+    async def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Insert or replace points.
+
+        Raises:
+            ValueError: If a point id is not a UUID string.
+
+        """
+        if not points:
+            return
+        shard = self._live()
+        batch = [
+            qe.Point(
+                normalize_id(p.id),
+                {
+                    DENSE_VECTOR: [float(x) for x in p.dense],
+                    SPARSE_VECTOR: qe.SparseVector(*sparse_parts(p.sparse)),
+                },
+                dict(p.payload),
+            )
+            for p in points
+        ]
+        await asyncio.to_thread(shard.update, qe.UpdateOperation.upsert_points(batch))
+
+    async def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id; missing ids are ignored.
+
+        Raises:
+            ValueError: If an id is not a UUID string.
+
+        """
+        if not ids:
+            return
+        shard = self._live()
+        op = qe.UpdateOperation.delete_points([normalize_id(i) for i in ids])
+        await asyncio.to_thread(shard.update, op)
+
+    async def _query(
+        self, query: Any, flt: IndexFilter, limit: int, params: Any
+    ) -> list[ScoredId]:
+        shard = self._live()
+        translated = translate(_BUILDER, flt)
+        if translated.condition is None or limit <= 0:
+            return []
+        request = qe.QueryRequest(
+            limit=limit,
+            query=query,
+            filter=translated.condition,
+            with_payload=False,
+            with_vector=False,
+            params=params,
+        )
+        hits = await asyncio.to_thread(shard.query, request)
+        return [ScoredId(str(h.id), float(h.score)) for h in hits]
+
+    async def search_dense(
+        self, vector: Sequence[float], flt: IndexFilter, limit: int
+    ) -> list[ScoredId]:
+        """Nearest neighbours by cosine similarity, best first.
+
+        Args:
+            vector: Query embedding, ``dimension`` floats.
+            flt: Tenant and payload conditions.
+            limit: Maximum number of hits.
+
+        Returns:
+            Up to ``limit`` hits, scores in [-1, 1].
+
+        """
+        query = qe.Query.Nearest([float(x) for x in vector], using=DENSE_VECTOR)
+        params = qe.SearchParams(hnsw_ef=self._tuning.hnsw_ef)
+        return await self._query(query, flt, limit, params)
+
+    async def search_sparse(
+        self, vector: SparseVector, flt: IndexFilter, limit: int
+    ) -> list[ScoredId]:
+        """Best BM25 matches: sum over shared terms of query weight x IDF x document weight.
+
+        IDF is ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (Qdrant ``Modifier.Idf``) with N and n
+        counted over the tenant's points (``idf_scope="tenant"``) or all points.
+
+        Args:
+            vector: Query terms (weights usually 1).
+            flt: Tenant and payload conditions.
+            limit: Maximum number of hits.
+
+        Returns:
+            Up to ``limit`` hits with a positive score, best first.
+
+        """
+        indices, values = sparse_parts(vector)
+        if not indices:
+            return []
+        query = qe.Query.Nearest(qe.SparseVector(indices, values), using=SPARSE_VECTOR)
+        params = None
+        if self._idf_scope == "tenant":
+            corpus = tenant_filter(_BUILDER, flt.tenant_id)
+            params = qe.SearchParams(idf=qe.IdfParams(corpus=corpus))
+        return await self._query(query, flt, limit, params)
+
+    async def retrieve_dense(self, ids: Sequence[str]) -> dict[str, list[float]]:
+        """Dense vectors of the given points that exist, keyed by canonical id."""
+        if not ids:
+            return {}
+        shard = self._live()
+        wanted = [normalize_id(i) for i in ids]
+        records = await asyncio.to_thread(
+            shard.retrieve, wanted, with_payload=False, with_vector=[DENSE_VECTOR]
+        )
+        out: dict[str, list[float]] = {}
+        for r in records:
+            vectors = r.vector
+            if isinstance(vectors, dict) and DENSE_VECTOR in vectors:
+                out[str(r.id)] = list(vectors[DENSE_VECTOR])
+        return out
+
+    async def count(self, flt: IndexFilter) -> int:
+        """Exact number of points matching the filter."""
+        shard = self._live()
+        translated = translate(_BUILDER, flt)
+        if translated.condition is None:
+            return 0
+        request = qe.CountRequest(exact=True, filter=translated.condition)
+        return int(await asyncio.to_thread(shard.count, request))
+
+    def _scroll_ids(self, shard: Any, flt: Any) -> set[str]:
+        ids: set[str] = set()
+        offset: Any = None
+        while True:
+            records, offset = shard.scroll(
+                qe.ScrollRequest(
+                    offset=offset,
+                    limit=_SCROLL_PAGE,
+                    filter=flt,
+                    with_payload=False,
+                    with_vector=False,
+                )
+            )
+            ids.update(str(r.id) for r in records)
+            if offset is None:
+                return ids
+
+    async def all_ids(self, tenant_id: str | None = None) -> set[str]:
+        """Every point id, of one tenant or of all, in canonical form."""
+        shard = self._live()
+        flt = None if tenant_id is None else tenant_filter(_BUILDER, tenant_id)
+        return await asyncio.to_thread(self._scroll_ids, shard, flt)
+
+    async def optimize(self) -> None:
+        """Merge segments and build HNSW graphs; blocks queries while it runs (minutes at 100k)."""
+        shard = self._live()
+        await asyncio.to_thread(shard.optimize)
+
+    async def close(self) -> None:
+        """Flush and close the shard, releasing the directory lock. Idempotent."""
+        async with self._open_lock:
+            if self._closed:
+                return
+            self._closed = True
+            shard, self._shard = self._shard, None
+            if shard is not None:
+                await asyncio.to_thread(_flush_and_close, shard)
+
+    async def info(self) -> dict[str, int]:
+        """Shard statistics: ``points``, ``segments`` and ``indexed_vectors`` counts."""
+        shard = self._live()
+        info = await asyncio.to_thread(shard.info)
+        return {
+            "points": int(info.points_count),
+            "segments": int(info.segments_count),
+            "indexed_vectors": int(info.indexed_vectors_count),
+        }
+
+
+def _flush_and_close(shard: Any) -> None:
+    try:
+        shard.flush()
+    finally:
+        shard.close()

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aeterna_common.devservers import DevServerError, PostgresServer, RedisServer
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # Under /tmp itself: when the tests run as root, the server runs as the postgres user,
+    # which cannot enter pytest's private tmp_path.
+    path = Path(tempfile.mkdtemp(prefix="aeterna-test-pg-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_postgres_answers_over_tcp_and_unix_socket() -> None:
+    with PostgresServer() as pg:
+        print(f"postgres start: {pg.startup_seconds:.2f} s")
+        conn = await asyncpg.connect(pg.dsn("postgres", "postgres"))
+        try:
+            assert await conn.fetchval("select current_user") == "postgres"
+            assert await conn.fetchval("show fsync") == "off"
+            assert await conn.fetchval("select rolsuper from pg_roles where rolname = 'postgres'")
+            await conn.execute("create database app")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(pg.dsn("postgres", "app", unix_socket=True))
+        try:
+            assert await conn.fetchval("select current_database()") == "app"
+        finally:
+            await conn.close()
+        data_dir, port = pg.data_dir, pg.port
+    assert data_dir is not None
+    assert not data_dir.exists()  # throwaway cluster removed on stop
+    assert not _port_open(port)
+
+
+async def test_postgres_keeps_and_reuses_its_data_dir(short_tmp: Path) -> None:
+    data = short_tmp / "pg"
+    with PostgresServer(data, keep=True) as pg:
+        conn = await asyncpg.connect(pg.dsn())
+        await conn.execute("create table kept (x int); insert into kept values (42)")
+        await conn.close()
+    assert (data / "PG_VERSION").is_file()
+    with PostgresServer(data, keep=True) as pg:
+        conn = await asyncpg.connect(pg.dsn())
+        assert await conn.fetchval("select x from kept") == 42
+        await conn.close()
+
+
+def test_postgres_refuses_a_foreign_non_empty_dir(short_tmp: Path) -> None:
+    (short_tmp / "something.txt").write_text("not a cluster")
+    with pytest.raises(DevServerError, match="holds no cluster"):
+        PostgresServer(short_tmp).start()
+    assert (short_tmp / "something.txt").exists()
+
+
+def test_dsn_before_start_is_an_error() -> None:
+    with pytest.raises(DevServerError):
+        PostgresServer().dsn()
+
+
+async def test_redis_answers_and_stops() -> None:
+    with RedisServer() as server:
+        client = aioredis.from_url(server.url)
+        try:
+            assert await client.ping()
+            await client.set("k", "v")
+            assert await client.get("k") == b"v"
+            assert await client.config_get("save") == {"save": ""}
+            assert await client.config_get("appendonly") == {"appendonly": "no"}
+        finally:
+            await client.aclose()
+        port = server.port
+    assert not _port_open(port)

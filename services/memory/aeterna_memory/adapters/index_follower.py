@@ -1,0 +1,374 @@
+"""Keeps a vector index equal to PostgreSQL by following the outbox.
+
+PostgreSQL holds every memory with its vector; an index is a view derived from it. A follower
+reads outbox positions in order (they become visible in commit order, see
+:mod:`aeterna_memory.adapters.postgres`), re-reads the *current* state of each changed memory
+and upserts it, or deletes it from the index when it is deleted or expired. Applying the current
+state makes every step idempotent: replaying a change is harmless.
+
+* Embedded mode (qdrant-edge): each replica owns its index directory and its follower; the
+  applied position is a file beside the index. A missing index is rebuilt from PostgreSQL
+  in one snapshot.
+* Shared mode (a Qdrant server): one follower at a time holds a PostgreSQL advisory lock (the
+  lease) and applies; every replica reads the shared position from ``index_cursors``.
+
+Writers wake followers with ``NOTIFY``; a search waits (bounded) until its replica's index
+has applied the tenant's latest committed position, so a client reads its own writes through
+any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+import structlog
+from prometheus_client import Gauge, Histogram
+
+from aeterna_common.db import Database
+from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
+from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL
+from aeterna_memory.domain.model import SCOPE_FIELDS, Layer
+
+log = structlog.get_logger("aeterna.memory.index")
+
+KEYWORD_FIELDS = ("layer", *SCOPE_FIELDS, "tags")
+"""Payload keys with a keyword index."""
+
+FLOAT_FIELDS = ("created_at",)
+"""Payload keys with a float index (epoch seconds)."""
+
+INDEX_POSITION = Gauge("aeterna_index_applied_position", "Last outbox position applied.")
+INDEX_LAG_WAIT = Histogram(
+    "aeterna_index_wait_seconds",
+    "Time a search waited for the index to reach the latest committed change.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+
+_ROW_COLUMNS = (
+    "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
+    "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
+    "deleted_at, expire_at, index_text, embedding"
+)
+
+
+class CursorStore(Protocol):
+    """Where a follower records the last outbox position its index has applied."""
+
+    async def load(self) -> int | None:
+        """The stored position, or ``None`` when the index has never been built."""
+        ...
+
+    async def save(self, position: int) -> None:
+        """Record ``position`` (after the index has applied it)."""
+        ...
+
+
+class FileCursor:
+    """Position stored in a file beside an embedded index (written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def load(self) -> int | None:
+        """The stored position, ``None`` when the file is missing."""
+        try:
+            return int(self.path.read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    async def save(self, position: int) -> None:
+        """Write via a temporary file and rename (atomic on POSIX)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(position))
+        os.replace(tmp, self.path)
+
+
+class PostgresCursor:
+    """Position of a shared index, in the ``index_cursors`` table."""
+
+    def __init__(self, db: Database, name: str) -> None:
+        self.db = db
+        self.name = name
+
+    async def load(self) -> int | None:
+        """The stored position, ``None`` when the index was never built."""
+        value = await self.db.pool.fetchval(
+            "SELECT position FROM index_cursors WHERE name = $1", self.name
+        )
+        return None if value is None else int(value)
+
+    async def save(self, position: int) -> None:
+        """Upsert the position (monotonic: never moves back)."""
+        await self.db.pool.execute(
+            "INSERT INTO index_cursors (name, position) VALUES ($1, $2) ON CONFLICT (name) "
+            "DO UPDATE SET position = greatest(index_cursors.position, EXCLUDED.position), "
+            "updated_at = now()",
+            self.name,
+            position,
+        )
+
+
+def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
+    """The index point of a ``memories`` row (selected with the follower's columns)."""
+    payload: dict[str, Any] = {
+        "tenant_id": row["tenant_id"],
+        "layer": Layer(row["layer"]).name,
+        "tags": list(row["tags"]),
+        "metadata": json.loads(row["metadata"]),
+        "importance": row["importance"],
+        "created_at": float(row["created_at"]),
+    }
+    for f in SCOPE_FIELDS:
+        if row[f] is not None:
+            payload[f] = row[f]
+    return IndexPoint(
+        id=str(row["id"]), dense=list(row["embedding"]), sparse=sparse, payload=payload
+    )
+
+
+class IndexFollower:
+    """Applies committed memory changes to one vector index, in outbox order.
+
+    Args:
+        db: Application-role database (reads every tenant in read-only snapshots).
+        index: The index to maintain.
+        cursor: Where the applied position is kept.
+        encode_sparse: Text → BM25 sparse vector (the lexical encoder).
+        dsn: DSN for the LISTEN connection.
+        dimension: Dense vector size.
+        batch_size: Outbox rows per apply step.
+        leader_lock: For a shared index: advisory lock key of the lease; ``None`` in
+            embedded mode (every follower applies).
+        poll_s: Seconds between polls when no notification arrives (safety net).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        index: VectorIndex,
+        cursor: CursorStore,
+        encode_sparse: Callable[[str], SparseVector],
+        *,
+        dsn: str,
+        dimension: int,
+        batch_size: int = 512,
+        leader_lock: int | None = None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.index = index
+        self.cursor = cursor
+        self.encode_sparse = encode_sparse
+        self.dsn = dsn
+        self.dimension = dimension
+        self.batch_size = batch_size
+        self.leader_lock = leader_lock
+        self.poll_s = poll_s
+        self.applied = 0
+        self._wake = asyncio.Event()
+        self._advanced = asyncio.Condition()
+        self._listen: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._leader = leader_lock is None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare the index: rebuild it if it was never built, else catch up; then listen."""
+        await self.index.ensure_collection(self.dimension)
+        self._listen = await asyncpg.connect(self.dsn)
+        await self._listen.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        if self.leader_lock is not None:
+            self._leader = bool(
+                await self._listen.fetchval("SELECT pg_try_advisory_lock($1)", self.leader_lock)
+            )
+        stored = await self.cursor.load()
+        if stored is None and self._leader:
+            await self.rebuild()
+        else:
+            self.applied = stored or 0
+            await self.catch_up()
+        log.info("index.ready", position=self.applied, leader=self._leader)
+
+    async def close(self) -> None:
+        """Stop listening (the index itself is closed by its owner)."""
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                await self._listen.close()
+            self._listen = None
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Apply changes until cancelled: on each notification, else every ``poll_s``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+            try:
+                if not self._leader and self.leader_lock is not None and self._listen:
+                    self._leader = bool(
+                        await self._listen.fetchval(
+                            "SELECT pg_try_advisory_lock($1)", self.leader_lock
+                        )
+                    )
+                await self.catch_up()
+            except Exception:  # keep following; the next round retries from the cursor
+                log.exception("index.apply_failed", position=self.applied)
+                await asyncio.sleep(self.poll_s)
+
+    # ---- applying ----------------------------------------------------------------------
+
+    async def catch_up(self) -> int:
+        """Apply everything committed after the applied position.
+
+        Returns:
+            The number of outbox rows applied.
+        """
+        async with self._lock:
+            if not self._leader:
+                stored = await self.cursor.load()
+                await self._advance(stored or 0)
+                return 0
+            total = 0
+            while True:
+                async with self.db.all_tenants_snapshot() as conn:
+                    changes = await conn.fetch(
+                        "SELECT position, memory_id FROM outbox WHERE position > $1 "
+                        "ORDER BY position LIMIT $2",
+                        self.applied,
+                        self.batch_size,
+                    )
+                    if not changes:
+                        return total
+                    ids = list({c["memory_id"] for c in changes if c["memory_id"] is not None})
+                    rows = await conn.fetch(
+                        f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1::uuid[])", ids
+                    )
+                await self._apply(rows, ids)
+                last = int(changes[-1]["position"])
+                await self.cursor.save(last)
+                await self._advance(last)
+                total += len(changes)
+
+    async def _apply(self, rows: Sequence[asyncpg.Record], ids: Sequence[uuid.UUID]) -> None:
+        now = time.time()
+        live = [
+            r
+            for r in rows
+            if r["deleted_at"] is None
+            and (r["expire_at"] is None or r["expire_at"].timestamp() > now)
+        ]
+        live_ids = {r["id"] for r in live}
+        gone = [str(i) for i in ids if i not in live_ids]
+        if live:
+            points = [to_point(r, self.encode_sparse(r["index_text"])) for r in live]
+            await self.index.upsert(points)
+        if gone:
+            await self.index.delete(gone)
+
+    async def _advance(self, position: int) -> None:
+        if position <= self.applied:
+            return
+        self.applied = position
+        INDEX_POSITION.set(position)
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    async def rebuild(self) -> int:
+        """Rebuild the index from PostgreSQL in one snapshot (no embedding is recomputed).
+
+        Returns:
+            The number of memories indexed.
+        """
+        async with self._lock, self.db.all_tenants_snapshot() as conn:
+            position = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM outbox"))
+            count = 0
+            cursor = conn.cursor(
+                f"SELECT {_ROW_COLUMNS} FROM memories WHERE deleted_at IS NULL "
+                "AND (expire_at IS NULL OR expire_at > now())",
+                prefetch=self.batch_size,
+            )
+            batch: list[asyncpg.Record] = []
+            async for row in cursor:
+                batch.append(row)
+                if len(batch) >= self.batch_size:
+                    await self._apply(batch, [r["id"] for r in batch])
+                    count += len(batch)
+                    batch = []
+            if batch:
+                await self._apply(batch, [r["id"] for r in batch])
+                count += len(batch)
+        await self.cursor.save(position)
+        await self._advance(position)
+        log.info("index.rebuilt", memories=count, position=position)
+        return count
+
+    async def reconcile(self) -> dict[str, int]:
+        """Repair the index: add live memories it lacks, drop points PostgreSQL does not
+        hold as live. Idempotent; safe to run at any time (it re-reads after listing).
+
+        Returns:
+            ``{"added": n, "removed": m}``.
+        """
+        indexed = await self.index.all_ids()
+        async with self.db.all_tenants_snapshot() as conn:
+            live = {
+                str(r["id"])
+                for r in await conn.fetch(
+                    "SELECT id FROM memories WHERE deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now())"
+                )
+            }
+            missing = [uuid.UUID(i) for i in live - indexed]
+            rows = (
+                await conn.fetch(
+                    f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1::uuid[])", missing
+                )
+                if missing
+                else []
+            )
+        extra = sorted(indexed - live)
+        if rows:
+            await self._apply(rows, missing)
+        if extra:
+            await self.index.delete(extra)
+        if missing or extra:
+            log.warning("index.reconciled", added=len(missing), removed=len(extra))
+        return {"added": len(missing), "removed": len(extra)}
+
+    async def wait_for(self, position: int, timeout_s: float) -> bool:
+        """Wait until the index has applied ``position``.
+
+        Args:
+            position: An outbox position (e.g. the tenant's latest).
+            timeout_s: Upper bound of the wait in seconds.
+
+        Returns:
+            Whether the position was reached in time (a search proceeds either way).
+        """
+        if self.applied >= position:
+            return True
+        start = time.perf_counter()
+        self._wake.set()
+        try:
+            async with self._advanced:
+                await asyncio.wait_for(
+                    self._advanced.wait_for(lambda: self.applied >= position), timeout_s
+                )
+            return True
+        except TimeoutError:
+            log.warning("index.behind", applied=self.applied, wanted=position)
+            return False
+        finally:
+            INDEX_LAG_WAIT.observe(time.perf_counter() - start)

@@ -1,0 +1,656 @@
+"""PostgreSQL adapter: memories, revisions, idempotency keys and the outbox.
+
+Every write is one transaction that changes the memory, appends its revision and appends
+its outbox event; nothing is left half done. Outbox positions are drawn at the end of the
+transaction under an advisory lock, so they become visible in commit order (a follower
+that reads ``position > p`` never skips a change committed later with a smaller number).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from aeterna_common.db import Database
+from aeterna_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from aeterna_memory.domain.model import (
+    SCOPE_FIELDS,
+    Embedded,
+    FeedbackType,
+    Layer,
+    ListFilter,
+    Memory,
+    MemoryPatch,
+    NewMemory,
+    Revision,
+    RevisionAction,
+    Scope,
+)
+
+OUTBOX_LOCK = 7_311_000_002
+"""Advisory lock serialising outbox position allocation (held until commit)."""
+
+NOTIFY_CHANNEL = "aeterna_memory_changes"
+"""LISTEN/NOTIFY channel that wakes index followers; the payload is the last position."""
+
+_COLUMNS = (
+    "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
+    "company_id, content, content_hash, metadata, tags, importance, access_count, "
+    "last_accessed_at, created_at, updated_at, expire_at, deleted_at, revision, "
+    "embedding_model, cardinality(embedding) AS embedding_dimension"
+)
+
+
+def content_hash(content: str) -> str:
+    """Hex SHA-256 of the UTF-8 content."""
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def row_to_memory(row: asyncpg.Record) -> Memory:
+    """Convert a ``memories`` row (selected with the service's column list)."""
+    return Memory(
+        tenant_id=row["tenant_id"],
+        id=str(row["id"]),
+        layer=Layer(row["layer"]),
+        scope=Scope(**{f: row[f] for f in SCOPE_FIELDS}),
+        content=row["content"],
+        content_hash=row["content_hash"],
+        metadata=json.loads(row["metadata"]),
+        tags=list(row["tags"]),
+        importance=row["importance"],
+        access_count=row["access_count"],
+        last_accessed_at=row["last_accessed_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expire_at=row["expire_at"],
+        deleted_at=row["deleted_at"],
+        revision=row["revision"],
+        embedding_model=row["embedding_model"],
+        embedding_dimension=row["embedding_dimension"] or 0,
+    )
+
+
+def encode_page_token(created_at: datetime, memory_id: str, fingerprint: str) -> str:
+    """Opaque keyset page token (https://google.aip.dev/158)."""
+    raw = json.dumps({"c": created_at.isoformat(), "i": memory_id, "f": fingerprint})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> tuple[datetime, str]:
+    """Decode a token of :func:`encode_page_token`.
+
+    Raises:
+        InvalidArgument: the token is malformed or was made for other filters.
+    """
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        created, mid, fp = datetime.fromisoformat(data["c"]), str(uuid.UUID(data["i"])), data["f"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument([FieldViolation(field, "malformed page token")]) from exc
+    if fp != fingerprint:
+        raise InvalidArgument(
+            [FieldViolation(field, "page token was issued for different filters")]
+        )
+    return created, mid
+
+
+class PostgresMemoryStore:
+    """The memory repository on PostgreSQL (source of truth).
+
+    Args:
+        db: Application-role database (row-level security applies).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def get(self, tenant_id: str, memory_id: str, *, include_deleted: bool = True) -> Memory:
+        """One memory.
+
+        Raises:
+            NotFound: no such memory in the tenant (reason ``MEMORY_NOT_FOUND``).
+        """
+
+        async def work(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = $2",
+                tenant_id,
+                uuid.UUID(memory_id),
+            )
+
+        row = await self.db.run(tenant_id, work, readonly=True)
+        if row is None or (row["deleted_at"] is not None and not include_deleted):
+            raise _not_found(tenant_id, memory_id)
+        return row_to_memory(row)
+
+    async def recent_contents(
+        self, tenant_id: str, user_id: str, session_id: str, limit: int
+    ) -> list[str]:
+        """Contents of the latest ``limit`` live memories of one session, oldest first."""
+        if limit <= 0:
+            return []
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    "SELECT content FROM memories WHERE tenant_id = $1 AND user_id = $2 "
+                    "AND session_id = $3 AND deleted_at IS NULL "
+                    "ORDER BY created_at DESC, id DESC LIMIT $4",
+                    tenant_id,
+                    user_id,
+                    session_id,
+                    limit,
+                )
+            )
+
+        rows = await self.db.run(tenant_id, work, readonly=True)
+        return [r["content"] for r in reversed(rows)]
+
+    async def list(
+        self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
+    ) -> tuple[list[Memory], str]:
+        """A page of memories, newest first, and the next page token ('' at the end)."""
+        fp = flt.fingerprint()
+        where = ["tenant_id = $1"]
+        args: list[Any] = [tenant_id]
+        if flt.layer is not None:
+            args.append(int(flt.layer))
+            where.append(f"layer = ${len(args)}")
+        for name, value in flt.scope.as_dict().items():
+            args.append(value)
+            where.append(f"{name} = ${len(args)}")
+        if flt.tags:
+            args.append(list(flt.tags))
+            where.append(f"tags && ${len(args)}::text[]")
+        if not flt.show_deleted:
+            where.append("deleted_at IS NULL")
+        if page_token:
+            created, mid = decode_page_token(page_token, fp)
+            args.extend([created, uuid.UUID(mid)])
+            where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        args.append(page_size + 1)
+        sql = (
+            f"SELECT {_COLUMNS} FROM memories WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+        )
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, *args))
+
+        rows = await self.db.run(tenant_id, work, readonly=True)
+        memories = [row_to_memory(r) for r in rows[:page_size]]
+        token = ""
+        if len(rows) > page_size:
+            last = memories[-1]
+            token = encode_page_token(last.created_at, last.id, fp)
+        return memories, token
+
+    async def revisions(
+        self, tenant_id: str, memory_id: str, page_size: int, after: int
+    ) -> tuple[list[Revision], bool]:
+        """Revisions after number ``after``, oldest first, and whether more follow.
+
+        Raises:
+            NotFound: no such memory.
+        """
+
+        async def work(conn: asyncpg.Connection) -> tuple[bool, list[asyncpg.Record]]:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM memories WHERE tenant_id = $1 AND id = $2",
+                tenant_id,
+                uuid.UUID(memory_id),
+            )
+            rows = await conn.fetch(
+                "SELECT * FROM memory_revisions WHERE tenant_id = $1 AND memory_id = $2 "
+                "AND revision > $3 ORDER BY revision LIMIT $4",
+                tenant_id,
+                uuid.UUID(memory_id),
+                after,
+                page_size + 1,
+            )
+            return bool(exists), list(rows)
+
+        exists, rows = await self.db.run(tenant_id, work, readonly=True)
+        if not exists:
+            raise _not_found(tenant_id, memory_id)
+        out = [
+            Revision(
+                memory_id=str(r["memory_id"]),
+                revision=r["revision"],
+                action=RevisionAction(r["action"]),
+                old_content=r["old_content"],
+                new_content=r["new_content"],
+                changed_fields=list(r["changed_fields"]),
+                actor=r["actor"],
+                created_at=r["created_at"],
+            )
+            for r in rows[:page_size]
+        ]
+        return out, len(rows) > page_size
+
+    async def latest_position(self, tenant_id: str) -> int:
+        """The tenant's last committed outbox position (0 when none)."""
+
+        async def work(conn: asyncpg.Connection) -> int:
+            value = await conn.fetchval(
+                "SELECT position FROM outbox WHERE tenant_id = $1 ORDER BY position DESC LIMIT 1",
+                tenant_id,
+            )
+            return int(value or 0)
+
+        return await self.db.run(tenant_id, work, readonly=True)
+
+    async def read_hits(
+        self, tenant_id: str, ids: Sequence[str], *, touch: bool
+    ) -> dict[str, tuple[Memory, list[float]]]:
+        """Live (not deleted, not expired) memories among ``ids`` with their vectors.
+
+        Args:
+            tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
+            ids: Candidate ids from the index.
+            touch: Count an access (``access_count + 1``, ``last_accessed_at = now()``) on
+                every returned memory, in the same transaction.
+        """
+        if not ids:
+            return {}
+        uuids = [uuid.UUID(i) for i in ids]
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    f"SELECT {_COLUMNS}, embedding FROM memories WHERE tenant_id = $1 "
+                    "AND id = ANY($2::uuid[]) AND deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now())",
+                    tenant_id,
+                    uuids,
+                )
+            )
+
+        rows = await self.db.run(tenant_id, work, readonly=True)
+        return {str(r["id"]): (row_to_memory(r), list(r["embedding"])) for r in rows}
+
+    async def touch(self, tenant_id: str, ids: Sequence[str]) -> None:
+        """Count one access of each memory (a search returned it)."""
+        if not ids:
+            return
+
+        async def work(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE memories SET access_count = access_count + 1, "
+                "last_accessed_at = now() WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+                tenant_id,
+                [uuid.UUID(i) for i in ids],
+            )
+
+        await self.db.run(tenant_id, work)
+
+    # ---- writes ------------------------------------------------------------------------
+
+    async def idempotent_result(
+        self, tenant_id: str, method: str, request_id: str, request_hash: str
+    ) -> list[Memory] | None:
+        """The memories a previous call with this ``request_id`` produced, if any.
+
+        Raises:
+            FailedPrecondition: the key was used for a different request
+                (reason ``REQUEST_ID_REUSED``).
+        """
+
+        async def work(conn: asyncpg.Connection) -> list[Memory] | None:
+            return await _replay(conn, tenant_id, method, request_id, request_hash)
+
+        return await self.db.run(tenant_id, work, readonly=True)
+
+    async def create(
+        self,
+        tenant_id: str,
+        items: Sequence[Embedded],
+        *,
+        model: str,
+        actor: str,
+        method: str,
+        request_id: str,
+        request_hash: str,
+    ) -> list[Memory]:
+        """Insert memories, their ADD revisions and outbox events in one transaction.
+
+        With a ``request_id``, a retry returns the first call's memories instead.
+
+        Raises:
+            FailedPrecondition: the ``request_id`` was used for a different request.
+        """
+        ids = [uuid.uuid4() for _ in items]
+
+        async def work(conn: asyncpg.Connection) -> list[Memory]:
+            if request_id:
+                claimed = await conn.fetchval(
+                    "INSERT INTO idempotency_keys (tenant_id, method, request_id, "
+                    "request_hash, memory_ids) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    tenant_id,
+                    method,
+                    request_id,
+                    request_hash,
+                    ids,
+                )
+                if not claimed:
+                    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
+                    assert replay is not None
+                    return replay
+            await conn.executemany(
+                "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
+                "project_id, team_id, org_id, company_id, content, content_hash, metadata, "
+                "tags, importance, expire_at, index_text, embedding_model, embedding) VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+                " $18, $19)",
+                [
+                    (
+                        tenant_id,
+                        mid,
+                        int(e.memory.layer),
+                        *(e.memory.scope.get(f) for f in SCOPE_FIELDS),
+                        e.memory.content,
+                        content_hash(e.memory.content),
+                        json.dumps(e.memory.metadata),
+                        list(e.memory.tags),
+                        e.memory.importance,
+                        e.memory.expire_at,
+                        e.index_text,
+                        model,
+                        list(e.embedding),
+                    )
+                    for mid, e in zip(ids, items, strict=True)
+                ],
+            )
+            await conn.execute(
+                "INSERT INTO memory_revisions (tenant_id, memory_id, revision, action, "
+                "new_content, actor) SELECT $1, i, 1, 1, c, $4 "
+                "FROM unnest($2::uuid[], $3::text[]) AS u(i, c)",
+                tenant_id,
+                ids,
+                [e.memory.content for e in items],
+                actor,
+            )
+            await _append_outbox(conn, tenant_id, "memory.created", ids)
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+                tenant_id,
+                ids,
+            )
+            by_id = {r["id"]: row_to_memory(r) for r in rows}
+            return [by_id[i] for i in ids]
+
+        return await self.db.run(tenant_id, work)
+
+    async def update(
+        self,
+        tenant_id: str,
+        memory_id: str,
+        patch: MemoryPatch,
+        *,
+        expected_revision: int,
+        index_text: str | None,
+        embedding: Sequence[float] | None,
+        actor: str,
+    ) -> Memory:
+        """Apply a patch if the memory is still at ``expected_revision``.
+
+        Raises:
+            NotFound: no such live memory.
+            Aborted: it changed since it was read (reason ``CONCURRENT_MODIFICATION``).
+        """
+        mid = uuid.UUID(memory_id)
+
+        async def work(conn: asyncpg.Connection) -> Memory:
+            row = await conn.fetchrow(
+                "SELECT content, revision, deleted_at FROM memories "
+                "WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+                tenant_id,
+                mid,
+            )
+            if row is None or row["deleted_at"] is not None:
+                raise _not_found(tenant_id, memory_id)
+            if row["revision"] != expected_revision:
+                raise Aborted(
+                    "the memory changed while it was being updated; retry",
+                    reason="CONCURRENT_MODIFICATION",
+                )
+            sets = ["revision = revision + 1", "updated_at = clock_timestamp()"]
+            args: list[Any] = [tenant_id, mid]
+
+            def put(column: str, value: Any) -> None:
+                args.append(value)
+                sets.append(f"{column} = ${len(args)}")
+
+            f = patch.fields
+            if "content" in f:
+                assert patch.content is not None and index_text is not None and embedding
+                put("content", patch.content)
+                put("content_hash", content_hash(patch.content))
+                put("index_text", index_text)
+                put("embedding", list(embedding))
+            if "metadata" in f:
+                put("metadata", json.dumps(patch.metadata or {}))
+            if "tags" in f:
+                put("tags", list(patch.tags or []))
+            if "importance" in f:
+                put("importance", patch.importance if patch.importance is not None else 0.5)
+            if "expire_time" in f:
+                put("expire_at", patch.expire_at)
+            updated = await conn.fetchrow(
+                f"UPDATE memories SET {', '.join(sets)} WHERE tenant_id = $1 AND id = $2 "
+                f"RETURNING {_COLUMNS}",
+                *args,
+            )
+            assert updated is not None
+            memory = row_to_memory(updated)
+            await conn.execute(
+                "INSERT INTO memory_revisions (tenant_id, memory_id, revision, action, "
+                "old_content, new_content, changed_fields, actor) "
+                "VALUES ($1, $2, $3, 2, $4, $5, $6, $7)",
+                tenant_id,
+                mid,
+                memory.revision,
+                row["content"],
+                memory.content,
+                sorted(f),
+                actor,
+            )
+            await _append_outbox(conn, tenant_id, "memory.updated", [mid])
+            return memory
+
+        return await self.db.run(tenant_id, work)
+
+    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:
+        """Soft-delete; a deleted memory is returned unchanged (idempotent).
+
+        Raises:
+            NotFound: no such memory.
+        """
+        mid = uuid.UUID(memory_id)
+
+        async def work(conn: asyncpg.Connection) -> Memory:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+                tenant_id,
+                mid,
+            )
+            if row is None:
+                raise _not_found(tenant_id, memory_id)
+            if row["deleted_at"] is not None:
+                return row_to_memory(row)
+            updated = await conn.fetchrow(
+                "UPDATE memories SET deleted_at = clock_timestamp(), "
+                "updated_at = clock_timestamp(), revision = revision + 1 "
+                f"WHERE tenant_id = $1 AND id = $2 RETURNING {_COLUMNS}",
+                tenant_id,
+                mid,
+            )
+            assert updated is not None
+            memory = row_to_memory(updated)
+            await conn.execute(
+                "INSERT INTO memory_revisions (tenant_id, memory_id, revision, action, "
+                "old_content, actor) VALUES ($1, $2, $3, 3, $4, $5)",
+                tenant_id,
+                mid,
+                memory.revision,
+                row["content"],
+                actor,
+            )
+            await _append_outbox(conn, tenant_id, "memory.deleted", [mid])
+            return memory
+
+        return await self.db.run(tenant_id, work)
+
+    async def record_feedback(
+        self,
+        tenant_id: str,
+        memory_id: str,
+        feedback: FeedbackType,
+        reward: float,
+        *,
+        actor: str,
+        request_id: str,
+        request_hash: str,
+    ) -> Memory:
+        """Apply a reward to the importance (once per ``request_id``).
+
+        Importance becomes ``clamp((old + reward) / 2, 0, 1)`` (DOMAIN.md, Feedback), written
+        as an UPDATE revision of ``importance``.
+
+        Raises:
+            NotFound: no such live memory.
+        """
+        from aeterna_memory.domain.model import new_importance
+
+        mid = uuid.UUID(memory_id)
+        method = "RecordMemoryFeedback"
+
+        async def work(conn: asyncpg.Connection) -> Memory:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+                tenant_id,
+                mid,
+            )
+            if row is None or row["deleted_at"] is not None:
+                raise _not_found(tenant_id, memory_id)
+            if request_id:
+                claimed = await conn.fetchval(
+                    "INSERT INTO idempotency_keys (tenant_id, method, request_id, "
+                    "request_hash, memory_ids) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    tenant_id,
+                    method,
+                    request_id,
+                    request_hash,
+                    [mid],
+                )
+                if not claimed:
+                    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
+                    assert replay is not None
+                    return replay[0]
+            importance = new_importance(row["importance"], reward)
+            updated = await conn.fetchrow(
+                "UPDATE memories SET importance = $3, revision = revision + 1, "
+                "updated_at = clock_timestamp() WHERE tenant_id = $1 AND id = $2 "
+                f"RETURNING {_COLUMNS}",
+                tenant_id,
+                mid,
+                importance,
+            )
+            assert updated is not None
+            memory = row_to_memory(updated)
+            await conn.execute(
+                "INSERT INTO memory_revisions (tenant_id, memory_id, revision, action, "
+                "old_content, new_content, changed_fields, actor) "
+                "VALUES ($1, $2, $3, 2, $4, $4, $5, $6)",
+                tenant_id,
+                mid,
+                memory.revision,
+                memory.content,
+                ["importance"],
+                actor,
+            )
+            await _append_outbox(
+                conn,
+                tenant_id,
+                "memory.feedback_recorded",
+                [mid],
+                {"type": feedback.name, "reward": reward},
+            )
+            return memory
+
+        return await self.db.run(tenant_id, work)
+
+
+async def _replay(
+    conn: asyncpg.Connection, tenant_id: str, method: str, request_id: str, request_hash: str
+) -> list[Memory] | None:
+    row = await conn.fetchrow(
+        "SELECT request_hash, memory_ids FROM idempotency_keys "
+        "WHERE tenant_id = $1 AND method = $2 AND request_id = $3",
+        tenant_id,
+        method,
+        request_id,
+    )
+    if row is None:
+        return None
+    if row["request_hash"] != request_hash:
+        raise FailedPrecondition(
+            "request_id was already used for a different request",
+            reason="REQUEST_ID_REUSED",
+            metadata={"request_id": request_id},
+        )
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+        tenant_id,
+        row["memory_ids"],
+    )
+    by_id = {r["id"]: row_to_memory(r) for r in rows}
+    return [by_id[i] for i in row["memory_ids"] if i in by_id]
+
+
+async def _append_outbox(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    event_type: str,
+    ids: Sequence[uuid.UUID],
+    payload: dict[str, Any] | None = None,
+) -> None:
+    # Held until commit: positions are drawn, and become visible, in commit order.
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
+    last = await conn.fetchval(
+        "WITH ins AS (INSERT INTO outbox (position, tenant_id, event_type, resource, "
+        "memory_id, payload) SELECT nextval('outbox_position'), $1, $2, "
+        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb "
+        "FROM unnest($3::uuid[]) WITH ORDINALITY AS u(i, n) ORDER BY n RETURNING position) "
+        "SELECT max(position) FROM ins",
+        tenant_id,
+        event_type,
+        list(ids),
+        json.dumps(payload or {}),
+    )
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last))
+
+
+def _not_found(tenant_id: str, memory_id: str) -> NotFound:
+    return NotFound(
+        f"memory tenants/{tenant_id}/memories/{memory_id} not found",
+        reason="MEMORY_NOT_FOUND",
+        metadata={"name": f"tenants/{tenant_id}/memories/{memory_id}"},
+    )

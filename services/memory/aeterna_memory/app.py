@@ -1,0 +1,180 @@
+"""Composition root of the memory service: builds adapters, the domain and the servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import structlog
+
+from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.config import CommonSettings
+from aeterna_common.db import Database, apply_migrations, role_of
+from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.search.lexical import encode_document, encode_query
+from aeterna_common.server import ServiceApp
+from aeterna_common.vectors.port import VectorIndex
+from aeterna_memory.adapters.index_follower import (
+    FLOAT_FIELDS,
+    KEYWORD_FIELDS,
+    CursorStore,
+    FileCursor,
+    IndexFollower,
+    PostgresCursor,
+)
+from aeterna_memory.adapters.postgres import PostgresMemoryStore
+from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
+from aeterna_memory.domain.indexing import IndexingPolicy
+from aeterna_memory.domain.service import MemoryDomain, SearchTuning
+from aeterna_memory.ports import EmbeddingCache
+from aeterna_memory.servicer import SERVICE_NAME, MemoryServicer
+from aeterna_memory.settings import MemorySettings
+
+log = structlog.get_logger("aeterna.memory")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SHARED_INDEX_LOCK = 7_311_000_003
+"""Advisory lock key of the lease to apply changes to a shared (server) index."""
+
+
+class IndexedSearch:
+    """The domain's :class:`~aeterna_memory.ports.SearchIndex`: the index plus its follower."""
+
+    def __init__(self, index: VectorIndex, follower: IndexFollower) -> None:
+        self.index = index
+        self.follower = follower
+        self.search_dense = index.search_dense
+        self.search_sparse = index.search_sparse
+
+    async def wait_for(self, position: int, timeout_s: float) -> bool:
+        """Wait until the index has applied ``position`` (bounded)."""
+        return await self.follower.wait_for(position, timeout_s)
+
+
+def build_embedder(settings: MemorySettings) -> EmbeddingPort:
+    """The configured embedding adapter (blocks while a first ONNX export runs)."""
+    if settings.embedding == "openai":
+        from aeterna_common.embedding.openai_compat import OpenAICompatibleEmbedder
+
+        return OpenAICompatibleEmbedder(
+            settings.embedding_url,
+            settings.embedding_model,
+            settings.embedding_dimension,
+            api_key=settings.embedding_api_key or None,
+        )
+    from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder(
+        settings.model_cache_dir / "all-MiniLM-L6-v2-onnx",
+        intra_op_threads=settings.embedding_threads,
+    )
+
+
+def build_index(settings: MemorySettings) -> VectorIndex:
+    """The configured vector index adapter."""
+    if settings.vector_store == "qdrant":
+        from aeterna_common.vectors.qdrant import QdrantVectorIndex
+
+        return QdrantVectorIndex.from_url(
+            settings.qdrant_url,
+            settings.qdrant_collection,
+            KEYWORD_FIELDS,
+            FLOAT_FIELDS,
+            api_key=settings.qdrant_api_key or None,
+        )
+    from aeterna_common.vectors.edge import EdgeVectorIndex
+
+    settings.index_dir.mkdir(parents=True, exist_ok=True)
+    return EdgeVectorIndex(str(settings.index_dir / "shard"), KEYWORD_FIELDS, FLOAT_FIELDS)
+
+
+async def build(
+    common: CommonSettings | None = None, settings: MemorySettings | None = None
+) -> ServiceApp:
+    """Build the memory service: migrate, open stores, prepare the index, wire the domain.
+
+    Args:
+        common: Shared settings; read from the environment when omitted.
+        settings: Memory settings; read from the environment when omitted.
+    """
+    common = common or CommonSettings()
+    settings = settings or MemorySettings()
+    await apply_migrations(
+        common.database_owner_url or common.database_url, MIGRATIONS, role_of(common.database_url)
+    )
+    db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
+    await db.open()
+    embedder = await asyncio.to_thread(build_embedder, settings)
+    cache: EmbeddingCache = (
+        RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
+    )
+    index = build_index(settings)
+    cursor: CursorStore
+    if settings.vector_store == "edge":
+        cursor = FileCursor(settings.index_dir / "applied_position")
+        leader_lock = None
+    else:
+        cursor = PostgresCursor(db, f"qdrant:{settings.qdrant_collection}")
+        leader_lock = SHARED_INDEX_LOCK
+    follower = IndexFollower(
+        db,
+        index,
+        cursor,
+        encode_document,
+        dsn=common.database_url,
+        dimension=embedder.dimension,
+        leader_lock=leader_lock,
+    )
+    await follower.start()
+    domain = MemoryDomain(
+        PostgresMemoryStore(db),
+        IndexedSearch(index, follower),
+        embedder,
+        cache,
+        encode_document,
+        encode_query,
+        indexing=IndexingPolicy(
+            dense_context=settings.dense_context,
+            lexical_context=settings.lexical_context,
+            metadata_keys=tuple(settings.index_metadata_keys),
+        ),
+        tuning=SearchTuning(
+            candidates=settings.candidates,
+            dense_weight=settings.dense_weight,
+            lexical_weight=settings.lexical_weight,
+            wait_s=settings.read_wait_s,
+        ),
+    )
+    servicer = MemoryServicer(domain)
+
+    async def reconcile_forever() -> None:
+        if not settings.reconcile_interval_s:
+            return
+        while True:
+            await asyncio.sleep(settings.reconcile_interval_s)
+            try:
+                await follower.reconcile()
+            except Exception:
+                log.exception("index.reconcile_failed")
+
+    async def close() -> None:
+        await follower.close()
+        with contextlib.suppress(Exception):
+            await index.close()
+        await cache.close()
+        await embedder.close()
+        await db.close()
+
+    def register(server: object) -> None:
+        svc_grpc.add_MemoryServiceServicer_to_server(servicer, server)  # type: ignore[arg-type]
+
+    app = ServiceApp(
+        service_names=[SERVICE_NAME],
+        register=register,
+        close=close,
+        background=[follower.run, reconcile_forever],
+    )
+    app.domain = domain  # type: ignore[attr-defined]
+    app.follower = follower  # type: ignore[attr-defined]
+    return app

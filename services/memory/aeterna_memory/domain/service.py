@@ -1,0 +1,376 @@
+"""The memory domain: create, read, update, delete, search and feedback.
+
+It talks only to ports (:mod:`aeterna_memory.ports`) and knows no gRPC and no SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from aeterna_common.context import Principal
+from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.search import fusion
+from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
+from aeterna_memory.domain.indexing import IndexingPolicy, build_texts, has_session
+from aeterna_memory.domain.model import (
+    SEARCH_IDENTIFIERS,
+    Embedded,
+    FeedbackType,
+    Layer,
+    ListFilter,
+    Memory,
+    MemoryPatch,
+    MetadataCondition,
+    NewMemory,
+    Revision,
+    SearchHit,
+    SearchQuery,
+)
+from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
+
+log = structlog.get_logger("aeterna.memory")
+
+DUPLICATE_COSINE = 0.95
+"""Near-duplicates (cosine ≥ 0.95) collapse to the more specific one (DOMAIN.md, Search)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchTuning:
+    """Retrieval settings.
+
+    Attributes:
+        candidates: Hits taken from each of the dense and lexical rankings per layer.
+        dense_weight: Weight of the dense ranking in the fusion.
+        lexical_weight: Weight of the lexical ranking in the fusion.
+        rrf_k: Rank constant of reciprocal rank fusion (Cormack et al. 2009: 60).
+        wait_s: Longest wait, in seconds, for the index to reach the latest committed change.
+    """
+
+    candidates: int = 50
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    rrf_k: float = fusion.RRF_K
+    wait_s: float = 0.1
+
+
+def request_hash(*parts: object) -> str:
+    """Fingerprint of a request, to refuse a ``request_id`` reused for another request."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class MemoryDomain:
+    """Use cases of the memory service.
+
+    Args:
+        store: Source of truth.
+        index: Search side of the vector index.
+        embedder: Dense embedding model.
+        cache: Embedding cache.
+        encode_document: Text → BM25 document vector.
+        encode_query: Text → BM25 query vector.
+        indexing: What is indexed with each memory.
+        tuning: Retrieval settings.
+    """
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        index: SearchIndex,
+        embedder: EmbeddingPort,
+        cache: EmbeddingCache,
+        encode_document: Callable[[str], SparseVector],
+        encode_query: Callable[[str], SparseVector],
+        *,
+        indexing: IndexingPolicy | None = None,
+        tuning: SearchTuning | None = None,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.embedder = embedder
+        self.cache = cache
+        self.encode_document = encode_document
+        self.encode_query = encode_query
+        self.indexing = indexing or IndexingPolicy()
+        self.tuning = tuning or SearchTuning()
+
+    # ---- embeddings ------------------------------------------------------------------
+
+    async def embed(self, tenant_id: str, texts: Sequence[str]) -> list[list[float]]:
+        """Vectors of ``texts``: from the cache where possible, the model otherwise."""
+        model = self.embedder.model
+        cached = await self.cache.get_many(tenant_id, model, texts)
+        missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
+        fresh: dict[str, list[float]] = {}
+        if missing:
+            vectors = await self.embedder.embed(missing)
+            fresh = dict(zip(missing, vectors, strict=True))
+            await self.cache.put_many(tenant_id, model, list(fresh.items()))
+        return [v if v is not None else fresh[t] for t, v in zip(texts, cached, strict=True)]
+
+    # ---- writes ----------------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        memories: Sequence[NewMemory],
+        *,
+        method: str,
+        request_id: str,
+    ) -> list[Memory]:
+        """Create memories atomically; idempotent on ``request_id``.
+
+        Raises:
+            FailedPrecondition: ``request_id`` reused for another request.
+        """
+        tenant = principal.tenant_id
+        fingerprint = request_hash(method, memories)
+        if request_id:
+            replay = await self.store.idempotent_result(tenant, method, request_id, fingerprint)
+            if replay is not None:
+                return replay
+        prepared = await self._prepare(tenant, memories)
+        return await self.store.create(
+            tenant,
+            prepared,
+            model=self.embedder.model,
+            actor=principal.actor,
+            method=method,
+            request_id=request_id,
+            request_hash=fingerprint,
+        )
+
+    async def _prepare(self, tenant: str, memories: Sequence[NewMemory]) -> list[Embedded]:
+        need = self.indexing.context_needed
+        history: dict[tuple[str, str], list[str]] = {}
+        texts: list[tuple[str, str]] = []
+        for m in memories:
+            previous: list[str] = []
+            if need and has_session(m):
+                key = (m.scope.user_id or "", m.scope.session_id or "")
+                if key not in history:
+                    history[key] = await self.store.recent_contents(tenant, *key, need)
+                previous = history[key]
+                texts.append(build_texts(m, previous, self.indexing))
+                previous.append(m.content)
+            else:
+                texts.append(build_texts(m, previous, self.indexing))
+        vectors = await self.embed(tenant, [d for d, _ in texts])
+        return [
+            Embedded(memory=m, index_text=lex, embedding=v)
+            for m, (_, lex), v in zip(memories, texts, vectors, strict=True)
+        ]
+
+    async def update(
+        self, principal: Principal, memory_id: str, patch: MemoryPatch
+    ) -> Memory:
+        """Apply a field-masked update.
+
+        Raises:
+            NotFound: no live memory of that name.
+            Aborted: a concurrent change won.
+        """
+        tenant = principal.tenant_id
+        current = await self.store.get(tenant, memory_id, include_deleted=False)
+        index_text: str | None = None
+        embedding: list[float] | None = None
+        if "content" in patch.fields and patch.content is not None:
+            new = NewMemory(
+                layer=current.layer,
+                scope=current.scope,
+                content=patch.content,
+                metadata=patch.metadata if "metadata" in patch.fields else current.metadata,
+            )
+            previous: list[str] = []
+            if self.indexing.context_needed and has_session(new):
+                previous = [
+                    c
+                    for c in await self.store.recent_contents(
+                        tenant,
+                        current.scope.user_id or "",
+                        current.scope.session_id or "",
+                        self.indexing.context_needed + 1,
+                    )
+                    if c != current.content
+                ]
+            dense_text, index_text = build_texts(new, previous, self.indexing)
+            embedding = (await self.embed(tenant, [dense_text]))[0]
+        return await self.store.update(
+            tenant,
+            memory_id,
+            patch,
+            expected_revision=current.revision,
+            index_text=index_text,
+            embedding=embedding,
+            actor=principal.actor,
+        )
+
+    async def delete(self, principal: Principal, memory_id: str) -> Memory:
+        """Soft-delete (idempotent)."""
+        return await self.store.delete(principal.tenant_id, memory_id, actor=principal.actor)
+
+    async def feedback(
+        self,
+        principal: Principal,
+        memory_id: str,
+        kind: FeedbackType,
+        reward: float,
+        request_id: str,
+    ) -> Memory:
+        """Record a reward; importance = clamp((old + reward) / 2, 0, 1)."""
+        return await self.store.record_feedback(
+            principal.tenant_id,
+            memory_id,
+            kind,
+            reward,
+            actor=principal.actor,
+            request_id=request_id,
+            request_hash=request_hash("feedback", memory_id, kind, reward),
+        )
+
+    # ---- reads -----------------------------------------------------------------------
+
+    async def get(self, principal: Principal, memory_id: str) -> Memory:
+        """One memory (deleted ones too, with their delete time)."""
+        return await self.store.get(principal.tenant_id, memory_id)
+
+    async def list(
+        self, principal: Principal, flt: ListFilter, page_size: int, page_token: str
+    ) -> tuple[list[Memory], str]:
+        """A page of memories."""
+        return await self.store.list(principal.tenant_id, flt, page_size, page_token)
+
+    async def revisions(
+        self, principal: Principal, memory_id: str, page_size: int, after: int
+    ) -> tuple[list[Revision], bool]:
+        """Revisions of one memory."""
+        return await self.store.revisions(principal.tenant_id, memory_id, page_size, after)
+
+    # ---- search ----------------------------------------------------------------------
+
+    async def search(self, principal: Principal, query: SearchQuery) -> list[SearchHit]:
+        """Hybrid search (DOMAIN.md, Search).
+
+        Each layer is searched concurrently with a dense and a BM25 ranking, fused by
+        weighted reciprocal rank fusion; hits are re-read from the source of truth (so a
+        stale index never returns deleted, expired or foreign rows), near-duplicates
+        (cosine ≥ 0.95) collapse to the more specific layer, ``min_score`` drops weak hits
+        and results are ordered by layer precedence, then score.
+        """
+        tenant = principal.tenant_id
+        t0 = time.perf_counter()
+        position = await self.store.latest_position(tenant)
+        await self.index.wait_for(position, self.tuning.wait_s)
+        dense_q = (await self.embed(tenant, [query.text]))[0]
+        sparse_q = self.encode_query(query.text)
+        per_layer = await asyncio.gather(
+            *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
+        )
+        candidates: dict[str, tuple[Layer, float, float, float]] = {}
+        for layer, fused in zip(query.layers, per_layer, strict=True):
+            for mid, score, dense_score, lexical_score in fused:
+                candidates.setdefault(mid, (layer, score, dense_score, lexical_score))
+        rows = await self.store.read_hits(tenant, list(candidates), touch=False)
+        ranked = sorted(
+            (
+                (candidates[mid][0], -candidates[mid][1], mid)
+                for mid in candidates
+                if mid in rows and candidates[mid][1] >= query.min_score
+            ),
+        )
+        kept: list[str] = []
+        kept_vectors: list[np.ndarray] = []
+        for _, _, mid in ranked:
+            vec = np.asarray(rows[mid][1], dtype=np.float32)
+            # Ordered most specific layer first, so the one kept is the more specific.
+            if any(float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors):
+                continue
+            kept.append(mid)
+            kept_vectors.append(vec)
+            if len(kept) == query.top_k:
+                break
+        await self.store.touch(tenant, kept)
+        log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
+        return [
+            SearchHit(
+                memory=rows[mid][0],
+                score=candidates[mid][1],
+                dense_score=candidates[mid][2],
+                lexical_score=candidates[mid][3],
+            )
+            for mid in kept
+        ]
+
+    async def _search_layer(
+        self,
+        tenant: str,
+        layer: Layer,
+        query: SearchQuery,
+        dense_q: Sequence[float],
+        sparse_q: SparseVector,
+    ) -> list[tuple[str, float, float, float]]:
+        flt = layer_filter(tenant, layer, query)
+        n = max(self.tuning.candidates, query.top_k)
+        dense, lexical = await asyncio.gather(
+            self.index.search_dense(dense_q, flt, n),
+            self.index.search_sparse(sparse_q, flt, n) if sparse_q.indices else _no_hits(),
+        )
+        dense_scores = {h.id: h.score for h in dense}
+        lexical_scores = {h.id: h.score for h in lexical}
+        fused = fusion.rrf(
+            [[(h.id, h.score) for h in dense], [(h.id, h.score) for h in lexical]],
+            k=self.tuning.rrf_k,
+            weights=[self.tuning.dense_weight, self.tuning.lexical_weight],
+            normalize=True,
+        )
+        return [
+            (mid, score, dense_scores.get(mid, 0.0), lexical_scores.get(mid, 0.0))
+            for mid, score in fused
+        ]
+
+
+async def _no_hits() -> list[ScoredId]:
+    return []
+
+
+def layer_filter(tenant: str, layer: Layer, query: SearchQuery) -> IndexFilter:
+    """The index filter of one layer of a search: the layer, its given identifiers (an
+    empty one widens), tags (any-of) and metadata conditions."""
+    must: list[FieldMatch] = [FieldMatch("layer", value=layer.name)]
+    for name in SEARCH_IDENTIFIERS[layer]:
+        value = query.scope.get(name)
+        if value:
+            must.append(FieldMatch(name, value=value))
+    if query.tags:
+        must.append(FieldMatch("tags", any_of=list(query.tags)))
+    must.extend(metadata_match(c) for c in query.metadata)
+    return IndexFilter(tenant_id=tenant, must=must)
+
+
+def metadata_match(cond: MetadataCondition) -> FieldMatch:
+    """Translate a metadata condition to a payload condition on ``metadata.{key}``."""
+    key = f"metadata.{cond.key}"
+    if cond.contains is not None:
+        return FieldMatch(key, value=cond.contains)
+    if cond.any_of is not None:
+        return FieldMatch(key, any_of=[_keyword(v) for v in cond.any_of])
+    if cond.gte is not None or cond.lte is not None:
+        return FieldMatch(key, gte=cond.gte, lte=cond.lte)
+    assert cond.equals is not None
+    if isinstance(cond.equals, float) and not cond.equals.is_integer():
+        return FieldMatch(key, gte=cond.equals, lte=cond.equals)
+    return FieldMatch(key, value=_keyword(cond.equals))
+
+
+def _keyword(value: str | int | float | bool) -> str | int | bool:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
+        return str(value)
+    return value

@@ -1,0 +1,148 @@
+"""Ports of the memory domain: what it needs from storage, embeddings, cache and index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from aeterna_common.vectors.port import IndexFilter, ScoredId, SparseVector
+from aeterna_memory.domain.model import (
+    Embedded,
+    FeedbackType,
+    ListFilter,
+    Memory,
+    MemoryPatch,
+    Revision,
+)
+
+
+class EmbeddingCache(Protocol):
+    """Exact-match embedding cache keyed by tenant, model and text."""
+
+    async def get_many(
+        self, tenant_id: str, model: str, texts: Sequence[str]
+    ) -> list[list[float] | None]:
+        """Cached vectors in input order, ``None`` for misses."""
+        ...
+
+    async def put_many(
+        self, tenant_id: str, model: str, items: Sequence[tuple[str, Sequence[float]]]
+    ) -> None:
+        """Store vectors; never raises for an unavailable cache."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class SearchIndex(Protocol):
+    """The search side of a vector index kept in step with the source of truth."""
+
+    async def wait_for(self, position: int, timeout_s: float) -> bool:
+        """Wait (bounded) until the index has applied ``position``."""
+        ...
+
+    async def search_dense(
+        self, vector: Sequence[float], flt: IndexFilter, limit: int
+    ) -> list[ScoredId]:
+        """Cosine nearest neighbours, best first."""
+        ...
+
+    async def search_sparse(
+        self, vector: SparseVector, flt: IndexFilter, limit: int
+    ) -> list[ScoredId]:
+        """BM25 matches, best first."""
+        ...
+
+
+class MemoryStore(Protocol):
+    """The source of truth (PostgreSQL under row-level security)."""
+
+    async def get(self, tenant_id: str, memory_id: str, *, include_deleted: bool = True) -> Memory:
+        """One memory; raises NotFound."""
+        ...
+
+    async def recent_contents(
+        self, tenant_id: str, user_id: str, session_id: str, limit: int
+    ) -> list[str]:
+        """Latest contents of one session, oldest first."""
+        ...
+
+    async def revisions(
+        self, tenant_id: str, memory_id: str, page_size: int, after: int
+    ) -> tuple[list[Revision], bool]:
+        """Revisions after ``after`` and whether more follow."""
+        ...
+
+    async def latest_position(self, tenant_id: str) -> int:
+        """The tenant's latest committed outbox position."""
+        ...
+
+    async def read_hits(
+        self, tenant_id: str, ids: Sequence[str], *, touch: bool
+    ) -> dict[str, tuple[Memory, list[float]]]:
+        """Live memories among ``ids`` with their vectors."""
+        ...
+
+    async def touch(self, tenant_id: str, ids: Sequence[str]) -> None:
+        """Count an access of each memory."""
+        ...
+
+    async def update(
+        self,
+        tenant_id: str,
+        memory_id: str,
+        patch: MemoryPatch,
+        *,
+        expected_revision: int,
+        index_text: str | None,
+        embedding: Sequence[float] | None,
+        actor: str,
+    ) -> Memory:
+        """Apply a patch atomically (optimistic on the revision)."""
+        ...
+
+    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:
+        """Soft delete, idempotent."""
+        ...
+
+    async def record_feedback(
+        self,
+        tenant_id: str,
+        memory_id: str,
+        feedback: FeedbackType,
+        reward: float,
+        *,
+        actor: str,
+        request_id: str,
+        request_hash: str,
+    ) -> Memory:
+        """Apply a reward once per request id."""
+        ...
+
+    async def idempotent_result(
+        self, tenant_id: str, method: str, request_id: str, request_hash: str
+    ) -> list[Memory] | None:
+        """What an earlier call with this request id returned, if any."""
+        ...
+
+    async def create(
+        self,
+        tenant_id: str,
+        items: Sequence[Embedded],
+        *,
+        model: str,
+        actor: str,
+        method: str,
+        request_id: str,
+        request_hash: str,
+    ) -> list[Memory]:
+        """Insert memories atomically (idempotent on ``request_id``)."""
+        ...
+
+    async def list(
+        self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
+    ) -> tuple[list[Memory], str]:
+        """A page, newest first, and the next token."""
+        ...

@@ -1,0 +1,134 @@
+"""gRPC servicer: thin, protobuf ⇄ domain. Names and the tenant are checked first, then the
+request is validated, then the domain runs (permission before existence)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import grpc
+
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna.memory.v1 import resources_pb2 as res
+from aeterna_common import context as rc
+from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_memory import convert
+from aeterna_memory.domain.names import check_parent, parse_memory_name
+from aeterna_memory.domain.service import MemoryDomain
+
+SERVICE_NAME = svc.DESCRIPTOR.services_by_name["MemoryService"].full_name
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _revision_token(after: int) -> str:
+    return base64.urlsafe_b64encode(f"r:{after}".encode()).decode()
+
+
+def _revision_after(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "r":
+            raise ValueError(kind)
+        return int(value)
+    except ValueError as exc:
+        raise InvalidArgument([FieldViolation("page_token", "malformed page token")]) from exc
+
+
+class MemoryServicer(svc_grpc.MemoryServiceServicer):
+    """``aeterna.memory.v1.MemoryService`` over :class:`MemoryDomain`."""
+
+    def __init__(self, domain: MemoryDomain) -> None:
+        self.domain = domain
+
+    async def CreateMemory(self, request: svc.CreateMemoryRequest, context: Ctx) -> res.Memory:
+        """See the proto."""
+        principal = rc.current().principal
+        check_parent(principal, request.parent)
+        memory = convert.create_request(request)
+        created = await self.domain.create(
+            principal, [memory], method="CreateMemory", request_id=request.request_id
+        )
+        return convert.memory_pb(created[0])
+
+    async def BatchCreateMemories(
+        self, request: svc.BatchCreateMemoriesRequest, context: Ctx
+    ) -> svc.BatchCreateMemoriesResponse:
+        """See the proto."""
+        principal = rc.current().principal
+        check_parent(principal, request.parent)
+        memories = convert.batch_request(request)
+        created = await self.domain.create(
+            principal, memories, method="BatchCreateMemories", request_id=request.request_id
+        )
+        return svc.BatchCreateMemoriesResponse(memories=[convert.memory_pb(m) for m in created])
+
+    async def GetMemory(self, request: svc.GetMemoryRequest, context: Ctx) -> res.Memory:
+        """See the proto."""
+        principal = rc.current().principal
+        _, memory_id = parse_memory_name(principal, request.name)
+        return convert.memory_pb(await self.domain.get(principal, memory_id))
+
+    async def ListMemories(
+        self, request: svc.ListMemoriesRequest, context: Ctx
+    ) -> svc.ListMemoriesResponse:
+        """See the proto."""
+        principal = rc.current().principal
+        check_parent(principal, request.parent)
+        flt, size = convert.list_filter(request)
+        memories, token = await self.domain.list(principal, flt, size, request.page_token)
+        return svc.ListMemoriesResponse(
+            memories=[convert.memory_pb(m) for m in memories], next_page_token=token
+        )
+
+    async def UpdateMemory(self, request: svc.UpdateMemoryRequest, context: Ctx) -> res.Memory:
+        """See the proto."""
+        principal = rc.current().principal
+        _, memory_id = parse_memory_name(principal, request.memory.name, "memory.name")
+        patch = convert.update_request(request)
+        return convert.memory_pb(await self.domain.update(principal, memory_id, patch))
+
+    async def DeleteMemory(self, request: svc.DeleteMemoryRequest, context: Ctx) -> res.Memory:
+        """See the proto."""
+        principal = rc.current().principal
+        _, memory_id = parse_memory_name(principal, request.name)
+        return convert.memory_pb(await self.domain.delete(principal, memory_id))
+
+    async def SearchMemories(
+        self, request: svc.SearchMemoriesRequest, context: Ctx
+    ) -> svc.SearchMemoriesResponse:
+        """See the proto."""
+        principal = rc.current().principal
+        check_parent(principal, request.parent)
+        query = convert.search_request(request)
+        hits = await self.domain.search(principal, query)
+        return svc.SearchMemoriesResponse(results=[convert.hit_pb(h) for h in hits])
+
+    async def ListMemoryRevisions(
+        self, request: svc.ListMemoryRevisionsRequest, context: Ctx
+    ) -> svc.ListMemoryRevisionsResponse:
+        """See the proto."""
+        principal = rc.current().principal
+        tenant, memory_id = parse_memory_name(principal, request.name)
+        v = convert.Violations()
+        size = convert.page_size(v, request.page_size)
+        v.raise_if_any()
+        after = _revision_after(request.page_token)
+        revisions, more = await self.domain.revisions(principal, memory_id, size, after)
+        token = _revision_token(revisions[-1].revision) if more and revisions else ""
+        return svc.ListMemoryRevisionsResponse(
+            revisions=[convert.revision_pb(tenant, r) for r in revisions], next_page_token=token
+        )
+
+    async def RecordMemoryFeedback(
+        self, request: svc.RecordMemoryFeedbackRequest, context: Ctx
+    ) -> res.Memory:
+        """See the proto."""
+        principal = rc.current().principal
+        _, memory_id = parse_memory_name(principal, request.name)
+        kind, score = convert.feedback_request(request)
+        memory = await self.domain.feedback(principal, memory_id, kind, score, request.request_id)
+        return convert.memory_pb(memory)

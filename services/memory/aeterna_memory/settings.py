@@ -1,0 +1,72 @@
+"""Settings of the memory service (environment prefix ``AETERNA_MEMORY_``), validated at start.
+Shared settings (database, Redis, listen address, logs) are in
+:class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MemorySettings(BaseSettings):
+    """Configuration of the memory service.
+
+    Attributes:
+        vector_store: ``edge`` (Qdrant's embedded engine, one index per replica, derived from
+            PostgreSQL) or ``qdrant`` (a Qdrant server shared by all replicas).
+        index_dir: Directory of this replica's embedded index (one process per directory).
+        qdrant_url: Qdrant server URL, used when ``vector_store`` is ``qdrant``.
+        qdrant_api_key: Qdrant API key, if the server needs one.
+        qdrant_collection: Collection name on the Qdrant server.
+        embedding: ``minilm`` (all-MiniLM-L6-v2 in process) or ``openai`` (any
+            OpenAI-compatible ``/v1/embeddings`` endpoint).
+        embedding_url: Base URL of the OpenAI-compatible endpoint.
+        embedding_model: Model name sent to that endpoint.
+        embedding_dimension: Vector size that endpoint returns.
+        embedding_api_key: Bearer token for that endpoint.
+        model_cache_dir: Where the exported ONNX model is cached.
+        embedding_threads: ONNX Runtime intra-op threads.
+        dense_context: Preceding session turns in the dense index text.
+        lexical_context: Preceding session turns in the BM25 index text.
+        index_metadata_keys: Metadata keys whose values are indexed with the content.
+        candidates: Hits per ranking per layer before fusion.
+        dense_weight: Weight of the dense ranking in the fusion.
+        lexical_weight: Weight of the BM25 ranking in the fusion.
+        read_wait_s: Longest wait of a search for the index to reach the latest write.
+        reconcile_interval_s: Seconds between reconciler runs (0 disables).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AETERNA_MEMORY_", extra="ignore")
+
+    vector_store: str = Field(default="edge", pattern="^(edge|qdrant)$")
+    index_dir: Path = Path(".var/memory/index")
+    qdrant_url: str = ""
+    qdrant_api_key: str = ""
+    qdrant_collection: str = "memories"
+    embedding: str = Field(default="minilm", pattern="^(minilm|openai)$")
+    embedding_url: str = ""
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_dimension: int = Field(default=384, ge=1)
+    embedding_api_key: str = ""
+    model_cache_dir: Path = Path.home() / ".cache" / "aeterna" / "models"
+    embedding_threads: int = Field(default=1, ge=1)
+    dense_context: int = Field(default=1, ge=0, le=10)
+    lexical_context: int = Field(default=2, ge=0, le=10)
+    index_metadata_keys: list[str] = ["session_time"]
+    candidates: int = Field(default=50, ge=10, le=1000)
+    dense_weight: float = Field(default=1.0, ge=0)
+    lexical_weight: float = Field(default=1.0, ge=0)
+    read_wait_s: float = Field(default=0.1, ge=0, le=1.0)
+    reconcile_interval_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MemorySettings:
+        if self.vector_store == "qdrant" and not self.qdrant_url:
+            raise ValueError("AETERNA_MEMORY_QDRANT_URL is required when vector_store=qdrant")
+        if self.embedding == "openai" and not self.embedding_url:
+            raise ValueError("AETERNA_MEMORY_EMBEDDING_URL is required when embedding=openai")
+        if self.dense_weight == 0 and self.lexical_weight == 0:
+            raise ValueError("dense_weight and lexical_weight cannot both be 0")
+        return self
