@@ -1,0 +1,39 @@
+"""gRPC client setup for the CLI and benchmarks: a channel to Envoy with a bearer token."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import grpc
+
+from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+
+DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+
+def endpoint() -> str:
+    """``$AETERNA_ENDPOINT`` or ``127.0.0.1:8080``."""
+    return os.environ.get("AETERNA_ENDPOINT", DEFAULT_ENDPOINT)
+
+
+def dev_token(tenant: str, user: str, agent: str | None = None, roles: Sequence[str] = ()) -> str:
+    """A development token signed with the local key (``.var/auth``), as ``make run`` trusts."""
+    from aeterna_common.devauth import DevAuth
+
+    from aeterna_cli.stack import state_dir
+
+    return DevAuth(state_dir() / "auth").issue_token(tenant, user, agent, roles)
+
+
+def metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def memory_stub(target: str | None = None) -> tuple[grpc.aio.Channel, svc_grpc.MemoryServiceStub]:
+    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
+    channel = grpc.aio.insecure_channel(
+        target or endpoint(), options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    )
+    return channel, svc_grpc.MemoryServiceStub(channel)

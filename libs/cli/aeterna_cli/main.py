@@ -1,0 +1,419 @@
+"""``aeterna``: the command line over gRPC, through Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from google.protobuf import field_mask_pb2, json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.memory.v1 import resources_pb2 as res
+from aeterna.type.v1 import layer_pb2
+from aeterna_cli import client, locomo
+
+T = TypeVar("T")
+
+app = typer.Typer(help="Aeterna: governed memory for AI agents.", no_args_is_help=True)
+memory_app = typer.Typer(help="Memories: add, get, list, search, delete, history.")
+import_app = typer.Typer(help="Import data sets.")
+app.add_typer(memory_app, name="memory")
+app.add_typer(import_app, name="import")
+console = Console()
+
+Tenant = Annotated[str, typer.Option(envvar="AETERNA_TENANT", help="Tenant of the caller.")]
+User = Annotated[str, typer.Option(envvar="AETERNA_USER", help="User id of the caller.")]
+Token = Annotated[
+    str | None,
+    typer.Option(envvar="AETERNA_TOKEN", help="Bearer token; default: a local dev token."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _layer(name: str) -> int:
+    value = layer_pb2.MemoryLayer.Value(f"MEMORY_LAYER_{name.upper()}") if name else 0
+    return int(value)
+
+
+def _token(token: str | None, tenant: str, user: str) -> str:
+    return token or client.dev_token(tenant, user)
+
+
+def _run(call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(call())  # type: ignore[arg-type]
+    except grpc.aio.AioRpcError as exc:
+        _fail(exc)
+        raise  # unreachable
+
+
+def _fail(exc: grpc.aio.AioRpcError) -> None:
+    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                console.print(f"  reason: {info.reason}")
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                for v in bad.field_violations:
+                    console.print(f"  {v.field}: {v.description}")
+    raise typer.Exit(1)
+
+
+def _scope(**ids: str | None) -> layer_pb2.Scope:
+    return layer_pb2.Scope(**{k: v for k, v in ids.items() if v})
+
+
+def _print_memories(memories: list[res.Memory], as_json: bool, scores: list[float] | None = None) -> None:
+    if as_json:
+        items: list[dict[str, Any]] = [json_format.MessageToDict(m) for m in memories]
+        if scores is not None:
+            for item, s in zip(items, scores, strict=True):
+                item["score"] = s
+        console.print_json(json.dumps(items))
+        return
+    table = Table(show_lines=False)
+    if scores is not None:
+        table.add_column("score", justify="right")
+    table.add_column("layer")
+    table.add_column("content", overflow="fold")
+    table.add_column("name", overflow="fold", style="dim")
+    for i, m in enumerate(memories):
+        row = [
+            layer_pb2.MemoryLayer.Name(m.layer).removeprefix("MEMORY_LAYER_"),
+            m.content,
+            m.name,
+        ]
+        if scores is not None:
+            row.insert(0, f"{scores[i]:.3f}")
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def token(
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    agent: Annotated[str | None, typer.Option(help="Agent id")] = None,
+    roles: Annotated[str, typer.Option(help="Comma-separated roles")] = "",
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
+) -> None:
+    """Print a development token for the local stack (signed with the key in .var/auth)."""
+    from aeterna_common.devauth import DevAuth
+
+    from aeterna_cli.stack import state_dir
+
+    role_list = [r.strip() for r in roles.split(",") if r.strip()]
+    print(DevAuth(state_dir() / "auth").issue_token(tenant, user, agent, role_list, ttl_s=ttl))
+
+
+@memory_app.command("add")
+def memory_add(
+    content: str,
+    layer: Annotated[str, typer.Option(help="agent|user|session|project|team|org|company")] = "user",
+    user_id: Annotated[str | None, typer.Option()] = None,
+    session_id: Annotated[str | None, typer.Option()] = None,
+    agent_id: Annotated[str | None, typer.Option()] = None,
+    project_id: Annotated[str | None, typer.Option()] = None,
+    team_id: Annotated[str | None, typer.Option()] = None,
+    org_id: Annotated[str | None, typer.Option()] = None,
+    company_id: Annotated[str | None, typer.Option()] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable)")] = None,
+    metadata: Annotated[str, typer.Option(help="JSON object")] = "{}",
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create a memory (the user layer of the calling user by default)."""
+    memory = res.Memory(
+        layer=_layer(layer),  # type: ignore[arg-type]
+        scope=_scope(
+            user_id=user_id or (user if layer in ("user", "session", "agent") else None),
+            session_id=session_id,
+            agent_id=agent_id,
+            project_id=project_id,
+            team_id=team_id,
+            org_id=org_id,
+            company_id=company_id,
+        ),
+        content=content,
+        tags=tag or [],
+    )
+    memory.metadata.update(json.loads(metadata))
+
+    async def call() -> res.Memory:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.CreateMemory(
+                svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
+
+    _print_memories([_run(call)], as_json)
+
+
+@memory_app.command("get")
+def memory_get(
+    name: str, tenant: Tenant = "demo", user: User = "cli", token: Token = None, as_json: AsJson = False
+) -> None:
+    """Show one memory by name (tenants/T/memories/ID)."""
+
+    async def call() -> res.Memory:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.GetMemory(
+                svc.GetMemoryRequest(name=name), metadata=client.metadata(_token(token, tenant, user))
+            )
+
+    m = _run(call)
+    if as_json:
+        _print_memories([m], True)
+    else:
+        console.print_json(json_format.MessageToJson(m))
+
+
+@memory_app.command("list")
+def memory_list(
+    layer: Annotated[str, typer.Option()] = "",
+    user_id: Annotated[str | None, typer.Option()] = None,
+    session_id: Annotated[str | None, typer.Option()] = None,
+    tag: Annotated[list[str] | None, typer.Option()] = None,
+    page_size: Annotated[int, typer.Option()] = 20,
+    page_token: Annotated[str, typer.Option()] = "",
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List memories, newest first."""
+
+    async def call() -> svc.ListMemoriesResponse:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.ListMemories(
+                svc.ListMemoriesRequest(
+                    parent=f"tenants/{tenant}",
+                    layer=_layer(layer),  # type: ignore[arg-type]
+                    scope=_scope(user_id=user_id, session_id=session_id),
+                    tags=tag or [],
+                    page_size=page_size,
+                    page_token=page_token,
+                ),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
+
+    reply = _run(call)
+    _print_memories(list(reply.memories), as_json)
+    if reply.next_page_token and not as_json:
+        console.print(f"next page: --page-token {reply.next_page_token}")
+
+
+@memory_app.command("search")
+def memory_search(
+    query: str,
+    user_id: Annotated[str | None, typer.Option()] = None,
+    session_id: Annotated[str | None, typer.Option()] = None,
+    agent_id: Annotated[str | None, typer.Option()] = None,
+    project_id: Annotated[str | None, typer.Option()] = None,
+    team_id: Annotated[str | None, typer.Option()] = None,
+    org_id: Annotated[str | None, typer.Option()] = None,
+    company_id: Annotated[str | None, typer.Option()] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="Layer (repeatable)")] = None,
+    tag: Annotated[list[str] | None, typer.Option()] = None,
+    top_k: Annotated[int, typer.Option()] = 10,
+    min_score: Annotated[float, typer.Option()] = 0.0,
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Hybrid search over the layers the given identifiers reach."""
+
+    async def call() -> svc.SearchMemoriesResponse:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.SearchMemories(
+                svc.SearchMemoriesRequest(
+                    parent=f"tenants/{tenant}",
+                    query=query,
+                    scope=_scope(
+                        user_id=user_id,
+                        session_id=session_id,
+                        agent_id=agent_id,
+                        project_id=project_id,
+                        team_id=team_id,
+                        org_id=org_id,
+                        company_id=company_id,
+                    ),
+                    layers=[_layer(x) for x in layer or []],  # type: ignore[misc]
+                    tags=tag or [],
+                    top_k=top_k,
+                    min_score=min_score,
+                ),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
+
+    reply = _run(call)
+    _print_memories([r.memory for r in reply.results], as_json, [r.score for r in reply.results])
+
+
+@memory_app.command("delete")
+def memory_delete(
+    name: str, tenant: Tenant = "demo", user: User = "cli", token: Token = None
+) -> None:
+    """Soft-delete a memory (idempotent)."""
+
+    async def call() -> res.Memory:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.DeleteMemory(
+                svc.DeleteMemoryRequest(name=name),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
+
+    m = _run(call)
+    console.print(f"deleted {m.name} at {m.delete_time.ToJsonString()}")
+
+
+@memory_app.command("history")
+def memory_history(
+    name: str, tenant: Tenant = "demo", user: User = "cli", token: Token = None, as_json: AsJson = False
+) -> None:
+    """Show the revisions of a memory."""
+
+    async def call() -> svc.ListMemoryRevisionsResponse:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await stub.ListMemoryRevisions(
+                svc.ListMemoryRevisionsRequest(name=name, page_size=1000),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
+
+    reply = _run(call)
+    if as_json:
+        console.print_json(json_format.MessageToJson(reply))
+        return
+    table = Table()
+    for col in ("rev", "action", "actor", "time", "content"):
+        table.add_column(col, overflow="fold")
+    for r in reply.revisions:
+        table.add_row(
+            str(r.revision),
+            res.RevisionAction.Name(r.action).removeprefix("REVISION_ACTION_"),
+            r.actor,
+            r.create_time.ToJsonString(),
+            r.new_content or r.old_content,
+        )
+    console.print(table)
+
+
+def locomo_requests(sample: dict[str, Any]) -> list[svc.BatchCreateMemoriesRequest]:
+    """One BatchCreateMemories per session of a LoCoMo sample (parent left empty)."""
+    out = []
+    for session_id, when, items in locomo.sessions(sample):
+        reqs = []
+        for t in items:
+            m = res.Memory(
+                layer=layer_pb2.MEMORY_LAYER_SESSION,
+                scope=layer_pb2.Scope(user_id=str(sample["sample_id"]), session_id=session_id),
+                content=locomo.turn_content(t),
+            )
+            m.metadata.update(
+                {"dia_id": str(t["dia_id"]), "speaker": str(t["speaker"]), "session_time": when}
+            )
+            reqs.append(svc.CreateMemoryRequest(memory=m))
+        out.append(
+            svc.BatchCreateMemoriesRequest(
+                requests=reqs, request_id=f"locomo:{sample['sample_id']}:{session_id}"
+            )
+        )
+    return out
+
+
+async def import_locomo_async(
+    path: Path,
+    tenant: str,
+    token: str,
+    *,
+    target: str | None = None,
+    concurrency: int = 4,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Import a LoCoMo file through the batch API; returns the number of memories written.
+
+    Re-running is idempotent: each session's batch has a stable ``request_id``.
+    """
+    samples = locomo.load(path)
+    batches = [b for s in samples for b in locomo_requests(s)]
+    channel, stub = client.memory_stub(target)
+    md = client.metadata(token)
+    sem = asyncio.Semaphore(concurrency)
+    written = 0
+
+    async def send(batch: svc.BatchCreateMemoriesRequest) -> None:
+        nonlocal written
+        batch.parent = f"tenants/{tenant}"
+        async with sem:
+            reply = await stub.BatchCreateMemories(batch, metadata=md, timeout=300)
+        written += len(reply.memories)
+        if on_progress:
+            on_progress(len(reply.memories))
+
+    async with channel:
+        await asyncio.gather(*(send(b) for b in batches))
+    return written
+
+
+@import_app.command("locomo")
+def import_locomo(
+    path: Path,
+    tenant: Tenant = "demo",
+    user: User = "importer",
+    token: Token = None,
+    concurrency: Annotated[int, typer.Option(help="Batches in flight")] = 4,
+) -> None:
+    """Import LoCoMo conversations: one user per conversation, one session id per session,
+    one SESSION-layer memory per turn."""
+    samples = locomo.load(path)
+    total = sum(1 for s in samples for _ in locomo.turns(s))
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"importing {len(samples)} conversations", total=total)
+        written = _run(
+            lambda: import_locomo_async(
+                path,
+                tenant,
+                _token(token, tenant, user),
+                concurrency=concurrency,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+        )
+    console.print(
+        f"imported {written} memories into tenant {tenant!r} "
+        f"(users: {', '.join(str(s['sample_id']) for s in samples)})"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,280 @@
+"""The local stack behind ``make run``: PostgreSQL, Redis, memory replicas and Envoy.
+
+PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
+``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Replicas listen on
+loopback only; Envoy on ``127.0.0.1:8080`` (``AETERNA_STACK_PORT``) verifies development JWTs
+and routes to them. State (PostgreSQL data, indexes, keys, logs) lives in ``.var/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aeterna_common.db import provision
+from aeterna_common.devauth import DevAuth, repo_root
+from aeterna_common.devservers import PostgresServer, RedisServer, free_port
+from aeterna_common.envoy import EnvoyProcess, JwtSettings, Upstream, render_envoy_config
+
+MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
+DATABASE = "aeterna"
+OWNER_ROLE = "aeterna_owner"
+APP_ROLE = "aeterna_app"
+
+
+def state_dir() -> Path:
+    """``$AETERNA_STATE_DIR`` or ``<repo>/.var``."""
+    return Path(os.environ.get("AETERNA_STATE_DIR") or repo_root() / ".var")
+
+
+def health_check(target: str, service: str = MEMORY_SERVICE, timeout_s: float = 1.0) -> bool:
+    """Whether ``grpc.health.v1.Health/Check`` for ``service`` answers SERVING at ``target``."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class Replica:
+    """One memory service process."""
+
+    index: int
+    port: int
+    index_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        """``127.0.0.1:port``."""
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class DevStack:
+    """Starts and stops the whole local stack.
+
+    Attributes:
+        replicas: Number of memory replicas.
+        port: Envoy listener port.
+        root: State directory.
+        fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
+            instead of the kept ones in ``root``.
+    """
+
+    replicas: int = 2
+    port: int = 8080
+    root: Path = field(default_factory=state_dir)
+    fresh: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    _pg: PostgresServer | None = None
+    _redis: RedisServer | None = None
+    _envoy: EnvoyProcess | None = None
+    _replicas: list[Replica] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        """Envoy's ``host:port``."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, log: object = print) -> Self:
+        """Start everything and wait until Envoy routes to healthy replicas.
+
+        Raises:
+            RuntimeError: a replica did not become healthy; the message has its log tail.
+        """
+        say = log if callable(log) else print
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        db_url = os.environ.get("AETERNA_DATABASE_URL", "")
+        owner_url = os.environ.get("AETERNA_DATABASE_OWNER_URL", "") or db_url
+        if not db_url:
+            pg_dir = None if self.fresh else self.root / "postgres"
+            self._pg = PostgresServer(pg_dir, keep=not self.fresh).start()
+            asyncio.run(provision(self._pg.dsn(), DATABASE, OWNER_ROLE, APP_ROLE))
+            db_url = self._pg.dsn(APP_ROLE, DATABASE)
+            owner_url = self._pg.dsn(OWNER_ROLE, DATABASE)
+            say(f"PostgreSQL  {self._pg.dsn('postgres', DATABASE)}")
+        redis_url = os.environ.get("AETERNA_REDIS_URL", "")
+        if not redis_url:
+            self._redis = RedisServer().start()
+            redis_url = self._redis.url
+            say(f"Redis       {redis_url}")
+        # Export the embedding model once, before replicas start and race for it.
+        from aeterna_common.embedding.onnx_minilm import ensure_exported
+        from aeterna_memory.settings import MemorySettings
+
+        ensure_exported(MemorySettings().model_cache_dir / "all-MiniLM-L6-v2-onnx")
+        index_root = self.root / ("memory-fresh" if self.fresh else "memory")
+        if self.fresh:
+            import shutil
+
+            shutil.rmtree(index_root, ignore_errors=True)
+        base_env = {
+            **os.environ,
+            "AETERNA_DATABASE_URL": db_url,
+            "AETERNA_DATABASE_OWNER_URL": owner_url,
+            "AETERNA_REDIS_URL": redis_url,
+            "AETERNA_DRAIN_S": "1.0",
+            **self.env,
+        }
+        for i in range(self.replicas):
+            replica = Replica(
+                index=i,
+                port=free_port(),
+                index_dir=index_root / f"replica-{i}",
+                log_path=self.root / "logs" / f"memory-{i}.log",
+            )
+            self._replicas.append(replica)
+            self.start_replica(replica, base_env)
+        for replica in self._replicas:
+            self.wait_healthy(replica)
+            say(f"memory-{replica.index}    {replica.target}  (log {replica.log_path})")
+        auth = DevAuth(self.root / "auth")
+        config = render_envoy_config(
+            [Upstream(MEMORY_SERVICE, "memory", [("127.0.0.1", r.port) for r in self._replicas])],
+            listen_port=self.port,
+            admin_port=free_port(),
+            jwt=JwtSettings(jwks_path=str(auth.jwks_path)),
+        )
+        self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
+        (self.root / "stack.json").write_text(
+            json.dumps({"endpoint": self.endpoint, "pid": os.getpid()})
+        )
+        say(f"Envoy       {self.endpoint}  (admin {self._envoy.admin_url})")
+        return self
+
+    def start_replica(self, replica: Replica, env: dict[str, str] | None = None) -> None:
+        """Start (or restart) one replica process."""
+        replica.index_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(env or self._env_of_running())
+        env["AETERNA_LISTEN"] = replica.target
+        env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
+        with replica.log_path.open("ab") as out:
+            replica.proc = subprocess.Popen(
+                [sys.executable, "-m", "aeterna_memory"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self._last_env = env
+
+    def _env_of_running(self) -> dict[str, str]:
+        return dict(getattr(self, "_last_env", os.environ))
+
+    def wait_healthy(self, replica: Replica, timeout_s: float = 180.0) -> None:
+        """Wait until the replica answers SERVING.
+
+        Raises:
+            RuntimeError: it exited or did not answer in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if replica.proc is not None and replica.proc.poll() is not None:
+                break
+            if health_check(replica.target):
+                return
+            time.sleep(0.2)
+        tail = replica.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"memory-{replica.index} did not become healthy:\n{tail}")
+
+    @property
+    def replica_list(self) -> list[Replica]:
+        """The replicas."""
+        return self._replicas
+
+    def kill_replica(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to replica ``i`` and wait for it to exit."""
+        proc = self._replicas[i].proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(30)
+
+    def stop(self) -> None:
+        """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""
+        for r in self._replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGTERM)
+        for r in self._replicas:
+            if r.proc is not None:
+                try:
+                    r.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+        if self._envoy is not None:
+            self._envoy.stop()
+        if self._redis is not None:
+            self._redis.stop()
+        if self._pg is not None:
+            self._pg.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "stack.json").unlink()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """``make run``: start the stack and keep it up until Ctrl-C (SIGINT) or SIGTERM."""
+    port = int(os.environ.get("AETERNA_STACK_PORT", "8080"))
+    stack = DevStack(port=port)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+        print(
+            f"\nAeterna is up on {stack.endpoint}. Try:\n"
+            "  .venv/bin/aeterna import locomo ../shared/data/locomo/locomo-dev.json "
+            "--tenant demo\n"
+            '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
+            'group?" --tenant demo --user conv-26\n'
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stop:
+            time.sleep(0.5)
+            for r in stack.replica_list:
+                if r.proc is not None and r.proc.poll() is not None:
+                    print(f"memory-{r.index} exited ({r.proc.returncode}); restarting", flush=True)
+                    stack.start_replica(r)
+    finally:
+        print("\nstopping…", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
