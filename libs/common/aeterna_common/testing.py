@@ -1,0 +1,72 @@
+"""pytest fixtures shared by every service's tests (``pytest_plugins``).
+
+They start real servers from the installed binaries (see :mod:`aeterna_common.devservers`):
+a throwaway PostgreSQL cluster and a Redis server per test session. Each service's tests get
+their own database with an owner role and an application role (``NOSUPERUSER NOBYPASSRLS``),
+so row-level security is exercised exactly as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from aeterna_common.db import provision
+from aeterna_common.devservers import PostgresServer, RedisServer
+
+
+@dataclass(frozen=True)
+class DatabaseUrls:
+    """DSNs of one provisioned test database.
+
+    Attributes:
+        superuser: The cluster's superuser on this database.
+        owner: The schema owner (applies migrations).
+        app: The application role (row-level security applies).
+    """
+
+    superuser: str
+    owner: str
+    app: str
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the whole test session."""
+    # As root the server runs as an unprivileged user, which must be able to enter the
+    # data directory's parents: pytest's tmp_path (0700) is not, /tmp is.
+    base = tempfile.mkdtemp(prefix="aeterna-pg-")
+    os.chmod(base, 0o755)
+    server = PostgresServer(os.path.join(base, "data")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway Redis server for the whole test session."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def make_database(pg_server: PostgresServer) -> AsyncIterator[object]:
+    """A factory of fresh databases: ``await make_database()`` → :class:`DatabaseUrls`."""
+
+    async def factory() -> DatabaseUrls:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        await provision(pg_server.dsn(), name, "aeterna_owner", "aeterna_app")
+        return DatabaseUrls(
+            superuser=pg_server.dsn("postgres", name),
+            owner=pg_server.dsn("aeterna_owner", name),
+            app=pg_server.dsn("aeterna_app", name),
+        )
+
+    yield factory

@@ -1,0 +1,80 @@
+"""Helpers for the memory service tests."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna.memory.v1 import resources_pb2 as res
+from aeterna.type.v1 import layer_pb2
+from aeterna_common.config import CommonSettings
+from aeterna_common.server import GrpcServer
+from aeterna_common.testing import DatabaseUrls
+from aeterna_memory.app import build
+from aeterna_memory.settings import MemorySettings
+
+
+@dataclass
+class MemoryEnv:
+    urls: DatabaseUrls
+    redis_url: str
+    server: GrpcServer
+    stub: svc_grpc.MemoryServiceStub
+    app: Any
+    index_dir: Path
+
+    @property
+    def domain(self) -> Any:
+        return self.app.domain
+
+    @property
+    def follower(self) -> Any:
+        return self.app.follower
+
+
+def md(tenant: str, user: str = "u1", agent: str | None = None) -> tuple[tuple[str, str], ...]:
+    out = [("x-aeterna-tenant", tenant), ("x-aeterna-user", user)]
+    if agent:
+        out.append(("x-aeterna-agent", agent))
+    return tuple(out)
+
+
+def new_tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def memory(content: str, layer: str = "USER", **scope: str) -> res.Memory:
+    return res.Memory(
+        layer=layer_pb2.MemoryLayer.Value(f"MEMORY_LAYER_{layer}"),
+        scope=layer_pb2.Scope(**scope),
+        content=content,
+    )
+
+
+async def create(env: MemoryEnv, tenant: str, m: res.Memory, **kw: Any) -> res.Memory:
+    return await env.stub.CreateMemory(
+        svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=m, **kw), metadata=md(tenant)
+    )
+
+
+async def start_memory(
+    urls: DatabaseUrls, redis_url: str, index_dir: Path, **settings: Any
+) -> tuple[GrpcServer, Any]:
+    common = CommonSettings(
+        database_url=urls.app, database_owner_url=urls.owner, redis_url=redis_url
+    )
+    app = await build(common, MemorySettings(index_dir=index_dir, **settings))
+    server = GrpcServer(app, listen="127.0.0.1:0", grace_period_s=2)
+    await server.start()
+    return server, app
+
+
