@@ -286,13 +286,20 @@ class MemoryDomain:
         )
         kept: list[str] = []
         kept_vectors: list[np.ndarray] = []
+        kept_hashes: set[str] = set()
         for _, _, mid in ranked:
-            vec = np.asarray(rows[mid][1], dtype=np.float32)
-            # Ordered most specific layer first, so the one kept is the more specific.
-            if any(float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors):
+            memory, vector = rows[mid]
+            vec = np.asarray(vector, dtype=np.float32)
+            # Ordered most specific layer first, so the one kept is the more specific. The
+            # stored vector embeds the index text (content plus context), so identical
+            # contents are also caught by their hash.
+            if memory.content_hash in kept_hashes or any(
+                float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors
+            ):
                 continue
             kept.append(mid)
             kept_vectors.append(vec)
+            kept_hashes.add(memory.content_hash)
             if len(kept) == query.top_k:
                 break
         await self.store.touch(tenant, kept)
