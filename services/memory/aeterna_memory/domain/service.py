@@ -6,9 +6,11 @@ It talks only to ports (:mod:`aeterna_memory.ports`) and knows no gRPC and no SQ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,8 +63,23 @@ class SearchTuning:
 
 
 def request_hash(*parts: object) -> str:
-    """Fingerprint of a request, to refuse a ``request_id`` reused for another request."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    """Fingerprint of a request, to refuse a ``request_id`` reused for another request.
+
+    Canonical JSON (sorted keys), so the same request hashes the same in every process
+    whatever the order of its metadata keys.
+    """
+
+    def plain(value: object) -> object:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    text = json.dumps(plain(parts), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class MemoryDomain:
