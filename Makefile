@@ -37,7 +37,7 @@ check-gen: gen
 lint: $(STAMP) check-gen
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check libs/common libs/cli services || true
-	$(VENV)/bin/mypy libs/common/aeterna_common libs/cli/aeterna_cli services/memory/aeterna_memory
+	$(PY) -m mypy libs/common/aeterna_common libs/cli/aeterna_cli services/memory/aeterna_memory
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -249,8 +249,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await edge.optimize()
             out["edge_optimize_s"] = round(time.perf_counter() - t1, 1)
             out["edge_info_after_optimize"] = await edge.info()
-            print(f"edge optimize: {out['edge_optimize_s']} s "
-                  f"info={out['edge_info_after_optimize']}", flush=True)
+            print(
+                f"edge optimize: {out['edge_optimize_s']} s info={out['edge_info_after_optimize']}",
+                flush=True,
+            )
             out["edge_after_optimize"] = await measure_search(
                 edge, data, args.points, args.queries, "edge+opt"
             )

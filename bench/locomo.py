@@ -24,15 +24,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import locomo_eval as ev  # noqa: E402
-
-from aeterna.memory.v1 import memory_service_pb2 as svc  # noqa: E402
-from aeterna.type.v1 import layer_pb2  # noqa: E402
-from aeterna_cli import client  # noqa: E402
-from aeterna_cli.main import import_locomo_async  # noqa: E402
-from aeterna_cli.stack import DevStack, health_check  # noqa: E402
-from aeterna_common.devauth import DevAuth  # noqa: E402
-from aeterna_common.devservers import free_port  # noqa: E402
+import locomo_eval as ev
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.type.v1 import layer_pb2
+from aeterna_cli import client
+from aeterna_cli.main import import_locomo_async
+from aeterna_cli.stack import DevStack, health_check
+from aeterna_common.devauth import DevAuth
+from aeterna_common.devservers import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,8 +58,10 @@ async def run_service(
         for q in qs[:5]:
             await stub.SearchMemories(
                 svc.SearchMemoriesRequest(
-                    parent=f"tenants/{tenant}", query=q.question,
-                    scope=layer_pb2.Scope(user_id=q.sample_id), top_k=10,
+                    parent=f"tenants/{tenant}",
+                    query=q.question,
+                    scope=layer_pb2.Scope(user_id=q.sample_id),
+                    top_k=10,
                 ),
                 metadata=md,
             )
@@ -68,9 +69,11 @@ async def run_service(
             t = time.perf_counter()
             reply = await stub.SearchMemories(
                 svc.SearchMemoriesRequest(
-                    parent=f"tenants/{tenant}", query=q.question,
+                    parent=f"tenants/{tenant}",
+                    query=q.question,
                     scope=layer_pb2.Scope(user_id=q.sample_id),
-                    layers=[layer_pb2.MEMORY_LAYER_SESSION], top_k=10,
+                    layers=[layer_pb2.MEMORY_LAYER_SESSION],
+                    top_k=10,
                 ),
                 metadata=md,
             )
@@ -125,7 +128,10 @@ def main() -> int:
         "p99": round(percentile(latencies, 99), 2),
     }
     result: dict[str, Any] = {
-        "systems": {k: {m: v[m] for m in ("recall@1", "recall@5", "recall@10", "mrr@10")} for k, v in systems.items()},
+        "systems": {
+            k: {m: v[m] for m in ("recall@1", "recall@5", "recall@10", "mrr@10")}
+            for k, v in systems.items()
+        },
         "ingest_per_s": round(ingest_per_s, 1),
         "search_ms": search_ms,
         "n_questions": len(qs),
@@ -134,9 +140,13 @@ def main() -> int:
     }
     print(f"\n{'system':<10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MRR@10':>9}")
     for name, m in result["systems"].items():
-        print(f"{name:<10}{m['recall@1']:>8.3f}{m['recall@5']:>8.3f}{m['recall@10']:>8.3f}{m['mrr@10']:>9.3f}")
-    print(f"\ningest {result['ingest_per_s']} memories/s; search through Envoy "
-          f"p50 {search_ms['p50']} ms, p95 {search_ms['p95']} ms, p99 {search_ms['p99']} ms")
+        print(
+            f"{name:<10}{m['recall@1']:>8.3f}{m['recall@5']:>8.3f}{m['recall@10']:>8.3f}{m['mrr@10']:>9.3f}"
+        )
+    print(
+        f"\ningest {result['ingest_per_s']} memories/s; search through Envoy "
+        f"p50 {search_ms['p50']} ms, p95 {search_ms['p95']} ms, p99 {search_ms['p99']} ms"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "libs" / "common"))
 
 from aeterna_common.search import fusion  # noqa: E402
-from aeterna_common.search.lexical import BM25Encoder  # noqa: E402
+from aeterna_common.search.lexical import SNOWBALL_ENGLISH_STOPWORDS, BM25Encoder  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/locomo/locomo-dev.json")
 RESULTS = ROOT / "bench" / "results"
@@ -255,43 +254,77 @@ def dense_baseline(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question],
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the service builds a memory's index texts (write time) from what it knows."""
+    """How the service builds a memory's index texts at write time, and how it fuses.
 
-    dense_prev: int = 0  # preceding memories of the same session in the dense text
-    sparse_prev: int = 0  # ... in the sparse text
-    dense_next: int = 0  # following turns (only known when a batch carries them)
-    sparse_next: int = 0
-    dense_time: bool = False  # prefix the session_time metadata value
-    sparse_time: bool = False
-    current_first: bool = True  # the memory's own content before its context
-    sparse_self_repeat: int = 1  # the memory's own content counted this many times (tf boost)
+    Only what the service knows when the memory is written is used: the memory's content, its
+    ``session_time`` metadata value and the contents of the preceding memories of the same
+    session. ``next_turns`` > 0 (following turns) is only possible when a batch create carries
+    them, so it is reported but not recommended.
+    """
 
-    def label(self) -> str:
-        parts = [f"d{self.dense_prev}", f"s{self.sparse_prev}"]
-        if self.dense_next or self.sparse_next:
-            parts.append(f"next{self.dense_next}/{self.sparse_next}")
-        if self.dense_time or self.sparse_time:
-            parts.append(f"time{'D' if self.dense_time else ''}{'S' if self.sparse_time else ''}")
-        if not self.current_first:
-            parts.append("ctx-first")
-        if self.sparse_self_repeat != 1:
-            parts.append(f"self×{self.sparse_self_repeat}")
-        return " ".join(parts)
+    dense_prev: int = 2  # preceding memories of the same session in the dense text
+    sparse_prev: int = 2  # ... in the sparse context
+    dense_time: bool = True  # "[{session_time}] " prefix on the dense text
+    sparse_time: bool = True  # session_time as a sparse context text
+    next_turns: int = 0  # following memories (dense and sparse), batch only
+    context_weight: float = 0.5  # BM25F weight of the sparse context
+    avgdl: float = 24.0
+    stem: bool = True
+    stopwords: str = "snowball"  # or "lucene" (bm25s' 33-word list)
+    fusion: str = "minmax"  # rrf | dbsf | minmax
+    dense_weight: float = 0.3  # fusion weight of the dense list (sparse gets 1 - this)
+    rrf_k: int = 60
+    prefetch: int = 50  # results fetched per list before fusion
+
+    def label(self, base: Recipe | None = None) -> str:
+        if base is None:
+            return ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
+        diff = [f"{k}={v}" for k, v in self.__dict__.items() if getattr(base, k) != v]
+        return ", ".join(diff) or "chosen"
+
+    def encoder(self) -> BM25Encoder:
+        stop: Any = SNOWBALL_ENGLISH_STOPWORDS
+        if self.stopwords == "lucene":
+            from bm25s.stopwords import STOPWORDS_EN
+
+            stop = STOPWORDS_EN
+        return BM25Encoder(avgdl=self.avgdl, stem=self.stem, stopwords=stop,
+                           context_weight=self.context_weight)
+
+    def fuse(self, dense: Sequence[tuple[str, float]],
+             sparse: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+        w = [self.dense_weight, 1 - self.dense_weight]
+        if self.fusion == "rrf":
+            return fusion.rrf([dense, sparse], k=self.rrf_k, weights=w)
+        if self.fusion == "dbsf":
+            return fusion.dbsf([dense, sparse], weights=w)
+        if self.fusion == "minmax":
+            return fusion.minmax([dense, sparse], weights=w)
+        raise ValueError(self.fusion)
 
 
-def index_text(turns: Sequence[Turn], i: int, prev: int, nxt: int, with_time: bool,
-               current_first: bool, self_repeat: int = 1) -> str:
-    """Index text of ``turns[i]``: its content plus up to ``prev`` preceding (and ``nxt``
-    following) contents of the same session, optionally prefixed by the session time."""
+def _same_session(turns: Sequence[Turn], i: int, prev: int, nxt: int) -> tuple[list[str], list[str]]:
     t = turns[i]
     before = [u.content for u in turns[max(0, i - prev):i] if u.session == t.session]
     after = [u.content for u in turns[i + 1:i + 1 + nxt] if u.session == t.session]
-    own = [t.content] * self_repeat
-    parts = own + before + after if current_first else before + own + after
-    text = "\n".join(parts)
-    if with_time and t.session_time:
-        text = f"[{t.session_time}] {text}"
-    return text
+    return before, after
+
+
+def index_texts(turns: Sequence[Turn], i: int, recipe: Recipe) -> tuple[str, str, list[str]]:
+    """Write-time index texts of ``turns[i]``: (dense text, sparse text, sparse context).
+
+    Dense: ``"[{session_time}] {content}"`` then the preceding contents of the same session,
+    oldest first, one per line. Sparse: the content, with ``[session_time, *preceding]`` as
+    BM25F context.
+    """
+    t = turns[i]
+    d_before, d_after = _same_session(turns, i, recipe.dense_prev, recipe.next_turns)
+    s_before, s_after = _same_session(turns, i, recipe.sparse_prev, recipe.next_turns)
+    dense = "\n".join([t.content, *d_before, *d_after])
+    if recipe.dense_time and t.session_time:
+        dense = f"[{t.session_time}] {dense}"
+    context = ([t.session_time] if recipe.sparse_time and t.session_time else []) + s_before + s_after
+    return dense, t.content, context
 
 
 def qdrant_idf(n_docs: int, df: int) -> float:
@@ -305,23 +338,21 @@ class ConvIndex:
     dense: np.ndarray  # (n, 384)
     sparse: list[dict[int, float]]
     idf: dict[int, float]
+    mean_dl: float
 
 
 def build_index(conv: Conversation, recipe: Recipe, encoder: BM25Encoder,
                 embed: Callable[[Sequence[str]], np.ndarray]) -> ConvIndex:
-    turns = conv.turns
-    dtexts = [index_text(turns, i, recipe.dense_prev, recipe.dense_next, recipe.dense_time,
-                         recipe.current_first) for i in range(len(turns))]
-    stexts = [index_text(turns, i, recipe.sparse_prev, recipe.sparse_next, recipe.sparse_time,
-                         recipe.current_first, recipe.sparse_self_repeat)
-              for i in range(len(turns))]
-    sparse = []
-    for text in stexts:
-        v = encoder.encode_document(text)
+    texts = [index_texts(conv.turns, i, recipe) for i in range(len(conv.turns))]
+    sparse, dls = [], []
+    for _, text, ctx in texts:
+        v = encoder.encode_document(text, ctx)
         sparse.append(dict(zip(v.indices, v.values, strict=True)))
+        dls.append(len(encoder.tokenize(text))
+                   + encoder.context_weight * sum(len(encoder.tokenize(c)) for c in ctx))
     df = Counter(t for d in sparse for t in d)
     idf = {t: qdrant_idf(len(sparse), n) for t, n in df.items()}
-    return ConvIndex(conv, embed(dtexts), sparse, idf)
+    return ConvIndex(conv, embed([d for d, _, _ in texts]), sparse, idf, float(np.mean(dls)))
 
 
 def sparse_search(index: ConvIndex, query: dict[int, float], limit: int) -> list[tuple[str, float]]:
@@ -342,89 +373,177 @@ def dense_search(index: ConvIndex, qvec: np.ndarray, limit: int) -> list[tuple[s
 
 @dataclass
 class Runs:
-    """Per-question dense and sparse result lists for one recipe (fusion is applied after)."""
+    """Per-question dense and sparse result lists of one recipe (fusion is applied after)."""
 
     dense: list[list[tuple[str, float]]]
     sparse: list[list[tuple[str, float]]]
+    mean_dl: float
 
 
 def run_recipe(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question], recipe: Recipe,
-               encoder: BM25Encoder, embed: Callable[[Sequence[str]], np.ndarray],
-               prefetch: int = 50) -> Runs:
-    indexes = {s["sample_id"]: build_index(conversation(s), recipe, encoder, embed) for s in samples}
+               embed: Callable[[Sequence[str]], np.ndarray]) -> Runs:
+    """Index every conversation as the service would and run both searches per question."""
+    encoder = recipe.encoder()
+    indexes = {s["sample_id"]: build_index(conversation(s), recipe, encoder, embed)
+               for s in samples}
     qvecs = embed([q.question for q in qs])
     dense, sparse = [], []
     for i, q in enumerate(qs):
         idx = indexes[q.sample_id]
-        dense.append(dense_search(idx, qvecs[i], prefetch))
+        dense.append(dense_search(idx, qvecs[i], recipe.prefetch))
         qv = encoder.encode_query(q.question)
-        sparse.append(sparse_search(idx, dict(zip(qv.indices, qv.values, strict=True)), prefetch))
-    return Runs(dense, sparse)
+        sparse.append(sparse_search(idx, dict(zip(qv.indices, qv.values, strict=True)),
+                                    recipe.prefetch))
+    n = sum(len(ix.conv.turns) for ix in indexes.values())
+    mean_dl = sum(ix.mean_dl * len(ix.conv.turns) for ix in indexes.values()) / n
+    return Runs(dense, sparse, mean_dl)
 
 
-FusionFn = Callable[[Sequence[tuple[str, float]], Sequence[tuple[str, float]]], list[tuple[str, float]]]
-
-
-def fusions() -> dict[str, FusionFn]:
-    """Candidate fusions of (dense, sparse) result lists."""
-    out: dict[str, FusionFn] = {
-        "dense": lambda d, s: list(d),
-        "sparse": lambda d, s: list(s),
-        "rrf k=60": lambda d, s: fusion.rrf([d, s], k=60),
-        "dbsf": lambda d, s: fusion.dbsf([d, s]),
-    }
-    for w in (0.3, 0.5, 0.7):
-        out[f"rrf k=60 wd={w}"] = lambda d, s, w=w: fusion.rrf([d, s], k=60, weights=[w, 1 - w])
-        out[f"dbsf wd={w}"] = lambda d, s, w=w: fusion.dbsf([d, s], weights=[w, 1 - w])
-        out[f"minmax wd={w}"] = lambda d, s, w=w: fusion.minmax([d, s], weights=[w, 1 - w])
-    return out
-
-
-def evaluate(runs: Runs, qs: Sequence[Question], fuse: FusionFn) -> dict[str, float]:
-    ranks = [[d for d, _ in fuse(dn, sp)[:10]] for dn, sp in zip(runs.dense, runs.sparse, strict=True)]
+def evaluate(runs: Runs, qs: Sequence[Question], recipe: Recipe,
+             mode: str = "fused") -> dict[str, float]:
+    """Scores of one mode: ``fused`` (the recipe's fusion), ``dense`` or ``sparse`` only."""
+    ranks = []
+    for dn, sp in zip(runs.dense, runs.sparse, strict=True):
+        hits = recipe.fuse(dn, sp) if mode == "fused" else dn if mode == "dense" else sp
+        ranks.append([d for d, _ in hits[:10]])
     return score(ranks, qs)
 
 
+def per_category(rankings: Sequence[Sequence[str]], qs: Sequence[Question]) -> dict[str, Any]:
+    out = {}
+    for c in CATEGORIES:
+        idx = [i for i, q in enumerate(qs) if q.category == c]
+        out[str(c)] = score([rankings[i] for i in idx], [qs[i] for i in idx])
+    return out
+
+
 def _fmt(name: str, m: Mapping[str, float]) -> str:
-    return (f"{name:<44} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  "
+    return (f"{name:<58} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  "
             f"{m['mrr@10']:.3f}")
 
 
-HEADER = f"{'setting':<44} R@1    R@5    R@10   MRR@10"
+HEADER = f"{'setting':<58} R@1    R@5    R@10   MRR@10"
+
+CHOSEN = Recipe()
+
+# One-at-a-time changes from CHOSEN (the sensitivity table).
+SENSITIVITY: list[dict[str, Any]] = [
+    {"dense_prev": 0}, {"dense_prev": 1}, {"dense_prev": 3},
+    {"sparse_prev": 0}, {"sparse_prev": 1}, {"sparse_prev": 3},
+    {"dense_time": False}, {"sparse_time": False}, {"dense_time": False, "sparse_time": False},
+    {"context_weight": 0.25}, {"context_weight": 0.75}, {"context_weight": 1.0},
+    {"avgdl": 12.0}, {"avgdl": 18.0}, {"avgdl": 36.0},
+    {"stem": False}, {"stopwords": "lucene"},
+    {"dense_weight": 0.2}, {"dense_weight": 0.4}, {"dense_weight": 0.5},
+    {"fusion": "dbsf"}, {"fusion": "dbsf", "dense_weight": 0.5},
+    {"fusion": "rrf"}, {"fusion": "rrf", "dense_weight": 0.5},
+    {"prefetch": 20}, {"prefetch": 100},
+    {"next_turns": 1},
+]
 
 
 def research(data: Path, out: Path, cache: Path | None) -> dict[str, Any]:
+    from dataclasses import replace
+
     samples = load_locomo(data)
     qs = questions(samples)
     embed = EmbeddingCache(cache)
-    results: dict[str, Any] = {"data": str(data), "questions": len(qs), "baselines": {},
-                               "recipes": {}, "sensitivity": {}}
-    print(f"{len(samples)} conversations, {len(qs)} questions (categories 1-4)")
+    res: dict[str, Any] = {"data": str(data), "questions": len(qs), "baselines": {},
+                           "chosen": {}, "sensitivity": []}
+    print(f"{len(samples)} conversations, {len(qs)} questions (categories 1-4)\n")
     print(HEADER)
-    base = {"bm25s": score(bm25_baseline(samples, qs), qs),
+
+    def show(name: str, m: Mapping[str, float]) -> None:
+        print(_fmt(name, m), flush=True)
+
+    base = {"bm25s (turn content)": score(bm25_baseline(samples, qs), qs),
             "dense (turn content)": score(dense_baseline(samples, qs, embed), qs)}
+    plain = replace(CHOSEN, dense_prev=0, sparse_prev=0, dense_time=False, sparse_time=False)
+    runs = run_recipe(samples, qs, plain, embed)
+    base["lexical encoder (turn content)"] = evaluate(runs, qs, plain, "sparse")
+    base["naive RRF k=60 (turn content)"] = evaluate(runs, qs, replace(plain, fusion="rrf",
+                                                                        dense_weight=0.5))
     for name, m in base.items():
-        print(_fmt(name, m))
-    results["baselines"] = base
+        show(name, m)
+    res["baselines"] = base
     embed.save()
-    # ... (research grid filled in below)
+
+    runs = run_recipe(samples, qs, CHOSEN, embed)
+    chosen = {mode: evaluate(runs, qs, CHOSEN, mode) for mode in ("dense", "sparse", "fused")}
+    for mode, m in chosen.items():
+        show(f"chosen recipe, {mode}", m)
+    ranks = [[d for d, _ in CHOSEN.fuse(dn, sp)[:10]]
+             for dn, sp in zip(runs.dense, runs.sparse, strict=True)]
+    res["chosen"] = {"recipe": CHOSEN.__dict__, "mean_sparse_dl": round(runs.mean_dl, 2),
+                     **chosen, "fused_by_category": per_category(ranks, qs)}
+    print(f"  mean BM25F document length of the chosen sparse text: {runs.mean_dl:.1f} tokens")
+    embed.save()
+
+    print("\nsensitivity (one change from the chosen recipe)")
+    print(HEADER)
+    for change in SENSITIVITY:
+        r = replace(CHOSEN, **change)
+        runs = run_recipe(samples, qs, r, embed)
+        m = evaluate(runs, qs, r)
+        show(r.label(CHOSEN), m)
+        res["sensitivity"].append({"change": change, **m})
+        embed.save()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    return results
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return res
+
+
+def throughput(data: Path, out: Path) -> dict[str, Any]:
+    """Sentences/s of MiniLMEmbedder on every LoCoMo turn content, batch 64, 1 and 2 threads."""
+    import asyncio
+
+    from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
+
+    texts = [t.content for s in load_locomo(data) for t in conversation(s).turns]
+    res: dict[str, Any] = {"texts": len(texts), "batch_size": 64}
+    for threads in (1, 2):
+        emb = MiniLMEmbedder(intra_op_threads=threads, batch_size=64)
+        asyncio.run(emb.embed(texts[:64]))  # warm-up
+        t0 = time.perf_counter()
+        asyncio.run(emb.embed(texts))
+        rate = len(texts) / (time.perf_counter() - t0)
+        res[f"threads={threads}"] = round(rate, 1)
+        print(f"intra_op_threads={threads}: {rate:.0f} sentences/s", flush=True)
+
+    async def pooled() -> float:
+        emb = MiniLMEmbedder(intra_op_threads=1, batch_size=64, sessions=2)
+        await emb.embed(texts[:64])
+        half = len(texts) // 2
+        t0 = time.perf_counter()
+        await asyncio.gather(emb.embed(texts[:half]), emb.embed(texts[half:]))
+        return len(texts) / (time.perf_counter() - t0)
+
+    rate = asyncio.run(pooled())
+    res["sessions=2 x threads=1, 2 concurrent calls"] = round(rate, 1)
+    print(f"2 sessions x 1 thread, 2 concurrent calls: {rate:.0f} sentences/s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("research", "baselines"):
-        sp = sub.add_parser(name)
-        sp.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        sp.add_argument("--out", type=Path, default=RESULTS / "locomo_research.json")
-        sp.add_argument("--cache", type=Path, default=Path("/tmp/aeterna-locomo-emb.npz"),
-                        help="on-disk embedding memo (speeds up reruns); '' to disable")
+    sp = sub.add_parser("research", help="baselines, chosen recipe and sensitivity table")
+    sp.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    sp.add_argument("--out", type=Path, default=RESULTS / "locomo_research.json")
+    sp.add_argument("--cache", type=Path, default=Path("/tmp/aeterna-locomo-emb.npz"),
+                    help="on-disk embedding memo for reruns; pass '' to disable")
+    tp = sub.add_parser("throughput", help="embedding throughput on LoCoMo turns")
+    tp.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    tp.add_argument("--out", type=Path, default=RESULTS / "embedding_throughput.json")
     args = p.parse_args(argv)
-    cache = args.cache if str(args.cache) else None
-    research(args.data, args.out, cache)
+    if args.cmd == "throughput":
+        throughput(args.data, args.out)
+    else:
+        research(args.data, args.out, args.cache if str(args.cache) not in ("", ".") else None)
     return 0
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
@@ -21,6 +19,7 @@ from aeterna.type.v1 import layer_pb2
 from aeterna_cli.stack import DevStack
 from aeterna_common.devauth import DevAuth
 from aeterna_common.devservers import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
@@ -60,16 +59,22 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
         created = await stub.CreateMemory(
             svc.CreateMemoryRequest(
                 parent="tenants/e2e",
-                memory=res.Memory(layer=layer_pb2.MEMORY_LAYER_USER, scope=layer_pb2.Scope(user_id="x"), content="edge"),
+                memory=res.Memory(
+                    layer=layer_pb2.MEMORY_LAYER_USER,
+                    scope=layer_pb2.Scope(user_id="x"),
+                    content="edge",
+                ),
             ),
-            metadata=bearer(stack, "e2e") + (("x-aeterna-user", "mallory"),),
+            metadata=(*bearer(stack, "e2e"), ("x-aeterna-user", "mallory")),
         )
         history = await stub.ListMemoryRevisions(
             svc.ListMemoryRevisionsRequest(name=created.name), metadata=bearer(stack, "e2e")
         )
         assert history.revisions[0].actor == "users/e2e"
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetMemory(svc.GetMemoryRequest(name=created.name), metadata=bearer(stack, "other"))
+            await stub.GetMemory(
+                svc.GetMemoryRequest(name=created.name), metadata=bearer(stack, "other")
+            )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -101,7 +106,9 @@ async def test_killing_a_replica_mid_run_loses_no_idempotent_call(stack: DevStac
                 else:
                     await stub.SearchMemories(
                         svc.SearchMemoriesRequest(
-                            parent=f"tenants/{tenant}", query=f"note {i}", scope=layer_pb2.Scope(user_id="k")
+                            parent=f"tenants/{tenant}",
+                            query=f"note {i}",
+                            scope=layer_pb2.Scope(user_id="k"),
                         ),
                         metadata=md,
                         timeout=30,
@@ -117,7 +124,7 @@ async def test_killing_a_replica_mid_run_loses_no_idempotent_call(stack: DevStac
                 await one(i)
 
         calls = [asyncio.create_task(bounded(i)) for i in range(300)]
-        while done < 100:
+        while done < 100:  # noqa: ASYNC110 (poll a counter the calls advance)
             await asyncio.sleep(0.01)
         stack.kill_replica(0)
         await asyncio.gather(*calls)
@@ -137,31 +144,60 @@ def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path
 
     sample = json.loads(DATA.read_text())[0]
     conv = sample["conversation"]
-    keep = {k: v for k, v in conv.items() if not k.startswith("session_") or k.split("_")[1] in {"1", "2"}}
+    keep = {
+        k: v
+        for k, v in conv.items()
+        if not k.startswith("session_") or k.split("_")[1] in {"1", "2"}
+    }
     sliced = tmp_path / "slice.json"
     sliced.write_text(json.dumps([{**sample, "conversation": keep}]))
     n_turns = len(conv["session_1"]) + len(conv["session_2"])
     env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
     cli = [sys.executable, "-m", "aeterna_cli.main"]
     out = subprocess.run(
-        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"], env=env, capture_output=True, text=True, timeout=300
+        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"imported {n_turns} memories" in out.stdout
     # Importing again is idempotent (stable request ids per session).
     again = subprocess.run(
-        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"], env=env, capture_output=True, text=True, timeout=300
+        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0
     listed = subprocess.run(
         [*cli, "memory", "list", "--tenant", "cli", "--page-size", "1000", "--json"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert len(json.loads(listed.stdout)) == n_turns
     found = subprocess.run(
-        [*cli, "memory", "search", "When did Caroline go to the LGBTQ support group?", "--tenant", "cli",
-         "--user-id", str(sample["sample_id"]), "--json", "--top-k", "5"],
-        env=env, capture_output=True, text=True, timeout=60,
+        [
+            *cli,
+            "memory",
+            "search",
+            "When did Caroline go to the LGBTQ support group?",
+            "--tenant",
+            "cli",
+            "--user-id",
+            str(sample["sample_id"]),
+            "--json",
+            "--top-k",
+            "5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)

@@ -6,7 +6,6 @@ import os
 from collections.abc import Sequence
 
 import grpc
-
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
@@ -31,7 +30,9 @@ def metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def memory_stub(target: str | None = None) -> tuple[grpc.aio.Channel, svc_grpc.MemoryServiceStub]:
+def memory_stub(
+    target: str | None = None,
+) -> tuple[grpc.aio.Channel, svc_grpc.MemoryServiceAsyncStub]:
     """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
     channel = grpc.aio.insecure_channel(
         target or endpoint(), options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]

@@ -90,7 +90,9 @@ def turns(sample: Mapping[str, Any]) -> Iterator[Turn]:
             )
 
 
-def questions(samples: list[dict[str, Any]], categories: tuple[int, ...] = (1, 2, 3, 4)) -> list[Question]:
+def questions(
+    samples: list[dict[str, Any]], categories: tuple[int, ...] = (1, 2, 3, 4)
+) -> list[Question]:
     """Questions of the given categories that have evidence (category 5, adversarial, has
     no answer in the conversation and is left out by default)."""
     out = []

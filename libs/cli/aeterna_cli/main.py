@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
-from google.protobuf import field_mask_pb2, json_format
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.memory.v1 import resources_pb2 as res
+from aeterna.type.v1 import layer_pb2
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from aeterna.memory.v1 import memory_service_pb2 as svc
-from aeterna.memory.v1 import resources_pb2 as res
-from aeterna.type.v1 import layer_pb2
 from aeterna_cli import client, locomo
 
 T = TypeVar("T")
@@ -60,7 +59,7 @@ def _run(call: Callable[[], Awaitable[T]]) -> T:
 
 def _fail(exc: grpc.aio.AioRpcError) -> None:
     console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -79,7 +78,9 @@ def _scope(**ids: str | None) -> layer_pb2.Scope:
     return layer_pb2.Scope(**{k: v for k, v in ids.items() if v})
 
 
-def _print_memories(memories: list[res.Memory], as_json: bool, scores: list[float] | None = None) -> None:
+def _print_memories(
+    memories: list[res.Memory], as_json: bool, scores: list[float] | None = None
+) -> None:
     if as_json:
         items: list[dict[str, Any]] = [json_format.MessageToDict(m) for m in memories]
         if scores is not None:
@@ -125,7 +126,9 @@ def token(
 @memory_app.command("add")
 def memory_add(
     content: str,
-    layer: Annotated[str, typer.Option(help="agent|user|session|project|team|org|company")] = "user",
+    layer: Annotated[
+        str, typer.Option(help="agent|user|session|project|team|org|company")
+    ] = "user",
     user_id: Annotated[str | None, typer.Option()] = None,
     session_id: Annotated[str | None, typer.Option()] = None,
     agent_id: Annotated[str | None, typer.Option()] = None,
@@ -170,7 +173,11 @@ def memory_add(
 
 @memory_app.command("get")
 def memory_get(
-    name: str, tenant: Tenant = "demo", user: User = "cli", token: Token = None, as_json: AsJson = False
+    name: str,
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    as_json: AsJson = False,
 ) -> None:
     """Show one memory by name (tenants/T/memories/ID)."""
 
@@ -178,7 +185,8 @@ def memory_get(
         channel, stub = client.memory_stub()
         async with channel:
             return await stub.GetMemory(
-                svc.GetMemoryRequest(name=name), metadata=client.metadata(_token(token, tenant, user))
+                svc.GetMemoryRequest(name=name),
+                metadata=client.metadata(_token(token, tenant, user)),
             )
 
     m = _run(call)
@@ -293,7 +301,11 @@ def memory_delete(
 
 @memory_app.command("history")
 def memory_history(
-    name: str, tenant: Tenant = "demo", user: User = "cli", token: Token = None, as_json: AsJson = False
+    name: str,
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    as_json: AsJson = False,
 ) -> None:
     """Show the revisions of a memory."""
 

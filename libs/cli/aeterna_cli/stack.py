@@ -22,12 +22,11 @@ from types import TracebackType
 from typing import Self
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from aeterna_common.db import provision
 from aeterna_common.devauth import DevAuth, repo_root
 from aeterna_common.devservers import PostgresServer, RedisServer, free_port
 from aeterna_common.envoy import EnvoyProcess, JwtSettings, Upstream, render_envoy_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 DATABASE = "aeterna"

@@ -106,8 +106,8 @@ def principal_from_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Prin
         violations.append(
             FieldViolation(HEADER_TENANT, "must be 1-100 characters of [A-Za-z0-9_-]")
         )
-    for header, value in ((HEADER_USER, user), (HEADER_AGENT, agent)):
-        if value is not None and not IDENTIFIER_PATTERN.match(value):
+    for header, ident in ((HEADER_USER, user), (HEADER_AGENT, agent)):
+        if ident is not None and not IDENTIFIER_PATTERN.match(ident):
             violations.append(
                 FieldViolation(header, "must be 1-100 characters of [A-Za-z0-9_.:@-]")
             )

@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -107,7 +107,7 @@ class Database:
             raise ValueError(f"invalid tenant id {tenant_id!r}")
         async with self.pool.acquire() as conn, conn.transaction(readonly=readonly):
             await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
-            yield conn
+            yield cast(asyncpg.Connection, conn)
 
     @asynccontextmanager
     async def all_tenants_snapshot(self) -> AsyncIterator[asyncpg.Connection]:
@@ -117,11 +117,12 @@ class Database:
         admit all tenants for SELECT when ``app.all_tenants`` is ``on`` and never for writes,
         and the transaction is read-only besides.
         """
-        async with self.pool.acquire() as conn, conn.transaction(
-            readonly=True, isolation="repeatable_read"
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(readonly=True, isolation="repeatable_read"),
         ):
             await conn.execute("SELECT set_config('app.all_tenants', 'on', true)")
-            yield conn
+            yield cast(asyncpg.Connection, conn)
 
     async def run(
         self,
@@ -173,7 +174,7 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
     Raises:
         ValueError: a file name does not match ``NNNN_name.sql`` or numbers repeat.
     """
-    files = sorted(directory.glob("*.sql"))
+    files = sorted(directory.glob("*.sql"))  # noqa: ASYNC240 (a few small files, at start)
     versions: dict[int, Path] = {}
     for f in files:
         m = _MIGRATION_NAME.match(f.name)
@@ -210,9 +211,7 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
     return applied_now
 
 
-async def provision(
-    superuser_dsn: str, database: str, owner_role: str, app_role: str
-) -> None:
+async def provision(superuser_dsn: str, database: str, owner_role: str, app_role: str) -> None:
     """Create the owner role, the application role and the database when missing.
 
     For development and tests; production provisions roles with its own tooling. The

@@ -223,8 +223,7 @@ class DevAuth:
         if role_list:
             claims["roles"] = ",".join(role_list)
         claims.update(extra_claims or {})
-        return jwt.encode(claims, self._private_key, algorithm=ALGORITHM,
-                          headers={"kid": self.kid})
+        return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
 
 
 def issue_token(

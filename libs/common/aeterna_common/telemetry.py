@@ -61,7 +61,7 @@ def server_interceptors() -> Sequence[grpc.aio.ServerInterceptor]:
     trace)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    interceptor: Any = aio_server_interceptor()
+    interceptor: Any = aio_server_interceptor()  # type: ignore[no-untyped-call]
     return [interceptor]
 
 
@@ -69,5 +69,5 @@ def client_interceptors() -> Sequence[grpc.aio.ClientInterceptor]:
     """OpenTelemetry client interceptors: propagate the trace context to the callee."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    interceptors: Any = aio_client_interceptors()
+    interceptors: Any = aio_client_interceptors()  # type: ignore[no-untyped-call]
     return list(interceptors)

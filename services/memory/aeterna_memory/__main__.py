@@ -6,6 +6,7 @@ import asyncio
 
 from aeterna_common.config import CommonSettings
 from aeterna_common.server import run_service
+
 from aeterna_memory.app import build
 from aeterna_memory.settings import MemorySettings
 

@@ -7,7 +7,6 @@ import contextlib
 from pathlib import Path
 
 import structlog
-
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, apply_migrations, role_of
@@ -15,6 +14,7 @@ from aeterna_common.embedding.port import EmbeddingPort
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp
 from aeterna_common.vectors.port import VectorIndex
+
 from aeterna_memory.adapters.index_follower import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
@@ -106,9 +106,7 @@ async def build(
     db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
     await db.open()
     embedder = await asyncio.to_thread(build_embedder, settings)
-    cache: EmbeddingCache = (
-        RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
-    )
+    cache: EmbeddingCache = RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
     index = build_index(settings)
     cursor: CursorStore
     if settings.vector_store == "edge":

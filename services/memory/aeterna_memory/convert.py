@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.context import IDENTIFIER_PATTERN
 from aeterna_common.errors import FieldViolation, InvalidArgument
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
 from aeterna_memory.domain.model import (
     REACHING_IDENTIFIER,
     REQUIRED_IDENTIFIERS,
@@ -85,8 +85,10 @@ def check_content(v: Violations, field: str, content: str) -> None:
 
 def check_request_id(v: Violations, field: str, request_id: str) -> None:
     """At most 128 printable ASCII characters."""
-    if len(request_id) > MAX_REQUEST_ID or not request_id.isascii() or not (
-        request_id.isprintable()
+    if (
+        len(request_id) > MAX_REQUEST_ID
+        or not request_id.isascii()
+        or not (request_id.isprintable())
     ):
         v.add(field, f"must be at most {MAX_REQUEST_ID} printable ASCII characters")
 
@@ -321,7 +323,9 @@ def search_request(req: svc.SearchMemoriesRequest) -> SearchQuery:
         if kind is None:
             v.add(field, "needs one of equals, any_of, range, contains")
         elif kind == "equals":
-            conditions.append(MetadataCondition(f.key, equals=_value(v, f"{field}.equals", f.equals)))
+            conditions.append(
+                MetadataCondition(f.key, equals=_value(v, f"{field}.equals", f.equals))
+            )
         elif kind == "any_of":
             values = [_value(v, f"{field}.any_of[{j}]", x) for j, x in enumerate(f.any_of.values)]
             if not values:
@@ -329,7 +333,9 @@ def search_request(req: svc.SearchMemoriesRequest) -> SearchQuery:
             if any(isinstance(x, bool) for x in values):
                 v.add(f"{field}.any_of", "must hold strings or numbers")
             conditions.append(
-                MetadataCondition(f.key, any_of=[x for x in values if x is not None and not isinstance(x, bool)])
+                MetadataCondition(
+                    f.key, any_of=[x for x in values if x is not None and not isinstance(x, bool)]
+                )
             )
         elif kind == "range":
             gte = f.range.gte if f.range.HasField("gte") else None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from aeterna_common.vectors.port import IndexFilter, ScoredId, SparseVector
+
 from aeterna_memory.domain.model import (
     Embedded,
     FeedbackType,
@@ -141,7 +142,7 @@ class MemoryStore(Protocol):
         """Insert memories atomically (idempotent on ``request_id``)."""
         ...
 
-    async def list(
+    async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
         """A page, newest first, and the next token."""

@@ -7,12 +7,12 @@ import base64
 from typing import Any
 
 import grpc
-
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna_common import context as rc
 from aeterna_common.errors import FieldViolation, InvalidArgument
+
 from aeterna_memory import convert
 from aeterna_memory.domain.names import check_parent, parse_memory_name
 from aeterna_memory.domain.service import MemoryDomain
@@ -79,7 +79,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         principal = rc.current().principal
         check_parent(principal, request.parent)
         flt, size = convert.list_filter(request)
-        memories, token = await self.domain.list(principal, flt, size, request.page_token)
+        memories, token = await self.domain.list_page(principal, flt, size, request.page_token)
         return svc.ListMemoriesResponse(
             memories=[convert.memory_pb(m) for m in memories], next_page_token=token
         )

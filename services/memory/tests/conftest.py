@@ -9,9 +9,8 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from memory_testkit import MemoryEnv, start_memory
-
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from memory_testkit import MemoryEnv, start_memory
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
@@ -76,5 +71,3 @@ async def start_memory(
     server = GrpcServer(app, listen="127.0.0.1:0", grace_period_s=2)
     await server.start()
     return server, app
-
-

@@ -6,14 +6,12 @@ import uuid
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
-
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from memory_testkit import MemoryEnv, create, md, memory, new_tenant
 
 
@@ -54,15 +52,21 @@ async def test_create_get_update_delete_history(env: MemoryEnv) -> None:
     got = await env.stub.GetMemory(svc.GetMemoryRequest(name=created.name), metadata=md(t))
     assert got.content == "Prefers dark roast coffee"
 
-    upd = res.Memory(name=created.name, content="Prefers light roast coffee", tags=["pref", "coffee"])
+    upd = res.Memory(
+        name=created.name, content="Prefers light roast coffee", tags=["pref", "coffee"]
+    )
     updated = await env.stub.UpdateMemory(
-        svc.UpdateMemoryRequest(memory=upd, update_mask=field_mask_pb2.FieldMask(paths=["content", "tags"])),
+        svc.UpdateMemoryRequest(
+            memory=upd, update_mask=field_mask_pb2.FieldMask(paths=["content", "tags"])
+        ),
         metadata=md(t),
     )
     assert updated.revision == 2 and list(updated.tags) == ["pref", "coffee"]
     assert updated.metadata["source"] == "chat"  # not in the mask: unchanged
 
-    deleted = await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=created.name), metadata=md(t))
+    deleted = await env.stub.DeleteMemory(
+        svc.DeleteMemoryRequest(name=created.name), metadata=md(t)
+    )
     assert deleted.HasField("delete_time") and deleted.revision == 3
     again = await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=created.name), metadata=md(t))
     assert again.revision == 3 and again.delete_time == deleted.delete_time  # idempotent
@@ -71,7 +75,11 @@ async def test_create_get_update_delete_history(env: MemoryEnv) -> None:
         svc.ListMemoryRevisionsRequest(name=created.name), metadata=md(t)
     )
     actions = [r.action for r in history.revisions]
-    assert actions == [res.REVISION_ACTION_ADD, res.REVISION_ACTION_UPDATE, res.REVISION_ACTION_DELETE]
+    assert actions == [
+        res.REVISION_ACTION_ADD,
+        res.REVISION_ACTION_UPDATE,
+        res.REVISION_ACTION_DELETE,
+    ]
     assert history.revisions[1].old_content == "Prefers dark roast coffee"
     assert history.revisions[1].new_content == "Prefers light roast coffee"
     assert sorted(history.revisions[1].changed_fields) == ["content", "tags"]
@@ -79,7 +87,9 @@ async def test_create_get_update_delete_history(env: MemoryEnv) -> None:
 
     reason, _ = await expect(
         env.stub.UpdateMemory(
-            svc.UpdateMemoryRequest(memory=upd, update_mask=field_mask_pb2.FieldMask(paths=["tags"])),
+            svc.UpdateMemoryRequest(
+                memory=upd, update_mask=field_mask_pb2.FieldMask(paths=["tags"])
+            ),
             metadata=md(t),
         ),
         grpc.StatusCode.NOT_FOUND,
@@ -123,7 +133,9 @@ async def test_principal_metadata_is_required_and_validated(env: MemoryEnv) -> N
     reason, _ = await expect(env.stub.GetMemory(req), grpc.StatusCode.UNAUTHENTICATED)
     assert reason == "MISSING_PRINCIPAL"
     reason, fields = await expect(
-        env.stub.GetMemory(req, metadata=(("x-aeterna-tenant", "bad tenant!"), ("x-aeterna-user", "u"))),
+        env.stub.GetMemory(
+            req, metadata=(("x-aeterna-tenant", "bad tenant!"), ("x-aeterna-user", "u"))
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert reason == "INVALID_PRINCIPAL" and fields == ["x-aeterna-tenant"]
@@ -142,20 +154,28 @@ async def test_principal_metadata_is_required_and_validated(env: MemoryEnv) -> N
         (memory("   ", "USER", user_id="u"), "memory.content", "EMPTY_CONTENT"),
         (memory("x" * (32 * 1024 + 1), "USER", user_id="u"), "memory.content", "CONTENT_TOO_LARGE"),
         (memory("nul \x00 inside", "USER", user_id="u"), "memory.content", "INVALID_UTF8"),
-        (res.Memory(content="no layer", scope=layer_pb2.Scope(user_id="u")), "memory.layer", "MISSING_LAYER"),
+        (
+            res.Memory(content="no layer", scope=layer_pb2.Scope(user_id="u")),
+            "memory.layer",
+            "MISSING_LAYER",
+        ),
         (memory("bad id", "USER", user_id="has space"), "memory.scope.user_id", ""),
     ],
 )
 async def test_create_validation(env: MemoryEnv, mem: res.Memory, field: str, reason: str) -> None:
     t = new_tenant()
     got_reason, fields = await expect(
-        env.stub.CreateMemory(svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=mem), metadata=md(t)),
+        env.stub.CreateMemory(
+            svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=mem), metadata=md(t)
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert field in fields
     if reason:
         assert got_reason == reason
-    listed = await env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t))
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+    )
     assert len(listed.memories) == 0  # nothing written
 
 
@@ -172,15 +192,20 @@ async def test_batch_is_atomic(env: MemoryEnv) -> None:
     bad = svc.CreateMemoryRequest(memory=memory("missing session", "SESSION", user_id="u"))
     _, fields = await expect(
         env.stub.BatchCreateMemories(
-            svc.BatchCreateMemoriesRequest(parent=f"tenants/{t}", requests=[good, bad, good]), metadata=md(t)
+            svc.BatchCreateMemoriesRequest(parent=f"tenants/{t}", requests=[good, bad, good]),
+            metadata=md(t),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["requests[1].memory.scope.session_id"]
-    listed = await env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t))
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+    )
     assert len(listed.memories) == 0
     _, fields = await expect(
-        env.stub.BatchCreateMemories(svc.BatchCreateMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)),
+        env.stub.BatchCreateMemories(
+            svc.BatchCreateMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["requests"]
@@ -188,21 +213,31 @@ async def test_batch_is_atomic(env: MemoryEnv) -> None:
 
 async def test_request_id_makes_creates_idempotent(env: MemoryEnv) -> None:
     t = new_tenant()
-    req = svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("once", user_id="u"), request_id="r-1")
+    req = svc.CreateMemoryRequest(
+        parent=f"tenants/{t}", memory=memory("once", user_id="u"), request_id="r-1"
+    )
     first = await env.stub.CreateMemory(req, metadata=md(t))
     second = await env.stub.CreateMemory(req, metadata=md(t))
     assert first.name == second.name
-    listed = await env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t))
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+    )
     assert len(listed.memories) == 1
-    other = svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("different", user_id="u"), request_id="r-1")
-    reason, _ = await expect(env.stub.CreateMemory(other, metadata=md(t)), grpc.StatusCode.FAILED_PRECONDITION)
+    other = svc.CreateMemoryRequest(
+        parent=f"tenants/{t}", memory=memory("different", user_id="u"), request_id="r-1"
+    )
+    reason, _ = await expect(
+        env.stub.CreateMemory(other, metadata=md(t)), grpc.StatusCode.FAILED_PRECONDITION
+    )
     assert reason == "REQUEST_ID_REUSED"
 
 
 async def test_list_pagination_and_filters(env: MemoryEnv) -> None:
     t = new_tenant()
     reqs = [
-        svc.CreateMemoryRequest(memory=memory(f"note {i}", "SESSION", user_id="u", session_id=f"s{i % 2}"))
+        svc.CreateMemoryRequest(
+            memory=memory(f"note {i}", "SESSION", user_id="u", session_id=f"s{i % 2}")
+        )
         for i in range(7)
     ]
     for r in reqs[:3]:
@@ -214,7 +249,8 @@ async def test_list_pagination_and_filters(env: MemoryEnv) -> None:
     token = ""
     while True:
         page = await env.stub.ListMemories(
-            svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=3, page_token=token), metadata=md(t)
+            svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=3, page_token=token),
+            metadata=md(t),
         )
         seen.extend(m.name for m in page.memories)
         token = page.next_page_token
@@ -222,23 +258,32 @@ async def test_list_pagination_and_filters(env: MemoryEnv) -> None:
             break
     assert len(seen) == 7 == len(set(seen))
     s0 = await env.stub.ListMemories(
-        svc.ListMemoriesRequest(parent=f"tenants/{t}", scope=layer_pb2.Scope(session_id="s0")), metadata=md(t)
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", scope=layer_pb2.Scope(session_id="s0")),
+        metadata=md(t),
     )
     assert len(s0.memories) == 4
-    tagged = await env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}", tags=["x"]), metadata=md(t))
+    tagged = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", tags=["x"]), metadata=md(t)
+    )
     assert len(tagged.memories) == 3
     # A token is bound to its filters.
-    page = await env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=2), metadata=md(t))
+    page = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=2), metadata=md(t)
+    )
     _, fields = await expect(
         env.stub.ListMemories(
-            svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=2, tags=["x"], page_token=page.next_page_token),
+            svc.ListMemoriesRequest(
+                parent=f"tenants/{t}", page_size=2, tags=["x"], page_token=page.next_page_token
+            ),
             metadata=md(t),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["page_token"]
     _, fields = await expect(
-        env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=5000), metadata=md(t)),
+        env.stub.ListMemories(
+            svc.ListMemoriesRequest(parent=f"tenants/{t}", page_size=5000), metadata=md(t)
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["page_size"]
@@ -249,14 +294,19 @@ async def test_update_mask_validation(env: MemoryEnv) -> None:
     created = await create(env, t, memory("original", user_id="u"))
     _, fields = await expect(
         env.stub.UpdateMemory(
-            svc.UpdateMemoryRequest(memory=res.Memory(name=created.name, layer=2), update_mask=field_mask_pb2.FieldMask(paths=["layer"])),
+            svc.UpdateMemoryRequest(
+                memory=res.Memory(name=created.name, layer=2),
+                update_mask=field_mask_pb2.FieldMask(paths=["layer"]),
+            ),
             metadata=md(t),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["update_mask"]
     reason, _ = await expect(
-        env.stub.UpdateMemory(svc.UpdateMemoryRequest(memory=res.Memory(name=created.name)), metadata=md(t)),
+        env.stub.UpdateMemory(
+            svc.UpdateMemoryRequest(memory=res.Memory(name=created.name)), metadata=md(t)
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert reason == "EMPTY_UPDATE_MASK"
@@ -273,20 +323,26 @@ async def test_feedback_updates_importance_once_per_request_id(env: MemoryEnv) -
     again = await env.stub.RecordMemoryFeedback(req, metadata=md(t))
     assert again.importance == pytest.approx(0.75) and again.revision == first.revision
     low = await env.stub.RecordMemoryFeedback(
-        svc.RecordMemoryFeedbackRequest(name=created.name, type=res.FEEDBACK_TYPE_INACCURATE, score=-1.0),
+        svc.RecordMemoryFeedbackRequest(
+            name=created.name, type=res.FEEDBACK_TYPE_INACCURATE, score=-1.0
+        ),
         metadata=md(t),
     )
     assert low.importance == pytest.approx(0.0)  # clamp((0.75 - 1) / 2) = 0
     _, fields = await expect(
         env.stub.RecordMemoryFeedback(
-            svc.RecordMemoryFeedbackRequest(name=created.name, type=res.FEEDBACK_TYPE_HELPFUL, score=2.0),
+            svc.RecordMemoryFeedbackRequest(
+                name=created.name, type=res.FEEDBACK_TYPE_HELPFUL, score=2.0
+            ),
             metadata=md(t),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["score"]
     _, fields = await expect(
-        env.stub.RecordMemoryFeedback(svc.RecordMemoryFeedbackRequest(name=created.name, score=0.5), metadata=md(t)),
+        env.stub.RecordMemoryFeedback(
+            svc.RecordMemoryFeedbackRequest(name=created.name, score=0.5), metadata=md(t)
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields == ["type"]
@@ -296,7 +352,8 @@ async def test_malformed_names(env: MemoryEnv) -> None:
     t = new_tenant()
     for name in ("", "memories/x", f"tenants/{t}/memories/not-a-uuid", f"tenants/{t}/memories/a/b"):
         reason, fields = await expect(
-            env.stub.GetMemory(svc.GetMemoryRequest(name=name), metadata=md(t)), grpc.StatusCode.INVALID_ARGUMENT
+            env.stub.GetMemory(svc.GetMemoryRequest(name=name), metadata=md(t)),
+            grpc.StatusCode.INVALID_ARGUMENT,
         )
         assert reason == "INVALID_NAME" and fields == ["name"]
 
@@ -311,6 +368,8 @@ async def test_health_and_reflection_need_no_principal(env: MemoryEnv) -> None:
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = [s.name async for r in responses for s in r.list_services_response.service]
         assert "aeterna.memory.v1.MemoryService" in names

@@ -6,9 +6,8 @@ import uuid
 
 import asyncpg
 import pytest
-from memory_testkit import MemoryEnv, create, memory, new_tenant
-
 from aeterna_common.db import Database
+from memory_testkit import MemoryEnv, create, memory, new_tenant
 
 
 async def test_app_role_cannot_bypass_rls(env: MemoryEnv) -> None:
@@ -51,7 +50,10 @@ async def test_cross_tenant_read_returns_nothing_and_write_fails(env: MemoryEnv)
                     mid,
                 )
         async with db.transaction(a) as conn:
-            assert await conn.fetchval("SELECT content FROM memories WHERE id = $1", mid) == "tenant A only"
+            assert (
+                await conn.fetchval("SELECT content FROM memories WHERE id = $1", mid)
+                == "tenant A only"
+            )
     finally:
         await db.close()
 
@@ -66,7 +68,10 @@ async def test_pooled_connection_carries_no_tenant(env: MemoryEnv) -> None:
             assert await conn.fetchval("SELECT count(*) FROM memories") == 1
         # Same (only) pooled connection, outside any tenant transaction.
         async with db.pool.acquire() as conn:
-            assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in ("", None)
+            assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (
+                "",
+                None,
+            )
             assert await conn.fetchval("SELECT count(*) FROM memories") == 0
     finally:
         await db.close()

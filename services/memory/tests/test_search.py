@@ -7,26 +7,44 @@ import uuid
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import struct_pb2
-from memory_testkit import MemoryEnv, create, md, memory, new_tenant, start_memory
-
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.type.v1 import layer_pb2
+from google.protobuf import struct_pb2
+from memory_testkit import MemoryEnv, create, md, memory, new_tenant, start_memory
 
 
-async def search(env: MemoryEnv, tenant: str, query: str, stub=None, **kw) -> svc.SearchMemoriesResponse:  # type: ignore[no-untyped-def]
+async def search(
+    env: MemoryEnv, tenant: str, query: str, stub=None, **kw
+) -> svc.SearchMemoriesResponse:  # type: ignore[no-untyped-def]
     return await (stub or env.stub).SearchMemories(
-        svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query=query, **kw), metadata=md(tenant)
+        svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query=query, **kw),
+        metadata=md(tenant),
     )
 
 
 async def test_layers_precedence_scope_widening_and_duplicates(env: MemoryEnv) -> None:
     t = new_tenant()
-    await create(env, t, memory("The deploy pipeline uses blue green releases", "USER", user_id="u"))
-    await create(env, t, memory("Deploys happen on Tuesdays after standup", "SESSION", user_id="u", session_id="s1"))
-    await create(env, t, memory("Rollback a deploy with the revert button", "SESSION", user_id="u", session_id="s2"))
-    await create(env, t, memory("The deploy pipeline uses blue green releases", "SESSION", user_id="u", session_id="s2"))
+    await create(
+        env, t, memory("The deploy pipeline uses blue green releases", "USER", user_id="u")
+    )
+    await create(
+        env,
+        t,
+        memory("Deploys happen on Tuesdays after standup", "SESSION", user_id="u", session_id="s1"),
+    )
+    await create(
+        env,
+        t,
+        memory("Rollback a deploy with the revert button", "SESSION", user_id="u", session_id="s2"),
+    )
+    await create(
+        env,
+        t,
+        memory(
+            "The deploy pipeline uses blue green releases", "SESSION", user_id="u", session_id="s2"
+        ),
+    )
     await create(env, t, memory("Deploy freeze in December", "PROJECT", project_id="p1"))
     await create(env, t, memory("Deploys of another user", "USER", user_id="someone-else"))
 
@@ -43,9 +61,16 @@ async def test_layers_precedence_scope_widening_and_duplicates(env: MemoryEnv) -
     assert contents.count("The deploy pipeline uses blue green releases") == 1
     assert r.results[0].memory.layer == layer_pb2.MEMORY_LAYER_USER
 
-    narrowed = await search(env, t, "deploy", scope=layer_pb2.Scope(user_id="u", session_id="s1"),
-                            layers=[layer_pb2.MEMORY_LAYER_SESSION])
-    assert [h.memory.content for h in narrowed.results] == ["Deploys happen on Tuesdays after standup"]
+    narrowed = await search(
+        env,
+        t,
+        "deploy",
+        scope=layer_pb2.Scope(user_id="u", session_id="s1"),
+        layers=[layer_pb2.MEMORY_LAYER_SESSION],
+    )
+    assert [h.memory.content for h in narrowed.results] == [
+        "Deploys happen on Tuesdays after standup"
+    ]
 
     both = await search(env, t, "deploy", scope=layer_pb2.Scope(user_id="u", project_id="p1"))
     assert "Deploy freeze in December" in [h.memory.content for h in both.results]
@@ -54,9 +79,23 @@ async def test_layers_precedence_scope_widening_and_duplicates(env: MemoryEnv) -
 
 async def test_scores_min_score_and_top_k(env: MemoryEnv) -> None:
     t = new_tenant()
-    topics = ["pruning", "watering", "seedlings", "compost", "blight", "staking", "harvest",
-              "greenhouse", "soil pH", "mulch", "aphids", "cherry varieties", "fertiliser",
-              "companion planting", "frost"]
+    topics = [
+        "pruning",
+        "watering",
+        "seedlings",
+        "compost",
+        "blight",
+        "staking",
+        "harvest",
+        "greenhouse",
+        "soil pH",
+        "mulch",
+        "aphids",
+        "cherry varieties",
+        "fertiliser",
+        "companion planting",
+        "frost",
+    ]
     for topic in topics:
         await create(env, t, memory(f"Gardening tomatoes: my notes on {topic}", user_id="u"))
     r = await search(env, t, "gardening tomatoes", scope=layer_pb2.Scope(user_id="u"), top_k=5)
@@ -65,15 +104,25 @@ async def test_scores_min_score_and_top_k(env: MemoryEnv) -> None:
     assert scores == sorted(scores, reverse=True)
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert all(-1.0 <= h.dense_score <= 1.0 and h.lexical_score >= 0 for h in r.results)
-    cut = await search(env, t, "gardening tomatoes", scope=layer_pb2.Scope(user_id="u"), top_k=15,
-                       min_score=scores[2])
+    cut = await search(
+        env,
+        t,
+        "gardening tomatoes",
+        scope=layer_pb2.Scope(user_id="u"),
+        top_k=15,
+        min_score=scores[2],
+    )
     assert 0 < len(cut.results) < 15 and all(h.score >= scores[2] for h in cut.results)
 
 
 async def test_tag_and_metadata_filters(env: MemoryEnv) -> None:
     t = new_tenant()
     specs = [
-        ("apple pie recipe", ["food"], {"kind": "recipe", "stars": 5, "labels": ["sweet", "baked"]}),
+        (
+            "apple pie recipe",
+            ["food"],
+            {"kind": "recipe", "stars": 5, "labels": ["sweet", "baked"]},
+        ),
         ("apple cider recipe", ["drink"], {"kind": "recipe", "stars": 3, "labels": ["sweet"]}),
         ("apple stock price", ["finance"], {"kind": "note", "stars": 1, "labels": []}),
     ]
@@ -87,17 +136,33 @@ async def test_tag_and_metadata_filters(env: MemoryEnv) -> None:
         return {h.memory.content for h in r.results}
 
     scope = layer_pb2.Scope(user_id="u")
-    assert names(await search(env, t, "apple", scope=scope, tags=["food", "drink"])) == {"apple pie recipe", "apple cider recipe"}
+    assert names(await search(env, t, "apple", scope=scope, tags=["food", "drink"])) == {
+        "apple pie recipe",
+        "apple cider recipe",
+    }
     eq = svc.MetadataFilter(key="kind", equals=struct_pb2.Value(string_value="note"))
-    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[eq])) == {"apple stock price"}
+    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[eq])) == {
+        "apple stock price"
+    }
     rng = svc.MetadataFilter(key="stars", range=svc.NumericRange(gte=3))
-    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[rng])) == {"apple pie recipe", "apple cider recipe"}
+    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[rng])) == {
+        "apple pie recipe",
+        "apple cider recipe",
+    }
     num_eq = svc.MetadataFilter(key="stars", equals=struct_pb2.Value(number_value=5))
-    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[num_eq])) == {"apple pie recipe"}
+    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[num_eq])) == {
+        "apple pie recipe"
+    }
     contains = svc.MetadataFilter(key="labels", contains="baked")
-    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[contains])) == {"apple pie recipe"}
-    any_of = svc.MetadataFilter(key="kind", any_of=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="note")]))
-    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[rng, any_of])) == set()
+    assert names(await search(env, t, "apple", scope=scope, metadata_filters=[contains])) == {
+        "apple pie recipe"
+    }
+    any_of = svc.MetadataFilter(
+        key="kind", any_of=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="note")])
+    )
+    assert (
+        names(await search(env, t, "apple", scope=scope, metadata_filters=[rng, any_of])) == set()
+    )
 
 
 async def test_search_validation(env: MemoryEnv) -> None:
@@ -107,11 +172,20 @@ async def test_search_validation(env: MemoryEnv) -> None:
         (svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="x", top_k=500), "top_k"),
         (svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="x", min_score=1.5), "min_score"),
         (svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="x", layers=[99]), "layers[0]"),  # type: ignore[list-item]
-        (svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="x",
-                                   metadata_filters=[svc.MetadataFilter(key="k")]), "metadata_filters[0]"),
-        (svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="x",
-                                   metadata_filters=[svc.MetadataFilter(key="bad key!", contains="v")]),
-         "metadata_filters[0].key"),
+        (
+            svc.SearchMemoriesRequest(
+                parent=f"tenants/{t}", query="x", metadata_filters=[svc.MetadataFilter(key="k")]
+            ),
+            "metadata_filters[0]",
+        ),
+        (
+            svc.SearchMemoriesRequest(
+                parent=f"tenants/{t}",
+                query="x",
+                metadata_filters=[svc.MetadataFilter(key="bad key!", contains="v")],
+            ),
+            "metadata_filters[0].key",
+        ),
     ]
     for req, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -159,17 +233,31 @@ async def test_search_counts_access(env: MemoryEnv) -> None:
 
 async def test_read_your_writes_across_replicas(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
     # A second replica on the same database with its own embedded index.
-    server, app = await start_memory(env.urls, env.redis_url, scratch / f"replica-{uuid.uuid4().hex[:6]}")
+    server, _app = await start_memory(
+        env.urls, env.redis_url, scratch / f"replica-{uuid.uuid4().hex[:6]}"
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             other = svc_grpc.MemoryServiceStub(ch)
             t = new_tenant()
             for i in range(5):
                 m = await create(env, t, memory(f"fresh write {i} about zeppelins", user_id="u"))
-                r = await search(env, t, f"fresh write {i} zeppelins", stub=other, scope=layer_pb2.Scope(user_id="u"))
+                r = await search(
+                    env,
+                    t,
+                    f"fresh write {i} zeppelins",
+                    stub=other,
+                    scope=layer_pb2.Scope(user_id="u"),
+                )
                 assert m.name in [h.memory.name for h in r.results]
                 await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=m.name), metadata=md(t))
-                r = await search(env, t, f"fresh write {i} zeppelins", stub=other, scope=layer_pb2.Scope(user_id="u"))
+                r = await search(
+                    env,
+                    t,
+                    f"fresh write {i} zeppelins",
+                    stub=other,
+                    scope=layer_pb2.Scope(user_id="u"),
+                )
                 assert m.name not in [h.memory.name for h in r.results]
     finally:
         await server.stop()
@@ -188,7 +276,9 @@ async def test_missing_index_is_rebuilt_from_postgres(env: MemoryEnv, scratch, m
 
     # Vectors are stored with the rows: a new replica rebuilds without embedding anything.
     monkeypatch.setattr(MiniLMEmbedder, "embed", no_embedding)
-    server, app = await start_memory(env.urls, env.redis_url, scratch / f"fresh-{uuid.uuid4().hex[:6]}")
+    server, app = await start_memory(
+        env.urls, env.redis_url, scratch / f"fresh-{uuid.uuid4().hex[:6]}"
+    )
     monkeypatch.undo()
     try:
         ids = await app.follower.index.all_ids(t)

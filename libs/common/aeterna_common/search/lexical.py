@@ -24,7 +24,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import Stemmer
 
@@ -40,6 +40,10 @@ DEFAULT_AVGDL = 24.0
 """Average document length in tokens (after stop-word removal) of the index texts the memory
 service writes: a conversational turn with its two preceding turns of context, measured on the
 LoCoMo dev conversations (``bench/locomo_eval.py``; a turn alone averages ~9 tokens)."""
+
+CONTEXT_WEIGHT = 0.5
+"""BM25F weight of context terms relative to the memory's own terms (chosen on LoCoMo dev,
+``bench/locomo_eval.py``: 0.5 beat 0.25, 0.75 and 1)."""
 
 SNOWBALL_ENGLISH_STOPWORDS: frozenset[str] = frozenset(
     """
@@ -83,6 +87,8 @@ class BM25Encoder:
         avgdl: Assumed average document length in tokens, > 0.
         stopwords: Lower-case words to drop before stemming.
         stem: Apply Snowball English stemming.
+        context_weight: BM25F weight of ``context`` terms in :meth:`encode_document`, in
+            [0, 1].
 
     Raises:
         ValueError: A parameter is out of range.
@@ -96,9 +102,11 @@ class BM25Encoder:
         avgdl: float = DEFAULT_AVGDL,
         stopwords: Iterable[str] = SNOWBALL_ENGLISH_STOPWORDS,
         stem: bool = True,
+        context_weight: float = CONTEXT_WEIGHT,
     ) -> None:
-        if k1 <= 0 or not 0 <= b <= 1 or avgdl <= 0:
-            raise ValueError("need k1 > 0, 0 <= b <= 1 and avgdl > 0")
+        if k1 <= 0 or not 0 <= b <= 1 or avgdl <= 0 or not 0 <= context_weight <= 1:
+            raise ValueError("need k1 > 0, 0 <= b <= 1, avgdl > 0 and 0 <= context_weight <= 1")
+        self.context_weight = context_weight
         self.k1 = k1
         self.b = b
         self.avgdl = avgdl
@@ -125,22 +133,30 @@ class BM25Encoder:
             words = self._stemmer.stemWords(words)
         return words
 
-    def encode_document(self, text: str) -> SparseVector:
+    def encode_document(self, text: str, context: Sequence[str] = ()) -> SparseVector:
         """BM25 document vector: term-frequency saturation per term (IDF left to the store).
 
+        With ``context`` this is BM25F (Robertson, Zaragoza & Taylor, "Simple BM25 extension to
+        multiple weighted fields", CIKM 2004) with two fields: the text itself (weight 1) and
+        its context (weight ``context_weight``): tf = tf_text + w·tf_context and
+        dl = dl_text + w·dl_context, then the saturation above with one shared ``avgdl``.
+
         Args:
-            text: The text to index.
+            text: The text to index (a memory's own content).
+            context: Texts that help find it but should count less, e.g. the preceding turns
+                of a conversation or metadata values.
 
         Returns:
             A sparse vector with one entry per distinct term (values in (0, k1 + 1)); empty
-            when the text has no index terms.
+            when there are no index terms.
         """
-        terms = self.tokenize(text)
-        norm = self.k1 * (1 - self.b + self.b * len(terms) / self.avgdl)
-        weights = {
-            term: tf * (self.k1 + 1) / (tf + norm) for term, tf in Counter(terms).items()
-        }
-        return _to_sparse(weights)
+        tf: Counter[str] = Counter(self.tokenize(text))
+        for ctx in context:
+            for term, n in Counter(self.tokenize(ctx)).items():
+                tf[term] += self.context_weight * n
+        dl = sum(tf.values())
+        norm = self.k1 * (1 - self.b + self.b * dl / self.avgdl)
+        return _to_sparse({term: f * (self.k1 + 1) / (f + norm) for term, f in tf.items()})
 
     def encode_query(self, text: str) -> SparseVector:
         """BM25 query vector: weight 1.0 per distinct term.
@@ -172,9 +188,9 @@ def tokenize(text: str) -> list[str]:
     return _DEFAULT.tokenize(text)
 
 
-def encode_document(text: str) -> SparseVector:
+def encode_document(text: str, context: Sequence[str] = ()) -> SparseVector:
     """:meth:`BM25Encoder.encode_document` with the default settings."""
-    return _DEFAULT.encode_document(text)
+    return _DEFAULT.encode_document(text, context)
 
 
 def encode_query(text: str) -> SparseVector:

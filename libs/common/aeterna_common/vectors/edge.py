@@ -255,9 +255,7 @@ class EdgeVectorIndex:
         op = qe.UpdateOperation.delete_points([normalize_id(i) for i in ids])
         await asyncio.to_thread(shard.update, op)
 
-    async def _query(
-        self, query: Any, flt: IndexFilter, limit: int, params: Any
-    ) -> list[ScoredId]:
+    async def _query(self, query: Any, flt: IndexFilter, limit: int, params: Any) -> list[ScoredId]:
         shard = self._live()
         translated = translate(_BUILDER, flt)
         if translated.condition is None or limit <= 0:

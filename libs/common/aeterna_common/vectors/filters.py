@@ -61,8 +61,10 @@ def _validate(fm: FieldMatch) -> None:
     """
     if not fm.key:
         raise ValueError("FieldMatch.key must not be empty")
-    forms = (fm.value is not None) + (fm.any_of is not None) + (
-        fm.gte is not None or fm.lte is not None
+    forms = (
+        (fm.value is not None)
+        + (fm.any_of is not None)
+        + (fm.gte is not None or fm.lte is not None)
     )
     if forms != 1:
         raise ValueError(

@@ -31,10 +31,10 @@ from typing import Any, Protocol
 
 import asyncpg
 import structlog
-from prometheus_client import Gauge, Histogram
-
 from aeterna_common.db import Database
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
+from prometheus_client import Gauge, Histogram
+
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL
 from aeterna_memory.domain.model import SCOPE_FIELDS, Layer
 
@@ -206,7 +206,7 @@ class IndexFollower:
                 await self._listen.close()
             self._listen = None
 
-    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
 
     async def run(self) -> None:

@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-
 from aeterna_common.db import Database
 from aeterna_common.errors import (
     Aborted,
@@ -26,6 +25,7 @@ from aeterna_common.errors import (
     InvalidArgument,
     NotFound,
 )
+
 from aeterna_memory.domain.model import (
     SCOPE_FIELDS,
     Embedded,
@@ -34,7 +34,6 @@ from aeterna_memory.domain.model import (
     ListFilter,
     Memory,
     MemoryPatch,
-    NewMemory,
     Revision,
     RevisionAction,
     Scope,
@@ -89,7 +88,9 @@ def encode_page_token(created_at: datetime, memory_id: str, fingerprint: str) ->
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> tuple[datetime, str]:
+def decode_page_token(
+    token: str, fingerprint: str, field: str = "page_token"
+) -> tuple[datetime, str]:
     """Decode a token of :func:`encode_page_token`.
 
     Raises:
@@ -161,7 +162,7 @@ class PostgresMemoryStore:
         rows = await self.db.run(tenant_id, work, readonly=True)
         return [r["content"] for r in reversed(rows)]
 
-    async def list(
+    async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
         """A page of memories, newest first, and the next page token ('' at the end)."""

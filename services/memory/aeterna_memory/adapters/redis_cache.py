@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -61,7 +62,7 @@ class RedisEmbeddingCache:
             CACHE_LOOKUPS.labels(tenant_id, "error").inc(len(texts))
             return [None] * len(texts)
         out: list[list[float] | None] = [
-            np.frombuffer(v, dtype="<f4").tolist() if v else None for v in raw
+            np.frombuffer(cast(bytes, v), dtype="<f4").tolist() if v else None for v in raw
         ]
         hits = sum(v is not None for v in out)
         CACHE_LOOKUPS.labels(tenant_id, "hit").inc(hits)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import structlog
-
 from aeterna_common.context import Principal
 from aeterna_common.embedding.port import EmbeddingPort
 from aeterna_common.search import fusion
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
+
 from aeterna_memory.domain.indexing import IndexingPolicy, build_texts, has_session
 from aeterna_memory.domain.model import (
     SEARCH_IDENTIFIERS,
@@ -184,9 +184,7 @@ class MemoryDomain:
             for m, (_, lex), v in zip(memories, texts, vectors, strict=True)
         ]
 
-    async def update(
-        self, principal: Principal, memory_id: str, patch: MemoryPatch
-    ) -> Memory:
+    async def update(self, principal: Principal, memory_id: str, patch: MemoryPatch) -> Memory:
         """Apply a field-masked update.
 
         Raises:
@@ -202,7 +200,7 @@ class MemoryDomain:
                 layer=current.layer,
                 scope=current.scope,
                 content=patch.content,
-                metadata=patch.metadata if "metadata" in patch.fields else current.metadata,
+                metadata=(patch.metadata or {}) if "metadata" in patch.fields else current.metadata,
             )
             previous: list[str] = []
             if self.indexing.context_needed and has_session(new):
@@ -257,11 +255,11 @@ class MemoryDomain:
         """One memory (deleted ones too, with their delete time)."""
         return await self.store.get(principal.tenant_id, memory_id)
 
-    async def list(
+    async def list_page(
         self, principal: Principal, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
         """A page of memories."""
-        return await self.store.list(principal.tenant_id, flt, page_size, page_token)
+        return await self.store.list_page(principal.tenant_id, flt, page_size, page_token)
 
     async def revisions(
         self, principal: Principal, memory_id: str, page_size: int, after: int
