@@ -313,3 +313,44 @@ async def test_failed_write_leaves_nothing(env: MemoryEnv, monkeypatch: pytest.M
     # The same request id works afterwards: nothing half-claimed it.
     ok = await create(env, t, memory("should not survive", user_id="u"), request_id="fail-1")
     assert ok.content == "should not survive"
+
+
+async def test_unavailable_redis_degrades_to_no_cache(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
+    from aeterna_common.devservers import free_port
+    from aeterna_memory.adapters.redis_cache import RedisEmbeddingCache
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    cache = RedisEmbeddingCache(dead)
+    assert await cache.get_many("t", "m", ["a", "b"]) == [None, None]
+    await cache.put_many("t", "m", [("a", [0.1, 0.2])])  # no error
+    await cache.close()
+    server, app = await start_memory(env.urls, dead, scratch / f"noredis-{uuid.uuid4().hex[:6]}")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = svc_grpc.MemoryServiceStub(ch)
+            t = new_tenant()
+            m = await stub.CreateMemory(
+                svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("works without redis", user_id="u")),
+                metadata=md(t),
+            )
+            r = await search(env, t, "without redis", stub=stub, scope=layer_pb2.Scope(user_id="u"))
+            assert [h.memory.name for h in r.results] == [m.name]
+    finally:
+        await server.stop()
+
+
+async def test_embedding_cache_hits_on_repeated_text(env: MemoryEnv) -> None:
+    from aeterna_memory.adapters.redis_cache import cache_key
+
+    import redis.asyncio as aioredis
+
+    t = new_tenant()
+    await create(env, t, memory("cache this exact text", user_id="u"))
+    client = aioredis.Redis.from_url(env.redis_url)
+    try:
+        key = cache_key(t, "all-MiniLM-L6-v2", "cache this exact text")
+        assert await client.exists(key) == 1
+        ttl = await client.ttl(key)
+        assert 23 * 3600 < ttl <= 24 * 3600
+    finally:
+        await client.aclose()

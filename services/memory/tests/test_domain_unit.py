@@ -1,0 +1,67 @@
+"""Unit tests of the pure domain functions (no servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aeterna_common.context import Principal
+from aeterna_common.errors import InvalidArgument, PermissionDenied
+from aeterna_memory.domain.indexing import IndexingPolicy, build_texts
+from aeterna_memory.domain.model import Layer, MetadataCondition, NewMemory, Scope, SearchQuery, new_importance
+from aeterna_memory.domain.names import check_parent, parse_memory_name
+from aeterna_memory.domain.service import layer_filter, request_hash
+
+
+@pytest.mark.parametrize(
+    ("old", "reward", "expected"),
+    [(None, 1.0, 0.75), (0.5, -1.0, 0.0), (1.0, 1.0, 1.0), (0.2, 0.4, 0.3), (0.0, -1.0, 0.0)],
+)
+def test_new_importance(old: float | None, reward: float, expected: float) -> None:
+    assert new_importance(old, reward) == pytest.approx(expected)
+
+
+def test_request_hash_is_canonical() -> None:
+    a = NewMemory(Layer.USER, Scope(user_id="u"), "x", metadata={"a": 1, "b": 2})
+    b = NewMemory(Layer.USER, Scope(user_id="u"), "x", metadata={"b": 2, "a": 1})
+    c = NewMemory(Layer.USER, Scope(user_id="u"), "y", metadata={"a": 1, "b": 2})
+    assert request_hash("m", [a]) == request_hash("m", [b])
+    assert request_hash("m", [a]) != request_hash("m", [c])
+    assert request_hash("m", [a]) != request_hash("other", [a])
+
+
+def test_index_texts_add_context_and_metadata() -> None:
+    m = NewMemory(Layer.SESSION, Scope(user_id="u", session_id="s"), "B: yes, last Saturday!",
+                  metadata={"session_time": "8 May 2023", "ignored": "zzz", "flag": True})
+    policy = IndexingPolicy(dense_context=1, lexical_context=2, metadata_keys=("session_time", "flag"))
+    dense, lexical = build_texts(m, ["A: hi", "A: did you go hiking?"], policy)
+    assert dense == "A: did you go hiking?\nB: yes, last Saturday!\n8 May 2023"
+    assert lexical == "A: hi\nA: did you go hiking?\nB: yes, last Saturday!\n8 May 2023"
+    bare, _ = build_texts(m, [], IndexingPolicy(dense_context=0, lexical_context=0, metadata_keys=()))
+    assert bare == "B: yes, last Saturday!"
+
+
+def test_layer_filter_widens_missing_identifiers() -> None:
+    q = SearchQuery(text="x", scope=Scope(user_id="u"), layers=[Layer.SESSION], tags=["t"],
+                    metadata=[MetadataCondition("stars", gte=3)])
+    f = layer_filter("t1", Layer.SESSION, q)
+    keys = [(m.key, m.value, m.any_of, m.gte) for m in f.must]
+    assert ("layer", "SESSION", None, None) in keys
+    assert ("user_id", "u", None, None) in keys
+    assert not any(k == "session_id" for k, *_ in keys)  # no session_id: all sessions
+    assert ("tags", None, ["t"], None) in keys
+    assert ("metadata.stars", None, None, 3) in keys
+    assert f.tenant_id == "t1"
+
+
+def test_names_check_tenant_before_anything_else() -> None:
+    p = Principal("acme", "u")
+    assert check_parent(p, "tenants/acme") == "acme"
+    with pytest.raises(PermissionDenied):
+        check_parent(p, "tenants/other")
+    with pytest.raises(PermissionDenied):
+        # Another tenant's name is denied even when the id is malformed: no hint leaks.
+        parse_memory_name(p, "tenants/other/memories/not-a-uuid")
+    with pytest.raises(InvalidArgument):
+        parse_memory_name(p, "tenants/acme/memories/not-a-uuid")
+    tenant, mid = parse_memory_name(p, "tenants/acme/memories/6F9619FF-8B86-D011-B42D-00CF4FC964FF")
+    assert (tenant, mid) == ("acme", "6f9619ff-8b86-d011-b42d-00cf4fc964ff")
