@@ -74,8 +74,18 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
 def build_index(settings: MemorySettings) -> VectorIndex:
     """The configured vector index adapter."""
     if settings.vector_store == "qdrant":
+        from qdrant_client import AsyncQdrantClient
+
         from aeterna_common.vectors.qdrant import QdrantVectorIndex
 
+        if settings.qdrant_url == ":memory:":
+            # qdrant-client's local mode: same API, one process; for tests and trials.
+            return QdrantVectorIndex(
+                AsyncQdrantClient(location=":memory:"),
+                settings.qdrant_collection,
+                KEYWORD_FIELDS,
+                FLOAT_FIELDS,
+            )
         return QdrantVectorIndex.from_url(
             settings.qdrant_url,
             settings.qdrant_collection,

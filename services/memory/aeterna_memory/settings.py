@@ -17,7 +17,8 @@ class MemorySettings(BaseSettings):
         vector_store: ``edge`` (Qdrant's embedded engine, one index per replica, derived from
             PostgreSQL) or ``qdrant`` (a Qdrant server shared by all replicas).
         index_dir: Directory of this replica's embedded index (one process per directory).
-        qdrant_url: Qdrant server URL, used when ``vector_store`` is ``qdrant``.
+        qdrant_url: Qdrant server URL, used when ``vector_store`` is ``qdrant``; ``:memory:``
+            runs qdrant-client's in-process local mode (one process; tests and trials).
         qdrant_api_key: Qdrant API key, if the server needs one.
         qdrant_collection: Collection name on the Qdrant server.
         embedding: ``minilm`` (all-MiniLM-L6-v2 in process) or ``openai`` (any

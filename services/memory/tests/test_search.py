@@ -354,3 +354,49 @@ async def test_embedding_cache_hits_on_repeated_text(env: MemoryEnv) -> None:
         assert 23 * 3600 < ttl <= 24 * 3600
     finally:
         await client.aclose()
+
+
+async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
+    # vector_store=qdrant with qdrant-client's local mode: the same service code path as a
+    # Qdrant server shared by replicas (cursor in PostgreSQL, lease by advisory lock).
+    from memory_testkit import new_tenant as fresh
+
+    server, app = await start_memory(
+        env.urls, env.redis_url, scratch / "unused", vector_store="qdrant", qdrant_url=":memory:",
+        qdrant_collection=f"c{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = svc_grpc.MemoryServiceStub(ch)
+            t = fresh()
+            m = await stub.CreateMemory(
+                svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("shared index holds this", user_id="u")),
+                metadata=md(t),
+            )
+            r = await search(env, t, "shared index", stub=stub, scope=layer_pb2.Scope(user_id="u"))
+            assert [h.memory.name for h in r.results] == [m.name]
+            await stub.DeleteMemory(svc.DeleteMemoryRequest(name=m.name), metadata=md(t))
+            r = await search(env, t, "shared index", stub=stub, scope=layer_pb2.Scope(user_id="u"))
+            assert r.results == []
+        conn = await asyncpg.connect(env.urls.superuser)
+        try:
+            position = await conn.fetchval("SELECT position FROM index_cursors WHERE name LIKE 'qdrant:%'")
+            assert position is not None and position >= 2
+        finally:
+            await conn.close()
+    finally:
+        await server.stop()
+
+
+async def test_reconciler_restores_points_missing_after_a_partial_write(env: MemoryEnv) -> None:
+    t = new_tenant()
+    m = await create(env, t, memory("restore me after a partial write", user_id="u"))
+    mid = m.name.rsplit("/", 1)[1]
+    assert await env.follower.wait_for(await env.domain.store.latest_position(t), 5.0)
+    await env.follower.index.delete([mid])  # the index lost the point
+    r = await search(env, t, "restore partial write", scope=layer_pb2.Scope(user_id="u"))
+    assert r.results == []
+    assert (await env.follower.reconcile())["added"] >= 1
+    assert (await env.follower.reconcile()) == {"added": 0, "removed": 0}  # idempotent
+    r = await search(env, t, "restore partial write", scope=layer_pb2.Scope(user_id="u"))
+    assert [h.memory.name for h in r.results] == [m.name]
