@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.telemetry import client_interceptors
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
 
@@ -35,6 +36,8 @@ def memory_stub(
 ) -> tuple[grpc.aio.Channel, svc_grpc.MemoryServiceAsyncStub]:
     """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
     channel = grpc.aio.insecure_channel(
-        target or endpoint(), options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        target or endpoint(),
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        interceptors=client_interceptors(),
     )
     return channel, svc_grpc.MemoryServiceStub(channel)

@@ -280,9 +280,14 @@ class MemoryDomain:
         """
         tenant = principal.tenant_id
         t0 = time.perf_counter()
-        position = await self.store.latest_position(tenant)
-        await self.index.wait_for(position, self.tuning.wait_s)
-        dense_q = (await self.embed(tenant, [query.text]))[0]
+
+        async def caught_up() -> None:
+            position = await self.store.latest_position(tenant)
+            await self.index.wait_for(position, self.tuning.wait_s)
+
+        # Embedding the query overlaps with waiting for the index to reach the latest write.
+        _, vectors = await asyncio.gather(caught_up(), self.embed(tenant, [query.text]))
+        dense_q = vectors[0]
         sparse_q = self.encode_query(query.text)
         per_layer = await asyncio.gather(
             *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
