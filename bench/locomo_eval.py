@@ -268,11 +268,11 @@ class Recipe:
     sparse_time: bool = True  # session_time as a sparse context text
     next_turns: int = 0  # following memories (dense and sparse), batch only
     context_weight: float = 0.5  # BM25F weight of the sparse context
-    avgdl: float = 24.0
+    avgdl: float = 30.0  # ≈ the measured mean BM25F length of these texts (31 tokens)
     stem: bool = True
     stopwords: str = "snowball"  # or "lucene" (bm25s' 33-word list)
     fusion: str = "minmax"  # rrf | dbsf | minmax
-    dense_weight: float = 0.3  # fusion weight of the dense list (sparse gets 1 - this)
+    dense_weight: float = 0.4  # fusion weight of the dense list (sparse gets 1 - this)
     rrf_k: int = 60
     prefetch: int = 50  # results fetched per list before fusion
 
@@ -432,11 +432,11 @@ SENSITIVITY: list[dict[str, Any]] = [
     {"sparse_prev": 0}, {"sparse_prev": 1}, {"sparse_prev": 3},
     {"dense_time": False}, {"sparse_time": False}, {"dense_time": False, "sparse_time": False},
     {"context_weight": 0.25}, {"context_weight": 0.75}, {"context_weight": 1.0},
-    {"avgdl": 12.0}, {"avgdl": 18.0}, {"avgdl": 36.0},
+    {"avgdl": 15.0}, {"avgdl": 20.0}, {"avgdl": 45.0}, {"avgdl": 60.0},
     {"stem": False}, {"stopwords": "lucene"},
-    {"dense_weight": 0.2}, {"dense_weight": 0.4}, {"dense_weight": 0.5},
-    {"fusion": "dbsf"}, {"fusion": "dbsf", "dense_weight": 0.5},
-    {"fusion": "rrf"}, {"fusion": "rrf", "dense_weight": 0.5},
+    {"dense_weight": 0.2}, {"dense_weight": 0.3}, {"dense_weight": 0.5}, {"dense_weight": 0.6},
+    {"fusion": "dbsf"}, {"fusion": "dbsf", "dense_weight": 0.3},
+    {"fusion": "rrf"}, {"fusion": "rrf", "dense_weight": 0.3}, {"fusion": "rrf", "dense_weight": 0.5},
     {"prefetch": 20}, {"prefetch": 100},
     {"next_turns": 1},
 ]
@@ -477,6 +477,17 @@ def research(data: Path, out: Path, cache: Path | None) -> dict[str, Any]:
     res["chosen"] = {"recipe": CHOSEN.__dict__, "mean_sparse_dl": round(runs.mean_dl, 2),
                      **chosen, "fused_by_category": per_category(ranks, qs)}
     print(f"  mean BM25F document length of the chosen sparse text: {runs.mean_dl:.1f} tokens")
+    print("\nper conversation (chosen fused | bm25s | dense)")
+    bm, dn = bm25_baseline(samples, qs), dense_baseline(samples, qs, embed)
+    res["chosen"]["by_conversation"] = {}
+    for s in samples:
+        idx = [i for i, q in enumerate(qs) if q.sample_id == s["sample_id"]]
+        sub = [qs[i] for i in idx]
+        row = {name: score([r[i] for i in idx], sub)
+               for name, r in (("chosen", ranks), ("bm25s", bm), ("dense", dn))}
+        res["chosen"]["by_conversation"][s["sample_id"]] = row
+        print(f"  {s['sample_id']:<10} n={len(idx):<4} " + " | ".join(
+            f"R@10 {m['recall@10']:.3f} MRR {m['mrr@10']:.3f}" for m in row.values()))
     embed.save()
 
     print("\nsensitivity (one change from the chosen recipe)")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ def _export_onnx(source: Path, target: Path) -> None:
     mask = (ids != 0).long()
     axes = {name: {0: "batch", 1: "sequence"} for name in _INPUT_NAMES}
     axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer's notices (constant-folded shape checks, exporter deprecation) are noise
+        # here: the exported graph is checked against sentence-transformers in the tests.
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             _Encoder(),
             (ids, mask, torch.zeros_like(ids)),
@@ -163,7 +167,8 @@ def _mean_pool_normalise(hidden: FloatArray, mask: npt.NDArray[np.int64]) -> Flo
     summed = (hidden * weights).sum(axis=1)
     pooled = summed / np.maximum(weights.sum(axis=1), 1e-9)
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+    unit: FloatArray = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+    return unit
 
 
 class MiniLMEmbedder:
