@@ -118,10 +118,13 @@ class DevStack:
             redis_url = self._redis.url
             say(f"Redis       {redis_url}")
         # Export the embedding model once, before replicas start and race for it.
-        from aeterna_common.embedding.onnx_minilm import ensure_exported
+        from aeterna_common.embedding.onnx_minilm import ensure_exported, ensure_quantized
         from aeterna_memory.settings import MemorySettings
 
-        ensure_exported(MemorySettings().model_cache_dir / "all-MiniLM-L6-v2-onnx")
+        settings = MemorySettings()
+        exported = ensure_exported(settings.model_cache_dir / "all-MiniLM-L6-v2-onnx")
+        if settings.embedding_int8:
+            ensure_quantized(exported)
         index_root = self.root / ("memory-fresh" if self.fresh else "memory")
         if self.fresh:
             import shutil

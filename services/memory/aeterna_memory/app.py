@@ -68,6 +68,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
     return MiniLMEmbedder(
         settings.model_cache_dir / "all-MiniLM-L6-v2-onnx",
         intra_op_threads=settings.embedding_threads,
+        quantize=settings.embedding_int8,
     )
 
 
@@ -140,7 +141,6 @@ async def build(
         IndexedSearch(index, follower),
         embedder,
         cache,
-        encode_document,
         encode_query,
         indexing=IndexingPolicy(
             dense_context=settings.dense_context,
@@ -149,6 +149,7 @@ async def build(
         ),
         tuning=SearchTuning(
             candidates=settings.candidates,
+            fusion_method=settings.fusion,
             dense_weight=settings.dense_weight,
             lexical_weight=settings.lexical_weight,
             wait_s=settings.read_wait_s,

@@ -97,7 +97,7 @@ class MemoryStore(Protocol):
         patch: MemoryPatch,
         *,
         expected_revision: int,
-        index_text: str | None,
+        lexical_context: Sequence[str] | None,
         embedding: Sequence[float] | None,
         actor: str,
     ) -> Memory:

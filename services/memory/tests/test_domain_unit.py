@@ -33,11 +33,14 @@ def test_index_texts_add_context_and_metadata() -> None:
     m = NewMemory(Layer.SESSION, Scope(user_id="u", session_id="s"), "B: yes, last Saturday!",
                   metadata={"session_time": "8 May 2023", "ignored": "zzz", "flag": True})
     policy = IndexingPolicy(dense_context=1, lexical_context=2, metadata_keys=("session_time", "flag"))
-    dense, lexical = build_texts(m, ["A: hi", "A: did you go hiking?"], policy)
-    assert dense == "A: did you go hiking?\nB: yes, last Saturday!\n8 May 2023"
-    assert lexical == "A: hi\nA: did you go hiking?\nB: yes, last Saturday!\n8 May 2023"
-    bare, _ = build_texts(m, [], IndexingPolicy(dense_context=0, lexical_context=0, metadata_keys=()))
-    assert bare == "B: yes, last Saturday!"
+    texts = build_texts(m, ["A: hi", "A: did you go hiking?"], policy)
+    assert texts.dense == "[8 May 2023] B: yes, last Saturday!\nA: did you go hiking?"
+    assert texts.lexical_context == ("8 May 2023", "A: hi", "A: did you go hiking?")
+    bare = build_texts(m, ["A: hi"], IndexingPolicy(dense_context=0, lexical_context=0, metadata_keys=()))
+    assert bare.dense == "B: yes, last Saturday!" and bare.lexical_context == ()
+    default = build_texts(m, ["A: 1", "A: 2", "A: 3"], IndexingPolicy())
+    assert default.dense == "[8 May 2023] B: yes, last Saturday!"
+    assert default.lexical_context == ("8 May 2023", "A: 2", "A: 3")
 
 
 def test_layer_filter_widens_missing_identifiers() -> None:

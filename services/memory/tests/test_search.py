@@ -348,7 +348,7 @@ async def test_embedding_cache_hits_on_repeated_text(env: MemoryEnv) -> None:
     await create(env, t, memory("cache this exact text", user_id="u"))
     client = aioredis.Redis.from_url(env.redis_url)
     try:
-        key = cache_key(t, "all-MiniLM-L6-v2", "cache this exact text")
+        key = cache_key(t, "all-MiniLM-L6-v2-int8", "cache this exact text")
         assert await client.exists(key) == 1
         ttl = await client.ttl(key)
         assert 23 * 3600 < ttl <= 24 * 3600

@@ -11,6 +11,7 @@ vectors match ``SentenceTransformer.encode(..., normalize_embeddings=True)`` to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "aeterna" / "models" / "all-MiniLM-
 """Where the exported model is cached unless the constructor is given another directory."""
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # Files copied next to the graph so other ONNX loaders (e.g. fastembed) can use the directory.
@@ -152,6 +154,38 @@ def ensure_exported(cache_dir: Path | str = DEFAULT_CACHE_DIR) -> Path:
     return cache_dir
 
 
+def ensure_quantized(directory: Path) -> Path:
+    """Write ``model-int8.onnx`` beside the fp32 export unless it exists; return its path.
+
+    Dynamic quantization with per-channel int8 weights (``onnxruntime.quantization.
+    quantize_dynamic``); per-tensor int8 loses too much (top-10 overlap 0.76-0.82 measured
+    here). Written to a temporary file and renamed, so concurrent callers never see a
+    partial graph.
+
+    Args:
+        directory: A directory made by :func:`ensure_exported`.
+
+    Raises:
+        OSError: The directory cannot be written.
+    """
+    target = directory / INT8_FILE
+    if target.is_file():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fd, tmp = tempfile.mkstemp(prefix=".int8-", suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        quantize_dynamic(
+            str(directory / ONNX_FILE), tmp, weight_type=QuantType.QInt8, per_channel=True
+        )
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
 def _configure_tokenizer(tokenizer: Tokenizer) -> None:
     # The shipped tokenizer.json pads every input to 128 and truncates at 128; the model's
     # limit is 256 and padding is done per batch (to its longest member) in _run.
@@ -188,6 +222,10 @@ class MiniLMEmbedder:
         batch_size: Maximum texts per inference call (default 64).
         sessions: Number of independent sessions (default 1); each one holds its own copy of
             the weights (~90 MB).
+        quantize: Serve the dynamic int8 (per-channel) quantization of the same graph (see
+            :func:`ensure_quantized`): about 2x faster on CPUs with int8 dot products, with
+            LoCoMo dense recall@10 0.491 vs 0.493 for fp32 (measured here). Its vectors are a
+            different space: :attr:`model` is ``all-MiniLM-L6-v2-int8`` so they never mix.
 
     Raises:
         ValueError: A numeric argument is below 1.
@@ -201,10 +239,13 @@ class MiniLMEmbedder:
         intra_op_threads: int = 1,
         batch_size: int = 64,
         sessions: int = 1,
+        quantize: bool = False,
     ) -> None:
         if min(intra_op_threads, batch_size, sessions) < 1:
             raise ValueError("intra_op_threads, batch_size and sessions must be >= 1")
         directory = ensure_exported(cache_dir)
+        graph = ensure_quantized(directory) if quantize else directory / ONNX_FILE
+        self._model = f"{MODEL_NAME}-int8" if quantize else MODEL_NAME
         self._batch_size = batch_size
         self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         _configure_tokenizer(self._tokenizer)
@@ -215,17 +256,15 @@ class MiniLMEmbedder:
         self._pool: asyncio.Queue[ort.InferenceSession] = asyncio.Queue()
         for _ in range(sessions):
             self._pool.put_nowait(
-                ort.InferenceSession(
-                    str(directory / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-                )
+                ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
             )
         self._sessions = sessions
         self._closed = False
 
     @property
     def model(self) -> str:
-        """``"all-MiniLM-L6-v2"``."""
-        return MODEL_NAME
+        """``"all-MiniLM-L6-v2"``, or ``"all-MiniLM-L6-v2-int8"`` when quantized."""
+        return self._model
 
     @property
     def dimension(self) -> int:

@@ -56,7 +56,7 @@ INDEX_LAG_WAIT = Histogram(
 _ROW_COLUMNS = (
     "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
     "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
-    "deleted_at, expire_at, index_text, embedding"
+    "deleted_at, expire_at, content, index_context, embedding"
 )
 
 
@@ -142,7 +142,7 @@ class IndexFollower:
         db: Application-role database (reads every tenant in read-only snapshots).
         index: The index to maintain.
         cursor: Where the applied position is kept.
-        encode_sparse: Text → BM25 sparse vector (the lexical encoder).
+        encode_sparse: ``(content, context) →`` BM25F sparse vector (the lexical encoder).
         dsn: DSN for the LISTEN connection.
         dimension: Dense vector size.
         batch_size: Outbox rows per apply step.
@@ -156,7 +156,7 @@ class IndexFollower:
         db: Database,
         index: VectorIndex,
         cursor: CursorStore,
-        encode_sparse: Callable[[str], SparseVector],
+        encode_sparse: Callable[[str, Sequence[str]], SparseVector],
         *,
         dsn: str,
         dimension: int,
@@ -272,7 +272,10 @@ class IndexFollower:
         live_ids = {r["id"] for r in live}
         gone = [str(i) for i in ids if i not in live_ids]
         if live:
-            points = [to_point(r, self.encode_sparse(r["index_text"])) for r in live]
+            points = [
+                to_point(r, self.encode_sparse(r["content"], list(r["index_context"])))
+                for r in live
+            ]
             await self.index.upsert(points)
         if gone:
             await self.index.delete(gone)

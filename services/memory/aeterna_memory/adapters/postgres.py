@@ -356,7 +356,7 @@ class PostgresMemoryStore:
             await conn.executemany(
                 "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
                 "project_id, team_id, org_id, company_id, content, content_hash, metadata, "
-                "tags, importance, expire_at, index_text, embedding_model, embedding) VALUES "
+                "tags, importance, expire_at, index_context, embedding_model, embedding) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
                 " $18, $19)",
                 [
@@ -371,7 +371,7 @@ class PostgresMemoryStore:
                         list(e.memory.tags),
                         e.memory.importance,
                         e.memory.expire_at,
-                        e.index_text,
+                        list(e.lexical_context),
                         model,
                         list(e.embedding),
                     )
@@ -405,7 +405,7 @@ class PostgresMemoryStore:
         patch: MemoryPatch,
         *,
         expected_revision: int,
-        index_text: str | None,
+        lexical_context: Sequence[str] | None,
         embedding: Sequence[float] | None,
         actor: str,
     ) -> Memory:
@@ -440,10 +440,10 @@ class PostgresMemoryStore:
 
             f = patch.fields
             if "content" in f:
-                assert patch.content is not None and index_text is not None and embedding
+                assert patch.content is not None and lexical_context is not None and embedding
                 put("content", patch.content)
                 put("content_hash", content_hash(patch.content))
-                put("index_text", index_text)
+                put("index_context", list(lexical_context))
                 put("embedding", list(embedding))
             if "metadata" in f:
                 put("metadata", json.dumps(patch.metadata or {}))

@@ -255,12 +255,12 @@ class Embedded:
 
     Attributes:
         memory: The validated create.
-        index_text: The text the vectors were computed from.
-        embedding: L2-normalised dense vector.
+        lexical_context: Context texts of the BM25F encoding, beside the content.
+        embedding: L2-normalised dense vector of the dense index text.
     """
 
     memory: NewMemory
-    index_text: str
+    lexical_context: Sequence[str]
     embedding: Sequence[float]
 
 

@@ -26,9 +26,9 @@ CREATE TABLE memories (
     expire_at        timestamptz,
     deleted_at       timestamptz,
     revision         bigint      NOT NULL DEFAULT 1,
-    -- Vectors are stored with the row: an index is a view derived from these, rebuilt
-    -- without embedding anything again.
-    index_text       text        NOT NULL,
+    -- Vectors are stored with the row (and the BM25 context beside the content): an index
+    -- is a view derived from these, rebuilt without embedding anything again.
+    index_context    text[]      NOT NULL DEFAULT '{}',
     embedding_model  text        NOT NULL,
     embedding        real[]      NOT NULL,
     PRIMARY KEY (tenant_id, id)
