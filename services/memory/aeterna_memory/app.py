@@ -69,6 +69,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
         settings.model_cache_dir / "all-MiniLM-L6-v2-onnx",
         intra_op_threads=settings.embedding_threads,
         quantize=settings.embedding_int8,
+        batch_size=settings.embedding_batch_size,
     )
 
 

@@ -31,6 +31,9 @@ class MemorySettings(BaseSettings):
         embedding_threads: ONNX Runtime intra-op threads.
         embedding_int8: Serve MiniLM quantized to int8 (about 2x faster, same LoCoMo
             recall; recorded as model ``all-MiniLM-L6-v2-int8``).
+        embedding_batch_size: Texts per ONNX Runtime call. Small batches of length-sorted
+            texts pad less and stay in cache: on 2 cores, int8, LoCoMo turns, batch 4 ran
+            172-193 texts/s against 85-158 at batch 64.
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -57,6 +60,7 @@ class MemorySettings(BaseSettings):
     model_cache_dir: Path = Path.home() / ".cache" / "aeterna" / "models"
     embedding_threads: int = Field(default=1, ge=1)
     embedding_int8: bool = True
+    embedding_batch_size: int = Field(default=4, ge=1, le=256)
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]
