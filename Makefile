@@ -36,7 +36,7 @@ check-gen: gen
 
 lint: $(STAMP) check-gen
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check libs/common libs/cli services || true
+	$(VENV)/bin/ruff format --check libs/common libs/cli services tests bench scripts
 	$(PY) -m mypy libs/common/aeterna_common libs/cli/aeterna_cli services/memory/aeterna_memory
 
 test: $(STAMP)

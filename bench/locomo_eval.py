@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "libs" / "common"))
 
+from aeterna_cli import locomo  # noqa: E402
 from aeterna_common.search import fusion  # noqa: E402
 from aeterna_common.search.lexical import SNOWBALL_ENGLISH_STOPWORDS, BM25Encoder  # noqa: E402
 
@@ -65,7 +66,9 @@ class Turn:
 
     @property
     def content(self) -> str:
-        return turn_content({"speaker": self.speaker, "text": self.text, "blip_caption": self.caption})
+        return turn_content(
+            {"speaker": self.speaker, "text": self.text, "blip_caption": self.caption}
+        )
 
 
 @dataclass(frozen=True)
@@ -83,22 +86,11 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
 
 
-def load_locomo(path: str | Path) -> list[dict[str, Any]]:
-    """The raw LoCoMo samples (list of {sample_id, conversation, qa, ...})."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples")
-    return data
+load_locomo = locomo.load
+"""The raw LoCoMo samples (list of {sample_id, conversation, qa, ...})."""
 
-
-def turn_content(turn: Mapping[str, Any]) -> str:
-    """Memory content of one turn: ``"{speaker}: {text}"`` plus ``" [image: {caption}]"``."""
-    content = f"{turn['speaker']}: {turn['text']}"
-    caption = turn.get("blip_caption")
-    if caption:
-        content += f" [image: {caption}]"
-    return content
+turn_content = locomo.turn_content
+"""Memory content of one turn, exactly as ``aeterna import locomo`` stores it."""
 
 
 def _session_numbers(conv: Mapping[str, Any]) -> list[int]:
@@ -114,8 +106,16 @@ def conversation(sample: Mapping[str, Any]) -> Conversation:
         when = str(conv.get(f"session_{n}_date_time", ""))
         for pos, t in enumerate(conv[f"session_{n}"]):
             out.turns.append(
-                Turn(sample["sample_id"], n, pos, t["dia_id"], t["speaker"], t["text"],
-                     t.get("blip_caption") or None, when)
+                Turn(
+                    sample["sample_id"],
+                    n,
+                    pos,
+                    t["dia_id"],
+                    t["speaker"],
+                    t["text"],
+                    t.get("blip_caption") or None,
+                    when,
+                )
             )
     return out
 
@@ -140,8 +140,15 @@ def questions(samples: Sequence[Mapping[str, Any]]) -> list[Question]:
                 continue
             ev = _normalise_evidence(qa.get("evidence", []))
             if ev:
-                out.append(Question(s["sample_id"], qa["question"], ev, int(qa["category"]),
-                                    str(qa.get("answer", ""))))
+                out.append(
+                    Question(
+                        s["sample_id"],
+                        qa["question"],
+                        ev,
+                        int(qa["category"]),
+                        str(qa.get("answer", "")),
+                    )
+                )
     return out
 
 
@@ -168,8 +175,9 @@ def score(rankings: Sequence[Sequence[str]], qs: Sequence[Question]) -> dict[str
 # --------------------------------------------------------------------------- baselines
 
 
-def bm25_baseline(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question],
-                  top_k: int = 10) -> list[list[str]]:
+def bm25_baseline(
+    samples: Sequence[Mapping[str, Any]], qs: Sequence[Question], top_k: int = 10
+) -> list[list[str]]:
     """bm25s (Lucene BM25, English stop words, Snowball stemming) over each conversation."""
     import bm25s
     import Stemmer
@@ -180,8 +188,10 @@ def bm25_baseline(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question],
     for sid, conv in convs.items():
         corpus = [t.content for t in conv.turns]
         r = bm25s.BM25()
-        r.index(bm25s.tokenize(corpus, stopwords="en", stemmer=stemmer, show_progress=False),
-                show_progress=False)
+        r.index(
+            bm25s.tokenize(corpus, stopwords="en", stemmer=stemmer, show_progress=False),
+            show_progress=False,
+        )
         retrievers[sid] = r
     out = []
     for q in qs:
@@ -189,8 +199,9 @@ def bm25_baseline(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question],
         tokens = bm25s.tokenize([q.question], stopwords="en", stemmer=stemmer, show_progress=False)
         k = min(top_k, len(conv.turns))
         docs, scores = retrievers[q.sample_id].retrieve(tokens, k=k, show_progress=False)
-        out.append([conv.turns[int(i)].dia_id for i, s in zip(docs[0], scores[0], strict=True)
-                    if s > 0])
+        out.append(
+            [conv.turns[int(i)].dia_id for i, s in zip(docs[0], scores[0], strict=True) if s > 0]
+        )
     return out
 
 
@@ -216,7 +227,9 @@ class EmbeddingCache:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
-        missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in self._mem}.items())
+        missing = sorted(
+            {k: t for k, t in zip(keys, texts, strict=True) if k not in self._mem}.items()
+        )
         if missing:
             vecs = self.embedder.embed_sync([t for _, t in missing])
             for (k, _), v in zip(missing, vecs, strict=True):
@@ -233,8 +246,12 @@ class EmbeddingCache:
             self._dirty = False
 
 
-def dense_baseline(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question],
-                   embed: Callable[[Sequence[str]], np.ndarray], top_k: int = 10) -> list[list[str]]:
+def dense_baseline(
+    samples: Sequence[Mapping[str, Any]],
+    qs: Sequence[Question],
+    embed: Callable[[Sequence[str]], np.ndarray],
+    top_k: int = 10,
+) -> list[list[str]]:
     """Cosine ranking of the turn contents by the question embedding (same MiniLM model)."""
     convs = {s["sample_id"]: conversation(s) for s in samples}
     qvec = embed([q.question for q in qs])
@@ -288,11 +305,13 @@ class Recipe:
             from bm25s.stopwords import STOPWORDS_EN
 
             stop = STOPWORDS_EN
-        return BM25Encoder(avgdl=self.avgdl, stem=self.stem, stopwords=stop,
-                           context_weight=self.context_weight)
+        return BM25Encoder(
+            avgdl=self.avgdl, stem=self.stem, stopwords=stop, context_weight=self.context_weight
+        )
 
-    def fuse(self, dense: Sequence[tuple[str, float]],
-             sparse: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    def fuse(
+        self, dense: Sequence[tuple[str, float]], sparse: Sequence[tuple[str, float]]
+    ) -> list[tuple[str, float]]:
         w = [self.dense_weight, 1 - self.dense_weight]
         if self.fusion == "rrf":
             return fusion.rrf([dense, sparse], k=self.rrf_k, weights=w)
@@ -303,10 +322,12 @@ class Recipe:
         raise ValueError(self.fusion)
 
 
-def _same_session(turns: Sequence[Turn], i: int, prev: int, nxt: int) -> tuple[list[str], list[str]]:
+def _same_session(
+    turns: Sequence[Turn], i: int, prev: int, nxt: int
+) -> tuple[list[str], list[str]]:
     t = turns[i]
-    before = [u.content for u in turns[max(0, i - prev):i] if u.session == t.session]
-    after = [u.content for u in turns[i + 1:i + 1 + nxt] if u.session == t.session]
+    before = [u.content for u in turns[max(0, i - prev) : i] if u.session == t.session]
+    after = [u.content for u in turns[i + 1 : i + 1 + nxt] if u.session == t.session]
     return before, after
 
 
@@ -323,7 +344,9 @@ def index_texts(turns: Sequence[Turn], i: int, recipe: Recipe) -> tuple[str, str
     dense = "\n".join([t.content, *d_before, *d_after])
     if recipe.dense_time and t.session_time:
         dense = f"[{t.session_time}] {dense}"
-    context = ([t.session_time] if recipe.sparse_time and t.session_time else []) + s_before + s_after
+    context = (
+        ([t.session_time] if recipe.sparse_time and t.session_time else []) + s_before + s_after
+    )
     return dense, t.content, context
 
 
@@ -341,15 +364,21 @@ class ConvIndex:
     mean_dl: float
 
 
-def build_index(conv: Conversation, recipe: Recipe, encoder: BM25Encoder,
-                embed: Callable[[Sequence[str]], np.ndarray]) -> ConvIndex:
+def build_index(
+    conv: Conversation,
+    recipe: Recipe,
+    encoder: BM25Encoder,
+    embed: Callable[[Sequence[str]], np.ndarray],
+) -> ConvIndex:
     texts = [index_texts(conv.turns, i, recipe) for i in range(len(conv.turns))]
     sparse, dls = [], []
     for _, text, ctx in texts:
         v = encoder.encode_document(text, ctx)
         sparse.append(dict(zip(v.indices, v.values, strict=True)))
-        dls.append(len(encoder.tokenize(text))
-                   + encoder.context_weight * sum(len(encoder.tokenize(c)) for c in ctx))
+        dls.append(
+            len(encoder.tokenize(text))
+            + encoder.context_weight * sum(len(encoder.tokenize(c)) for c in ctx)
+        )
     df = Counter(t for d in sparse for t in d)
     idf = {t: qdrant_idf(len(sparse), n) for t, n in df.items()}
     return ConvIndex(conv, embed([d for d, _, _ in texts]), sparse, idf, float(np.mean(dls)))
@@ -380,27 +409,34 @@ class Runs:
     mean_dl: float
 
 
-def run_recipe(samples: Sequence[Mapping[str, Any]], qs: Sequence[Question], recipe: Recipe,
-               embed: Callable[[Sequence[str]], np.ndarray]) -> Runs:
+def run_recipe(
+    samples: Sequence[Mapping[str, Any]],
+    qs: Sequence[Question],
+    recipe: Recipe,
+    embed: Callable[[Sequence[str]], np.ndarray],
+) -> Runs:
     """Index every conversation as the service would and run both searches per question."""
     encoder = recipe.encoder()
-    indexes = {s["sample_id"]: build_index(conversation(s), recipe, encoder, embed)
-               for s in samples}
+    indexes = {
+        s["sample_id"]: build_index(conversation(s), recipe, encoder, embed) for s in samples
+    }
     qvecs = embed([q.question for q in qs])
     dense, sparse = [], []
     for i, q in enumerate(qs):
         idx = indexes[q.sample_id]
         dense.append(dense_search(idx, qvecs[i], recipe.prefetch))
         qv = encoder.encode_query(q.question)
-        sparse.append(sparse_search(idx, dict(zip(qv.indices, qv.values, strict=True)),
-                                    recipe.prefetch))
+        sparse.append(
+            sparse_search(idx, dict(zip(qv.indices, qv.values, strict=True)), recipe.prefetch)
+        )
     n = sum(len(ix.conv.turns) for ix in indexes.values())
     mean_dl = sum(ix.mean_dl * len(ix.conv.turns) for ix in indexes.values()) / n
     return Runs(dense, sparse, mean_dl)
 
 
-def evaluate(runs: Runs, qs: Sequence[Question], recipe: Recipe,
-             mode: str = "fused") -> dict[str, float]:
+def evaluate(
+    runs: Runs, qs: Sequence[Question], recipe: Recipe, mode: str = "fused"
+) -> dict[str, float]:
     """Scores of one mode: ``fused`` (the recipe's fusion), ``dense`` or ``sparse`` only."""
     ranks = []
     for dn, sp in zip(runs.dense, runs.sparse, strict=True):
@@ -418,8 +454,10 @@ def per_category(rankings: Sequence[Sequence[str]], qs: Sequence[Question]) -> d
 
 
 def _fmt(name: str, m: Mapping[str, float]) -> str:
-    return (f"{name:<58} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  "
-            f"{m['mrr@10']:.3f}")
+    return (
+        f"{name:<58} {m['recall@1']:.3f}  {m['recall@5']:.3f}  {m['recall@10']:.3f}  "
+        f"{m['mrr@10']:.3f}"
+    )
 
 
 HEADER = f"{'setting':<58} R@1    R@5    R@10   MRR@10"
@@ -428,16 +466,35 @@ CHOSEN = Recipe()
 
 # One-at-a-time changes from CHOSEN (the sensitivity table).
 SENSITIVITY: list[dict[str, Any]] = [
-    {"dense_prev": 0}, {"dense_prev": 1}, {"dense_prev": 3},
-    {"sparse_prev": 0}, {"sparse_prev": 1}, {"sparse_prev": 3},
-    {"dense_time": False}, {"sparse_time": False}, {"dense_time": False, "sparse_time": False},
-    {"context_weight": 0.25}, {"context_weight": 0.75}, {"context_weight": 1.0},
-    {"avgdl": 15.0}, {"avgdl": 20.0}, {"avgdl": 45.0}, {"avgdl": 60.0},
-    {"stem": False}, {"stopwords": "lucene"},
-    {"dense_weight": 0.2}, {"dense_weight": 0.3}, {"dense_weight": 0.5}, {"dense_weight": 0.6},
-    {"fusion": "dbsf"}, {"fusion": "dbsf", "dense_weight": 0.3},
-    {"fusion": "rrf"}, {"fusion": "rrf", "dense_weight": 0.3}, {"fusion": "rrf", "dense_weight": 0.5},
-    {"prefetch": 20}, {"prefetch": 100},
+    {"dense_prev": 0},
+    {"dense_prev": 1},
+    {"dense_prev": 3},
+    {"sparse_prev": 0},
+    {"sparse_prev": 1},
+    {"sparse_prev": 3},
+    {"dense_time": False},
+    {"sparse_time": False},
+    {"dense_time": False, "sparse_time": False},
+    {"context_weight": 0.25},
+    {"context_weight": 0.75},
+    {"context_weight": 1.0},
+    {"avgdl": 15.0},
+    {"avgdl": 20.0},
+    {"avgdl": 45.0},
+    {"avgdl": 60.0},
+    {"stem": False},
+    {"stopwords": "lucene"},
+    {"dense_weight": 0.2},
+    {"dense_weight": 0.3},
+    {"dense_weight": 0.5},
+    {"dense_weight": 0.6},
+    {"fusion": "dbsf"},
+    {"fusion": "dbsf", "dense_weight": 0.3},
+    {"fusion": "rrf"},
+    {"fusion": "rrf", "dense_weight": 0.3},
+    {"fusion": "rrf", "dense_weight": 0.5},
+    {"prefetch": 20},
+    {"prefetch": 100},
     {"next_turns": 1},
 ]
 
@@ -448,21 +505,29 @@ def research(data: Path, out: Path, cache: Path | None) -> dict[str, Any]:
     samples = load_locomo(data)
     qs = questions(samples)
     embed = EmbeddingCache(cache)
-    res: dict[str, Any] = {"data": str(data), "questions": len(qs), "baselines": {},
-                           "chosen": {}, "sensitivity": []}
+    res: dict[str, Any] = {
+        "data": str(data),
+        "questions": len(qs),
+        "baselines": {},
+        "chosen": {},
+        "sensitivity": [],
+    }
     print(f"{len(samples)} conversations, {len(qs)} questions (categories 1-4)\n")
     print(HEADER)
 
     def show(name: str, m: Mapping[str, float]) -> None:
         print(_fmt(name, m), flush=True)
 
-    base = {"bm25s (turn content)": score(bm25_baseline(samples, qs), qs),
-            "dense (turn content)": score(dense_baseline(samples, qs, embed), qs)}
+    base = {
+        "bm25s (turn content)": score(bm25_baseline(samples, qs), qs),
+        "dense (turn content)": score(dense_baseline(samples, qs, embed), qs),
+    }
     plain = replace(CHOSEN, dense_prev=0, sparse_prev=0, dense_time=False, sparse_time=False)
     runs = run_recipe(samples, qs, plain, embed)
     base["lexical encoder (turn content)"] = evaluate(runs, qs, plain, "sparse")
-    base["naive RRF k=60 (turn content)"] = evaluate(runs, qs, replace(plain, fusion="rrf",
-                                                                        dense_weight=0.5))
+    base["naive RRF k=60 (turn content)"] = evaluate(
+        runs, qs, replace(plain, fusion="rrf", dense_weight=0.5)
+    )
     for name, m in base.items():
         show(name, m)
     res["baselines"] = base
@@ -472,10 +537,16 @@ def research(data: Path, out: Path, cache: Path | None) -> dict[str, Any]:
     chosen = {mode: evaluate(runs, qs, CHOSEN, mode) for mode in ("dense", "sparse", "fused")}
     for mode, m in chosen.items():
         show(f"chosen recipe, {mode}", m)
-    ranks = [[d for d, _ in CHOSEN.fuse(dn, sp)[:10]]
-             for dn, sp in zip(runs.dense, runs.sparse, strict=True)]
-    res["chosen"] = {"recipe": CHOSEN.__dict__, "mean_sparse_dl": round(runs.mean_dl, 2),
-                     **chosen, "fused_by_category": per_category(ranks, qs)}
+    ranks = [
+        [d for d, _ in CHOSEN.fuse(dn, sp)[:10]]
+        for dn, sp in zip(runs.dense, runs.sparse, strict=True)
+    ]
+    res["chosen"] = {
+        "recipe": CHOSEN.__dict__,
+        "mean_sparse_dl": round(runs.mean_dl, 2),
+        **chosen,
+        "fused_by_category": per_category(ranks, qs),
+    }
     print(f"  mean BM25F document length of the chosen sparse text: {runs.mean_dl:.1f} tokens")
     print("\nper conversation (chosen fused | bm25s | dense)")
     bm, dn = bm25_baseline(samples, qs), dense_baseline(samples, qs, embed)
@@ -483,11 +554,15 @@ def research(data: Path, out: Path, cache: Path | None) -> dict[str, Any]:
     for s in samples:
         idx = [i for i, q in enumerate(qs) if q.sample_id == s["sample_id"]]
         sub = [qs[i] for i in idx]
-        row = {name: score([r[i] for i in idx], sub)
-               for name, r in (("chosen", ranks), ("bm25s", bm), ("dense", dn))}
+        row = {
+            name: score([r[i] for i in idx], sub)
+            for name, r in (("chosen", ranks), ("bm25s", bm), ("dense", dn))
+        }
         res["chosen"]["by_conversation"][s["sample_id"]] = row
-        print(f"  {s['sample_id']:<10} n={len(idx):<4} " + " | ".join(
-            f"R@10 {m['recall@10']:.3f} MRR {m['mrr@10']:.3f}" for m in row.values()))
+        print(
+            f"  {s['sample_id']:<10} n={len(idx):<4} "
+            + " | ".join(f"R@10 {m['recall@10']:.3f} MRR {m['mrr@10']:.3f}" for m in row.values())
+        )
     embed.save()
 
     print("\nsensitivity (one change from the chosen recipe)")
@@ -539,14 +614,19 @@ def throughput(data: Path, out: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("research", help="baselines, chosen recipe and sensitivity table")
     sp.add_argument("--data", type=Path, default=DEFAULT_DATA)
     sp.add_argument("--out", type=Path, default=RESULTS / "locomo_research.json")
-    sp.add_argument("--cache", type=Path, default=Path("/tmp/aeterna-locomo-emb.npz"),
-                    help="on-disk embedding memo for reruns; pass '' to disable")
+    sp.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("/tmp/aeterna-locomo-emb.npz"),
+        help="on-disk embedding memo for reruns; pass '' to disable",
+    )
     tp = sub.add_parser("throughput", help="embedding throughput on LoCoMo turns")
     tp.add_argument("--data", type=Path, default=DEFAULT_DATA)
     tp.add_argument("--out", type=Path, default=RESULTS / "embedding_throughput.json")

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.telemetry import client_interceptors
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+if TYPE_CHECKING:
+    # Only the generated .pyi knows the async stub type; at run time it is the same class.
+    Stub: TypeAlias = svc_grpc.MemoryServiceAsyncStub
+else:
+    Stub = svc_grpc.MemoryServiceStub
 
 
 def endpoint() -> str:
@@ -33,7 +40,7 @@ def metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 def memory_stub(
     target: str | None = None,
-) -> tuple[grpc.aio.Channel, svc_grpc.MemoryServiceAsyncStub]:
+) -> tuple[grpc.aio.Channel, Stub]:
     """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
     channel = grpc.aio.insecure_channel(
         target or endpoint(),

@@ -35,16 +35,6 @@ class Turn:
     content: str
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
-    """One question with the dia_ids of its evidence turns."""
-
-    sample_id: str
-    question: str
-    evidence: tuple[str, ...]
-    category: int
-
-
 def load(path: str | Path) -> list[dict[str, Any]]:
     """Read a LoCoMo file.
 
@@ -88,23 +78,3 @@ def turns(sample: Mapping[str, Any]) -> Iterator[Turn]:
                 session_time=when,
                 content=turn_content(t),
             )
-
-
-def questions(
-    samples: list[dict[str, Any]], categories: tuple[int, ...] = (1, 2, 3, 4)
-) -> list[Question]:
-    """Questions of the given categories that have evidence (category 5, adversarial, has
-    no answer in the conversation and is left out by default)."""
-    out = []
-    for s in samples:
-        for q in s.get("qa", []):
-            if q.get("category") in categories and q.get("evidence"):
-                out.append(
-                    Question(
-                        sample_id=str(s["sample_id"]),
-                        question=str(q["question"]),
-                        evidence=tuple(str(e) for e in q["evidence"]),
-                        category=int(q["category"]),
-                    )
-                )
-    return out

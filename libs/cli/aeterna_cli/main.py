@@ -49,9 +49,16 @@ def _token(token: str | None, tenant: str, user: str) -> str:
     return token or client.dev_token(tenant, user)
 
 
-def _run(call: Callable[[], Awaitable[T]]) -> T:
+def _run(call: Callable[[client.Stub], Awaitable[T]]) -> T:
+    """Open a channel to the endpoint, make one call, close, and print errors nicely."""
+
+    async def once() -> T:
+        channel, stub = client.memory_stub()
+        async with channel:
+            return await call(stub)
+
     try:
-        return asyncio.run(call())  # type: ignore[arg-type]
+        return asyncio.run(once())
     except grpc.aio.AioRpcError as exc:
         _fail(exc)
         raise  # unreachable
@@ -160,13 +167,11 @@ def memory_add(
     )
     memory.metadata.update(json.loads(metadata))
 
-    async def call() -> res.Memory:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.CreateMemory(
-                svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+    async def call(stub: client.Stub) -> res.Memory:
+        return await stub.CreateMemory(
+            svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     _print_memories([_run(call)], as_json)
 
@@ -181,13 +186,11 @@ def memory_get(
 ) -> None:
     """Show one memory by name (tenants/T/memories/ID)."""
 
-    async def call() -> res.Memory:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.GetMemory(
-                svc.GetMemoryRequest(name=name),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+    async def call(stub: client.Stub) -> res.Memory:
+        return await stub.GetMemory(
+            svc.GetMemoryRequest(name=name),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     m = _run(call)
     if as_json:
@@ -211,20 +214,18 @@ def memory_list(
 ) -> None:
     """List memories, newest first."""
 
-    async def call() -> svc.ListMemoriesResponse:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.ListMemories(
-                svc.ListMemoriesRequest(
-                    parent=f"tenants/{tenant}",
-                    layer=_layer(layer),  # type: ignore[arg-type]
-                    scope=_scope(user_id=user_id, session_id=session_id),
-                    tags=tag or [],
-                    page_size=page_size,
-                    page_token=page_token,
-                ),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+    async def call(stub: client.Stub) -> svc.ListMemoriesResponse:
+        return await stub.ListMemories(
+            svc.ListMemoriesRequest(
+                parent=f"tenants/{tenant}",
+                layer=_layer(layer),  # type: ignore[arg-type]
+                scope=_scope(user_id=user_id, session_id=session_id),
+                tags=tag or [],
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     reply = _run(call)
     _print_memories(list(reply.memories), as_json)
@@ -253,29 +254,27 @@ def memory_search(
 ) -> None:
     """Hybrid search over the layers the given identifiers reach."""
 
-    async def call() -> svc.SearchMemoriesResponse:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.SearchMemories(
-                svc.SearchMemoriesRequest(
-                    parent=f"tenants/{tenant}",
-                    query=query,
-                    scope=_scope(
-                        user_id=user_id,
-                        session_id=session_id,
-                        agent_id=agent_id,
-                        project_id=project_id,
-                        team_id=team_id,
-                        org_id=org_id,
-                        company_id=company_id,
-                    ),
-                    layers=[_layer(x) for x in layer or []],  # type: ignore[misc]
-                    tags=tag or [],
-                    top_k=top_k,
-                    min_score=min_score,
+    async def call(stub: client.Stub) -> svc.SearchMemoriesResponse:
+        return await stub.SearchMemories(
+            svc.SearchMemoriesRequest(
+                parent=f"tenants/{tenant}",
+                query=query,
+                scope=_scope(
+                    user_id=user_id,
+                    session_id=session_id,
+                    agent_id=agent_id,
+                    project_id=project_id,
+                    team_id=team_id,
+                    org_id=org_id,
+                    company_id=company_id,
                 ),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+                layers=[_layer(x) for x in layer or []],  # type: ignore[misc]
+                tags=tag or [],
+                top_k=top_k,
+                min_score=min_score,
+            ),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     reply = _run(call)
     _print_memories([r.memory for r in reply.results], as_json, [r.score for r in reply.results])
@@ -287,13 +286,11 @@ def memory_delete(
 ) -> None:
     """Soft-delete a memory (idempotent)."""
 
-    async def call() -> res.Memory:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.DeleteMemory(
-                svc.DeleteMemoryRequest(name=name),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+    async def call(stub: client.Stub) -> res.Memory:
+        return await stub.DeleteMemory(
+            svc.DeleteMemoryRequest(name=name),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     m = _run(call)
     console.print(f"deleted {m.name} at {m.delete_time.ToJsonString()}")
@@ -309,13 +306,11 @@ def memory_history(
 ) -> None:
     """Show the revisions of a memory."""
 
-    async def call() -> svc.ListMemoryRevisionsResponse:
-        channel, stub = client.memory_stub()
-        async with channel:
-            return await stub.ListMemoryRevisions(
-                svc.ListMemoryRevisionsRequest(name=name, page_size=1000),
-                metadata=client.metadata(_token(token, tenant, user)),
-            )
+    async def call(stub: client.Stub) -> svc.ListMemoryRevisionsResponse:
+        return await stub.ListMemoryRevisions(
+            svc.ListMemoryRevisionsRequest(name=name, page_size=1000),
+            metadata=client.metadata(_token(token, tenant, user)),
+        )
 
     reply = _run(call)
     if as_json:
@@ -359,11 +354,11 @@ def locomo_requests(sample: dict[str, Any]) -> list[svc.BatchCreateMemoriesReque
 
 
 async def import_locomo_async(
+    stub: client.Stub,
     path: Path,
     tenant: str,
     token: str,
     *,
-    target: str | None = None,
     concurrency: int = 4,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
@@ -371,9 +366,7 @@ async def import_locomo_async(
 
     Re-running is idempotent: each session's batch has a stable ``request_id``.
     """
-    samples = locomo.load(path)
-    batches = [b for s in samples for b in locomo_requests(s)]
-    channel, stub = client.memory_stub(target)
+    batches = [b for s in locomo.load(path) for b in locomo_requests(s)]
     md = client.metadata(token)
     sem = asyncio.Semaphore(concurrency)
     written = 0
@@ -387,8 +380,7 @@ async def import_locomo_async(
         if on_progress:
             on_progress(len(reply.memories))
 
-    async with channel:
-        await asyncio.gather(*(send(b) for b in batches))
+    await asyncio.gather(*(send(b) for b in batches))
     return written
 
 
@@ -413,7 +405,8 @@ def import_locomo(
     ) as progress:
         task = progress.add_task(f"importing {len(samples)} conversations", total=total)
         written = _run(
-            lambda: import_locomo_async(
+            lambda stub: import_locomo_async(
+                stub,
                 path,
                 tenant,
                 _token(token, tenant, user),

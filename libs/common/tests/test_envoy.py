@@ -68,13 +68,16 @@ async def _serve(port: int, name: str) -> None:
     reflection_servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_servicer, server)
     # grpcio-reflection serves only v1alpha; v1 has the same wire format.
-    v1 = grpc.method_handlers_generic_handler(REFLECTION_V1, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            reflection_servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-        )
-    })
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                reflection_servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
     server.add_generic_rpc_handlers((v1, _EchoHandler(name)))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -113,16 +116,25 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0
 
 
 class Stack:
-    def __init__(self, envoy: EnvoyProcess, auth: DevAuth, other_auth: DevAuth,
-                 backends: dict[str, subprocess.Popen[bytes]]) -> None:
+    def __init__(
+        self,
+        envoy: EnvoyProcess,
+        auth: DevAuth,
+        other_auth: DevAuth,
+        backends: dict[str, subprocess.Popen[bytes]],
+    ) -> None:
         self.envoy = envoy
         self.auth = auth
         self.other_auth = other_auth
         self.backends = backends
 
     def token(self, **kwargs: Any) -> str:
-        args: dict[str, Any] = {"tenant": "acme", "user": "alice", "agent": "planner",
-                                "roles": ("reader", "writer")}
+        args: dict[str, Any] = {
+            "tenant": "acme",
+            "user": "alice",
+            "agent": "planner",
+            "roles": ("reader", "writer"),
+        }
         args.update(kwargs)
         return self.auth.issue_token(**args)
 
@@ -140,13 +152,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for i, port in enumerate(ports):
             with (state / f"backend{i}.log").open("wb") as log:
                 backends[f"b{i}"] = subprocess.Popen(
-                    [sys.executable, __file__, str(port), f"b{i}"], stdout=log,
-                    stderr=subprocess.STDOUT, env=env)
+                    [sys.executable, __file__, str(port), f"b{i}"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
         for port, proc in zip(ports, backends.values(), strict=True):
             _wait_port(port, proc)
         config = render_envoy_config(
             [(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in ports])],
-            listen_port=free_port(), admin_port=free_port(),
+            listen_port=free_port(),
+            admin_port=free_port(),
             jwt=JwtSettings(jwks_path=auth.jwks_path),
         )
         envoy = EnvoyProcess(config, state_dir=state / "envoy").start()
@@ -161,8 +177,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             proc.wait()
 
 
-async def _echo(stack: Stack, token: str | None,
-                extra: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+async def _echo(
+    stack: Stack, token: str | None, extra: tuple[tuple[str, str], ...] = ()
+) -> dict[str, Any]:
     metadata = list(extra)
     if token is not None:
         metadata.append(("authorization", f"Bearer {token}"))
@@ -176,15 +193,20 @@ async def _echo(stack: Stack, token: str | None,
 def test_config_passes_envoy_validate(tmp_path: Path) -> None:
     auth = DevAuth(tmp_path)
     config = render_envoy_config(
-        [("aeterna.memory.v1.MemoryService", "memory", [("127.0.0.1", 50051)]),
-         ("aeterna.sync.v1.SyncService", "sync", [("localhost", 50052), ("localhost", 50053)])],
+        [
+            ("aeterna.memory.v1.MemoryService", "memory", [("127.0.0.1", 50051)]),
+            ("aeterna.sync.v1.SyncService", "sync", [("localhost", 50052), ("localhost", 50053)]),
+        ],
         jwt=JwtSettings(jwks_json=auth.jwks_json()),
     )
     validate_config(config)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
-    assert filters == ["envoy.filters.http.header_mutation", "envoy.filters.http.jwt_authn",
-                       "envoy.filters.http.router"]
+    assert filters == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.router",
+    ]
 
 
 def test_dev_tokens_carry_string_roles(tmp_path: Path) -> None:
@@ -193,8 +215,7 @@ def test_dev_tokens_carry_string_roles(tmp_path: Path) -> None:
     token = auth.issue_token("acme", "alice", agent="planner", roles=["reader", "writer"])
     assert jwt.get_unverified_header(token)["kid"] == auth.kid
     key = jwt.PyJWKSet.from_dict(json.loads(auth.jwks_path.read_text()))[auth.kid]
-    claims = jwt.decode(token, key, algorithms=["RS256"], audience="aeterna",
-                        issuer="aeterna-dev")
+    claims = jwt.decode(token, key, algorithms=["RS256"], audience="aeterna", issuer="aeterna-dev")
     assert claims["tenant"] == "acme"
     assert claims["sub"] == "alice"
     assert claims["agent"] == "planner"
@@ -205,7 +226,8 @@ def test_dev_tokens_carry_string_roles(tmp_path: Path) -> None:
 async def test_health_and_reflection_need_no_token(stack: Stack) -> None:
     async with grpc.aio.insecure_channel(stack.envoy.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=TEST_SERVICE), timeout=10)
+            health_pb2.HealthCheckRequest(service=TEST_SERVICE), timeout=10
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         for service in (reflection.SERVICE_NAME, REFLECTION_V1):
             call = channel.stream_stream(
@@ -230,8 +252,9 @@ async def test_lookalike_of_public_prefix_needs_token(stack: Stack) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage", "expired", "wrong_issuer",
-                                  "other_key", "wrong_audience"])
+@pytest.mark.parametrize(
+    "case", ["missing", "garbage", "expired", "wrong_issuer", "other_key", "wrong_audience"]
+)
 async def test_bad_token_is_unauthenticated(stack: Stack, case: str) -> None:
     tokens: dict[str, str | None] = {
         "missing": None,
@@ -259,8 +282,12 @@ async def test_valid_token_claims_reach_backend(stack: Stack) -> None:
 
 
 async def test_client_sent_identity_headers_are_dropped(stack: Stack) -> None:
-    spoofed = (("x-aeterna-tenant", "evil"), ("x-aeterna-user", "mallory"),
-               ("x-aeterna-agent", "forged"), ("x-aeterna-anything", "x"))
+    spoofed = (
+        ("x-aeterna-tenant", "evil"),
+        ("x-aeterna-user", "mallory"),
+        ("x-aeterna-agent", "forged"),
+        ("x-aeterna-anything", "x"),
+    )
     reply = await _echo(stack, stack.token(agent=None, roles=()), spoofed)
     assert reply["aeterna"] == {"x-aeterna-tenant": "acme", "x-aeterna-user": "alice"}
 

@@ -142,14 +142,34 @@ async def test_tenant_isolation(index: VectorIndex) -> None:
 async def _filter_fixture(index: VectorIndex) -> None:
     await index.upsert(
         [
-            point(1, unit(1), layer="USER", user_id="u1", tags=["red", "blue"],
-                  created_at=100.0, metadata={"speaker": "alice"}),
-            point(2, unit(1), layer="USER", user_id="u2", tags=["green"],
-                  created_at=200.0, metadata={"speaker": "bob"}),
-            point(3, unit(1), layer="AGENT", user_id="u1", tags=[],
-                  created_at=300.0, metadata={"speaker": "alice"}),
-            point(4, unit(1), layer="SESSION", user_id="u1", session_id="s1",
-                  created_at=400.0),
+            point(
+                1,
+                unit(1),
+                layer="USER",
+                user_id="u1",
+                tags=["red", "blue"],
+                created_at=100.0,
+                metadata={"speaker": "alice"},
+            ),
+            point(
+                2,
+                unit(1),
+                layer="USER",
+                user_id="u2",
+                tags=["green"],
+                created_at=200.0,
+                metadata={"speaker": "bob"},
+            ),
+            point(
+                3,
+                unit(1),
+                layer="AGENT",
+                user_id="u1",
+                tags=[],
+                created_at=300.0,
+                metadata={"speaker": "alice"},
+            ),
+            point(4, unit(1), layer="SESSION", user_id="u1", session_id="s1", created_at=400.0),
             point(5, unit(1), B, layer="USER", user_id="u1", tags=["red"], created_at=150.0),
         ]
     )

@@ -76,9 +76,8 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
 def build_index(settings: MemorySettings) -> VectorIndex:
     """The configured vector index adapter."""
     if settings.vector_store == "qdrant":
-        from qdrant_client import AsyncQdrantClient
-
         from aeterna_common.vectors.qdrant import QdrantVectorIndex
+        from qdrant_client import AsyncQdrantClient
 
         if settings.qdrant_url == ":memory:":
             # qdrant-client's local mode: same API, one process; for tests and trials.

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
 from aeterna_common.context import Principal
 from aeterna_common.errors import InvalidArgument, PermissionDenied
 from aeterna_memory.domain.indexing import IndexingPolicy, build_texts
-from aeterna_memory.domain.model import Layer, MetadataCondition, NewMemory, Scope, SearchQuery, new_importance
+from aeterna_memory.domain.model import (
+    Layer,
+    MetadataCondition,
+    NewMemory,
+    Scope,
+    SearchQuery,
+    new_importance,
+)
 from aeterna_memory.domain.names import check_parent, parse_memory_name
 from aeterna_memory.domain.service import layer_filter, request_hash
 
@@ -30,13 +36,21 @@ def test_request_hash_is_canonical() -> None:
 
 
 def test_index_texts_add_context_and_metadata() -> None:
-    m = NewMemory(Layer.SESSION, Scope(user_id="u", session_id="s"), "B: yes, last Saturday!",
-                  metadata={"session_time": "8 May 2023", "ignored": "zzz", "flag": True})
-    policy = IndexingPolicy(dense_context=1, lexical_context=2, metadata_keys=("session_time", "flag"))
+    m = NewMemory(
+        Layer.SESSION,
+        Scope(user_id="u", session_id="s"),
+        "B: yes, last Saturday!",
+        metadata={"session_time": "8 May 2023", "ignored": "zzz", "flag": True},
+    )
+    policy = IndexingPolicy(
+        dense_context=1, lexical_context=2, metadata_keys=("session_time", "flag")
+    )
     texts = build_texts(m, ["A: hi", "A: did you go hiking?"], policy)
     assert texts.dense == "[8 May 2023] B: yes, last Saturday!\nA: did you go hiking?"
     assert texts.lexical_context == ("8 May 2023", "A: hi", "A: did you go hiking?")
-    bare = build_texts(m, ["A: hi"], IndexingPolicy(dense_context=0, lexical_context=0, metadata_keys=()))
+    bare = build_texts(
+        m, ["A: hi"], IndexingPolicy(dense_context=0, lexical_context=0, metadata_keys=())
+    )
     assert bare.dense == "B: yes, last Saturday!" and bare.lexical_context == ()
     default = build_texts(m, ["A: 1", "A: 2", "A: 3"], IndexingPolicy())
     assert default.dense == "[8 May 2023] B: yes, last Saturday!"
@@ -44,8 +58,13 @@ def test_index_texts_add_context_and_metadata() -> None:
 
 
 def test_layer_filter_widens_missing_identifiers() -> None:
-    q = SearchQuery(text="x", scope=Scope(user_id="u"), layers=[Layer.SESSION], tags=["t"],
-                    metadata=[MetadataCondition("stars", gte=3)])
+    q = SearchQuery(
+        text="x",
+        scope=Scope(user_id="u"),
+        layers=[Layer.SESSION],
+        tags=["t"],
+        metadata=[MetadataCondition("stars", gte=3)],
+    )
     f = layer_filter("t1", Layer.SESSION, q)
     keys = [(m.key, m.value, m.any_of, m.gte) for m in f.must]
     assert ("layer", "SESSION", None, None) in keys

@@ -324,13 +324,15 @@ async def test_unavailable_redis_degrades_to_no_cache(env: MemoryEnv, scratch) -
     assert await cache.get_many("t", "m", ["a", "b"]) == [None, None]
     await cache.put_many("t", "m", [("a", [0.1, 0.2])])  # no error
     await cache.close()
-    server, app = await start_memory(env.urls, dead, scratch / f"noredis-{uuid.uuid4().hex[:6]}")
+    server, _app = await start_memory(env.urls, dead, scratch / f"noredis-{uuid.uuid4().hex[:6]}")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = svc_grpc.MemoryServiceStub(ch)
             t = new_tenant()
             m = await stub.CreateMemory(
-                svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("works without redis", user_id="u")),
+                svc.CreateMemoryRequest(
+                    parent=f"tenants/{t}", memory=memory("works without redis", user_id="u")
+                ),
                 metadata=md(t),
             )
             r = await search(env, t, "without redis", stub=stub, scope=layer_pb2.Scope(user_id="u"))
@@ -340,9 +342,8 @@ async def test_unavailable_redis_degrades_to_no_cache(env: MemoryEnv, scratch) -
 
 
 async def test_embedding_cache_hits_on_repeated_text(env: MemoryEnv) -> None:
-    from aeterna_memory.adapters.redis_cache import cache_key
-
     import redis.asyncio as aioredis
+    from aeterna_memory.adapters.redis_cache import cache_key
 
     t = new_tenant()
     await create(env, t, memory("cache this exact text", user_id="u"))
@@ -361,8 +362,12 @@ async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  
     # Qdrant server shared by replicas (cursor in PostgreSQL, lease by advisory lock).
     from memory_testkit import new_tenant as fresh
 
-    server, app = await start_memory(
-        env.urls, env.redis_url, scratch / "unused", vector_store="qdrant", qdrant_url=":memory:",
+    server, _app = await start_memory(
+        env.urls,
+        env.redis_url,
+        scratch / "unused",
+        vector_store="qdrant",
+        qdrant_url=":memory:",
         qdrant_collection=f"c{uuid.uuid4().hex[:6]}",
     )
     try:
@@ -370,7 +375,9 @@ async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  
             stub = svc_grpc.MemoryServiceStub(ch)
             t = fresh()
             m = await stub.CreateMemory(
-                svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("shared index holds this", user_id="u")),
+                svc.CreateMemoryRequest(
+                    parent=f"tenants/{t}", memory=memory("shared index holds this", user_id="u")
+                ),
                 metadata=md(t),
             )
             r = await search(env, t, "shared index", stub=stub, scope=layer_pb2.Scope(user_id="u"))
@@ -380,7 +387,9 @@ async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  
             assert r.results == []
         conn = await asyncpg.connect(env.urls.superuser)
         try:
-            position = await conn.fetchval("SELECT position FROM index_cursors WHERE name LIKE 'qdrant:%'")
+            position = await conn.fetchval(
+                "SELECT position FROM index_cursors WHERE name LIKE 'qdrant:%'"
+            )
             assert position is not None and position >= 2
         finally:
             await conn.close()

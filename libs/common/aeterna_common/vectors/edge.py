@@ -15,12 +15,16 @@ import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import qdrant_edge as qe
 
 from aeterna_common.vectors.filters import (
+    SCROLL_PAGE as _SCROLL_PAGE,
+)
+from aeterna_common.vectors.filters import (
     TENANT_FIELD,
+    IdfScope,
     normalize_id,
     sparse_parts,
     tenant_filter,
@@ -34,11 +38,6 @@ from aeterna_common.vectors.port import (
     ScoredId,
     SparseVector,
 )
-
-IdfScope = Literal["tenant", "collection"]
-"""Population the sparse IDF is computed over: the searching tenant's points, or all points."""
-
-_SCROLL_PAGE = 10_000
 
 
 class VectorIndexLockedError(RuntimeError):

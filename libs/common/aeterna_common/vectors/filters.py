@@ -12,9 +12,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, SparseVector
+
+IdfScope = Literal["tenant", "collection"]
+"""Population the sparse IDF is computed over: the searching tenant's points, or all points."""
+
+SCROLL_PAGE = 10_000
+"""Points per page when listing ids."""
 
 TENANT_FIELD = "tenant_id"
 """Payload key holding the tenant; indexed with ``is_tenant=True`` by both adapters."""

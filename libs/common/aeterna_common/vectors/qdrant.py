@@ -10,13 +10,16 @@ import asyncio
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Literal
 
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.conversions import common_types as types
 
 from aeterna_common.vectors.filters import (
+    SCROLL_PAGE as _SCROLL_PAGE,
+)
+from aeterna_common.vectors.filters import (
     TENANT_FIELD,
+    IdfScope,
     normalize_id,
     sparse_parts,
     tenant_filter,
@@ -31,10 +34,6 @@ from aeterna_common.vectors.port import (
     SparseVector,
 )
 
-IdfScope = Literal["tenant", "collection"]
-"""Population the sparse IDF is computed over: the searching tenant's points, or all points."""
-
-_SCROLL_PAGE = 10_000
 _OPTIMIZE_POLL_S = 0.5
 
 

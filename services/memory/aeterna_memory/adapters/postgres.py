@@ -339,19 +339,8 @@ class PostgresMemoryStore:
 
         async def work(conn: asyncpg.Connection) -> list[Memory]:
             if request_id:
-                claimed = await conn.fetchval(
-                    "INSERT INTO idempotency_keys (tenant_id, method, request_id, "
-                    "request_hash, memory_ids) VALUES ($1, $2, $3, $4, $5) "
-                    "ON CONFLICT DO NOTHING RETURNING 1",
-                    tenant_id,
-                    method,
-                    request_id,
-                    request_hash,
-                    ids,
-                )
-                if not claimed:
-                    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
-                    assert replay is not None
+                replay = await _claim(conn, tenant_id, method, request_id, request_hash, ids)
+                if replay is not None:
                     return replay
             await conn.executemany(
                 "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
@@ -551,19 +540,8 @@ class PostgresMemoryStore:
             if row is None or row["deleted_at"] is not None:
                 raise _not_found(tenant_id, memory_id)
             if request_id:
-                claimed = await conn.fetchval(
-                    "INSERT INTO idempotency_keys (tenant_id, method, request_id, "
-                    "request_hash, memory_ids) VALUES ($1, $2, $3, $4, $5) "
-                    "ON CONFLICT DO NOTHING RETURNING 1",
-                    tenant_id,
-                    method,
-                    request_id,
-                    request_hash,
-                    [mid],
-                )
-                if not claimed:
-                    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
-                    assert replay is not None
+                replay = await _claim(conn, tenant_id, method, request_id, request_hash, [mid])
+                if replay is not None:
                     return replay[0]
             importance = new_importance(row["importance"], reward)
             updated = await conn.fetchrow(
@@ -597,6 +575,35 @@ class PostgresMemoryStore:
             return memory
 
         return await self.db.run(tenant_id, work)
+
+
+async def _claim(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    method: str,
+    request_id: str,
+    request_hash: str,
+    ids: Sequence[uuid.UUID],
+) -> list[Memory] | None:
+    """Claim ``request_id`` for ``ids``; ``None`` when claimed now, else the earlier result.
+
+    A concurrent call with the same key blocks on the unique index until the first commits
+    (or rolls back, leaving the key free), so exactly one of them does the work.
+    """
+    claimed = await conn.fetchval(
+        "INSERT INTO idempotency_keys (tenant_id, method, request_id, request_hash, memory_ids)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
+        tenant_id,
+        method,
+        request_id,
+        request_hash,
+        list(ids),
+    )
+    if claimed:
+        return None
+    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
+    assert replay is not None
+    return replay
 
 
 async def _replay(

@@ -60,9 +60,7 @@ class IndexTexts:
 
 def has_session(memory: NewMemory) -> bool:
     """Whether the memory belongs to a conversation whose earlier turns give context."""
-    return memory.layer is Layer.SESSION and bool(
-        memory.scope.user_id and memory.scope.session_id
-    )
+    return memory.layer is Layer.SESSION and bool(memory.scope.user_id and memory.scope.session_id)
 
 
 def _metadata_values(metadata: Mapping[str, Any], keys: Sequence[str]) -> list[str]:

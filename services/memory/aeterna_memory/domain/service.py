@@ -279,10 +279,18 @@ class MemoryDomain:
         """Hybrid search (DOMAIN.md, Search).
 
         Each layer is searched concurrently with a dense and a BM25 ranking, fused by a
-        weighted score fusion (:class:`SearchTuning`); hits are re-read from the source of truth (so a
-        stale index never returns deleted, expired or foreign rows), near-duplicates
-        (cosine ≥ 0.95) collapse to the more specific layer, ``min_score`` drops weak hits
-        and results are ordered by layer precedence, then score.
+        weighted score fusion (:class:`SearchTuning`); hits are re-read from the source of
+        truth (so a stale index never returns deleted, expired or foreign rows),
+        near-duplicates (same content, or cosine ≥ 0.95) collapse to the more specific
+        layer, ``min_score`` drops weak hits and results are ordered by layer precedence,
+        then score.
+
+        Args:
+            principal: The caller; its tenant scopes everything.
+            query: The validated query.
+
+        Returns:
+            At most ``query.top_k`` hits with fused scores in [0, 1].
         """
         tenant = principal.tenant_id
         t0 = time.perf_counter()
