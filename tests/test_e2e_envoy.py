@@ -46,6 +46,13 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
             health_pb2.HealthCheckRequest(service="aeterna.memory.v1.MemoryService")
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = [s.name async for r in replies for s in r.list_services_response.service]
+        assert "aeterna.memory.v1.MemoryService" in names  # reflection needs no token either
         stub = svc_grpc.MemoryServiceStub(ch)
         req = svc.ListMemoriesRequest(parent="tenants/e2e")
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -76,6 +83,13 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
                 svc.GetMemoryRequest(name=created.name), metadata=bearer(stack, "other")
             )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Each replica exposes Prometheus metrics with the standard gRPC server series.
+    import urllib.request
+
+    port = stack.replica_list[0].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    assert "grpc_server_handled_total" in text and "grpc_server_handling_seconds" in text
 
 
 async def test_killing_a_replica_mid_run_loses_no_idempotent_call(stack: DevStack) -> None:

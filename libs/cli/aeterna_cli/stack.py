@@ -59,6 +59,7 @@ class Replica:
     port: int
     index_dir: Path
     log_path: Path
+    metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -144,12 +145,16 @@ class DevStack:
                 port=free_port(),
                 index_dir=index_root / f"replica-{i}",
                 log_path=self.root / "logs" / f"memory-{i}.log",
+                metrics_port=free_port(),
             )
             self._replicas.append(replica)
             self.start_replica(replica, base_env)
         for replica in self._replicas:
             self.wait_healthy(replica)
-            say(f"memory-{replica.index}    {replica.target}  (log {replica.log_path})")
+            say(
+                f"memory-{replica.index}    {replica.target}  (metrics "
+                f"http://127.0.0.1:{replica.metrics_port}/metrics, log {replica.log_path})"
+            )
         auth = DevAuth(self.root / "auth")
         config = render_envoy_config(
             [Upstream(MEMORY_SERVICE, "memory", [("127.0.0.1", r.port) for r in self._replicas])],
@@ -170,6 +175,7 @@ class DevStack:
         env = dict(env or self._env_of_running())
         env["AETERNA_LISTEN"] = replica.target
         env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
+        env["AETERNA_METRICS_PORT"] = str(replica.metrics_port)
         with replica.log_path.open("ab") as out:
             replica.proc = subprocess.Popen(
                 [sys.executable, "-m", "aeterna_memory"],

@@ -18,13 +18,43 @@ import structlog
 from grpc_status import rpc_status
 
 from aeterna_common import context as rc
-from aeterna_common.errors import AeternaError, internal_status
+from aeterna_common.errors import AeternaError, FieldViolation, InvalidArgument, internal_status
 from aeterna_common.telemetry import GRPC_HANDLED, GRPC_HANDLING_SECONDS
 
 log = structlog.get_logger("aeterna.rpc")
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 """Methods that run without a principal: health checks and reflection."""
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (bad wire format or invalid UTF-8
+    in a string field), so the handler wrapper can answer INVALID_ARGUMENT instead of
+    grpcio's generic INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf raises DecodeError, or ValueError for bad UTF-8
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            [FieldViolation("request", "not a valid message: malformed bytes or invalid UTF-8")],
+            reason="MALFORMED_REQUEST",
+        )
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -84,6 +114,7 @@ def _wrap_unary(
         call = _Call(method, context)
         try:
             with rc.bind(call.begin()):
+                _check_decoded(request)
                 return await behavior(request, context)
         except Exception as exc:
             if _is_abort(exc):
@@ -103,6 +134,7 @@ def _wrap_stream(
         call = _Call(method, context)
         try:
             with rc.bind(call.begin()):
+                _check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
         except Exception as exc:
@@ -128,7 +160,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        des, ser = handler.request_deserializer, handler.response_serializer
+        des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method), des, ser

@@ -373,3 +373,21 @@ async def test_health_and_reflection_need_no_principal(env: MemoryEnv) -> None:
         )
         names = [s.name async for r in responses for s in r.list_services_response.service]
         assert "aeterna.memory.v1.MemoryService" in names
+
+
+async def test_invalid_utf8_on_the_wire_is_invalid_argument(env: MemoryEnv) -> None:
+    # Field 2 (query) of SearchMemoriesRequest carrying bytes that are not UTF-8.
+    t = new_tenant()
+    parent = f"tenants/{t}".encode()
+    raw = b"\x0a" + bytes([len(parent)]) + parent + b"\x12\x03\xff\xfe\xfd"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{env.server.port}") as ch:
+        call = ch.unary_unary(
+            "/aeterna.memory.v1.MemoryService/SearchMemories",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(raw, metadata=md(t))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reason, fields = details(info.value)
+    assert reason == "MALFORMED_REQUEST" and fields == ["request"]
