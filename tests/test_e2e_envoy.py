@@ -84,11 +84,11 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
             )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Each replica exposes Prometheus metrics with the standard gRPC server series.
-    import urllib.request
+    import httpx
 
     port = stack.replica_list[0].metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-        text = page.read().decode()
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
     assert "grpc_server_handled_total" in text and "grpc_server_handling_seconds" in text
 
 
