@@ -65,9 +65,9 @@ class MemoryStore(Protocol):
         ...
 
     async def recent_contents(
-        self, tenant_id: str, user_id: str, session_id: str, limit: int
-    ) -> list[str]:
-        """Latest contents of one session, oldest first."""
+        self, tenant_id: str, sessions: Sequence[tuple[str, str]], limit: int
+    ) -> dict[tuple[str, str], list[str]]:
+        """Latest contents of each ``(user_id, session_id)``, oldest first."""
         ...
 
     async def revisions(

@@ -409,3 +409,41 @@ async def test_reconciler_restores_points_missing_after_a_partial_write(env: Mem
     assert (await env.follower.reconcile()) == {"added": 0, "removed": 0}  # idempotent
     r = await search(env, t, "restore partial write", scope=layer_pb2.Scope(user_id="u"))
     assert [h.memory.name for h in r.results] == [m.name]
+
+
+async def test_session_context_is_indexed_across_batches(env: MemoryEnv) -> None:
+    t = new_tenant()
+
+    def turn(text: str) -> svc.CreateMemoryRequest:
+        m = memory(text, "SESSION", user_id="u", session_id="s")
+        m.metadata.update({"session_time": "8 May 2023"})
+        return svc.CreateMemoryRequest(memory=m)
+
+    await env.stub.BatchCreateMemories(
+        svc.BatchCreateMemoriesRequest(
+            parent=f"tenants/{t}", requests=[turn("A: one"), turn("B: two")]
+        ),
+        metadata=md(t),
+    )
+    await env.stub.BatchCreateMemories(
+        svc.BatchCreateMemoriesRequest(
+            parent=f"tenants/{t}", requests=[turn("A: three"), turn("B: four")]
+        ),
+        metadata=md(t),
+    )
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        rows = await conn.fetch(
+            "SELECT content, index_context FROM memories WHERE tenant_id = $1 ORDER BY created_at",
+            t,
+        )
+    finally:
+        await conn.close()
+    contexts = {r["content"]: list(r["index_context"]) for r in rows}
+    assert contexts["A: one"] == ["8 May 2023"]
+    assert contexts["B: two"] == ["8 May 2023", "A: one"]
+    assert contexts["A: three"] == ["8 May 2023", "A: one", "B: two"]
+    assert contexts["B: four"] == ["8 May 2023", "B: two", "A: three"]
+    # The context makes a turn findable by its neighbours' words ("three" is only in context).
+    r = await search(env, t, "three", scope=layer_pb2.Scope(user_id="u"))
+    assert {h.memory.content for h in r.results} >= {"A: three", "B: four"}

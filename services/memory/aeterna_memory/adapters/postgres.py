@@ -140,27 +140,47 @@ class PostgresMemoryStore:
         return row_to_memory(row)
 
     async def recent_contents(
-        self, tenant_id: str, user_id: str, session_id: str, limit: int
-    ) -> list[str]:
-        """Contents of the latest ``limit`` live memories of one session, oldest first."""
-        if limit <= 0:
-            return []
+        self, tenant_id: str, sessions: Sequence[tuple[str, str]], limit: int
+    ) -> dict[tuple[str, str], list[str]]:
+        """Contents of the latest ``limit`` live memories of each session, oldest first.
+
+        One query for all sessions of a batch.
+
+        Args:
+            tenant_id: The tenant.
+            sessions: ``(user_id, session_id)`` pairs.
+            limit: Memories per session.
+
+        Returns:
+            A list per requested session (empty for a new session).
+        """
+        out: dict[tuple[str, str], list[str]] = {key: [] for key in sessions}
+        if limit <= 0 or not sessions:
+            return out
+        users = [u for u, _ in out]
+        ids = [s for _, s in out]
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
-                    "SELECT content FROM memories WHERE tenant_id = $1 AND user_id = $2 "
-                    "AND session_id = $3 AND deleted_at IS NULL "
-                    "ORDER BY created_at DESC, id DESC LIMIT $4",
+                    "SELECT user_id, session_id, content FROM ("
+                    " SELECT m.user_id, m.session_id, m.content, m.created_at, m.id,"
+                    "  row_number() OVER (PARTITION BY m.user_id, m.session_id"
+                    "   ORDER BY m.created_at DESC, m.id DESC) AS rn"
+                    " FROM memories m JOIN unnest($2::text[], $3::text[]) AS k(u, s)"
+                    "  ON m.user_id = k.u AND m.session_id = k.s"
+                    " WHERE m.tenant_id = $1 AND m.deleted_at IS NULL) AS r"
+                    " WHERE rn <= $4 ORDER BY created_at, id",
                     tenant_id,
-                    user_id,
-                    session_id,
+                    users,
+                    ids,
                     limit,
                 )
             )
 
-        rows = await self.db.run(tenant_id, work, readonly=True)
-        return [r["content"] for r in reversed(rows)]
+        for r in await self.db.run(tenant_id, work, readonly=True):
+            out[(r["user_id"], r["session_id"])].append(r["content"])
+        return out
 
     async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str

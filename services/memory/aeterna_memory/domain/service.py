@@ -170,19 +170,19 @@ class MemoryDomain:
 
     async def _prepare(self, tenant: str, memories: Sequence[NewMemory]) -> list[Embedded]:
         need = self.indexing.context_needed
-        history: dict[tuple[str, str], list[str]] = {}
+        keys = [
+            (m.scope.user_id or "", m.scope.session_id or "") if need and has_session(m) else None
+            for m in memories
+        ]
+        history = await self.store.recent_contents(
+            tenant, list(dict.fromkeys(k for k in keys if k is not None)), need
+        )
         texts: list[IndexTexts] = []
-        for m in memories:
-            previous: list[str] = []
-            if need and has_session(m):
-                key = (m.scope.user_id or "", m.scope.session_id or "")
-                if key not in history:
-                    history[key] = await self.store.recent_contents(tenant, *key, need)
-                previous = history[key]
-                texts.append(build_texts(m, previous, self.indexing))
-                previous.append(m.content)
-            else:
-                texts.append(build_texts(m, previous, self.indexing))
+        for m, key in zip(memories, keys, strict=True):
+            previous = history[key] if key is not None else []
+            texts.append(build_texts(m, previous, self.indexing))
+            # Later memories of the same session in this batch see this one as context.
+            previous.append(m.content)
         vectors = await self.embed(tenant, [t.dense for t in texts])
         return [
             Embedded(memory=m, lexical_context=t.lexical_context, embedding=v)
@@ -209,16 +209,11 @@ class MemoryDomain:
             )
             previous: list[str] = []
             if self.indexing.context_needed and has_session(new):
-                previous = [
-                    c
-                    for c in await self.store.recent_contents(
-                        tenant,
-                        current.scope.user_id or "",
-                        current.scope.session_id or "",
-                        self.indexing.context_needed + 1,
-                    )
-                    if c != current.content
-                ]
+                key = (current.scope.user_id or "", current.scope.session_id or "")
+                recent = await self.store.recent_contents(
+                    tenant, [key], self.indexing.context_needed + 1
+                )
+                previous = [c for c in recent[key] if c != current.content]
             texts = build_texts(new, previous, self.indexing)
             lexical_context = texts.lexical_context
             embedding = (await self.embed(tenant, [texts.dense]))[0]
