@@ -123,6 +123,7 @@ class DevStack:
         from aeterna_memory.settings import MemorySettings
 
         settings = MemorySettings()
+        say("embedding model: preparing the ONNX export (first run only)…")
         exported = ensure_exported(settings.model_cache_dir / "all-MiniLM-L6-v2-onnx")
         if settings.embedding_int8:
             ensure_quantized(exported)

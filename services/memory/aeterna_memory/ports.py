@@ -81,7 +81,7 @@ class MemoryStore(Protocol):
         ...
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str], *, touch: bool
+        self, tenant_id: str, ids: Sequence[str]
     ) -> dict[str, tuple[Memory, list[float]]]:
         """Live memories among ``ids`` with their vectors."""
         ...

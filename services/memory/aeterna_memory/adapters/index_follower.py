@@ -60,6 +60,18 @@ _ROW_COLUMNS = (
 )
 
 
+async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, uuid.UUID]]) -> list[asyncpg.Record]:
+    """Current rows of ``(tenant_id, id)`` keys, looked up by primary key."""
+    return list(
+        await conn.fetch(
+            f"SELECT {_ROW_COLUMNS} FROM memories m "
+            "JOIN unnest($1::text[], $2::uuid[]) AS k(t, i) ON m.tenant_id = k.t AND m.id = k.i",
+            [t for t, _ in keys],
+            [i for _, i in keys],
+        )
+    )
+
+
 class CursorStore(Protocol):
     """Where a follower records the last outbox position its index has applied."""
 
@@ -244,17 +256,20 @@ class IndexFollower:
             while True:
                 async with self.db.all_tenants_snapshot() as conn:
                     changes = await conn.fetch(
-                        "SELECT position, memory_id FROM outbox WHERE position > $1 "
+                        "SELECT position, tenant_id, memory_id FROM outbox WHERE position > $1 "
                         "ORDER BY position LIMIT $2",
                         self.applied,
                         self.batch_size,
                     )
                     if not changes:
                         return total
-                    ids = list({c["memory_id"] for c in changes if c["memory_id"] is not None})
-                    rows = await conn.fetch(
-                        f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1::uuid[])", ids
-                    )
+                    keys = {
+                        (c["tenant_id"], c["memory_id"])
+                        for c in changes
+                        if c["memory_id"] is not None
+                    }
+                    ids = [mid for _, mid in keys]
+                    rows = await _rows(conn, keys)
                 await self._apply(rows, ids)
                 last = int(changes[-1]["position"])
                 await self.cursor.save(last)
@@ -326,21 +341,16 @@ class IndexFollower:
         """
         indexed = await self.index.all_ids()
         async with self.db.all_tenants_snapshot() as conn:
-            live = {
-                str(r["id"])
-                for r in await conn.fetch(
-                    "SELECT id FROM memories WHERE deleted_at IS NULL "
-                    "AND (expire_at IS NULL OR expire_at > now())"
-                )
-            }
-            missing = [uuid.UUID(i) for i in live - indexed]
-            rows = (
-                await conn.fetch(
-                    f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1::uuid[])", missing
-                )
-                if missing
-                else []
+            live_rows = await conn.fetch(
+                "SELECT tenant_id, id FROM memories WHERE deleted_at IS NULL "
+                "AND (expire_at IS NULL OR expire_at > now())"
             )
+            live = {str(r["id"]) for r in live_rows}
+            missing_keys = {
+                (r["tenant_id"], r["id"]) for r in live_rows if str(r["id"]) in live - indexed
+            }
+            missing = [mid for _, mid in missing_keys]
+            rows = await _rows(conn, missing_keys) if missing_keys else []
         extra = sorted(indexed - live)
         if rows:
             await self._apply(rows, missing)

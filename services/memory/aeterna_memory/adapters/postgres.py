@@ -277,15 +277,13 @@ class PostgresMemoryStore:
         return await self.db.run(tenant_id, work, readonly=True)
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str], *, touch: bool
+        self, tenant_id: str, ids: Sequence[str]
     ) -> dict[str, tuple[Memory, list[float]]]:
         """Live (not deleted, not expired) memories among ``ids`` with their vectors.
 
         Args:
             tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
             ids: Candidate ids from the index.
-            touch: Count an access (``access_count + 1``, ``last_accessed_at = now()``) on
-                every returned memory, in the same transaction.
         """
         if not ids:
             return {}

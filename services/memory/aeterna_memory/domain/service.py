@@ -305,42 +305,52 @@ class MemoryDomain:
         for layer, fused in zip(query.layers, per_layer, strict=True):
             for mid, score, dense_score, lexical_score in fused:
                 candidates.setdefault(mid, (layer, score, dense_score, lexical_score))
-        rows = await self.store.read_hits(tenant, list(candidates), touch=False)
-        ranked = sorted(
-            (
-                (candidates[mid][0], -candidates[mid][1], mid)
-                for mid in candidates
-                if mid in rows and candidates[mid][1] >= query.min_score
-            ),
-        )
-        kept: list[str] = []
+        ranked = [
+            mid
+            for _, _, mid in sorted(
+                (layer, -score, mid)
+                for mid, (layer, score, _, _) in candidates.items()
+                if score >= query.min_score
+            )
+        ]
+        # Re-read candidates from the source of truth in rank order, a chunk at a time, until
+        # top_k survive (deleted, expired and duplicate candidates drop out).
+        chunk = max(2 * query.top_k, 20)
+        kept: list[tuple[str, Memory]] = []
         kept_vectors: list[np.ndarray] = []
         kept_hashes: set[str] = set()
-        for _, _, mid in ranked:
-            memory, vector = rows[mid]
-            vec = np.asarray(vector, dtype=np.float32)
-            # Ordered most specific layer first, so the one kept is the more specific. The
-            # stored vector embeds the index text (content plus context), so identical
-            # contents are also caught by their hash.
-            if memory.content_hash in kept_hashes or any(
-                float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors
-            ):
-                continue
-            kept.append(mid)
-            kept_vectors.append(vec)
-            kept_hashes.add(memory.content_hash)
+        for start in range(0, len(ranked), chunk):
+            ids = ranked[start : start + chunk]
+            rows = await self.store.read_hits(tenant, ids)
+            for mid in ids:
+                if mid not in rows:
+                    continue
+                memory, vector = rows[mid]
+                vec = np.asarray(vector, dtype=np.float32)
+                # Ordered most specific layer first, so the one kept is the more specific.
+                # The stored vector embeds the index text (content plus context), so
+                # identical contents are also caught by their hash.
+                if memory.content_hash in kept_hashes or any(
+                    float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors
+                ):
+                    continue
+                kept.append((mid, memory))
+                kept_vectors.append(vec)
+                kept_hashes.add(memory.content_hash)
+                if len(kept) == query.top_k:
+                    break
             if len(kept) == query.top_k:
                 break
-        await self.store.touch(tenant, kept)
+        await self.store.touch(tenant, [mid for mid, _ in kept])
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         return [
             SearchHit(
-                memory=rows[mid][0],
+                memory=memory,
                 score=candidates[mid][1],
                 dense_score=candidates[mid][2],
                 lexical_score=candidates[mid][3],
             )
-            for mid in kept
+            for mid, memory in kept
         ]
 
     async def _search_layer(
