@@ -6,13 +6,12 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
-
 from aeterna_common import context as rc
 from aeterna_common.errors import NotFound
 from aeterna_common.server import GrpcServer, ServiceApp
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 SERVICE = "test.v1.SlowService"
 
