@@ -269,7 +269,7 @@ def main() -> None:
             "  .venv/bin/aeterna import locomo ../shared/data/locomo/locomo-dev.json "
             "--tenant demo\n"
             '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
-            'group?" --tenant demo --user conv-26\n'
+            'group?" --tenant demo --user-id conv-26\n'
             "Ctrl-C stops everything.",
             flush=True,
         )
