@@ -67,6 +67,9 @@ async def start_memory(
     common = CommonSettings(
         database_url=urls.app, database_owner_url=urls.owner, redis_url=redis_url
     )
+    # A generous read-your-writes bound keeps tests deterministic on a loaded CI machine;
+    # production uses the 0.1 s default.
+    settings.setdefault("read_wait_s", 1.0)
     app = await build(common, MemorySettings(index_dir=index_dir, **settings))
     server = GrpcServer(app, listen="127.0.0.1:0", grace_period_s=2)
     await server.start()
