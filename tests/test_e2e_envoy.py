@@ -29,7 +29,13 @@ DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
 def stack() -> Iterator[DevStack]:
     root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-"))
     os.chmod(root, 0o755)
-    s = DevStack(replicas=2, port=free_port(), root=root, fresh=True)
+    s = DevStack(
+        replicas=2,
+        port=free_port(),
+        root=root,
+        fresh=True,
+        env={"AETERNA_MEMORY_READ_WAIT_S": "1.0"},
+    )
     s.start(log=lambda *_: None)
     yield s
     s.stop()
