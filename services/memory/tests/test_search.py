@@ -447,3 +447,26 @@ async def test_session_context_is_indexed_across_batches(env: MemoryEnv) -> None
     # The context makes a turn findable by its neighbours' words ("three" is only in context).
     r = await search(env, t, "three", scope=layer_pb2.Scope(user_id="u"))
     assert {h.memory.content for h in r.results} >= {"A: three", "B: four"}
+
+
+async def test_expired_memories_are_neither_listed_nor_found(env: MemoryEnv) -> None:
+    t = new_tenant()
+    m = await create(env, t, memory("short-lived reminder about the dentist", user_id="u"))
+    mid = uuid.UUID(m.name.rsplit("/", 1)[1])
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:  # let it expire (the API refuses an expire_time in the past)
+        await conn.execute(
+            "UPDATE memories SET expire_at = now() - interval '1 second' WHERE id = $1", mid
+        )
+    finally:
+        await conn.close()
+    r = await search(env, t, "dentist reminder", scope=layer_pb2.Scope(user_id="u"))
+    assert r.results == []
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+    )
+    assert len(listed.memories) == 0
+    everything = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", show_deleted=True), metadata=md(t)
+    )
+    assert [x.name for x in everything.memories] == [m.name]

@@ -199,7 +199,7 @@ class PostgresMemoryStore:
             args.append(list(flt.tags))
             where.append(f"tags && ${len(args)}::text[]")
         if not flt.show_deleted:
-            where.append("deleted_at IS NULL")
+            where.append("deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now())")
         if page_token:
             created, mid = decode_page_token(page_token, fp)
             args.extend([created, uuid.UUID(mid)])

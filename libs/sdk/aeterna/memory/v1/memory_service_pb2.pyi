@@ -154,7 +154,7 @@ class ListMemoriesRequest(_message.Message):
     layer: _layer_pb2.MemoryLayer.ValueType
     """Only this layer, when set."""
     show_deleted: _builtins.bool
-    """Also list soft-deleted memories."""
+    """Also list soft-deleted and expired memories."""
     @_builtins.property
     def scope(self) -> _layer_pb2.Scope:
         """Only memories whose scope has these identifiers (empty ones are ignored)."""
