@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,13 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
     assert "grpc_server_handled_total" in text and "grpc_server_handling_seconds" in text
 
 
-async def test_killing_a_replica_mid_run_loses_no_idempotent_call(stack: DevStack) -> None:
-    tenant = "e2e-kill"
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
+    stack: DevStack, sig: signal.Signals
+) -> None:
+    # SIGKILL: a crash (Envoy retries on reset / refused connections). SIGTERM: a rolling
+    # restart (the replica drains: NOT_SERVING first, in-flight calls finish).
+    tenant = f"e2e-{sig.name.lower()}"
     md = bearer(stack, tenant)
     async with grpc.aio.insecure_channel(stack.endpoint) as ch:
         stub = svc_grpc.MemoryServiceStub(ch)
@@ -146,7 +152,7 @@ async def test_killing_a_replica_mid_run_loses_no_idempotent_call(stack: DevStac
         calls = [asyncio.create_task(bounded(i)) for i in range(300)]
         while done < 100:  # noqa: ASYNC110 (poll a counter the calls advance)
             await asyncio.sleep(0.01)
-        stack.kill_replica(0)
+        await asyncio.to_thread(stack.kill_replica, 0, sig)
         await asyncio.gather(*calls)
         assert failures == []
         listed = await stub.ListMemories(
