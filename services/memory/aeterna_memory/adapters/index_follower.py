@@ -339,26 +339,29 @@ class IndexFollower:
         Returns:
             ``{"added": n, "removed": m}``.
         """
-        indexed = await self.index.all_ids()
-        async with self.db.all_tenants_snapshot() as conn:
-            live_rows = await conn.fetch(
-                "SELECT tenant_id, id FROM memories WHERE deleted_at IS NULL "
-                "AND (expire_at IS NULL OR expire_at > now())"
-            )
-            live = {str(r["id"]) for r in live_rows}
-            missing_keys = {
-                (r["tenant_id"], r["id"]) for r in live_rows if str(r["id"]) in live - indexed
-            }
-            missing = [mid for _, mid in missing_keys]
-            rows = await _rows(conn, missing_keys) if missing_keys else []
-        extra = sorted(indexed - live)
-        if rows:
-            await self._apply(rows, missing)
-        if extra:
-            await self.index.delete(extra)
-        if missing or extra:
-            log.warning("index.reconciled", added=len(missing), removed=len(extra))
-        return {"added": len(missing), "removed": len(extra)}
+        # Serialised with catch_up: a repair never overwrites a newer applied change.
+        async with self._lock:
+            indexed = await self.index.all_ids()
+            async with self.db.all_tenants_snapshot() as conn:
+                live_rows = await conn.fetch(
+                    "SELECT tenant_id, id FROM memories WHERE deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now())"
+                )
+                live = {str(r["id"]) for r in live_rows}
+                absent = live - indexed
+                missing_keys = {
+                    (r["tenant_id"], r["id"]) for r in live_rows if str(r["id"]) in absent
+                }
+                missing = [mid for _, mid in missing_keys]
+                rows = await _rows(conn, missing_keys) if missing_keys else []
+            extra = sorted(indexed - live)
+            if rows:
+                await self._apply(rows, missing)
+            if extra:
+                await self.index.delete(extra)
+            if missing or extra:
+                log.warning("index.reconciled", added=len(missing), removed=len(extra))
+            return {"added": len(missing), "removed": len(extra)}
 
     async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait until the index has applied ``position``.
