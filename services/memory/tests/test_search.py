@@ -470,3 +470,20 @@ async def test_expired_memories_are_neither_listed_nor_found(env: MemoryEnv) -> 
         svc.ListMemoriesRequest(parent=f"tenants/{t}", show_deleted=True), metadata=md(t)
     )
     assert [x.name for x in everything.memories] == [m.name]
+
+
+async def test_index_from_another_database_is_rebuilt_not_resumed(
+    env: MemoryEnv, make_database, scratch
+) -> None:  # type: ignore[no-untyped-def]
+    index_dir = scratch / f"moved-{uuid.uuid4().hex[:6]}"
+    t = new_tenant()
+    first = await create(env, t, memory("lives in the first database", user_id="u"))
+    server, app = await start_memory(env.urls, env.redis_url, index_dir)
+    assert first.name.rsplit("/", 1)[1] in await app.follower.index.all_ids(t)
+    await server.stop()
+    other = await make_database()  # same index directory, another database
+    server, app = await start_memory(other, env.redis_url, index_dir)
+    try:
+        assert await app.follower.index.all_ids() == set()
+    finally:
+        await server.stop()

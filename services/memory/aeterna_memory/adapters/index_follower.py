@@ -73,34 +73,42 @@ async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, uuid.UUID]]) -> l
 
 
 class CursorStore(Protocol):
-    """Where a follower records the last outbox position its index has applied."""
+    """Where a follower records the last outbox position its index has applied.
 
-    async def load(self) -> int | None:
-        """The stored position, or ``None`` when the index has never been built."""
+    ``database`` identifies the database the position belongs to (cluster system identifier
+    and database oid): an index built from another database must be rebuilt, not resumed.
+    """
+
+    async def load(self, database: str) -> int | None:
+        """The stored position, or ``None`` when the index was never built from ``database``."""
         ...
 
-    async def save(self, position: int) -> None:
+    async def save(self, position: int, database: str) -> None:
         """Record ``position`` (after the index has applied it)."""
         ...
 
 
 class FileCursor:
-    """Position stored in a file beside an embedded index (written atomically)."""
+    """Position stored in a JSON file beside an embedded index (written atomically)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    async def load(self) -> int | None:
-        """The stored position, ``None`` when the file is missing."""
+    async def load(self, database: str) -> int | None:
+        """The stored position; ``None`` when missing, unreadable or of another database."""
         try:
-            return int(self.path.read_text().strip())
-        except FileNotFoundError:
+            data = json.loads(self.path.read_text())
+            if data["database"] != database:
+                log.warning("index.other_database", stored=data["database"], now=database)
+                return None
+            return int(data["position"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
 
-    async def save(self, position: int) -> None:
+    async def save(self, position: int, database: str) -> None:
         """Write via a temporary file and rename (atomic on POSIX)."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(str(position))
+        tmp.write_text(json.dumps({"database": database, "position": position}))
         os.replace(tmp, self.path)
 
 
@@ -111,14 +119,15 @@ class PostgresCursor:
         self.db = db
         self.name = name
 
-    async def load(self) -> int | None:
-        """The stored position, ``None`` when the index was never built."""
+    async def load(self, database: str) -> int | None:
+        """The stored position, ``None`` when the index was never built (the row lives in
+        the database itself, so ``database`` always matches)."""
         value = await self.db.pool.fetchval(
             "SELECT position FROM index_cursors WHERE name = $1", self.name
         )
         return None if value is None else int(value)
 
-    async def save(self, position: int) -> None:
+    async def save(self, position: int, database: str) -> None:
         """Upsert the position (monotonic: never moves back)."""
         await self.db.pool.execute(
             "INSERT INTO index_cursors (name, position) VALUES ($1, $2) ON CONFLICT (name) "
@@ -191,6 +200,7 @@ class IndexFollower:
         self._listen: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._leader = leader_lock is None
+        self.database = ""
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -203,7 +213,11 @@ class IndexFollower:
             self._leader = bool(
                 await self._listen.fetchval("SELECT pg_try_advisory_lock($1)", self.leader_lock)
             )
-        stored = await self.cursor.load()
+        self.database = await self._listen.fetchval(
+            "SELECT system_identifier::text || ':' || (SELECT oid FROM pg_database "
+            "WHERE datname = current_database())::text FROM pg_control_system()"
+        )
+        stored = await self.cursor.load(self.database)
         if stored is None and self._leader:
             await self.rebuild()
         else:
@@ -249,7 +263,7 @@ class IndexFollower:
         """
         async with self._lock:
             if not self._leader:
-                stored = await self.cursor.load()
+                stored = await self.cursor.load(self.database)
                 await self._advance(stored or 0)
                 return 0
             total = 0
@@ -272,7 +286,7 @@ class IndexFollower:
                     rows = await _rows(conn, keys)
                 await self._apply(rows, ids)
                 last = int(changes[-1]["position"])
-                await self.cursor.save(last)
+                await self.cursor.save(last, self.database)
                 await self._advance(last)
                 total += len(changes)
 
@@ -318,7 +332,9 @@ class IndexFollower:
                 prefetch=self.batch_size,
             )
             batch: list[asyncpg.Record] = []
+            live: set[str] = set()
             async for row in cursor:
+                live.add(str(row["id"]))
                 batch.append(row)
                 if len(batch) >= self.batch_size:
                     await self._apply(batch, [r["id"] for r in batch])
@@ -327,9 +343,14 @@ class IndexFollower:
             if batch:
                 await self._apply(batch, [r["id"] for r in batch])
                 count += len(batch)
-        await self.cursor.save(position)
+            # Points the source of truth does not hold as live (e.g. an index left over from
+            # another database) go.
+            stale = await self.index.all_ids() - live
+            if stale:
+                await self.index.delete(sorted(stale))
+        await self.cursor.save(position, self.database)
         await self._advance(position)
-        log.info("index.rebuilt", memories=count, position=position)
+        log.info("index.rebuilt", memories=count, removed=len(stale), position=position)
         return count
 
     async def reconcile(self) -> dict[str, int]:
