@@ -146,6 +146,7 @@ async def build(
             dense_context=settings.dense_context,
             lexical_context=settings.lexical_context,
             metadata_keys=tuple(settings.index_metadata_keys),
+            dense_metadata=settings.dense_metadata,
         ),
         tuning=SearchTuning(
             candidates=settings.candidates,

@@ -37,6 +37,7 @@ class MemorySettings(BaseSettings):
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
+        dense_metadata: Also prefix the dense text with those values.
         candidates: Hits per ranking per layer before fusion.
         fusion: Score fusion: ``minmax``, ``dbsf`` or ``rrf``.
         dense_weight: Weight of the dense ranking in the fusion.
@@ -64,6 +65,7 @@ class MemorySettings(BaseSettings):
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]
+    dense_metadata: bool = False
     candidates: int = Field(default=50, ge=10, le=1000)
     fusion: str = Field(default="minmax", pattern="^(minmax|dbsf|rrf)$")
     dense_weight: float = Field(default=0.4, ge=0)

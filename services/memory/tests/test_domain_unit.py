@@ -43,7 +43,10 @@ def test_index_texts_add_context_and_metadata() -> None:
         metadata={"session_time": "8 May 2023", "ignored": "zzz", "flag": True},
     )
     policy = IndexingPolicy(
-        dense_context=1, lexical_context=2, metadata_keys=("session_time", "flag")
+        dense_context=1,
+        lexical_context=2,
+        metadata_keys=("session_time", "flag"),
+        dense_metadata=True,
     )
     texts = build_texts(m, ["A: hi", "A: did you go hiking?"], policy)
     assert texts.dense == "[8 May 2023] B: yes, last Saturday!\nA: did you go hiking?"
@@ -53,7 +56,7 @@ def test_index_texts_add_context_and_metadata() -> None:
     )
     assert bare.dense == "B: yes, last Saturday!" and bare.lexical_context == ()
     default = build_texts(m, ["A: 1", "A: 2", "A: 3"], IndexingPolicy())
-    assert default.dense == "[8 May 2023] B: yes, last Saturday!"
+    assert default.dense == "B: yes, last Saturday!"
     assert default.lexical_context == ("8 May 2023", "A: 2", "A: 3")
 
 
