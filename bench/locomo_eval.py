@@ -2,7 +2,7 @@
 
 Library (reused by the service benchmark) and CLI::
 
-    python bench/locomo_eval.py research --data /work/shared/data/locomo/locomo-dev.json
+    python bench/locomo_eval.py research --data ../shared/data/locomo/locomo-dev.json
     python bench/locomo_eval.py baselines --data ...
     python bench/locomo_eval.py throughput --data ...
 
@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import re
-import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -36,15 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from aeterna_cli import locomo
+from aeterna_common.search import fusion
+from aeterna_common.search.lexical import SNOWBALL_ENGLISH_STOPWORDS, BM25Encoder
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "libs" / "common"))
 
-from aeterna_cli import locomo  # noqa: E402
-from aeterna_common.search import fusion  # noqa: E402
-from aeterna_common.search.lexical import SNOWBALL_ENGLISH_STOPWORDS, BM25Encoder  # noqa: E402
-
-DEFAULT_DATA = Path("/work/shared/data/locomo/locomo-dev.json")
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
 RESULTS = ROOT / "bench" / "results"
 CATEGORIES = (1, 2, 3, 4)
 KS = (1, 5, 10)
@@ -624,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument(
         "--cache",
         type=Path,
-        default=Path("/tmp/aeterna-locomo-emb.npz"),
+        default=Path(tempfile.gettempdir()) / "aeterna-locomo-emb.npz",
         help="on-disk embedding memo for reruns; pass '' to disable",
     )
     tp = sub.add_parser("throughput", help="embedding throughput on LoCoMo turns")
