@@ -38,6 +38,15 @@ Token = Annotated[
     typer.Option(envvar="AETERNA_TOKEN", help="Bearer token; default: a local dev token."),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+UserId = Annotated[str | None, typer.Option(help="Scope: the user the memories are about.")]
+SessionId = Annotated[
+    str | None, typer.Option(help="Scope: a session (conversation) of that user.")
+]
+AgentId = Annotated[str | None, typer.Option(help="Scope: an agent acting for that user.")]
+ProjectId = Annotated[str | None, typer.Option(help="Scope: a project.")]
+TeamId = Annotated[str | None, typer.Option(help="Scope: a team.")]
+OrgId = Annotated[str | None, typer.Option(help="Scope: an organisation.")]
+CompanyId = Annotated[str | None, typer.Option(help="Scope: the company.")]
 
 
 def _layer(name: str) -> int:
@@ -136,13 +145,13 @@ def memory_add(
     layer: Annotated[
         str, typer.Option(help="agent|user|session|project|team|org|company")
     ] = "user",
-    user_id: Annotated[str | None, typer.Option()] = None,
-    session_id: Annotated[str | None, typer.Option()] = None,
-    agent_id: Annotated[str | None, typer.Option()] = None,
-    project_id: Annotated[str | None, typer.Option()] = None,
-    team_id: Annotated[str | None, typer.Option()] = None,
-    org_id: Annotated[str | None, typer.Option()] = None,
-    company_id: Annotated[str | None, typer.Option()] = None,
+    user_id: UserId = None,
+    session_id: SessionId = None,
+    agent_id: AgentId = None,
+    project_id: ProjectId = None,
+    team_id: TeamId = None,
+    org_id: OrgId = None,
+    company_id: CompanyId = None,
     tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable)")] = None,
     metadata: Annotated[str, typer.Option(help="JSON object")] = "{}",
     tenant: Tenant = "demo",
@@ -202,8 +211,8 @@ def memory_get(
 @memory_app.command("list")
 def memory_list(
     layer: Annotated[str, typer.Option()] = "",
-    user_id: Annotated[str | None, typer.Option()] = None,
-    session_id: Annotated[str | None, typer.Option()] = None,
+    user_id: UserId = None,
+    session_id: SessionId = None,
     tag: Annotated[list[str] | None, typer.Option()] = None,
     page_size: Annotated[int, typer.Option()] = 20,
     page_token: Annotated[str, typer.Option()] = "",
@@ -236,13 +245,13 @@ def memory_list(
 @memory_app.command("search")
 def memory_search(
     query: str,
-    user_id: Annotated[str | None, typer.Option()] = None,
-    session_id: Annotated[str | None, typer.Option()] = None,
-    agent_id: Annotated[str | None, typer.Option()] = None,
-    project_id: Annotated[str | None, typer.Option()] = None,
-    team_id: Annotated[str | None, typer.Option()] = None,
-    org_id: Annotated[str | None, typer.Option()] = None,
-    company_id: Annotated[str | None, typer.Option()] = None,
+    user_id: UserId = None,
+    session_id: SessionId = None,
+    agent_id: AgentId = None,
+    project_id: ProjectId = None,
+    team_id: TeamId = None,
+    org_id: OrgId = None,
+    company_id: CompanyId = None,
     layer: Annotated[list[str] | None, typer.Option(help="Layer (repeatable)")] = None,
     tag: Annotated[list[str] | None, typer.Option()] = None,
     top_k: Annotated[int, typer.Option()] = 10,
