@@ -29,7 +29,7 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.type.v1 import layer_pb2
 from aeterna_cli import client
 from aeterna_cli.main import import_locomo_async
-from aeterna_cli.stack import DevStack, health_check
+from aeterna_cli.stack import DevStack, health_check, state_dir
 from aeterna_common.devauth import DevAuth
 from aeterna_common.devservers import free_port
 
@@ -94,7 +94,7 @@ def main() -> int:
     stack: DevStack | None = None
     endpoint = args.endpoint
     if health_check(endpoint):
-        auth = DevAuth()
+        auth = DevAuth(state_dir() / "auth")
         print(f"using the running stack on {endpoint}")
     else:
         root = Path(tempfile.mkdtemp(prefix="aeterna-bench-"))

@@ -179,53 +179,29 @@ def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path
     sliced.write_text(json.dumps([{**sample, "conversation": keep}]))
     n_turns = len(conv["session_1"]) + len(conv["session_2"])
     env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
-    cli = [sys.executable, "-m", "aeterna_cli.main"]
-    out = subprocess.run(
-        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "aeterna_cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    out = cli("import", "locomo", str(sliced), "--tenant", "cli")
     assert f"imported {n_turns} memories" in out.stdout
     # Importing again is idempotent (stable request ids per session).
-    again = subprocess.run(
-        [*cli, "import", "locomo", str(sliced), "--tenant", "cli"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0
-    listed = subprocess.run(
-        [*cli, "memory", "list", "--tenant", "cli", "--page-size", "1000", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli("import", "locomo", str(sliced), "--tenant", "cli")
+    listed = cli("memory", "list", "--tenant", "cli", "--page-size", "1000", "--json")
     assert len(json.loads(listed.stdout)) == n_turns
-    found = subprocess.run(
-        [
-            *cli,
-            "memory",
-            "search",
-            "When did Caroline go to the LGBTQ support group?",
-            "--tenant",
-            "cli",
-            "--user-id",
-            str(sample["sample_id"]),
-            "--json",
-            "--top-k",
-            "5",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    question = "When did Caroline go to the LGBTQ support group?"
+    user = str(sample["sample_id"])
+    found = cli(
+        "memory", "search", question, "--tenant", "cli", "--user-id", user, "--json", "--top-k", "5"
     )
-    assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert "D1:3" in [h["metadata"]["dia_id"] for h in hits]
     assert all(h["layer"] == "MEMORY_LAYER_SESSION" for h in hits)

@@ -49,9 +49,10 @@ OrgId = Annotated[str | None, typer.Option(help="Scope: an organisation.")]
 CompanyId = Annotated[str | None, typer.Option(help="Scope: the company.")]
 
 
-def _layer(name: str) -> int:
-    value = layer_pb2.MemoryLayer.Value(f"MEMORY_LAYER_{name.upper()}") if name else 0
-    return int(value)
+def _layer(name: str) -> layer_pb2.MemoryLayer.ValueType:
+    if not name:
+        return layer_pb2.MEMORY_LAYER_UNSPECIFIED
+    return layer_pb2.MemoryLayer.Value(f"MEMORY_LAYER_{name.upper()}")
 
 
 def _token(token: str | None, tenant: str, user: str) -> str:
@@ -161,7 +162,7 @@ def memory_add(
 ) -> None:
     """Create a memory (the user layer of the calling user by default)."""
     memory = res.Memory(
-        layer=_layer(layer),  # type: ignore[arg-type]
+        layer=_layer(layer),
         scope=_scope(
             user_id=user_id or (user if layer in ("user", "session", "agent") else None),
             session_id=session_id,
@@ -227,7 +228,7 @@ def memory_list(
         return await stub.ListMemories(
             svc.ListMemoriesRequest(
                 parent=f"tenants/{tenant}",
-                layer=_layer(layer),  # type: ignore[arg-type]
+                layer=_layer(layer),
                 scope=_scope(user_id=user_id, session_id=session_id),
                 tags=tag or [],
                 page_size=page_size,
@@ -277,7 +278,7 @@ def memory_search(
                     org_id=org_id,
                     company_id=company_id,
                 ),
-                layers=[_layer(x) for x in layer or []],  # type: ignore[misc]
+                layers=[_layer(x) for x in layer or []],
                 tags=tag or [],
                 top_k=top_k,
                 min_score=min_score,

@@ -89,6 +89,7 @@ class DevStack:
     _redis: RedisServer | None = None
     _envoy: EnvoyProcess | None = None
     _replicas: list[Replica] = field(default_factory=list)
+    _replica_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -173,7 +174,7 @@ class DevStack:
     def start_replica(self, replica: Replica, env: dict[str, str] | None = None) -> None:
         """Start (or restart) one replica process."""
         replica.index_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(env or self._env_of_running())
+        env = dict(env or self._replica_env)
         env["AETERNA_LISTEN"] = replica.target
         env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
         env["AETERNA_METRICS_PORT"] = str(replica.metrics_port)
@@ -185,10 +186,7 @@ class DevStack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._last_env = env
-
-    def _env_of_running(self) -> dict[str, str]:
-        return dict(getattr(self, "_last_env", os.environ))
+        self._replica_env = env
 
     def wait_healthy(self, replica: Replica, timeout_s: float = 180.0) -> None:
         """Wait until the replica answers SERVING.

@@ -102,11 +102,6 @@ class _Call:
         structlog.contextvars.clear_contextvars()
 
 
-def _is_abort(exc: BaseException) -> bool:
-    # grpc.aio raises AbortError out of context.abort(); it must pass through untouched.
-    return type(exc).__name__ == "AbortError"
-
-
 def _wrap_unary(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], method: str
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
@@ -116,9 +111,9 @@ def _wrap_unary(
             with rc.bind(call.begin()):
                 _check_decoded(request)
                 return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort() by the handler itself: already a status
         except Exception as exc:
-            if _is_abort(exc):
-                raise
             await call.fail(exc)
         finally:
             call.finish()
@@ -137,9 +132,9 @@ def _wrap_stream(
                 _check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
+        except grpc.aio.AbortError:
+            raise  # context.abort() by the handler itself: already a status
         except Exception as exc:
-            if _is_abort(exc):
-                raise
             await call.fail(exc)
         finally:
             call.finish()

@@ -17,14 +17,14 @@ SERVICE = "test.v1.SlowService"
 
 
 def make_app(closed: list[bool]) -> ServiceApp:
-    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+    async def slow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await asyncio.sleep(0.5)
         return rc.current().principal.tenant_id.encode()
 
-    async def missing(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+    async def missing(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         raise NotFound("nothing here", reason="THING_NOT_FOUND", metadata={"name": "x"})
 
-    async def crash(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+    async def crash(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         raise RuntimeError("secret internal detail")
 
     handlers = {
@@ -55,7 +55,7 @@ async def test_graceful_stop_drains_in_flight_calls() -> None:
         slow = ch.unary_unary(f"/{SERVICE}/Slow")
 
         async def call() -> bytes:
-            return await slow(b"", metadata=MD)  # type: ignore[no-any-return]
+            return await slow(b"", metadata=MD)
 
         in_flight = asyncio.create_task(call())
         await asyncio.sleep(0.1)
@@ -77,7 +77,7 @@ async def test_errors_map_to_rich_status_without_leaking() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await ch.unary_unary(f"/{SERVICE}/Missing")(b"", metadata=MD)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
+            status = rpc_status.from_call(info.value)
             assert status is not None
             err = error_details_pb2.ErrorInfo()
             assert status.details[0].Unpack(err)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.config import CommonSettings
@@ -36,6 +38,19 @@ log = structlog.get_logger("aeterna.memory")
 MIGRATIONS = Path(__file__).parent / "migrations"
 SHARED_INDEX_LOCK = 7_311_000_003
 """Advisory lock key of the lease to apply changes to a shared (server) index."""
+
+
+@dataclass(kw_only=True)
+class MemoryApp(ServiceApp):
+    """The memory service's :class:`ServiceApp`, exposing its parts to operators and tests.
+
+    Attributes:
+        domain: The use cases.
+        follower: The index follower (rebuild, reconcile, applied position).
+    """
+
+    domain: MemoryDomain
+    follower: IndexFollower
 
 
 class IndexedSearch:
@@ -102,7 +117,7 @@ def build_index(settings: MemorySettings) -> VectorIndex:
 
 async def build(
     common: CommonSettings | None = None, settings: MemorySettings | None = None
-) -> ServiceApp:
+) -> MemoryApp:
     """Build the memory service: migrate, open stores, prepare the index, wire the domain.
 
     Args:
@@ -176,15 +191,14 @@ async def build(
         await embedder.close()
         await db.close()
 
-    def register(server: object) -> None:
-        svc_grpc.add_MemoryServiceServicer_to_server(servicer, server)  # type: ignore[arg-type]
+    def register(server: grpc.aio.Server) -> None:
+        svc_grpc.add_MemoryServiceServicer_to_server(servicer, server)
 
-    app = ServiceApp(
+    return MemoryApp(
         service_names=[SERVICE_NAME],
         register=register,
         close=close,
         background=[follower.run, reconcile_forever],
+        domain=domain,
+        follower=follower,
     )
-    app.domain = domain  # type: ignore[attr-defined]
-    app.follower = follower  # type: ignore[attr-defined]
-    return app

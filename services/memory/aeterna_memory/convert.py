@@ -7,7 +7,7 @@ by its path in the request (https://google.aip.dev/193), before anything is read
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -389,7 +389,7 @@ def memory_pb(m: Memory) -> res.Memory:
     """The protobuf of a memory."""
     out = res.Memory(
         name=m.name,
-        layer=int(m.layer),  # type: ignore[arg-type]
+        layer=layer_pb2.MemoryLayer.ValueType(m.layer.value),
         scope=layer_pb2.Scope(**m.scope.as_dict()),
         content=m.content,
         tags=list(m.tags),
@@ -400,7 +400,7 @@ def memory_pb(m: Memory) -> res.Memory:
         embedding_dimension=m.embedding_dimension,
         revision=m.revision,
     )
-    out.metadata.update(dict(m.metadata) if isinstance(m.metadata, Mapping) else {})
+    out.metadata.update(dict(m.metadata))
     _ts(m.last_accessed_at, out.last_access_time)
     _ts(m.created_at, out.create_time)
     _ts(m.updated_at, out.update_time)
@@ -414,7 +414,7 @@ def revision_pb(tenant_id: str, r: Revision) -> res.MemoryRevision:
     out = res.MemoryRevision(
         name=f"tenants/{tenant_id}/memories/{r.memory_id}/revisions/{r.revision}",
         revision=r.revision,
-        action=int(r.action),  # type: ignore[arg-type]
+        action=res.RevisionAction.ValueType(r.action.value),
         old_content=r.old_content or "",
         new_content=r.new_content or "",
         actor=r.actor,

@@ -16,7 +16,7 @@ from memory_testkit import MemoryEnv, create, md, memory, new_tenant
 
 
 def details(exc: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     assert status is not None
     reason, fields = "", []
     for d in status.details:

@@ -37,6 +37,7 @@ from aeterna_memory.domain.model import (
     Revision,
     RevisionAction,
     Scope,
+    new_importance,
 )
 
 OUTBOX_LOCK = 7_311_000_002
@@ -544,8 +545,6 @@ class PostgresMemoryStore:
         Raises:
             NotFound: no such live memory.
         """
-        from aeterna_memory.domain.model import new_importance
-
         mid = uuid.UUID(memory_id)
         method = "RecordMemoryFeedback"
 
