@@ -4,28 +4,35 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= ../shared/data/locomo/locomo-dev.json
+DATA ?= bench/data/locomo-dev.json
+# Every deployable unit is its own package; development installs them all, editable, pinned
+# by the one constraints file.
+PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
+PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv gen check-gen lint test run bench bench-locomo bench-scale bench-vectors clean
+.PHONY: help venv constraints gen check-gen lint lint-py test run bench bench-locomo bench-scale bench-vectors clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
-	@echo "make lint           ruff + mypy --strict + generated-code freshness"
+	@echo "make lint           ruff, mypy --strict, generated code fresh"
 	@echo "make gen            regenerate the Python SDK from protos/"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 
-$(STAMP): pyproject.toml
+$(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch lies on this machine's disk; pinning it first keeps pip from
-	# pulling a multi-GB CUDA build for sentence-transformers.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade 'pip>=25.1'
+	# torch's CPU build lies on this machine's disk (pip's find-links); the constraints pin
+	# that build, so pip never reaches for a multi-GB CUDA one.
+	$(PIP) $(PACKAGES) --group dev
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-pin every dependency to what the venv holds now (after changing a pyproject.toml).
+constraints: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^aeterna' > constraints.txt
 
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
@@ -34,16 +41,18 @@ check-gen: gen
 	@git diff --exit-code --stat -- libs/sdk || (echo "generated code is stale: run make gen and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- libs/sdk)" || (git status --porcelain -- libs/sdk; echo "generated code is stale: run make gen and commit"; exit 1)
 
-lint: $(STAMP) check-gen
+lint: lint-py check-gen
+
+lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check libs/common libs/cli services tests bench scripts
-	$(PY) -m mypy libs/common/aeterna_common libs/cli/aeterna_cli services/memory/aeterna_memory
+	$(VENV)/bin/ruff format --check libs/common libs/devstack libs/cli services tests bench scripts
+	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 run: $(STAMP)
-	$(PY) -m aeterna_cli.stack
+	$(PY) -m aeterna_devstack.stack
 
 bench-locomo: $(STAMP)
 	$(PY) bench/locomo.py --data $(DATA)

@@ -29,9 +29,9 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.type.v1 import layer_pb2
 from aeterna_cli import client
 from aeterna_cli.main import import_locomo_async
-from aeterna_cli.stack import DevStack, health_check, state_dir
-from aeterna_common.devauth import DevAuth
-from aeterna_common.devservers import free_port
+from aeterna_devstack.auth import DevAuth
+from aeterna_devstack.servers import free_port
+from aeterna_devstack.stack import DevStack, health_check, state_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +84,9 @@ async def run_service(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parent / "data" / "locomo-dev.json"
+    )
     parser.add_argument("--endpoint", default=os.environ.get("AETERNA_ENDPOINT", "127.0.0.1:8080"))
     parser.add_argument("--out", type=Path, default=RESULTS / "locomo.json")
     args = parser.parse_args()

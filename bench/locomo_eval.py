@@ -2,7 +2,7 @@
 
 Library (reused by the service benchmark) and CLI::
 
-    python bench/locomo_eval.py research --data ../shared/data/locomo/locomo-dev.json
+    python bench/locomo_eval.py research --data bench/data/locomo-dev.json
     python bench/locomo_eval.py baselines --data ...
     python bench/locomo_eval.py throughput --data ...
 
@@ -42,7 +42,7 @@ from aeterna_common.search.lexical import SNOWBALL_ENGLISH_STOPWORDS, BM25Encode
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
+DEFAULT_DATA = ROOT / "bench" / "data" / "locomo-dev.json"
 RESULTS = ROOT / "bench" / "results"
 CATEGORIES = (1, 2, 3, 4)
 KS = (1, 5, 10)

@@ -26,9 +26,9 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_cli import client
-from aeterna_cli.stack import DevStack
-from aeterna_common.devauth import DevAuth
-from aeterna_common.devservers import free_port
+from aeterna_devstack.auth import DevAuth
+from aeterna_devstack.servers import free_port
+from aeterna_devstack.stack import DevStack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBJECTS = [

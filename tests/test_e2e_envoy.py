@@ -17,13 +17,13 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
-from aeterna_cli.stack import DevStack
-from aeterna_common.devauth import DevAuth
-from aeterna_common.devservers import free_port
+from aeterna_devstack.auth import DevAuth
+from aeterna_devstack.servers import free_port
+from aeterna_devstack.stack import DevStack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
+DATA = ROOT / "bench" / "data" / "locomo-dev.json"
 
 
 @pytest.fixture(scope="module")

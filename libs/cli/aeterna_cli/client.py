@@ -24,13 +24,26 @@ def endpoint() -> str:
     return os.environ.get("AETERNA_ENDPOINT", DEFAULT_ENDPOINT)
 
 
-def dev_token(tenant: str, user: str, agent: str | None = None, roles: Sequence[str] = ()) -> str:
-    """A development token signed with the local key (``.var/auth``), as ``make run`` trusts."""
-    from aeterna_common.devauth import DevAuth
+def dev_token(
+    tenant: str,
+    user: str,
+    agent: str | None = None,
+    roles: Sequence[str] = (),
+    ttl_s: float = 3600,
+) -> str:
+    """A development token signed with the local key (``.var/auth``), as ``make run`` trusts.
 
-    from aeterna_cli.stack import state_dir
-
-    return DevAuth(state_dir() / "auth").issue_token(tenant, user, agent, roles)
+    Raises:
+        RuntimeError: the ``aeterna-devstack`` package (``aeterna-cli[dev]``) is not installed.
+    """
+    try:
+        from aeterna_devstack.auth import issue_token
+    except ImportError as exc:
+        raise RuntimeError(
+            "no token: pass --token or set AETERNA_TOKEN (development tokens need the "
+            "aeterna-devstack package: pip install 'aeterna-cli[dev]')"
+        ) from exc
+    return issue_token(tenant, user, agent, roles, ttl_s=ttl_s)
 
 
 def metadata(token: str) -> tuple[tuple[str, str], ...]:

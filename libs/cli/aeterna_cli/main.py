@@ -132,12 +132,10 @@ def token(
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
 ) -> None:
     """Print a development token for the local stack (signed with the key in .var/auth)."""
-    from aeterna_common.devauth import DevAuth
-
-    from aeterna_cli.stack import state_dir
+    from aeterna_cli.client import dev_token
 
     role_list = [r.strip() for r in roles.split(",") if r.strip()]
-    print(DevAuth(state_dir() / "auth").issue_token(tenant, user, agent, role_list, ttl_s=ttl))
+    print(dev_token(tenant, user, agent, role_list, ttl_s=ttl))
 
 
 @memory_app.command("add")

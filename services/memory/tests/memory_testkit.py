@@ -13,7 +13,7 @@ from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.config import CommonSettings
 from aeterna_common.server import GrpcServer
-from aeterna_common.testing import DatabaseUrls
+from aeterna_devstack.pytest_plugin import DatabaseUrls
 from aeterna_memory.app import build
 from aeterna_memory.settings import MemorySettings
 

@@ -316,7 +316,7 @@ async def test_failed_write_leaves_nothing(env: MemoryEnv, monkeypatch: pytest.M
 
 
 async def test_unavailable_redis_degrades_to_no_cache(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
-    from aeterna_common.devservers import free_port
+    from aeterna_devstack.servers import free_port
     from aeterna_memory.adapters.redis_cache import RedisEmbeddingCache
 
     dead = f"redis://127.0.0.1:{free_port()}/0"

@@ -41,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from aeterna_common.devauth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = (

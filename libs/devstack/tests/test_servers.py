@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aeterna_common.devservers import DevServerError, PostgresServer, RedisServer
+from aeterna_devstack.servers import DevServerError, PostgresServer, RedisServer
 
 
 def _port_open(port: int) -> bool:

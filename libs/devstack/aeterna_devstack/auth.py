@@ -49,20 +49,24 @@ _PUBLIC_EXPONENT = 65537
 
 
 def repo_root() -> Path:
-    """Return the repository root: the nearest ancestor of this file with a ``pyproject.toml``.
+    """Return the repository root: the nearest ancestor of this file holding ``Makefile``
+    and ``protos/`` (each package has its own ``pyproject.toml``, so that is no marker).
 
     Falls back to the current directory when the package is installed outside a checkout.
     """
     for parent in Path(__file__).resolve().parents:
-        if (parent / "pyproject.toml").is_file():
+        if (parent / "Makefile").is_file() and (parent / "protos").is_dir():
             return parent
     return Path.cwd()
 
 
 def default_state_dir() -> Path:
-    """Return ``$AETERNA_AUTH_DIR`` or ``<repo root>/.var/auth``."""
+    """Return ``$AETERNA_AUTH_DIR``, else ``$AETERNA_STATE_DIR/auth``, else
+    ``<repo root>/.var/auth`` (where ``make run`` keeps the key its Envoy trusts)."""
     if env := os.environ.get("AETERNA_AUTH_DIR"):
         return Path(env)
+    if env := os.environ.get("AETERNA_STATE_DIR"):
+        return Path(env) / "auth"
     return repo_root() / ".var" / "auth"
 
 

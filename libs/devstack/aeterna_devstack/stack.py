@@ -23,10 +23,11 @@ from typing import Self
 
 import grpc
 from aeterna_common.db import provision
-from aeterna_common.devauth import DevAuth, repo_root
-from aeterna_common.devservers import PostgresServer, RedisServer, free_port
-from aeterna_common.envoy import EnvoyProcess, JwtSettings, Upstream, render_envoy_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aeterna_devstack.auth import DevAuth, repo_root
+from aeterna_devstack.envoy import EnvoyProcess, JwtSettings, Upstream, render_envoy_config
+from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 DATABASE = "aeterna"
@@ -264,7 +265,7 @@ def main() -> None:
         stack.start()
         print(
             f"\nAeterna is up on {stack.endpoint}. Try:\n"
-            "  .venv/bin/aeterna import locomo ../shared/data/locomo/locomo-dev.json "
+            "  .venv/bin/aeterna import locomo bench/data/locomo-dev.json "
             "--tenant demo\n"
             '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
             'group?" --tenant demo --user-id conv-26\n'

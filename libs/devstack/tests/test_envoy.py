@@ -92,14 +92,14 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------------------------
 # tests
 
-from aeterna_common.devauth import DevAuth  # noqa: E402
-from aeterna_common.devservers import free_port  # noqa: E402
-from aeterna_common.envoy import (  # noqa: E402
+from aeterna_devstack.auth import DevAuth  # noqa: E402
+from aeterna_devstack.envoy import (  # noqa: E402
     EnvoyProcess,
     JwtSettings,
     render_envoy_config,
     validate_config,
 )
+from aeterna_devstack.servers import free_port  # noqa: E402
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:

@@ -1,6 +1,6 @@
 """pytest fixtures shared by every service's tests (``pytest_plugins``).
 
-They start real servers from the installed binaries (see :mod:`aeterna_common.devservers`):
+They start real servers from the installed binaries (see :mod:`aeterna_devstack.servers`):
 a throwaway PostgreSQL cluster and a Redis server per test session. Each service's tests get
 their own database with an owner role and an application role (``NOSUPERUSER NOBYPASSRLS``),
 so row-level security is exercised exactly as in production.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-
 from aeterna_common.db import provision
-from aeterna_common.devservers import PostgresServer, RedisServer
+
+from aeterna_devstack.servers import PostgresServer, RedisServer
 
 
 @dataclass(frozen=True)
