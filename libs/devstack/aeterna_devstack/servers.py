@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -393,7 +394,7 @@ class PostgresServer:
             self.data_dir = Path(tempfile.mkdtemp(prefix="aeterna-pg-"))
             self._remove_on_stop.append(self.data_dir)
         else:
-            self.data_dir = self._requested_dir.resolve()
+            self.data_dir = self._reachable(self._requested_dir, user)
             existed = self.data_dir.exists()
             initialised = (self.data_dir / "PG_VERSION").is_file()
             if initialised and self.keep:
@@ -408,6 +409,40 @@ class PostgresServer:
                 self._remove_on_stop.append(self.data_dir)
         self._chown(self.data_dir, user)
         return False
+
+    @staticmethod
+    def _reachable(requested: Path, user: pwd.struct_passwd | None) -> Path:
+        """Return where the cluster of ``requested`` lives, as a directory ``user`` can enter.
+
+        A clone in a directory only root may enter (``/root/...``) is not reachable by the
+        unprivileged server user. Then the cluster lives under ``$AETERNA_PG_FALLBACK_DIR``
+        (default ``/var/tmp``), in a directory named after the requested path, and
+        ``requested`` becomes a symlink to it, so the data is still found (and kept) there.
+        """
+        if requested.is_symlink() or user is None:
+            return requested.resolve()
+        if _user_can_traverse(requested.parent, user) is None:
+            return requested.resolve()
+        base = Path(os.environ.get("AETERNA_PG_FALLBACK_DIR", "/var/tmp"))
+        digest = hashlib.sha256(str(requested.resolve()).encode()).hexdigest()[:12]
+        home = base / f"aeterna-pg-{digest}"
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o755)
+        blocked = _user_can_traverse(home, user)
+        if blocked is not None:
+            raise DevServerError(
+                f"user {user.pw_name!r} can enter neither {requested.parent} nor {blocked}; set "
+                "AETERNA_PG_FALLBACK_DIR to a directory that user can reach"
+            )
+        target = home / "data"
+        requested.parent.mkdir(parents=True, exist_ok=True)
+        if requested.exists():
+            if any(requested.iterdir()):
+                shutil.move(str(requested), str(target))  # whatever was there moves along
+            else:
+                requested.rmdir()
+        requested.symlink_to(target, target_is_directory=True)
+        return target
 
     def _chown(self, path: Path, user: pwd.struct_passwd | None) -> None:
         if user is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -90,3 +91,37 @@ async def test_redis_answers_and_stops() -> None:
             await client.aclose()
         port = server.port
     assert not _port_open(port)
+
+
+@pytest.fixture
+def root_only_clone(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    private = Path(tempfile.mkdtemp(prefix="aeterna-root-only-"))
+    private.chmod(0o700)
+    fallback = Path(tempfile.mkdtemp(prefix="aeterna-pg-fallback-"))
+    fallback.chmod(0o755)
+    monkeypatch.setenv("AETERNA_PG_FALLBACK_DIR", str(fallback))
+    yield private / "clone", fallback
+    shutil.rmtree(private, ignore_errors=True)
+    shutil.rmtree(fallback, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="only root hands the cluster to another user; as that user any directory works",
+)
+async def test_postgres_in_a_root_only_directory_keeps_its_data(
+    root_only_clone: tuple[Path, Path],
+) -> None:
+    # A clone under /root: the postgres user cannot enter it. The cluster moves to a reachable
+    # directory and the requested path becomes a symlink to it; data survives a restart.
+    clone, fallback = root_only_clone
+    data = clone / ".var" / "postgres"
+    with PostgresServer(data, keep=True) as pg:
+        conn = await asyncpg.connect(pg.dsn())
+        await conn.execute("create table kept (v int); insert into kept values (7)")
+        await conn.close()
+    assert data.is_symlink() and data.resolve().is_relative_to(fallback)
+    with PostgresServer(data, keep=True) as pg:
+        conn = await asyncpg.connect(pg.dsn())
+        assert await conn.fetchval("select v from kept") == 7
+        await conn.close()
