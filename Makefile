@@ -10,7 +10,7 @@ DATA ?= bench/data/locomo-dev.json
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py test run bench bench-locomo bench-scale bench-vectors clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos test run bench bench-locomo bench-scale bench-vectors clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
@@ -41,12 +41,16 @@ check-gen: gen
 	@git diff --exit-code --stat -- libs/sdk || (echo "generated code is stale: run make gen and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- libs/sdk)" || (git status --porcelain -- libs/sdk; echo "generated code is stale: run make gen and commit"; exit 1)
 
-lint: lint-py check-gen
+lint: lint-py check-gen lint-protos
 
 lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check libs/common libs/devstack libs/cli services tests bench scripts
 	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory
+
+# buf lint on protos/, and buf breaking against the merge base with main (see the script).
+lint-protos: $(STAMP)
+	$(PY) scripts/check_protos.py
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
