@@ -96,6 +96,7 @@ class _CachedJwks:
         self.refresh_cooldown_s = refresh_cooldown_s
         self._keys: dict[str, jwt.PyJWK] = {}
         self._last_forced = -math.inf
+        self._forced: asyncio.Future[None] | None = None
 
     def _stale(self) -> bool:
         raise NotImplementedError
@@ -142,9 +143,17 @@ class _CachedJwks:
         if self._stale():
             await self._refresh(force=False)
         key = _pick(self._keys, kid)
-        if key is None and time.monotonic() - self._last_forced >= self.refresh_cooldown_s:
-            self._last_forced = time.monotonic()
-            await self._refresh(force=True)
+        if key is None:
+            # Calls that arrive while a forced reload runs wait for it: the first tokens
+            # signed with a rotated key come in bursts.
+            if self._forced is None or self._forced.done():
+                if time.monotonic() - self._last_forced < self.refresh_cooldown_s:
+                    raise Unauthenticated(
+                        "the token's signing key is unknown", reason="TOKEN_KEY_UNKNOWN"
+                    )
+                self._last_forced = time.monotonic()
+                self._forced = asyncio.ensure_future(self._refresh(force=True))
+            await asyncio.shield(self._forced)
             key = _pick(self._keys, kid)
         if key is None:
             raise Unauthenticated("the token's signing key is unknown", reason="TOKEN_KEY_UNKNOWN")

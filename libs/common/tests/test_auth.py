@@ -347,3 +347,19 @@ async def test_service_credentials_follow_the_rotated_file(tmp_path: Path) -> No
         await creds.token()
     with pytest.raises(AuthConfigError, match="AETERNA_SERVICE_TOKEN_FILE"):
         ServiceCredentials.from_settings(CommonSettings(service_token_file=tmp_path / "none"))
+
+
+async def test_a_burst_of_rotated_tokens_shares_one_refetch(
+    keys: tuple[DevAuth, DevAuth, Path],
+) -> None:
+    a, b, _ = keys
+    server = _JwksServer(a.jwks(), delay_s=0.2)
+    try:
+        v = _verifier(JwksUrl(server.url, refresh_cooldown_s=3600))
+        await v.verify(a.issue_token("acme", "alice"))
+        server.jwks = {"keys": a.jwks()["keys"] + b.jwks()["keys"]}
+        burst = await asyncio.gather(*(v.verify(b.issue_token("acme", "bob")) for _ in range(10)))
+        assert {p.user_id for p in burst} == {"bob"}
+        assert server.fetches == 2
+    finally:
+        server.close()
