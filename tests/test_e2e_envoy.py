@@ -1,4 +1,5 @@
-"""End to end through Envoy: JWT at the edge, two replicas, a replica killed mid-run, the CLI."""
+"""End to end through Envoy: JWT at the edge and at each replica, two replicas, a replica
+killed mid-run, the CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from aeterna.type.v1 import layer_pb2
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
 from aeterna_devstack.stack import DevStack
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data" / "locomo-dev.json"
@@ -97,6 +100,90 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
     assert "grpc_server_handled_total" in text and "grpc_server_handling_seconds" in text
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(exc)
+    assert status is not None, exc.details()
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info.reason
+
+
+async def test_a_replica_port_trusts_no_forged_metadata(stack: DevStack) -> None:
+    # Anyone who reaches a replica's port directly (a peer in the cluster, a port-forward)
+    # gets no identity from metadata: only a verified token names the caller.
+    forged = (
+        ("x-aeterna-tenant", "e2e-direct"),
+        ("x-aeterna-user", "mallory"),
+        ("x-aeterna-roles", "TENANT_ADMIN"),
+    )
+    req = svc.ListMemoriesRequest(parent="tenants/e2e-direct")
+    async with grpc.aio.insecure_channel(stack.replica_list[1].target) as ch:
+        stub = svc_grpc.MemoryServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListMemories(req, metadata=forged, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _reason(info.value) == "TOKEN_MISSING"
+        # Health stays open on the replica too (Envoy's active health checks need it).
+        health = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="aeterna.memory.v1.MemoryService"), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("expired", "TOKEN_EXPIRED"),
+        ("no_exp", "TOKEN_CLAIM_MISSING"),
+        ("wrong_audience", "TOKEN_AUDIENCE_MISMATCH"),
+    ],
+)
+async def test_bad_tokens_are_refused_at_the_edge_and_at_the_replica(
+    stack: DevStack, case: str, reason: str
+) -> None:
+    auth = DevAuth(stack.root / "auth")
+    token = {
+        "expired": auth.issue_token("e2e", "e2e", ttl_s=-300),  # beyond the 60 s skew
+        "no_exp": auth.issue_token("e2e", "e2e", ttl_s=None),
+        "wrong_audience": auth.issue_token("e2e", "e2e", audience="another-api"),
+    }[case]
+    md = (("authorization", f"Bearer {token}"),)
+    req = svc.ListMemoriesRequest(parent="tenants/e2e")
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await svc_grpc.MemoryServiceStub(ch).ListMemories(req, metadata=md, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # Envoy's jwt_authn
+    async with grpc.aio.insecure_channel(stack.replica_list[1].target) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await svc_grpc.MemoryServiceStub(ch).ListMemories(req, metadata=md, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _reason(info.value) == reason
+        assert token not in (info.value.details() or "")
+
+
+async def test_a_valid_token_is_accepted_at_the_edge_and_at_the_replica(stack: DevStack) -> None:
+    md = bearer(stack, "e2e-valid", user="auth0|abc123")
+    for target in (stack.endpoint, stack.replica_list[1].target):
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = svc_grpc.MemoryServiceStub(ch)
+            created = await stub.CreateMemory(
+                svc.CreateMemoryRequest(
+                    parent="tenants/e2e-valid",
+                    memory=res.Memory(
+                        layer=layer_pb2.MEMORY_LAYER_USER,
+                        scope=layer_pb2.Scope(user_id="auth0|abc123"),
+                        content=f"via {target}",
+                    ),
+                ),
+                metadata=md,
+                timeout=30,
+            )
+            history = await stub.ListMemoryRevisions(
+                svc.ListMemoryRevisionsRequest(name=created.name), metadata=md, timeout=10
+            )
+            assert history.revisions[0].actor == "users/auth0|abc123"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])

@@ -6,8 +6,15 @@ at start; a bad value stops the process with a readable pydantic error.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_CLOCK_SKEW_S = 60
+"""Largest accepted clock skew for ``exp``/``nbf``/``iat`` in seconds: Envoy's
+``jwt_authn`` default, and the bound the architecture sets for every verifier."""
 
 
 class CommonSettings(BaseSettings):
@@ -29,6 +36,16 @@ class CommonSettings(BaseSettings):
             ``OTEL_EXPORTER_OTLP_*`` variables).
         db_pool_min: Minimum pooled PostgreSQL connections.
         db_pool_max: Maximum pooled PostgreSQL connections.
+        auth_jwks_file: JWKS file that verifies bearer tokens (re-read when it changes).
+            Serving needs exactly one of this and ``auth_jwks_url``.
+        auth_jwks_url: ``http(s)`` URL of the identity provider's JWKS (cached 300 s,
+            refetched when a token names an unknown key).
+        auth_issuer: Required ``iss`` of bearer tokens; needed to serve.
+        auth_audience: Required ``aud`` of bearer tokens; needed to serve.
+        auth_clock_skew_s: Tolerance for ``exp``, ``nbf`` and ``iat`` in seconds (at most 60).
+        service_token_file: File holding this service's own token for background work
+            (in Kubernetes a projected ServiceAccount token; re-read when it changes);
+            empty means no service credentials.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_", extra="ignore")
@@ -45,3 +62,23 @@ class CommonSettings(BaseSettings):
     otel_exporter: str = Field(default="none", pattern="^(none|console|otlp)$")
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)
+    auth_jwks_file: Path | None = None
+    auth_jwks_url: str = ""
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    auth_clock_skew_s: int = Field(default=MAX_CLOCK_SKEW_S, ge=0, le=MAX_CLOCK_SKEW_S)
+    service_token_file: Path | None = None
+
+    @field_validator("auth_jwks_file", "service_token_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # An exported but empty variable means "not set", not the current directory.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> CommonSettings:
+        if self.auth_jwks_file is not None and self.auth_jwks_url:
+            raise ValueError("set only one of AETERNA_AUTH_JWKS_FILE and AETERNA_AUTH_JWKS_URL")
+        if self.auth_jwks_url and urlparse(self.auth_jwks_url).scheme not in ("http", "https"):
+            raise ValueError("AETERNA_AUTH_JWKS_URL must be an http:// or https:// URL")
+        return self

@@ -1,35 +1,65 @@
 """The caller (principal) and the per-request context.
 
-The edge (Envoy, after verifying a JWT) sets ``x-aeterna-tenant``, ``x-aeterna-user``,
-``x-aeterna-agent`` and ``x-aeterna-roles`` (comma-separated); :func:`principal_from_metadata`
-validates them. The interceptor stores the result in a ContextVar for the request's duration.
+The principal comes only from the claims of a verified bearer token
+(:mod:`aeterna_common.auth`): :func:`principal_from_claims` validates them. No request header
+names the caller (``x-aeterna-*`` metadata from clients or peers is ignored). The interceptor
+stores the result in a ContextVar for the request's duration.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
-from aeterna_common.errors import FieldViolation, InvalidArgument, Unauthenticated
+from aeterna_common.errors import Unauthenticated
 
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 """Tenant ids: 1-100 characters of ``[A-Za-z0-9_-]`` (DOMAIN.md, Tenancy)."""
 
-IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,100}$")
-"""User, agent, session and unit ids: 1-100 characters of ``[A-Za-z0-9_.:@-]``."""
+IDENTIFIER_MAX_CHARS = 255
+"""Longest user, agent, session or unit id: OpenID Connect Core 1.0, section 2, limits
+``sub`` to 255 ASCII characters, and an e-mail address has at most 254 (RFC 5321)."""
+
+IDENTIFIER_RULE = f"1-{IDENTIFIER_MAX_CHARS} printable characters, no whitespace and no '/'"
+""":func:`is_identifier` in words, for error messages."""
 
 ROLE_PATTERN = re.compile(r"^[A-Z_]{1,40}$")
 """Role names, e.g. ``DEVELOPER``, ``TENANT_ADMIN``."""
 
-HEADER_TENANT = "x-aeterna-tenant"
-HEADER_USER = "x-aeterna-user"
-HEADER_AGENT = "x-aeterna-agent"
-HEADER_ROLES = "x-aeterna-roles"
 HEADER_REQUEST_ID = "x-request-id"
+
+CLAIM_TENANT = "tenant"
+CLAIM_USER = "sub"
+CLAIM_AGENT = "agent"
+CLAIM_ROLES = "roles"
+
+
+def is_identifier(value: str) -> bool:
+    """Whether ``value`` is a valid user, agent, session or unit id.
+
+    Identity-provider subjects are opaque: ``auth0|abc123``, ``google-oauth2|1098``,
+    ``alice@example.com``, UUIDs, ``system:serviceaccount:ns:name``. Allowed: 1 to
+    :data:`IDENTIFIER_MAX_CHARS` printable characters (``str.isprintable``: no control,
+    format or separator characters such as bidi overrides or zero-width spaces) without
+    spaces or ``/`` (actors are written ``users/{user}/agents/{agent}``).
+
+    Args:
+        value: The candidate id.
+
+    Returns:
+        True when it is valid.
+    """
+    return (
+        0 < len(value) <= IDENTIFIER_MAX_CHARS
+        and value.isprintable()
+        and " " not in value
+        and "/" not in value
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +67,9 @@ class Principal:
     """Who is calling.
 
     Attributes:
-        tenant_id: The caller's tenant.
-        user_id: The user the call is made by or for.
+        tenant_id: The caller's tenant; empty for a service principal (a token without a
+            ``tenant`` claim), which belongs to no tenant: tenant checks never match it.
+        user_id: The user the call is made by or for (the token's ``sub``).
         agent_id: The agent acting for the user, if any.
         roles: Role names, upper case.
     """
@@ -53,6 +84,11 @@ class Principal:
         """Resource-style actor string: ``users/{user}`` or ``users/{user}/agents/{agent}``."""
         base = f"users/{self.user_id}"
         return f"{base}/agents/{self.agent_id}" if self.agent_id else base
+
+    @property
+    def is_service(self) -> bool:
+        """Whether this is a service principal (no tenant), e.g. background work."""
+        return not self.tenant_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,50 +109,68 @@ class RequestContext:
 _current: ContextVar[RequestContext | None] = ContextVar("aeterna_request", default=None)
 
 
-def principal_from_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
-    """Build and validate the principal from gRPC invocation metadata.
+def _claim_invalid(claim: str, rule: str) -> Unauthenticated:
+    # The claim's value is not echoed: it came from a token.
+    return Unauthenticated(
+        f"token claim {claim!r} is invalid: {rule}",
+        reason="TOKEN_CLAIM_INVALID",
+        metadata={"claim": claim},
+    )
+
+
+def _roles(value: Any) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise _claim_invalid(CLAIM_ROLES, "must be a comma-separated string or an array")
+    if not all(isinstance(r, str) for r in items):
+        raise _claim_invalid(CLAIM_ROLES, "array items must be strings")
+    roles = frozenset(r.strip().upper() for r in items if r.strip())
+    if any(not ROLE_PATTERN.match(r) for r in roles):
+        raise _claim_invalid(CLAIM_ROLES, "role names are 1-40 characters of [A-Z_]")
+    return roles
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    """Build and validate the principal from a verified token's claims.
+
+    Claims: ``tenant`` (absent for a service principal), ``sub`` (the user), ``agent``
+    (optional) and ``roles`` (optional; a comma-separated string or an array of strings,
+    upper-cased).
 
     Args:
-        metadata: ``(key, value)`` pairs; keys lower case as gRPC delivers them.
+        claims: The verified claims, e.g. from :meth:`aeterna_common.auth.TokenVerifier.verify`.
 
     Returns:
         The principal.
 
     Raises:
-        Unauthenticated: tenant or user is missing (reason ``MISSING_PRINCIPAL``).
-        InvalidArgument: a value does not match its pattern (reason ``INVALID_PRINCIPAL``).
+        Unauthenticated: ``sub`` is missing (reason ``TOKEN_CLAIM_MISSING``) or a claim does
+            not match its rule (reason ``TOKEN_CLAIM_INVALID``, ``ErrorInfo.metadata.claim``
+            names it).
     """
-    values: dict[str, str] = {}
-    for key, value in metadata:
-        if key.startswith("x-aeterna-"):
-            values[key] = value.decode() if isinstance(value, bytes) else value
-    tenant = values.get(HEADER_TENANT, "").strip()
-    user = values.get(HEADER_USER, "").strip()
-    if not tenant or not user:
-        missing = [h for h, v in ((HEADER_TENANT, tenant), (HEADER_USER, user)) if not v]
+    tenant = claims.get(CLAIM_TENANT)
+    if tenant is not None and (not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant)):
+        raise _claim_invalid(CLAIM_TENANT, "must be 1-100 characters of [A-Za-z0-9_-]")
+    user = claims.get(CLAIM_USER)
+    if user is None:
         raise Unauthenticated(
-            f"missing caller identity: {', '.join(missing)}", reason="MISSING_PRINCIPAL"
+            "token lacks the 'sub' claim",
+            reason="TOKEN_CLAIM_MISSING",
+            metadata={"claim": CLAIM_USER},
         )
-    agent = values.get(HEADER_AGENT, "").strip() or None
-    roles = frozenset(
-        r.strip().upper() for r in values.get(HEADER_ROLES, "").split(",") if r.strip()
+    if not isinstance(user, str) or not is_identifier(user):
+        raise _claim_invalid(CLAIM_USER, f"must be {IDENTIFIER_RULE}")
+    agent = claims.get(CLAIM_AGENT)
+    if agent is not None and (not isinstance(agent, str) or not is_identifier(agent)):
+        raise _claim_invalid(CLAIM_AGENT, f"must be {IDENTIFIER_RULE}")
+    return Principal(
+        tenant_id=tenant or "", user_id=user, agent_id=agent, roles=_roles(claims.get(CLAIM_ROLES))
     )
-    violations: list[FieldViolation] = []
-    if not TENANT_PATTERN.match(tenant):
-        violations.append(
-            FieldViolation(HEADER_TENANT, "must be 1-100 characters of [A-Za-z0-9_-]")
-        )
-    for header, ident in ((HEADER_USER, user), (HEADER_AGENT, agent)):
-        if ident is not None and not IDENTIFIER_PATTERN.match(ident):
-            violations.append(
-                FieldViolation(header, "must be 1-100 characters of [A-Za-z0-9_.:@-]")
-            )
-    bad_roles = sorted(r for r in roles if not ROLE_PATTERN.match(r))
-    if bad_roles:
-        violations.append(FieldViolation(HEADER_ROLES, f"invalid role names: {bad_roles}"))
-    if violations:
-        raise InvalidArgument(violations, reason="INVALID_PRINCIPAL")
-    return Principal(tenant_id=tenant, user_id=user, agent_id=agent, roles=roles)
 
 
 def request_id_from_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> str:

@@ -1,10 +1,12 @@
 """The one server interceptor of every service: request context, errors, metrics.
 
-For each RPC it (1) validates the caller's principal from metadata, (2) binds it and the
+For each RPC it (1) verifies the bearer token and takes the caller's principal from its claims
+only (:class:`~aeterna_common.auth.TokenVerifier`; ``x-aeterna-*`` metadata is ignored), (2)
+binds it and the
 request id into a ContextVar and the log context, (3) maps :class:`AeternaError` to a
 ``google.rpc.Status`` with details and any other exception to ``INTERNAL`` (logged, never
 leaked), and (4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
-Infrastructure services (``grpc.health.v1``, reflection) need no principal.
+Infrastructure services (``grpc.health.v1``, reflection) need no token.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ import structlog
 from grpc_status import rpc_status
 
 from aeterna_common import context as rc
+from aeterna_common.auth import TokenVerifier
 from aeterna_common.errors import AeternaError, FieldViolation, InvalidArgument, internal_status
 from aeterna_common.telemetry import GRPC_HANDLED, GRPC_HANDLING_SECONDS
 
 log = structlog.get_logger("aeterna.rpc")
 
-PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-"""Methods that run without a principal: health checks and reflection."""
+PUBLIC_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+"""Methods that run without a token: health checks and reflection (as at the edge; the trailing
+slash keeps look-alikes such as ``/grpc.health.v1.HealthX/`` behind the token)."""
 
 
 class _Undecodable:
@@ -65,18 +73,21 @@ def _split(method: str) -> tuple[str, str]:
 class _Call:
     """Bookkeeping of one RPC: context binding, error mapping, metrics."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], verifier: TokenVerifier
+    ) -> None:
         self.method = method
+        self.verifier = verifier
         self.context = context
         self.service, self.name = _split(method)
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
 
-    def begin(self) -> rc.RequestContext:
+    async def begin(self) -> rc.RequestContext:
         md = tuple(self.context.invocation_metadata() or ())
         request_id = rc.request_id_from_metadata(md)
         structlog.contextvars.bind_contextvars(request_id=request_id, method=self.name)
-        principal = rc.principal_from_metadata(md)
+        principal = await self.verifier.authenticate(md)
         structlog.contextvars.bind_contextvars(tenant=principal.tenant_id)
         return rc.RequestContext(principal=principal, request_id=request_id, method=self.method)
 
@@ -103,12 +114,14 @@ class _Call:
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], method: str
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    method: str,
+    verifier: TokenVerifier,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, verifier)
         try:
-            with rc.bind(call.begin()):
+            with rc.bind(await call.begin()):
                 _check_decoded(request)
                 return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -124,11 +137,12 @@ def _wrap_unary(
 def _wrap_stream(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
     method: str,
+    verifier: TokenVerifier,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, verifier)
         try:
-            with rc.bind(call.begin()):
+            with rc.bind(await call.begin()):
                 _check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
@@ -143,7 +157,14 @@ def _wrap_stream(
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the request context, maps errors and records metrics for every RPC."""
+    """Verifies the caller, binds the request context, maps errors and records metrics.
+
+    Args:
+        verifier: Verifies each call's bearer token.
+    """
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
 
     async def intercept_service(
         self,
@@ -158,16 +179,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), des, ser
+                _wrap_unary(handler.unary_unary, method, self.verifier), des, ser
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), des, ser
+                _wrap_stream(handler.unary_stream, method, self.verifier), des, ser
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), des, ser
+                _wrap_unary(handler.stream_unary, method, self.verifier), des, ser
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method), des, ser
+            _wrap_stream(handler.stream_stream, method, self.verifier), des, ser
         )

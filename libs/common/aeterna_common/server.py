@@ -22,6 +22,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
 from aeterna_common.interceptors import RequestInterceptor
 from aeterna_common.logging import configure_logging
@@ -56,6 +57,7 @@ class GrpcServer:
 
     Args:
         app: The service's servicers and resources.
+        verifier: Verifies every call's bearer token (health and reflection stay open).
         listen: ``host:port``; port 0 binds a free port (see :attr:`port`).
         grace_period_s: Seconds in-flight calls get on stop.
         drain_s: Seconds between NOT_SERVING and closing the listener.
@@ -66,6 +68,7 @@ class GrpcServer:
         self,
         app: ServiceApp,
         *,
+        verifier: TokenVerifier,
         listen: str = "127.0.0.1:0",
         grace_period_s: float = 10.0,
         drain_s: float = 0.0,
@@ -77,7 +80,7 @@ class GrpcServer:
         self.drain_s = drain_s
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(), RequestInterceptor()],
+            interceptors=[*server_interceptors(), RequestInterceptor(verifier)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
@@ -155,13 +158,19 @@ async def run_service(
         service: Short service name (``memory``); traces use ``aeterna-{service}``.
         settings: The service's settings (already validated).
         build: The composition root: builds adapters, domain and servicers.
+
+    Raises:
+        AuthConfigError: token verification is not configured (checked before anything
+            starts).
     """
+    verifier = TokenVerifier.from_settings(settings)
     configure_logging(settings.log_level, settings.log_json)
     configure_tracing(f"aeterna-{service}", settings.otel_exporter)
     start_metrics_server(settings.metrics_port)
     app = await build()
     server = GrpcServer(
         app,
+        verifier=verifier,
         listen=settings.listen,
         grace_period_s=settings.grace_period_s,
         drain_s=settings.drain_s,

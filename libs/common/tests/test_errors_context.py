@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from aeterna_common.context import principal_from_metadata
+from aeterna_common.context import is_identifier, principal_from_claims
 from aeterna_common.errors import (
     FieldViolation,
     InvalidArgument,
@@ -34,27 +34,60 @@ def test_not_found_and_internal() -> None:
     assert internal.code == code_pb2.INTERNAL and internal.message == "internal error"
 
 
-def test_principal_from_metadata() -> None:
-    p = principal_from_metadata(
-        [
-            ("x-aeterna-tenant", "acme-update"),
-            ("x-aeterna-user", "alice@x.io"),
-            ("x-aeterna-agent", b"bot-1"),
-            ("x-aeterna-roles", "developer, TECH_LEAD"),
-        ]
+def test_principal_from_claims() -> None:
+    p = principal_from_claims(
+        {
+            "tenant": "acme-update",
+            "sub": "alice@x.io",
+            "agent": "bot-1",
+            "roles": "developer, TECH_LEAD",
+        }
     )
-    assert p.tenant_id == "acme-update" and p.agent_id == "bot-1"
+    assert p.tenant_id == "acme-update" and p.agent_id == "bot-1" and not p.is_service
     assert p.roles == frozenset({"DEVELOPER", "TECH_LEAD"})
     assert p.actor == "users/alice@x.io/agents/bot-1"
-    with pytest.raises(Unauthenticated):
-        principal_from_metadata([("x-aeterna-tenant", "acme")])
-    with pytest.raises(InvalidArgument) as info:
-        principal_from_metadata(
-            [
-                ("x-aeterna-tenant", "a" * 101),
-                ("x-aeterna-user", "u"),
-                ("x-aeterna-roles", "bad-role"),
-            ]
-        )
-    fields = [v.field for v in info.value.violations]
-    assert fields == ["x-aeterna-tenant", "x-aeterna-roles"]
+    assert principal_from_claims(
+        {"tenant": "a", "sub": "u", "roles": ["reader", "SERVICE"]}
+    ).roles == {
+        "READER",
+        "SERVICE",
+    }
+    service = principal_from_claims({"sub": "service:memory", "roles": "SERVICE"})
+    assert service.is_service and service.tenant_id == ""
+    with pytest.raises(Unauthenticated) as missing:
+        principal_from_claims({"tenant": "acme"})
+    assert missing.value.reason == "TOKEN_CLAIM_MISSING"
+    for claims, claim in (
+        ({"tenant": "a" * 101, "sub": "u"}, "tenant"),
+        ({"tenant": "a", "sub": 7}, "sub"),
+        ({"tenant": "a", "sub": "u", "agent": "a/b"}, "agent"),
+        ({"tenant": "a", "sub": "u", "roles": "bad-role"}, "roles"),
+        ({"tenant": "a", "sub": "u", "roles": {"x": 1}}, "roles"),
+        ({"tenant": "a", "sub": "u", "roles": ["ok", 3]}, "roles"),
+    ):
+        with pytest.raises(Unauthenticated) as info:
+            principal_from_claims(claims)
+        assert (info.value.reason, info.value.metadata) == ("TOKEN_CLAIM_INVALID", {"claim": claim})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "auth0|abc123",
+        "google-oauth2|1098",
+        "alice+x@example.com",
+        "3f2b8c1e-9d4a-4e8f-b1c2-0a9d8e7f6c5b",
+        "system:serviceaccount:aeterna:memory",
+        "josé",
+        "x" * 255,
+    ],
+)
+def test_identifiers_accept_identity_provider_subjects(value: str) -> None:
+    assert is_identifier(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "x" * 256, "a b", "a\tb", "a\nb", "\x00", "\x7f", "a\u202eb", "a\u200bb", "a/b"]
+)
+def test_identifiers_reject_control_characters_and_long_ids(value: str) -> None:
+    assert not is_identifier(value)

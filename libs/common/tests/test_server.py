@@ -7,8 +7,11 @@ import asyncio
 import grpc
 import pytest
 from aeterna_common import context as rc
+from aeterna_common.auth import JwksFile, TokenVerifier
 from aeterna_common.errors import NotFound
 from aeterna_common.server import GrpcServer, ServiceApp
+from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+from aeterna_devstack.pytest_plugin import session_auth
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -41,12 +44,18 @@ def make_app(closed: list[bool]) -> ServiceApp:
     return ServiceApp(service_names=[SERVICE], register=register, close=close)
 
 
-MD = (("x-aeterna-tenant", "acme"), ("x-aeterna-user", "u"))
+MD = (("authorization", f"Bearer {session_auth().issue_token('acme', 'u')}"),)
+
+
+def verifier() -> TokenVerifier:
+    return TokenVerifier(
+        JwksFile(session_auth().jwks_path), issuer=DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE
+    )
 
 
 async def test_graceful_stop_drains_in_flight_calls() -> None:
     closed: list[bool] = []
-    server = GrpcServer(make_app(closed), grace_period_s=5, drain_s=0.2)
+    server = GrpcServer(make_app(closed), verifier=verifier(), grace_period_s=5, drain_s=0.2)
     port = await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -70,7 +79,7 @@ async def test_graceful_stop_drains_in_flight_calls() -> None:
 
 
 async def test_errors_map_to_rich_status_without_leaking() -> None:
-    server = GrpcServer(make_app([]))
+    server = GrpcServer(make_app([]), verifier=verifier())
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

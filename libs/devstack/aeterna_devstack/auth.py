@@ -1,9 +1,11 @@
-"""Development JWTs: a local RS256 key pair, its JWKS for Envoy, and a token issuer.
+"""Development JWTs: a local RS256 key pair, its JWKS, and a token issuer.
 
 The key pair is created once in a state directory (``$AETERNA_AUTH_DIR``, else ``.var/auth``
 under the repository root) and reused afterwards, so tokens stay valid across ``make run``
-restarts. Envoy's ``jwt_authn`` filter verifies the tokens against ``jwks.json`` and maps the
-claims ``tenant``, ``sub``, ``agent`` and ``roles`` to ``x-aeterna-*`` request headers.
+restarts. Envoy's ``jwt_authn`` filter and every service (``aeterna_common.auth``) verify the
+tokens against ``jwks.json``; the services take the caller from the claims ``tenant``,
+``sub``, ``agent`` and ``roles``. :meth:`DevAuth.server_env` configures a service to trust the
+key, :meth:`DevAuth.service_env` gives it a development service token.
 
 Example::
 
@@ -38,6 +40,13 @@ DEFAULT_AUDIENCE = "aeterna"
 
 DEFAULT_TTL_S = 3600
 """Token lifetime in seconds when the caller gives none."""
+
+SERVICE_TOKEN_TTL_S = 7 * 24 * 3600
+"""Lifetime of development service tokens in seconds: a week, so a long ``make run`` keeps
+working (the stack writes a fresh one at every start; in Kubernetes the kubelet rotates)."""
+
+SERVICE_ROLE = "SERVICE"
+"""Role of development service principals (``aeterna_common.auth.SERVICE_ROLE``)."""
 
 ALGORITHM = "RS256"
 PRIVATE_KEY_FILE = "private_key.pem"
@@ -180,11 +189,11 @@ class DevAuth:
 
     def issue_token(
         self,
-        tenant: str,
+        tenant: str | None,
         user: str,
         agent: str | None = None,
         roles: Iterable[str] = (),
-        ttl_s: float = DEFAULT_TTL_S,
+        ttl_s: float | None = DEFAULT_TTL_S,
         issuer: str = DEFAULT_ISSUER,
         audience: str = DEFAULT_AUDIENCE,
         *,
@@ -194,13 +203,13 @@ class DevAuth:
         """Sign an RS256 token for a tenant's user (and optionally an agent acting for them).
 
         Args:
-            tenant: Tenant id, claim ``tenant``.
+            tenant: Tenant id, claim ``tenant``; None omits it (a service principal).
             user: User id, claim ``sub``.
             agent: Agent id, claim ``agent``; omitted when None.
-            roles: Role names, joined with commas into the STRING claim ``roles`` (Envoy's
-                ``claim_to_headers`` would forward an array as base64url JSON); omitted when
-                empty.
-            ttl_s: Lifetime in seconds; negative values make an already expired token.
+            roles: Role names, joined with commas into the string claim ``roles``; omitted
+                when empty.
+            ttl_s: Lifetime in seconds; negative values make an already expired token, None
+                omits ``exp`` (a token every verifier must refuse).
             issuer: Claim ``iss``.
             audience: Claim ``aud``.
             issued_at: ``iat`` as Unix time in seconds; None means now.
@@ -211,14 +220,11 @@ class DevAuth:
 
         """
         iat = int(time.time() if issued_at is None else issued_at)
-        claims: dict[str, Any] = {
-            "iss": issuer,
-            "aud": audience,
-            "sub": user,
-            "tenant": tenant,
-            "iat": iat,
-            "exp": iat + int(ttl_s),
-        }
+        claims: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": user, "iat": iat}
+        if tenant is not None:
+            claims["tenant"] = tenant
+        if ttl_s is not None:
+            claims["exp"] = iat + int(ttl_s)
         if agent is not None:
             claims["agent"] = agent
         role_list = list(roles)
@@ -228,6 +234,51 @@ class DevAuth:
             claims["roles"] = ",".join(role_list)
         claims.update(extra_claims or {})
         return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
+
+    def issue_service_token(self, service: str, ttl_s: float = SERVICE_TOKEN_TTL_S) -> str:
+        """Sign a service principal's token: ``sub`` ``service:<service>``, role
+        :data:`SERVICE_ROLE`, no tenant.
+
+        Args:
+            service: Short service name, e.g. ``memory``.
+            ttl_s: Lifetime in seconds.
+
+        Returns:
+            The compact JWS string.
+        """
+        return self.issue_token(None, f"service:{service}", roles=(SERVICE_ROLE,), ttl_s=ttl_s)
+
+    def service_token_path(self, service: str) -> Path:
+        """Path of the development token file of ``service``."""
+        return self.state_dir / f"service-{service}.token"
+
+    def write_service_token(self, service: str, ttl_s: float = SERVICE_TOKEN_TTL_S) -> Path:
+        """Write a fresh service token for ``service`` (mode 0600, replaced atomically, as the
+        kubelet rotates a projected token).
+
+        Args:
+            service: Short service name, e.g. ``memory``.
+            ttl_s: Lifetime in seconds.
+
+        Returns:
+            The token file's path.
+        """
+        path = self.service_token_path(service)
+        _write_atomic(path, self.issue_service_token(service, ttl_s).encode(), 0o600)
+        return path
+
+    def server_env(self) -> dict[str, str]:
+        """Environment that makes a service trust this key (``AETERNA_AUTH_*``)."""
+        return {
+            "AETERNA_AUTH_JWKS_FILE": str(self.jwks_path),
+            "AETERNA_AUTH_ISSUER": DEFAULT_ISSUER,
+            "AETERNA_AUTH_AUDIENCE": DEFAULT_AUDIENCE,
+        }
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """Environment giving ``service`` a fresh development service token
+        (``AETERNA_SERVICE_TOKEN_FILE``)."""
+        return {"AETERNA_SERVICE_TOKEN_FILE": str(self.write_service_token(service))}
 
 
 def issue_token(

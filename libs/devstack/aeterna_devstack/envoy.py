@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -92,17 +92,17 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class JwtSettings:
-    """How ``jwt_authn`` verifies tokens.
+    """How ``jwt_authn`` verifies tokens at the edge.
 
     Exactly one of ``jwks_json`` and ``jwks_path`` must be set. Envoy reads a JWKS file once,
-    at config load.
+    at config load. Tokens without ``exp`` are refused; a valid token is forwarded to the
+    services, which verify it again and take the caller from its claims (no claim headers).
 
     Attributes:
         jwks_json: The JWKS as a JSON string (``local_jwks.inline_string``).
         jwks_path: Path of a JWKS file (``local_jwks.filename``).
         issuer: Required ``iss``.
         audiences: Accepted ``aud`` values.
-        claim_headers: Claim name → request header.
         clock_skew_s: Tolerance for ``exp``/``nbf``, in seconds (Envoy's default is 60).
 
     """
@@ -111,7 +111,6 @@ class JwtSettings:
     jwks_path: str | os.PathLike[str] | None = None
     issuer: str = DEFAULT_ISSUER
     audiences: Sequence[str] = (DEFAULT_AUDIENCE,)
-    claim_headers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_CLAIM_HEADERS))
     clock_skew_s: int = 60
 
 
@@ -235,12 +234,10 @@ def _jwt_filter(jwt: JwtSettings, public_prefixes: Sequence[str]) -> dict[str, A
                     "issuer": jwt.issuer,
                     "audiences": list(jwt.audiences),
                     "local_jwks": local_jwks,
-                    "forward": False,
+                    # The services verify the token themselves: it must reach them.
+                    "forward": True,
+                    "require_expiration": True,
                     "clock_skew_seconds": jwt.clock_skew_s,
-                    "claim_to_headers": [
-                        {"claim_name": claim, "header_name": header}
-                        for claim, header in jwt.claim_headers.items()
-                    ],
                 }
             },
             "rules": [

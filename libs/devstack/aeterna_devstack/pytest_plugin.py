@@ -3,22 +3,54 @@
 They start real servers from the installed binaries (see :mod:`aeterna_devstack.servers`):
 a throwaway PostgreSQL cluster and a Redis server per test session. Each service's tests get
 their own database with an owner role and an application role (``NOSUPERUSER NOBYPASSRLS``),
-so row-level security is exercised exactly as in production.
+so row-level security is exercised exactly as in production. Services under test verify real
+tokens: :func:`session_auth` is one development key per test process, and
+:func:`auth_settings` the ``CommonSettings`` fields that make a service trust it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from aeterna_common.db import provision
 
+from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAuth
 from aeterna_devstack.servers import PostgresServer, RedisServer
+
+
+@functools.cache
+def session_auth() -> DevAuth:
+    """The test process's development key (in a fresh temporary directory), created once.
+
+    Plain function as well as the :func:`dev_auth` fixture, so that test helpers can sign
+    tokens without a fixture argument.
+    """
+    return DevAuth(tempfile.mkdtemp(prefix="aeterna-auth-"))
+
+
+def auth_settings(auth: DevAuth | None = None) -> dict[str, Any]:
+    """``CommonSettings`` fields that make a service trust ``auth``'s key (default
+    :func:`session_auth`): JWKS file, issuer and audience."""
+    auth = auth or session_auth()
+    return {
+        "auth_jwks_file": auth.jwks_path,
+        "auth_issuer": DEFAULT_ISSUER,
+        "auth_audience": DEFAULT_AUDIENCE,
+    }
+
+
+@pytest.fixture(scope="session")
+def dev_auth() -> DevAuth:
+    """The session's development key: sign tokens with ``dev_auth.issue_token(...)``."""
+    return session_auth()
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
 ``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Replicas listen on
-loopback only; Envoy on ``127.0.0.1:8080`` (``AETERNA_STACK_PORT``) verifies development JWTs
-and routes to them. State (PostgreSQL data, indexes, keys, logs) lives in ``.var/``.
+loopback only; Envoy on ``127.0.0.1:8080`` (``AETERNA_STACK_PORT``) verifies development JWTs,
+forwards them and routes to the replicas, which verify them again against the same JWKS file.
+Each replica gets a development service token (``AETERNA_SERVICE_TOKEN_FILE``). State
+(PostgreSQL data, indexes, keys, logs) lives in ``.var/``.
 """
 
 from __future__ import annotations
@@ -134,12 +136,15 @@ class DevStack:
             import shutil
 
             shutil.rmtree(index_root, ignore_errors=True)
+        auth = DevAuth(self.root / "auth")
         base_env = {
             **os.environ,
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
             "AETERNA_REDIS_URL": redis_url,
             "AETERNA_DRAIN_S": "1.0",
+            **auth.server_env(),
+            **auth.service_env("memory"),
             **self.env,
         }
         for i in range(self.replicas):
@@ -158,7 +163,6 @@ class DevStack:
                 f"memory-{replica.index}    {replica.target}  (metrics "
                 f"http://127.0.0.1:{replica.metrics_port}/metrics, log {replica.log_path})"
             )
-        auth = DevAuth(self.root / "auth")
         config = render_envoy_config(
             [Upstream(MEMORY_SERVICE, "memory", [("127.0.0.1", r.port) for r in self._replicas])],
             listen_port=self.port,

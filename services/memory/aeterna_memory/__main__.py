@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
+from aeterna_common.auth import AuthConfigError
 from aeterna_common.config import CommonSettings
 from aeterna_common.server import run_service
 
@@ -15,7 +17,10 @@ def main() -> None:
     """Validate settings, then serve."""
     common = CommonSettings()
     settings = MemorySettings()
-    asyncio.run(run_service("memory", common, lambda: build(common, settings)))
+    try:
+        asyncio.run(run_service("memory", common, lambda: build(common, settings)))
+    except AuthConfigError as exc:
+        sys.exit(f"aeterna-memory: cannot start: {exc}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, apply_migrations, role_of
 from aeterna_common.embedding.port import EmbeddingPort
@@ -47,10 +48,14 @@ class MemoryApp(ServiceApp):
     Attributes:
         domain: The use cases.
         follower: The index follower (rebuild, reconcile, applied position).
+        credentials: The service principal's token for calls that background work makes to
+            other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
+            maintenance reads PostgreSQL as the indexer and calls no service yet.
     """
 
     domain: MemoryDomain
     follower: IndexFollower
+    credentials: ServiceCredentials | None = None
 
 
 class IndexedSearch:
@@ -126,6 +131,7 @@ async def build(
     """
     common = common or CommonSettings()
     settings = settings or MemorySettings()
+    credentials = ServiceCredentials.from_settings(common)
     await apply_migrations(
         common.database_owner_url or common.database_url, MIGRATIONS, role_of(common.database_url)
     )
@@ -201,4 +207,5 @@ async def build(
         background=[follower.run, reconcile_forever],
         domain=domain,
         follower=follower,
+        credentials=credentials,
     )

@@ -14,7 +14,7 @@ from typing import Any
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
-from aeterna_common.context import IDENTIFIER_PATTERN
+from aeterna_common.context import IDENTIFIER_RULE, is_identifier
 from aeterna_common.errors import FieldViolation, InvalidArgument
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -130,8 +130,8 @@ def _scope(v: Violations, field: str, scope: layer_pb2.Scope) -> Scope:
     values: dict[str, str | None] = {}
     for name in SCOPE_FIELDS:
         value: str = getattr(scope, name)
-        if value and not IDENTIFIER_PATTERN.match(value):
-            v.add(f"{field}.{name}", "must be 1-100 characters of [A-Za-z0-9_.:@-]")
+        if value and not is_identifier(value):
+            v.add(f"{field}.{name}", f"must be {IDENTIFIER_RULE}")
         values[name] = value or None
     return Scope(**values)
 

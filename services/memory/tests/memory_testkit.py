@@ -11,9 +11,10 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
+from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
 from aeterna_common.server import GrpcServer
-from aeterna_devstack.pytest_plugin import DatabaseUrls
+from aeterna_devstack.pytest_plugin import DatabaseUrls, auth_settings, session_auth
 from aeterna_memory.app import build
 from aeterna_memory.settings import MemorySettings
 
@@ -37,10 +38,9 @@ class MemoryEnv:
 
 
 def md(tenant: str, user: str = "u1", agent: str | None = None) -> tuple[tuple[str, str], ...]:
-    out = [("x-aeterna-tenant", tenant), ("x-aeterna-user", user)]
-    if agent:
-        out.append(("x-aeterna-agent", agent))
-    return tuple(out)
+    """Call metadata with a real bearer token for ``tenant``'s ``user`` (and ``agent``)."""
+    token = session_auth().issue_token(tenant, user, agent=agent)
+    return (("authorization", f"Bearer {token}"),)
 
 
 def new_tenant() -> str:
@@ -65,12 +65,18 @@ async def start_memory(
     urls: DatabaseUrls, redis_url: str, index_dir: Path, **settings: Any
 ) -> tuple[GrpcServer, Any]:
     common = CommonSettings(
-        database_url=urls.app, database_owner_url=urls.owner, redis_url=redis_url
+        database_url=urls.app,
+        database_owner_url=urls.owner,
+        redis_url=redis_url,
+        service_token_file=session_auth().write_service_token("memory"),
+        **auth_settings(),
     )
     # A generous read-your-writes bound keeps tests deterministic on a loaded CI machine;
     # production uses the 0.1 s default.
     settings.setdefault("read_wait_s", 1.0)
     app = await build(common, MemorySettings(index_dir=index_dir, **settings))
-    server = GrpcServer(app, listen="127.0.0.1:0", grace_period_s=2)
+    server = GrpcServer(
+        app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2
+    )
     await server.start()
     return server, app

@@ -9,6 +9,7 @@ import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
+from aeterna_devstack.pytest_plugin import session_auth
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -128,21 +129,97 @@ async def test_not_found_and_permission_before_existence(env: MemoryEnv) -> None
     assert not still.HasField("delete_time")
 
 
-async def test_principal_metadata_is_required_and_validated(env: MemoryEnv) -> None:
-    req = svc.GetMemoryRequest(name=f"tenants/x/memories/{uuid.uuid4()}")
+async def test_principal_comes_only_from_a_verified_token(env: MemoryEnv) -> None:
+    t = new_tenant()
+    mine = await create(env, t, memory("only the token says who calls", user_id="u1"))
+    req = svc.GetMemoryRequest(name=mine.name)
     reason, _ = await expect(env.stub.GetMemory(req), grpc.StatusCode.UNAUTHENTICATED)
-    assert reason == "MISSING_PRINCIPAL"
-    reason, fields = await expect(
-        env.stub.GetMemory(
-            req, metadata=(("x-aeterna-tenant", "bad tenant!"), ("x-aeterna-user", "u"))
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+    assert reason == "TOKEN_MISSING"
+    # Identity metadata straight to the replica's port, no token: nobody.
+    forged = (("x-aeterna-tenant", t), ("x-aeterna-user", "mallory"), ("x-aeterna-roles", "ADMIN"))
+    reason, _ = await expect(
+        env.stub.GetMemory(req, metadata=forged), grpc.StatusCode.UNAUTHENTICATED
     )
-    assert reason == "INVALID_PRINCIPAL" and fields == ["x-aeterna-tenant"]
+    assert reason == "TOKEN_MISSING"
+    # A token of another tenant plus forged metadata naming this tenant: still the other one.
+    reason, _ = await expect(
+        env.stub.GetMemory(req, metadata=(*md(new_tenant()), *forged)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    assert reason == "TENANT_MISMATCH"
+    auth = session_auth()
+    unsigned = auth.issue_token(t, "u1", ttl_s=None)
+    reason, _ = await expect(
+        env.stub.GetMemory(req, metadata=(("authorization", f"Bearer {unsigned}"),)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert reason == "TOKEN_CLAIM_MISSING"
+    bad_tenant = auth.issue_token("bad tenant!", "u1")
+    reason, _ = await expect(
+        env.stub.GetMemory(req, metadata=(("authorization", f"Bearer {bad_tenant}"),)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert reason == "TOKEN_CLAIM_INVALID"
+    # The service principal belongs to no tenant.
+    service = auth.issue_service_token("memory")
+    reason, _ = await expect(
+        env.stub.GetMemory(req, metadata=(("authorization", f"Bearer {service}"),)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    assert reason == "TENANT_MISMATCH"
+    got = await env.stub.GetMemory(req, metadata=md(t))
+    assert got.content == "only the token says who calls"
     # A slug with a hyphen is a valid tenant (validated by pattern, never by keywords).
     t = "acme-update"
     created = await create(env, t, memory("slug tenants work", user_id="u1"))
     assert created.name.startswith("tenants/acme-update/")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["auth0|abc123", "google-oauth2|1098", "alice+notes@example.com", str(uuid.uuid4())],
+)
+async def test_identity_provider_subjects_are_users_and_scope_ids(
+    env: MemoryEnv, subject: str
+) -> None:
+    t = new_tenant()
+    created = await env.stub.CreateMemory(
+        svc.CreateMemoryRequest(
+            parent=f"tenants/{t}", memory=memory("idp subject", user_id=subject)
+        ),
+        metadata=md(t, user=subject),
+    )
+    assert created.scope.user_id == subject
+    history = await env.stub.ListMemoryRevisions(
+        svc.ListMemoryRevisionsRequest(name=created.name), metadata=md(t, user=subject)
+    )
+    assert history.revisions[0].actor == f"users/{subject}"
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", scope=layer_pb2.Scope(user_id=subject)),
+        metadata=md(t),
+    )
+    assert [m.name for m in listed.memories] == [created.name]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["line\nbreak", "tab\tid", "nul\x00", "bidi\u202eoverride", "a/b", "x" * 256, "two words"],
+)
+async def test_bad_identifiers_are_rejected_in_scopes_and_tokens(env: MemoryEnv, bad: str) -> None:
+    t = new_tenant()
+    reason, fields = await expect(
+        env.stub.CreateMemory(
+            svc.CreateMemoryRequest(parent=f"tenants/{t}", memory=memory("x", user_id=bad)),
+            metadata=md(t),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert fields == ["memory.scope.user_id"]
+    reason, _ = await expect(
+        env.stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t, bad)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert reason == "TOKEN_CLAIM_INVALID"
 
 
 @pytest.mark.parametrize(

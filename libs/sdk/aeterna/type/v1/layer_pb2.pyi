@@ -66,7 +66,9 @@ Global___MemoryLayer: _TypeAlias = MemoryLayer  # noqa: Y015
 @_typing.final
 class Scope(_message.Message):
     """The identifiers that place a record in the layer hierarchy. Each layer needs some of them
-    (see MemoryLayer); in a search, an identifier left empty widens the scope.
+    (see MemoryLayer); in a search, an identifier left empty widens the scope. Every identifier
+    is 1-255 printable characters without whitespace or '/', so identity-provider subjects
+    (auth0|abc123, e-mail addresses, UUIDs) fit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -79,7 +81,7 @@ class Scope(_message.Message):
     ORG_ID_FIELD_NUMBER: _builtins.int
     COMPANY_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Agent identifier, 1-100 characters of [A-Za-z0-9_.:@-]."""
+    """Agent identifier."""
     user_id: _builtins.str
     """User identifier."""
     session_id: _builtins.str
