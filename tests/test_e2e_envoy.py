@@ -99,6 +99,68 @@ async def test_health_and_auth_at_the_edge(stack: DevStack) -> None:
     assert "grpc_server_handled_total" in text and "grpc_server_handling_seconds" in text
 
 
+async def test_json_over_http_is_transcoded_at_the_edge(stack: DevStack) -> None:
+    import httpx
+
+    base = f"http://{stack.endpoint}/v1"
+    token = DevAuth(stack.root / "auth").issue_token("e2e-json", "alice")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        created = await http.post(
+            "/tenants/e2e-json/memories",
+            headers=auth,
+            json={
+                "layer": "MEMORY_LAYER_USER",
+                "scope": {"userId": "alice"},
+                "content": "Alice is allergic to peanuts",
+                "tags": ["health"],
+            },
+            params={"requestId": "json-1"},
+        )
+        assert created.status_code == 200, created.text
+        memory = created.json()
+        assert memory["name"].startswith("tenants/e2e-json/memories/")
+        assert memory["content"] == "Alice is allergic to peanuts"
+        assert memory["layer"] == "MEMORY_LAYER_USER"
+
+        found = await http.post(
+            "/tenants/e2e-json/memories:search",
+            headers=auth,
+            json={"query": "what food should alice avoid?", "scope": {"userId": "alice"}},
+        )
+        assert found.status_code == 200, found.text
+        assert found.headers["content-type"].startswith("application/json")
+        results = found.json()["results"]
+        assert [r["memory"]["name"] for r in results] == [memory["name"]]
+        assert results[0]["score"] > 0
+
+        got = await http.get(f"/{memory['name']}", headers=auth)
+        assert got.status_code == 200 and got.json()["name"] == memory["name"]
+        listed = await http.get("/tenants/e2e-json/memories", headers=auth, params={"pageSize": 5})
+        assert [m["name"] for m in listed.json()["memories"]] == [memory["name"]]
+
+        # A failed call keeps its status: HTTP 404 with google.rpc.Status as JSON.
+        missing = await http.get(
+            "/tenants/e2e-json/memories/00000000-0000-0000-0000-000000000000", headers=auth
+        )
+        assert missing.status_code == 404, missing.text
+        reasons = [d.get("reason") for d in missing.json()["details"]]
+        assert "MEMORY_NOT_FOUND" in reasons
+        # An unknown REST path is answered by Envoy (404), not retried into a 503.
+        unknown = await http.get("/tenants/e2e-json/nothing-here", headers=auth)
+        assert unknown.status_code == 404, unknown.text
+        # A misspelt query parameter is rejected, not ignored.
+        typo = await http.get("/tenants/e2e-json/memories", headers=auth, params={"pageSise": 5})
+        assert typo.status_code == 400, typo.text
+        # No token, or a forged identity header instead of one: 401 before any transcoding.
+        anonymous = await http.post(
+            "/tenants/e2e-json/memories:search",
+            json={"query": "peanuts"},
+            headers={"x-aeterna-tenant": "e2e-json", "x-aeterna-user": "alice"},
+        )
+        assert anonymous.status_code == 401, anonymous.text
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
     stack: DevStack, sig: signal.Signals
