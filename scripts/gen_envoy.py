@@ -23,6 +23,7 @@ from pathlib import Path
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.envoy import (
     EnvoyError,
+    chart_config_paths,
     dump_chart_config,
     render_chart_configs,
     validate_chart_config,
@@ -65,7 +66,7 @@ def validate() -> int:
         checks: list[tuple[str, Callable[[], None]]] = [
             ("make run gateway", partial(validate_config, stack))
         ]
-        for relative in sorted(render_chart_configs(DESCRIPTOR_SET.read_bytes())):
+        for relative in chart_config_paths():
             path = ROOT / relative
             if not path.is_file():
                 print(f"FAIL {relative}: missing (run make gen)", file=sys.stderr)

@@ -868,6 +868,18 @@ GATEWAY_TLS_CHART_FILE = "charts/gateway/files/envoy-tls.json"
 SIDECAR_CHART_FILE = "charts/{cluster}/files/envoy-sidecar.json"
 """Per service chart; ``{cluster}`` is :attr:`ServiceInfo.cluster`."""
 
+
+def chart_config_paths() -> list[str]:
+    """Return the repository-relative paths of every chart config, sorted.
+
+    Returns:
+        The gateway's two files and one sidecar file per :data:`SERVICES` entry.
+
+    """
+    sidecars = [SIDECAR_CHART_FILE.format(cluster=s.cluster) for s in SERVICES]
+    return sorted([GATEWAY_CHART_FILE, GATEWAY_TLS_CHART_FILE, *sidecars])
+
+
 _VALUES_REF = re.compile(r"\{\{\s*\.Values\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
 
 
