@@ -138,6 +138,42 @@ async def test_json_over_http_is_transcoded_at_the_edge(stack: DevStack) -> None
         assert got.status_code == 200 and got.json()["name"] == memory["name"]
         listed = await http.get("/tenants/e2e-json/memories", headers=auth, params={"pageSize": 5})
         assert [m["name"] for m in listed.json()["memories"]] == [memory["name"]]
+        # The other methods' routes (google.api.http rules in memory_service.proto).
+        changed = await http.patch(
+            f"/{memory['name']}",
+            headers=auth,
+            params={"updateMask": "content"},
+            json={"content": "Alice is allergic to peanuts and cashews"},
+        )
+        assert changed.json()["revision"] == "2", changed.text
+        revisions = await http.get(f"/{memory['name']}:listRevisions", headers=auth)
+        actions = [r["action"] for r in revisions.json()["revisions"]]
+        assert actions == ["REVISION_ACTION_ADD", "REVISION_ACTION_UPDATE"], revisions.text
+        feedback = await http.post(
+            f"/{memory['name']}:recordFeedback",
+            headers=auth,
+            json={"type": "FEEDBACK_TYPE_HELPFUL", "score": 1},
+        )
+        assert feedback.json()["importance"] > memory["importance"], feedback.text
+        batch = await http.post(
+            "/tenants/e2e-json/memories:batchCreate",
+            headers=auth,
+            json={
+                "requests": [
+                    {
+                        "memory": {
+                            "layer": "MEMORY_LAYER_USER",
+                            "scope": {"userId": "bob"},
+                            "content": c,
+                        }
+                    }
+                    for c in ("one", "two")
+                ]
+            },
+        )
+        assert [m["content"] for m in batch.json()["memories"]] == ["one", "two"], batch.text
+        deleted = await http.delete(f"/{batch.json()['memories'][0]['name']}", headers=auth)
+        assert "deleteTime" in deleted.json(), deleted.text
 
         # A failed call keeps its status: HTTP 404 with google.rpc.Status as JSON.
         missing = await http.get(
