@@ -562,6 +562,57 @@ async def test_sidecar_egress_balances_over_replicas_without_a_token_check(
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no route: HTTP 404
 
 
+def _gateway_forwards_token() -> bool:
+    config = render_gateway_config(
+        [(TEST_SERVICE, "echo", [("127.0.0.1", 1)])], jwt=JwtSettings(jwks_json="{}")
+    )
+    provider = _hcm(config)["http_filters"][1]["typed_config"]["providers"]["aeterna"]
+    return bool(provider.get("forward", False))
+
+
+@pytest.fixture(scope="module")
+def gateway_to_sidecar(
+    backends: Backends, stack: Stack, sidecar: Sidecar
+) -> Iterator[EnvoyProcess]:
+    """The Kubernetes shape: the gateway's upstream is a pod's sidecar, not the service."""
+    config = render_gateway_config(
+        [(TEST_SERVICE, "echo", [("127.0.0.1", sidecar.envoy.listen_port)])],
+        listen_port=free_port(),
+        admin_port=free_port(),
+        jwt=JwtSettings(jwks_path=stack.auth.jwks_path),
+    )
+    # start() waits until the gateway's health checks pass through the sidecar.
+    envoy = EnvoyProcess(config, state_dir=backends.state / "gateway-to-sidecar").start()
+    try:
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+async def test_gateway_health_checks_pass_through_a_pod_sidecar(
+    gateway_to_sidecar: EnvoyProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(gateway_to_sidecar.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=TEST_SERVICE), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert gateway_to_sidecar.unhealthy_hosts() == []
+
+
+@pytest.mark.xfail(
+    not _gateway_forwards_token(),
+    strict=True,
+    reason="the pod's sidecar verifies the token again, so the gateway must forward it "
+    "(jwt_authn forward: true)",
+)
+async def test_a_call_passes_the_gateway_and_the_pod_sidecar(
+    stack: Stack, gateway_to_sidecar: EnvoyProcess
+) -> None:
+    reply = await _echo(stack, stack.token(), address=gateway_to_sidecar.address)
+    assert reply["backend"] == "b0"
+
+
 async def test_killing_a_replica_mid_run_loses_no_call(stack: Stack) -> None:
     total, concurrency, kill_after = 300, 8, 100
     token = stack.token()
