@@ -10,13 +10,13 @@ DATA ?= bench/data/locomo-dev.json
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos test run bench bench-locomo bench-scale bench-vectors clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy test run bench bench-locomo bench-scale bench-vectors clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
-	@echo "make lint           ruff, mypy --strict, generated code fresh"
-	@echo "make gen            regenerate the Python SDK from protos/"
+	@echo "make lint           ruff, mypy --strict, generated code fresh, envoy --mode validate"
+	@echo "make gen            regenerate the Python SDK from protos/ and the charts' Envoy configs"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 
@@ -34,14 +34,22 @@ venv: $(STAMP)
 constraints: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v '^aeterna' > constraints.txt
 
+# The chart Envoy configs embed the SDK's descriptor set: protos first.
+GENERATED := libs/sdk 'charts/*/files/envoy*.json'
+
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_envoy.py
 
 check-gen: gen
-	@git diff --exit-code --stat -- libs/sdk || (echo "generated code is stale: run make gen and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- libs/sdk)" || (git status --porcelain -- libs/sdk; echo "generated code is stale: run make gen and commit"; exit 1)
+	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- $(GENERATED))" || (git status --porcelain -- $(GENERATED); echo "generated code is stale: run make gen and commit"; exit 1)
 
-lint: lint-py check-gen lint-protos
+lint: lint-py check-gen lint-protos lint-envoy
+
+# envoy --mode validate on the config make run renders and on every chart config.
+lint-envoy: $(STAMP)
+	$(PY) scripts/gen_envoy.py --validate
 
 lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .

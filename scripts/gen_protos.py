@@ -1,5 +1,8 @@
 """Generate the Python SDK (messages, gRPC stubs, .pyi) from protos/ into libs/sdk/.
 
+Also writes ``libs/sdk/aeterna/descriptor_set.pb``, the self-contained descriptor set (imports
+and source info included) that Envoy's gRPC-JSON transcoder and server reflection use.
+
 The proto directory equals the Python import path (protos/aeterna/memory/v1 ->
 aeterna.memory.v1), so generated imports need no rewriting. Run with ``make gen``.
 """
@@ -38,7 +41,10 @@ def main() -> int:
         f"--mypy_out={OUT}",
         f"--mypy_grpc_out={OUT}",
         f"--descriptor_set_out={OUT / 'aeterna' / 'descriptor_set.pb'}",
+        # Envoy's gRPC-JSON transcoder resolves google.api.http rules and message types from
+        # this set: it needs every import, and source info keeps the comments for reflection.
         "--include_imports",
+        "--include_source_info",
         *files,
     ]
     (OUT / "aeterna").mkdir(exist_ok=True)

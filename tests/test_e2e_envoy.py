@@ -186,6 +186,104 @@ async def test_a_valid_token_is_accepted_at_the_edge_and_at_the_replica(stack: D
             assert history.revisions[0].actor == "users/auth0|abc123"
 
 
+async def test_json_over_http_is_transcoded_at_the_edge(stack: DevStack) -> None:
+    import httpx
+
+    base = f"http://{stack.endpoint}/v1"
+    token = DevAuth(stack.root / "auth").issue_token("e2e-json", "alice")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        created = await http.post(
+            "/tenants/e2e-json/memories",
+            headers=auth,
+            json={
+                "layer": "MEMORY_LAYER_USER",
+                "scope": {"userId": "alice"},
+                "content": "Alice is allergic to peanuts",
+                "tags": ["health"],
+            },
+            params={"requestId": "json-1"},
+        )
+        assert created.status_code == 200, created.text
+        memory = created.json()
+        assert memory["name"].startswith("tenants/e2e-json/memories/")
+        assert memory["content"] == "Alice is allergic to peanuts"
+        assert memory["layer"] == "MEMORY_LAYER_USER"
+
+        found = await http.post(
+            "/tenants/e2e-json/memories:search",
+            headers=auth,
+            json={"query": "what food should alice avoid?", "scope": {"userId": "alice"}},
+        )
+        assert found.status_code == 200, found.text
+        assert found.headers["content-type"].startswith("application/json")
+        results = found.json()["results"]
+        assert [r["memory"]["name"] for r in results] == [memory["name"]]
+        assert results[0]["score"] > 0
+
+        got = await http.get(f"/{memory['name']}", headers=auth)
+        assert got.status_code == 200 and got.json()["name"] == memory["name"]
+        listed = await http.get("/tenants/e2e-json/memories", headers=auth, params={"pageSize": 5})
+        assert [m["name"] for m in listed.json()["memories"]] == [memory["name"]]
+        # The other methods' routes (google.api.http rules in memory_service.proto).
+        changed = await http.patch(
+            f"/{memory['name']}",
+            headers=auth,
+            params={"updateMask": "content"},
+            json={"content": "Alice is allergic to peanuts and cashews"},
+        )
+        assert changed.json()["revision"] == "2", changed.text
+        revisions = await http.get(f"/{memory['name']}:listRevisions", headers=auth)
+        actions = [r["action"] for r in revisions.json()["revisions"]]
+        assert actions == ["REVISION_ACTION_ADD", "REVISION_ACTION_UPDATE"], revisions.text
+        feedback = await http.post(
+            f"/{memory['name']}:recordFeedback",
+            headers=auth,
+            json={"type": "FEEDBACK_TYPE_HELPFUL", "score": 1},
+        )
+        assert feedback.json()["importance"] > memory["importance"], feedback.text
+        batch = await http.post(
+            "/tenants/e2e-json/memories:batchCreate",
+            headers=auth,
+            json={
+                "requests": [
+                    {
+                        "memory": {
+                            "layer": "MEMORY_LAYER_USER",
+                            "scope": {"userId": "bob"},
+                            "content": c,
+                        }
+                    }
+                    for c in ("one", "two")
+                ]
+            },
+        )
+        assert [m["content"] for m in batch.json()["memories"]] == ["one", "two"], batch.text
+        deleted = await http.delete(f"/{batch.json()['memories'][0]['name']}", headers=auth)
+        assert "deleteTime" in deleted.json(), deleted.text
+
+        # A failed call keeps its status: HTTP 404 with google.rpc.Status as JSON.
+        missing = await http.get(
+            "/tenants/e2e-json/memories/00000000-0000-0000-0000-000000000000", headers=auth
+        )
+        assert missing.status_code == 404, missing.text
+        reasons = [d.get("reason") for d in missing.json()["details"]]
+        assert "MEMORY_NOT_FOUND" in reasons
+        # An unknown REST path is answered by Envoy (404), not retried into a 503.
+        unknown = await http.get("/tenants/e2e-json/nothing-here", headers=auth)
+        assert unknown.status_code == 404, unknown.text
+        # A misspelt query parameter is rejected, not ignored.
+        typo = await http.get("/tenants/e2e-json/memories", headers=auth, params={"pageSise": 5})
+        assert typo.status_code == 400, typo.text
+        # No token, or a forged identity header instead of one: 401 before any transcoding.
+        anonymous = await http.post(
+            "/tenants/e2e-json/memories:search",
+            json={"query": "peanuts"},
+            headers={"x-aeterna-tenant": "e2e-json", "x-aeterna-user": "alice"},
+        )
+        assert anonymous.status_code == 401, anonymous.text
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
     stack: DevStack, sig: signal.Signals

@@ -21,14 +21,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
 from aeterna_common.db import provision
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aeterna_devstack.auth import DevAuth, repo_root
-from aeterna_devstack.envoy import EnvoyProcess, JwtSettings, Upstream, render_envoy_config
+from aeterna_devstack.envoy import (
+    EnvoyProcess,
+    JwtSettings,
+    render_gateway_config,
+    service_upstreams,
+)
 from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
@@ -52,6 +57,28 @@ def health_check(target: str, service: str = MEMORY_SERVICE, timeout_s: float = 
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def render_stack_envoy_config(
+    replica_ports: list[int], *, port: int, admin_port: int, jwks_path: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """The gateway config ``make run`` runs: the memory replicas on loopback behind JWT.
+
+    Args:
+        replica_ports: Loopback ports of the memory replicas.
+        port: Envoy's listener port on 127.0.0.1.
+        admin_port: Envoy's admin port on 127.0.0.1.
+        jwks_path: JWKS file of the development signing key.
+
+    Returns:
+        The bootstrap, from :func:`aeterna_devstack.envoy.render_gateway_config`.
+    """
+    return render_gateway_config(
+        service_upstreams({"memory": [("127.0.0.1", p) for p in replica_ports]}),
+        listen_port=port,
+        admin_port=admin_port,
+        jwt=JwtSettings(jwks_path=str(jwks_path)),
+    )
 
 
 @dataclass
@@ -163,11 +190,11 @@ class DevStack:
                 f"memory-{replica.index}    {replica.target}  (metrics "
                 f"http://127.0.0.1:{replica.metrics_port}/metrics, log {replica.log_path})"
             )
-        config = render_envoy_config(
-            [Upstream(MEMORY_SERVICE, "memory", [("127.0.0.1", r.port) for r in self._replicas])],
-            listen_port=self.port,
+        config = render_stack_envoy_config(
+            [r.port for r in self._replicas],
+            port=self.port,
             admin_port=free_port(),
-            jwt=JwtSettings(jwks_path=str(auth.jwks_path)),
+            jwks_path=auth.jwks_path,
         )
         self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
         (self.root / "stack.json").write_text(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,29 @@ if __name__ == "__main__":
 
 from aeterna_devstack.auth import DevAuth  # noqa: E402
 from aeterna_devstack.envoy import (  # noqa: E402
+    CHART_ACCESS_LOG,
+    CHART_JWKS_PATH,
+    CHART_TLS_CERT,
+    CHART_TLS_KEY,
+    LOCAL_CLUSTER,
+    SERVICES,
     EnvoyProcess,
     JwtSettings,
-    render_envoy_config,
+    Upstream,
+    chart_config_paths,
+    chart_values_refs,
+    example_chart_values,
+    instantiate_chart_config,
+    render_chart_configs,
+    render_gateway_config,
+    render_sidecar_config,
+    service_upstreams,
+    transcoder_descriptor_set,
+    validate_chart_config,
     validate_config,
 )
 from aeterna_devstack.servers import free_port  # noqa: E402
+from aeterna_devstack.stack import render_stack_envoy_config  # noqa: E402
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -139,60 +157,91 @@ class Stack:
         return self.auth.issue_token(**args)
 
 
+@dataclass
+class Backends:
+    state: Path
+    ports: list[int]
+    procs: dict[str, subprocess.Popen[bytes]]
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    """Two echo backends, ``b0`` and ``b1``; the last test of this module kills ``b1``."""
     state = tmp_path_factory.mktemp("envoy")
-    auth = DevAuth(state / "auth")
-    other_auth = DevAuth(state / "other-auth")
     ports = [free_port(), free_port()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    backends: dict[str, subprocess.Popen[bytes]] = {}
-    envoy: EnvoyProcess | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for i, port in enumerate(ports):
             with (state / f"backend{i}.log").open("wb") as log:
-                backends[f"b{i}"] = subprocess.Popen(
+                procs[f"b{i}"] = subprocess.Popen(
                     [sys.executable, __file__, str(port), f"b{i}"],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
                 )
-        for port, proc in zip(ports, backends.values(), strict=True):
+        for port, proc in zip(ports, procs.values(), strict=True):
             _wait_port(port, proc)
-        config = render_envoy_config(
-            [(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in ports])],
-            listen_port=free_port(),
-            admin_port=free_port(),
-            jwt=JwtSettings(jwks_path=auth.jwks_path),
-        )
-        envoy = EnvoyProcess(config, state_dir=state / "envoy").start()
-        print(f"envoy start-to-ready: {envoy.startup_seconds:.2f} s")
-        yield Stack(envoy, auth, other_auth, backends)
+        yield Backends(state, ports, procs)
     finally:
-        if envoy is not None:
-            envoy.stop()
-        for proc in backends.values():
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def stack(backends: Backends) -> Iterator[Stack]:
+    auth = DevAuth(backends.state / "auth")
+    other_auth = DevAuth(backends.state / "other-auth")
+    config = render_gateway_config(
+        [(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports])],
+        listen_port=free_port(),
+        admin_port=free_port(),
+        jwt=JwtSettings(jwks_path=auth.jwks_path),
+    )
+    envoy = EnvoyProcess(config, state_dir=backends.state / "envoy").start()
+    print(f"envoy start-to-ready: {envoy.startup_seconds:.2f} s")
+    try:
+        yield Stack(envoy, auth, other_auth, backends.procs)
+    finally:
+        envoy.stop()
+
+
 async def _echo(
-    stack: Stack, token: str | None, extra: tuple[tuple[str, str], ...] = ()
+    stack: Stack,
+    token: str | None,
+    extra: tuple[tuple[str, str], ...] = (),
+    address: str | None = None,
 ) -> dict[str, Any]:
     metadata = list(extra)
     if token is not None:
         metadata.append(("authorization", f"Bearer {token}"))
-    async with grpc.aio.insecure_channel(stack.envoy.address) as channel:
+    async with grpc.aio.insecure_channel(address or stack.envoy.address) as channel:
         echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
         reply = await echo(b"", metadata=metadata, timeout=10)
     result: dict[str, Any] = json.loads(reply)
     return result
 
 
-def test_config_passes_envoy_validate(tmp_path: Path) -> None:
+def _hcm(config: dict[str, Any], listener: int = 0) -> dict[str, Any]:
+    chain = config["static_resources"]["listeners"][listener]["filter_chains"][0]
+    hcm: dict[str, Any] = chain["filters"][0]["typed_config"]
+    return hcm
+
+
+def _filters(config: dict[str, Any], listener: int = 0) -> list[str]:
+    return [f["name"] for f in _hcm(config, listener)["http_filters"]]
+
+
+def _routes(config: dict[str, Any], listener: int = 0) -> dict[str, str]:
+    routes = _hcm(config, listener)["route_config"]["virtual_hosts"][0]["routes"]
+    return {r["match"]["prefix"]: r["route"]["cluster"] for r in routes}
+
+
+def test_gateway_config_passes_envoy_validate(tmp_path: Path) -> None:
     auth = DevAuth(tmp_path)
-    config = render_envoy_config(
+    config = render_gateway_config(
         [
             ("aeterna.memory.v1.MemoryService", "memory", [("127.0.0.1", 50051)]),
             ("aeterna.sync.v1.SyncService", "sync", [("localhost", 50052), ("localhost", 50053)]),
@@ -200,16 +249,172 @@ def test_config_passes_envoy_validate(tmp_path: Path) -> None:
         jwt=JwtSettings(jwks_json=auth.jwks_json()),
     )
     validate_config(config)
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
-    assert filters == [
+    assert _filters(config) == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+    # A whole package per service, so that every service of aeterna.<domain>.v1 is routed.
+    assert _routes(config) == {
+        "/grpc.health.v1.Health/": "memory",
+        "/grpc.reflection.v1alpha.ServerReflection/": "memory",
+        "/grpc.reflection.v1.ServerReflection/": "memory",
+        "/aeterna.memory.v1.": "memory",
+        "/aeterna.sync.v1.": "sync",
+    }
+    transcoder = _hcm(config)["http_filters"][2]["typed_config"]
+    # Only the known services are transcoded: sync is not in SERVICES yet.
+    assert transcoder["services"] == ["aeterna.memory.v1.MemoryService"]
+    assert transcoder["request_validation_options"]["reject_unknown_method"] is True
+
+
+def test_gateway_config_rejects_bad_upstreams() -> None:
+    memory = ("aeterna.memory.v1.MemoryService", "memory", [("127.0.0.1", 1)])
+    with pytest.raises(ValueError, match="at least one upstream"):
+        render_gateway_config([])
+    with pytest.raises(ValueError, match="no endpoints"):
+        render_gateway_config([("aeterna.memory.v1.MemoryService", "memory", [])])
+    with pytest.raises(ValueError, match="unique"):
+        render_gateway_config([memory, ("aeterna.memory.v1.Other", "other", [("h", 1)])])
+    with pytest.raises(ValueError, match="unknown health_cluster"):
+        render_gateway_config([memory], health_cluster="nope")
+    with pytest.raises(ValueError, match="unknown service domain"):
+        service_upstreams({"memroy": [("127.0.0.1", 1)]})
+    with pytest.raises(ValueError, match="reserved"):
+        render_sidecar_config(
+            [("aeterna.memory.v1.MemoryService", LOCAL_CLUSTER, [("h", 1)])],
+            jwt=JwtSettings(jwks_json="{}"),
+        )
+
+
+def test_known_services_have_upstreams_and_descriptors() -> None:
+    ups = service_upstreams({s.domain: [("127.0.0.1", 50051)] for s in SERVICES})
+    assert [u.cluster for u in ups] == [s.cluster for s in SERVICES]
+    assert all(u.package == s.package for u, s in zip(ups, SERVICES, strict=True))
+    # Every known service and the error details are in the transcoder's descriptor set.
+    from google.protobuf import descriptor_pb2
+
+    files = descriptor_pb2.FileDescriptorSet.FromString(transcoder_descriptor_set()).file
+    services = {f"{f.package}.{svc.name}" for f in files for svc in f.service}
+    assert {s.service for s in SERVICES} <= services
+    assert {"google/rpc/status.proto", "google/rpc/error_details.proto"} <= {f.name for f in files}
+    memory = next(f for f in files if f.name == "aeterna/memory/v1/memory_service.proto")
+    assert memory.HasField("source_code_info")  # --include_source_info
+
+
+def test_sidecar_config_passes_envoy_validate(tmp_path: Path) -> None:
+    auth = DevAuth(tmp_path)
+    config = render_sidecar_config(
+        service_upstreams({"memory": [("memory-headless", 8080)]}),
+        jwt=JwtSettings(jwks_path=auth.jwks_path),
+    )
+    validate_config(config)
+    inbound, egress = config["static_resources"]["listeners"]
+    assert inbound["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    assert egress["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15001}
+    assert _filters(config, 0) == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.router",
     ]
-    provider = hcm["typed_config"]["http_filters"][1]["typed_config"]["providers"]["aeterna"]
+    # The sidecar verifies the token the gateway forwards; no claim becomes a header.
+    provider = _hcm(config, 0)["http_filters"][1]["typed_config"]["providers"]["aeterna"]
     assert provider["forward"] is True and provider["require_expiration"] is True
     assert "claim_to_headers" not in provider
+    assert _routes(config, 0) == {"/": LOCAL_CLUSTER}
+    # Egress: no token check (callers send their own), the gateway's retries per package.
+    assert _filters(config, 1) == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.router",
+    ]
+    assert _routes(config, 1) == {"/aeterna.memory.v1.": "memory"}
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    local = clusters[LOCAL_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert local["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 50051,
+    }
+    gateway = render_gateway_config(service_upstreams({"memory": [("memory-headless", 8080)]}))
+    gateway_memory = gateway["static_resources"]["clusters"][0]
+    assert clusters["memory"] == gateway_memory  # same health checks, outlier detection, LB
+    egress_route = _hcm(config, 1)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    gateway_route = _hcm(gateway)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
+    assert egress_route == gateway_route  # same retry policy
+
+
+def test_stack_config_passes_envoy_validate(tmp_path: Path) -> None:
+    config = render_stack_envoy_config(
+        [50051, 50052], port=8080, admin_port=9901, jwks_path=DevAuth(tmp_path).jwks_path
+    )
+    validate_config(config)
+    assert _routes(config)["/aeterna.memory.v1."] == "memory"
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("relative", chart_config_paths())
+def test_chart_config_passes_envoy_validate(relative: str) -> None:
+    # The committed file, as the chart ships it; make check-gen keeps it fresh.
+    text = (REPO / relative).read_text()
+    validate_chart_config(text)
+    clusters = sorted(s.cluster for s in SERVICES)
+    refs = chart_values_refs(text)
+    if relative.startswith("charts/gateway/"):
+        assert refs == ["auth.audience", "auth.issuer", *(f"upstreams.{c}.host" for c in clusters)]
+    else:
+        assert refs == [
+            "auth.audience",
+            "auth.issuer",
+            *(f"sidecar.upstreams.{c}.host" for c in clusters),
+        ]
+    config = instantiate_chart_config(text, example_chart_values())
+    assert CHART_JWKS_PATH in json.dumps(config)
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 9901,
+    }
+    assert _hcm(config)["access_log"][0]["typed_config"]["path"] == CHART_ACCESS_LOG
+    tls = listener["filter_chains"][0].get("transport_socket")
+    if relative.endswith("envoy-tls.json"):
+        context = tls["typed_config"]["common_tls_context"]
+        assert context["alpn_protocols"] == ["h2", "http/1.1"]
+        assert context["tls_certificates"] == [
+            {
+                "certificate_chain": {"filename": CHART_TLS_CERT},
+                "private_key": {"filename": CHART_TLS_KEY},
+            }
+        ]
+    else:
+        assert tls is None
+
+
+def test_chart_configs_cover_every_known_service() -> None:
+    configs = render_chart_configs()
+    assert sorted(configs) == chart_config_paths()
+    assert {f"charts/{s.cluster}/files/envoy-sidecar.json" for s in SERVICES} <= set(configs)
+    gateway = configs["charts/gateway/files/envoy.json"]
+    assert {f"/{s.package}." for s in SERVICES} <= set(_routes(gateway))
+    transcoder = _hcm(gateway)["http_filters"][2]["typed_config"]
+    assert transcoder["services"] == [s.service for s in SERVICES]
+
+
+def test_chart_placeholders_are_checked() -> None:
+    text = json.dumps({"a": "{{ .Values.auth.issuer }}", "b": "x-{{ .Values.n }}"})
+    filled = instantiate_chart_config(text, {"auth": {"issuer": 'say "hi"'}, "n": 3})
+    assert filled == {"a": 'say "hi"', "b": "x-3"}
+    assert instantiate_chart_config('{"p": "/etc/f"}', {}, {"/etc/f": "/tmp/f"}) == {"p": "/tmp/f"}
+    with pytest.raises(ValueError, match="no value for"):
+        instantiate_chart_config(text, {"auth": {}})
+    with pytest.raises(ValueError, match="not a scalar"):
+        instantiate_chart_config(text, {"auth": {"issuer": {"x": 1}}, "n": 1})
+    with pytest.raises(ValueError, match="not JSON"):
+        instantiate_chart_config('{"port": {{ .Values.port }}}', {"port": 1})
+    with pytest.raises(ValueError, match="unsupported template expression"):
+        instantiate_chart_config('{"a": "{{ .Values.x | quote }}"}', {"x": 1})
 
 
 def test_dev_tokens_carry_string_roles(tmp_path: Path) -> None:
@@ -292,6 +497,110 @@ async def test_client_sent_identity_headers_are_dropped(stack: Stack) -> None:
     )
     reply = await _echo(stack, stack.token(agent=None, roles=()), spoofed)
     assert reply["aeterna"] == {}
+
+
+@dataclass
+class Sidecar:
+    envoy: EnvoyProcess
+    egress: str
+
+
+@pytest.fixture(scope="module")
+def sidecar(backends: Backends, stack: Stack) -> Iterator[Sidecar]:
+    """A sidecar whose local service is ``b0`` and whose egress reaches both backends."""
+    egress_port = free_port()
+    config = render_sidecar_config(
+        [Upstream(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports])],
+        jwt=JwtSettings(jwks_path=stack.auth.jwks_path),
+        inbound_host="127.0.0.1",
+        inbound_port=free_port(),
+        local_port=backends.ports[0],
+        egress_port=egress_port,
+        admin_port=free_port(),
+    )
+    envoy = EnvoyProcess(config, state_dir=backends.state / "sidecar").start()
+    try:
+        yield Sidecar(envoy, f"127.0.0.1:{egress_port}")
+    finally:
+        envoy.stop()
+
+
+async def test_sidecar_inbound_checks_the_token_and_serves_the_local_service(
+    stack: Stack, sidecar: Sidecar
+) -> None:
+    inbound = sidecar.envoy.address
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _echo(stack, None, address=inbound)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _echo(stack, stack.token(audience="another-api"), address=inbound)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with grpc.aio.insecure_channel(inbound) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=TEST_SERVICE), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    spoofed = (("x-aeterna-tenant", "evil"),)
+    replies = [await _echo(stack, stack.token(), spoofed, address=inbound) for _ in range(6)]
+    assert {r["backend"] for r in replies} == {"b0"}  # only the pod's own service
+    assert all(r["aeterna"].get("x-aeterna-tenant") != "evil" for r in replies)
+
+
+async def test_sidecar_egress_balances_over_replicas_without_a_token_check(
+    stack: Stack, sidecar: Sidecar
+) -> None:
+    spoofed = (("x-aeterna-user", "mallory"),)
+    replies = [await _echo(stack, None, spoofed, address=sidecar.egress) for _ in range(8)]
+    assert {r["backend"] for r in replies} == {"b0", "b1"}  # L7 round robin over replicas
+    assert all(r["aeterna"] == {} for r in replies)  # identity headers never leave the pod
+    # The caller's own token travels to the callee's sidecar, which verifies it.
+    reply = await _echo(stack, stack.token(), address=sidecar.egress)
+    assert reply["authorization"] is True
+    async with grpc.aio.insecure_channel(sidecar.egress) as channel:
+        unknown: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/aeterna.unknown.v1.Nothing/Call"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unknown(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no route: HTTP 404
+
+
+@pytest.fixture(scope="module")
+def gateway_to_sidecar(
+    backends: Backends, stack: Stack, sidecar: Sidecar
+) -> Iterator[EnvoyProcess]:
+    """The Kubernetes shape: the gateway's upstream is a pod's sidecar, not the service."""
+    config = render_gateway_config(
+        [(TEST_SERVICE, "echo", [("127.0.0.1", sidecar.envoy.listen_port)])],
+        listen_port=free_port(),
+        admin_port=free_port(),
+        jwt=JwtSettings(jwks_path=stack.auth.jwks_path),
+    )
+    # start() waits until the gateway's health checks pass through the sidecar.
+    envoy = EnvoyProcess(config, state_dir=backends.state / "gateway-to-sidecar").start()
+    try:
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+async def test_gateway_health_checks_pass_through_a_pod_sidecar(
+    gateway_to_sidecar: EnvoyProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(gateway_to_sidecar.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=TEST_SERVICE), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert gateway_to_sidecar.unhealthy_hosts() == []
+
+
+async def test_a_call_passes_the_gateway_and_the_pod_sidecar(
+    stack: Stack, gateway_to_sidecar: EnvoyProcess
+) -> None:
+    # The sidecar verifies the token again: the gateway forwards it (jwt_authn forward: true).
+    reply = await _echo(stack, stack.token(), address=gateway_to_sidecar.address)
+    assert reply["backend"] == "b0"
 
 
 async def test_killing_a_replica_mid_run_loses_no_call(stack: Stack) -> None:
