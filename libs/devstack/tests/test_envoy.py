@@ -554,8 +554,9 @@ async def test_sidecar_egress_balances_over_replicas_without_a_token_check(
     assert {r["backend"] for r in replies} == {"b0", "b1"}  # L7 round robin over replicas
     assert all(r["aeterna"] == {} for r in replies)  # identity headers never leave the pod
     # The caller's own token travels to the callee's sidecar, which verifies it.
-    reply = await _echo(stack, stack.token(), address=sidecar.egress)
-    assert reply["authorization"] is True
+    token = stack.token()
+    reply = await _echo(stack, token, address=sidecar.egress)
+    assert reply["authorization"] == f"Bearer {token}"
     async with grpc.aio.insecure_channel(sidecar.egress) as channel:
         unknown: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/aeterna.unknown.v1.Nothing/Call"
