@@ -319,7 +319,9 @@ def test_migration_job_is_a_pre_install_pre_upgrade_hook_as_owner(memory: list[O
         "name": "aeterna-memory-db",
         "key": "owner-url",
     }
-    assert "AETERNA_DATABASE_URL" not in env
+    # The application DSN names the role the migrations grant access to.
+    assert env["AETERNA_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "app-url"
+    assert all("value" not in e for e in env.values() if e["name"].endswith("_URL"))
     # Hooks run before the release's ServiceAccount and ConfigMaps exist: use none of them.
     assert "serviceAccountName" not in spec and "envFrom" not in migrate
     # Its NetworkPolicy is a hook too, created before it (lower weight).

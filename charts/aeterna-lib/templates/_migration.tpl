@@ -57,6 +57,12 @@ spec:
                 secretKeyRef:
                   name: {{ .Values.database.existingSecret }}
                   key: {{ .Values.database.ownerUrlKey }}
+            # Only read for the application role's name, which the migrations grant access to.
+            - name: AETERNA_DATABASE_URL
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .Values.database.existingSecret }}
+                  key: {{ .Values.database.urlKey }}
             - name: AETERNA_LOG_JSON
               value: "true"
           resources:
