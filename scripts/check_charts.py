@@ -12,7 +12,10 @@ For each chart under ``charts/`` (the library chart included):
    ``envoy --mode validate``. Envoy reads the JWKS and TLS files at load, so the paths the pods
    mount (``/etc/aeterna/...``) are pointed at a throwaway JWKS and self-signed certificate.
 
-Exits 1 with every finding listed, 0 when all charts pass.
+The Kubernetes manifests under ``k8s/`` (the files holding ``apiVersion`` and ``kind``, not the
+values examples) are validated the same way.
+
+Exits 1 with every finding listed, 0 when everything passes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARTS = ROOT / "charts"
+MANIFESTS = ROOT / "k8s"
 
 KUBE_VERSION = "1.31.0"
 """Oldest Kubernetes release the charts support (native sidecars, gRPC probes, preStop sleep)."""
@@ -248,6 +252,24 @@ def check_chart(chart: Path, files: Mapping[str, str]) -> list[str]:
     return findings
 
 
+def check_manifests(directory: Path) -> list[str]:
+    """Validate the Kubernetes objects of every YAML file in ``directory`` (values files skipped).
+
+    Returns:
+        The findings; also when a file has no Kubernetes object and no ``-values`` suffix.
+
+    """
+    findings: list[str] = []
+    for path in sorted(directory.glob("*.yaml")):
+        if path.stem.endswith("-values"):
+            continue
+        errors, skipped = validate_objects({path.name: path.read_text()})
+        findings += [f"kubernetes-validate: {e}" for e in errors + skipped]
+        if not any(True for _ in objects({path.name: path.read_text()})):
+            findings.append(f"{path.name}: no Kubernetes object")
+    return findings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check the named charts (default: every chart under ``charts/``); returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             for finding in findings:
                 print(f"  FAIL {finding}")
             failed = failed or bool(findings)
+    if not args.charts:
+        print("k8s/:")
+        findings = check_manifests(MANIFESTS)
+        if not findings:
+            print("  manifests validated")
+        for finding in findings:
+            print(f"  FAIL {finding}")
+        failed = failed or bool(findings)
     print("charts: FAILED" if failed else "charts: OK")
     return 1 if failed else 0
 
