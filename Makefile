@@ -10,12 +10,12 @@ DATA ?= bench/data/locomo-dev.json
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy test run bench bench-locomo bench-scale bench-vectors clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts test run bench bench-locomo bench-scale bench-vectors clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
-	@echo "make lint           ruff, mypy --strict, generated code fresh, envoy --mode validate"
+	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts"
 	@echo "make gen            regenerate the Python SDK from protos/ and the charts' Envoy configs"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
@@ -45,7 +45,7 @@ check-gen: gen
 	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || (git status --porcelain -- $(GENERATED); echo "generated code is stale: run make gen and commit"; exit 1)
 
-lint: lint-py check-gen lint-protos lint-envoy
+lint: lint-py check-gen lint-protos lint-envoy lint-charts
 
 # envoy --mode validate on the config make run renders and on every chart config.
 lint-envoy: $(STAMP)
@@ -59,6 +59,12 @@ lint-py: $(STAMP)
 # buf lint on protos/, and buf breaking against the merge base with main (see the script).
 lint-protos: $(STAMP)
 	$(PY) scripts/check_protos.py
+
+# Helm charts offline: lint --strict, render, kubernetes-validate --strict, envoy --mode validate.
+lint-charts: $(STAMP)
+	@# Editable installs hide these packages from mypy: name their directories.
+	MYPYPATH=libs/sdk:libs/common:libs/devstack $(PY) -m mypy --strict scripts/check_charts.py tests/test_charts.py
+	$(PY) scripts/check_charts.py
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
