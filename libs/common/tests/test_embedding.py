@@ -142,13 +142,13 @@ async def test_int8_close_to_fp32(export_dir: Path, reference: np.ndarray) -> No
 def test_missing_model_dir(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailableError, match="does not exist"):
         MiniLMEmbedder(tmp_path / "nowhere")
-    with pytest.raises(ModelUnavailableError, match="manifest.json"):
+    with pytest.raises(ModelUnavailableError, match=r"manifest\.json"):
         MiniLMEmbedder(tmp_path)
 
 
 def test_incomplete_or_corrupt_model(tmp_path: Path, export_dir: Path) -> None:
     (tmp_path / "manifest.json").write_text((export_dir / "manifest.json").read_text())
-    with pytest.raises(ModelUnavailableError, match="model.onnx is missing"):
+    with pytest.raises(ModelUnavailableError, match=r"model\.onnx is missing"):
         MiniLMEmbedder(tmp_path)
     for name in ("model.onnx", "model-int8.onnx"):
         (tmp_path / name).write_bytes(b"not an onnx graph")
