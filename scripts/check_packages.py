@@ -129,7 +129,7 @@ def closure(items: Sequence[dict[str, Any]], roots: Iterable[str]) -> set[str]:
     """
     requires: dict[str, list[str]] = {}
     for item in items:
-        deps = []
+        deps: list[str] = []
         for spec in item["metadata"].get("requires_dist") or []:
             req = Requirement(spec)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
