@@ -33,7 +33,6 @@ import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from aeterna_common.config import CommonSettings
 from aeterna_common.interceptors import RequestInterceptor
@@ -227,7 +226,7 @@ class GrpcServer:
                 REFLECTION_V1,
             }
         )
-        servicer = ReflectionServicer(names, pool=sdk.pool)
+        servicer = reflection.aio.ReflectionServicer(names, pool=sdk.pool)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, self.server)
         # grpcio-reflection serves only v1alpha; v1 has the same wire format, so the same
         # servicer answers under the v1 name too (newer grpcurl/grpcui ask for v1 first).
