@@ -5,17 +5,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= bench/data/locomo-dev.json
+# The all-MiniLM-L6-v2 ONNX model (fp32 and int8): a build artifact, made once by `make model`
+# and read by the service from AETERNA_MEMORY_MODEL_DIR.
+MODEL_DIR ?= .var/models
+MODEL := $(MODEL_DIR)/manifest.json
+export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 # Every deployable unit is its own package; development installs them all, editable, pinned
 # by the one constraints file.
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts test run bench bench-locomo bench-scale bench-vectors clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
-	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts"
+	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
+	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
 	@echo "make gen            regenerate the Python SDK from protos/ and the charts' Envoy configs"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
@@ -45,7 +51,7 @@ check-gen: gen
 	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || (git status --porcelain -- $(GENERATED); echo "generated code is stale: run make gen and commit"; exit 1)
 
-lint: lint-py check-gen lint-protos lint-envoy lint-charts
+lint: lint-py check-gen lint-protos lint-envoy lint-charts lint-docker lint-packages
 
 # envoy --mode validate on the config make run renders and on every chart config.
 lint-envoy: $(STAMP)
@@ -66,19 +72,34 @@ lint-charts: $(STAMP)
 	MYPYPATH=libs/sdk:libs/common:libs/devstack $(PY) -m mypy --strict scripts/check_charts.py tests/test_charts.py
 	$(PY) scripts/check_charts.py
 
-test: $(STAMP)
+# Every service image is linted statically (no Docker engine here; images are not built).
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint --failure-threshold warning services/*/Dockerfile
+
+# What each package pulls in, resolved offline, and the SDK alone in a fresh venv.
+lint-packages: $(STAMP)
+	$(PY) scripts/check_packages.py
+
+# A file target: built once, redone only when the export code changes. The venv is an
+# order-only prerequisite so that reinstalling packages does not export again.
+$(MODEL): libs/common/aeterna_common/embedding/export.py | $(STAMP)
+	$(PY) -m aeterna_common.embedding.export --out $(MODEL_DIR) --force
+
+model: $(MODEL)
+
+test: $(STAMP) $(MODEL)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-run: $(STAMP)
+run: $(STAMP) $(MODEL)
 	$(PY) -m aeterna_devstack.stack
 
-bench-locomo: $(STAMP)
+bench-locomo: $(STAMP) $(MODEL)
 	$(PY) bench/locomo.py --data $(DATA)
 
-bench-scale: $(STAMP)
+bench-scale: $(STAMP) $(MODEL)
 	$(PY) bench/scale.py
 
-bench-vectors: $(STAMP)
+bench-vectors: $(STAMP) $(MODEL)
 	$(PY) bench/bench_vectors.py
 
 bench: bench-locomo bench-scale

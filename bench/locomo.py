@@ -124,9 +124,7 @@ def main() -> int:
 
     # The dense baseline uses the service's own embedding configuration (int8 by default).
     settings = MemorySettings()
-    embedder = MiniLMEmbedder(
-        settings.model_cache_dir / "all-MiniLM-L6-v2-onnx", quantize=settings.embedding_int8
-    )
+    embedder = MiniLMEmbedder(settings.model_dir, quantize=settings.embedding_int8)
     systems["dense"] = ev.score(ev.dense_baseline(samples, qs, embedder.embed_sync), qs)
     search_ms = {
         "p50": round(statistics.median(latencies), 2),

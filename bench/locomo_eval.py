@@ -91,6 +91,13 @@ turn_content = locomo.turn_content
 """Memory content of one turn, exactly as ``aeterna import locomo`` stores it."""
 
 
+def _model_dir() -> Path:
+    """The model directory of `make model` (AETERNA_MEMORY_MODEL_DIR, as the service reads it)."""
+    from aeterna_memory.settings import MemorySettings
+
+    return MemorySettings().model_dir
+
+
 def _session_numbers(conv: Mapping[str, Any]) -> list[int]:
     nums = [int(m.group(1)) for k in conv if (m := re.fullmatch(r"session_(\d+)", k))]
     return sorted(n for n in nums if isinstance(conv[f"session_{n}"], list))
@@ -220,7 +227,7 @@ class EmbeddingCache:
         if self._embedder is None:
             from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
 
-            self._embedder = MiniLMEmbedder()
+            self._embedder = MiniLMEmbedder(_model_dir())
         return self._embedder
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -587,7 +594,7 @@ def throughput(data: Path, out: Path) -> dict[str, Any]:
     texts = [t.content for s in load_locomo(data) for t in conversation(s).turns]
     res: dict[str, Any] = {"texts": len(texts), "batch_size": 64}
     for threads in (1, 2):
-        emb = MiniLMEmbedder(intra_op_threads=threads, batch_size=64)
+        emb = MiniLMEmbedder(_model_dir(), intra_op_threads=threads, batch_size=64)
         asyncio.run(emb.embed(texts[:64]))  # warm-up
         t0 = time.perf_counter()
         asyncio.run(emb.embed(texts))
@@ -596,7 +603,7 @@ def throughput(data: Path, out: Path) -> dict[str, Any]:
         print(f"intra_op_threads={threads}: {rate:.0f} sentences/s", flush=True)
 
     async def pooled() -> float:
-        emb = MiniLMEmbedder(intra_op_threads=1, batch_size=64, sessions=2)
+        emb = MiniLMEmbedder(_model_dir(), intra_op_threads=1, batch_size=64, sessions=2)
         await emb.embed(texts[:64])
         half = len(texts) // 2
         t0 = time.perf_counter()

@@ -7,12 +7,17 @@ Transient failures (lost connection, serialization failure, deadlock) retry the 
 work with exponential backoff (tenacity); nothing else is retried.
 
 Schema changes are numbered SQL files applied by the owner role under an advisory lock, so
-replicas starting together apply each migration once.
+replicas starting together apply each migration once: either at service start
+(``AETERNA_MIGRATE_ON_START=true``, the local default) or by a separate migration step (a
+service's ``migrate`` command, run as a Helm pre-install/pre-upgrade hook Job), in which case
+the service never migrates and waits, bounded, until the versions it needs are recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +25,8 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 import structlog
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -39,6 +46,30 @@ TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "57P01", "08000", "08003", "0
 
 MIGRATION_LOCK = 7_311_000_001
 """Advisory lock key held while migrations run."""
+
+SCHEMA_POLL_S = 2.0
+"""Seconds between checks of the schema version while a service waits for a migration."""
+
+
+class SchemaSettings(BaseSettings):
+    """How a service obtains the schema it needs (environment prefix ``AETERNA_``).
+
+    Attributes:
+        migrate_on_start: Apply pending migrations at start with the owner DSN (``make run``,
+            tests). When false (Kubernetes: a hook Job migrates) the service never migrates
+            and waits until the schema versions it needs are recorded.
+        schema_wait_s: Longest wait in seconds for those versions when ``migrate_on_start``
+            is false; past it the service exits with an error.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AETERNA_", extra="ignore")
+
+    migrate_on_start: bool = True
+    schema_wait_s: float = Field(default=300.0, gt=0)
+
+
+class SchemaNotReadyError(RuntimeError):
+    """The schema versions a service needs were not recorded within the wait bound."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -156,12 +187,34 @@ class Database:
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+def migration_files(directory: Path) -> dict[int, Path]:
+    """The numbered migrations of ``directory`` by version.
+
+    Args:
+        directory: Folder of ``NNNN_name.sql`` files.
+
+    Returns:
+        ``{version: path}``.
+
+    Raises:
+        ValueError: a file name does not match ``NNNN_name.sql`` or numbers repeat.
+    """
+    versions: dict[int, Path] = {}
+    for f in sorted(directory.glob("*.sql")):
+        m = _MIGRATION_NAME.match(f.name)
+        if not m or int(m.group(1)) in versions:
+            raise ValueError(f"bad or duplicate migration file name: {f.name}")
+        versions[int(m.group(1))] = f
+    return versions
+
+
 async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> list[str]:
     """Apply the numbered migrations of ``directory`` not yet applied, in order.
 
     Each file runs in its own transaction as the owner role; ``{app_role}`` in a file is
     replaced by the quoted application role name. A table ``schema_migrations`` records what
-    ran. An advisory lock makes concurrent callers wait for each other.
+    ran; the application role may read it (to wait for a version, see
+    :func:`wait_for_schema`). An advisory lock makes concurrent callers wait for each other.
 
     Args:
         owner_dsn: DSN of the schema owner.
@@ -174,15 +227,10 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
     Raises:
         ValueError: a file name does not match ``NNNN_name.sql`` or numbers repeat.
     """
-    files = sorted(directory.glob("*.sql"))  # noqa: ASYNC240 (a few small files, at start)
-    versions: dict[int, Path] = {}
-    for f in files:
-        m = _MIGRATION_NAME.match(f.name)
-        if not m or int(m.group(1)) in versions:
-            raise ValueError(f"bad or duplicate migration file name: {f.name}")
-        versions[int(m.group(1))] = f
+    versions = migration_files(directory)
     conn: asyncpg.Connection = await asyncpg.connect(owner_dsn)
     applied_now: list[str] = []
+    quoted_role = '"' + app_role.replace('"', '""') + '"'
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -190,8 +238,8 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
+        await conn.execute(f"GRANT SELECT ON schema_migrations TO {quoted_role}")
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        quoted_role = '"' + app_role.replace('"', '""') + '"'
         for version, path in sorted(versions.items()):
             if version in done:
                 continue
@@ -209,6 +257,103 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         await conn.close()
     return applied_now
+
+
+async def schema_versions(dsn: str, *, timeout_s: float = 10.0) -> set[int]:
+    """The migration versions recorded in ``schema_migrations``.
+
+    Args:
+        dsn: Any role that may read ``schema_migrations`` (the application role may).
+        timeout_s: Connection timeout in seconds.
+
+    Returns:
+        The recorded versions; empty when no migration ever ran (no table).
+
+    Raises:
+        OSError, asyncpg.PostgresError: The database cannot be reached or read.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout_s)
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.exceptions.UndefinedTableError:
+        return set()
+    finally:
+        await conn.close()
+    return {int(r["version"]) for r in rows}
+
+
+async def wait_for_schema(
+    dsn: str, directory: Path, *, timeout_s: float, poll_s: float = SCHEMA_POLL_S
+) -> None:
+    """Wait until every migration of ``directory`` is recorded in the database.
+
+    Never changes the schema. Logs what it waits for at each check; an unreachable
+    database counts as not ready yet (it may be starting too).
+
+    Args:
+        dsn: DSN of the application role.
+        directory: The service's migrations: the versions its code needs.
+        timeout_s: Longest wait in seconds.
+        poll_s: Seconds between checks.
+
+    Raises:
+        SchemaNotReadyError: Versions are still missing after ``timeout_s``; the message
+            names them, the last problem seen and how to apply them.
+        ValueError: A migration file name is malformed.
+    """
+    needed = migration_files(directory)
+    started = time.monotonic()
+    while True:
+        try:
+            present = await schema_versions(dsn, timeout_s=max(poll_s, 5.0))
+            problem = ""
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            present, problem = set(), f"{type(exc).__name__}: {exc}"
+        missing = [needed[v].name for v in sorted(set(needed) - present)]
+        if not missing:
+            log.info("schema.ready", version=max(needed, default=0))
+            return
+        waited = time.monotonic() - started
+        if waited >= timeout_s:
+            raise SchemaNotReadyError(
+                f"the database lacks schema version {max(needed)} after waiting {waited:.0f} s "
+                f"(AETERNA_SCHEMA_WAIT_S): missing {', '.join(missing)}"
+                + (f"; last error: {problem}" if problem else "")
+                + ". Apply the migrations with the service's `migrate` command and "
+                "AETERNA_DATABASE_OWNER_URL (the Helm pre-install/pre-upgrade hook Job does), "
+                "or set AETERNA_MIGRATE_ON_START=true."
+            )
+        log.info(
+            "schema.waiting",
+            missing=missing,
+            problem=problem or None,
+            waited_s=round(waited, 1),
+            bound_s=timeout_s,
+        )
+        await asyncio.sleep(min(poll_s, timeout_s - waited))
+
+
+async def prepare_schema(
+    settings: SchemaSettings, *, database_url: str, owner_url: str | None, directory: Path
+) -> list[str]:
+    """At service start: migrate, or wait for the migration step, per ``settings``.
+
+    Args:
+        settings: ``migrate_on_start`` and ``schema_wait_s``.
+        database_url: DSN of the application role.
+        owner_url: DSN of the schema owner; ``None`` uses ``database_url``.
+        directory: The service's migrations.
+
+    Returns:
+        Names of the migrations applied now (always empty when waiting).
+
+    Raises:
+        SchemaNotReadyError: See :func:`wait_for_schema`.
+    """
+    if settings.migrate_on_start:
+        return await apply_migrations(owner_url or database_url, directory, role_of(database_url))
+    await wait_for_schema(database_url, directory, timeout_s=settings.schema_wait_s)
+    return []
 
 
 async def provision(superuser_dsn: str, database: str, owner_role: str, app_role: str) -> None:

@@ -7,20 +7,32 @@ SIGTERM/SIGINT and shuts down gracefully: health → NOT_SERVING, wait ``drain_s
 stops routing here, ``server.stop(grace)`` so in-flight calls finish, then close resources
 (the pattern of grpc/grpc's
 ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``).
+
+Readiness: the server listens at once with every health status NOT_SERVING, runs the app's
+``prepare`` step (e.g. bringing an embedded index up to date), and only then says SERVING, so
+the edge's health checks and a Kubernetes readiness probe route nothing to a replica that is
+not ready.
+
+Reflection describes the whole SDK (``aeterna/descriptor_set.pb``, shipped in the
+``aeterna-sdk`` package), not just this service: behind a gateway that sends reflection to any
+one service, a client still lists every Aeterna service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
@@ -31,6 +43,60 @@ from aeterna_common.telemetry import configure_tracing, server_interceptors, sta
 log = structlog.get_logger("aeterna.server")
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+SDK_DESCRIPTOR_SET = "descriptor_set.pb"
+"""File of the ``aeterna`` package: every SDK proto with its imports (``protoc
+--include_imports``, written by ``make gen``)."""
+
+
+class StartupError(RuntimeError):
+    """A service cannot start; the message tells the operator what to fix."""
+
+
+@dataclass(frozen=True)
+class SdkDescriptors:
+    """The SDK's protos, loaded for server reflection.
+
+    Attributes:
+        pool: A descriptor pool with every SDK file, its imports, and the health and
+            reflection protos.
+        services: Full names of every ``aeterna.*`` service in the SDK.
+    """
+
+    pool: descriptor_pool.DescriptorPool
+    services: tuple[str, ...]
+
+
+@functools.cache
+def sdk_descriptors() -> SdkDescriptors:
+    """Load the SDK descriptor set shipped in the ``aeterna-sdk`` package (once per process).
+
+    Returns:
+        The pool and the SDK's service names.
+
+    Raises:
+        FileNotFoundError: The installed ``aeterna-sdk`` has no descriptor set.
+        google.protobuf.message.DecodeError: The file is not a ``FileDescriptorSet``.
+    """
+    data = resources.files("aeterna").joinpath(SDK_DESCRIPTOR_SET).read_bytes()
+    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    pool = descriptor_pool.DescriptorPool()
+    # protoc writes the set in dependency order, so each file's imports are already added.
+    for proto in files:
+        pool.AddSerializedFile(proto.SerializeToString())
+    for module in (health_pb2, reflection_pb2):
+        try:
+            pool.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    services = tuple(
+        sorted(
+            f"{proto.package}.{service.name}"
+            for proto in files
+            if proto.package.startswith("aeterna.")
+            for service in proto.service
+        )
+    )
+    return SdkDescriptors(pool=pool, services=services)
 
 
 @dataclass
@@ -42,13 +108,17 @@ class ServiceApp:
             each gets a health status and appears in reflection.
         register: Adds the servicers to a ``grpc.aio.Server``.
         close: Releases the app's resources (pools, indexes) after the server stopped.
-        background: Long-running coroutines started with the server and cancelled on stop
-            (e.g. index followers, reconcilers).
+        prepare: Work that must finish before the service is ready (e.g. an index catching
+            up); runs after the server listens, while every health status is NOT_SERVING.
+            If it raises, the service never becomes ready.
+        background: Long-running coroutines started once ``prepare`` finished and cancelled
+            on stop (e.g. index followers, reconcilers).
     """
 
     service_names: Sequence[str]
     register: Callable[[grpc.aio.Server], None]
     close: Callable[[], Awaitable[None]]
+    prepare: Callable[[], Awaitable[None]] | None = None
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
 
 
@@ -89,37 +159,80 @@ class GrpcServer:
         )
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._ready: asyncio.Task[None] | None = None
 
-    async def start(self) -> int:
-        """Bind, register everything, start serving and mark every service SERVING.
+    @property
+    def names(self) -> list[str]:
+        """Every service name this server reports health for (``""`` is the server)."""
+        return ["", *self.app.service_names]
+
+    async def start(self, *, wait_ready: bool = True) -> int:
+        """Bind, register everything, start serving, then become ready.
+
+        Health is NOT_SERVING for every name until the app's ``prepare`` step has finished
+        and its background jobs are started; then SERVING.
+
+        Args:
+            wait_ready: Return only once ready (and raise what ``prepare`` raised); when
+                false, return right after binding and use :meth:`wait_ready`.
 
         Returns:
             The bound port.
         """
         self.app.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
-        self._register_reflection_v1()
+        self._register_reflection()
+        for name in self.names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.server.add_insecure_port(self.listen)
         await self.server.start()
-        for job in self.app.background:
-            self._tasks.append(asyncio.create_task(job()))
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self.health.set("", serving)
-        for name in self.app.service_names:
-            await self.health.set(name, serving)
         log.info("server.started", listen=self.listen, port=self.port)
+        self._ready = asyncio.create_task(self._become_ready())
+        if wait_ready:
+            await self.wait_ready()
         return self.port
 
-    def _register_reflection_v1(self) -> None:
+    async def _become_ready(self) -> None:
+        if self.app.prepare is not None:
+            log.info("server.preparing")
+            await self.app.prepare()
+        for job in self.app.background:
+            self._tasks.append(asyncio.create_task(job()))
+        for name in self.names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.ready", port=self.port)
+
+    async def wait_ready(self) -> None:
+        """Wait until the server says SERVING.
+
+        Raises:
+            RuntimeError: :meth:`start` was not called.
+            Exception: Whatever the app's ``prepare`` step raised.
+        """
+        if self._ready is None:
+            raise RuntimeError("GrpcServer.start() was not called")
+        await asyncio.shield(self._ready)
+
+    @property
+    def ready_task(self) -> asyncio.Task[None] | None:
+        """The task that runs ``prepare`` and then reports SERVING (``None`` before start)."""
+        return self._ready
+
+    def _register_reflection(self) -> None:
+        sdk = sdk_descriptors()
+        names = sorted(
+            {
+                *sdk.services,
+                *self.app.service_names,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+                REFLECTION_V1,
+            }
+        )
+        servicer = reflection.aio.ReflectionServicer(names, pool=sdk.pool)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, self.server)
         # grpcio-reflection serves only v1alpha; v1 has the same wire format, so the same
         # servicer answers under the v1 name too (newer grpcurl/grpcui ask for v1 first).
-        from grpc_reflection.v1alpha import _async
-
-        servicer = _async.ReflectionServicer(
-            [*self.app.service_names, REFLECTION_V1, reflection.SERVICE_NAME]
-        )
         handler = grpc.stream_stream_rpc_method_handler(
             servicer.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
@@ -137,6 +250,9 @@ class GrpcServer:
         """Graceful stop: NOT_SERVING, drain, stop with grace, cancel background jobs, close
         the app."""
         await self.health.enter_graceful_shutdown()
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            await asyncio.gather(self._ready, return_exceptions=True)
         if self.drain_s:
             await asyncio.sleep(self.drain_s)
         await self.server.stop(self.grace_period_s)
@@ -162,6 +278,8 @@ async def run_service(
     Raises:
         AuthConfigError: token verification is not configured (checked before anything
             starts).
+        StartupError: The app's ``prepare`` step failed, so the service never became ready
+            (``build`` raises its own errors, :class:`StartupError` for operator mistakes).
     """
     verifier = TokenVerifier.from_settings(settings)
     configure_logging(settings.log_level, settings.log_json)
@@ -175,11 +293,20 @@ async def run_service(
         grace_period_s=settings.grace_period_s,
         drain_s=settings.drain_s,
     )
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await server.start(wait_ready=False)
+    ready = server.ready_task
+    assert ready is not None
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        stopping.cancel()
+        log.error("server.prepare_failed", error=repr(ready.exception()))
+        await server.stop()
+        raise StartupError(f"the service did not become ready: {ready.exception()!r}")
+    await stopping
     log.info("server.stopping")
     await server.stop()

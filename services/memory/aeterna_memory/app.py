@@ -12,10 +12,10 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
-from aeterna_common.db import Database, apply_migrations, role_of
+from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
 from aeterna_common.search.lexical import encode_document, encode_query
-from aeterna_common.server import ServiceApp
+from aeterna_common.server import ServiceApp, StartupError
 from aeterna_common.vectors.port import VectorIndex
 
 from aeterna_memory.adapters.index_follower import (
@@ -73,7 +73,12 @@ class IndexedSearch:
 
 
 def build_embedder(settings: MemorySettings) -> EmbeddingPort:
-    """The configured embedding adapter (blocks while a first ONNX export runs)."""
+    """The configured embedding adapter (blocks about a second while ONNX Runtime loads).
+
+    Raises:
+        StartupError: The in-process model directory is missing or unreadable; the message
+            names ``AETERNA_MEMORY_MODEL_DIR`` and ``make model``.
+    """
     if settings.embedding == "openai":
         from aeterna_common.embedding.openai_compat import OpenAICompatibleEmbedder
 
@@ -83,14 +88,22 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
             settings.embedding_dimension,
             api_key=settings.embedding_api_key or None,
         )
-    from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
+    from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder, ModelUnavailableError
 
-    return MiniLMEmbedder(
-        settings.model_cache_dir / "all-MiniLM-L6-v2-onnx",
-        intra_op_threads=settings.embedding_threads,
-        quantize=settings.embedding_int8,
-        batch_size=settings.embedding_batch_size,
-    )
+    try:
+        return MiniLMEmbedder(
+            settings.model_dir,
+            intra_op_threads=settings.embedding_threads,
+            quantize=settings.embedding_int8,
+            batch_size=settings.embedding_batch_size,
+        )
+    except ModelUnavailableError as exc:
+        raise StartupError(
+            f"the embedding model cannot be loaded from AETERNA_MEMORY_MODEL_DIR="
+            f"{settings.model_dir.absolute()}: {exc}. Build it with `make model` (or "
+            "`python -m aeterna_common.embedding.export --out DIR` with the model-export "
+            "extra) and point AETERNA_MEMORY_MODEL_DIR at it."
+        ) from exc
 
 
 def build_index(settings: MemorySettings) -> VectorIndex:
@@ -121,23 +134,45 @@ def build_index(settings: MemorySettings) -> VectorIndex:
 
 
 async def build(
-    common: CommonSettings | None = None, settings: MemorySettings | None = None
+    common: CommonSettings | None = None,
+    settings: MemorySettings | None = None,
+    schema: SchemaSettings | None = None,
 ) -> MemoryApp:
-    """Build the memory service: migrate, open stores, prepare the index, wire the domain.
+    """Build the memory service: load the model, migrate or wait for the schema, open
+    stores, wire the domain. The index is brought up to date by the app's ``prepare`` step,
+    which the server runs while its health says NOT_SERVING.
 
     Args:
         common: Shared settings; read from the environment when omitted.
         settings: Memory settings; read from the environment when omitted.
+        schema: Migrate at start or wait for the schema; read from the environment when
+            omitted.
+
+    Raises:
+        StartupError: The model cannot be loaded, or the schema did not reach the version
+            this code needs in time.
     """
     common = common or CommonSettings()
     settings = settings or MemorySettings()
     credentials = ServiceCredentials.from_settings(common)
-    await apply_migrations(
-        common.database_owner_url or common.database_url, MIGRATIONS, role_of(common.database_url)
-    )
+    schema = schema or SchemaSettings()
+    # The model first: a missing artifact is reported before anything else is touched.
+    embedder = await asyncio.to_thread(build_embedder, settings)
+    try:
+        await prepare_schema(
+            schema,
+            database_url=common.database_url,
+            owner_url=common.database_owner_url,
+            directory=MIGRATIONS,
+        )
+    except SchemaNotReadyError as exc:
+        await embedder.close()
+        raise StartupError(str(exc)) from exc
+    except BaseException:
+        await embedder.close()
+        raise
     db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
     await db.open()
-    embedder = await asyncio.to_thread(build_embedder, settings)
     cache: EmbeddingCache = RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
     index = build_index(settings)
     cursor: CursorStore
@@ -156,7 +191,6 @@ async def build(
         dimension=embedder.dimension,
         leader_lock=leader_lock,
     )
-    await follower.start()
     domain = MemoryDomain(
         PostgresMemoryStore(db),
         IndexedSearch(index, follower),
@@ -204,6 +238,8 @@ async def build(
         service_names=[SERVICE_NAME],
         register=register,
         close=close,
+        # Rebuild or catch up with the outbox before health says SERVING.
+        prepare=follower.start,
         background=[follower.run, reconcile_forever],
         domain=domain,
         follower=follower,

@@ -27,7 +27,9 @@ class MemorySettings(BaseSettings):
         embedding_model: Model name sent to that endpoint.
         embedding_dimension: Vector size that endpoint returns.
         embedding_api_key: Bearer token for that endpoint.
-        model_cache_dir: Where the exported ONNX model is cached.
+        model_dir: Directory of the all-MiniLM-L6-v2 ONNX model (fp32 and int8), built by
+            ``make model`` or the image's builder stage; only read. A missing or unreadable
+            model stops the service at start.
         embedding_threads: ONNX Runtime intra-op threads.
         embedding_int8: Serve MiniLM quantized to int8 (about 2x faster, same LoCoMo
             recall; recorded as model ``all-MiniLM-L6-v2-int8``).
@@ -58,7 +60,7 @@ class MemorySettings(BaseSettings):
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_dimension: int = Field(default=384, ge=1)
     embedding_api_key: str = ""
-    model_cache_dir: Path = Path.home() / ".cache" / "aeterna" / "models"
+    model_dir: Path = Path(".var/models")
     embedding_threads: int = Field(default=1, ge=1)
     embedding_int8: bool = True
     embedding_batch_size: int = Field(default=4, ge=1, le=256)

@@ -13,8 +13,10 @@ from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
+from aeterna_common.db import SchemaSettings
 from aeterna_common.server import GrpcServer
 from aeterna_devstack.pytest_plugin import DatabaseUrls, auth_settings, session_auth
+from aeterna_devstack.stack import require_model
 from aeterna_memory.app import build
 from aeterna_memory.settings import MemorySettings
 
@@ -62,7 +64,13 @@ async def create(env: MemoryEnv, tenant: str, m: res.Memory, **kw: Any) -> res.M
 
 
 async def start_memory(
-    urls: DatabaseUrls, redis_url: str, index_dir: Path, **settings: Any
+    urls: DatabaseUrls,
+    redis_url: str,
+    index_dir: Path,
+    *,
+    schema: SchemaSettings | None = None,
+    wait_ready: bool = True,
+    **settings: Any,
 ) -> tuple[GrpcServer, Any]:
     common = CommonSettings(
         database_url=urls.app,
@@ -74,9 +82,15 @@ async def start_memory(
     # A generous read-your-writes bound keeps tests deterministic on a loaded CI machine;
     # production uses the 0.1 s default.
     settings.setdefault("read_wait_s", 1.0)
-    app = await build(common, MemorySettings(index_dir=index_dir, **settings))
+    # The model built by `make model` (AETERNA_MEMORY_MODEL_DIR), as the service loads it.
+    settings.setdefault("model_dir", require_model())
+    app = await build(
+        common,
+        MemorySettings(index_dir=index_dir, **settings),
+        schema or SchemaSettings(migrate_on_start=True),
+    )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2
     )
-    await server.start()
+    await server.start(wait_ready=wait_ready)
     return server, app
