@@ -124,7 +124,7 @@ async def test_not_serving_until_prepared() -> None:
     app = make_app([])
     app.prepare = prepare
     app.background = [job]
-    server = GrpcServer(app)
+    server = GrpcServer(app, verifier=verifier())
     port = await server.start(wait_ready=False)
     try:
         for _ in range(3):
@@ -149,7 +149,7 @@ async def test_failed_prepare_never_serves() -> None:
 
     app = make_app([])
     app.prepare = prepare
-    server = GrpcServer(app)
+    server = GrpcServer(app, verifier=verifier())
     with pytest.raises(RuntimeError, match="corrupt"):
         await server.start()
     try:
@@ -194,7 +194,7 @@ async def test_reflection_describes_the_whole_sdk() -> None:
     # This server implements only test.v1.SlowService, yet reflection (as a client reaches it
     # through a gateway that routes reflection to any one service) lists and describes every
     # SDK service.
-    server = GrpcServer(make_app([]))
+    server = GrpcServer(make_app([]), verifier=verifier())
     port = await server.start()
     try:
         services, methods, request = await asyncio.to_thread(reflect, port, "SearchMemories")
@@ -213,7 +213,7 @@ async def test_reflection_describes_the_whole_sdk() -> None:
 async def test_reflection_v1_name_answers() -> None:
     from grpc_reflection.v1alpha import reflection_pb2
 
-    server = GrpcServer(make_app([]))
+    server = GrpcServer(make_app([]), verifier=verifier())
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

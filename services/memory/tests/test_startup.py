@@ -12,9 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import SchemaSettings, apply_migrations, role_of, schema_versions
 from aeterna_common.server import GrpcServer, StartupError
+from aeterna_devstack.pytest_plugin import auth_settings, session_auth
 from aeterna_devstack.servers import free_port
 from aeterna_devstack.stack import require_model
 from aeterna_memory.app import MIGRATIONS, build
@@ -30,8 +32,10 @@ def run(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AETERNA_")}
+    # Token verification is configured, so each test reaches the step it is about.
+    trusted = session_auth().server_env()
     return subprocess.run(
-        args, env={**clean, **env}, capture_output=True, text=True, timeout=timeout
+        args, env={**clean, **trusted, **env}, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -102,7 +106,10 @@ async def test_waits_for_the_schema_then_serves(
 ) -> None:
     urls = await make_database()
     common = CommonSettings(
-        database_url=urls.app, database_owner_url=urls.owner, redis_url=redis_server.url
+        database_url=urls.app,
+        database_owner_url=urls.owner,
+        redis_url=redis_server.url,
+        **auth_settings(),
     )
     settings = MemorySettings(model_dir=require_model(), index_dir=tmp_path / "index")
     with capture_logs() as logs:
@@ -119,7 +126,7 @@ async def test_waits_for_the_schema_then_serves(
     assert waits, logs
     assert waits[0]["missing"] == MIGRATION_NAMES
     assert any(e["event"] == "schema.ready" for e in logs)
-    server = GrpcServer(app, grace_period_s=1)
+    server = GrpcServer(app, verifier=TokenVerifier.from_settings(common), grace_period_s=1)
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
