@@ -56,7 +56,9 @@ class CommonSettings(BaseSettings):
     listen: str = "127.0.0.1:50051"
     metrics_port: int = Field(default=0, ge=0, le=65535)
     grace_period_s: float = Field(default=10.0, ge=0)
-    drain_s: float = Field(default=1.0, ge=0)
+    # The edge marks a host unhealthy after 2 failed checks 1 s apart (unhealthy_threshold,
+    # interval in aeterna_devstack.envoy): up to ~2.5 s with the checks' own latency.
+    drain_s: float = Field(default=3.0, ge=0)
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
     log_json: bool = False
     otel_exporter: str = Field(default="none", pattern="^(none|console|otlp)$")

@@ -194,7 +194,6 @@ class DevStack:
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
             "AETERNA_REDIS_URL": redis_url,
-            "AETERNA_DRAIN_S": "1.0",
             **auth.server_env(),
             **auth.service_env("memory"),
             "AETERNA_MEMORY_MODEL_DIR": str(models),
