@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -34,12 +33,12 @@ from typing import Any
 import helm_python
 import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
-from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.envoy import EnvoyError, validate_config
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from aeterna_devstack.envoy import (
+    EnvoyError,
+    chart_validation_files,
+    replace_chart_paths,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARTS = ROOT / "charts"
@@ -54,9 +53,6 @@ CRD_KINDS = frozenset({"ServiceMonitor"})
 RELEASE = "aeterna-memory"
 NAMESPACE = "aeterna"
 
-JWKS_PATH = "/etc/aeterna/jwks/jwks.json"
-TLS_CERT_PATH = "/etc/aeterna/tls/tls.crt"
-TLS_KEY_PATH = "/etc/aeterna/tls/tls.key"
 
 ALL_FEATURES: Mapping[str, dict[str, Any]] = {
     "memory": {
@@ -191,58 +187,6 @@ def envoy_configs(manifests: Mapping[str, str]) -> Iterator[tuple[str, dict[str,
             yield name, config
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aeterna-gateway")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def local_files(directory: Path) -> dict[str, str]:
-    """Throwaway stand-ins for the files pods mount: mount path → local path.
-
-    Args:
-        directory: Where to write a development JWKS and a self-signed certificate.
-
-    Returns:
-        The mapping, for :func:`replace_paths`.
-
-    """
-    auth = DevAuth(directory / "auth")
-    cert, key = _self_signed(directory)
-    return {JWKS_PATH: str(auth.jwks_path), TLS_CERT_PATH: str(cert), TLS_KEY_PATH: str(key)}
-
-
-def replace_paths(node: Any, paths: Mapping[str, str]) -> Any:
-    """Return ``node`` with every string equal to a key of ``paths`` replaced by its value."""
-    if isinstance(node, dict):
-        return {k: replace_paths(v, paths) for k, v in node.items()}
-    if isinstance(node, list):
-        return [replace_paths(v, paths) for v in node]
-    if isinstance(node, str):
-        return paths.get(node, node)
-    return node
-
-
 def check_chart(chart: Path, files: Mapping[str, str]) -> list[str]:
     """Run every check on one chart; returns the findings (empty when it passes)."""
     findings: list[str] = []
@@ -268,7 +212,7 @@ def check_chart(chart: Path, files: Mapping[str, str]) -> list[str]:
         for name, config in envoy_configs(manifests):
             count += 1
             try:
-                validate_config(replace_paths(config, files))
+                validate_config(replace_chart_paths(config, files))
             except EnvoyError as exc:
                 findings.append(f"envoy --mode validate ({label}) {name}: {exc}")
         if count == 0:
@@ -302,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     charts = args.charts or sorted(p.parent for p in CHARTS.glob("*/Chart.yaml"))
     failed = False
-    with tempfile.TemporaryDirectory(prefix="aeterna-charts-") as tmp:
-        files = local_files(Path(tmp))
+    with chart_validation_files() as files:
         for chart in charts:
             print(f"{chart.name}:")
             findings = check_chart(chart, files)

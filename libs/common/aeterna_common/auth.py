@@ -23,6 +23,7 @@ comes only from verified claims (:func:`aeterna_common.context.principal_from_cl
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import math
@@ -88,7 +89,7 @@ class KeySource(Protocol):
         ...
 
 
-class _CachedJwks:
+class _CachedJwks(abc.ABC):
     """Shared caching logic; subclasses say when the copy is stale and how to load it."""
 
     def __init__(self, algorithms: Sequence[str], refresh_cooldown_s: float) -> None:
@@ -98,12 +99,13 @@ class _CachedJwks:
         self._last_forced = -math.inf
         self._forced: asyncio.Future[None] | None = None
 
+    @abc.abstractmethod
     def _stale(self) -> bool:
-        raise NotImplementedError
+        """Whether the cached copy must be read again before use."""
 
+    @abc.abstractmethod
     def _load(self, force: bool) -> jwt.PyJWKSet:
         """Read the key set (blocking; runs in a worker thread)."""
-        raise NotImplementedError
 
     def _use(self, jwks: jwt.PyJWKSet) -> None:
         self._keys = {

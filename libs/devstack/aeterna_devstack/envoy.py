@@ -998,11 +998,13 @@ def example_chart_values() -> dict[str, Any]:
     }
 
 
-def _replace_strings(node: Any, paths: Mapping[str, str]) -> Any:
+def replace_chart_paths(node: Any, paths: Mapping[str, str]) -> Any:
+    """Return ``node`` (a parsed config) with every string equal to a key of ``paths`` (a
+    path inside the pod, e.g. :data:`CHART_JWKS_PATH`) replaced by its value (a local file)."""
     if isinstance(node, dict):
-        return {k: _replace_strings(v, paths) for k, v in node.items()}
+        return {k: replace_chart_paths(v, paths) for k, v in node.items()}
     if isinstance(node, list):
-        return [_replace_strings(v, paths) for v in node]
+        return [replace_chart_paths(v, paths) for v in node]
     if isinstance(node, str):
         return paths.get(node, node)
     return node
@@ -1051,7 +1053,7 @@ def instantiate_chart_config(
     if "{{" in filled:
         line = next(line for line in filled.splitlines() if "{{" in line)
         raise ValueError(f"unsupported template expression: {line.strip()[:200]}")
-    config: dict[str, Any] = _replace_strings(json.loads(filled), paths or {})
+    config: dict[str, Any] = replace_chart_paths(json.loads(filled), paths or {})
     return config
 
 
