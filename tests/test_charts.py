@@ -256,6 +256,7 @@ def test_pdb_and_spreading(memory: list[Obj]) -> None:
 
 SENTINELS = {
     "database": "postgresql://owner:SENTINEL-DB-PASSWORD@db/aeterna",
+    "indexer": "postgresql://indexer:SENTINEL-INDEXER-PASSWORD@db/aeterna",
     "redis": "redis://:SENTINEL-REDIS-PASSWORD@redis:6379/0",
     "jwks": "SENTINEL-JWKS-SECRET",
     "tls": "SENTINEL-TLS-SECRET",
@@ -292,6 +293,7 @@ def test_no_secret_value_in_any_config_map() -> None:
     for name, secret in SENTINELS.items():
         key = {
             "database": "AETERNA_DATABASE_URL",
+            "indexer": "AETERNA_DATABASE_INDEXER_URL",
             "redis": "AETERNA_REDIS_URL",
             "jwks": "AETERNA_AUTH_JWKS_SECRET",
             "tls": "AETERNA_TLS_PASSWORD",
@@ -321,6 +323,11 @@ def test_migration_job_is_a_pre_install_pre_upgrade_hook_as_owner(memory: list[O
     }
     # The application DSN names the role the migrations grant access to.
     assert env["AETERNA_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "app-url"
+    # The indexer DSN names the role the migrations grant cross-tenant SELECT to.
+    assert env["AETERNA_DATABASE_INDEXER_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "aeterna-memory-db",
+        "key": "indexer-url",
+    }
     assert all("value" not in e for e in env.values() if e["name"].endswith("_URL"))
     # Hooks run before the release's ServiceAccount and ConfigMaps exist: use none of them.
     assert "serviceAccountName" not in spec and "envFrom" not in migrate

@@ -63,6 +63,12 @@ spec:
                 secretKeyRef:
                   name: {{ .Values.database.existingSecret }}
                   key: {{ .Values.database.urlKey }}
+            # Only read for the indexer role's name, which the migrations grant SELECT to.
+            - name: AETERNA_DATABASE_INDEXER_URL
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .Values.database.existingSecret }}
+                  key: {{ .Values.database.indexerUrlKey }}
             - name: AETERNA_LOG_JSON
               value: "true"
           resources:

@@ -44,6 +44,11 @@ data:
     secretKeyRef:
       name: {{ .Values.database.existingSecret }}
       key: {{ .Values.database.urlKey }}
+- name: AETERNA_DATABASE_INDEXER_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret }}
+      key: {{ .Values.database.indexerUrlKey }}
 {{- if .Values.redis.existingSecret }}
 - name: AETERNA_REDIS_URL
   valueFrom:

@@ -24,6 +24,9 @@ class CommonSettings(BaseSettings):
         database_url: PostgreSQL DSN of the application role (no BYPASSRLS).
         database_owner_url: DSN of the role that owns the schema and applies migrations;
             defaults to ``database_url`` (then that role must be able to create tables).
+        database_indexer_url: DSN of the indexer role: SELECT across tenants on what index
+            maintenance reads, nothing else. Only index followers and the reconciler use it,
+            on a pool of their own (``db_indexer_pool_max`` connections).
         redis_url: Redis URL; empty disables the cache.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
         metrics_port: Prometheus ``/metrics`` port; 0 disables it.
@@ -36,6 +39,7 @@ class CommonSettings(BaseSettings):
             ``OTEL_EXPORTER_OTLP_*`` variables).
         db_pool_min: Minimum pooled PostgreSQL connections.
         db_pool_max: Maximum pooled PostgreSQL connections.
+        db_indexer_pool_max: Maximum pooled connections of the indexer role.
         auth_jwks_file: JWKS file that verifies bearer tokens (re-read when it changes).
             Serving needs exactly one of this and ``auth_jwks_url``.
         auth_jwks_url: ``http(s)`` URL of the identity provider's JWKS (cached 300 s,
@@ -52,6 +56,7 @@ class CommonSettings(BaseSettings):
 
     database_url: str = "postgresql://aeterna_app@127.0.0.1:5432/aeterna"
     database_owner_url: str | None = None
+    database_indexer_url: str = "postgresql://aeterna_indexer@127.0.0.1:5432/aeterna"
     redis_url: str = ""
     listen: str = "127.0.0.1:50051"
     metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -64,6 +69,7 @@ class CommonSettings(BaseSettings):
     otel_exporter: str = Field(default="none", pattern="^(none|console|otlp)$")
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)
+    db_indexer_pool_max: int = Field(default=2, ge=1)
     auth_jwks_file: Path | None = None
     auth_jwks_url: str = ""
     auth_issuer: str = ""

@@ -1,8 +1,16 @@
 """PostgreSQL access under row-level security.
 
 Every unit of work runs in one transaction on a pooled connection of the application role
-(``NOSUPERUSER NOBYPASSRLS``); the tenant is set with ``set_config('app.tenant_id', $1, true)``,
-which is transaction-local, so a connection returned to the pool carries no tenant.
+(``NOSUPERUSER NOBYPASSRLS``); the transaction is bound to its tenant with
+``aeterna_bind_tenant($1)``, a function owned by the schema owner that seals the binding
+(transaction-local, keyed hash over tenant, backend and transaction start) and refuses a second
+binding in the same transaction, so a connection returned to the pool carries no tenant and no
+setting the application role can change reveals another tenant.
+
+Three roles per service database (ARCHITECTURE.md, "Database roles"): the **owner** applies
+migrations and serves nothing; the **app** role serves requests under row-level security; the
+**indexer** role may only SELECT, across tenants, what index maintenance reads
+(:meth:`Database.all_tenants_snapshot` on a pool of that role).
 Transient failures (lost connection, serialization failure, deadlock) retry the whole unit of
 work with exponential backoff (tenacity); nothing else is retried.
 
@@ -137,22 +145,22 @@ class Database:
         if not TENANT_PATTERN.match(tenant_id):
             raise ValueError(f"invalid tenant id {tenant_id!r}")
         async with self.pool.acquire() as conn, conn.transaction(readonly=readonly):
-            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
+            await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
             yield cast(asyncpg.Connection, conn)
 
     @asynccontextmanager
     async def all_tenants_snapshot(self) -> AsyncIterator[asyncpg.Connection]:
-        """A READ ONLY, REPEATABLE READ transaction that may read every tenant's rows.
+        """A READ ONLY, REPEATABLE READ transaction of this pool's role, bound to no tenant.
 
-        Only index maintenance (followers, rebuilds, the reconciler) uses this: the policies
-        admit all tenants for SELECT when ``app.all_tenants`` is ``on`` and never for writes,
-        and the transaction is read-only besides.
+        Only index maintenance (followers, rebuilds, the reconciler) uses this, on a pool of
+        the **indexer** role, whose policies admit every tenant for SELECT on what index
+        maintenance reads and which holds no other privilege. On the application role's pool
+        it sees no tenant row at all.
         """
         async with (
             self.pool.acquire() as conn,
             conn.transaction(readonly=True, isolation="repeatable_read"),
         ):
-            await conn.execute("SELECT set_config('app.all_tenants', 'on', true)")
             yield cast(asyncpg.Connection, conn)
 
     async def run(
@@ -208,29 +216,39 @@ def migration_files(directory: Path) -> dict[int, Path]:
     return versions
 
 
-async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> list[str]:
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def apply_migrations(
+    owner_dsn: str, directory: Path, app_role: str, indexer_role: str | None = None
+) -> list[str]:
     """Apply the numbered migrations of ``directory`` not yet applied, in order.
 
-    Each file runs in its own transaction as the owner role; ``{app_role}`` in a file is
-    replaced by the quoted application role name. A table ``schema_migrations`` records what
-    ran; the application role may read it (to wait for a version, see
-    :func:`wait_for_schema`). An advisory lock makes concurrent callers wait for each other.
+    Each file runs in its own transaction as the owner role; ``{app_role}`` and
+    ``{indexer_role}`` in a file are replaced by the quoted role names. A table
+    ``schema_migrations`` records what ran; the application role may read it (to wait for a
+    version, see :func:`wait_for_schema`). An advisory lock makes concurrent callers wait for
+    each other.
 
     Args:
         owner_dsn: DSN of the schema owner.
         directory: Folder of ``NNNN_name.sql`` files.
         app_role: The application role granted access by the migrations.
+        indexer_role: The indexer role (cross-tenant SELECT for index maintenance); needed
+            by any file that names ``{indexer_role}``.
 
     Returns:
         Names of the files applied now.
 
     Raises:
-        ValueError: a file name does not match ``NNNN_name.sql`` or numbers repeat.
+        ValueError: a file name does not match ``NNNN_name.sql`` or numbers repeat, or a
+            file names ``{indexer_role}`` and none was given.
     """
     versions = migration_files(directory)
     conn: asyncpg.Connection = await asyncpg.connect(owner_dsn)
     applied_now: list[str] = []
-    quoted_role = '"' + app_role.replace('"', '""') + '"'
+    quoted_role = _quote_ident(app_role)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -244,6 +262,12 @@ async def apply_migrations(owner_dsn: str, directory: Path, app_role: str) -> li
             if version in done:
                 continue
             sql = path.read_text().replace("{app_role}", quoted_role)
+            if "{indexer_role}" in sql:
+                if not indexer_role:
+                    raise ValueError(
+                        f"{path.name} grants to the indexer role: set AETERNA_DATABASE_INDEXER_URL"
+                    )
+                sql = sql.replace("{indexer_role}", _quote_ident(indexer_role))
             async with conn.transaction():
                 await conn.execute(sql)
                 await conn.execute(
@@ -334,7 +358,12 @@ async def wait_for_schema(
 
 
 async def prepare_schema(
-    settings: SchemaSettings, *, database_url: str, owner_url: str | None, directory: Path
+    settings: SchemaSettings,
+    *,
+    database_url: str,
+    owner_url: str | None,
+    directory: Path,
+    indexer_url: str | None = None,
 ) -> list[str]:
     """At service start: migrate, or wait for the migration step, per ``settings``.
 
@@ -343,6 +372,7 @@ async def prepare_schema(
         database_url: DSN of the application role.
         owner_url: DSN of the schema owner; ``None`` uses ``database_url``.
         directory: The service's migrations.
+        indexer_url: DSN of the indexer role, whose user the migrations grant to.
 
     Returns:
         Names of the migrations applied now (always empty when waiting).
@@ -351,31 +381,59 @@ async def prepare_schema(
         SchemaNotReadyError: See :func:`wait_for_schema`.
     """
     if settings.migrate_on_start:
-        return await apply_migrations(owner_url or database_url, directory, role_of(database_url))
+        return await apply_migrations(
+            owner_url or database_url,
+            directory,
+            role_of(database_url),
+            role_of(indexer_url) if indexer_url else None,
+        )
     await wait_for_schema(database_url, directory, timeout_s=settings.schema_wait_s)
     return []
 
 
-async def provision(superuser_dsn: str, database: str, owner_role: str, app_role: str) -> None:
-    """Create the owner role, the application role and the database when missing.
+SERVING_ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION"
+"""Attributes of the app and indexer roles: neither bypasses row-level security nor creates
+anything (ARCHITECTURE.md, "Database roles")."""
 
-    For development and tests; production provisions roles with its own tooling. The
-    application role is ``LOGIN NOSUPERUSER NOBYPASSRLS``: row-level security binds it.
+
+async def provision(
+    superuser_dsn: str,
+    database: str,
+    owner_role: str,
+    app_role: str,
+    indexer_role: str | None = None,
+) -> None:
+    """Create the owner, application and indexer roles and the database when missing.
+
+    For development and tests; production provisions roles with its own tooling (the
+    CloudNativePG managed roles in ``k8s/``). The owner owns the database and, through the
+    migrations, every table. The application and indexer roles are
+    :data:`SERVING_ROLE_ATTRIBUTES` (set again on existing roles); row-level security binds
+    them, and the migrations grant them what they may do. The database's ``CREATE`` and
+    ``TEMPORARY`` privileges are revoked from ``PUBLIC``.
 
     Args:
         superuser_dsn: DSN of a role allowed to create roles and databases.
         database: Database name.
         owner_role: Role that owns the schema and applies migrations.
-        app_role: Role the services connect as.
+        app_role: Role the services serve requests as.
+        indexer_role: Role index maintenance reads as; ``None`` creates none.
     """
     conn: asyncpg.Connection = await asyncpg.connect(superuser_dsn)
     try:
-        for role, extra in ((owner_role, ""), (app_role, " NOBYPASSRLS")):
+        roles = [(owner_role, "LOGIN NOSUPERUSER")]
+        roles += [(r, SERVING_ROLE_ATTRIBUTES) for r in (app_role, indexer_role) if r]
+        for role, attributes in roles:
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-            if not exists:
-                await conn.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER{extra}')
+            verb = "ALTER" if exists else "CREATE"
+            await conn.execute(f"{verb} ROLE {_quote_ident(role)} {attributes}")
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-            await conn.execute(f'CREATE DATABASE "{database}" OWNER "{owner_role}"')
+            await conn.execute(
+                f"CREATE DATABASE {_quote_ident(database)} OWNER {_quote_ident(owner_role)}"
+            )
+            await conn.execute(
+                f"REVOKE CREATE, TEMPORARY ON DATABASE {_quote_ident(database)} FROM PUBLIC"
+            )
     finally:
         await conn.close()
 

@@ -404,3 +404,14 @@ async def test_congruence_between_adapters(tmp_path: Path) -> None:
     finally:
         await edge.close()
         await local.close()
+
+
+async def test_payload_values(index: VectorIndex) -> None:
+    await index.upsert([point(i, unit(1, i), revision=i + 1) for i in range(3)])
+    await index.upsert([point(3, unit(1, 3))])
+    assert await index.payload_values("revision") == {
+        uid(0): 1,
+        uid(1): 2,
+        uid(2): 3,
+        uid(3): None,
+    }

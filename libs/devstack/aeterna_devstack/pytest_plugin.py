@@ -2,8 +2,9 @@
 
 They start real servers from the installed binaries (see :mod:`aeterna_devstack.servers`):
 a throwaway PostgreSQL cluster and a Redis server per test session. Each service's tests get
-their own database with an owner role and an application role (``NOSUPERUSER NOBYPASSRLS``),
-so row-level security is exercised exactly as in production. Services under test verify real
+their own database with the three roles of production: an owner, an application role and an
+indexer role (both ``NOSUPERUSER NOBYPASSRLS``), so row-level security is exercised exactly as
+in production. Services under test verify real
 tokens: :func:`session_auth` is one development key per test process, and
 :func:`auth_settings` the ``CommonSettings`` fields that make a service trust it.
 """
@@ -61,11 +62,13 @@ class DatabaseUrls:
         superuser: The cluster's superuser on this database.
         owner: The schema owner (applies migrations).
         app: The application role (row-level security applies).
+        indexer: The indexer role (SELECT across tenants on what index maintenance reads).
     """
 
     superuser: str
     owner: str
     app: str
+    indexer: str
 
 
 @pytest.fixture(scope="session")
@@ -94,11 +97,12 @@ async def make_database(pg_server: PostgresServer) -> AsyncIterator[object]:
 
     async def factory() -> DatabaseUrls:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        await provision(pg_server.dsn(), name, "aeterna_owner", "aeterna_app")
+        await provision(pg_server.dsn(), name, "aeterna_owner", "aeterna_app", "aeterna_indexer")
         return DatabaseUrls(
             superuser=pg_server.dsn("postgres", name),
             owner=pg_server.dsn("aeterna_owner", name),
             app=pg_server.dsn("aeterna_app", name),
+            indexer=pg_server.dsn("aeterna_indexer", name),
         )
 
     yield factory

@@ -40,6 +40,7 @@ MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 DATABASE = "aeterna"
 OWNER_ROLE = "aeterna_owner"
 APP_ROLE = "aeterna_app"
+INDEXER_ROLE = "aeterna_indexer"
 
 
 def state_dir() -> Path:
@@ -167,12 +168,14 @@ class DevStack:
         (self.root / "logs").mkdir(exist_ok=True)
         db_url = os.environ.get("AETERNA_DATABASE_URL", "")
         owner_url = os.environ.get("AETERNA_DATABASE_OWNER_URL", "") or db_url
+        indexer_url = os.environ.get("AETERNA_DATABASE_INDEXER_URL", "")
         if not db_url:
             pg_dir = None if self.fresh else self.root / "postgres"
             self._pg = PostgresServer(pg_dir, keep=not self.fresh).start()
-            asyncio.run(provision(self._pg.dsn(), DATABASE, OWNER_ROLE, APP_ROLE))
+            asyncio.run(provision(self._pg.dsn(), DATABASE, OWNER_ROLE, APP_ROLE, INDEXER_ROLE))
             db_url = self._pg.dsn(APP_ROLE, DATABASE)
             owner_url = self._pg.dsn(OWNER_ROLE, DATABASE)
+            indexer_url = self._pg.dsn(INDEXER_ROLE, DATABASE)
             say(f"PostgreSQL  {self._pg.dsn('postgres', DATABASE)}")
         redis_url = os.environ.get("AETERNA_REDIS_URL", "")
         if not redis_url:
@@ -193,6 +196,7 @@ class DevStack:
             **os.environ,
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
+            **({"AETERNA_DATABASE_INDEXER_URL": indexer_url} if indexer_url else {}),
             "AETERNA_REDIS_URL": redis_url,
             **auth.server_env(),
             **auth.service_env("memory"),

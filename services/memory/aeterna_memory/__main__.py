@@ -42,8 +42,9 @@ def serve() -> None:
 def migrate() -> list[str]:
     """Apply pending migrations with the owner DSN.
 
-    The application role named in ``AETERNA_DATABASE_URL`` is granted access by the
-    migrations; ``AETERNA_DATABASE_OWNER_URL`` (default: the same DSN) applies them.
+    The application role named in ``AETERNA_DATABASE_URL`` and the indexer role named in
+    ``AETERNA_DATABASE_INDEXER_URL`` are granted access by the migrations;
+    ``AETERNA_DATABASE_OWNER_URL`` (default: the application DSN) applies them.
 
     Returns:
         Names of the migrations applied now.
@@ -56,7 +57,14 @@ def migrate() -> list[str]:
     configure_logging(common.log_level, common.log_json)
     owner = common.database_owner_url or common.database_url
     try:
-        return asyncio.run(apply_migrations(owner, MIGRATIONS, role_of(common.database_url)))
+        return asyncio.run(
+            apply_migrations(
+                owner,
+                MIGRATIONS,
+                role_of(common.database_url),
+                role_of(common.database_indexer_url),
+            )
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
         raise StartupError(
             f"migrations failed with AETERNA_DATABASE_OWNER_URL: {type(exc).__name__}: {exc}"

@@ -37,8 +37,6 @@ from aeterna_memory.settings import MemorySettings
 log = structlog.get_logger("aeterna.memory")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SHARED_INDEX_LOCK = 7_311_000_003
-"""Advisory lock key of the lease to apply changes to a shared (server) index."""
 
 
 @dataclass(kw_only=True)
@@ -164,6 +162,7 @@ async def build(
             database_url=common.database_url,
             owner_url=common.database_owner_url,
             directory=MIGRATIONS,
+            indexer_url=common.database_indexer_url,
         )
     except SchemaNotReadyError as exc:
         await embedder.close()
@@ -173,23 +172,33 @@ async def build(
         raise
     db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
     await db.open()
+    # Index maintenance reads every tenant as the indexer role, on a pool of its own.
+    indexer = Database(common.database_indexer_url, min_size=1, max_size=common.db_indexer_pool_max)
+    try:
+        await indexer.open()
+    except BaseException:
+        await db.close()
+        await embedder.close()
+        raise
     cache: EmbeddingCache = RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
     index = build_index(settings)
     cursor: CursorStore
     if settings.vector_store == "edge":
         cursor = FileCursor(settings.index_dir / "applied_position")
-        leader_lock = None
+        lease_name = None
     else:
         cursor = PostgresCursor(db, f"qdrant:{settings.qdrant_collection}")
-        leader_lock = SHARED_INDEX_LOCK
+        lease_name = f"memory:index:qdrant:{settings.qdrant_collection}"
     follower = IndexFollower(
         db,
+        indexer,
         index,
         cursor,
         encode_document,
-        dsn=common.database_url,
+        dsn=common.database_indexer_url,
         dimension=embedder.dimension,
-        leader_lock=leader_lock,
+        lease_name=lease_name,
+        lease_ttl_s=settings.index_lease_ttl_s,
     )
     domain = MemoryDomain(
         PostgresMemoryStore(db),
@@ -214,6 +223,8 @@ async def build(
     servicer = MemoryServicer(domain)
 
     async def reconcile_forever() -> None:
+        # Shared index: only the lease holder reconciles (reconcile() returns at once
+        # elsewhere). Embedded: each replica reconciles its own index.
         if not settings.reconcile_interval_s:
             return
         while True:
@@ -229,6 +240,7 @@ async def build(
             await index.close()
         await cache.close()
         await embedder.close()
+        await indexer.close()
         await db.close()
 
     def register(server: grpc.aio.Server) -> None:

@@ -45,7 +45,10 @@ class MemorySettings(BaseSettings):
         dense_weight: Weight of the dense ranking in the fusion.
         lexical_weight: Weight of the BM25 ranking in the fusion.
         read_wait_s: Longest wait of a search for the index to reach the latest write.
-        reconcile_interval_s: Seconds between reconciler runs (0 disables).
+        reconcile_interval_s: Seconds between reconciler runs (0 disables); with a shared
+            index only the holder of the index's lease reconciles.
+        index_lease_ttl_s: Time to live in seconds of the shared index's lease: a leader cut
+            off from PostgreSQL is replaced after about this long; it renews every third.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_MEMORY_", extra="ignore")
@@ -74,6 +77,7 @@ class MemorySettings(BaseSettings):
     lexical_weight: float = Field(default=0.6, ge=0)
     read_wait_s: float = Field(default=0.1, ge=0, le=1.0)
     reconcile_interval_s: float = Field(default=600.0, ge=0)
+    index_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
 
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:

@@ -75,6 +75,7 @@ async def start_memory(
     common = CommonSettings(
         database_url=urls.app,
         database_owner_url=urls.owner,
+        database_indexer_url=urls.indexer,
         redis_url=redis_url,
         service_token_file=session_auth().write_service_token("memory"),
         **auth_settings(),

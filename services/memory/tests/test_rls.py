@@ -80,16 +80,23 @@ async def test_pooled_connection_carries_no_tenant(env: MemoryEnv) -> None:
 async def test_all_tenant_snapshot_is_read_only(env: MemoryEnv) -> None:
     a = new_tenant()
     await create(env, a, memory("indexer reads", user_id="u"))
-    db = Database(env.urls.app)
-    await db.open()
+    indexer = Database(env.urls.indexer)
+    app = Database(env.urls.app)
+    await indexer.open()
+    await app.open()
     try:
-        async with db.all_tenants_snapshot() as conn:
+        async with indexer.all_tenants_snapshot() as conn:
             assert await conn.fetchval("SELECT count(*) FROM memories WHERE tenant_id = $1", a) == 1
         with pytest.raises(asyncpg.exceptions.ReadOnlySQLTransactionError):
-            async with db.all_tenants_snapshot() as conn:
+            async with indexer.all_tenants_snapshot() as conn:
                 await conn.execute("UPDATE memories SET content = 'x' WHERE tenant_id = $1", a)
+        # The same snapshot on the application role's pool sees no tenant at all.
+        async with app.all_tenants_snapshot() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM memories") == 0
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
     finally:
-        await db.close()
+        await indexer.close()
+        await app.close()
 
 
 async def test_invalid_tenant_never_reaches_sql(env: MemoryEnv) -> None:

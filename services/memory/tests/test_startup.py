@@ -14,7 +14,13 @@ import grpc
 import pytest
 from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
-from aeterna_common.db import SchemaSettings, apply_migrations, role_of, schema_versions
+from aeterna_common.db import (
+    SchemaSettings,
+    apply_migrations,
+    migration_files,
+    role_of,
+    schema_versions,
+)
 from aeterna_common.server import GrpcServer, StartupError
 from aeterna_devstack.pytest_plugin import auth_settings, session_auth
 from aeterna_devstack.servers import free_port
@@ -24,7 +30,7 @@ from aeterna_memory.settings import MemorySettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
-MIGRATION_NAMES = ["0001_memories.sql", "0002_index_cursors.sql"]
+MIGRATION_NAMES = [p.name for _, p in sorted(migration_files(MIGRATIONS).items())]
 BIN = Path(sys.executable).parent
 
 
@@ -78,16 +84,21 @@ async def test_unreadable_model_stops_build(tmp_path: Path) -> None:
 
 async def test_migrate_command(make_database: Any) -> None:
     urls = await make_database()
-    env = {"AETERNA_DATABASE_URL": urls.app, "AETERNA_DATABASE_OWNER_URL": urls.owner}
+    env = {
+        "AETERNA_DATABASE_URL": urls.app,
+        "AETERNA_DATABASE_OWNER_URL": urls.owner,
+        "AETERNA_DATABASE_INDEXER_URL": urls.indexer,
+    }
     first = await asyncio.to_thread(run, [str(BIN / "aeterna-memory"), "migrate"], env)
     assert first.returncode == 0, first.stderr
     assert f"applied now: {', '.join(MIGRATION_NAMES)}" in first.stdout
     # The application role can read the recorded versions (it waits on them) ...
-    assert await schema_versions(urls.app) == {1, 2}
+    assert await schema_versions(urls.app) == set(migration_files(MIGRATIONS))
     # ... and was granted what the migrations grant it.
     second = await asyncio.to_thread(run, [sys.executable, "-m", "aeterna_memory", "migrate"], env)
     assert second.returncode == 0, second.stderr
-    assert "schema at version 2; applied now: nothing" in second.stdout
+    latest = max(migration_files(MIGRATIONS))
+    assert f"schema at version {latest}; applied now: nothing" in second.stdout
 
 
 def test_migrate_failure_is_readable() -> None:
@@ -108,6 +119,7 @@ async def test_waits_for_the_schema_then_serves(
     common = CommonSettings(
         database_url=urls.app,
         database_owner_url=urls.owner,
+        database_indexer_url=urls.indexer,
         redis_url=redis_server.url,
         **auth_settings(),
     )
@@ -120,7 +132,7 @@ async def test_waits_for_the_schema_then_serves(
         assert not building.done()
         # It never migrates itself, although its settings name an owner DSN.
         assert await schema_versions(urls.app) == set()
-        await apply_migrations(urls.owner, MIGRATIONS, role_of(urls.app))
+        await apply_migrations(urls.owner, MIGRATIONS, role_of(urls.app), role_of(urls.indexer))
         app = await asyncio.wait_for(building, 30)
     waits = [e for e in logs if e["event"] == "schema.waiting"]
     assert waits, logs
@@ -141,7 +153,7 @@ async def test_waits_for_the_schema_then_serves(
 async def test_gives_up_after_the_bound(make_database: Any, tmp_path: Path) -> None:
     urls = await make_database()
     # Half the schema: 0001 applied by hand, 0002 missing.
-    await apply_migrations(urls.owner, MIGRATIONS, role_of(urls.app))
+    await apply_migrations(urls.owner, MIGRATIONS, role_of(urls.app), role_of(urls.indexer))
     import asyncpg
 
     conn = await asyncpg.connect(urls.owner)

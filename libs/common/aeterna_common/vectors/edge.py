@@ -363,6 +363,25 @@ class EdgeVectorIndex:
         flt = None if tenant_id is None else tenant_filter(_BUILDER, tenant_id)
         return await asyncio.to_thread(self._scroll_ids, shard, flt)
 
+    def _scroll_values(self, shard: Any, key: str) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        offset: Any = None
+        while True:
+            records, offset = shard.scroll(
+                qe.ScrollRequest(
+                    offset=offset, limit=_SCROLL_PAGE, with_payload=[key], with_vector=False
+                )
+            )
+            for r in records:
+                values[str(r.id)] = (r.payload or {}).get(key)
+            if offset is None:
+                return values
+
+    async def payload_values(self, key: str) -> dict[str, Any]:
+        """Every point id (canonical form) with its payload value under ``key``."""
+        shard = self._live()
+        return await asyncio.to_thread(self._scroll_values, shard, key)
+
     async def optimize(self) -> None:
         """Merge segments and build HNSW graphs; blocks queries while it runs (minutes at 100k)."""
         shard = self._live()

@@ -157,6 +157,11 @@ class VectorIndex(Protocol):
         """Every point id (of one tenant, or of all): used by the reconciler."""
         ...
 
+    async def payload_values(self, key: str) -> dict[str, Any]:
+        """Every point id with its payload value under top-level ``key`` (``None`` where the
+        point has none): used by the reconciler to compare revisions."""
+        ...
+
     async def optimize(self) -> None:
         """Build indexes / merge segments where the backend needs it (may be slow)."""
         ...

@@ -10,6 +10,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.conversions import common_types as types
@@ -369,6 +370,24 @@ class QdrantVectorIndex:
             ids.update(str(r.id) for r in records)
             if offset is None:
                 return ids
+
+    async def payload_values(self, key: str) -> dict[str, Any]:
+        """Every point id (canonical form) with its payload value under ``key``."""
+        self._check()
+        values: dict[str, Any] = {}
+        offset: types.PointId | None = None
+        while True:
+            records, offset = await self._client.scroll(
+                self._collection,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=[key],
+                with_vectors=False,
+            )
+            for r in records:
+                values[str(r.id)] = (r.payload or {}).get(key)
+            if offset is None:
+                return values
 
     async def optimize(self, timeout_s: float = 600.0) -> None:
         """Wait until the server's background optimizers are idle (collection status green).

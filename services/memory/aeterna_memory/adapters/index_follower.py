@@ -9,8 +9,16 @@ state makes every step idempotent: replaying a change is harmless.
 * Embedded mode (qdrant-edge): each replica owns its index directory and its follower; the
   applied position is a file beside the index. A missing index is rebuilt from PostgreSQL
   in one snapshot.
-* Shared mode (a Qdrant server): one follower at a time holds a PostgreSQL advisory lock (the
-  lease) and applies; every replica reads the shared position from ``index_cursors``.
+* Shared mode (a Qdrant server): one follower at a time holds the index's lease
+  (:mod:`aeterna_common.leases`) and both applies and reconciles. Each batch and its cursor
+  write are fenced by the lease's epoch (the lease row locked ``FOR SHARE`` at that epoch in
+  the transaction that writes the cursor, the batch bounded in time so that it ends before
+  the lease can expire); a deposed leader's write fails and it stops applying. Every replica
+  reads the shared position from ``index_cursors``.
+
+Followers read every tenant's rows as the **indexer** role (SELECT only) and write nothing to
+PostgreSQL but the shared cursor and the lease (application role). The LISTEN connection is
+re-opened when it drops.
 
 Writers wake followers with ``NOTIFY``; a search waits (bounded) until its replica's index
 has applied the tenant's latest committed position, so a client reads its own writes through
@@ -25,12 +33,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import asyncpg
 import structlog
+from aeterna_common import leases
 from aeterna_common.db import Database
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
 from prometheus_client import Gauge, Histogram
@@ -47,6 +56,9 @@ FLOAT_FIELDS = ("created_at",)
 """Payload keys with a float index (epoch seconds)."""
 
 INDEX_POSITION = Gauge("aeterna_index_applied_position", "Last outbox position applied.")
+LEADER = Gauge(
+    "aeterna_index_leader", "1 while this replica holds the shared index's lease, else 0."
+)
 INDEX_LAG_WAIT = Histogram(
     "aeterna_index_wait_seconds",
     "Time a search waited for the index to reach the latest committed change.",
@@ -56,7 +68,7 @@ INDEX_LAG_WAIT = Histogram(
 _ROW_COLUMNS = (
     "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
     "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
-    "deleted_at, expire_at, content, index_context, embedding"
+    "deleted_at, expire_at, revision, content, index_context, embedding"
 )
 
 
@@ -112,8 +124,16 @@ class FileCursor:
         os.replace(tmp, self.path)
 
 
+class LeaseFencedError(RuntimeError):
+    """A shared index's cursor write was refused: the writer's epoch is stale."""
+
+
 class PostgresCursor:
-    """Position of a shared index, in the ``index_cursors`` table."""
+    """Position of a shared index, in the ``index_cursors`` table (application role).
+
+    Writes are fenced: :meth:`save_fenced` commits only while the writer holds the index's
+    lease at its epoch, and never over a cursor written by a later epoch.
+    """
 
     def __init__(self, db: Database, name: str) -> None:
         self.db = db
@@ -128,14 +148,72 @@ class PostgresCursor:
         return None if value is None else int(value)
 
     async def save(self, position: int, database: str) -> None:
-        """Upsert the position (monotonic: never moves back)."""
-        await self.db.pool.execute(
-            "INSERT INTO index_cursors (name, position) VALUES ($1, $2) ON CONFLICT (name) "
-            "DO UPDATE SET position = greatest(index_cursors.position, EXCLUDED.position), "
-            "updated_at = now()",
+        """Unfenced writes are refused: a shared index's cursor is written only under its
+        lease (:meth:`save_fenced`).
+
+        Raises:
+            LeaseFencedError: Always.
+        """
+        raise LeaseFencedError("a shared index's cursor is written only with save_fenced()")
+
+    async def save_fenced(
+        self, position: int, lease: leases.Lease, *, margin_s: float = 0.0
+    ) -> None:
+        """Record ``position`` in one transaction with the lease check (monotonic).
+
+        Args:
+            position: The applied outbox position.
+            lease: The index's lease, held by the caller.
+            margin_s: Required time left on the lease, in seconds.
+
+        Raises:
+            LeaseFencedError: The lease is lost or a later epoch wrote the cursor.
+        """
+        async with self.fenced(lease, margin_s=margin_s) as write:
+            await write(position)
+
+    @contextlib.asynccontextmanager
+    async def fenced(
+        self, lease: leases.Lease, *, margin_s: float = 0.0
+    ) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+        """A transaction holding ``lease``'s row ``FOR SHARE`` at its epoch (no takeover
+        commits meanwhile); yields the cursor writer, which commits with the transaction.
+
+        Args:
+            lease: The index's lease, held by the caller.
+            margin_s: Required time left on the lease, in seconds.
+
+        Raises:
+            LeaseFencedError: The lease is lost, or a later epoch wrote the cursor.
+        """
+        async with self.db.pool.acquire() as proxy, proxy.transaction():
+            conn = cast(asyncpg.Connection, proxy)
+            try:
+                await leases.check(conn, lease, margin_s=margin_s)
+            except leases.LeaseLostError as exc:
+                raise LeaseFencedError(str(exc)) from exc
+
+            async def write(position: int) -> None:
+                await self._write(conn, position, lease.epoch)
+
+            yield write
+
+    async def _write(self, conn: asyncpg.Connection, position: int, epoch: int) -> None:
+        status = await conn.execute(
+            "INSERT INTO index_cursors AS c (name, position, epoch) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO UPDATE SET position = greatest(c.position, "
+            "EXCLUDED.position), epoch = EXCLUDED.epoch, updated_at = now() "
+            "WHERE c.epoch <= EXCLUDED.epoch",
             self.name,
             position,
+            epoch,
         )
+        if status != "INSERT 0 1":
+            raise LeaseFencedError(
+                f"cursor {self.name!r} was written by a later epoch than {epoch}"
+            )
+        # Wakes the other replicas, which follow the shared cursor.
+        await conn.execute("SELECT pg_notify($1, 'cursor')", NOTIFY_CHANNEL)
 
 
 def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
@@ -147,6 +225,7 @@ def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
         "metadata": json.loads(row["metadata"]),
         "importance": row["importance"],
         "created_at": float(row["created_at"]),
+        "revision": int(row["revision"]),
     }
     for f in SCOPE_FIELDS:
         if row[f] is not None:
@@ -156,25 +235,46 @@ def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
     )
 
 
+async def _rows_by_id(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    """Current rows of the given memory ids, whatever their tenant."""
+    return list(await conn.fetch(f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1)", ids))
+
+
+def _as_uuids(ids: Iterable[str]) -> list[uuid.UUID]:
+    out: list[uuid.UUID] = []
+    for i in ids:
+        with contextlib.suppress(ValueError):
+            out.append(uuid.UUID(i))
+    return out
+
+
 class IndexFollower:
     """Applies committed memory changes to one vector index, in outbox order.
 
     Args:
-        db: Application-role database (reads every tenant in read-only snapshots).
+        db: Application-role database: the shared cursor and the lease.
+        indexer: Indexer-role database: reads outbox and memories of every tenant in
+            read-only snapshots (never anything else).
         index: The index to maintain.
-        cursor: Where the applied position is kept.
+        cursor: Where the applied position is kept (:class:`PostgresCursor` for a shared
+            index).
         encode_sparse: ``(content, context) →`` BM25F sparse vector (the lexical encoder).
-        dsn: DSN for the LISTEN connection.
+        dsn: DSN for the LISTEN connection (the indexer role's).
         dimension: Dense vector size.
         batch_size: Outbox rows per apply step.
-        leader_lock: For a shared index: advisory lock key of the lease; ``None`` in
-            embedded mode (every follower applies).
+        lease_name: For a shared index: the lease whose holder alone applies and reconciles;
+            ``None`` in embedded mode (every replica maintains its own index).
+        lease_ttl_s: Time to live of that lease in seconds.
+        apply_timeout_s: Longest time one batch may take to reach a shared index, in
+            seconds; a batch starts only with at least this much left on the lease, so a
+            deposed leader's batch ends before anybody else can hold the lease.
         poll_s: Seconds between polls when no notification arrives (safety net).
     """
 
     def __init__(
         self,
         db: Database,
+        indexer: Database,
         index: VectorIndex,
         cursor: CursorStore,
         encode_sparse: Callable[[str, Sequence[str]], SparseVector],
@@ -182,93 +282,182 @@ class IndexFollower:
         dsn: str,
         dimension: int,
         batch_size: int = 512,
-        leader_lock: int | None = None,
+        lease_name: str | None = None,
+        lease_ttl_s: float = leases.DEFAULT_TTL_S,
+        apply_timeout_s: float | None = None,
         poll_s: float = 1.0,
     ) -> None:
         self.db = db
+        self.indexer = indexer
         self.index = index
         self.cursor = cursor
         self.encode_sparse = encode_sparse
         self.dsn = dsn
         self.dimension = dimension
         self.batch_size = batch_size
-        self.leader_lock = leader_lock
         self.poll_s = poll_s
         self.applied = 0
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
         self._listen: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
-        self._leader = leader_lock is None
         self.database = ""
+        self.keeper: leases.LeaseKeeper | None = None
+        self._keeping: asyncio.Task[None] | None = None
+        self._epoch = 0
+        if lease_name is not None:
+            if not isinstance(cursor, PostgresCursor):
+                raise TypeError("a shared index keeps its cursor in PostgreSQL")
+            self.keeper = leases.LeaseKeeper(
+                db.pool, lease_name, ttl_s=lease_ttl_s, on_change=self._on_lease_change
+            )
+        self.apply_timeout_s = apply_timeout_s or lease_ttl_s / 6
+
+    @property
+    def leader(self) -> bool:
+        """Whether this follower applies changes (always in embedded mode; in shared mode
+        while it holds the lease)."""
+        return self.keeper is None or self.keeper.held
+
+    @property
+    def listener_pid(self) -> int | None:
+        """Server process id of the LISTEN connection (``None`` while disconnected)."""
+        if self._listen is None or self._listen.is_closed():
+            return None
+        return int(self._listen.get_server_pid())
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Prepare the index: rebuild it if it was never built, else catch up; then listen."""
         await self.index.ensure_collection(self.dimension)
-        self._listen = await asyncpg.connect(self.dsn)
-        await self._listen.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        if self.leader_lock is not None:
-            self._leader = bool(
-                await self._listen.fetchval("SELECT pg_try_advisory_lock($1)", self.leader_lock)
-            )
+        await self._connect_listener()
+        assert self._listen is not None
         self.database = await self._listen.fetchval(
             "SELECT system_identifier::text || ':' || (SELECT oid FROM pg_database "
             "WHERE datname = current_database())::text FROM pg_control_system()"
         )
+        if self.keeper is not None:
+            await self.keeper.try_acquire()
+            self._keeping = asyncio.create_task(self.keeper.run(), name="index-lease")
         stored = await self.cursor.load(self.database)
-        if stored is None and self._leader:
+        if stored is None and self.leader:
             await self.rebuild()
         else:
-            self.applied = stored or 0
             await self.catch_up()
-        log.info("index.ready", position=self.applied, leader=self._leader)
+        log.info("index.ready", position=self.applied, leader=self.leader)
 
     async def close(self) -> None:
-        """Stop listening (the index itself is closed by its owner)."""
+        """Stop listening and give the lease up (the index itself is closed by its owner)."""
+        if self._keeping is not None:
+            self._keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeping
+            self._keeping = None
+        if self.keeper is not None:
+            await self.keeper.release()
         if self._listen is not None:
             with contextlib.suppress(Exception):
                 await self._listen.close()
             self._listen = None
 
+    async def _connect_listener(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listen = conn
+        log.info("index.listening", pid=conn.get_server_pid())
+
+    def _on_listener_lost(self, conn: Any) -> None:
+        log.warning("index.listener_lost")
+        self._wake.set()
+
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        # The leader's own cursor notifications need no round of its own.
+        if payload == "cursor" and self.keeper is not None and self.keeper.held:
+            return
+        self._wake.set()
+
+    def _on_lease_change(self, lease: leases.Lease | None) -> None:
+        LEADER.set(1 if lease is not None else 0)
         self._wake.set()
 
     async def run(self) -> None:
-        """Apply changes until cancelled: on each notification, else every ``poll_s``."""
+        """Apply changes until cancelled: on each notification, else every ``poll_s``.
+
+        Reconnects the LISTEN connection when it drops (and catches up, since
+        notifications sent meanwhile are lost).
+        """
         while True:
+            connected = self._listen is not None and not self._listen.is_closed()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                await asyncio.wait_for(
+                    self._wake.wait(), self.poll_s if connected else min(self.poll_s, 0.5)
+                )
             self._wake.clear()
             try:
-                if not self._leader and self.leader_lock is not None and self._listen:
-                    self._leader = bool(
-                        await self._listen.fetchval(
-                            "SELECT pg_try_advisory_lock($1)", self.leader_lock
-                        )
-                    )
+                if self._listen is None or self._listen.is_closed():
+                    await self._connect_listener()
                 await self.catch_up()
+            except (leases.LeaseLostError, LeaseFencedError) as exc:
+                if self.keeper is not None:
+                    self.keeper.lost(str(exc))
             except Exception:  # keep following; the next round retries from the cursor
                 log.exception("index.apply_failed", position=self.applied)
-                await asyncio.sleep(self.poll_s)
+                await asyncio.sleep(min(self.poll_s, 1.0))
 
     # ---- applying ----------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _fenced(self) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+        """Around one batch to a shared index: the lease row locked ``FOR SHARE`` at our
+        epoch with ``apply_timeout_s`` to spare, the batch bounded by that time, and the
+        cursor written in the same transaction. Yields the cursor writer. In embedded mode
+        the cursor is the file beside the index.
+
+        Raises:
+            leases.LeaseLostError: The lease is not held (or not for long enough).
+        """
+        if self.keeper is None:
+
+            async def save(position: int) -> None:
+                await self.cursor.save(position, self.database)
+
+            yield save
+            return
+        assert isinstance(self.cursor, PostgresCursor)
+        lease = self.keeper.current(margin_s=self.apply_timeout_s)
+        async with self.cursor.fenced(lease, margin_s=self.apply_timeout_s) as write:
+            async with asyncio.timeout(self.apply_timeout_s):
+                yield write
+
     async def catch_up(self) -> int:
-        """Apply everything committed after the applied position.
+        """Apply everything committed after the applied position (the leader), or follow
+        the shared cursor (the other replicas of a shared index).
 
         Returns:
             The number of outbox rows applied.
+
+        Raises:
+            leases.LeaseLostError: This replica's lease was lost mid-way.
         """
         async with self._lock:
-            if not self._leader:
+            if not self.leader:
                 stored = await self.cursor.load(self.database)
                 await self._advance(stored or 0)
                 return 0
+            if self.keeper is not None and self.keeper.lease is not None:
+                if self._epoch != self.keeper.lease.epoch:
+                    # A new term: resume from what the previous leader recorded.
+                    self._epoch = self.keeper.lease.epoch
+                    stored = await self.cursor.load(self.database)
+                    if stored is None:
+                        await self._rebuild_locked()
+                        return 0
+                    self.applied = max(self.applied, stored)
             total = 0
             while True:
-                async with self.db.all_tenants_snapshot() as conn:
+                async with self.indexer.all_tenants_snapshot() as conn:
                     changes = await conn.fetch(
                         "SELECT position, tenant_id, memory_id FROM outbox WHERE position > $1 "
                         "ORDER BY position LIMIT $2",
@@ -284,13 +473,24 @@ class IndexFollower:
                     }
                     ids = [mid for _, mid in keys]
                     rows = await _rows(conn, keys)
-                await self._apply(rows, ids)
                 last = int(changes[-1]["position"])
-                await self.cursor.save(last, self.database)
+                async with self._fenced() as save_cursor:
+                    await self._apply(rows, ids, positions=(self.applied + 1, last))
+                    await save_cursor(last)
                 await self._advance(last)
                 total += len(changes)
 
-    async def _apply(self, rows: Sequence[asyncpg.Record], ids: Sequence[uuid.UUID]) -> None:
+    async def _apply(
+        self,
+        rows: Sequence[asyncpg.Record],
+        ids: Sequence[uuid.UUID],
+        *,
+        positions: tuple[int, int] | None = None,
+    ) -> None:
+        """Make the index hold the current state of ``ids`` (rows: their current rows).
+
+        ``positions`` (first and last outbox position of the batch) is informational.
+        """
         now = time.time()
         live = [
             r
@@ -322,8 +522,17 @@ class IndexFollower:
 
         Returns:
             The number of memories indexed.
+
+        Raises:
+            leases.LeaseLostError: A shared index's lease was lost mid-way.
         """
-        async with self._lock, self.db.all_tenants_snapshot() as conn:
+        async with self._lock:
+            return await self._rebuild_locked()
+
+    async def _rebuild_locked(self) -> int:
+        async with self.indexer.all_tenants_snapshot() as conn:
+            if self.keeper is not None and self.keeper.lease is not None:
+                self._epoch = self.keeper.lease.epoch
             position = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM outbox"))
             count = 0
             cursor = conn.cursor(
@@ -337,52 +546,71 @@ class IndexFollower:
                 live.add(str(row["id"]))
                 batch.append(row)
                 if len(batch) >= self.batch_size:
-                    await self._apply(batch, [r["id"] for r in batch])
+                    async with self._fenced():
+                        await self._apply(batch, [r["id"] for r in batch])
                     count += len(batch)
                     batch = []
-            if batch:
-                await self._apply(batch, [r["id"] for r in batch])
-                count += len(batch)
             # Points the source of truth does not hold as live (e.g. an index left over from
             # another database) go.
             stale = await self.index.all_ids() - live
-            if stale:
-                await self.index.delete(sorted(stale))
-        await self.cursor.save(position, self.database)
+            async with self._fenced() as save_cursor:
+                if batch:
+                    await self._apply(batch, [r["id"] for r in batch])
+                    count += len(batch)
+                if stale:
+                    await self.index.delete(sorted(stale))
+                await save_cursor(position)
         await self._advance(position)
         log.info("index.rebuilt", memories=count, removed=len(stale), position=position)
         return count
 
     async def reconcile(self) -> dict[str, int]:
-        """Repair the index: add live memories it lacks, drop points PostgreSQL does not
-        hold as live. Idempotent; safe to run at any time (it re-reads after listing).
+        """Repair the index: compare every point's revision with PostgreSQL's live rows, and
+        apply the current state of each memory that is missing, out of date or no longer
+        live. Idempotent.
+
+        The full comparison runs outside the apply lock (catch-up and searches go on); only
+        the repair of the differing memories takes it, re-reading their current rows first,
+        so a repair never overwrites a newer applied change. In shared mode only the lease
+        holder reconciles.
 
         Returns:
-            ``{"added": n, "removed": m}``.
+            ``{"added": a, "updated": u, "removed": r}``: memories the index lacked, held at
+            another revision, or held though not live (before the re-read).
+
+        Raises:
+            leases.LeaseLostError: A shared index's lease was lost mid-way.
         """
-        # Serialised with catch_up: a repair never overwrites a newer applied change.
+        empty = {"added": 0, "updated": 0, "removed": 0}
+        if not self.leader:
+            return empty
+        indexed = await self.index.payload_values("revision")
+        async with self.indexer.all_tenants_snapshot() as conn:
+            live_rows = await conn.fetch(
+                "SELECT id, revision FROM memories WHERE deleted_at IS NULL "
+                "AND (expire_at IS NULL OR expire_at > now())"
+            )
+        live = {str(r["id"]): int(r["revision"]) for r in live_rows}
+        added = [i for i in live if i not in indexed]
+        updated = [i for i, rev in live.items() if i in indexed and indexed[i] != rev]
+        removed = [i for i in indexed if i not in live]
+        if not (added or updated or removed):
+            return empty
+        differing = _as_uuids([*added, *updated, *removed])
         async with self._lock:
-            indexed = await self.index.all_ids()
-            async with self.db.all_tenants_snapshot() as conn:
-                live_rows = await conn.fetch(
-                    "SELECT tenant_id, id FROM memories WHERE deleted_at IS NULL "
-                    "AND (expire_at IS NULL OR expire_at > now())"
-                )
-                live = {str(r["id"]) for r in live_rows}
-                absent = live - indexed
-                missing_keys = {
-                    (r["tenant_id"], r["id"]) for r in live_rows if str(r["id"]) in absent
-                }
-                missing = [mid for _, mid in missing_keys]
-                rows = await _rows(conn, missing_keys) if missing_keys else []
-            extra = sorted(indexed - live)
-            if rows:
-                await self._apply(rows, missing)
-            if extra:
-                await self.index.delete(extra)
-            if missing or extra:
-                log.warning("index.reconciled", added=len(missing), removed=len(extra))
-            return {"added": len(missing), "removed": len(extra)}
+            for start in range(0, len(differing), self.batch_size):
+                chunk = differing[start : start + self.batch_size]
+                async with self.indexer.all_tenants_snapshot() as conn:
+                    rows = await _rows_by_id(conn, chunk)
+                async with self._fenced():
+                    await self._apply(rows, chunk)
+            bad_ids = sorted({i for i in removed if not _as_uuids([i])})
+            if bad_ids:
+                async with self._fenced():
+                    await self.index.delete(bad_ids)
+        result = {"added": len(added), "updated": len(updated), "removed": len(removed)}
+        log.warning("index.reconciled", **result)
+        return result
 
     async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait until the index has applied ``position``.

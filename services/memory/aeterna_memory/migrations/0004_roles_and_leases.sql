@@ -1,0 +1,134 @@
+-- Three database roles, tenant binding that no setting can change, and leases.
+--
+-- owner (runs this file): owns every table, function and schema. No serving
+--   process connects as it. Tables keep FORCE ROW LEVEL SECURITY, and no policy names the
+--   owner, so even the owner reads no tenant rows through the tables' policies.
+-- app ({app_role}): serves requests. Its tenant_isolation policies are bound TO it and to
+--   the tenant bound to the current transaction by aeterna_bind_tenant(), which records the
+--   binding in a transaction-local setting sealed with a keyed hash (a key only the owner
+--   can read) over the tenant, the backend pid and the transaction's start time, and takes
+--   a transaction-level advisory lock so that a transaction is bound at most once. Setting,
+--   resetting or forging any setting therefore makes aeterna_tenant() NULL (no rows), never
+--   another tenant.
+-- indexer ({indexer_role}): SELECT on memories and outbox of every tenant, nothing else; used
+--   only by index followers and the reconciler.
+--
+-- The old policies admitted every tenant to any session that set app.all_tenants, and any
+-- tenant to a session that set app.tenant_id: both are dropped.
+
+CREATE SCHEMA aeterna_private;
+REVOKE ALL ON SCHEMA aeterna_private FROM PUBLIC;
+
+-- Two independent 244-bit keys (two random UUIDs each) for the nested keyed hash
+-- sha256(outer || sha256(inner || message)), which, unlike sha256(key || message), admits no
+-- length extension.
+CREATE TABLE aeterna_private.tenant_binding_key (
+    inner_key bytea NOT NULL,
+    outer_key bytea NOT NULL
+);
+INSERT INTO aeterna_private.tenant_binding_key
+SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'),
+       decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
+
+-- The seal of a tenant for the current transaction of the current backend.
+CREATE FUNCTION aeterna_private.tenant_seal(tenant text) RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(
+               tenant || '/' || pg_backend_pid()::text || '/'
+               || (extract(epoch FROM now()) * 1000000)::bigint::text, 'UTF8'))), 'hex')
+    FROM aeterna_private.tenant_binding_key k
+$$;
+
+-- The tenant bound to the current transaction, or NULL. Policies call it once per statement
+-- as (SELECT aeterna_tenant()).
+CREATE FUNCTION aeterna_tenant() RETURNS text
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    binding text := current_setting('aeterna.tenant_binding', true);
+    tenant text;
+BEGIN
+    IF binding IS NULL OR binding !~ '^[A-Za-z0-9_-]{1,100}/[0-9a-f]{64}$' THEN
+        RETURN NULL;
+    END IF;
+    tenant := split_part(binding, '/', 1);
+    IF split_part(binding, '/', 2) = aeterna_private.tenant_seal(tenant) THEN
+        RETURN tenant;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Bind the current transaction to a tenant, once. Raises 42501 when the transaction was
+-- already bound (to whatever tenant, even if the setting was reset since).
+CREATE FUNCTION aeterna_bind_tenant(tenant text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tenant IS NULL OR tenant !~ '^[A-Za-z0-9_-]{1,100}$' THEN
+        RAISE EXCEPTION 'invalid tenant id' USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+          AND classid = 731104 AND objid = pg_backend_pid()::oid AND objsubid = 2
+    ) THEN
+        RAISE EXCEPTION 'this transaction is already bound to a tenant' USING ERRCODE = '42501';
+    END IF;
+    PERFORM pg_advisory_xact_lock(731104, pg_backend_pid());
+    PERFORM set_config(
+        'aeterna.tenant_binding', tenant || '/' || aeterna_private.tenant_seal(tenant), true);
+END
+$$;
+
+REVOKE ALL ON FUNCTION aeterna_tenant() FROM PUBLIC;
+REVOKE ALL ON FUNCTION aeterna_bind_tenant(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION aeterna_private.tenant_seal(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION aeterna_tenant() TO {app_role};
+GRANT EXECUTE ON FUNCTION aeterna_bind_tenant(text) TO {app_role};
+
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['memories', 'memory_revisions', 'idempotency_keys', 'outbox'] LOOP
+        EXECUTE format('DROP POLICY tenant_isolation ON %I', t);
+        EXECUTE format(
+            'CREATE POLICY tenant_isolation ON %I TO {app_role} '
+            'USING (tenant_id = (SELECT aeterna_tenant())) '
+            'WITH CHECK (tenant_id = (SELECT aeterna_tenant()))', t);
+    END LOOP;
+END $$;
+
+DROP POLICY index_maintenance ON memories;
+DROP POLICY index_maintenance ON outbox;
+CREATE POLICY index_maintenance ON memories FOR SELECT TO {indexer_role} USING (true);
+CREATE POLICY index_maintenance ON outbox FOR SELECT TO {indexer_role} USING (true);
+GRANT SELECT ON memories, outbox TO {indexer_role};
+
+-- Neither serving role creates objects: no temporary tables, no schemas.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE CREATE, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END $$;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+
+-- Leases: one row per name. The holder renews before expires_at; anyone may take an expired
+-- lease over, which increments epoch (the fencing token). Rows are never deleted, so epochs
+-- never repeat. Times are PostgreSQL's now().
+CREATE TABLE leases (
+    name        text        PRIMARY KEY,
+    owner       text        NOT NULL,
+    epoch       bigint      NOT NULL CHECK (epoch > 0),
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    renewed_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+GRANT SELECT, INSERT, UPDATE ON leases TO {app_role};
+
+-- The epoch of the lease holder that last wrote each shared index's cursor: a write with a
+-- smaller epoch is refused.
+ALTER TABLE index_cursors ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
