@@ -190,7 +190,9 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
         values = await index.payload_values("revision")
         conn = await asyncpg.connect(env.urls.superuser)
         try:
-            rows = await conn.fetch("SELECT id, revision FROM memories WHERE tenant_id = $1", tenant)
+            rows = await conn.fetch(
+                "SELECT id, revision FROM memories WHERE tenant_id = $1", tenant
+            )
             cursor = await conn.fetchrow(
                 "SELECT position, epoch FROM index_cursors WHERE name = $1", cursor_name
             )
@@ -327,13 +329,13 @@ async def test_listen_reconnects_after_its_backend_is_terminated(
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
         finally:
             await conn.close()
-        await until(
-            lambda: follower.listener_pid not in (None, pid), 5, "a new LISTEN connection"
-        )
+        await until(lambda: follower.listener_pid not in (None, pid), 5, "a new LISTEN connection")
         for i in range(3):
             await create(env, tenant, memory(f"after {i}", user_id="u"))
-            p = await max_position(env)
-            took = await until(lambda: follower.applied >= p, 3, f"write {i} applied")
+            wanted = await max_position(env)
+            took = await until(
+                lambda wanted=wanted: follower.applied >= wanted, 3, f"write {i} applied"
+            )
             assert took < 1.0
     finally:
         task.cancel()
@@ -374,9 +376,7 @@ async def test_reconcile_compares_revisions_outside_the_apply_lock(
         # Damage the index: one point at an old revision with other content, one missing,
         # one that PostgreSQL does not hold.
         async with indexer.all_tenants_snapshot() as conn:
-            (row,) = await conn.fetch(
-                "SELECT * FROM memories WHERE id = $1", uuid.UUID(ids[1])
-            )
+            (row,) = await conn.fetch("SELECT * FROM memories WHERE id = $1", uuid.UUID(ids[1]))
         old = await inner.retrieve_dense([ids[1]])
         from aeterna_common.vectors.port import IndexPoint, SparseVector
 

@@ -30,15 +30,21 @@ INSERT INTO aeterna_private.tenant_binding_key
 SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'),
        decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
 
--- The seal of a tenant for the current transaction of the current backend.
+-- The seal of a tenant for the current transaction of the current backend (plpgsql, so its
+-- query plan is cached per session).
 CREATE FUNCTION aeterna_private.tenant_seal(tenant text) RETURNS text
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(
-               tenant || '/' || pg_backend_pid()::text || '/'
-               || (extract(epoch FROM now()) * 1000000)::bigint::text, 'UTF8'))), 'hex')
-    FROM aeterna_private.tenant_binding_key k
+DECLARE
+    k_in bytea;
+    k_out bytea;
+BEGIN
+    SELECT inner_key, outer_key INTO k_in, k_out FROM aeterna_private.tenant_binding_key;
+    RETURN encode(sha256(k_out || sha256(k_in || convert_to(
+        tenant || '/' || pg_backend_pid()::text || '/'
+        || (extract(epoch FROM now()) * 1000000)::bigint::text, 'UTF8'))), 'hex');
+END
 $$;
 
 -- The tenant bound to the current transaction, or NULL. Policies call it once per statement
@@ -49,16 +55,18 @@ CREATE FUNCTION aeterna_tenant() RETURNS text
 AS $$
 DECLARE
     binding text := current_setting('aeterna.tenant_binding', true);
-    tenant text;
+    cut integer;
 BEGIN
-    IF binding IS NULL OR binding !~ '^[A-Za-z0-9_-]{1,100}/[0-9a-f]{64}$' THEN
+    -- "<tenant>/<64 hex digits>"; tenant ids are 1-100 characters (DOMAIN.md, Tenancy).
+    IF binding IS NULL OR length(binding) < 66 OR length(binding) > 165 THEN
         RETURN NULL;
     END IF;
-    tenant := split_part(binding, '/', 1);
-    IF split_part(binding, '/', 2) = aeterna_private.tenant_seal(tenant) THEN
-        RETURN tenant;
+    cut := length(binding) - 64;
+    IF substr(binding, cut, 1) <> '/'
+        OR substr(binding, cut + 1) <> aeterna_private.tenant_seal(left(binding, cut - 1)) THEN
+        RETURN NULL;
     END IF;
-    RETURN NULL;
+    RETURN left(binding, cut - 1);
 END
 $$;
 
