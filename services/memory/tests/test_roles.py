@@ -281,17 +281,27 @@ async def test_indexer_reads_across_tenants_and_writes_nothing(
 
 
 async def test_policies_are_bound_to_roles(env: MemoryEnv) -> None:
+    """No policy applies to PUBLIC; every policy of the app role is bound to the transaction's
+    tenant; the indexer's only SELECT. (Policies of the owner, which serves nothing, may
+    serve owner-run maintenance functions.)"""
     conn = await asyncpg.connect(env.urls.superuser)
     try:
         rows = await conn.fetch(
-            "SELECT tablename, policyname, roles::text[] AS roles, cmd FROM pg_policies"
+            "SELECT tablename, policyname, roles::text[] AS roles, cmd, qual, with_check "
+            "FROM pg_policies"
         )
     finally:
         await conn.close()
-    assert rows
+    assert {r["tablename"] for r in rows if "aeterna_app" in r["roles"]} >= set(TENANT_TABLES)
+    assert {r["tablename"] for r in rows if "aeterna_indexer" in r["roles"]} == {
+        "memories",
+        "outbox",
+    }
     for r in rows:
         assert "public" not in r["roles"], dict(r)
-        if r["policyname"] == "index_maintenance":
-            assert r["roles"] == ["aeterna_indexer"] and r["cmd"] == "SELECT", dict(r)
-        else:
+        if "aeterna_app" in r["roles"]:
             assert r["roles"] == ["aeterna_app"], dict(r)
+            assert "aeterna_tenant()" in r["qual"], dict(r)
+            assert r["with_check"] is None or "aeterna_tenant()" in r["with_check"], dict(r)
+        if "aeterna_indexer" in r["roles"]:
+            assert r["roles"] == ["aeterna_indexer"] and r["cmd"] == "SELECT", dict(r)

@@ -406,7 +406,8 @@ async def test_reconciler_restores_points_missing_after_a_partial_write(env: Mem
     r = await search(env, t, "restore partial write", scope=layer_pb2.Scope(user_id="u"))
     assert r.results == []
     assert (await env.follower.reconcile())["added"] >= 1
-    assert (await env.follower.reconcile()) == {"added": 0, "removed": 0}  # idempotent
+    # Idempotent.
+    assert (await env.follower.reconcile()) == {"added": 0, "updated": 0, "removed": 0}
     r = await search(env, t, "restore partial write", scope=layer_pb2.Scope(user_id="u"))
     assert [h.memory.name for h in r.results] == [m.name]
 
