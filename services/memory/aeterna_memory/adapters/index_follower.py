@@ -341,9 +341,15 @@ class IndexFollower:
             await self.keeper.try_acquire()
             self._keeping = asyncio.create_task(self.keeper.run(), name="index-lease")
         stored = await self.cursor.load(self.database)
-        if stored is None and self.leader:
-            await self.rebuild()
-        else:
+        try:
+            if stored is None and self.leader:
+                await self.rebuild()
+            else:
+                await self.catch_up()
+        except (leases.LeaseLostError, LeaseFencedError) as exc:
+            # Lost the shared index's lease while preparing: follow the new leader instead.
+            assert self.keeper is not None
+            self.keeper.lost(str(exc))
             await self.catch_up()
         log.info("index.ready", position=self.applied, leader=self.leader)
 
