@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from aeterna_common.context import Principal
 from aeterna_common.errors import InvalidArgument, PermissionDenied
+from aeterna_common.vectors.port import ScoredId
 from aeterna_memory.domain.indexing import IndexingPolicy, build_texts
 from aeterna_memory.domain.model import (
     Layer,
@@ -15,7 +16,13 @@ from aeterna_memory.domain.model import (
     new_importance,
 )
 from aeterna_memory.domain.names import check_parent, parse_memory_name
-from aeterna_memory.domain.service import layer_filter, request_hash
+from aeterna_memory.domain.service import (
+    NEAR_TIE,
+    SearchTuning,
+    fuse_layers,
+    layer_filter,
+    request_hash,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +97,36 @@ def test_names_check_tenant_before_anything_else() -> None:
         parse_memory_name(p, "tenants/acme/memories/not-a-uuid")
     tenant, mid = parse_memory_name(p, "tenants/acme/memories/6F9619FF-8B86-D011-B42D-00CF4FC964FF")
     assert (tenant, mid) == ("acme", "6f9619ff-8b86-d011-b42d-00cf4fc964ff")
+
+
+def test_fused_ranking_normalises_across_layers_and_breaks_only_near_ties() -> None:
+    tuning = SearchTuning(fusion_method="minmax", dense_weight=0.5, lexical_weight=0.5)
+    user = ([ScoredId("u1", 0.30), ScoredId("u2", 0.20)], [ScoredId("u1", 2.0)])
+    company = ([ScoredId("c1", 0.90)], [ScoredId("c1", 12.0)])
+    ranked = fuse_layers([(Layer.USER, user), (Layer.COMPANY, company)], tuning)
+    assert [c.id for c in ranked] == ["c1", "u1", "u2"]
+    assert ranked[0].score == pytest.approx(1.0)
+    assert ranked[1].score < 0.3  # the user layer's best is not normalised to 1.0
+    assert ranked[0].dense_score == pytest.approx(0.9) and ranked[0].lexical_score == 12.0
+
+    # A near-tie (gap below NEAR_TIE) goes to the more specific layer ...
+    gap = NEAR_TIE / 4
+    near = fuse_layers(
+        [
+            (Layer.USER, ([ScoredId("u", 0.5)], [])),
+            (Layer.COMPANY, ([ScoredId("c", 0.5 + gap)], [])),
+            (Layer.TEAM, ([ScoredId("floor", 0.0)], [])),
+        ],
+        SearchTuning(fusion_method="minmax", dense_weight=1.0, lexical_weight=0.0),
+    )
+    assert [c.id for c in near] == ["u", "c", "floor"]
+    # ... a clear gap does not.
+    clear = fuse_layers(
+        [
+            (Layer.USER, ([ScoredId("u", 0.5)], [])),
+            (Layer.COMPANY, ([ScoredId("c", 0.6)], [])),
+            (Layer.TEAM, ([ScoredId("floor", 0.0)], [])),
+        ],
+        SearchTuning(fusion_method="minmax", dense_weight=1.0, lexical_weight=0.0),
+    )
+    assert [c.id for c in clear] == ["c", "u", "floor"]

@@ -24,7 +24,11 @@ from aeterna_memory.settings import MemorySettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
-MIGRATION_NAMES = ["0001_memories.sql", "0002_index_cursors.sql"]
+MIGRATION_NAMES = [
+    "0001_memories.sql",
+    "0002_index_cursors.sql",
+    "0006_embedding_model_ids.sql",
+]
 BIN = Path(sys.executable).parent
 
 
@@ -83,11 +87,11 @@ async def test_migrate_command(make_database: Any) -> None:
     assert first.returncode == 0, first.stderr
     assert f"applied now: {', '.join(MIGRATION_NAMES)}" in first.stdout
     # The application role can read the recorded versions (it waits on them) ...
-    assert await schema_versions(urls.app) == {1, 2}
+    assert await schema_versions(urls.app) == {1, 2, 6}
     # ... and was granted what the migrations grant it.
     second = await asyncio.to_thread(run, [sys.executable, "-m", "aeterna_memory", "migrate"], env)
     assert second.returncode == 0, second.stderr
-    assert "schema at version 2; applied now: nothing" in second.stdout
+    assert "schema at version 6; applied now: nothing" in second.stdout
 
 
 def test_migrate_failure_is_readable() -> None:
@@ -168,7 +172,7 @@ async def test_gives_up_after_the_bound(make_database: Any, tmp_path: Path) -> N
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - started < 60
     # Still not migrated: the service never applies migrations in this mode.
-    assert await schema_versions(urls.app) == {1}
+    assert await schema_versions(urls.app) == {1, 6}
 
 
 def test_schema_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

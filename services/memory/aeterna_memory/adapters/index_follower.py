@@ -56,7 +56,7 @@ INDEX_LAG_WAIT = Histogram(
 _ROW_COLUMNS = (
     "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
     "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
-    "deleted_at, expire_at, content, index_context, embedding"
+    "deleted_at, expire_at, content, index_context, embedding, embedding_model"
 )
 
 
@@ -112,6 +112,62 @@ class FileCursor:
         os.replace(tmp, self.path)
 
 
+class FileModelMarker:
+    """The model id of an embedded index, in a file beside it (written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def load(self) -> str | None:
+        """The recorded model id; ``None`` when never recorded."""
+        try:
+            return self.path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    async def save(self, model: str) -> None:
+        """Record ``model`` via a temporary file and rename."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(model + "\n")
+        os.replace(tmp, self.path)
+
+
+class PostgresModelMarker:
+    """The model id of a shared index, in its ``index_cursors`` row (column ``model``)."""
+
+    def __init__(self, db: Database, name: str) -> None:
+        self.db = db
+        self.name = name
+
+    async def load(self) -> str | None:
+        """The recorded model id; ``None`` when never recorded."""
+        value = await self.db.pool.fetchval(
+            "SELECT model FROM index_cursors WHERE name = $1", self.name
+        )
+        return None if value is None else str(value)
+
+    async def save(self, model: str) -> None:
+        """Record ``model`` (the row exists once the index has a position)."""
+        await self.db.pool.execute(
+            "INSERT INTO index_cursors (name, position, model) VALUES ($1, 0, $2) "
+            "ON CONFLICT (name) DO UPDATE SET model = EXCLUDED.model, updated_at = now()",
+            self.name,
+            model,
+        )
+
+
+class ModelMarker(Protocol):
+    """Where the model id of an index's vectors is recorded."""
+
+    async def load(self) -> str | None:
+        """The recorded model id, ``None`` when never recorded."""
+        ...
+
+    async def save(self, model: str) -> None:
+        """Record the model id."""
+        ...
+
+
 class PostgresCursor:
     """Position of a shared index, in the ``index_cursors`` table."""
 
@@ -147,6 +203,7 @@ def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
         "metadata": json.loads(row["metadata"]),
         "importance": row["importance"],
         "created_at": float(row["created_at"]),
+        "embedding_model": row["embedding_model"],
     }
     for f in SCOPE_FIELDS:
         if row[f] is not None:
@@ -383,6 +440,20 @@ class IndexFollower:
             if missing or extra:
                 log.warning("index.reconciled", added=len(missing), removed=len(extra))
             return {"added": len(missing), "removed": len(extra)}
+
+    async def stored_models(self) -> dict[tuple[str, str], int]:
+        """Model ids of the live memories' vectors in PostgreSQL.
+
+        Returns:
+            ``{(tenant_id, model_id): number of live memories}``.
+        """
+        async with self.db.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, embedding_model, count(*) AS n FROM memories "
+                "WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now()) "
+                "GROUP BY tenant_id, embedding_model"
+            )
+        return {(r["tenant_id"], r["embedding_model"]): int(r["n"]) for r in rows}
 
     async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait until the index has applied ``position``.

@@ -1,0 +1,11 @@
+-- Embedding model ids name the vector space: model name (with its precision) and dimension,
+-- `{name}/{dimension}`, e.g. `all-MiniLM-L6-v2-int8/384`. Rows written before carry the name
+-- alone; give them the id of the vectors they hold. The owner is subject to the forced
+-- row-level security like everyone else, so it lifts FORCE for this one transaction.
+ALTER TABLE memories NO FORCE ROW LEVEL SECURITY;
+UPDATE memories SET embedding_model = embedding_model || '/' || cardinality(embedding)
+    WHERE embedding_model NOT LIKE '%/%';
+ALTER TABLE memories FORCE ROW LEVEL SECURITY;
+
+-- The model id of each shared index's vectors, beside its applied position.
+ALTER TABLE index_cursors ADD COLUMN model text;
