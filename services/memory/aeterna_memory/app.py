@@ -89,7 +89,8 @@ class ModelGuard:
       which this replica serves meanwhile on its own address) leaves none; then SERVING,
       without a restart.
     * Only the index's marker names another model (PostgreSQL was re-embedded while this
-      index was away): the index is rebuilt from PostgreSQL.
+      index was away): an embedded index is rebuilt from PostgreSQL; a shared one follows the
+      re-embed through the outbox and only its marker is updated.
 
     Staying up NOT_SERVING rather than failing the start lets the replica run the re-embed
     with its own (the new) model, and the edge routes it no traffic meanwhile.
@@ -137,7 +138,10 @@ class ModelGuard:
             return message
         recorded = await self.marker.load()
         if recorded != model:
-            if recorded is not None:
+            # Re-embeds reach every index through the outbox; a rebuild of a replica's own
+            # embedded index guards against one that missed them. A shared index is only
+            # ever written by the lease holder, so it is not rebuilt from here.
+            if recorded is not None and self.follower.leader_lock is None:
                 log.warning("index.model_changed", recorded=recorded, model=model)
                 await self.follower.rebuild()
             await self.marker.save(model)
@@ -147,9 +151,14 @@ class ModelGuard:
     async def prepare(self) -> None:
         """Bring the index up to date, then wait (NOT_SERVING) until the models agree."""
         await self.follower.start()
+        logged = None
         while (message := await self.check()) is not None:
-            log.error("embedding_model.mismatch", message=message)
+            if message != logged:
+                log.error("embedding_model.mismatch", message=message)
+                logged = message
             await asyncio.sleep(self.interval_s)
+        if logged is not None:
+            log.info("embedding_model.agreed", model=self.domain.model_id)
 
 
 def build_embedder(settings: MemorySettings) -> EmbeddingPort:

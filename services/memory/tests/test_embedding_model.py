@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.type.v1 import layer_pb2
+from aeterna_common.vectors.port import FieldMatch, IndexFilter
 from aeterna_devstack.pytest_plugin import session_auth
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memory_testkit import md, memory, new_tenant, start_memory
@@ -76,7 +79,7 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
         wait_ready=False,
         embedding_int8=False,
         model_check_interval_s=0.2,
-        reembed_per_s=1000.0,
+        reembed_per_s=10.0,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -124,11 +127,45 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
             await asyncio.sleep(0.6)
             assert await health(checks) == NOT_SERVING
 
-            # Resumed: the other 7, none twice.
-            rest = await stub.ReembedMemories(
-                svc.ReembedMemoriesRequest(parent=f"tenants/{t}"), metadata=admin_md(t)
+            # Interrupted mid-run (the caller gives up): what was done stays done.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ReembedMemories(
+                    svc.ReembedMemoriesRequest(parent=f"tenants/{t}"),
+                    metadata=admin_md(t),
+                    timeout=0.35,
+                )
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.3)
+            assert await health(checks) == NOT_SERVING
+
+            # Resumed with the CLI: the rest, none twice, at the configured rate.
+            started = time.monotonic()
+            cli = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    str(Path(sys.executable).parent / "aeterna"),
+                    "memory",
+                    "reembed",
+                    "--tenant",
+                    t,
+                    "--token",
+                    session_auth().issue_token(t, "ops", roles=["TENANT_ADMIN"]),
+                    "--endpoint",
+                    f"127.0.0.1:{server.port}",
+                    "--chunk",
+                    "3",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
-            assert (rest.reembedded_count, rest.remaining_count) == (7, 0)
+            elapsed = time.monotonic() - started
+            assert cli.returncode == 0, cli.stdout + cli.stderr
+            assert f"now embedded with {FP32}" in cli.stdout
+            done = int(cli.stdout.split("done: ")[1].split()[0])
+            assert 0 < done < 7  # the interrupted call had re-embedded some
+            # 10 memories/s: `done` memories in calls of 3 take at least (done - 3) / 10 s.
+            assert elapsed >= (done - 3) / 10
 
             async def serving() -> bool:
                 return await health(checks) == SERVING
@@ -154,11 +191,13 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
                 # One ADD and exactly one re-embed per memory, through the normal write path.
                 assert [list(r.changed_fields) for r in revisions.revisions][1:] == [["embedding"]]
         assert (index_dir / "embedding_model").read_text().strip() == FP32
+        # Each point's payload names the model of its vector.
+        index = app.follower.index
+        assert await index.count(_filter(t, FieldMatch("embedding_model", value=FP32))) == 12
+        assert await index.count(_filter(t, FieldMatch("embedding_model", value=INT8))) == 0
     finally:
         await server.stop()
 
 
-def _filter(tenant: str) -> Any:
-    from aeterna_common.vectors.port import IndexFilter
-
-    return IndexFilter(tenant_id=tenant, must=[])
+def _filter(tenant: str, *must: FieldMatch) -> IndexFilter:
+    return IndexFilter(tenant_id=tenant, must=list(must))

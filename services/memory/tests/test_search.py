@@ -384,13 +384,14 @@ async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  
     # Qdrant server shared by replicas (cursor in PostgreSQL, lease by advisory lock).
     from memory_testkit import new_tenant as fresh
 
+    collection = f"c{uuid.uuid4().hex[:6]}"
     server, _app = await start_memory(
         env.urls,
         env.redis_url,
         scratch / "unused",
         vector_store="qdrant",
         qdrant_url=":memory:",
-        qdrant_collection=f"c{uuid.uuid4().hex[:6]}",
+        qdrant_collection=collection,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -413,6 +414,11 @@ async def test_shared_qdrant_mode_end_to_end(env: MemoryEnv, scratch) -> None:  
                 "SELECT position FROM index_cursors WHERE name LIKE 'qdrant:%'"
             )
             assert position is not None and position >= 2
+            # The shared collection records the model id of its vectors.
+            model = await conn.fetchval(
+                "SELECT model FROM index_cursors WHERE name = $1", f"qdrant:{collection}"
+            )
+            assert model == "all-MiniLM-L6-v2-int8/384"
         finally:
             await conn.close()
     finally:

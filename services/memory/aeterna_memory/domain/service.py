@@ -307,8 +307,9 @@ class MemoryDomain:
         through the normal update path: a new revision (changed field ``embedding``), an
         outbox event that the indexes follow, and the model id stored with the vector in the
         same transaction. That stored model id is the persisted cursor: an interrupted run
-        leaves every finished memory done, and the next run continues with the rest; a
-        memory changed concurrently is skipped (its writer re-embedded it already).
+        leaves every finished memory done, and the next run continues with the rest. A
+        memory changed concurrently (revision moved on) is skipped in this run and counted in
+        ``remaining`` if its writer did not re-embed it. Writes are paced to ``per_second``.
 
         Args:
             principal: The caller; needs a role of :data:`ADMIN_ROLES`.
@@ -346,6 +347,8 @@ class MemoryDomain:
         done = 0
         skipped: set[str] = set()
         started = time.monotonic()
+        # Batches no larger than a second's worth, so the model is not run far ahead.
+        batch_size = max(1, min(batch_size, int(per_second)))
         while not max_memories or done < max_memories:
             want = batch_size if not max_memories else min(batch_size, max_memories - done)
             page = [
@@ -358,6 +361,10 @@ class MemoryDomain:
             texts = [self._dense_text(m, ctx) for m, ctx in page]
             vectors = await self.embed(tenant, texts)
             for (memory, _), vector in zip(page, vectors, strict=True):
+                # Rate limit: the n-th write of this call waits until n / per_second seconds.
+                ahead = done / per_second - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
                 try:
                     await self.store.update(
                         tenant,
@@ -372,10 +379,6 @@ class MemoryDomain:
                     done += 1
                 except (Aborted, NotFound):
                     skipped.add(memory.id)
-            # Rate limit: never ahead of `per_second` since the start of this call.
-            ahead = done / per_second - (time.monotonic() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
         remaining = await self.store.count_stale_embeddings(tenant, model)
         log.info("reembed", tenant=tenant, model=model, reembedded=done, remaining=remaining)
         return done, remaining
