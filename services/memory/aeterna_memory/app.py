@@ -93,7 +93,10 @@ class ModelGuard:
       re-embed through the outbox and only its marker is updated.
 
     Staying up NOT_SERVING rather than failing the start lets the replica run the re-embed
-    with its own (the new) model, and the edge routes it no traffic meanwhile.
+    with its own (the new) model, and the edge routes it no traffic meanwhile. Once serving,
+    :meth:`watch` keeps checking: when vectors of another model appear (a rotation under
+    way elsewhere), searches are refused again until they are gone. Each check is an
+    indexed existence query; the per-tenant census runs only when it finds something.
 
     Args:
         follower: The index follower (reads PostgreSQL as index maintenance does).
@@ -117,6 +120,8 @@ class ModelGuard:
             The refusal message, or ``None`` when the replica may serve.
         """
         model = self.domain.model_id
+        if not await self.follower.other_model_stored(model):
+            return await self._agreed(model)
         stored = await self.follower.stored_models()
         foreign = {(t, m): n for (t, m), n in stored.items() if m != model}
         if foreign:
@@ -129,13 +134,17 @@ class ModelGuard:
                 f"embedding model mismatch: {sum(foreign.values())} live memories hold vectors "
                 f"of {', '.join(repr(m) for m in models)}, but this replica is configured for "
                 f"{model!r}; vectors of different models cannot be compared, so this replica "
-                "refuses searches (health NOT_SERVING) until they are re-embedded. Re-embed "
+                "refuses searches (a starting replica stays NOT_SERVING) until they are "
+                "re-embedded. Re-embed "
                 f"with `aeterna memory reembed --tenant TENANT` (ReembedMemories, role "
                 f"TENANT_ADMIN) against this replica for each tenant ({shown}), or configure "
                 f"the replica back to {models[0]!r}"
             )
             self.domain.model_mismatch = message
             return message
+        return await self._agreed(model)
+
+    async def _agreed(self, model: str) -> None:
         recorded = await self.marker.load()
         if recorded != model:
             # Re-embeds reach every index through the outbox; a rebuild of a replica's own
@@ -159,6 +168,22 @@ class ModelGuard:
             await asyncio.sleep(self.interval_s)
         if logged is not None:
             log.info("embedding_model.agreed", model=self.domain.model_id)
+
+    async def watch(self) -> None:
+        """While serving, re-check every ``interval_s``: vectors of another model appearing
+        (another replica re-embedding for a model rotation) make this replica refuse searches
+        until they are gone again, so two spaces are never compared."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                before = self.domain.model_mismatch
+                message = await self.check()
+                if message is not None and message != before:
+                    log.error("embedding_model.mismatch", message=message)
+                elif message is None and before is not None:
+                    log.info("embedding_model.agreed", model=self.domain.model_id)
+            except Exception:
+                log.exception("embedding_model.check_failed")
 
 
 def build_embedder(settings: MemorySettings) -> EmbeddingPort:
@@ -334,7 +359,7 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever],
+        background=[follower.run, reconcile_forever, guard.watch],
         domain=domain,
         follower=follower,
         credentials=credentials,

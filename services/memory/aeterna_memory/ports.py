@@ -107,9 +107,10 @@ class MemoryStore(Protocol):
         ...
 
     async def stale_embeddings(
-        self, tenant_id: str, model: str, limit: int
+        self, tenant_id: str, model: str, limit: int, after: str | None = None
     ) -> list[tuple[Memory, list[str]]]:
-        """Up to ``limit`` live memories embedded with another model, with their BM25 context."""
+        """Up to ``limit`` live memories embedded with another model, with their BM25 context,
+        in id order after ``after``."""
         ...
 
     async def count_stale_embeddings(self, tenant_id: str, model: str) -> int:

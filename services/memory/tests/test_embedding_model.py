@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
@@ -190,6 +191,41 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
                 )
                 # One ADD and exactly one re-embed per memory, through the normal write path.
                 assert [list(r.changed_fields) for r in revisions.revisions][1:] == [["embedding"]]
+            # Vectors of another model appearing while serving (a rotation under way
+            # elsewhere): searches are refused until they are gone.
+            admin = await asyncpg.connect(urls.superuser)
+            try:
+                await admin.execute(
+                    "UPDATE memories SET embedding_model = $1 WHERE tenant_id = $2 "
+                    "AND content = $3",
+                    "other-model/384",
+                    t,
+                    contents[0],
+                )
+
+                async def refusing() -> bool:
+                    return app.domain.model_mismatch is not None
+
+                await until(refusing)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.SearchMemories(
+                        svc.SearchMemoriesRequest(parent=f"tenants/{t}", query="standup"),
+                        metadata=md(t),
+                    )
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "other-model/384" in (err.value.details() or "")
+                await admin.execute(
+                    "UPDATE memories SET embedding_model = $1 WHERE tenant_id = $2",
+                    FP32,
+                    t,
+                )
+
+                async def agreed() -> bool:
+                    return app.domain.model_mismatch is None
+
+                await until(agreed)
+            finally:
+                await admin.close()
         assert (index_dir / "embedding_model").read_text().strip() == FP32
         # Each point's payload names the model of its vector.
         index = app.follower.index

@@ -441,6 +441,21 @@ class IndexFollower:
                 log.warning("index.reconciled", added=len(missing), removed=len(extra))
             return {"added": len(missing), "removed": len(extra)}
 
+    async def other_model_stored(self, model: str) -> bool:
+        """Whether any live memory holds a vector of another model than ``model``.
+
+        Cheap enough to poll: two range scans of the ``embedding_model`` index.
+        """
+        async with self.db.all_tenants_snapshot() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM memories WHERE (embedding_model < $1 "
+                    "OR embedding_model > $1) AND deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now()))",
+                    model,
+                )
+            )
+
     async def stored_models(self) -> dict[tuple[str, str], int]:
         """Model ids of the live memories' vectors in PostgreSQL.
 

@@ -496,7 +496,7 @@ class PostgresMemoryStore:
         return await self.db.run(tenant_id, work)
 
     async def stale_embeddings(
-        self, tenant_id: str, model: str, limit: int
+        self, tenant_id: str, model: str, limit: int, after: str | None = None
     ) -> list[tuple[Memory, list[str]]]:
         """Live memories whose vector was made by another model than ``model``.
 
@@ -504,20 +504,24 @@ class PostgresMemoryStore:
             tenant_id: The tenant.
             model: The current model id.
             limit: At most this many, in id order.
+            after: Only ids after this one (keyset on the primary key), if given.
 
         Returns:
             ``(memory, index_context)`` pairs.
         """
+        start = uuid.UUID(after) if after else None
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
                     f"SELECT {_COLUMNS}, index_context FROM memories WHERE tenant_id = $1 "
-                    "AND embedding_model <> $2 AND deleted_at IS NULL "
-                    "AND (expire_at IS NULL OR expire_at > now()) ORDER BY id LIMIT $3",
+                    "AND ($4::uuid IS NULL OR id > $4) AND embedding_model <> $2 "
+                    "AND deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now()) "
+                    "ORDER BY id LIMIT $3",
                     tenant_id,
                     model,
                     limit,
+                    start,
                 )
             )
 

@@ -345,19 +345,16 @@ class MemoryDomain:
             raise InvalidArgument([FieldViolation("max_memories", "must be >= 0")])
         tenant = principal.tenant_id
         done = 0
-        skipped: set[str] = set()
+        after: str | None = None  # keyset position within this run
         started = time.monotonic()
         # Batches no larger than a second's worth, so the model is not run far ahead.
         batch_size = max(1, min(batch_size, int(per_second)))
         while not max_memories or done < max_memories:
             want = batch_size if not max_memories else min(batch_size, max_memories - done)
-            page = [
-                (m, ctx)
-                for m, ctx in await self.store.stale_embeddings(tenant, model, want + len(skipped))
-                if m.id not in skipped
-            ][:want]
+            page = await self.store.stale_embeddings(tenant, model, want, after)
             if not page:
                 break
+            after = page[-1][0].id
             texts = [self._dense_text(m, ctx) for m, ctx in page]
             vectors = await self.embed(tenant, texts)
             for (memory, _), vector in zip(page, vectors, strict=True):
@@ -378,7 +375,7 @@ class MemoryDomain:
                     )
                     done += 1
                 except (Aborted, NotFound):
-                    skipped.add(memory.id)
+                    pass  # changed or deleted meanwhile: left to its writer or a later run
         remaining = await self.store.count_stale_embeddings(tenant, model)
         log.info("reembed", tenant=tenant, model=model, reembedded=done, remaining=remaining)
         return done, remaining

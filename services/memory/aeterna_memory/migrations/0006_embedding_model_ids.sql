@@ -6,6 +6,9 @@ ALTER TABLE memories NO FORCE ROW LEVEL SECURITY;
 UPDATE memories SET embedding_model = embedding_model || '/' || cardinality(embedding)
     WHERE embedding_model NOT LIKE '%/%';
 ALTER TABLE memories FORCE ROW LEVEL SECURITY;
+-- Replicas poll for vectors of another model than theirs: an index makes that two short
+-- range scans instead of a full scan.
+CREATE INDEX memories_embedding_model ON memories (embedding_model);
 
 -- The model id of each shared index's vectors, beside its applied position.
 ALTER TABLE index_cursors ADD COLUMN model text;
