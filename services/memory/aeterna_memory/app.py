@@ -121,7 +121,8 @@ class ModelGuard:
         """
         model = self.domain.model_id
         if not await self.follower.other_model_stored(model):
-            return await self._agreed(model)
+            await self._agreed(model)
+            return None
         stored = await self.follower.stored_models()
         foreign = {(t, m): n for (t, m), n in stored.items() if m != model}
         if foreign:
@@ -142,7 +143,8 @@ class ModelGuard:
             )
             self.domain.model_mismatch = message
             return message
-        return await self._agreed(model)
+        await self._agreed(model)
+        return None
 
     async def _agreed(self, model: str) -> None:
         recorded = await self.marker.load()
