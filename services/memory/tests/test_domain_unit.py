@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aeterna_common.context import Principal
 from aeterna_common.errors import InvalidArgument, PermissionDenied
@@ -130,3 +132,54 @@ def test_fused_ranking_normalises_across_layers_and_breaks_only_near_ties() -> N
         SearchTuning(fusion_method="minmax", dense_weight=1.0, lexical_weight=0.0),
     )
     assert [c.id for c in clear] == ["c", "u", "floor"]
+
+
+def _kept(mid: str, layer: Layer, text: str, vector: list[float]) -> Any:
+    from datetime import UTC, datetime
+
+    import numpy as np
+    from aeterna_memory.domain.model import Memory
+    from aeterna_memory.domain.service import Candidate, _Kept
+
+    now = datetime.now(UTC)
+    memory = Memory(
+        tenant_id="t",
+        id=mid,
+        layer=layer,
+        scope=Scope(user_id="u"),
+        content=text,
+        content_hash=f"h-{text}",
+        metadata={},
+        tags=[],
+        importance=0.5,
+        access_count=0,
+        last_accessed_at=None,
+        created_at=now,
+        updated_at=now,
+        expire_at=None,
+        deleted_at=None,
+        revision=1,
+        embedding_model="m/2",
+        embedding_dimension=2,
+    )
+    v = np.asarray(vector, dtype=np.float32)
+    return _Kept(Candidate(mid, layer, 0.5, 0.0, 0.0, 0), memory, v / np.linalg.norm(v))
+
+
+def test_near_duplicates_collapse_to_the_more_specific_layer_only_across_layers() -> None:
+    from aeterna_memory.domain.service import _keep
+
+    kept: list[Any] = []
+    # A less specific copy ranked first is replaced by the more specific near-duplicate.
+    _keep(kept, _kept("company", Layer.COMPANY, "moved to Tuesday.", [1.0, 0.01]))
+    _keep(kept, _kept("user", Layer.USER, "moved to Tuesday", [1.0, 0.0]))
+    assert [k.candidate.id for k in kept] == ["user"]
+    # A near-duplicate of the same layer is a different fact: both stay.
+    _keep(kept, _kept("user-2", Layer.USER, "moved to Thursday", [1.0, 0.02]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]
+    # A less specific near-duplicate after the specific one is dropped.
+    _keep(kept, _kept("team", Layer.TEAM, "moved to Thursday!", [1.0, 0.03]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]
+    # Identical content collapses in any layer.
+    _keep(kept, _kept("user-3", Layer.USER, "moved to Tuesday", [0.0, 1.0]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]
