@@ -304,6 +304,60 @@ def memory_delete(
     console.print(f"deleted {m.name} at {m.delete_time.ToJsonString()}")
 
 
+@memory_app.command("reembed")
+def memory_reembed(
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    target_model: Annotated[
+        str,
+        typer.Option(help="Expected model id of the replica, e.g. all-MiniLM-L6-v2-int8/384."),
+    ] = "",
+    chunk: Annotated[
+        int, typer.Option(min=1, help="Memories per call; progress is printed after each.")
+    ] = 500,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of the replica to run it (one that refuses to serve because of a "
+            "model change is out of the edge's rotation); default $AETERNA_ENDPOINT."
+        ),
+    ] = None,
+) -> None:
+    """Re-embed the tenant's memories made by another embedding model (admin).
+
+    Calls ReembedMemories until none remain. Safe to interrupt and run again: it continues
+    with the memories not yet re-embedded. Without --token, a local dev token with the role
+    TENANT_ADMIN is used.
+    """
+    bearer = token or client.dev_token(tenant, user, roles=["TENANT_ADMIN"])
+
+    async def run() -> tuple[int, str]:
+        channel, stub = client.memory_stub(endpoint)
+        total = 0
+        async with channel:
+            while True:
+                reply = await stub.ReembedMemories(
+                    svc.ReembedMemoriesRequest(
+                        parent=f"tenants/{tenant}", target_model=target_model, max_memories=chunk
+                    ),
+                    metadata=client.metadata(bearer),
+                )
+                total += reply.reembedded_count
+                console.print(
+                    f"re-embedded {total} with {reply.model}; {reply.remaining_count} remaining"
+                )
+                if reply.remaining_count == 0 or reply.reembedded_count == 0:
+                    return total, reply.model
+
+    try:
+        total, model = asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        _fail(exc)
+        raise  # unreachable
+    console.print(f"done: {total} memories of tenant {tenant} now embedded with {model}")
+
+
 @memory_app.command("history")
 def memory_history(
     name: str,

@@ -23,8 +23,11 @@ from aeterna_memory.adapters.index_follower import (
     KEYWORD_FIELDS,
     CursorStore,
     FileCursor,
+    FileModelMarker,
     IndexFollower,
+    ModelMarker,
     PostgresCursor,
+    PostgresModelMarker,
 )
 from aeterna_memory.adapters.postgres import PostgresMemoryStore
 from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
@@ -68,6 +71,119 @@ class IndexedSearch:
     async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait until the index has applied ``position`` (bounded)."""
         return await self.follower.wait_for(position, timeout_s)
+
+
+class ModelGuard:
+    """Keeps a replica out of service while the stored vectors are of another model.
+
+    Vectors of two models live in different spaces, so a replica never serves a search over
+    vectors its model did not make. At start (after the index is up to date) it compares its
+    model id with the model ids recorded with the live memories in PostgreSQL (the source of
+    the index) and with the index's marker:
+
+    * PostgreSQL holds vectors of another model: the readable reason is logged and set on
+      the domain (searches answer FAILED_PRECONDITION with it), and health stays
+      NOT_SERVING, re-checked every ``interval_s``, until a re-embed (``ReembedMemories``,
+      which this replica serves meanwhile on its own address) leaves none; then SERVING,
+      without a restart.
+    * Only the index's marker names another model (PostgreSQL was re-embedded while this
+      index was away): an embedded index is rebuilt from PostgreSQL; a shared one follows the
+      re-embed through the outbox and only its marker is updated.
+
+    Staying up NOT_SERVING rather than failing the start lets the replica run the re-embed
+    with its own (the new) model, and the edge routes it no traffic meanwhile. Once serving,
+    :meth:`watch` keeps checking: when vectors of another model appear (a rotation under
+    way elsewhere), searches are refused again until they are gone. Each check is an
+    indexed existence query; the per-tenant census runs only when it finds something.
+
+    Args:
+        follower: The index follower (reads PostgreSQL as index maintenance does).
+        domain: The domain whose searches are refused while the models differ.
+        marker: Where the index's model id is recorded.
+        interval_s: Seconds between checks while the models differ.
+    """
+
+    def __init__(
+        self, follower: IndexFollower, domain: MemoryDomain, marker: ModelMarker, interval_s: float
+    ) -> None:
+        self.follower = follower
+        self.domain = domain
+        self.marker = marker
+        self.interval_s = interval_s
+
+    async def check(self) -> str | None:
+        """Compare the stored models with this replica's; rebuild or refuse as above.
+
+        Returns:
+            The refusal message, or ``None`` when the replica may serve.
+        """
+        model = self.domain.model_id
+        if not await self.follower.other_model_stored(model):
+            await self._agreed(model)
+            return None
+        stored = await self.follower.stored_models()
+        foreign = {(t, m): n for (t, m), n in stored.items() if m != model}
+        if foreign:
+            models = sorted({m for _, m in foreign})
+            tenants = sorted({t for t, _ in foreign})
+            shown = ", ".join(tenants[:10]) + (
+                f" and {len(tenants) - 10} more" if len(tenants) > 10 else ""
+            )
+            message = (
+                f"embedding model mismatch: {sum(foreign.values())} live memories hold vectors "
+                f"of {', '.join(repr(m) for m in models)}, but this replica is configured for "
+                f"{model!r}; vectors of different models cannot be compared, so this replica "
+                "refuses searches (a starting replica stays NOT_SERVING) until they are "
+                "re-embedded. Re-embed "
+                f"with `aeterna memory reembed --tenant TENANT` (ReembedMemories, role "
+                f"TENANT_ADMIN) against this replica for each tenant ({shown}), or configure "
+                f"the replica back to {models[0]!r}"
+            )
+            self.domain.model_mismatch = message
+            return message
+        await self._agreed(model)
+        return None
+
+    async def _agreed(self, model: str) -> None:
+        recorded = await self.marker.load()
+        if recorded != model:
+            # Re-embeds reach every index through the outbox; a rebuild of a replica's own
+            # embedded index guards against one that missed them. A shared index is only
+            # ever written by the lease holder, so it is not rebuilt from here.
+            if recorded is not None and self.follower.keeper is None:
+                log.warning("index.model_changed", recorded=recorded, model=model)
+                await self.follower.rebuild()
+            await self.marker.save(model)
+        self.domain.model_mismatch = None
+        return None
+
+    async def prepare(self) -> None:
+        """Bring the index up to date, then wait (NOT_SERVING) until the models agree."""
+        await self.follower.start()
+        logged = None
+        while (message := await self.check()) is not None:
+            if message != logged:
+                log.error("embedding_model.mismatch", message=message)
+                logged = message
+            await asyncio.sleep(self.interval_s)
+        if logged is not None:
+            log.info("embedding_model.agreed", model=self.domain.model_id)
+
+    async def watch(self) -> None:
+        """While serving, re-check every ``interval_s``: vectors of another model appearing
+        (another replica re-embedding for a model rotation) make this replica refuse searches
+        until they are gone again, so two spaces are never compared."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                before = self.domain.model_mismatch
+                message = await self.check()
+                if message is not None and message != before:
+                    log.error("embedding_model.mismatch", message=message)
+                elif message is None and before is not None:
+                    log.info("embedding_model.agreed", model=self.domain.model_id)
+            except Exception:
+                log.exception("embedding_model.check_failed")
 
 
 def build_embedder(settings: MemorySettings) -> EmbeddingPort:
@@ -183,11 +299,14 @@ async def build(
     cache: EmbeddingCache = RedisEmbeddingCache(common.redis_url) if common.redis_url else NoCache()
     index = build_index(settings)
     cursor: CursorStore
+    marker: ModelMarker
     if settings.vector_store == "edge":
         cursor = FileCursor(settings.index_dir / "applied_position")
+        marker = FileModelMarker(settings.index_dir / "embedding_model")
         lease_name = None
     else:
         cursor = PostgresCursor(db, f"qdrant:{settings.qdrant_collection}")
+        marker = PostgresModelMarker(db, f"qdrant:{settings.qdrant_collection}")
         lease_name = f"memory:index:qdrant:{settings.qdrant_collection}"
     follower = IndexFollower(
         db,
@@ -220,7 +339,8 @@ async def build(
             wait_s=settings.read_wait_s,
         ),
     )
-    servicer = MemoryServicer(domain)
+    servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
+    guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)
 
     async def reconcile_forever() -> None:
         # Shared index: only the lease holder reconciles (reconcile() returns at once
@@ -250,9 +370,10 @@ async def build(
         service_names=[SERVICE_NAME],
         register=register,
         close=close,
-        # Rebuild or catch up with the outbox before health says SERVING.
-        prepare=follower.start,
-        background=[follower.run, reconcile_forever],
+        # Rebuild or catch up with the outbox, and agree on the embedding model, before
+        # health says SERVING.
+        prepare=guard.prepare,
+        background=[follower.run, reconcile_forever, guard.watch],
         domain=domain,
         follower=follower,
         credentials=credentials,

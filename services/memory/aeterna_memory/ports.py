@@ -100,8 +100,21 @@ class MemoryStore(Protocol):
         lexical_context: Sequence[str] | None,
         embedding: Sequence[float] | None,
         actor: str,
+        model: str | None = None,
     ) -> Memory:
-        """Apply a patch atomically (optimistic on the revision)."""
+        """Apply a patch atomically (optimistic on the revision); a new ``embedding`` is
+        stored with its ``model`` id."""
+        ...
+
+    async def stale_embeddings(
+        self, tenant_id: str, model: str, limit: int, after: str | None = None
+    ) -> list[tuple[Memory, list[str]]]:
+        """Up to ``limit`` live memories embedded with another model, with their BM25 context,
+        in id order after ``after``."""
+        ...
+
+    async def count_stale_embeddings(self, tenant_id: str, model: str) -> int:
+        """How many live memories are embedded with another model than ``model``."""
         ...
 
     async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:

@@ -41,8 +41,9 @@ def _revision_after(token: str) -> int:
 class MemoryServicer(svc_grpc.MemoryServiceServicer):
     """``aeterna.memory.v1.MemoryService`` over :class:`MemoryDomain`."""
 
-    def __init__(self, domain: MemoryDomain) -> None:
+    def __init__(self, domain: MemoryDomain, *, reembed_per_s: float = 50.0) -> None:
         self.domain = domain
+        self.reembed_per_s = reembed_per_s
 
     async def CreateMemory(self, request: svc.CreateMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
@@ -132,3 +133,19 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         kind, score = convert.feedback_request(request)
         memory = await self.domain.feedback(principal, memory_id, kind, score, request.request_id)
         return convert.memory_pb(memory)
+
+    async def ReembedMemories(
+        self, request: svc.ReembedMemoriesRequest, context: Ctx
+    ) -> svc.ReembedMemoriesResponse:
+        """See the proto."""
+        principal = rc.current().principal
+        check_parent(principal, request.parent)
+        done, remaining = await self.domain.reembed(
+            principal,
+            target_model=request.target_model,
+            max_memories=request.max_memories,
+            per_second=self.reembed_per_s,
+        )
+        return svc.ReembedMemoriesResponse(
+            model=self.domain.model_id, reembedded_count=done, remaining_count=remaining
+        )

@@ -40,7 +40,7 @@ class MemorySettings(BaseSettings):
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
         dense_metadata: Also prefix the dense text with those values.
-        candidates: Hits per ranking per layer before fusion.
+        candidates: Hits per ranking per layer before the one fusion across layers.
         fusion: Score fusion: ``minmax``, ``dbsf`` or ``rrf``.
         dense_weight: Weight of the dense ranking in the fusion.
         lexical_weight: Weight of the BM25 ranking in the fusion.
@@ -49,6 +49,12 @@ class MemorySettings(BaseSettings):
             index only the holder of the index's lease reconciles.
         index_lease_ttl_s: Time to live in seconds of the shared index's lease: a leader cut
             off from PostgreSQL is replaced after about this long; it renews every third.
+        reconcile_interval_s: Seconds between reconciler runs (0 disables).
+        reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
+            second, so that a re-embed leaves the model and the database to live traffic
+            (50/s is about a quarter of int8 MiniLM's throughput on 2 cores).
+        model_check_interval_s: While stored vectors are of another embedding model (health
+            NOT_SERVING), seconds between checks whether a re-embed has finished.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_MEMORY_", extra="ignore")
@@ -78,6 +84,8 @@ class MemorySettings(BaseSettings):
     read_wait_s: float = Field(default=0.1, ge=0, le=1.0)
     reconcile_interval_s: float = Field(default=600.0, ge=0)
     index_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
+    reembed_per_s: float = Field(default=50.0, gt=0)
+    model_check_interval_s: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:

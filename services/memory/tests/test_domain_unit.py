@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aeterna_common.context import Principal
 from aeterna_common.errors import InvalidArgument, PermissionDenied
+from aeterna_common.vectors.port import ScoredId
 from aeterna_memory.domain.indexing import IndexingPolicy, build_texts
 from aeterna_memory.domain.model import (
     Layer,
@@ -15,7 +18,13 @@ from aeterna_memory.domain.model import (
     new_importance,
 )
 from aeterna_memory.domain.names import check_parent, parse_memory_name
-from aeterna_memory.domain.service import layer_filter, request_hash
+from aeterna_memory.domain.service import (
+    NEAR_TIE,
+    SearchTuning,
+    fuse_layers,
+    layer_filter,
+    request_hash,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +99,87 @@ def test_names_check_tenant_before_anything_else() -> None:
         parse_memory_name(p, "tenants/acme/memories/not-a-uuid")
     tenant, mid = parse_memory_name(p, "tenants/acme/memories/6F9619FF-8B86-D011-B42D-00CF4FC964FF")
     assert (tenant, mid) == ("acme", "6f9619ff-8b86-d011-b42d-00cf4fc964ff")
+
+
+def test_fused_ranking_normalises_across_layers_and_breaks_only_near_ties() -> None:
+    tuning = SearchTuning(fusion_method="minmax", dense_weight=0.5, lexical_weight=0.5)
+    user = ([ScoredId("u1", 0.30), ScoredId("u2", 0.20)], [ScoredId("u1", 2.0)])
+    company = ([ScoredId("c1", 0.90)], [ScoredId("c1", 12.0)])
+    ranked = fuse_layers([(Layer.USER, user), (Layer.COMPANY, company)], tuning)
+    assert [c.id for c in ranked] == ["c1", "u1", "u2"]
+    assert ranked[0].score == pytest.approx(1.0)
+    assert ranked[1].score < 0.3  # the user layer's best is not normalised to 1.0
+    assert ranked[0].dense_score == pytest.approx(0.9) and ranked[0].lexical_score == 12.0
+
+    # A near-tie (gap below NEAR_TIE) goes to the more specific layer ...
+    gap = NEAR_TIE / 4
+    near = fuse_layers(
+        [
+            (Layer.USER, ([ScoredId("u", 0.5)], [])),
+            (Layer.COMPANY, ([ScoredId("c", 0.5 + gap)], [])),
+            (Layer.TEAM, ([ScoredId("floor", 0.0)], [])),
+        ],
+        SearchTuning(fusion_method="minmax", dense_weight=1.0, lexical_weight=0.0),
+    )
+    assert [c.id for c in near] == ["u", "c", "floor"]
+    # ... a clear gap does not.
+    clear = fuse_layers(
+        [
+            (Layer.USER, ([ScoredId("u", 0.5)], [])),
+            (Layer.COMPANY, ([ScoredId("c", 0.6)], [])),
+            (Layer.TEAM, ([ScoredId("floor", 0.0)], [])),
+        ],
+        SearchTuning(fusion_method="minmax", dense_weight=1.0, lexical_weight=0.0),
+    )
+    assert [c.id for c in clear] == ["c", "u", "floor"]
+
+
+def _kept(mid: str, layer: Layer, text: str, vector: list[float]) -> Any:
+    from datetime import UTC, datetime
+
+    import numpy as np
+    from aeterna_memory.domain.model import Memory
+    from aeterna_memory.domain.service import Candidate, _Kept
+
+    now = datetime.now(UTC)
+    memory = Memory(
+        tenant_id="t",
+        id=mid,
+        layer=layer,
+        scope=Scope(user_id="u"),
+        content=text,
+        content_hash=f"h-{text}",
+        metadata={},
+        tags=[],
+        importance=0.5,
+        access_count=0,
+        last_accessed_at=None,
+        created_at=now,
+        updated_at=now,
+        expire_at=None,
+        deleted_at=None,
+        revision=1,
+        embedding_model="m/2",
+        embedding_dimension=2,
+    )
+    v = np.asarray(vector, dtype=np.float32)
+    return _Kept(Candidate(mid, layer, 0.5, 0.0, 0.0, 0), memory, v / np.linalg.norm(v))
+
+
+def test_near_duplicates_collapse_to_the_more_specific_layer_only_across_layers() -> None:
+    from aeterna_memory.domain.service import _keep
+
+    kept: list[Any] = []
+    # A less specific copy ranked first is replaced by the more specific near-duplicate.
+    _keep(kept, _kept("company", Layer.COMPANY, "moved to Tuesday.", [1.0, 0.01]))
+    _keep(kept, _kept("user", Layer.USER, "moved to Tuesday", [1.0, 0.0]))
+    assert [k.candidate.id for k in kept] == ["user"]
+    # A near-duplicate of the same layer is a different fact: both stay.
+    _keep(kept, _kept("user-2", Layer.USER, "moved to Thursday", [1.0, 0.02]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]
+    # A less specific near-duplicate after the specific one is dropped.
+    _keep(kept, _kept("team", Layer.TEAM, "moved to Thursday!", [1.0, 0.03]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]
+    # Identical content collapses in any layer.
+    _keep(kept, _kept("user-3", Layer.USER, "moved to Tuesday", [0.0, 1.0]))
+    assert [k.candidate.id for k in kept] == ["user", "user-2"]

@@ -48,7 +48,8 @@ async def test_create_get_update_delete_history(env: MemoryEnv) -> None:
     created = await create(env, t, m)
     assert created.name.startswith(f"tenants/{t}/memories/")
     assert created.revision == 1 and created.importance == 0.5
-    assert created.embedding_model == "all-MiniLM-L6-v2-int8" and created.embedding_dimension == 384
+    assert created.embedding_model == "all-MiniLM-L6-v2-int8/384"
+    assert created.embedding_dimension == 384
     assert created.metadata["count"] == 3
     got = await env.stub.GetMemory(svc.GetMemoryRequest(name=created.name), metadata=md(t))
     assert got.content == "Prefers dark roast coffee"

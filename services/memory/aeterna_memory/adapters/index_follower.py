@@ -68,7 +68,7 @@ INDEX_LAG_WAIT = Histogram(
 _ROW_COLUMNS = (
     "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
     "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
-    "deleted_at, expire_at, revision, content, index_context, embedding"
+    "deleted_at, expire_at, revision, content, index_context, embedding, embedding_model"
 )
 
 
@@ -126,6 +126,62 @@ class FileCursor:
 
 class LeaseFencedError(RuntimeError):
     """A shared index's cursor write was refused: the writer's epoch is stale."""
+
+
+class FileModelMarker:
+    """The model id of an embedded index, in a file beside it (written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def load(self) -> str | None:
+        """The recorded model id; ``None`` when never recorded."""
+        try:
+            return self.path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    async def save(self, model: str) -> None:
+        """Record ``model`` via a temporary file and rename."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(model + "\n")
+        os.replace(tmp, self.path)
+
+
+class PostgresModelMarker:
+    """The model id of a shared index, in its ``index_cursors`` row (column ``model``)."""
+
+    def __init__(self, db: Database, name: str) -> None:
+        self.db = db
+        self.name = name
+
+    async def load(self) -> str | None:
+        """The recorded model id; ``None`` when never recorded."""
+        value = await self.db.pool.fetchval(
+            "SELECT model FROM index_cursors WHERE name = $1", self.name
+        )
+        return None if value is None else str(value)
+
+    async def save(self, model: str) -> None:
+        """Record ``model`` (the row exists once the index has a position)."""
+        await self.db.pool.execute(
+            "INSERT INTO index_cursors (name, position, model) VALUES ($1, 0, $2) "
+            "ON CONFLICT (name) DO UPDATE SET model = EXCLUDED.model, updated_at = now()",
+            self.name,
+            model,
+        )
+
+
+class ModelMarker(Protocol):
+    """Where the model id of an index's vectors is recorded."""
+
+    async def load(self) -> str | None:
+        """The recorded model id, ``None`` when never recorded."""
+        ...
+
+    async def save(self, model: str) -> None:
+        """Record the model id."""
+        ...
 
 
 class PostgresCursor:
@@ -226,6 +282,7 @@ def to_point(row: asyncpg.Record, sparse: SparseVector) -> IndexPoint:
         "importance": row["importance"],
         "created_at": float(row["created_at"]),
         "revision": int(row["revision"]),
+        "embedding_model": row["embedding_model"],
     }
     for f in SCOPE_FIELDS:
         if row[f] is not None:
@@ -617,6 +674,35 @@ class IndexFollower:
         result = {"added": len(added), "updated": len(updated), "removed": len(removed)}
         log.warning("index.reconciled", **result)
         return result
+
+    async def other_model_stored(self, model: str) -> bool:
+        """Whether any live memory holds a vector of another model than ``model``.
+
+        Cheap enough to poll: two range scans of the ``embedding_model`` index.
+        """
+        async with self.db.all_tenants_snapshot() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM memories WHERE (embedding_model < $1 "
+                    "OR embedding_model > $1) AND deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now()))",
+                    model,
+                )
+            )
+
+    async def stored_models(self) -> dict[tuple[str, str], int]:
+        """Model ids of the live memories' vectors in PostgreSQL.
+
+        Returns:
+            ``{(tenant_id, model_id): number of live memories}``.
+        """
+        async with self.db.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, embedding_model, count(*) AS n FROM memories "
+                "WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now()) "
+                "GROUP BY tenant_id, embedding_model"
+            )
+        return {(r["tenant_id"], r["embedding_model"]): int(r["n"]) for r in rows}
 
     async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait until the index has applied ``position``.

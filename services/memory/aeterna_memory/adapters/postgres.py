@@ -416,8 +416,12 @@ class PostgresMemoryStore:
         lexical_context: Sequence[str] | None,
         embedding: Sequence[float] | None,
         actor: str,
+        model: str | None = None,
     ) -> Memory:
         """Apply a patch if the memory is still at ``expected_revision``.
+
+        A new ``embedding`` is stored with its ``model`` id; with an empty patch that is a
+        re-embed (its revision lists ``embedding`` as the changed field).
 
         Raises:
             NotFound: no such live memory.
@@ -447,12 +451,18 @@ class PostgresMemoryStore:
                 sets.append(f"{column} = ${len(args)}")
 
             f = patch.fields
+            changed = sorted(f)
             if "content" in f:
                 assert patch.content is not None and lexical_context is not None and embedding
                 put("content", patch.content)
                 put("content_hash", content_hash(patch.content))
                 put("index_context", list(lexical_context))
+            if embedding is not None:
                 put("embedding", list(embedding))
+                if model is not None:
+                    put("embedding_model", model)
+                if "content" not in f:
+                    changed.append("embedding")
             if "metadata" in f:
                 put("metadata", json.dumps(patch.metadata or {}))
             if "tags" in f:
@@ -477,13 +487,62 @@ class PostgresMemoryStore:
                 memory.revision,
                 row["content"],
                 memory.content,
-                sorted(f),
+                changed,
                 actor,
             )
             await _append_outbox(conn, tenant_id, "memory.updated", [mid])
             return memory
 
         return await self.db.run(tenant_id, work)
+
+    async def stale_embeddings(
+        self, tenant_id: str, model: str, limit: int, after: str | None = None
+    ) -> list[tuple[Memory, list[str]]]:
+        """Live memories whose vector was made by another model than ``model``.
+
+        Args:
+            tenant_id: The tenant.
+            model: The current model id.
+            limit: At most this many, in id order.
+            after: Only ids after this one (keyset on the primary key), if given.
+
+        Returns:
+            ``(memory, index_context)`` pairs.
+        """
+        start = uuid.UUID(after) if after else None
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    f"SELECT {_COLUMNS}, index_context FROM memories WHERE tenant_id = $1 "
+                    "AND ($4::uuid IS NULL OR id > $4) AND embedding_model <> $2 "
+                    "AND deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now()) "
+                    "ORDER BY id LIMIT $3",
+                    tenant_id,
+                    model,
+                    limit,
+                    start,
+                )
+            )
+
+        rows = await self.db.run(tenant_id, work, readonly=True)
+        return [(row_to_memory(r), list(r["index_context"])) for r in rows]
+
+    async def count_stale_embeddings(self, tenant_id: str, model: str) -> int:
+        """How many live memories of the tenant have a vector of another model than ``model``."""
+
+        async def work(conn: asyncpg.Connection) -> int:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM memories WHERE tenant_id = $1 "
+                    "AND embedding_model <> $2 AND deleted_at IS NULL "
+                    "AND (expire_at IS NULL OR expire_at > now())",
+                    tenant_id,
+                    model,
+                )
+            )
+
+        return await self.db.run(tenant_id, work, readonly=True)
 
     async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:
         """Soft-delete; a deleted memory is returned unchanged (idempotent).

@@ -17,6 +17,14 @@ import numpy as np
 import structlog
 from aeterna_common.context import Principal
 from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from aeterna_common.search import fusion
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
 
@@ -38,6 +46,9 @@ from aeterna_memory.domain.model import (
 from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
+
+ADMIN_ROLES = frozenset({"TENANT_ADMIN", "PLATFORM_ADMIN"})
+"""Roles (from the verified token) that may run admin methods such as a re-embed."""
 
 DUPLICATE_COSINE = 0.95
 """Near-duplicates (cosine ≥ 0.95) collapse to the more specific one (DOMAIN.md, Search)."""
@@ -68,6 +79,19 @@ class SearchTuning:
     lexical_weight: float = 0.6
     rrf_k: float = fusion.RRF_K
     wait_s: float = 0.1
+
+
+def model_id(name: str, dimension: int) -> str:
+    """The id of an embedding space: model name (with its precision) and dimension.
+
+    Args:
+        name: Model name as the embedder reports it, e.g. ``all-MiniLM-L6-v2-int8``.
+        dimension: Vector length.
+
+    Returns:
+        ``{name}/{dimension}``, e.g. ``all-MiniLM-L6-v2-int8/384``.
+    """
+    return f"{name}/{dimension}"
 
 
 def request_hash(*parts: object) -> str:
@@ -121,13 +145,28 @@ class MemoryDomain:
         self.encode_query = encode_query
         self.indexing = indexing or IndexingPolicy()
         self.tuning = tuning or SearchTuning()
+        self.model_mismatch: str | None = None
+        """Set while stored vectors are of another model: searches are refused with it."""
 
     # ---- embeddings ------------------------------------------------------------------
 
+    @property
+    def model_id(self) -> str:
+        """The embedding model's id, ``{name}/{dimension}`` (see :func:`model_id`)."""
+        return model_id(self.embedder.model, self.embedder.dimension)
+
     async def embed(self, tenant_id: str, texts: Sequence[str]) -> list[list[float]]:
-        """Vectors of ``texts``: from the cache where possible, the model otherwise."""
-        model = self.embedder.model
-        cached = await self.cache.get_many(tenant_id, model, texts)
+        """Vectors of ``texts``: from the cache where possible, the model otherwise.
+
+        The cache is keyed by the model id, and a cached vector whose length is not the
+        model's dimension (a corrupt or foreign entry) counts as a miss and is overwritten.
+        """
+        model = self.model_id
+        dimension = self.embedder.dimension
+        cached = [
+            v if v is not None and len(v) == dimension else None
+            for v in await self.cache.get_many(tenant_id, model, texts)
+        ]
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
         if missing:
@@ -161,7 +200,7 @@ class MemoryDomain:
         return await self.store.create(
             tenant,
             prepared,
-            model=self.embedder.model,
+            model=self.model_id,
             actor=principal.actor,
             method=method,
             request_id=request_id,
@@ -225,6 +264,7 @@ class MemoryDomain:
             lexical_context=lexical_context,
             embedding=embedding,
             actor=principal.actor,
+            model=self.model_id if embedding is not None else None,
         )
 
     async def delete(self, principal: Principal, memory_id: str) -> Memory:
@@ -250,6 +290,107 @@ class MemoryDomain:
             request_hash=request_hash("feedback", memory_id, kind, reward),
         )
 
+    # ---- admin -----------------------------------------------------------------------
+
+    async def reembed(
+        self,
+        principal: Principal,
+        *,
+        target_model: str = "",
+        max_memories: int = 0,
+        per_second: float = 50.0,
+        batch_size: int = 32,
+    ) -> tuple[int, int]:
+        """Re-embed the tenant's live memories whose vectors are of another model.
+
+        Each memory is re-embedded from its content (and its stored session context)
+        through the normal update path: a new revision (changed field ``embedding``), an
+        outbox event that the indexes follow, and the model id stored with the vector in the
+        same transaction. That stored model id is the persisted cursor: an interrupted run
+        leaves every finished memory done, and the next run continues with the rest. A
+        memory changed concurrently (revision moved on) is skipped in this run and counted in
+        ``remaining`` if its writer did not re-embed it. Writes are paced to ``per_second``.
+
+        Args:
+            principal: The caller; needs a role of :data:`ADMIN_ROLES`.
+            target_model: Expected model id; empty means this replica's.
+            max_memories: Stop after this many (0: all).
+            per_second: Rate limit in memories per second (> 0).
+            batch_size: Memories embedded per model call.
+
+        Returns:
+            ``(re-embedded, remaining)``: memories re-embedded by this call and live
+            memories of the tenant still embedded with another model.
+
+        Raises:
+            PermissionDenied: The caller has no admin role (reason ``ADMIN_ROLE_REQUIRED``).
+            FailedPrecondition: ``target_model`` is not this replica's model (reason
+                ``EMBEDDING_MODEL_MISMATCH``).
+            InvalidArgument: ``max_memories`` is negative.
+        """
+        if not principal.roles & ADMIN_ROLES:
+            raise PermissionDenied(
+                "re-embedding needs the role TENANT_ADMIN or PLATFORM_ADMIN",
+                reason="ADMIN_ROLE_REQUIRED",
+            )
+        model = self.model_id
+        if target_model and target_model != model:
+            raise FailedPrecondition(
+                f"this replica embeds with {model!r}, not {target_model!r}; call a replica "
+                f"configured for {target_model!r}",
+                reason="EMBEDDING_MODEL_MISMATCH",
+                metadata={"replica_model": model, "target_model": target_model},
+            )
+        if max_memories < 0:
+            raise InvalidArgument([FieldViolation("max_memories", "must be >= 0")])
+        tenant = principal.tenant_id
+        done = 0
+        after: str | None = None  # keyset position within this run
+        started = time.monotonic()
+        # Batches no larger than a second's worth, so the model is not run far ahead.
+        batch_size = max(1, min(batch_size, int(per_second)))
+        while not max_memories or done < max_memories:
+            want = batch_size if not max_memories else min(batch_size, max_memories - done)
+            page = await self.store.stale_embeddings(tenant, model, want, after)
+            if not page:
+                break
+            after = page[-1][0].id
+            texts = [self._dense_text(m, ctx) for m, ctx in page]
+            vectors = await self.embed(tenant, texts)
+            for (memory, _), vector in zip(page, vectors, strict=True):
+                # Rate limit: the n-th write of this call waits until n / per_second seconds.
+                ahead = done / per_second - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                try:
+                    await self.store.update(
+                        tenant,
+                        memory.id,
+                        MemoryPatch(fields=frozenset()),
+                        expected_revision=memory.revision,
+                        lexical_context=None,
+                        embedding=vector,
+                        actor=principal.actor,
+                        model=model,
+                    )
+                    done += 1
+                except (Aborted, NotFound):
+                    pass  # changed or deleted meanwhile: left to its writer or a later run
+        remaining = await self.store.count_stale_embeddings(tenant, model)
+        log.info("reembed", tenant=tenant, model=model, reembedded=done, remaining=remaining)
+        return done, remaining
+
+    def _dense_text(self, memory: Memory, index_context: Sequence[str]) -> str:
+        """The dense text of a stored memory, as :func:`build_texts` made it at write time
+        (the preceding turns come from the stored BM25 context, so a dense context longer
+        than the lexical one sees only those turns)."""
+        new = NewMemory(
+            layer=memory.layer, scope=memory.scope, content=memory.content, metadata=memory.metadata
+        )
+        values = build_texts(new, [], self.indexing).lexical_context
+        previous = list(index_context[len(values) :]) if has_session(new) else []
+        return build_texts(new, previous, self.indexing).dense
+
     # ---- reads -----------------------------------------------------------------------
 
     async def get(self, principal: Principal, memory_id: str) -> Memory:
@@ -273,20 +414,25 @@ class MemoryDomain:
     async def search(self, principal: Principal, query: SearchQuery) -> list[SearchHit]:
         """Hybrid search (DOMAIN.md, Search).
 
-        Each layer is searched concurrently with a dense and a BM25 ranking, fused by a
-        weighted score fusion (:class:`SearchTuning`); hits are re-read from the source of
-        truth (so a stale index never returns deleted, expired or foreign rows),
-        near-duplicates (same content, or cosine ≥ 0.95) collapse to the more specific
-        layer, ``min_score`` drops weak hits and results are ordered by layer precedence,
-        then score.
+        Every reached layer is searched concurrently with a dense and a BM25 ranking. All
+        candidates of all layers then go into one fused ranking (:func:`fuse_layers`): the
+        raw scores are normalised over the union of the layers, so a layer's best hit only
+        scores high when it is good compared with every other layer's hits. ``min_score``
+        applies to that one ranking; layer precedence only breaks near-ties
+        (:data:`NEAR_TIE`). Hits are re-read from the source of truth (so a stale index never
+        returns deleted, expired or foreign rows) and near-duplicates of another layer
+        (cosine ≥ 0.95, or the same content) collapse to the more specific copy; within one
+        layer only identical contents collapse.
 
         Args:
             principal: The caller; its tenant scopes everything.
             query: The validated query.
 
         Returns:
-            At most ``query.top_k`` hits with fused scores in [0, 1].
+            At most ``query.top_k`` hits, best first, with fused scores in [0, 1].
         """
+        if self.model_mismatch is not None:
+            raise FailedPrecondition(self.model_mismatch, reason="EMBEDDING_MODEL_MISMATCH")
         tenant = principal.tenant_id
         t0 = time.perf_counter()
 
@@ -301,24 +447,13 @@ class MemoryDomain:
         per_layer = await asyncio.gather(
             *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
         )
-        candidates: dict[str, tuple[Layer, float, float, float]] = {}
-        for layer, fused in zip(query.layers, per_layer, strict=True):
-            for mid, score, dense_score, lexical_score in fused:
-                candidates.setdefault(mid, (layer, score, dense_score, lexical_score))
-        ranked = [
-            mid
-            for _, _, mid in sorted(
-                (layer, -score, mid)
-                for mid, (layer, score, _, _) in candidates.items()
-                if score >= query.min_score
-            )
-        ]
+        ranking = fuse_layers(list(zip(query.layers, per_layer, strict=True)), self.tuning)
+        candidates = {c.id: c for c in ranking if c.score >= query.min_score}
+        ranked = list(candidates)
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
         # top_k survive (deleted, expired and duplicate candidates drop out).
         chunk = max(2 * query.top_k, 20)
-        kept: list[tuple[str, Memory]] = []
-        kept_vectors: list[np.ndarray] = []
-        kept_hashes: set[str] = set()
+        kept: list[_Kept] = []
         for start in range(0, len(ranked), chunk):
             ids = ranked[start : start + chunk]
             rows = await self.store.read_hits(tenant, ids)
@@ -326,31 +461,23 @@ class MemoryDomain:
                 if mid not in rows:
                     continue
                 memory, vector = rows[mid]
-                vec = np.asarray(vector, dtype=np.float32)
-                # Ordered most specific layer first, so the one kept is the more specific.
-                # The stored vector embeds the index text (content plus context), so
-                # identical contents are also caught by their hash.
-                if memory.content_hash in kept_hashes or any(
-                    float(vec @ other) >= DUPLICATE_COSINE for other in kept_vectors
-                ):
-                    continue
-                kept.append((mid, memory))
-                kept_vectors.append(vec)
-                kept_hashes.add(memory.content_hash)
+                _keep(kept, _Kept(candidates[mid], memory, np.asarray(vector, dtype=np.float32)))
                 if len(kept) == query.top_k:
                     break
             if len(kept) == query.top_k:
                 break
-        await self.store.touch(tenant, [mid for mid, _ in kept])
+        # A more specific duplicate may have replaced a kept hit: restore the ranking order.
+        kept.sort(key=lambda k: candidates[k.candidate.id].order)
+        await self.store.touch(tenant, [k.candidate.id for k in kept])
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         return [
             SearchHit(
-                memory=memory,
-                score=candidates[mid][1],
-                dense_score=candidates[mid][2],
-                lexical_score=candidates[mid][3],
+                memory=k.memory,
+                score=k.candidate.score,
+                dense_score=k.candidate.dense_score,
+                lexical_score=k.candidate.lexical_score,
             )
-            for mid, memory in kept
+            for k in kept
         ]
 
     async def _search_layer(
@@ -360,27 +487,136 @@ class MemoryDomain:
         query: SearchQuery,
         dense_q: Sequence[float],
         sparse_q: SparseVector,
-    ) -> list[tuple[str, float, float, float]]:
+    ) -> tuple[list[ScoredId], list[ScoredId]]:
         flt = layer_filter(tenant, layer, query)
         n = max(self.tuning.candidates, query.top_k)
         dense, lexical = await asyncio.gather(
             self.index.search_dense(dense_q, flt, n),
             self.index.search_sparse(sparse_q, flt, n) if sparse_q.indices else _no_hits(),
         )
-        dense_scores = {h.id: h.score for h in dense}
-        lexical_scores = {h.id: h.score for h in lexical}
-        rankings = [[(h.id, h.score) for h in dense], [(h.id, h.score) for h in lexical]]
-        weights = [self.tuning.dense_weight, self.tuning.lexical_weight]
-        if self.tuning.fusion_method == "rrf":
-            fused = fusion.rrf(rankings, k=self.tuning.rrf_k, weights=weights, normalize=True)
-        elif self.tuning.fusion_method == "dbsf":
-            fused = fusion.dbsf(rankings, weights=weights)
-        else:
-            fused = fusion.minmax(rankings, weights=weights)
-        return [
-            (mid, score, dense_scores.get(mid, 0.0), lexical_scores.get(mid, 0.0))
-            for mid, score in fused
-        ]
+        return dense, lexical
+
+
+NEAR_TIE = 0.01
+"""Largest fused-score gap (on the [0, 1] scale) that layer precedence may overturn.
+
+A hit of a more specific layer ranks above a less specific one whose fused score is higher by
+less than ``NEAR_TIE × (layer distance) / 7``; larger gaps are decided by relevance alone
+(DOMAIN.md, Search: precedence breaks near-ties, it is not the primary sort). 0.01 is below
+the score differences that separate relevant from irrelevant hits on LoCoMo, so single-layer
+rankings are unchanged and cross-layer rankings stay relevance-first.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One entry of the fused cross-layer ranking.
+
+    Attributes:
+        id: Memory id.
+        layer: The memory's layer.
+        score: Fused score in [0, 1], comparable across layers.
+        dense_score: Raw dense (cosine) score, 0 when not among the dense hits.
+        lexical_score: Raw BM25 score, 0 when not among the lexical hits.
+        order: Position in the ranking (0 = best).
+    """
+
+    id: str
+    layer: Layer
+    score: float
+    dense_score: float
+    lexical_score: float
+    order: int
+
+
+def fuse_layers(
+    per_layer: Sequence[tuple[Layer, tuple[Sequence[ScoredId], Sequence[ScoredId]]]],
+    tuning: SearchTuning,
+) -> list[Candidate]:
+    """One ranking of every layer's dense and lexical hits.
+
+    The dense hits of all layers are pooled into one list by raw cosine score, and the
+    lexical hits likewise by raw BM25 score (one index, one IDF: raw scores are comparable
+    across layers); the two pooled lists are then fused with the configured method. So the
+    normalisation spans all layers: only the overall best hit of a list maps to 1, never
+    each layer's best. With a single layer this is exactly the per-layer fusion.
+
+    The order is by fused score, except that a more specific layer wins near-ties
+    (:data:`NEAR_TIE`).
+
+    Args:
+        per_layer: For each searched layer, its dense and lexical hits (best first).
+        tuning: Fusion method and weights.
+
+    Returns:
+        Candidates best first, each with its position in ``order``.
+    """
+    layer_of: dict[str, Layer] = {}
+    dense_pool: list[ScoredId] = []
+    lexical_pool: list[ScoredId] = []
+    for layer, (dense, lexical) in per_layer:
+        for hit in (*dense, *lexical):
+            layer_of.setdefault(hit.id, layer)
+        dense_pool.extend(dense)
+        lexical_pool.extend(lexical)
+    # Stable sorts: equal raw scores keep the more specific layer (query.layers order) first.
+    dense_pool.sort(key=lambda h: -h.score)
+    lexical_pool.sort(key=lambda h: -h.score)
+    dense_scores = {h.id: h.score for h in dense_pool}
+    lexical_scores = {h.id: h.score for h in lexical_pool}
+    rankings = [[(h.id, h.score) for h in dense_pool], [(h.id, h.score) for h in lexical_pool]]
+    weights = [tuning.dense_weight, tuning.lexical_weight]
+    if tuning.fusion_method == "rrf":
+        fused = fusion.rrf(rankings, k=tuning.rrf_k, weights=weights, normalize=True)
+    elif tuning.fusion_method == "dbsf":
+        fused = fusion.dbsf(rankings, weights=weights)
+    else:
+        fused = fusion.minmax(rankings, weights=weights)
+    n_layers = len(Layer)
+
+    def key(item: tuple[str, float]) -> float:
+        mid, score = item
+        # Bonus < NEAR_TIE: the most specific layer gets the most.
+        return -(score + NEAR_TIE * (n_layers - layer_of[mid]) / n_layers)
+
+    ordered = sorted(fused, key=key)
+    return [
+        Candidate(
+            id=mid,
+            layer=layer_of[mid],
+            score=score,
+            dense_score=dense_scores.get(mid, 0.0),
+            lexical_score=lexical_scores.get(mid, 0.0),
+            order=i,
+        )
+        for i, (mid, score) in enumerate(ordered)
+    ]
+
+
+@dataclass(slots=True)
+class _Kept:
+    candidate: Candidate
+    memory: Memory
+    vector: np.ndarray
+
+
+def _keep(kept: list[_Kept], new: _Kept) -> None:
+    """Add ``new`` to ``kept`` unless it duplicates a kept hit.
+
+    Identical contents (same hash) are duplicates in any layer. A cosine ≥
+    :data:`DUPLICATE_COSINE` makes a duplicate only across layers, so two different facts of
+    one layer ("moved to Tuesday", "moved to Thursday") both survive. Of two duplicates the
+    more specific layer's copy is kept (it replaces a less specific kept one).
+    """
+    for i, old in enumerate(kept):
+        same = old.memory.content_hash == new.memory.content_hash
+        if not same and old.memory.layer != new.memory.layer:
+            same = float(new.vector @ old.vector) >= DUPLICATE_COSINE
+        if same:
+            if new.memory.layer < old.memory.layer:
+                kept[i] = new
+            return
+    kept.append(new)
 
 
 async def _no_hits() -> list[ScoredId]:

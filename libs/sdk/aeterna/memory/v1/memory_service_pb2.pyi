@@ -362,7 +362,9 @@ class SearchMemoriesRequest(_message.Message):
     top_k: _builtins.int
     """Number of results, 1-100; 0 means 10."""
     min_score: _builtins.float
-    """Drop results whose fused score is below this, in [0, 1]."""
+    """Drop results whose fused score (one ranking across all searched layers) is below this,
+    in [0, 1].
+    """
     @_builtins.property
     def scope(self) -> _layer_pb2.Scope:
         """Scope identifiers; an identifier left empty widens the scope of its layers."""
@@ -408,7 +410,9 @@ class SearchMemoriesResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.SearchResult]:
-        """Hits: by layer precedence (most specific first), then score."""
+        """Hits, best first: one ranking of every searched layer by fused score (normalised across
+        layers); layer precedence (most specific first) only breaks near-ties.
+        """
 
     def __init__(
         self,
@@ -514,3 +518,66 @@ class RecordMemoryFeedbackRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordMemoryFeedbackRequest: _TypeAlias = RecordMemoryFeedbackRequest  # noqa: Y015
+
+@_typing.final
+class ReembedMemoriesRequest(_message.Message):
+    """Request for ReembedMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    TARGET_MODEL_FIELD_NUMBER: _builtins.int
+    MAX_MEMORIES_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The tenant, `tenants/{tenant}`; must be the caller's."""
+    target_model: _builtins.str
+    """Expected model id of the serving replica, `{name}/{dimension}` (e.g.
+    `all-MiniLM-L6-v2-int8/384`); if set and different, FAILED_PRECONDITION. Empty: the
+    replica's model.
+    """
+    max_memories: _builtins.int
+    """Re-embed at most this many memories in this call, then return; 0 means all."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        target_model: _builtins.str = ...,
+        max_memories: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_memories", b"max_memories", "parent", b"parent", "target_model", b"target_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReembedMemoriesRequest: _TypeAlias = ReembedMemoriesRequest  # noqa: Y015
+
+@_typing.final
+class ReembedMemoriesResponse(_message.Message):
+    """Response of ReembedMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REEMBEDDED_COUNT_FIELD_NUMBER: _builtins.int
+    REMAINING_COUNT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model id the memories were re-embedded with."""
+    reembedded_count: _builtins.int
+    """Memories re-embedded by this call."""
+    remaining_count: _builtins.int
+    """Live memories of the tenant still embedded with another model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        reembedded_count: _builtins.int = ...,
+        remaining_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reembedded_count", b"reembedded_count", "remaining_count", b"remaining_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReembedMemoriesResponse: _TypeAlias = ReembedMemoriesResponse  # noqa: Y015

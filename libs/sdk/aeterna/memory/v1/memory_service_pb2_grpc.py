@@ -82,6 +82,11 @@ class MemoryServiceStub:
                 request_serializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.RecordMemoryFeedbackRequest.SerializeToString,
                 response_deserializer=aeterna_dot_memory_dot_v1_dot_resources__pb2.Memory.FromString,
                 _registered_method=True)
+        self.ReembedMemories = channel.unary_unary(
+                '/aeterna.memory.v1.MemoryService/ReembedMemories',
+                request_serializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesRequest.SerializeToString,
+                response_deserializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -153,6 +158,17 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReembedMemories(self, request, context):
+        """Admin: re-embeds the tenant's live memories whose vectors were made by another embedding
+        model than the serving replica's, through the normal write path (revision, outbox, index).
+        Needs the role TENANT_ADMIN or PLATFORM_ADMIN. Resumable: each memory records its model
+        with its new vector, so a call after an interruption continues with the rest and never
+        re-embeds a memory twice. Rate-limited by the service's `reembed_per_s` setting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +216,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.RecordMemoryFeedback,
                     request_deserializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.RecordMemoryFeedbackRequest.FromString,
                     response_serializer=aeterna_dot_memory_dot_v1_dot_resources__pb2.Memory.SerializeToString,
+            ),
+            'ReembedMemories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReembedMemories,
+                    request_deserializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesRequest.FromString,
+                    response_serializer=aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +468,33 @@ class MemoryService:
             '/aeterna.memory.v1.MemoryService/RecordMemoryFeedback',
             aeterna_dot_memory_dot_v1_dot_memory__service__pb2.RecordMemoryFeedbackRequest.SerializeToString,
             aeterna_dot_memory_dot_v1_dot_resources__pb2.Memory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReembedMemories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aeterna.memory.v1.MemoryService/ReembedMemories',
+            aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesRequest.SerializeToString,
+            aeterna_dot_memory_dot_v1_dot_memory__service__pb2.ReembedMemoriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,13 @@ class MemoryServiceStub:
     """Lists the revisions of one memory, oldest first."""
     RecordMemoryFeedback: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.RecordMemoryFeedbackRequest, _resources_pb2.Memory]
     """Records feedback (a reward) and returns the memory with its new importance."""
+    ReembedMemories: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.ReembedMemoriesRequest, _memory_service_pb2.ReembedMemoriesResponse]
+    """Admin: re-embeds the tenant's live memories whose vectors were made by another embedding
+    model than the serving replica's, through the normal write path (revision, outbox, index).
+    Needs the role TENANT_ADMIN or PLATFORM_ADMIN. Resumable: each memory records its model
+    with its new vector, so a call after an interruption continues with the rest and never
+    re-embeds a memory twice. Rate-limited by the service's `reembed_per_s` setting.
+    """
 
 @_typing.type_check_only
 class MemoryServiceAsyncStub(MemoryServiceStub):
@@ -84,6 +91,13 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     """Lists the revisions of one memory, oldest first."""
     RecordMemoryFeedback: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.RecordMemoryFeedbackRequest, _resources_pb2.Memory]  # type: ignore[assignment]
     """Records feedback (a reward) and returns the memory with its new importance."""
+    ReembedMemories: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.ReembedMemoriesRequest, _memory_service_pb2.ReembedMemoriesResponse]  # type: ignore[assignment]
+    """Admin: re-embeds the tenant's live memories whose vectors were made by another embedding
+    model than the serving replica's, through the normal write path (revision, outbox, index).
+    Needs the role TENANT_ADMIN or PLATFORM_ADMIN. Resumable: each memory records its model
+    with its new vector, so a call after an interruption continues with the rest and never
+    re-embeds a memory twice. Rate-limited by the service's `reembed_per_s` setting.
+    """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
@@ -163,5 +177,18 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.Memory, _abc.Awaitable[_resources_pb2.Memory]]:
         """Records feedback (a reward) and returns the memory with its new importance."""
+
+    @_abc_1.abstractmethod
+    def ReembedMemories(
+        self,
+        request: _memory_service_pb2.ReembedMemoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_service_pb2.ReembedMemoriesResponse, _abc.Awaitable[_memory_service_pb2.ReembedMemoriesResponse]]:
+        """Admin: re-embeds the tenant's live memories whose vectors were made by another embedding
+        model than the serving replica's, through the normal write path (revision, outbox, index).
+        Needs the role TENANT_ADMIN or PLATFORM_ADMIN. Resumable: each memory records its model
+        with its new vector, so a call after an interruption continues with the rest and never
+        re-embeds a memory twice. Rate-limited by the service's `reembed_per_s` setting.
+        """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

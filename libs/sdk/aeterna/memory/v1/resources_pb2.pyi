@@ -122,7 +122,7 @@ class Memory(_message.Message):
     content_hash: _builtins.str
     """Hex SHA-256 of the content."""
     embedding_model: _builtins.str
-    """Embedding model of the stored vector, e.g. `all-MiniLM-L6-v2`."""
+    """Model id of the stored vector, `{name}/{dimension}`, e.g. `all-MiniLM-L6-v2-int8/384`."""
     embedding_dimension: _builtins.int
     """Dimension of the stored vector."""
     revision: _builtins.int
