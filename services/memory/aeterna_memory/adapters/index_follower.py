@@ -680,7 +680,7 @@ class IndexFollower:
 
         Cheap enough to poll: two range scans of the ``embedding_model`` index.
         """
-        async with self.db.all_tenants_snapshot() as conn:
+        async with self.indexer.all_tenants_snapshot() as conn:
             return bool(
                 await conn.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM memories WHERE (embedding_model < $1 "
@@ -696,7 +696,7 @@ class IndexFollower:
         Returns:
             ``{(tenant_id, model_id): number of live memories}``.
         """
-        async with self.db.all_tenants_snapshot() as conn:
+        async with self.indexer.all_tenants_snapshot() as conn:
             rows = await conn.fetch(
                 "SELECT tenant_id, embedding_model, count(*) AS n FROM memories "
                 "WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now()) "
