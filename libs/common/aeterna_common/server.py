@@ -284,7 +284,7 @@ async def run_service(
     verifier = TokenVerifier.from_settings(settings)
     configure_logging(settings.log_level, settings.log_json)
     configure_tracing(f"aeterna-{service}", settings.otel_exporter)
-    start_metrics_server(settings.metrics_port)
+    start_metrics_server(settings.metrics_port, settings.metrics_host)
     app = await build()
     server = GrpcServer(
         app,
