@@ -183,6 +183,44 @@ class PostgresMemoryStore:
             out[(r["user_id"], r["session_id"])].append(r["content"])
         return out
 
+    async def preceding_contents(self, tenant_id: str, memory_id: str, limit: int) -> list[str]:
+        """Contents of the ``limit`` live memories of a memory's session created before it.
+
+        "Before" is creation order, ``(created_at, id)``, the order in which
+        :meth:`recent_contents` gave a new memory its context, so an updated memory gets
+        the turns that preceded it, never later ones.
+
+        Args:
+            tenant_id: The tenant.
+            memory_id: The memory; outside a session (no user or session id) the result is
+                empty.
+            limit: At most this many contents.
+
+        Returns:
+            Oldest first.
+        """
+        if limit <= 0:
+            return []
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    "SELECT content FROM ("
+                    " SELECT p.content, p.created_at, p.id FROM memories m"
+                    " JOIN memories p ON p.tenant_id = m.tenant_id AND p.user_id = m.user_id"
+                    "  AND p.session_id = m.session_id"
+                    "  AND (p.created_at, p.id) < (m.created_at, m.id)"
+                    " WHERE m.tenant_id = $1 AND m.id = $2 AND p.deleted_at IS NULL"
+                    " ORDER BY p.created_at DESC, p.id DESC LIMIT $3) AS r"
+                    " ORDER BY created_at, id",
+                    tenant_id,
+                    uuid.UUID(memory_id),
+                    limit,
+                )
+            )
+
+        return [r["content"] for r in await self.db.run(tenant_id, work, readonly=True)]
+
     async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
@@ -419,6 +457,10 @@ class PostgresMemoryStore:
     ) -> Memory:
         """Apply a patch if the memory is still at ``expected_revision``.
 
+        ``lexical_context`` and ``embedding``, when given, replace the index texts' BM25
+        context and the vector (a content change needs both; a metadata change may change
+        either).
+
         Raises:
             NotFound: no such live memory.
             Aborted: it changed since it was read (reason ``CONCURRENT_MODIFICATION``).
@@ -451,7 +493,9 @@ class PostgresMemoryStore:
                 assert patch.content is not None and lexical_context is not None and embedding
                 put("content", patch.content)
                 put("content_hash", content_hash(patch.content))
+            if lexical_context is not None:
                 put("index_context", list(lexical_context))
+            if embedding is not None:
                 put("embedding", list(embedding))
             if "metadata" in f:
                 put("metadata", json.dumps(patch.metadata or {}))

@@ -192,6 +192,11 @@ class MemoryDomain:
     async def update(self, principal: Principal, memory_id: str, patch: MemoryPatch) -> Memory:
         """Apply a field-masked update.
 
+        A change of content or metadata rebuilds the memory's index texts: the BM25 context
+        (indexed metadata values such as ``session_time`` and the session turns that
+        preceded the memory, by creation order) and, when the content or the dense text
+        changes, the vector.
+
         Raises:
             NotFound: no live memory of that name.
             Aborted: a concurrent change won.
@@ -200,23 +205,23 @@ class MemoryDomain:
         current = await self.store.get(tenant, memory_id, include_deleted=False)
         lexical_context: tuple[str, ...] | None = None
         embedding: list[float] | None = None
-        if "content" in patch.fields and patch.content is not None:
+        content_changed = "content" in patch.fields and patch.content is not None
+        if content_changed or "metadata" in patch.fields:
             new = NewMemory(
                 layer=current.layer,
                 scope=current.scope,
-                content=patch.content,
+                content=patch.content if content_changed and patch.content else current.content,
                 metadata=(patch.metadata or {}) if "metadata" in patch.fields else current.metadata,
             )
             previous: list[str] = []
             if self.indexing.context_needed and has_session(new):
-                key = (current.scope.user_id or "", current.scope.session_id or "")
-                recent = await self.store.recent_contents(
-                    tenant, [key], self.indexing.context_needed + 1
+                previous = await self.store.preceding_contents(
+                    tenant, memory_id, self.indexing.context_needed
                 )
-                previous = [c for c in recent[key] if c != current.content]
             texts = build_texts(new, previous, self.indexing)
             lexical_context = texts.lexical_context
-            embedding = (await self.embed(tenant, [texts.dense]))[0]
+            if content_changed or self.indexing.dense_metadata:
+                embedding = (await self.embed(tenant, [texts.dense]))[0]
         return await self.store.update(
             tenant,
             memory_id,
