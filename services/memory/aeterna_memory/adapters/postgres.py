@@ -54,6 +54,12 @@ _COLUMNS = (
 )
 
 
+PAGE_BYTES = 3 * 1024 * 1024
+"""Content and metadata bytes after which a ListMemories page ends early: a page then fits
+gRPC's default 4 MiB receive limit, which clients that never raise it keep (names, hashes and
+timestamps add about 300 bytes per memory), and so the service's larger response limit."""
+
+
 def content_hash(content: str) -> str:
     """Hex SHA-256 of the UTF-8 content."""
     return hashlib.sha256(content.encode()).hexdigest()
@@ -224,7 +230,11 @@ class PostgresMemoryStore:
     async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
-        """A page of memories, newest first, and the next page token ('' at the end)."""
+        """A page of memories, newest first, and the next page token ('' at the end).
+
+        The page ends early (with a token) once its contents and metadata pass
+        :data:`PAGE_BYTES`.
+        """
         fp = flt.fingerprint()
         where = ["tenant_id = $1"]
         args: list[Any] = [tenant_id]
@@ -253,9 +263,17 @@ class PostgresMemoryStore:
             return list(await conn.fetch(sql, *args))
 
         rows = await self.db.run(tenant_id, work, readonly=True)
-        memories = [row_to_memory(r) for r in rows[:page_size]]
+        # A page also ends where its content and metadata would pass PAGE_BYTES, so the
+        # response fits the response size limit (AIP-158 lets a page hold fewer items).
+        kept, size = 0, 0
+        for r in rows[:page_size]:
+            size += len(r["content"].encode()) + len(r["metadata"].encode())
+            if kept and size > PAGE_BYTES:
+                break
+            kept += 1
+        memories = [row_to_memory(r) for r in rows[:kept]]
         token = ""
-        if len(rows) > page_size:
+        if len(rows) > kept:
             last = memories[-1]
             token = encode_page_token(last.created_at, last.id, fp)
         return memories, token
