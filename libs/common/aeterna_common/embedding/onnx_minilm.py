@@ -23,7 +23,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from aeterna_common.embedding.port import EmbeddingError
+from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 """Name recorded with every vector."""
@@ -195,7 +195,7 @@ class MiniLMEmbedder:
             EmbeddingError: The embedder is closed or ONNX Runtime failed.
         """
         if self._closed:
-            raise EmbeddingError("embedder is closed")
+            raise EmbeddingUnavailableError("embedder is closed")
         if not texts:
             return []
         session = await self._pool.get()

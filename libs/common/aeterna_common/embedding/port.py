@@ -16,6 +16,13 @@ class EmbeddingError(RuntimeError):
     """An embedding backend failed or returned something unusable (HTTP error, wrong size)."""
 
 
+class EmbeddingUnavailableError(EmbeddingError):
+    """The embedding backend cannot be reached or is overloaded (connection refused or
+    reset, timeout, HTTP 408, 429 or 5xx, embedder closed); retrying later or on another
+    replica may succeed. Services answer ``UNAVAILABLE`` with reason
+    ``EMBEDDING_UNAVAILABLE`` (:func:`aeterna_common.errors.outage`)."""
+
+
 @runtime_checkable
 class EmbeddingPort(Protocol):
     """A text embedding model producing L2-normalised dense vectors.
