@@ -2,11 +2,11 @@
 
 For each RPC it (1) verifies the bearer token and takes the caller's principal from its claims
 only (:class:`~aeterna_common.auth.TokenVerifier`; ``x-aeterna-*`` metadata is ignored), (2)
-binds it and the
-request id into a ContextVar and the log context, (3) maps :class:`AeternaError` to a
-``google.rpc.Status`` with details, a dependency outage to ``UNAVAILABLE``
-(:func:`~aeterna_common.errors.outage`: ``DATABASE_UNAVAILABLE``, ``EMBEDDING_UNAVAILABLE``)
-and any other exception to ``INTERNAL`` (logged, never leaked), and (4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
+binds it and the request id into a ContextVar and the log context, (3) maps
+:class:`AeternaError` to a ``google.rpc.Status`` with details, a dependency outage to
+``UNAVAILABLE`` (:func:`~aeterna_common.errors.outage`: ``DATABASE_UNAVAILABLE``,
+``EMBEDDING_UNAVAILABLE``) and any other exception to ``INTERNAL`` (logged, never leaked), and
+(4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
 Infrastructure services (``grpc.health.v1``, reflection) need no token.
 """
 

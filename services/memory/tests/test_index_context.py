@@ -34,9 +34,7 @@ def turn(content: str, session_time: str | None = None) -> res.Memory:
     return m
 
 
-async def update(
-    stub: Any, tenant: str, name: str, paths: list[str], **fields: Any
-) -> res.Memory:
+async def update(stub: Any, tenant: str, name: str, paths: list[str], **fields: Any) -> res.Memory:
     m = res.Memory(name=name, **{k: v for k, v in fields.items() if k != "metadata"})
     if "metadata" in fields:
         m.metadata.update(fields["metadata"])

@@ -29,4 +29,6 @@ def test_no_metric_has_a_per_tenant_label() -> None:
     }
     assert "aeterna_embedding_cache_lookups" in labelled
     assert labelled["aeterna_embedding_cache_lookups"] == {"result"}
-    assert {name: labels & UNBOUNDED for name, labels in labelled.items() if labels & UNBOUNDED} == {}
+    assert {
+        name: labels & UNBOUNDED for name, labels in labelled.items() if labels & UNBOUNDED
+    } == {}

@@ -57,7 +57,9 @@ async def test_stopped_database_is_unavailable(scratch: Any) -> None:
                         ),
                         metadata=md(t),
                     ),
-                    stub.ListMemories(svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)),
+                    stub.ListMemories(
+                        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+                    ),
                 ]
                 for call in calls:
                     reason, _ = await expect(call, grpc.StatusCode.UNAVAILABLE)

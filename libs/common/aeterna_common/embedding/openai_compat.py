@@ -91,6 +91,16 @@ class OpenAICompatibleEmbedder:
             out.extend(await self._embed_batch(list(texts[start : start + self._batch_size])))
         return out
 
+    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed search queries: :meth:`embed`, as requests run concurrently (one pooled
+        connection each), so a query never queues behind a document batch here.
+
+        Raises:
+            EmbeddingUnavailableError: See :meth:`embed`.
+            EmbeddingError: See :meth:`embed`.
+        """
+        return await self.embed(texts)
+
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         payload = {"model": self._model, "input": texts, "encoding_format": "float"}
         try:

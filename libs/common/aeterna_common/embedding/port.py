@@ -55,6 +55,21 @@ class EmbeddingPort(Protocol):
         """
         ...
 
+    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed search queries: the same vectors as :meth:`embed`, on a path that never
+        queues behind document batches (an in-process model keeps a separate lane for them).
+
+        Args:
+            texts: ``n`` UTF-8 strings (usually one).
+
+        Returns:
+            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order.
+
+        Raises:
+            EmbeddingError: The backend failed or returned vectors of the wrong size.
+        """
+        ...
+
     async def close(self) -> None:
         """Release sessions and connections; the embedder is unusable afterwards."""
         ...

@@ -124,14 +124,31 @@ class MemoryDomain:
 
     # ---- embeddings ------------------------------------------------------------------
 
-    async def embed(self, tenant_id: str, texts: Sequence[str]) -> list[list[float]]:
-        """Vectors of ``texts``: from the cache where possible, the model otherwise."""
+    async def embed(
+        self, tenant_id: str, texts: Sequence[str], *, query: bool = False
+    ) -> list[list[float]]:
+        """Vectors of ``texts``: from the cache where possible, the model otherwise.
+
+        Args:
+            tenant_id: The tenant (the cache is per tenant).
+            texts: Texts to embed.
+            query: Search queries: embedded on the model's query lane, which never waits
+                behind document batches (:meth:`EmbeddingPort.embed_query`).
+
+        Returns:
+            One vector per text, in input order.
+
+        Raises:
+            EmbeddingError: The model failed (``EmbeddingUnavailableError`` when it cannot
+                be reached).
+        """
         model = self.embedder.model
         cached = await self.cache.get_many(tenant_id, model, texts)
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
         if missing:
-            vectors = await self.embedder.embed(missing)
+            embed = self.embedder.embed_query if query else self.embedder.embed
+            vectors = await embed(missing)
             fresh = dict(zip(missing, vectors, strict=True))
             await self.cache.put_many(tenant_id, model, list(fresh.items()))
         return [v if v is not None else fresh[t] for t, v in zip(texts, cached, strict=True)]
@@ -300,9 +317,13 @@ class MemoryDomain:
             await self.index.wait_for(position, self.tuning.wait_s)
 
         # Embedding the query overlaps with waiting for the index to reach the latest write.
-        _, vectors = await asyncio.gather(caught_up(), self.embed(tenant, [query.text]))
+        # BM25 encoding runs in a worker thread, off the event loop.
+        _, vectors, sparse_q = await asyncio.gather(
+            caught_up(),
+            self.embed(tenant, [query.text], query=True),
+            asyncio.to_thread(self.encode_query, query.text),
+        )
         dense_q = vectors[0]
-        sparse_q = self.encode_query(query.text)
         per_layer = await asyncio.gather(
             *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
         )
