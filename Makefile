@@ -15,7 +15,7 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory replicas and Envoy on 127.0.0.1:8080"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
+	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -105,6 +106,10 @@ bench-vectors: $(STAMP) $(MODEL)
 
 bench-tenancy: $(STAMP)
 	$(PY) bench/tenancy.py
+
+# Search latency while 1,000-memory batches embed: query lane vs one shared queue (baseline).
+bench-query-lane: $(STAMP) $(MODEL)
+	$(PY) bench/query_lane.py
 
 bench: bench-locomo bench-scale
 

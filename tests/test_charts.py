@@ -131,6 +131,9 @@ def test_sidecar_takes_the_pod_port_and_the_service_stays_on_loopback(memory: li
     settings = one(memory, "ConfigMap", "aeterna-memory-settings")["data"]
     assert settings["AETERNA_LISTEN"] == "127.0.0.1:50051"
     assert settings["AETERNA_METRICS_PORT"] == "9090"
+    # The service binds /metrics on loopback unless told otherwise; pods are scraped over
+    # the pod IP, so the chart opens it (its NetworkPolicy limits who reaches it).
+    assert settings["AETERNA_METRICS_HOST"] == "0.0.0.0"
     assert settings["AETERNA_MIGRATE_ON_START"] == "false"
     assert settings["AETERNA_LOG_JSON"] == "true"
     assert settings["AETERNA_MEMORY_MODEL_DIR"] == "/opt/aeterna/models"

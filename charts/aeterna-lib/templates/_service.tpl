@@ -17,6 +17,8 @@ charts/memory is one include of a template below with the chart's root context.
 {{- /* Set last: ports and paths the templates and the Envoy configuration depend on. */ -}}
 {{- $_ := set $settings "AETERNA_LISTEN" (include "aeterna-lib.listen" .) -}}
 {{- $_ := set $settings "AETERNA_METRICS_PORT" (include "aeterna-lib.metricsPort" .) -}}
+{{- /* Prometheus scrapes the pod IP; the NetworkPolicy limits who reaches the port. */ -}}
+{{- $_ := set $settings "AETERNA_METRICS_HOST" "0.0.0.0" -}}
 {{- $_ := set $settings "AETERNA_AUTH_JWKS_FILE" (printf "%s/jwks.json" (include "aeterna-lib.jwksDir" .)) -}}
 {{- $_ := set $settings "AETERNA_AUTH_ISSUER" .Values.auth.issuer -}}
 {{- $_ := set $settings "AETERNA_AUTH_AUDIENCE" .Values.auth.audience -}}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.limits import CLIENT_OPTIONS as CLIENT_OPTIONS
 from aeterna_common.telemetry import client_interceptors
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
@@ -54,10 +55,14 @@ def metadata(token: str) -> tuple[tuple[str, str], ...]:
 def memory_stub(
     target: str | None = None,
 ) -> tuple[grpc.aio.Channel, Stub]:
-    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
+    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub.
+
+    The channel's message size limits are the server's, mirrored
+    (:data:`aeterna_common.limits.CLIENT_OPTIONS`).
+    """
     channel = grpc.aio.insecure_channel(
         target or endpoint(),
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        options=list(CLIENT_OPTIONS),
         interceptors=client_interceptors(),
     )
     return channel, svc_grpc.MemoryServiceStub(channel)

@@ -30,6 +30,9 @@ class CommonSettings(BaseSettings):
         redis_url: Redis URL; empty disables the cache.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
         metrics_port: Prometheus ``/metrics`` port; 0 disables it.
+        metrics_host: Address the ``/metrics`` endpoint binds: loopback by default; the Helm
+            chart sets ``0.0.0.0`` (Prometheus scrapes the pod IP; the chart's NetworkPolicy
+            limits who reaches it).
         grace_period_s: Seconds in-flight calls get to finish after SIGTERM.
         drain_s: Seconds between NOT_SERVING and closing the listener, so the edge's health
             checks see it first.
@@ -60,6 +63,7 @@ class CommonSettings(BaseSettings):
     redis_url: str = ""
     listen: str = "127.0.0.1:50051"
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     grace_period_s: float = Field(default=10.0, ge=0)
     # The edge marks a host unhealthy after 2 failed checks 1 s apart (unhealthy_threshold,
     # interval in aeterna_devstack.envoy): up to ~2.5 s with the checks' own latency.

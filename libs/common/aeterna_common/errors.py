@@ -3,17 +3,23 @@
 Domain code raises these; :mod:`aeterna_common.interceptors` turns them into a gRPC status
 with an ``ErrorInfo`` detail (stable ``reason``, domain :data:`ERROR_DOMAIN`) and, for
 :class:`InvalidArgument`, a ``BadRequest`` detail listing field violations
-(https://google.aip.dev/193). Anything else becomes ``INTERNAL`` without its message.
+(https://google.aip.dev/193). Outages of a dependency (:func:`outage`: PostgreSQL unreachable
+or shutting down, the embedding backend unreachable or overloaded) become ``UNAVAILABLE`` with
+reason ``DATABASE_UNAVAILABLE`` or ``EMBEDDING_UNAVAILABLE``, which clients and Envoy may
+retry. Anything else becomes ``INTERNAL`` without its message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from aeterna_common.embedding.port import EmbeddingUnavailableError
 
 ERROR_DOMAIN = "aeterna.dev"
 """``ErrorInfo.domain`` of every error this project raises."""
@@ -175,3 +181,73 @@ def internal_status() -> status_pb2.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error", details=[info])
+
+
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+"""``ErrorInfo.reason`` of a request that failed because PostgreSQL could not be reached."""
+
+EMBEDDING_UNAVAILABLE = "EMBEDDING_UNAVAILABLE"
+"""``ErrorInfo.reason`` of a request that failed because the embedding backend could not be
+reached or was overloaded."""
+
+_DATABASE_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.exceptions.AdminShutdownError,  # 57P01
+    asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
+    asyncpg.exceptions.ConnectionDoesNotExistError,  # the connection dropped mid-call
+)
+"""asyncpg errors that mean the server is down, restarting or out of connections
+(PostgreSQL Appendix A, error codes), not that the statement was wrong."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module == package or module.startswith(f"{package}."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def outage(exc: BaseException) -> Unavailable | None:
+    """The ``UNAVAILABLE`` error that an unexpected exception stands for, if it is an outage.
+
+    Looks at the exception and its causes: an embedding backend that cannot be reached
+    (:class:`~aeterna_common.embedding.port.EmbeddingUnavailableError`) gives reason
+    ``EMBEDDING_UNAVAILABLE``; PostgreSQL down, restarting or out of connections (the
+    asyncpg errors of :data:`_DATABASE_OUTAGES`, or an ``OSError``/``TimeoutError`` raised
+    while asyncpg connects) gives ``DATABASE_UNAVAILABLE``. Errors of the request itself
+    (constraint violations, bad SQL) are not outages.
+
+    Args:
+        exc: An exception a handler raised that is not an :class:`AeternaError`.
+
+    Returns:
+        The error to answer with, or ``None`` when ``exc`` is not an outage (then it is
+        ``INTERNAL``).
+    """
+    for e in _chain(exc):
+        if isinstance(e, EmbeddingUnavailableError):
+            return Unavailable(
+                "the embedding service is unavailable; retry later",
+                reason=EMBEDDING_UNAVAILABLE,
+            )
+        if isinstance(e, _DATABASE_OUTAGES) or (
+            isinstance(e, (OSError, TimeoutError)) and _raised_in(e, "asyncpg")
+        ):
+            return Unavailable(
+                "the database is unavailable; retry later", reason=DATABASE_UNAVAILABLE
+            )
+    return None

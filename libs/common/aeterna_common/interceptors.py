@@ -2,10 +2,11 @@
 
 For each RPC it (1) verifies the bearer token and takes the caller's principal from its claims
 only (:class:`~aeterna_common.auth.TokenVerifier`; ``x-aeterna-*`` metadata is ignored), (2)
-binds it and the
-request id into a ContextVar and the log context, (3) maps :class:`AeternaError` to a
-``google.rpc.Status`` with details and any other exception to ``INTERNAL`` (logged, never
-leaked), and (4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
+binds it and the request id into a ContextVar and the log context, (3) maps
+:class:`AeternaError` to a ``google.rpc.Status`` with details, a dependency outage to
+``UNAVAILABLE`` (:func:`~aeterna_common.errors.outage`: ``DATABASE_UNAVAILABLE``,
+``EMBEDDING_UNAVAILABLE``) and any other exception to ``INTERNAL`` (logged, never leaked), and
+(4) records ``grpc_server_handled_total`` / ``grpc_server_handling_seconds``.
 Infrastructure services (``grpc.health.v1``, reflection) need no token.
 """
 
@@ -21,7 +22,13 @@ from grpc_status import rpc_status
 
 from aeterna_common import context as rc
 from aeterna_common.auth import TokenVerifier
-from aeterna_common.errors import AeternaError, FieldViolation, InvalidArgument, internal_status
+from aeterna_common.errors import (
+    AeternaError,
+    FieldViolation,
+    InvalidArgument,
+    internal_status,
+    outage,
+)
 from aeterna_common.telemetry import GRPC_HANDLED, GRPC_HANDLING_SECONDS
 
 log = structlog.get_logger("aeterna.rpc")
@@ -92,6 +99,12 @@ class _Call:
         return rc.RequestContext(principal=principal, request_id=request_id, method=self.method)
 
     async def fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, AeternaError):
+            down = outage(exc)
+            if down is not None:
+                self.code = down.code
+                log.warning("rpc.unavailable", reason=down.reason, error=repr(exc))
+                await self.context.abort_with_status(rpc_status.to_status(down.to_status()))
         if isinstance(exc, AeternaError):
             self.code = exc.code
             log.info("rpc.error", code=exc.code.name, reason=exc.reason, message=exc.message)

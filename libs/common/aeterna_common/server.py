@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
 from aeterna_common.interceptors import RequestInterceptor
+from aeterna_common.limits import SERVER_OPTIONS
 from aeterna_common.logging import configure_logging
 from aeterna_common.telemetry import configure_tracing, server_interceptors, start_metrics_server
 
@@ -131,7 +132,8 @@ class GrpcServer:
         listen: ``host:port``; port 0 binds a free port (see :attr:`port`).
         grace_period_s: Seconds in-flight calls get on stop.
         drain_s: Seconds between NOT_SERVING and closing the listener.
-        options: Extra ``grpc.aio.server`` channel options.
+        options: Extra ``grpc.aio.server`` channel options (message size limits are
+            :data:`aeterna_common.limits.SERVER_OPTIONS`).
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[*server_interceptors(), RequestInterceptor(verifier)],
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                *SERVER_OPTIONS,
                 ("grpc.so_reuseport", 0),
                 *options,
             ],
@@ -284,7 +286,7 @@ async def run_service(
     verifier = TokenVerifier.from_settings(settings)
     configure_logging(settings.log_level, settings.log_json)
     configure_tracing(f"aeterna-{service}", settings.otel_exporter)
-    start_metrics_server(settings.metrics_port)
+    start_metrics_server(settings.metrics_port, settings.metrics_host)
     app = await build()
     server = GrpcServer(
         app,

@@ -29,10 +29,26 @@ GRPC_HANDLING_SECONDS = Histogram(
 )
 
 
-def start_metrics_server(port: int) -> None:
-    """Serve Prometheus ``/metrics`` on ``port`` (loopback and all interfaces); 0 disables."""
-    if port:
-        start_http_server(port)
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> tuple[str, int] | None:
+    """Serve Prometheus ``/metrics`` on ``host:port`` in a daemon thread.
+
+    Args:
+        port: TCP port; 0 disables the endpoint.
+        host: Address to bind: loopback by default, so nothing outside the machine (or pod)
+            reaches it unless the deployment says so (the Helm chart binds ``0.0.0.0``, as
+            Prometheus scrapes the pod IP, and its NetworkPolicy limits who may).
+
+    Returns:
+        The bound ``(address, port)``, or ``None`` when disabled.
+
+    Raises:
+        OSError: The address cannot be bound.
+    """
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    address, bound = server.server_address[:2]
+    return str(address), int(bound)
 
 
 def configure_tracing(service_name: str, exporter: str) -> None:

@@ -12,7 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from aeterna_common.embedding import EmbeddingError, EmbeddingPort, export
+from aeterna_common.embedding import (
+    EmbeddingError,
+    EmbeddingPort,
+    EmbeddingUnavailableError,
+    export,
+)
 from aeterna_common.embedding.onnx_minilm import (
     MiniLMEmbedder,
     ModelUnavailableError,
@@ -310,4 +315,27 @@ async def test_openai_connection_error() -> None:
     emb = OpenAICompatibleEmbedder("http://fake", "m", 3, transport=httpx.MockTransport(handler))
     with pytest.raises(EmbeddingError, match="failed"):
         await emb.embed(["a"])
+    await emb.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "outage"), [(503, True), (502, True), (429, True), (408, True), (400, False)]
+)
+async def test_openai_outage_statuses(status: int, outage: bool) -> None:
+    emb = fake_client(FakeEmbeddingServer(status=status))
+    with pytest.raises(EmbeddingError) as info:
+        await emb.embed(["a"])
+    await emb.close()
+    # Down or overloaded is retryable (UNAVAILABLE); a refused request is not.
+    assert isinstance(info.value, EmbeddingUnavailableError) is outage
+
+
+async def test_openai_connection_error_is_an_outage_and_queries_embed_alike() -> None:
+    emb = OpenAICompatibleEmbedder("http://127.0.0.1:9", "m", 3)  # discard port: closed
+    with pytest.raises(EmbeddingUnavailableError):
+        await emb.embed_query(["a"])
+    await emb.close()
+    server = FakeEmbeddingServer()
+    emb = fake_client(server)
+    assert await emb.embed_query(["a", "bbb"]) == await emb.embed(["a", "bbb"])
     await emb.close()

@@ -57,6 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from aeterna_common.limits import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
@@ -521,6 +522,11 @@ def _transcoder_filter(services: Sequence[str], descriptor_set: bytes) -> dict[s
             "services": list(services),
             # A failed call answers with its HTTP status and google.rpc.Status as JSON.
             "convert_grpc_status": True,
+            # The transcoder buffers whole bodies: bound them like the services' gRPC
+            # messages (JSON is larger than protobuf, so a request near the limit is
+            # refused here with 413 before the service would refuse it).
+            "max_request_body_size": MAX_REQUEST_BYTES,
+            "max_response_body_size": 2 * MAX_RESPONSE_BYTES,
             "request_validation_options": {
                 # Else an unknown REST path goes to the backend as is and is retried into a 503.
                 "reject_unknown_method": True,

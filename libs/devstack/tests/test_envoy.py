@@ -640,3 +640,17 @@ async def test_killing_a_replica_mid_run_loses_no_call(stack: Stack) -> None:
     assert failures == []
     assert set(served) == {"b0", "b1"}  # both replicas took load before the kill
     assert sum(served.values()) == total
+
+
+def test_transcoder_bodies_are_bounded_like_grpc_messages() -> None:
+    from aeterna_common.limits import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES
+
+    config = render_gateway_config(service_upstreams({"memory": [("127.0.0.1", 50051)]}))
+    (transcoder,) = [
+        f["typed_config"]
+        for f in _hcm(config)["http_filters"]
+        if f["name"] == "envoy.filters.http.grpc_json_transcoder"
+    ]
+    assert transcoder["max_request_body_size"] == MAX_REQUEST_BYTES
+    # JSON is larger than the protobuf it stands for.
+    assert transcoder["max_response_body_size"] == 2 * MAX_RESPONSE_BYTES

@@ -210,6 +210,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
             intra_op_threads=settings.embedding_threads,
             quantize=settings.embedding_int8,
             batch_size=settings.embedding_batch_size,
+            query_lane=settings.embedding_query_lane,
         )
     except ModelUnavailableError as exc:
         raise StartupError(

@@ -46,6 +46,10 @@ DEFAULT_PAGE_SIZE = 50
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 10
 MAX_REQUEST_ID = 128
+MAX_METADATA_FILTERS = 16
+"""Most metadata conditions in one search: each is one more payload condition per layer."""
+MAX_ANY_OF = 100
+"""Most values in one ``any_of`` metadata condition."""
 UPDATABLE = ("content", "metadata", "tags", "importance", "expire_time")
 
 
@@ -95,9 +99,9 @@ def check_request_id(v: Violations, field: str, request_id: str) -> None:
 
 def _tags(v: Violations, field: str, tags: Sequence[str]) -> list[str]:
     if len(tags) > MAX_TAGS:
-        v.add(field, f"at most {MAX_TAGS} tags")
+        v.add(field, f"at most {MAX_TAGS} tags", "TOO_MANY_TAGS")
     out: list[str] = []
-    for i, t in enumerate(tags):
+    for i, t in enumerate(tags[:MAX_TAGS]):
         if not t or len(t) > MAX_TAG_CHARS or not _utf8_ok(t) or not t.isprintable():
             v.add(f"{field}[{i}]", f"must be 1-{MAX_TAG_CHARS} printable characters")
         elif t not in out:
@@ -315,7 +319,13 @@ def search_request(req: svc.SearchMemoriesRequest) -> SearchQuery:
     if not (0.0 <= req.min_score <= 1.0):
         v.add("min_score", "must be in [0, 1]")
     conditions: list[MetadataCondition] = []
-    for i, f in enumerate(req.metadata_filters):
+    if len(req.metadata_filters) > MAX_METADATA_FILTERS:
+        v.add(
+            "metadata_filters",
+            f"at most {MAX_METADATA_FILTERS} conditions",
+            "TOO_MANY_FILTERS",
+        )
+    for i, f in enumerate(req.metadata_filters[:MAX_METADATA_FILTERS]):
         field = f"metadata_filters[{i}]"
         if not f.key or len(f.key) > 64 or not all(c.isalnum() or c in "_-" for c in f.key):
             v.add(f"{field}.key", "must be 1-64 characters of [A-Za-z0-9_-]")
@@ -327,7 +337,12 @@ def search_request(req: svc.SearchMemoriesRequest) -> SearchQuery:
                 MetadataCondition(f.key, equals=_value(v, f"{field}.equals", f.equals))
             )
         elif kind == "any_of":
-            values = [_value(v, f"{field}.any_of[{j}]", x) for j, x in enumerate(f.any_of.values)]
+            if len(f.any_of.values) > MAX_ANY_OF:
+                v.add(f"{field}.any_of", f"at most {MAX_ANY_OF} values", "TOO_MANY_VALUES")
+            values = [
+                _value(v, f"{field}.any_of[{j}]", x)
+                for j, x in enumerate(f.any_of.values[:MAX_ANY_OF])
+            ]
             if not values:
                 v.add(f"{field}.any_of", "must not be empty")
             if any(isinstance(x, bool) for x in values):

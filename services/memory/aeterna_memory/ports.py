@@ -70,6 +70,11 @@ class MemoryStore(Protocol):
         """Latest contents of each ``(user_id, session_id)``, oldest first."""
         ...
 
+    async def preceding_contents(self, tenant_id: str, memory_id: str, limit: int) -> list[str]:
+        """Contents of the latest ``limit`` live memories of the memory's session created
+        before it, oldest first."""
+        ...
+
     async def revisions(
         self, tenant_id: str, memory_id: str, page_size: int, after: int
     ) -> tuple[list[Revision], bool]:

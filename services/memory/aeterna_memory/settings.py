@@ -36,6 +36,10 @@ class MemorySettings(BaseSettings):
         embedding_batch_size: Texts per ONNX Runtime call. Small batches of length-sorted
             texts pad less and stay in cache: on 2 cores, int8, LoCoMo turns, batch 4 ran
             172-193 texts/s against 85-158 at batch 64.
+        embedding_query_lane: Embed search queries on a separate ONNX session and thread,
+            so that they never wait behind a document batch (a 1,000-memory import holds the
+            document session for seconds); ``False`` queues them with documents (the former
+            behaviour, the baseline of ``make bench-query-lane``).
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -73,6 +77,7 @@ class MemorySettings(BaseSettings):
     embedding_threads: int = Field(default=1, ge=1)
     embedding_int8: bool = True
     embedding_batch_size: int = Field(default=4, ge=1, le=256)
+    embedding_query_lane: bool = True
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]

@@ -7,6 +7,10 @@ model directory) and :class:`aeterna_common.embedding.openai_compat.OpenAICompat
 it alone needs torch, from the ``model-export`` extra.
 """
 
-from aeterna_common.embedding.port import EmbeddingError, EmbeddingPort
+from aeterna_common.embedding.port import (
+    EmbeddingError,
+    EmbeddingPort,
+    EmbeddingUnavailableError,
+)
 
-__all__ = ["EmbeddingError", "EmbeddingPort"]
+__all__ = ["EmbeddingError", "EmbeddingPort", "EmbeddingUnavailableError"]

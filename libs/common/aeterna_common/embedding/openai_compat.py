@@ -13,7 +13,11 @@ from typing import Any
 
 import httpx
 
-from aeterna_common.embedding.port import EmbeddingError
+from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP statuses that mean the endpoint is down or overloaded, not that the request is wrong
+(RFC 9110 sections 15.5.9, 15.6; RFC 6585 section 4)."""
 
 
 class OpenAICompatibleEmbedder:
@@ -77,20 +81,38 @@ class OpenAICompatibleEmbedder:
             ``n`` unit vectors of ``dimension`` floats, in input order.
 
         Raises:
-            EmbeddingError: Transport failure, an HTTP status >= 400, a malformed response,
-                a missing or duplicate ``index``, a vector of another length, or a zero vector.
+            EmbeddingUnavailableError: The endpoint cannot be reached or timed out, or
+                answered HTTP 408, 429 or 5xx.
+            EmbeddingError: Another HTTP status >= 400, a malformed response, a missing or
+                duplicate ``index``, a vector of another length, or a zero vector.
         """
         out: list[list[float]] = []
         for start in range(0, len(texts), self._batch_size):
             out.extend(await self._embed_batch(list(texts[start : start + self._batch_size])))
         return out
 
+    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed search queries: :meth:`embed`, as requests run concurrently (one pooled
+        connection each), so a query never queues behind a document batch here.
+
+        Raises:
+            EmbeddingUnavailableError: See :meth:`embed`.
+            EmbeddingError: See :meth:`embed`.
+        """
+        return await self.embed(texts)
+
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         payload = {"model": self._model, "input": texts, "encoding_format": "float"}
         try:
             response = await self._client.post(self._url, json=payload)
+        except httpx.TransportError as exc:  # connect, read, write, pool, timeouts
+            raise EmbeddingUnavailableError(f"POST {self._url} failed: {exc!r}") from exc
         except httpx.HTTPError as exc:
             raise EmbeddingError(f"POST {self._url} failed: {exc!r}") from exc
+        if response.status_code in RETRYABLE_STATUS:
+            raise EmbeddingUnavailableError(
+                f"POST {self._url} returned HTTP {response.status_code}: {response.text[:500]}"
+            )
         if response.status_code >= 400:
             raise EmbeddingError(
                 f"POST {self._url} returned HTTP {response.status_code}: {response.text[:500]}"

@@ -16,6 +16,13 @@ class EmbeddingError(RuntimeError):
     """An embedding backend failed or returned something unusable (HTTP error, wrong size)."""
 
 
+class EmbeddingUnavailableError(EmbeddingError):
+    """The embedding backend cannot be reached or is overloaded (connection refused or
+    reset, timeout, HTTP 408, 429 or 5xx, embedder closed); retrying later or on another
+    replica may succeed. Services answer ``UNAVAILABLE`` with reason
+    ``EMBEDDING_UNAVAILABLE`` (:func:`aeterna_common.errors.outage`)."""
+
+
 @runtime_checkable
 class EmbeddingPort(Protocol):
     """A text embedding model producing L2-normalised dense vectors.
@@ -39,6 +46,21 @@ class EmbeddingPort(Protocol):
 
         Args:
             texts: ``n`` UTF-8 strings (``n`` may be 0).
+
+        Returns:
+            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order.
+
+        Raises:
+            EmbeddingError: The backend failed or returned vectors of the wrong size.
+        """
+        ...
+
+    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed search queries: the same vectors as :meth:`embed`, on a path that never
+        queues behind document batches (an in-process model keeps a separate lane for them).
+
+        Args:
+            texts: ``n`` UTF-8 strings (usually one).
 
         Returns:
             ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order.

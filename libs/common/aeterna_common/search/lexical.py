@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -83,6 +84,9 @@ def term_id(term: str) -> int:
 class BM25Encoder:
     """Turns texts into BM25 sparse vectors (see the module docstring for the formulas).
 
+    Encoding is CPU work (tens of microseconds per short text): services call it from a
+    worker thread (``asyncio.to_thread``), never on the event loop. It is thread-safe.
+
     Args:
         k1: Term-frequency saturation, > 0.
         b: Length normalisation in [0, 1].
@@ -113,8 +117,10 @@ class BM25Encoder:
         self.b = b
         self.avgdl = avgdl
         self._stopwords = frozenset(stopwords)
-        # PyStemmer objects are not thread-safe; stemming happens under the GIL in one call.
-        self._stemmer = Stemmer.Stemmer("english") if stem else None
+        self._stem = stem
+        # PyStemmer objects are not thread-safe: one per thread, as services encode in
+        # worker threads to keep the event loop free.
+        self._local = threading.local()
 
     def tokenize(self, text: str) -> list[str]:
         """Split text into index terms.
@@ -131,8 +137,11 @@ class BM25Encoder:
             for w in _WORD.findall(folded)
             if w not in self._stopwords and (len(w) > 1 or w.isdigit())
         ]
-        if self._stemmer is not None:
-            words = self._stemmer.stemWords(words)
+        if self._stem:
+            stemmer = getattr(self._local, "stemmer", None)
+            if stemmer is None:
+                stemmer = self._local.stemmer = Stemmer.Stemmer("english")
+            words = stemmer.stemWords(words)
         return words
 
     def encode_document(self, text: str, context: Sequence[str] = ()) -> SparseVector:

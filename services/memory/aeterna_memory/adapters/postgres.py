@@ -54,6 +54,12 @@ _COLUMNS = (
 )
 
 
+PAGE_BYTES = 3 * 1024 * 1024
+"""Content and metadata bytes after which a ListMemories page ends early: a page then fits
+gRPC's default 4 MiB receive limit, which clients that never raise it keep (names, hashes and
+timestamps add about 300 bytes per memory), and so the service's larger response limit."""
+
+
 def content_hash(content: str) -> str:
     """Hex SHA-256 of the UTF-8 content."""
     return hashlib.sha256(content.encode()).hexdigest()
@@ -183,10 +189,52 @@ class PostgresMemoryStore:
             out[(r["user_id"], r["session_id"])].append(r["content"])
         return out
 
+    async def preceding_contents(self, tenant_id: str, memory_id: str, limit: int) -> list[str]:
+        """Contents of the ``limit`` live memories of a memory's session created before it.
+
+        "Before" is creation order, ``(created_at, id)``, the order in which
+        :meth:`recent_contents` gave a new memory its context, so an updated memory gets
+        the turns that preceded it, never later ones.
+
+        Args:
+            tenant_id: The tenant.
+            memory_id: The memory; outside a session (no user or session id) the result is
+                empty.
+            limit: At most this many contents.
+
+        Returns:
+            Oldest first.
+        """
+        if limit <= 0:
+            return []
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    "SELECT content FROM ("
+                    " SELECT p.content, p.created_at, p.id FROM memories m"
+                    " JOIN memories p ON p.tenant_id = m.tenant_id AND p.user_id = m.user_id"
+                    "  AND p.session_id = m.session_id"
+                    "  AND (p.created_at, p.id) < (m.created_at, m.id)"
+                    " WHERE m.tenant_id = $1 AND m.id = $2 AND p.deleted_at IS NULL"
+                    " ORDER BY p.created_at DESC, p.id DESC LIMIT $3) AS r"
+                    " ORDER BY created_at, id",
+                    tenant_id,
+                    uuid.UUID(memory_id),
+                    limit,
+                )
+            )
+
+        return [r["content"] for r in await self.db.run(tenant_id, work, readonly=True)]
+
     async def list_page(
         self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
-        """A page of memories, newest first, and the next page token ('' at the end)."""
+        """A page of memories, newest first, and the next page token ('' at the end).
+
+        The page ends early (with a token) once its contents and metadata pass
+        :data:`PAGE_BYTES`.
+        """
         fp = flt.fingerprint()
         where = ["tenant_id = $1"]
         args: list[Any] = [tenant_id]
@@ -215,9 +263,17 @@ class PostgresMemoryStore:
             return list(await conn.fetch(sql, *args))
 
         rows = await self.db.run(tenant_id, work, readonly=True)
-        memories = [row_to_memory(r) for r in rows[:page_size]]
+        # A page also ends where its content and metadata would pass PAGE_BYTES, so the
+        # response fits the response size limit (AIP-158 lets a page hold fewer items).
+        kept, size = 0, 0
+        for r in rows[:page_size]:
+            size += len(r["content"].encode()) + len(r["metadata"].encode())
+            if kept and size > PAGE_BYTES:
+                break
+            kept += 1
+        memories = [row_to_memory(r) for r in rows[:kept]]
         token = ""
-        if len(rows) > page_size:
+        if len(rows) > kept:
             last = memories[-1]
             token = encode_page_token(last.created_at, last.id, fp)
         return memories, token
@@ -420,6 +476,9 @@ class PostgresMemoryStore:
     ) -> Memory:
         """Apply a patch if the memory is still at ``expected_revision``.
 
+        ``lexical_context`` and ``embedding``, when given, replace the index texts' BM25
+        context and the vector (a content change needs both; a metadata change may change
+        either).
         A new ``embedding`` is stored with its ``model`` id; with an empty patch that is a
         re-embed (its revision lists ``embedding`` as the changed field).
 
@@ -456,6 +515,7 @@ class PostgresMemoryStore:
                 assert patch.content is not None and lexical_context is not None and embedding
                 put("content", patch.content)
                 put("content_hash", content_hash(patch.content))
+            if lexical_context is not None:
                 put("index_context", list(lexical_context))
             if embedding is not None:
                 put("embedding", list(embedding))

@@ -24,9 +24,11 @@ DEFAULT_TTL_S = 24 * 3600
 
 CACHE_LOOKUPS = Counter(
     "aeterna_embedding_cache_lookups_total",
-    "Embedding cache lookups by tenant and result (hit, miss, error).",
-    ["tenant", "result"],
+    "Embedding cache lookups by result (hit, miss, error).",
+    ["result"],
 )
+"""No tenant label: tenants are unbounded, and every label value is a time series kept for the
+life of the process. Per-tenant figures go to the ``embedding_cache.lookup`` log event."""
 
 
 def cache_key(tenant_id: str, model: str, text: str) -> str:
@@ -59,14 +61,15 @@ class RedisEmbeddingCache:
             raw = await self.client.mget([cache_key(tenant_id, model, t) for t in texts])
         except (RedisError, OSError) as exc:
             log.warning("embedding_cache.unavailable", error=str(exc))
-            CACHE_LOOKUPS.labels(tenant_id, "error").inc(len(texts))
+            CACHE_LOOKUPS.labels("error").inc(len(texts))
             return [None] * len(texts)
         out: list[list[float] | None] = [
             np.frombuffer(cast(bytes, v), dtype="<f4").tolist() if v else None for v in raw
         ]
         hits = sum(v is not None for v in out)
-        CACHE_LOOKUPS.labels(tenant_id, "hit").inc(hits)
-        CACHE_LOOKUPS.labels(tenant_id, "miss").inc(len(out) - hits)
+        CACHE_LOOKUPS.labels("hit").inc(hits)
+        CACHE_LOOKUPS.labels("miss").inc(len(out) - hits)
+        log.debug("embedding_cache.lookup", tenant=tenant_id, hits=hits, misses=len(out) - hits)
         return out
 
     async def put_many(

@@ -155,11 +155,26 @@ class MemoryDomain:
         """The embedding model's id, ``{name}/{dimension}`` (see :func:`model_id`)."""
         return model_id(self.embedder.model, self.embedder.dimension)
 
-    async def embed(self, tenant_id: str, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self, tenant_id: str, texts: Sequence[str], *, query: bool = False
+    ) -> list[list[float]]:
         """Vectors of ``texts``: from the cache where possible, the model otherwise.
 
         The cache is keyed by the model id, and a cached vector whose length is not the
         model's dimension (a corrupt or foreign entry) counts as a miss and is overwritten.
+
+        Args:
+            tenant_id: The tenant (the cache is per tenant).
+            texts: Texts to embed.
+            query: Search queries: embedded on the model's query lane, which never waits
+                behind document batches (:meth:`EmbeddingPort.embed_query`).
+
+        Returns:
+            One vector per text, in input order.
+
+        Raises:
+            EmbeddingError: The model failed (``EmbeddingUnavailableError`` when it cannot
+                be reached).
         """
         model = self.model_id
         dimension = self.embedder.dimension
@@ -170,7 +185,8 @@ class MemoryDomain:
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
         if missing:
-            vectors = await self.embedder.embed(missing)
+            embed = self.embedder.embed_query if query else self.embedder.embed
+            vectors = await embed(missing)
             fresh = dict(zip(missing, vectors, strict=True))
             await self.cache.put_many(tenant_id, model, list(fresh.items()))
         return [v if v is not None else fresh[t] for t, v in zip(texts, cached, strict=True)]
@@ -231,6 +247,11 @@ class MemoryDomain:
     async def update(self, principal: Principal, memory_id: str, patch: MemoryPatch) -> Memory:
         """Apply a field-masked update.
 
+        A change of content or metadata rebuilds the memory's index texts: the BM25 context
+        (indexed metadata values such as ``session_time`` and the session turns that
+        preceded the memory, by creation order) and, when the content or the dense text
+        changes, the vector.
+
         Raises:
             NotFound: no live memory of that name.
             Aborted: a concurrent change won.
@@ -239,23 +260,23 @@ class MemoryDomain:
         current = await self.store.get(tenant, memory_id, include_deleted=False)
         lexical_context: tuple[str, ...] | None = None
         embedding: list[float] | None = None
-        if "content" in patch.fields and patch.content is not None:
+        content_changed = "content" in patch.fields and patch.content is not None
+        if content_changed or "metadata" in patch.fields:
             new = NewMemory(
                 layer=current.layer,
                 scope=current.scope,
-                content=patch.content,
+                content=patch.content if content_changed and patch.content else current.content,
                 metadata=(patch.metadata or {}) if "metadata" in patch.fields else current.metadata,
             )
             previous: list[str] = []
             if self.indexing.context_needed and has_session(new):
-                key = (current.scope.user_id or "", current.scope.session_id or "")
-                recent = await self.store.recent_contents(
-                    tenant, [key], self.indexing.context_needed + 1
+                previous = await self.store.preceding_contents(
+                    tenant, memory_id, self.indexing.context_needed
                 )
-                previous = [c for c in recent[key] if c != current.content]
             texts = build_texts(new, previous, self.indexing)
             lexical_context = texts.lexical_context
-            embedding = (await self.embed(tenant, [texts.dense]))[0]
+            if content_changed or self.indexing.dense_metadata:
+                embedding = (await self.embed(tenant, [texts.dense]))[0]
         return await self.store.update(
             tenant,
             memory_id,
@@ -441,9 +462,13 @@ class MemoryDomain:
             await self.index.wait_for(position, self.tuning.wait_s)
 
         # Embedding the query overlaps with waiting for the index to reach the latest write.
-        _, vectors = await asyncio.gather(caught_up(), self.embed(tenant, [query.text]))
+        # BM25 encoding runs in a worker thread, off the event loop.
+        _, vectors, sparse_q = await asyncio.gather(
+            caught_up(),
+            self.embed(tenant, [query.text], query=True),
+            asyncio.to_thread(self.encode_query, query.text),
+        )
         dense_q = vectors[0]
-        sparse_q = self.encode_query(query.text)
         per_layer = await asyncio.gather(
             *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
         )

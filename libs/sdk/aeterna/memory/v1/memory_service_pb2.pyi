@@ -161,7 +161,7 @@ class ListMemoriesRequest(_message.Message):
 
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only memories with any of these tags."""
+        """Only memories with any of these tags (at most 32)."""
 
     def __init__(
         self,
@@ -316,7 +316,7 @@ class MetadataFilter(_message.Message):
 
     @_builtins.property
     def any_of(self) -> _struct_pb2.ListValue:
-        """The value equals any of these strings or numbers."""
+        """The value equals any of these strings or numbers (1-100 values)."""
 
     @_builtins.property
     def range(self) -> Global___NumericRange:
@@ -375,11 +375,11 @@ class SearchMemoriesRequest(_message.Message):
 
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only memories with any of these tags."""
+        """Only memories with any of these tags (at most 32)."""
 
     @_builtins.property
     def metadata_filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataFilter]:
-        """Conditions on metadata, all of which must hold."""
+        """Conditions on metadata, all of which must hold (at most 16)."""
 
     def __init__(
         self,

@@ -29,6 +29,10 @@ if _version_not_supported:
 class MemoryServiceStub:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     def __init__(self, channel):
@@ -92,6 +96,10 @@ class MemoryServiceStub:
 class MemoryServiceServicer:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     def CreateMemory(self, request, context):
@@ -233,6 +241,10 @@ def add_MemoryServiceServicer_to_server(servicer, server):
 class MemoryService:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     @staticmethod

@@ -30,6 +30,10 @@ GRPC_VERSION: str
 class MemoryServiceStub:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     @_typing.overload
@@ -68,6 +72,10 @@ class MemoryServiceStub:
 class MemoryServiceAsyncStub(MemoryServiceStub):
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,6 +110,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
     come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+
+    Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
+    RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
+    ListMemories page ends before `page_size` once its memories pass 3 MiB.
     """
 
     @_abc_1.abstractmethod
