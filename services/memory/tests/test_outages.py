@@ -24,11 +24,12 @@ async def test_stopped_database_is_unavailable(scratch: Any) -> None:
     pg = PostgresServer(os.path.join(base, "data")).start()
     stopped = False
     try:
-        await provision(pg.dsn(), "outage", "aeterna_owner", "aeterna_app")
+        await provision(pg.dsn(), "outage", "aeterna_owner", "aeterna_app", "aeterna_indexer")
         urls = DatabaseUrls(
             superuser=pg.dsn("postgres", "outage"),
             owner=pg.dsn("aeterna_owner", "outage"),
             app=pg.dsn("aeterna_app", "outage"),
+            indexer=pg.dsn("aeterna_indexer", "outage"),
         )
         server, _app = await start_memory(urls, "", scratch / "outage-db")
         try:
