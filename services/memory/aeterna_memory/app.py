@@ -71,6 +71,11 @@ class IndexedSearch:
         """Wait until the index has applied ``position`` (bounded)."""
         return await self.follower.wait_for(position, timeout_s)
 
+    @property
+    def applied_position(self) -> int:
+        """The last outbox position the index has applied."""
+        return self.follower.applied
+
 
 def build_embedder(settings: MemorySettings) -> EmbeddingPort:
     """The configured embedding adapter (blocks about a second while ONNX Runtime loads).
@@ -191,8 +196,9 @@ async def build(
         dimension=embedder.dimension,
         leader_lock=leader_lock,
     )
+    store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
     domain = MemoryDomain(
-        PostgresMemoryStore(db),
+        store,
         IndexedSearch(index, follower),
         embedder,
         cache,
@@ -209,6 +215,7 @@ async def build(
             dense_weight=settings.dense_weight,
             lexical_weight=settings.lexical_weight,
             wait_s=settings.read_wait_s,
+            token_wait_s=settings.consistency_wait_s,
         ),
     )
     servicer = MemoryServicer(domain)
@@ -222,6 +229,20 @@ async def build(
                 await follower.reconcile()
             except Exception:
                 log.exception("index.reconcile_failed")
+
+    async def collect_idempotency_keys_forever() -> None:
+        # Every replica runs this: the database function deletes bounded batches with
+        # SKIP LOCKED, so concurrent runs share the work and an idle run is one index probe.
+        if not settings.idempotency_gc_interval_s:
+            return
+        while True:
+            await asyncio.sleep(settings.idempotency_gc_interval_s)
+            try:
+                deleted = await store.gc_idempotency_keys()
+                if deleted:
+                    log.info("idempotency.collected", deleted=deleted)
+            except Exception:
+                log.exception("idempotency.collect_failed")
 
     async def close() -> None:
         await follower.close()
@@ -240,7 +261,7 @@ async def build(
         close=close,
         # Rebuild or catch up with the outbox before health says SERVING.
         prepare=follower.start,
-        background=[follower.run, reconcile_forever],
+        background=[follower.run, reconcile_forever, collect_idempotency_keys_forever],
         domain=domain,
         follower=follower,
         credentials=credentials,
