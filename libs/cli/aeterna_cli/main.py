@@ -194,9 +194,7 @@ def memory_add(
     async def call(stub: client.Stub) -> tuple[res.Memory, str | None]:
         created, ctoken = await client.call_with_token(
             stub.CreateMemory(
-                svc.CreateMemoryRequest(
-                    parent=f"tenants/{tenant}", memory=memory, request_id=rid
-                ),
+                svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory, request_id=rid),
                 metadata=client.write_metadata(_token(token, tenant, user), rid),
             )
         )

@@ -235,7 +235,7 @@ class Database:
             await tx.start()
             try:
                 await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
-                result = await work(conn)
+                result = await work(cast(asyncpg.Connection, conn))
             except BaseException:
                 # The connection may be gone already; the server rolls back on its own then.
                 with contextlib.suppress(Exception):

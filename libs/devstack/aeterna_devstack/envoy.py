@@ -116,6 +116,7 @@ class MethodClass(enum.Enum):
     REQUEST_ID = "request_id"
     WRITE = "write"
 
+
 JWT_PROVIDER = "aeterna"
 
 LOCAL_CLUSTER = "local_service"
@@ -534,7 +535,11 @@ def _header_strip_filter() -> dict[str, Any]:
             "@type": _TYPE + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {
                 "request_mutations": [
-                    {"remove_on_match": {"key_matcher": {"safe_regex": {"regex": STRIPPED_HEADERS}}}}
+                    {
+                        "remove_on_match": {
+                            "key_matcher": {"safe_regex": {"regex": STRIPPED_HEADERS}}
+                        }
+                    }
                 ]
             },
         },

@@ -54,7 +54,8 @@ IDEMPOTENCY_TTL_S = 86_400.0
 """Default lifetime of an idempotency key in seconds (24 h, as issue 6 asks)."""
 
 IDEMPOTENCY_GC_BATCH = 1000
-"""Expired idempotency keys deleted per transaction by :meth:`PostgresMemoryStore.gc_idempotency_keys`."""
+"""Expired idempotency keys deleted per transaction by the collector
+(:meth:`PostgresMemoryStore.gc_idempotency_keys`)."""
 
 NOTIFY_CHANNEL = "aeterna_memory_changes"
 """LISTEN/NOTIFY channel that wakes index followers; the payload is the last position."""
@@ -342,7 +343,9 @@ class PostgresMemoryStore:
 
     # ---- writes ------------------------------------------------------------------------
 
-    async def gc_idempotency_keys(self, *, batch: int = IDEMPOTENCY_GC_BATCH, max_batches: int = 100) -> int:
+    async def gc_idempotency_keys(
+        self, *, batch: int = IDEMPOTENCY_GC_BATCH, max_batches: int = 100
+    ) -> int:
         """Delete expired idempotency keys of every tenant, ``batch`` rows per transaction.
 
         Safe to run on every replica at once (the database function locks with SKIP LOCKED)

@@ -17,8 +17,8 @@ import numpy as np
 import structlog
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
-from aeterna_common.errors import Unavailable
 from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.errors import Unavailable
 from aeterna_common.search import fusion
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
 
