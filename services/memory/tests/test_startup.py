@@ -24,7 +24,8 @@ from aeterna_memory.settings import MemorySettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
-MIGRATION_NAMES = ["0001_memories.sql", "0002_index_cursors.sql"]
+MIGRATION_NAMES = sorted(p.name for p in MIGRATIONS.glob("*.sql"))
+LATEST = len(MIGRATION_NAMES)
 BIN = Path(sys.executable).parent
 
 
@@ -83,11 +84,11 @@ async def test_migrate_command(make_database: Any) -> None:
     assert first.returncode == 0, first.stderr
     assert f"applied now: {', '.join(MIGRATION_NAMES)}" in first.stdout
     # The application role can read the recorded versions (it waits on them) ...
-    assert await schema_versions(urls.app) == {1, 2}
+    assert await schema_versions(urls.app) == set(range(1, LATEST + 1))
     # ... and was granted what the migrations grant it.
     second = await asyncio.to_thread(run, [sys.executable, "-m", "aeterna_memory", "migrate"], env)
     assert second.returncode == 0, second.stderr
-    assert "schema at version 2; applied now: nothing" in second.stdout
+    assert f"schema at version {LATEST}; applied now: nothing" in second.stdout
 
 
 def test_migrate_failure_is_readable() -> None:
@@ -162,7 +163,7 @@ async def test_gives_up_after_the_bound(make_database: Any, tmp_path: Path) -> N
         },
     )
     assert proc.returncode == 1, proc.stderr
-    assert "lacks schema version 2" in proc.stderr
+    assert f"lacks schema version {LATEST}" in proc.stderr
     assert "missing 0002_index_cursors.sql. Apply" in proc.stderr  # and only that one
     assert "AETERNA_MIGRATE_ON_START" in proc.stderr
     assert "Traceback" not in proc.stderr
