@@ -4,6 +4,7 @@ killed mid-run, the CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
@@ -355,6 +357,18 @@ async def test_creates_without_request_id_are_never_doubled_when_a_replica_dies(
     # a create cut off by the SIGKILL fails instead of being applied twice.
     tenant = "e2e-noid"
     md = bearer(stack, tenant)
+    # Each of this tenant's creates spends 0.2 s inside COMMIT (a deferred trigger), so the
+    # SIGKILL finds creates that PostgreSQL commits although their replica never answers: the
+    # case where a retry on `reset` would store the content twice.
+    assert stack.superuser_url is not None
+    admin = await asyncpg.connect(stack.superuser_url)
+    await admin.execute(
+        "CREATE FUNCTION e2e_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; "
+        "CREATE CONSTRAINT TRIGGER e2e_slow_commit AFTER INSERT ON memories "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+        f"WHEN (NEW.tenant_id = '{tenant}') EXECUTE FUNCTION e2e_slow_commit()"
+    )
     acknowledged: dict[str, str] = {}
     failures: list[str] = []
     done = 0
@@ -391,7 +405,22 @@ async def test_creates_without_request_id_are_never_doubled_when_a_replica_dies(
         calls = [asyncio.create_task(bounded(i)) for i in range(300)]
         while done < 100:  # noqa: ASYNC110 (poll a counter the calls advance)
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(stack.kill_replica, 0, signal.SIGKILL)
+        # Kill the replica whose create is inside COMMIT right now.
+        victim = None
+        while victim is None:
+            ports = await admin.fetch(
+                "SELECT client_port FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            )
+            for r in ports:
+                victim = next(
+                    (
+                        i
+                        for i, rep in enumerate(stack.replica_list)
+                        if rep.proc is not None and r["client_port"] in _local_ports(rep.proc.pid)
+                    ),
+                    victim,
+                )
+        await asyncio.to_thread(stack.kill_replica, victim, signal.SIGKILL)
         await asyncio.gather(*calls)
         stored: list[res.Memory] = []
         token = ""
@@ -406,14 +435,33 @@ async def test_creates_without_request_id_are_never_doubled_when_a_replica_dies(
             token = page.next_page_token
             if not token:
                 break
+    await admin.execute("DROP TRIGGER e2e_slow_commit ON memories; DROP FUNCTION e2e_slow_commit()")
+    await admin.close()
     print(f"unkeyed creates: {len(acknowledged)} acknowledged, {len(failures)} failed")
     contents = [m.content for m in stored]
     assert len(contents) == len(set(contents))  # no content stored twice
     by_content = {m.content: m.name for m in stored}
     assert all(by_content.get(c) == name for c, name in acknowledged.items())
     assert len(acknowledged) >= 200  # most calls were untouched by the kill
-    stack.start_replica(stack.replica_list[0])
-    stack.wait_healthy(stack.replica_list[0])
+    stack.start_replica(stack.replica_list[victim])
+    stack.wait_healthy(stack.replica_list[victim])
+
+
+def _local_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 async def test_read_your_writes_with_the_token_while_another_tenant_imports(
