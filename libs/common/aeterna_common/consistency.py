@@ -17,7 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
 
 from aeterna_common.errors import FieldViolation, InvalidArgument
 
@@ -108,3 +111,54 @@ def token_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> i
         if key.lower() == CONSISTENCY_TOKEN_KEY
     ]
     return max(positions) if positions else None
+
+
+class ReadYourWrites(grpc.aio.UnaryUnaryClientInterceptor):
+    """Client interceptor: session consistency on one channel.
+
+    Remembers the highest consistency token the channel's write responses carried and sends
+    it with every later call that carries none, so each read on the channel sees every
+    write made through it, on any replica. Writes ignore the token.
+    """
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self._position = -1
+
+    def observe(self, token: str) -> None:
+        """Keep ``token`` if it names a later position than the one kept.
+
+        Raises:
+            InvalidArgument: The token is malformed.
+        """
+        position = decode_token(token)
+        if position > self._position:
+            self._position, self.token = position, token
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        """Attach the kept token, make the call, and keep the token of its answer."""
+        details = client_call_details
+        pairs = list(details.metadata or ())
+        if self.token is not None and all(k != CONSISTENCY_TOKEN_KEY for k, _ in pairs):
+            pairs.append((CONSISTENCY_TOKEN_KEY, self.token))
+            details = grpc.aio.ClientCallDetails(
+                method=details.method,
+                timeout=details.timeout,
+                metadata=grpc.aio.Metadata(*pairs),
+                credentials=details.credentials,
+                wait_for_ready=details.wait_for_ready,
+            )
+        call = await continuation(details, request)
+        try:
+            initial = await call.initial_metadata()
+        except grpc.aio.AioRpcError:
+            return call
+        for key, value in initial or ():
+            if key == CONSISTENCY_TOKEN_KEY:
+                self.observe(value.decode() if isinstance(value, bytes) else str(value))
+        return call

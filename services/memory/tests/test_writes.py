@@ -14,6 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.consistency import (
@@ -24,6 +25,7 @@ from aeterna_common.consistency import (
     encode_token,
 )
 from aeterna_common.db import COMMIT_OUTCOME_UNKNOWN, CommitOutcomeUnknown, Database
+from aeterna_common.errors import InvalidArgument
 from aeterna_memory.adapters.postgres import PostgresMemoryStore
 from aeterna_memory.domain.model import (
     Embedded,
@@ -422,10 +424,13 @@ async def test_a_token_the_index_has_not_reached_is_unavailable_never_stale(
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert _reason(info.value) == "CONSISTENCY_TOKEN_NOT_REACHED"
-        # Without a token: served as before, but marked stale.
-        stale_call = env.stub.SearchMemories(search, metadata=md(tenant))
-        stale = await stale_call
-        head = dict(await stale_call.initial_metadata())
+        # Without a token (a channel that does not attach one): served, but marked stale.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{env.server.port}") as plain:
+            stale_call = svc_grpc.MemoryServiceStub(plain).SearchMemories(
+                search, metadata=md(tenant)
+            )
+            stale = await stale_call
+            head = dict(await stale_call.initial_metadata())
         assert head[INDEX_STALE_KEY] == "true"
         assert int(head[INDEX_POSITION_KEY]) < decode_token(token)
         assert [r.memory.content for r in stale.results] == []
@@ -433,3 +438,33 @@ async def test_a_token_the_index_has_not_reached_is_unavailable_never_stale(
         search, metadata=(*md(tenant), (CONSISTENCY_TOKEN_KEY, token))
     )
     assert [r.memory.content for r in fresh.results] == ["parked zebra"]
+
+
+async def test_the_session_interceptor_sends_the_latest_token(env: MemoryEnv) -> None:
+    # env.stub's channel carries ReadYourWrites: its reads wait for its own writes.
+    tenant = new_tenant()
+    parent = f"tenants/{tenant}"
+    async with env.follower._lock:
+        await env.stub.CreateMemory(
+            svc.CreateMemoryRequest(parent=parent, memory=memory("held back", user_id="u")),
+            metadata=md(tenant),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await env.stub.SearchMemories(
+                svc.SearchMemoriesRequest(parent=parent, query="held back"), metadata=md(tenant)
+            )
+        assert _reason(info.value) == "CONSISTENCY_TOKEN_NOT_REACHED"
+    found = await env.stub.SearchMemories(
+        svc.SearchMemoriesRequest(parent=parent, query="held back"), metadata=md(tenant)
+    )
+    assert [r.memory.content for r in found.results] == ["held back"]
+
+
+def test_tokens_round_trip_and_refuse_garbage() -> None:
+    for position in (0, 1, 2**63):
+        assert decode_token(encode_token(position)) == position
+    for bad in ("", "AQ", "x" * 12, encode_token(5)[:-1], "AgAAAAAAAAAF"):  # last: version 2
+        with pytest.raises(InvalidArgument):
+            decode_token(bad)
+    with pytest.raises(ValueError):
+        encode_token(-1)
