@@ -256,6 +256,9 @@ class TrafficPolicy:
             breaker, whose default of 3 was too low when a replica died under load, and a
             fixed high cap lets retries multiply the load of an outage).
         retry_min_concurrency: Concurrent retries always allowed, whatever the percentage.
+            Measured with ``test_killing_a_replica_mid_run_loses_no_call`` (two replicas, one
+            SIGKILLed, 300 calls at concurrency 8): a minimum of 3 lost 2-3 calls to retry
+            overflow in each of two runs, 10 lost none in three.
         connect_timeout_s: Upstream TCP connect timeout in seconds.
         health_interval_s: Active gRPC health-check interval in seconds.
         health_timeout_s: Health-check timeout in seconds (0.5 s flapped under CPU load).
