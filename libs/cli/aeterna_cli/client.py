@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
-from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY
+from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, ReadYourWrites
 from aeterna_common.telemetry import client_interceptors
 
 REQUEST_ID_KEY = "x-aeterna-request-id"
@@ -103,12 +103,25 @@ async def call_with_token(call: Any) -> tuple[Any, str | None]:
 
 
 def memory_stub(
-    target: str | None = None,
+    target: str | None = None, *, read_your_writes: bool = False
 ) -> tuple[grpc.aio.Channel, Stub]:
-    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub."""
+    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub.
+
+    Args:
+        target: ``host:port``; default :func:`endpoint`.
+        read_your_writes: Attach :class:`~aeterna_common.consistency.ReadYourWrites`: every
+            call on the channel carries the consistency token of the channel's latest write,
+            so its reads see its writes on any replica.
+
+    Returns:
+        The channel (close it) and the stub.
+    """
+    interceptors: list[Any] = list(client_interceptors())
+    if read_your_writes:
+        interceptors.append(ReadYourWrites())
     channel = grpc.aio.insecure_channel(
         target or endpoint(),
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-        interceptors=client_interceptors(),
+        interceptors=interceptors,
     )
     return channel, svc_grpc.MemoryServiceStub(channel)

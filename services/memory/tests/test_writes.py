@@ -468,3 +468,43 @@ def test_tokens_round_trip_and_refuse_garbage() -> None:
             decode_token(bad)
     with pytest.raises(ValueError):
         encode_token(-1)
+
+
+async def test_the_collector_policy_shows_the_app_role_no_foreign_keys(env: MemoryEnv) -> None:
+    mine, theirs = new_tenant(), new_tenant()
+    for tenant in (mine, theirs):
+        await env.stub.CreateMemory(
+            svc.CreateMemoryRequest(
+                parent=f"tenants/{tenant}", memory=memory("k", user_id="u"), request_id="k-1"
+            ),
+            metadata=md(tenant),
+        )
+    admin = await asyncpg.connect(env.urls.superuser)
+    app = await asyncpg.connect(env.urls.app)
+    try:
+        await admin.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '2 hours' "
+            "WHERE tenant_id = $1",
+            theirs,
+        )
+        async with app.transaction():
+            await app.execute("SELECT set_config('app.tenant_id', $1, true)", mine)
+            seen = await app.fetch("SELECT tenant_id FROM idempotency_keys")
+        assert {r["tenant_id"] for r in seen} == {mine}
+        # The collector never deletes keys younger than an hour, whatever it is asked.
+        await admin.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '30 minutes' "
+            "WHERE tenant_id = $1",
+            theirs,
+        )
+        await app.fetchval("SELECT gc_idempotency_keys(0, 1000)")
+        assert (
+            await admin.fetchval(
+                "SELECT count(*) FROM idempotency_keys WHERE tenant_id = ANY($1::text[])",
+                [mine, theirs],
+            )
+            == 2
+        )
+    finally:
+        await app.close()
+        await admin.close()

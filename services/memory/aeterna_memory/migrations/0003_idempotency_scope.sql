@@ -10,9 +10,12 @@ ALTER TABLE idempotency_keys ADD PRIMARY KEY (tenant_id, principal, method, requ
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 
 -- The collector runs as the schema owner (SECURITY DEFINER) and needs every tenant's expired
--- keys: a policy bound to the owner role alone admits them. The application role gains
--- nothing from it, and the function only deletes keys older than max(max_age_s, 1 hour).
-CREATE POLICY idempotency_gc ON idempotency_keys FOR ALL TO CURRENT_USER USING (true);
+-- keys: a policy bound to the owner role alone admits them, and only keys older than an
+-- hour. The application role gains nothing from it (unless it is also the owner, a setup
+-- that never isolates tenants), and the function deletes only keys older than
+-- max(max_age_s, 1 hour).
+CREATE POLICY idempotency_gc ON idempotency_keys FOR ALL TO CURRENT_USER
+    USING (created_at < clock_timestamp() - interval '1 hour');
 
 CREATE FUNCTION gc_idempotency_keys(max_age_s double precision, batch integer)
 RETURNS integer
