@@ -111,7 +111,7 @@ async def run(endpoint: str, token: str, tenant: str, n: int, users: int, querie
                 svc.BatchCreateMemoriesRequest(
                     parent=f"tenants/{tenant}", requests=reqs, request_id=f"scale-{start}"
                 ),
-                metadata=md,
+                metadata=client.write_metadata(token, f"scale-{start}"),
                 timeout=600,
             )
 

@@ -4,6 +4,7 @@ killed mid-run, the CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
@@ -38,7 +40,6 @@ def stack() -> Iterator[DevStack]:
         port=free_port(),
         root=root,
         fresh=True,
-        env={"AETERNA_MEMORY_READ_WAIT_S": "1.0"},
     )
     s.start(log=lambda *_: None)
     yield s
@@ -311,7 +312,8 @@ async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
                             ),
                             request_id=f"kill-{i}",
                         ),
-                        metadata=md,
+                        # The header lets the edge retry the create on a reset too.
+                        metadata=(*md, ("x-aeterna-request-id", f"kill-{i}")),
                         timeout=30,
                     )
                 else:
@@ -346,6 +348,207 @@ async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
         assert len(listed.memories) == 100  # one per request id, none lost, none doubled
     stack.start_replica(stack.replica_list[0])
     stack.wait_healthy(stack.replica_list[0])
+
+
+async def test_creates_without_request_id_are_never_doubled_when_a_replica_dies(
+    stack: DevStack,
+) -> None:
+    # Without a request_id the edge retries a write only where it never reached a replica;
+    # a create cut off by the SIGKILL fails instead of being applied twice.
+    tenant = "e2e-noid"
+    md = bearer(stack, tenant)
+    # Each of this tenant's creates spends 0.2 s inside COMMIT (a deferred trigger), so the
+    # SIGKILL finds creates that PostgreSQL commits although their replica never answers: the
+    # case where a retry on `reset` would store the content twice.
+    assert stack.superuser_url is not None
+    admin = await asyncpg.connect(stack.superuser_url)
+    await admin.execute(
+        "CREATE FUNCTION e2e_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; "
+        "CREATE CONSTRAINT TRIGGER e2e_slow_commit AFTER INSERT ON memories "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+        f"WHEN (NEW.tenant_id = '{tenant}') EXECUTE FUNCTION e2e_slow_commit()"
+    )
+    acknowledged: dict[str, str] = {}
+    failures: list[str] = []
+    done = 0
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        stub = svc_grpc.MemoryServiceStub(ch)
+
+        async def one(i: int) -> None:
+            nonlocal done
+            content = f"unkeyed create {i}"
+            try:
+                created = await stub.CreateMemory(
+                    svc.CreateMemoryRequest(
+                        parent=f"tenants/{tenant}",
+                        memory=res.Memory(
+                            layer=layer_pb2.MEMORY_LAYER_USER,
+                            scope=layer_pb2.Scope(user_id="n"),
+                            content=content,
+                        ),
+                    ),
+                    metadata=md,
+                    timeout=30,
+                )
+                acknowledged[content] = created.name
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{i}: {exc.code().name}")
+            done += 1
+
+        sem = asyncio.Semaphore(8)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await one(i)
+
+        calls = [asyncio.create_task(bounded(i)) for i in range(300)]
+        while done < 100:  # noqa: ASYNC110 (poll a counter the calls advance)
+            await asyncio.sleep(0.01)
+        # Kill the replica whose create is inside COMMIT right now.
+        victim = None
+        while victim is None:
+            ports = await admin.fetch(
+                "SELECT client_port FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            )
+            for r in ports:
+                victim = next(
+                    (
+                        i
+                        for i, rep in enumerate(stack.replica_list)
+                        if rep.proc is not None and r["client_port"] in _local_ports(rep.proc.pid)
+                    ),
+                    victim,
+                )
+        await asyncio.to_thread(stack.kill_replica, victim, signal.SIGKILL)
+        await asyncio.gather(*calls)
+        stored: list[res.Memory] = []
+        token = ""
+        while True:
+            page = await stub.ListMemories(
+                svc.ListMemoriesRequest(
+                    parent=f"tenants/{tenant}", page_size=1000, page_token=token
+                ),
+                metadata=md,
+            )
+            stored.extend(page.memories)
+            token = page.next_page_token
+            if not token:
+                break
+    await admin.execute("DROP TRIGGER e2e_slow_commit ON memories; DROP FUNCTION e2e_slow_commit()")
+    await admin.close()
+    print(f"unkeyed creates: {len(acknowledged)} acknowledged, {len(failures)} failed")
+    contents = [m.content for m in stored]
+    assert len(contents) == len(set(contents))  # no content stored twice
+    by_content = {m.content: m.name for m in stored}
+    assert all(by_content.get(c) == name for c, name in acknowledged.items())
+    assert len(acknowledged) >= 200  # most calls were untouched by the kill
+    stack.start_replica(stack.replica_list[victim])
+    stack.wait_healthy(stack.replica_list[victim])
+
+
+def _local_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_read_your_writes_with_the_token_while_another_tenant_imports(
+    stack: DevStack,
+) -> None:
+    # Default read-wait bound; the write's consistency token makes any replica that answers
+    # the search see the write (or answer UNAVAILABLE, which the edge retries elsewhere).
+    tenant, bulk_tenant = "e2e-ryw", "e2e-bulk"
+    md, bulk_md = bearer(stack, tenant), bearer(stack, bulk_tenant)
+    misses: list[str] = []
+    stop = asyncio.Event()
+    imported = 0
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        stub = svc_grpc.MemoryServiceStub(ch)
+
+        async def bulk_import() -> None:
+            nonlocal imported
+            n = 0
+            while not stop.is_set():
+                rid = f"bulk-{n}"
+                batch = svc.BatchCreateMemoriesRequest(
+                    parent=f"tenants/{bulk_tenant}",
+                    requests=[
+                        svc.CreateMemoryRequest(
+                            memory=res.Memory(
+                                layer=layer_pb2.MEMORY_LAYER_USER,
+                                scope=layer_pb2.Scope(user_id=f"b{n % 7}"),
+                                content=f"imported line {n}-{j} about topic {j % 13}",
+                            )
+                        )
+                        for j in range(100)
+                    ],
+                    request_id=rid,
+                )
+                await stub.BatchCreateMemories(
+                    batch, metadata=(*bulk_md, ("x-aeterna-request-id", rid)), timeout=120
+                )
+                imported += 100
+                n += 1
+
+        async def pair(i: int) -> None:
+            content = f"pair {i} remembers the violet lighthouse number {i * 7919}"
+            call = stub.CreateMemory(
+                svc.CreateMemoryRequest(
+                    parent=f"tenants/{tenant}",
+                    memory=res.Memory(
+                        layer=layer_pb2.MEMORY_LAYER_USER,
+                        scope=layer_pb2.Scope(user_id=f"p{i}"),
+                        content=content,
+                    ),
+                    request_id=f"pair-{i}",
+                ),
+                metadata=(*md, ("x-aeterna-request-id", f"pair-{i}")),
+                timeout=60,
+            )
+            created = await call
+            token = dict(await call.initial_metadata())["x-aeterna-consistency-token"]
+            found = await stub.SearchMemories(
+                svc.SearchMemoriesRequest(
+                    parent=f"tenants/{tenant}",
+                    query=content,
+                    scope=layer_pb2.Scope(user_id=f"p{i}"),
+                    top_k=5,
+                ),
+                metadata=(*md, ("x-aeterna-consistency-token", token)),
+                timeout=60,
+            )
+            if created.name not in [r.memory.name for r in found.results]:
+                misses.append(f"pair {i}")
+
+        importer = asyncio.create_task(bulk_import())
+        while imported < 100:  # noqa: ASYNC110 (the import is running)
+            await asyncio.sleep(0.05)
+        sem = asyncio.Semaphore(8)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await pair(i)
+
+        try:
+            await asyncio.gather(*(bounded(i) for i in range(300)))
+        finally:
+            stop.set()
+            await importer
+    print(f"write->search pairs: 300, misses {len(misses)}, imported meanwhile {imported}")
+    assert imported >= 200  # the import really ran alongside
+    assert misses == []
 
 
 def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path) -> None:
@@ -390,3 +593,45 @@ def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path
     hits = json.loads(found.stdout)
     assert "D1:3" in [h["metadata"]["dia_id"] for h in hits]
     assert all(h["layer"] == "MEMORY_LAYER_SESSION" for h in hits)
+    # `memory add` always sends a request_id and prints its consistency token, which a
+    # search passes along to read the new memory at once on any replica.
+    added = json.loads(
+        cli("memory", "add", "the cli wrote about amber kites", "--tenant", "cli", "--json").stdout
+    )[0]
+    assert added["consistencyToken"]
+    again = cli(
+        "memory",
+        "search",
+        "amber kites",
+        "--tenant",
+        "cli",
+        "--user-id",
+        "cli",
+        "--json",
+        "--consistency-token",
+        added["consistencyToken"],
+    )
+    assert [h["name"] for h in json.loads(again.stdout)] == [added["name"]]
+    keyed = ("memory", "add", "same request twice", "--tenant", "cli", "--json")
+    first = json.loads(cli(*keyed, "--request-id", "cli-1").stdout)[0]
+    second = json.loads(cli(*keyed, "--request-id", "cli-1").stdout)[0]
+    assert first["name"] == second["name"]
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aeterna_cli.main",
+            "memory",
+            "search",
+            "x",
+            "--tenant",
+            "cli",
+            "--consistency-token",
+            "garbage",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "INVALID_CONSISTENCY_TOKEN" in bad.stdout

@@ -1,15 +1,27 @@
-"""gRPC client setup for the CLI and benchmarks: a channel to Envoy with a bearer token."""
+"""gRPC client setup for the CLI and benchmarks: a channel to Envoy with a bearer token.
+
+Writes always carry a ``request_id`` (:func:`new_request_id`, or a stable id per item for
+imports) and say so in metadata (:func:`write_metadata`), so the edge may retry them on any
+transient failure without applying them twice. A write's response carries a consistency
+token (:func:`call_with_token`); pass it to later reads (:func:`read_metadata`) to read your
+own writes on any replica.
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, ReadYourWrites
 from aeterna_common.limits import CLIENT_OPTIONS as CLIENT_OPTIONS
 from aeterna_common.telemetry import client_interceptors
+
+REQUEST_ID_KEY = "x-aeterna-request-id"
+"""Metadata that repeats a write's ``request_id`` so that the edge may retry it broadly."""
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
 
@@ -52,17 +64,68 @@ def metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def new_request_id() -> str:
+    """A fresh ``request_id`` for a write (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+def write_metadata(token: str, request_id: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a write whose body carries ``request_id``: the bearer token and
+    ``x-aeterna-request-id`` with the same value (the service refuses a mismatch).
+
+    Raises:
+        ValueError: ``request_id`` is empty.
+    """
+    if not request_id:
+        raise ValueError("a write needs a request_id")
+    return (*metadata(token), (REQUEST_ID_KEY, request_id))
+
+
+def read_metadata(token: str, consistency_token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata of a read: the bearer token and, when given, the consistency token of an
+    earlier write (the read then sees that write on any replica, or fails UNAVAILABLE)."""
+    md = metadata(token)
+    return (*md, (CONSISTENCY_TOKEN_KEY, consistency_token)) if consistency_token else md
+
+
+async def call_with_token(call: Any) -> tuple[Any, str | None]:
+    """Await a unary call and return its response with the consistency token it carried.
+
+    Args:
+        call: A ``grpc.aio`` unary call, e.g. ``stub.CreateMemory(request, metadata=...)``.
+
+    Returns:
+        ``(response, token)``; the token is ``None`` for calls that send none (reads).
+    """
+    response = await call
+    initial = await call.initial_metadata()
+    token = next((str(v) for k, v in initial or () if k == CONSISTENCY_TOKEN_KEY), None)
+    return response, token
+
+
 def memory_stub(
-    target: str | None = None,
+    target: str | None = None, *, read_your_writes: bool = False
 ) -> tuple[grpc.aio.Channel, Stub]:
     """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub.
 
     The channel's message size limits are the server's, mirrored
     (:data:`aeterna_common.limits.CLIENT_OPTIONS`).
+
+    Args:
+        target: ``host:port``; default :func:`endpoint`.
+        read_your_writes: Attach :class:`~aeterna_common.consistency.ReadYourWrites`: every
+            call on the channel carries the consistency token of the channel's latest write,
+            so its reads see its writes on any replica.
+
+    Returns:
+        The channel (close it) and the stub.
     """
+    interceptors: list[Any] = list(client_interceptors())
+    if read_your_writes:
+        interceptors.append(ReadYourWrites())
     channel = grpc.aio.insecure_channel(
         target or endpoint(),
         options=list(CLIENT_OPTIONS),
-        interceptors=client_interceptors(),
+        interceptors=interceptors,
     )
     return channel, svc_grpc.MemoryServiceStub(channel)

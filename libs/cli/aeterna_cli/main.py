@@ -38,6 +38,13 @@ Token = Annotated[
     typer.Option(envvar="AETERNA_TOKEN", help="Bearer token; default: a local dev token."),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ConsistencyToken = Annotated[
+    str | None,
+    typer.Option(
+        envvar="AETERNA_CONSISTENCY_TOKEN",
+        help="Consistency token printed by a write: read that write on any replica.",
+    ),
+]
 UserId = Annotated[str | None, typer.Option(help="Scope: the user the memories are about.")]
 SessionId = Annotated[
     str | None, typer.Option(help="Scope: a session (conversation) of that user.")
@@ -156,9 +163,16 @@ def memory_add(
     tenant: Tenant = "demo",
     user: User = "cli",
     token: Token = None,
+    request_id: Annotated[
+        str | None,
+        typer.Option(help="Idempotency key: repeating the command with it creates nothing new"),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Create a memory (the user layer of the calling user by default)."""
+    """Create a memory (the user layer of the calling user by default).
+
+    Prints the write's consistency token: pass it to `memory search --consistency-token`
+    to read this memory on any replica at once."""
     memory = res.Memory(
         layer=_layer(layer),
         scope=_scope(
@@ -175,13 +189,25 @@ def memory_add(
     )
     memory.metadata.update(json.loads(metadata))
 
-    async def call(stub: client.Stub) -> res.Memory:
-        return await stub.CreateMemory(
-            svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory),
-            metadata=client.metadata(_token(token, tenant, user)),
-        )
+    rid = request_id or client.new_request_id()
 
-    _print_memories([_run(call)], as_json)
+    async def call(stub: client.Stub) -> tuple[res.Memory, str | None]:
+        created, ctoken = await client.call_with_token(
+            stub.CreateMemory(
+                svc.CreateMemoryRequest(parent=f"tenants/{tenant}", memory=memory, request_id=rid),
+                metadata=client.write_metadata(_token(token, tenant, user), rid),
+            )
+        )
+        return created, ctoken
+
+    created, ctoken = _run(call)
+    if as_json:
+        item = json_format.MessageToDict(created)
+        item["consistencyToken"] = ctoken or ""
+        console.print_json(json.dumps([item]))
+        return
+    _print_memories([created], False)
+    console.print(f"consistency token: {ctoken}")
 
 
 @memory_app.command("get")
@@ -190,6 +216,7 @@ def memory_get(
     tenant: Tenant = "demo",
     user: User = "cli",
     token: Token = None,
+    consistency_token: ConsistencyToken = None,
     as_json: AsJson = False,
 ) -> None:
     """Show one memory by name (tenants/T/memories/ID)."""
@@ -197,7 +224,7 @@ def memory_get(
     async def call(stub: client.Stub) -> res.Memory:
         return await stub.GetMemory(
             svc.GetMemoryRequest(name=name),
-            metadata=client.metadata(_token(token, tenant, user)),
+            metadata=client.read_metadata(_token(token, tenant, user), consistency_token),
         )
 
     m = _run(call)
@@ -218,6 +245,7 @@ def memory_list(
     tenant: Tenant = "demo",
     user: User = "cli",
     token: Token = None,
+    consistency_token: ConsistencyToken = None,
     as_json: AsJson = False,
 ) -> None:
     """List memories, newest first."""
@@ -232,7 +260,7 @@ def memory_list(
                 page_size=page_size,
                 page_token=page_token,
             ),
-            metadata=client.metadata(_token(token, tenant, user)),
+            metadata=client.read_metadata(_token(token, tenant, user), consistency_token),
         )
 
     reply = _run(call)
@@ -258,6 +286,7 @@ def memory_search(
     tenant: Tenant = "demo",
     user: User = "cli",
     token: Token = None,
+    consistency_token: ConsistencyToken = None,
     as_json: AsJson = False,
 ) -> None:
     """Hybrid search over the layers the given identifiers reach."""
@@ -281,7 +310,7 @@ def memory_search(
                 top_k=top_k,
                 min_score=min_score,
             ),
-            metadata=client.metadata(_token(token, tenant, user)),
+            metadata=client.read_metadata(_token(token, tenant, user), consistency_token),
         )
 
     reply = _run(call)
@@ -294,14 +323,18 @@ def memory_delete(
 ) -> None:
     """Soft-delete a memory (idempotent)."""
 
-    async def call(stub: client.Stub) -> res.Memory:
-        return await stub.DeleteMemory(
-            svc.DeleteMemoryRequest(name=name),
-            metadata=client.metadata(_token(token, tenant, user)),
+    async def call(stub: client.Stub) -> tuple[res.Memory, str | None]:
+        deleted, ctoken = await client.call_with_token(
+            stub.DeleteMemory(
+                svc.DeleteMemoryRequest(name=name),
+                metadata=client.metadata(_token(token, tenant, user)),
+            )
         )
+        return deleted, ctoken
 
-    m = _run(call)
+    m, ctoken = _run(call)
     console.print(f"deleted {m.name} at {m.delete_time.ToJsonString()}")
+    console.print(f"consistency token: {ctoken}")
 
 
 @memory_app.command("reembed")
@@ -429,13 +462,13 @@ async def import_locomo_async(
     Re-running is idempotent: each session's batch has a stable ``request_id``.
     """
     batches = [b for s in locomo.load(path) for b in locomo_requests(s)]
-    md = client.metadata(token)
     sem = asyncio.Semaphore(concurrency)
     written = 0
 
     async def send(batch: svc.BatchCreateMemoriesRequest) -> None:
         nonlocal written
         batch.parent = f"tenants/{tenant}"
+        md = client.write_metadata(token, batch.request_id)
         async with sem:
             reply = await stub.BatchCreateMemories(batch, metadata=md, timeout=300)
         written += len(reply.memories)

@@ -11,8 +11,13 @@ Three roles per service database (ARCHITECTURE.md, "Database roles"): the **owne
 migrations and serves nothing; the **app** role serves requests under row-level security; the
 **indexer** role may only SELECT, across tenants, what index maintenance reads
 (:meth:`Database.all_tenants_snapshot` on a pool of that role).
-Transient failures (lost connection, serialization failure, deadlock) retry the whole unit of
-work with exponential backoff (tenacity); nothing else is retried.
+Transient failures (lost connection, serialization failure, deadlock) before COMMIT retry the
+whole unit of work with exponential backoff (tenacity); nothing else is retried. A connection
+lost during COMMIT leaves the outcome unknown (the server may have committed): the unit of work
+is never re-run blindly. When it has an idempotency record, the caller's ``resolve`` reads it
+in a new transaction and returns the committed result (or reports that nothing committed, and
+the work runs again); without one the call fails with ``UNAVAILABLE`` and ``ErrorInfo`` reason
+``COMMIT_OUTCOME_UNKNOWN``.
 
 Schema changes are numbered SQL files applied by the owner role under an advisory lock, so
 replicas starting together apply each migration once: either at service start
@@ -24,6 +29,7 @@ the service never migrates and waits, bounded, until the versions it needs are r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +49,7 @@ from tenacity import (
 )
 
 from aeterna_common.context import TENANT_PATTERN
+from aeterna_common.errors import Unavailable
 
 log = structlog.get_logger("aeterna.db")
 
@@ -80,12 +87,70 @@ class SchemaNotReadyError(RuntimeError):
     """The schema versions a service needs were not recorded within the wait bound."""
 
 
+CONNECTION_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "08000", "08003", "08006"})
+"""admin_shutdown, crash_shutdown, cannot_connect_now and connection exceptions: the session
+is gone, so a COMMIT sent on it has an unknown outcome (PostgreSQL Appendix A)."""
+
+COMMIT_OUTCOME_UNKNOWN = "COMMIT_OUTCOME_UNKNOWN"
+"""``ErrorInfo.reason`` of a write whose COMMIT lost its connection and that has no
+idempotency record to tell whether it committed."""
+
+
+class CommitOutcomeUnknown(Unavailable):
+    """The connection was lost during COMMIT: the transaction may or may not have committed.
+
+    ``UNAVAILABLE`` with reason :data:`COMMIT_OUTCOME_UNKNOWN`. A client may retry only a call
+    that is idempotent (one carrying a ``request_id``, or one whose repetition is harmless).
+    """
+
+    default_reason = COMMIT_OUTCOME_UNKNOWN
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "the database connection was lost while committing; the change may or may not "
+            "have been applied (send a request_id to make retries safe)"
+        )
+
+
+class NotCommitted(Unavailable):
+    """A commit with an unknown outcome was resolved as not committed: :meth:`Database.run`
+    runs the unit of work again, and raises this (``UNAVAILABLE``) only when out of attempts."""
+
+    default_reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the database connection was lost repeatedly; nothing was applied")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the whole transaction may succeed."""
-    if isinstance(exc, (ConnectionError, asyncpg.exceptions.InterfaceError)):
+    """Whether retrying the whole transaction may succeed.
+
+    A :class:`CommitOutcomeUnknown` is never transient: re-running could apply a write twice.
+    """
+    if isinstance(exc, CommitOutcomeUnknown):
+        return False
+    if isinstance(exc, (ConnectionError, asyncpg.exceptions.InterfaceError, NotCommitted)):
         return True
     sqlstate = getattr(exc, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate in TRANSIENT_SQLSTATES
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the session is gone (so an in-flight COMMIT has an unknown
+    outcome), as opposed to a definite refusal such as a serialization failure."""
+    if isinstance(
+        exc,
+        (
+            ConnectionError,
+            OSError,
+            asyncpg.exceptions.InterfaceError,
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+        ),
+    ):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate in CONNECTION_LOST_SQLSTATES
 
 
 class Database:
@@ -133,7 +198,7 @@ class Database:
     async def transaction(
         self, tenant_id: str, *, readonly: bool = False
     ) -> AsyncIterator[asyncpg.Connection]:
-        """One transaction with ``app.tenant_id`` set; commits on success.
+        """One transaction bound to ``tenant_id`` (``aeterna_bind_tenant``); commits on success.
 
         Args:
             tenant_id: The tenant whose rows the transaction may see and write.
@@ -163,22 +228,68 @@ class Database:
         ):
             yield cast(asyncpg.Connection, conn)
 
+    async def _once(
+        self,
+        tenant_id: str,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+        readonly: bool,
+    ) -> T:
+        """One attempt: BEGIN, ``work``, COMMIT; a lost connection at COMMIT of a writing
+        transaction raises :class:`CommitOutcomeUnknown` instead of a transient error."""
+        if not TENANT_PATTERN.match(tenant_id):
+            raise ValueError(f"invalid tenant id {tenant_id!r}")
+        async with self.pool.acquire() as conn:
+            tx = conn.transaction(readonly=readonly)
+            await tx.start()
+            try:
+                await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
+                result = await work(cast(asyncpg.Connection, conn))
+            except BaseException:
+                # The connection may be gone already; the server rolls back on its own then.
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
+                raise
+            try:
+                await tx.commit()
+            except Exception as exc:
+                if not readonly and is_connection_lost(exc):
+                    log.warning("db.commit_outcome_unknown", error=type(exc).__name__)
+                    raise CommitOutcomeUnknown() from exc
+                raise
+            return result
+
     async def run(
         self,
         tenant_id: str,
         work: Callable[[asyncpg.Connection], Awaitable[T]],
         *,
         readonly: bool = False,
+        resolve: Callable[[asyncpg.Connection], Awaitable[T | None]] | None = None,
     ) -> T:
         """Run ``work`` in one tenant transaction, retrying it whole on transient errors.
+
+        Errors before COMMIT (lost connection, serialization failure, deadlock) roll back and
+        retry. A connection lost at COMMIT leaves the outcome unknown: ``work`` is never
+        re-run blindly. With ``resolve`` (a read of the idempotency record the work claims
+        in the same transaction), the outcome is looked up in a new transaction: a result
+        means the work committed and is returned; ``None`` means it did not (the record
+        commits or rolls back with the work), so it runs again. Without ``resolve`` the call
+        fails with :class:`CommitOutcomeUnknown`.
 
         Args:
             tenant_id: The tenant.
             work: The unit of work; must be safe to run again after a rollback.
             readonly: Start a READ ONLY transaction.
+            resolve: Reads what a committed ``work`` produced from its idempotency record,
+                ``None`` when the record does not exist.
 
         Returns:
-            What ``work`` returned.
+            What ``work`` returned (or, after an unknown commit, what ``resolve`` found).
+
+        Raises:
+            CommitOutcomeUnknown: COMMIT lost its connection and there is no ``resolve``
+                (``UNAVAILABLE``, reason ``COMMIT_OUTCOME_UNKNOWN``).
+            ValueError: ``tenant_id`` is not a valid tenant id.
         """
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
@@ -187,8 +298,17 @@ class Database:
             reraise=True,
         ):
             with attempt:
-                async with self.transaction(tenant_id, readonly=readonly) as conn:
-                    return await work(conn)
+                try:
+                    return await self._once(tenant_id, work, readonly)
+                except CommitOutcomeUnknown:
+                    if resolve is None:
+                        raise
+                    outcome = await self.run(tenant_id, resolve, readonly=True)
+                    if outcome is not None:
+                        log.info("db.commit_outcome_resolved", committed=True)
+                        return outcome
+                    log.info("db.commit_outcome_resolved", committed=False)
+                    raise NotCommitted() from None
         raise AssertionError("unreachable")  # pragma: no cover
 
 

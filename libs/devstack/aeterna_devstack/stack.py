@@ -157,6 +157,12 @@ class DevStack:
         """Envoy's ``host:port``."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def superuser_url(self) -> str | None:
+        """DSN of the local cluster's superuser on the stack's database (tests use it to
+        reach below row-level security); None when the stack uses an external database."""
+        return self._pg.dsn("postgres", DATABASE) if self._pg is not None else None
+
     def start(self, log: object = print) -> Self:
         """Start everything and wait until Envoy routes to healthy replicas.
 

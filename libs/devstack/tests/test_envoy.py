@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,10 +100,15 @@ from aeterna_devstack.envoy import (  # noqa: E402
     CHART_JWKS_PATH,
     CHART_TLS_CERT,
     CHART_TLS_KEY,
+    CONTRACT_HEADERS,
     LOCAL_CLUSTER,
+    RETRY_ON,
+    RETRY_ON_WRITE,
     SERVICES,
+    STRIPPED_HEADERS,
     EnvoyProcess,
     JwtSettings,
+    MethodClass,
     Upstream,
     chart_config_paths,
     chart_values_refs,
@@ -118,6 +124,9 @@ from aeterna_devstack.envoy import (  # noqa: E402
 )
 from aeterna_devstack.servers import free_port  # noqa: E402
 from aeterna_devstack.stack import render_stack_envoy_config  # noqa: E402
+
+ECHO_CLASS = (("Echo", MethodClass.READ),)
+"""Echo changes nothing: it takes the broad retry policy, as reads do."""
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -195,7 +204,7 @@ def stack(backends: Backends) -> Iterator[Stack]:
     auth = DevAuth(backends.state / "auth")
     other_auth = DevAuth(backends.state / "other-auth")
     config = render_gateway_config(
-        [(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports])],
+        [Upstream(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports], ECHO_CLASS)],
         listen_port=free_port(),
         admin_port=free_port(),
         jwt=JwtSettings(jwks_path=auth.jwks_path),
@@ -235,8 +244,74 @@ def _filters(config: dict[str, Any], listener: int = 0) -> list[str]:
 
 
 def _routes(config: dict[str, Any], listener: int = 0) -> dict[str, str]:
+    """Prefix routes (packages and public paths) → cluster."""
     routes = _hcm(config, listener)["route_config"]["virtual_hosts"][0]["routes"]
-    return {r["match"]["prefix"]: r["route"]["cluster"] for r in routes}
+    return {r["match"]["prefix"]: r["route"]["cluster"] for r in routes if "prefix" in r["match"]}
+
+
+def _retry_on(config: dict[str, Any], listener: int = 0) -> dict[str, str]:
+    """Route (``path``, ``path [header]`` or prefix) → its retry conditions."""
+    out = {}
+    for r in _hcm(config, listener)["route_config"]["virtual_hosts"][0]["routes"]:
+        match = r["match"]
+        key = match.get("path") or match["prefix"]
+        if match.get("headers"):
+            key += " [" + ",".join(h["name"] for h in match["headers"]) + "]"
+        out[key] = r["route"]["retry_policy"]["retry_on"]
+    return out
+
+
+def test_retry_policy_follows_the_method_class() -> None:
+    config = render_gateway_config(service_upstreams({"memory": [("127.0.0.1", 50051)]}))
+    retry_on = _retry_on(config)
+    m = "/aeterna.memory.v1.MemoryService/"
+    broad, narrow = (
+        "unavailable,reset,connect-failure,refused-stream",
+        "connect-failure,refused-stream",
+    )
+    assert (RETRY_ON, RETRY_ON_WRITE) == (broad, narrow)
+    for read in ("GetMemory", "ListMemories", "SearchMemories", "ListMemoryRevisions"):
+        assert retry_on[m + read] == broad
+    assert retry_on[m + "DeleteMemory"] == broad  # deleting twice changes nothing more
+    for write in ("CreateMemory", "BatchCreateMemories", "RecordMemoryFeedback"):
+        assert retry_on[f"{m}{write} [x-aeterna-request-id]"] == broad
+        assert m + write not in retry_on  # without the header: the package's narrow policy
+    assert m + "UpdateMemory" not in retry_on
+    assert retry_on["/aeterna.memory.v1."] == narrow
+    # The package route comes last, after every method route.
+    assert list(retry_on)[-1] == "/aeterna.memory.v1."
+    assert all("resource-exhausted" not in v for v in retry_on.values())
+    for cluster in config["static_resources"]["clusters"]:
+        for threshold in cluster["circuit_breakers"]["thresholds"]:
+            assert threshold["retry_budget"]["budget_percent"]["value"] == 20.0
+            assert threshold["retry_budget"]["min_retry_concurrency"] >= 3
+            assert "max_retries" not in threshold
+    # The sidecar's egress routes take the same table.
+    sidecar = render_sidecar_config(
+        service_upstreams({"memory": [("memory-headless", 8080)]}),
+        jwt=JwtSettings(jwks_json="{}"),
+    )
+    assert _retry_on(sidecar, 1) == {
+        k: v for k, v in retry_on.items() if not k.startswith("/grpc.")
+    }
+
+
+def test_contract_headers_survive_the_strip_and_nothing_else_does() -> None:
+    pattern = re.compile(STRIPPED_HEADERS)
+    for kept in CONTRACT_HEADERS:
+        assert not pattern.fullmatch(kept)
+    for dropped in (
+        "x-aeterna-tenant",
+        "x-aeterna-",
+        "x-aeterna-consistency-tokens",
+        "x-aeterna-consistency-toke",
+        "x-aeterna-request-i",
+        "x-aeterna-request-idx",
+        "x-aeterna-c",
+        "x-aeterna-roles",
+    ):
+        assert pattern.fullmatch(dropped), dropped
+    assert not pattern.fullmatch("authorization")
 
 
 def test_gateway_config_passes_envoy_validate(tmp_path: Path) -> None:
@@ -338,9 +413,10 @@ def test_sidecar_config_passes_envoy_validate(tmp_path: Path) -> None:
     gateway = render_gateway_config(service_upstreams({"memory": [("memory-headless", 8080)]}))
     gateway_memory = gateway["static_resources"]["clusters"][0]
     assert clusters["memory"] == gateway_memory  # same health checks, outlier detection, LB
-    egress_route = _hcm(config, 1)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    gateway_route = _hcm(gateway)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
-    assert egress_route == gateway_route  # same retry policy
+    egress_routes = _hcm(config, 1)["route_config"]["virtual_hosts"][0]["routes"]
+    gateway_routes = _hcm(gateway)["route_config"]["virtual_hosts"][0]["routes"]
+    # The same routes and retry policies, per method class, after the gateway's public paths.
+    assert egress_routes == gateway_routes[-len(egress_routes) :]
 
 
 def test_stack_config_passes_envoy_validate(tmp_path: Path) -> None:
@@ -499,6 +575,19 @@ async def test_client_sent_identity_headers_are_dropped(stack: Stack) -> None:
     assert reply["aeterna"] == {}
 
 
+async def test_contract_headers_reach_the_service(stack: Stack) -> None:
+    sent = (
+        ("x-aeterna-consistency-token", "AQAAAAAAAAAq"),
+        ("x-aeterna-request-id", "r-1"),
+        ("x-aeterna-tenant", "evil"),
+    )
+    reply = await _echo(stack, stack.token(), sent)
+    assert reply["aeterna"] == {
+        "x-aeterna-consistency-token": "AQAAAAAAAAAq",
+        "x-aeterna-request-id": "r-1",
+    }
+
+
 @dataclass
 class Sidecar:
     envoy: EnvoyProcess
@@ -510,7 +599,7 @@ def sidecar(backends: Backends, stack: Stack) -> Iterator[Sidecar]:
     """A sidecar whose local service is ``b0`` and whose egress reaches both backends."""
     egress_port = free_port()
     config = render_sidecar_config(
-        [Upstream(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports])],
+        [Upstream(TEST_SERVICE, "echo", [("127.0.0.1", p) for p in backends.ports], ECHO_CLASS)],
         jwt=JwtSettings(jwks_path=stack.auth.jwks_path),
         inbound_host="127.0.0.1",
         inbound_port=free_port(),

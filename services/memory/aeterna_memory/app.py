@@ -72,6 +72,11 @@ class IndexedSearch:
         """Wait until the index has applied ``position`` (bounded)."""
         return await self.follower.wait_for(position, timeout_s)
 
+    @property
+    def applied_position(self) -> int:
+        """The last outbox position the index has applied."""
+        return self.follower.applied
+
 
 class ModelGuard:
     """Keeps a replica out of service while the stored vectors are of another model.
@@ -320,8 +325,9 @@ async def build(
         lease_name=lease_name,
         lease_ttl_s=settings.index_lease_ttl_s,
     )
+    store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
     domain = MemoryDomain(
-        PostgresMemoryStore(db),
+        store,
         IndexedSearch(index, follower),
         embedder,
         cache,
@@ -338,6 +344,7 @@ async def build(
             dense_weight=settings.dense_weight,
             lexical_weight=settings.lexical_weight,
             wait_s=settings.read_wait_s,
+            token_wait_s=settings.consistency_wait_s,
         ),
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
@@ -354,6 +361,20 @@ async def build(
                 await follower.reconcile()
             except Exception:
                 log.exception("index.reconcile_failed")
+
+    async def collect_idempotency_keys_forever() -> None:
+        # Every replica runs this: the database function deletes bounded batches with
+        # SKIP LOCKED, so concurrent runs share the work and an idle run is one index probe.
+        if not settings.idempotency_gc_interval_s:
+            return
+        while True:
+            await asyncio.sleep(settings.idempotency_gc_interval_s)
+            try:
+                deleted = await store.gc_idempotency_keys()
+                if deleted:
+                    log.info("idempotency.collected", deleted=deleted)
+            except Exception:
+                log.exception("idempotency.collect_failed")
 
     async def close() -> None:
         await follower.close()
@@ -374,7 +395,7 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch],
+        background=[follower.run, reconcile_forever, guard.watch, collect_idempotency_keys_forever],
         domain=domain,
         follower=follower,
         credentials=credentials,

@@ -44,6 +44,11 @@ class SearchIndex(Protocol):
         """Wait (bounded) until the index has applied ``position``."""
         ...
 
+    @property
+    def applied_position(self) -> int:
+        """The last outbox position the index has applied."""
+        ...
+
     async def search_dense(
         self, vector: Sequence[float], flt: IndexFilter, limit: int
     ) -> list[ScoredId]:
@@ -106,9 +111,9 @@ class MemoryStore(Protocol):
         embedding: Sequence[float] | None,
         actor: str,
         model: str | None = None,
-    ) -> Memory:
+    ) -> tuple[Memory, int]:
         """Apply a patch atomically (optimistic on the revision); a new ``embedding`` is
-        stored with its ``model`` id."""
+        stored with its ``model`` id; with the commit's position."""
         ...
 
     async def stale_embeddings(
@@ -122,8 +127,8 @@ class MemoryStore(Protocol):
         """How many live memories are embedded with another model than ``model``."""
         ...
 
-    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:
-        """Soft delete, idempotent."""
+    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> tuple[Memory, int]:
+        """Soft delete, idempotent; with the commit's position."""
         ...
 
     async def record_feedback(
@@ -136,14 +141,15 @@ class MemoryStore(Protocol):
         actor: str,
         request_id: str,
         request_hash: str,
-    ) -> Memory:
-        """Apply a reward once per request id."""
+    ) -> tuple[Memory, int]:
+        """Apply a reward once per request id; with the commit's position."""
         ...
 
     async def idempotent_result(
-        self, tenant_id: str, method: str, request_id: str, request_hash: str
-    ) -> list[Memory] | None:
-        """What an earlier call with this request id returned, if any."""
+        self, tenant_id: str, principal: str, method: str, request_id: str, request_hash: str
+    ) -> tuple[list[Memory], int] | None:
+        """What an earlier call of this principal with this request id returned, if any,
+        with a position at or after its commit."""
         ...
 
     async def create(
@@ -156,8 +162,9 @@ class MemoryStore(Protocol):
         method: str,
         request_id: str,
         request_hash: str,
-    ) -> list[Memory]:
-        """Insert memories atomically (idempotent on ``request_id``)."""
+    ) -> tuple[list[Memory], int]:
+        """Insert memories atomically (idempotent on ``request_id``); with the commit's
+        position."""
         ...
 
     async def list_page(

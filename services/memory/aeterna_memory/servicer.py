@@ -1,5 +1,12 @@
 """gRPC servicer: thin, protobuf ⇄ domain. Names and the tenant are checked first, then the
-request is validated, then the domain runs (permission before existence)."""
+request is validated, then the domain runs (permission before existence).
+
+Consistency (``aeterna_common.consistency``): every successful write sends its commit's
+consistency token in initial metadata (``x-aeterna-consistency-token``); Get, List,
+ListMemoryRevisions and Search accept it in request metadata. Gets and Lists read PostgreSQL,
+so the token is validated and already satisfied; a search waits for its position. A write
+sent with ``x-aeterna-request-id`` must carry the same ``request_id`` in its body: the edge
+retries such writes broadly, so the header may not claim an idempotency the body lacks."""
 
 from __future__ import annotations
 
@@ -11,6 +18,13 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common.consistency import (
+    CONSISTENCY_TOKEN_KEY,
+    INDEX_POSITION_KEY,
+    INDEX_STALE_KEY,
+    encode_token,
+    token_from_metadata,
+)
 from aeterna_common.errors import FieldViolation, InvalidArgument
 
 from aeterna_memory import convert
@@ -20,6 +34,52 @@ from aeterna_memory.domain.service import MemoryDomain
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+REQUEST_ID_KEY = "x-aeterna-request-id"
+"""Request metadata a client sends beside a body ``request_id`` (the same value) so that the
+edge may retry the write on every transient failure (``aeterna_devstack.envoy``)."""
+
+
+def check_request_id_header(context: Ctx, request_id: str) -> None:
+    """Refuse a write whose ``x-aeterna-request-id`` metadata disagrees with its body.
+
+    Args:
+        context: The call (its invocation metadata is read).
+        request_id: The body's ``request_id``.
+
+    Raises:
+        InvalidArgument: The header is present and the body's ``request_id`` is empty or
+            different (field ``request_id``, reason ``REQUEST_ID_MISMATCH``).
+    """
+    claimed = [v for k, v in context.invocation_metadata() or () if k.lower() == REQUEST_ID_KEY]
+    if not claimed:
+        return
+    if not request_id or any(
+        (v.decode() if isinstance(v, bytes) else v) != request_id for v in claimed
+    ):
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "request_id",
+                    f"{REQUEST_ID_KEY} metadata requires the same request_id in the request",
+                    "REQUEST_ID_MISMATCH",
+                )
+            ]
+        )
+
+
+def read_token(context: Ctx) -> int | None:
+    """The position of the request's consistency token, if any.
+
+    Raises:
+        InvalidArgument: The token is malformed.
+    """
+    return token_from_metadata(context.invocation_metadata())
+
+
+async def send_token(context: Ctx, position: int) -> None:
+    """Send the consistency token of a write's commit in the initial metadata."""
+    await context.send_initial_metadata(((CONSISTENCY_TOKEN_KEY, encode_token(position)),))
 
 
 def _revision_token(after: int) -> str:
@@ -49,10 +109,12 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         check_parent(principal, request.parent)
+        check_request_id_header(context, request.request_id)
         memory = convert.create_request(request)
-        created = await self.domain.create(
+        created, position = await self.domain.create(
             principal, [memory], method="CreateMemory", request_id=request.request_id
         )
+        await send_token(context, position)
         return convert.memory_pb(created[0])
 
     async def BatchCreateMemories(
@@ -61,16 +123,19 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         check_parent(principal, request.parent)
+        check_request_id_header(context, request.request_id)
         memories = convert.batch_request(request)
-        created = await self.domain.create(
+        created, position = await self.domain.create(
             principal, memories, method="BatchCreateMemories", request_id=request.request_id
         )
+        await send_token(context, position)
         return svc.BatchCreateMemoriesResponse(memories=[convert.memory_pb(m) for m in created])
 
     async def GetMemory(self, request: svc.GetMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
         _, memory_id = parse_memory_name(principal, request.name)
+        read_token(context)  # validated; PostgreSQL already holds every committed write
         return convert.memory_pb(await self.domain.get(principal, memory_id))
 
     async def ListMemories(
@@ -79,6 +144,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         check_parent(principal, request.parent)
+        read_token(context)  # validated; PostgreSQL already holds every committed write
         flt, size = convert.list_filter(request)
         memories, token = await self.domain.list_page(principal, flt, size, request.page_token)
         return svc.ListMemoriesResponse(
@@ -90,13 +156,17 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         principal = rc.current().principal
         _, memory_id = parse_memory_name(principal, request.memory.name, "memory.name")
         patch = convert.update_request(request)
-        return convert.memory_pb(await self.domain.update(principal, memory_id, patch))
+        memory, position = await self.domain.update(principal, memory_id, patch)
+        await send_token(context, position)
+        return convert.memory_pb(memory)
 
     async def DeleteMemory(self, request: svc.DeleteMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
         _, memory_id = parse_memory_name(principal, request.name)
-        return convert.memory_pb(await self.domain.delete(principal, memory_id))
+        memory, position = await self.domain.delete(principal, memory_id)
+        await send_token(context, position)
+        return convert.memory_pb(memory)
 
     async def SearchMemories(
         self, request: svc.SearchMemoriesRequest, context: Ctx
@@ -104,9 +174,17 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         check_parent(principal, request.parent)
+        min_position = read_token(context)
         query = convert.search_request(request)
-        hits = await self.domain.search(principal, query)
-        return svc.SearchMemoriesResponse(results=[convert.hit_pb(h) for h in hits])
+        found = await self.domain.search(principal, query, min_position=min_position)
+        if found.stale:
+            await context.send_initial_metadata(
+                (
+                    (INDEX_STALE_KEY, "true"),
+                    (INDEX_POSITION_KEY, str(found.applied_position)),
+                )
+            )
+        return svc.SearchMemoriesResponse(results=[convert.hit_pb(h) for h in found.hits])
 
     async def ListMemoryRevisions(
         self, request: svc.ListMemoryRevisionsRequest, context: Ctx
@@ -114,6 +192,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant, memory_id = parse_memory_name(principal, request.name)
+        read_token(context)  # validated; PostgreSQL already holds every committed write
         v = convert.Violations()
         size = convert.page_size(v, request.page_size)
         v.raise_if_any()
@@ -130,8 +209,12 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         _, memory_id = parse_memory_name(principal, request.name)
+        check_request_id_header(context, request.request_id)
         kind, score = convert.feedback_request(request)
-        memory = await self.domain.feedback(principal, memory_id, kind, score, request.request_id)
+        memory, position = await self.domain.feedback(
+            principal, memory_id, kind, score, request.request_id
+        )
+        await send_token(context, position)
         return convert.memory_pb(memory)
 
     async def ReembedMemories(

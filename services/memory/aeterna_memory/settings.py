@@ -48,11 +48,21 @@ class MemorySettings(BaseSettings):
         fusion: Score fusion: ``minmax``, ``dbsf`` or ``rrf``.
         dense_weight: Weight of the dense ranking in the fusion.
         lexical_weight: Weight of the BM25 ranking in the fusion.
-        read_wait_s: Longest wait of a search for the index to reach the latest write.
+        read_wait_s: Longest wait in seconds of a search without a consistency token for the
+            index to reach the tenant's latest write; past it the answer is served and marked
+            ``x-aeterna-index-stale: true``.
         reconcile_interval_s: Seconds between reconciler runs (0 disables); with a shared
             index only the holder of the index's lease reconciles.
         index_lease_ttl_s: Time to live in seconds of the shared index's lease: a leader cut
             off from PostgreSQL is replaced after about this long; it renews every third.
+        consistency_wait_s: Longest wait in seconds of a search with a consistency token for
+            the index to reach the token's position; past it the replica answers
+            ``UNAVAILABLE`` (``CONSISTENCY_TOKEN_NOT_REACHED``) and the edge retries another
+            replica. Keep it well below the edge's per-try timeout (10 s).
+        idempotency_ttl_s: Seconds a ``request_id`` is remembered per (tenant, principal,
+            method); a later call with the same id is a new request (24 h by default).
+        idempotency_gc_interval_s: Seconds between runs of the collector of expired
+            idempotency keys on each replica (0 disables); runs on every replica are safe.
         reconcile_interval_s: Seconds between reconciler runs (0 disables).
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
@@ -87,6 +97,9 @@ class MemorySettings(BaseSettings):
     dense_weight: float = Field(default=0.4, ge=0)
     lexical_weight: float = Field(default=0.6, ge=0)
     read_wait_s: float = Field(default=0.1, ge=0, le=1.0)
+    consistency_wait_s: float = Field(default=2.0, gt=0, le=8.0)
+    idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)
+    idempotency_gc_interval_s: float = Field(default=600.0, ge=0)
     reconcile_interval_s: float = Field(default=600.0, ge=0)
     index_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common.consistency import ReadYourWrites
 from memory_testkit import MemoryEnv, start_memory
 
 
@@ -25,7 +26,8 @@ async def env(make_database: Any, redis_server: Any, scratch: Path) -> AsyncIter
     urls = await make_database()
     index_dir = scratch / "replica-a"
     server, app = await start_memory(urls, redis_server.url, index_dir)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    # Session consistency: every read on this channel sees the writes made through it.
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[ReadYourWrites()])
     yield MemoryEnv(
         urls=urls,
         redis_url=redis_server.url,

@@ -80,9 +80,6 @@ async def start_memory(
         service_token_file=session_auth().write_service_token("memory"),
         **auth_settings(),
     )
-    # A generous read-your-writes bound keeps tests deterministic on a loaded CI machine;
-    # production uses the 0.1 s default.
-    settings.setdefault("read_wait_s", 1.0)
     # The model built by `make model` (AETERNA_MEMORY_MODEL_DIR), as the service loads it.
     settings.setdefault("model_dir", require_model())
     app = await build(

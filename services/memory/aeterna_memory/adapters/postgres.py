@@ -1,5 +1,11 @@
 """PostgreSQL adapter: memories, revisions, idempotency keys and the outbox.
 
+Writes return the outbox position of their commit (the consistency token's content). An
+idempotency key is scoped to (tenant, principal, method, request_id), claimed in the
+transaction of the write it protects, and counts for ``idempotency_ttl_s`` seconds; after a
+commit with an unknown outcome the key tells whether the write committed
+(:meth:`aeterna_common.db.Database.run` with ``resolve``).
+
 Every write is one transaction that changes the memory, appends its revision and appends
 its outbox event; nothing is left half done. Outbox positions are drawn at the end of the
 transaction under an advisory lock, so they become visible in commit order (a follower
@@ -12,7 +18,8 @@ import base64
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +49,13 @@ from aeterna_memory.domain.model import (
 
 OUTBOX_LOCK = 7_311_000_002
 """Advisory lock serialising outbox position allocation (held until commit)."""
+
+IDEMPOTENCY_TTL_S = 86_400.0
+"""Default lifetime of an idempotency key in seconds (24 h, as issue 6 asks)."""
+
+IDEMPOTENCY_GC_BATCH = 1000
+"""Expired idempotency keys deleted per transaction by the collector
+(:meth:`PostgresMemoryStore.gc_idempotency_keys`)."""
 
 NOTIFY_CHANNEL = "aeterna_memory_changes"
 """LISTEN/NOTIFY channel that wakes index followers; the payload is the last position."""
@@ -120,10 +134,18 @@ class PostgresMemoryStore:
 
     Args:
         db: Application-role database (row-level security applies).
+        idempotency_ttl_s: Seconds an idempotency key counts; an older key is treated as
+            absent (and may be claimed again) even before the collector deletes it.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, idempotency_ttl_s: float = IDEMPOTENCY_TTL_S) -> None:
+        if idempotency_ttl_s <= 0:
+            raise ValueError("idempotency_ttl_s must be positive")
         self.db = db
+        self.idempotency_ttl_s = idempotency_ttl_s
+
+    def _key(self, tenant_id: str, principal: str, method: str, request_id: str) -> _Key:
+        return _Key(tenant_id, principal, method, request_id, self.idempotency_ttl_s)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -377,18 +399,56 @@ class PostgresMemoryStore:
 
     # ---- writes ------------------------------------------------------------------------
 
+    async def gc_idempotency_keys(
+        self, *, batch: int = IDEMPOTENCY_GC_BATCH, max_batches: int = 100
+    ) -> int:
+        """Delete expired idempotency keys of every tenant, ``batch`` rows per transaction.
+
+        Safe to run on every replica at once (the database function locks with SKIP LOCKED)
+        and cheap when there is nothing to do (one index probe on ``created_at``).
+
+        Args:
+            batch: Keys deleted per transaction.
+            max_batches: Upper bound of transactions per call.
+
+        Returns:
+            How many keys were deleted.
+        """
+        total = 0
+        for _ in range(max_batches):
+            async with self.db.pool.acquire() as conn:
+                deleted = int(
+                    await conn.fetchval(
+                        "SELECT gc_idempotency_keys($1, $2)", self.idempotency_ttl_s, batch
+                    )
+                )
+            total += deleted
+            if deleted < batch:
+                break
+        return total
+
     async def idempotent_result(
-        self, tenant_id: str, method: str, request_id: str, request_hash: str
-    ) -> list[Memory] | None:
-        """The memories a previous call with this ``request_id`` produced, if any.
+        self, tenant_id: str, principal: str, method: str, request_id: str, request_hash: str
+    ) -> tuple[list[Memory], int] | None:
+        """The memories a previous call with this key produced, if any, and a position at
+        or after its commit.
+
+        Args:
+            tenant_id: The tenant.
+            principal: The caller (``Principal.actor``); keys are per caller.
+            method: The RPC method name.
+            request_id: The client's idempotency key.
+            request_hash: Fingerprint of the request.
 
         Raises:
             FailedPrecondition: the key was used for a different request
                 (reason ``REQUEST_ID_REUSED``).
         """
+        key = self._key(tenant_id, principal, method, request_id)
 
-        async def work(conn: asyncpg.Connection) -> list[Memory] | None:
-            return await _replay(conn, tenant_id, method, request_id, request_hash)
+        async def work(conn: asyncpg.Connection) -> tuple[list[Memory], int] | None:
+            replay = await _replay(conn, key, request_hash)
+            return None if replay is None else (replay, await _latest_position(conn, tenant_id))
 
         return await self.db.run(tenant_id, work, readonly=True)
 
@@ -402,21 +462,27 @@ class PostgresMemoryStore:
         method: str,
         request_id: str,
         request_hash: str,
-    ) -> list[Memory]:
+    ) -> tuple[list[Memory], int]:
         """Insert memories, their ADD revisions and outbox events in one transaction.
 
-        With a ``request_id``, a retry returns the first call's memories instead.
+        With a ``request_id``, a retry returns the first call's memories instead, also when
+        the first call's COMMIT lost its connection (resolved through the key).
+
+        Returns:
+            The memories and the outbox position of the commit.
 
         Raises:
             FailedPrecondition: the ``request_id`` was used for a different request.
+            CommitOutcomeUnknown: COMMIT lost its connection and there is no ``request_id``.
         """
         ids = [uuid.uuid4() for _ in items]
+        key = self._key(tenant_id, actor, method, request_id)
 
-        async def work(conn: asyncpg.Connection) -> list[Memory]:
+        async def work(conn: asyncpg.Connection) -> tuple[list[Memory], int]:
             if request_id:
-                replay = await _claim(conn, tenant_id, method, request_id, request_hash, ids)
+                replay = await _claim(conn, key, request_hash, ids)
                 if replay is not None:
-                    return replay
+                    return replay, await _latest_position(conn, tenant_id)
             await conn.executemany(
                 "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
                 "project_id, team_id, org_id, company_id, content, content_hash, metadata, "
@@ -451,16 +517,29 @@ class PostgresMemoryStore:
                 [e.memory.content for e in items],
                 actor,
             )
-            await _append_outbox(conn, tenant_id, "memory.created", ids)
+            position = await _append_outbox(conn, tenant_id, "memory.created", ids)
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
                 tenant_id,
                 ids,
             )
             by_id = {r["id"]: row_to_memory(r) for r in rows}
-            return [by_id[i] for i in ids]
+            return [by_id[i] for i in ids], position
 
-        return await self.db.run(tenant_id, work)
+        return await self.db.run(
+            tenant_id, work, resolve=self._resolver(key, request_hash) if request_id else None
+        )
+
+    def _resolver(
+        self, key: _Key, request_hash: str
+    ) -> Callable[[asyncpg.Connection], Awaitable[tuple[list[Memory], int] | None]]:
+        async def resolve(conn: asyncpg.Connection) -> tuple[list[Memory], int] | None:
+            replay = await _replay(conn, key, request_hash)
+            if replay is None:
+                return None
+            return replay, await _latest_position(conn, key.tenant_id)
+
+        return resolve
 
     async def update(
         self,
@@ -473,7 +552,7 @@ class PostgresMemoryStore:
         embedding: Sequence[float] | None,
         actor: str,
         model: str | None = None,
-    ) -> Memory:
+    ) -> tuple[Memory, int]:
         """Apply a patch if the memory is still at ``expected_revision``.
 
         ``lexical_context`` and ``embedding``, when given, replace the index texts' BM25
@@ -482,13 +561,17 @@ class PostgresMemoryStore:
         A new ``embedding`` is stored with its ``model`` id; with an empty patch that is a
         re-embed (its revision lists ``embedding`` as the changed field).
 
+        Returns:
+            The memory and the outbox position of the commit.
+
         Raises:
             NotFound: no such live memory.
             Aborted: it changed since it was read (reason ``CONCURRENT_MODIFICATION``).
+            CommitOutcomeUnknown: COMMIT lost its connection.
         """
         mid = uuid.UUID(memory_id)
 
-        async def work(conn: asyncpg.Connection) -> Memory:
+        async def work(conn: asyncpg.Connection) -> tuple[Memory, int]:
             row = await conn.fetchrow(
                 "SELECT content, revision, deleted_at FROM memories "
                 "WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
@@ -550,8 +633,8 @@ class PostgresMemoryStore:
                 changed,
                 actor,
             )
-            await _append_outbox(conn, tenant_id, "memory.updated", [mid])
-            return memory
+            position = await _append_outbox(conn, tenant_id, "memory.updated", [mid])
+            return memory, position
 
         return await self.db.run(tenant_id, work)
 
@@ -604,15 +687,20 @@ class PostgresMemoryStore:
 
         return await self.db.run(tenant_id, work, readonly=True)
 
-    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> Memory:
+    async def delete(self, tenant_id: str, memory_id: str, *, actor: str) -> tuple[Memory, int]:
         """Soft-delete; a deleted memory is returned unchanged (idempotent).
+
+        Returns:
+            The memory and the outbox position of the commit (for a memory deleted before,
+            a position at or after that delete).
 
         Raises:
             NotFound: no such memory.
+            CommitOutcomeUnknown: COMMIT lost its connection (repeating the call is safe).
         """
         mid = uuid.UUID(memory_id)
 
-        async def work(conn: asyncpg.Connection) -> Memory:
+        async def work(conn: asyncpg.Connection) -> tuple[Memory, int]:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
                 tenant_id,
@@ -621,7 +709,7 @@ class PostgresMemoryStore:
             if row is None:
                 raise _not_found(tenant_id, memory_id)
             if row["deleted_at"] is not None:
-                return row_to_memory(row)
+                return row_to_memory(row), await _latest_position(conn, tenant_id)
             updated = await conn.fetchrow(
                 "UPDATE memories SET deleted_at = clock_timestamp(), "
                 "updated_at = clock_timestamp(), revision = revision + 1 "
@@ -640,8 +728,8 @@ class PostgresMemoryStore:
                 row["content"],
                 actor,
             )
-            await _append_outbox(conn, tenant_id, "memory.deleted", [mid])
-            return memory
+            position = await _append_outbox(conn, tenant_id, "memory.deleted", [mid])
+            return memory, position
 
         return await self.db.run(tenant_id, work)
 
@@ -655,19 +743,23 @@ class PostgresMemoryStore:
         actor: str,
         request_id: str,
         request_hash: str,
-    ) -> Memory:
+    ) -> tuple[Memory, int]:
         """Apply a reward to the importance (once per ``request_id``).
 
         Importance becomes ``clamp((old + reward) / 2, 0, 1)`` (DOMAIN.md, Feedback), written
         as an UPDATE revision of ``importance``.
 
+        Returns:
+            The memory and the outbox position of the commit.
+
         Raises:
             NotFound: no such live memory.
+            CommitOutcomeUnknown: COMMIT lost its connection and there is no ``request_id``.
         """
         mid = uuid.UUID(memory_id)
-        method = "RecordMemoryFeedback"
+        key = self._key(tenant_id, actor, "RecordMemoryFeedback", request_id)
 
-        async def work(conn: asyncpg.Connection) -> Memory:
+        async def work(conn: asyncpg.Connection) -> tuple[Memory, int]:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
                 tenant_id,
@@ -676,9 +768,9 @@ class PostgresMemoryStore:
             if row is None or row["deleted_at"] is not None:
                 raise _not_found(tenant_id, memory_id)
             if request_id:
-                replay = await _claim(conn, tenant_id, method, request_id, request_hash, [mid])
+                replay = await _claim(conn, key, request_hash, [mid])
                 if replay is not None:
-                    return replay[0]
+                    return replay[0], await _latest_position(conn, tenant_id)
             importance = new_importance(row["importance"], reward)
             updated = await conn.fetchrow(
                 "UPDATE memories SET importance = $3, revision = revision + 1, "
@@ -701,56 +793,78 @@ class PostgresMemoryStore:
                 ["importance"],
                 actor,
             )
-            await _append_outbox(
+            position = await _append_outbox(
                 conn,
                 tenant_id,
                 "memory.feedback_recorded",
                 [mid],
                 {"type": feedback.name, "reward": reward},
             )
-            return memory
+            return memory, position
 
-        return await self.db.run(tenant_id, work)
+        resolve = self._resolver(key, request_hash) if request_id else None
+
+        async def resolve_one(conn: asyncpg.Connection) -> tuple[Memory, int] | None:
+            assert resolve is not None
+            found = await resolve(conn)
+            return None if found is None or not found[0] else (found[0][0], found[1])
+
+        return await self.db.run(tenant_id, work, resolve=resolve_one if request_id else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """An idempotency key: scope, the client's ``request_id`` and its lifetime in seconds."""
+
+    tenant_id: str
+    principal: str
+    method: str
+    request_id: str
+    ttl_s: float
 
 
 async def _claim(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    method: str,
-    request_id: str,
-    request_hash: str,
-    ids: Sequence[uuid.UUID],
+    conn: asyncpg.Connection, key: _Key, request_hash: str, ids: Sequence[uuid.UUID]
 ) -> list[Memory] | None:
-    """Claim ``request_id`` for ``ids``; ``None`` when claimed now, else the earlier result.
+    """Claim ``key`` for ``ids``; ``None`` when claimed now, else the earlier result.
 
-    A concurrent call with the same key blocks on the unique index until the first commits
-    (or rolls back, leaving the key free), so exactly one of them does the work.
+    A concurrent call with the same key blocks on the primary key until the first commits
+    (or rolls back, leaving the key free), so exactly one of them does the work. An expired
+    key is taken over as if it did not exist.
     """
     claimed = await conn.fetchval(
-        "INSERT INTO idempotency_keys (tenant_id, method, request_id, request_hash, memory_ids)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
-        tenant_id,
-        method,
-        request_id,
+        "INSERT INTO idempotency_keys (tenant_id, principal, method, request_id, request_hash,"
+        " memory_ids) VALUES ($1, $2, $3, $4, $5, $6)"
+        " ON CONFLICT (tenant_id, principal, method, request_id) DO UPDATE SET"
+        " request_hash = EXCLUDED.request_hash, memory_ids = EXCLUDED.memory_ids,"
+        " created_at = clock_timestamp()"
+        " WHERE idempotency_keys.created_at < clock_timestamp() - make_interval(secs => $7)"
+        " RETURNING 1",
+        key.tenant_id,
+        key.principal,
+        key.method,
+        key.request_id,
         request_hash,
         list(ids),
+        key.ttl_s,
     )
     if claimed:
         return None
-    replay = await _replay(conn, tenant_id, method, request_id, request_hash)
+    replay = await _replay(conn, key, request_hash)
     assert replay is not None
     return replay
 
 
-async def _replay(
-    conn: asyncpg.Connection, tenant_id: str, method: str, request_id: str, request_hash: str
-) -> list[Memory] | None:
+async def _replay(conn: asyncpg.Connection, key: _Key, request_hash: str) -> list[Memory] | None:
     row = await conn.fetchrow(
-        "SELECT request_hash, memory_ids FROM idempotency_keys "
-        "WHERE tenant_id = $1 AND method = $2 AND request_id = $3",
-        tenant_id,
-        method,
-        request_id,
+        "SELECT request_hash, memory_ids FROM idempotency_keys WHERE tenant_id = $1 AND "
+        "principal = $2 AND method = $3 AND request_id = $4 AND "
+        "created_at >= clock_timestamp() - make_interval(secs => $5)",
+        key.tenant_id,
+        key.principal,
+        key.method,
+        key.request_id,
+        key.ttl_s,
     )
     if row is None:
         return None
@@ -758,15 +872,23 @@ async def _replay(
         raise FailedPrecondition(
             "request_id was already used for a different request",
             reason="REQUEST_ID_REUSED",
-            metadata={"request_id": request_id},
+            metadata={"request_id": key.request_id},
         )
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
-        tenant_id,
+        key.tenant_id,
         row["memory_ids"],
     )
     by_id = {r["id"]: row_to_memory(r) for r in rows}
     return [by_id[i] for i in row["memory_ids"] if i in by_id]
+
+
+async def _latest_position(conn: asyncpg.Connection, tenant_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT position FROM outbox WHERE tenant_id = $1 ORDER BY position DESC LIMIT 1",
+        tenant_id,
+    )
+    return int(value or 0)
 
 
 async def _append_outbox(
@@ -775,7 +897,7 @@ async def _append_outbox(
     event_type: str,
     ids: Sequence[uuid.UUID],
     payload: dict[str, Any] | None = None,
-) -> None:
+) -> int:
     # Held until commit: positions are drawn, and become visible, in commit order.
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
     last = await conn.fetchval(
@@ -790,6 +912,7 @@ async def _append_outbox(
         json.dumps(payload or {}),
     )
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last))
+    return int(last)
 
 
 def _not_found(tenant_id: str, memory_id: str) -> NotFound:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import structlog
+from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
 from aeterna_common.embedding.port import EmbeddingPort
 from aeterna_common.errors import (
@@ -24,6 +25,7 @@ from aeterna_common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from aeterna_common.search import fusion
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
@@ -66,7 +68,12 @@ class SearchTuning:
         dense_weight: Weight of the dense ranking in the fusion.
         lexical_weight: Weight of the lexical ranking in the fusion.
         rrf_k: Rank constant of reciprocal rank fusion (60 in Cormack et al.).
-        wait_s: Longest wait, in seconds, for the index to reach the latest committed change.
+        wait_s: Longest wait, in seconds, of a search without a consistency token for the
+            index to reach the tenant's latest committed change; past it the search is served
+            and marked stale.
+        token_wait_s: Longest wait, in seconds, of a read with a consistency token for the
+            index to reach the token's position; past it the read fails with ``UNAVAILABLE``
+            (reason ``CONSISTENCY_TOKEN_NOT_REACHED``) so that the edge retries elsewhere.
 
     The defaults (min-max, 0.4 dense / 0.6 lexical) weigh the stronger ranking more: on LoCoMo
     dev conversations BM25F with context beats dense alone by ~0.16 recall@10, and every
@@ -79,6 +86,23 @@ class SearchTuning:
     lexical_weight: float = 0.6
     rrf_k: float = fusion.RRF_K
     wait_s: float = 0.1
+    token_wait_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """What a search found and how fresh the index was.
+
+    Attributes:
+        hits: The ranked hits.
+        stale: The index had not applied the tenant's latest change (searches without a
+            consistency token only).
+        applied_position: The outbox position the index had applied when it was queried.
+    """
+
+    hits: list[SearchHit]
+    stale: bool
+    applied_position: int
 
 
 def model_id(name: str, dimension: int) -> str:
@@ -200,16 +224,22 @@ class MemoryDomain:
         *,
         method: str,
         request_id: str,
-    ) -> list[Memory]:
-        """Create memories atomically; idempotent on ``request_id``.
+    ) -> tuple[list[Memory], int]:
+        """Create memories atomically; idempotent on ``request_id`` per principal.
+
+        Returns:
+            The memories and the outbox position of their commit (the consistency token).
 
         Raises:
             FailedPrecondition: ``request_id`` reused for another request.
+            CommitOutcomeUnknown: the commit's outcome is unknown and there is no request id.
         """
         tenant = principal.tenant_id
         fingerprint = request_hash(method, memories)
         if request_id:
-            replay = await self.store.idempotent_result(tenant, method, request_id, fingerprint)
+            replay = await self.store.idempotent_result(
+                tenant, principal.actor, method, request_id, fingerprint
+            )
             if replay is not None:
                 return replay
         prepared = await self._prepare(tenant, memories)
@@ -244,8 +274,10 @@ class MemoryDomain:
             for m, t, v in zip(memories, texts, vectors, strict=True)
         ]
 
-    async def update(self, principal: Principal, memory_id: str, patch: MemoryPatch) -> Memory:
-        """Apply a field-masked update.
+    async def update(
+        self, principal: Principal, memory_id: str, patch: MemoryPatch
+    ) -> tuple[Memory, int]:
+        """Apply a field-masked update; returns the memory and its commit's position.
 
         A change of content or metadata rebuilds the memory's index texts: the BM25 context
         (indexed metadata values such as ``session_time`` and the session turns that
@@ -288,8 +320,8 @@ class MemoryDomain:
             model=self.model_id if embedding is not None else None,
         )
 
-    async def delete(self, principal: Principal, memory_id: str) -> Memory:
-        """Soft-delete (idempotent)."""
+    async def delete(self, principal: Principal, memory_id: str) -> tuple[Memory, int]:
+        """Soft-delete (idempotent); returns the memory and its commit's position."""
         return await self.store.delete(principal.tenant_id, memory_id, actor=principal.actor)
 
     async def feedback(
@@ -299,8 +331,12 @@ class MemoryDomain:
         kind: FeedbackType,
         reward: float,
         request_id: str,
-    ) -> Memory:
-        """Record a reward; importance = clamp((old + reward) / 2, 0, 1)."""
+    ) -> tuple[Memory, int]:
+        """Record a reward; importance = clamp((old + reward) / 2, 0, 1).
+
+        Returns:
+            The memory and the outbox position of the commit.
+        """
         return await self.store.record_feedback(
             principal.tenant_id,
             memory_id,
@@ -432,8 +468,15 @@ class MemoryDomain:
 
     # ---- search ----------------------------------------------------------------------
 
-    async def search(self, principal: Principal, query: SearchQuery) -> list[SearchHit]:
+    async def search(
+        self, principal: Principal, query: SearchQuery, *, min_position: int | None = None
+    ) -> SearchResult:
         """Hybrid search (DOMAIN.md, Search).
+
+        With ``min_position`` (a consistency token's position) the search waits until the
+        index has applied it, at most ``tuning.token_wait_s``, and fails rather than serve a
+        stale answer. Without it the search waits at most ``tuning.wait_s`` for the tenant's
+        latest committed change and, past that, is served and marked stale.
 
         Every reached layer is searched concurrently with a dense and a BM25 ranking. All
         candidates of all layers then go into one fused ranking (:func:`fuse_layers`): the
@@ -449,25 +492,42 @@ class MemoryDomain:
             principal: The caller; its tenant scopes everything.
             query: The validated query.
 
+            min_position: Outbox position the index must have applied, or None.
+
         Returns:
-            At most ``query.top_k`` hits, best first, with fused scores in [0, 1].
+            At most ``query.top_k`` hits, best first, with fused scores in [0, 1], and the
+            index's state.
+
+        Raises:
+            Unavailable: the index did not reach ``min_position`` in time (reason
+                ``CONSISTENCY_TOKEN_NOT_REACHED``).
         """
         if self.model_mismatch is not None:
             raise FailedPrecondition(self.model_mismatch, reason="EMBEDDING_MODEL_MISMATCH")
         tenant = principal.tenant_id
         t0 = time.perf_counter()
 
-        async def caught_up() -> None:
+        async def caught_up() -> bool:
+            if min_position is not None:
+                if not await self.index.wait_for(min_position, self.tuning.token_wait_s):
+                    raise Unavailable(
+                        "this replica's index has not reached the consistency token yet; "
+                        "retry (another replica may have)",
+                        reason=TOKEN_NOT_REACHED,
+                        metadata={"applied_position": str(self.index.applied_position)},
+                    )
+                return True
             position = await self.store.latest_position(tenant)
-            await self.index.wait_for(position, self.tuning.wait_s)
+            return await self.index.wait_for(position, self.tuning.wait_s)
 
         # Embedding the query overlaps with waiting for the index to reach the latest write.
         # BM25 encoding runs in a worker thread, off the event loop.
-        _, vectors, sparse_q = await asyncio.gather(
+        fresh, vectors, sparse_q = await asyncio.gather(
             caught_up(),
             self.embed(tenant, [query.text], query=True),
             asyncio.to_thread(self.encode_query, query.text),
         )
+        applied = self.index.applied_position
         dense_q = vectors[0]
         per_layer = await asyncio.gather(
             *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
@@ -495,7 +555,7 @@ class MemoryDomain:
         kept.sort(key=lambda k: candidates[k.candidate.id].order)
         await self.store.touch(tenant, [k.candidate.id for k in kept])
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
-        return [
+        hits = [
             SearchHit(
                 memory=k.memory,
                 score=k.candidate.score,
@@ -504,6 +564,7 @@ class MemoryDomain:
             )
             for k in kept
         ]
+        return SearchResult(hits=hits, stale=not fresh, applied_position=applied)
 
     async def _search_layer(
         self,

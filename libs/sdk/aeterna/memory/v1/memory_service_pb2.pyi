@@ -34,7 +34,9 @@ class CreateMemoryRequest(_message.Message):
     parent: _builtins.str
     """The tenant, `tenants/{tenant}`; must be the caller's."""
     request_id: _builtins.str
-    """Idempotency key (1-128 characters); a retry with the same key returns the same memory."""
+    """Idempotency key (1-128 characters); a retry by the same caller with the same key within
+    24 hours returns the same memory. Send it also as `x-aeterna-request-id` metadata.
+    """
     @_builtins.property
     def memory(self) -> _resources_pb2.Memory:
         """The memory to create; `name` and output-only fields are ignored."""
@@ -66,7 +68,9 @@ class BatchCreateMemoriesRequest(_message.Message):
     parent: _builtins.str
     """The tenant, `tenants/{tenant}`; each child request's parent must be empty or equal."""
     request_id: _builtins.str
-    """Idempotency key for the whole batch."""
+    """Idempotency key for the whole batch (per caller, 24 hours); send it also as
+    `x-aeterna-request-id` metadata.
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateMemoryRequest]:
         """1 to 1000 creates, applied in order in one transaction."""
@@ -502,7 +506,9 @@ class RecordMemoryFeedbackRequest(_message.Message):
     score: _builtins.float
     """Reward in [-1, 1]."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same key is applied once."""
+    """Idempotency key; a retry by the same caller with the same key within 24 hours is
+    applied once. Send it also as `x-aeterna-request-id` metadata.
+    """
     def __init__(
         self,
         *,

@@ -28,7 +28,29 @@ if _version_not_supported:
 
 class MemoryServiceStub:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
-    come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+    come from the verified bearer token (`authorization: Bearer ...`) only.
+
+    Metadata that is part of this contract:
+
+    - `x-aeterna-consistency-token` (response): every successful write (Create, BatchCreate,
+    Update, Delete, RecordMemoryFeedback) returns, in its initial metadata, an opaque token
+    naming its commit. Treat it as an opaque string.
+    - `x-aeterna-consistency-token` (request): GetMemory, ListMemories, ListMemoryRevisions and
+    SearchMemories accept a token from an earlier write and then see that write on any
+    replica. A replica whose search index has not reached it within its bound answers
+    `UNAVAILABLE` (reason `CONSISTENCY_TOKEN_NOT_REACHED`); the edge retries another one.
+    A malformed token is `INVALID_ARGUMENT` (reason `INVALID_CONSISTENCY_TOKEN`).
+    - `x-aeterna-index-stale: true` and `x-aeterna-index-position` (response): a search sent
+    without a token was served by an index that had not applied the tenant's latest write.
+    - `x-aeterna-request-id` (request): repeats the body's `request_id` of a write; the edge
+    then retries the write on every transient failure. Without it a write is retried only
+    when it provably never reached a replica. A mismatch with the body is `INVALID_ARGUMENT`
+    (reason `REQUEST_ID_MISMATCH`).
+
+    Idempotency keys (`request_id`) are scoped to the caller (tenant, principal, method) and
+    remembered for 24 hours by default. A write whose commit lost its database connection and
+    that carries no `request_id` fails with `UNAVAILABLE` (reason `COMMIT_OUTCOME_UNKNOWN`):
+    it may or may not have been applied.
 
     Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
     RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
@@ -95,7 +117,29 @@ class MemoryServiceStub:
 
 class MemoryServiceServicer:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
-    come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+    come from the verified bearer token (`authorization: Bearer ...`) only.
+
+    Metadata that is part of this contract:
+
+    - `x-aeterna-consistency-token` (response): every successful write (Create, BatchCreate,
+    Update, Delete, RecordMemoryFeedback) returns, in its initial metadata, an opaque token
+    naming its commit. Treat it as an opaque string.
+    - `x-aeterna-consistency-token` (request): GetMemory, ListMemories, ListMemoryRevisions and
+    SearchMemories accept a token from an earlier write and then see that write on any
+    replica. A replica whose search index has not reached it within its bound answers
+    `UNAVAILABLE` (reason `CONSISTENCY_TOKEN_NOT_REACHED`); the edge retries another one.
+    A malformed token is `INVALID_ARGUMENT` (reason `INVALID_CONSISTENCY_TOKEN`).
+    - `x-aeterna-index-stale: true` and `x-aeterna-index-position` (response): a search sent
+    without a token was served by an index that had not applied the tenant's latest write.
+    - `x-aeterna-request-id` (request): repeats the body's `request_id` of a write; the edge
+    then retries the write on every transient failure. Without it a write is retried only
+    when it provably never reached a replica. A mismatch with the body is `INVALID_ARGUMENT`
+    (reason `REQUEST_ID_MISMATCH`).
+
+    Idempotency keys (`request_id`) are scoped to the caller (tenant, principal, method) and
+    remembered for 24 hours by default. A write whose commit lost its database connection and
+    that carries no `request_id` fails with `UNAVAILABLE` (reason `COMMIT_OUTCOME_UNKNOWN`):
+    it may or may not have been applied.
 
     Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
     RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
@@ -240,7 +284,29 @@ def add_MemoryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class MemoryService:
     """Stores and searches memories for one tenant. The caller's tenant, user, agent and roles
-    come from metadata set by the edge (`x-aeterna-tenant`, `x-aeterna-user`, ...).
+    come from the verified bearer token (`authorization: Bearer ...`) only.
+
+    Metadata that is part of this contract:
+
+    - `x-aeterna-consistency-token` (response): every successful write (Create, BatchCreate,
+    Update, Delete, RecordMemoryFeedback) returns, in its initial metadata, an opaque token
+    naming its commit. Treat it as an opaque string.
+    - `x-aeterna-consistency-token` (request): GetMemory, ListMemories, ListMemoryRevisions and
+    SearchMemories accept a token from an earlier write and then see that write on any
+    replica. A replica whose search index has not reached it within its bound answers
+    `UNAVAILABLE` (reason `CONSISTENCY_TOKEN_NOT_REACHED`); the edge retries another one.
+    A malformed token is `INVALID_ARGUMENT` (reason `INVALID_CONSISTENCY_TOKEN`).
+    - `x-aeterna-index-stale: true` and `x-aeterna-index-position` (response): a search sent
+    without a token was served by an index that had not applied the tenant's latest write.
+    - `x-aeterna-request-id` (request): repeats the body's `request_id` of a write; the edge
+    then retries the write on every transient failure. Without it a write is retried only
+    when it provably never reached a replica. A mismatch with the body is `INVALID_ARGUMENT`
+    (reason `REQUEST_ID_MISMATCH`).
+
+    Idempotency keys (`request_id`) are scoped to the caller (tenant, principal, method) and
+    remembered for 24 hours by default. A write whose commit lost its database connection and
+    that carries no `request_id` fails with `UNAVAILABLE` (reason `COMMIT_OUTCOME_UNKNOWN`):
+    it may or may not have been applied.
 
     Requests are at most 4 MiB and responses at most 8 MiB (a larger message fails with
     RESOURCE_EXHAUSTED; clients should raise gRPC's default 4 MiB receive limit to 8 MiB). A
