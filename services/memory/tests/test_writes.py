@@ -35,6 +35,7 @@ from aeterna_memory.domain.model import (
     NewMemory,
     Scope,
 )
+from aeterna_memory.domain.service import model_id
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -143,13 +144,18 @@ async def _count(env: MemoryEnv, tenant: str, content: str) -> int:
         await conn.close()
 
 
+# The session replica's model: rows of any other model would make its model guard refuse
+# every later search in the shared test database.
+SESSION_MODEL = model_id("all-MiniLM-L6-v2-int8", 384)
+
+
 async def _create(
     store: PostgresMemoryStore, tenant: str, content: str, request_id: str
 ) -> tuple[list[object], int]:
     result = await store.create(
         tenant,
         [_item(content)],
-        model="test-model",
+        model=SESSION_MODEL,
         actor="users/u1",
         method="CreateMemory",
         request_id=request_id,
@@ -488,7 +494,7 @@ async def test_the_collector_policy_shows_the_app_role_no_foreign_keys(env: Memo
             theirs,
         )
         async with app.transaction():
-            await app.execute("SELECT set_config('app.tenant_id', $1, true)", mine)
+            await app.execute("SELECT aeterna_bind_tenant($1)", mine)
             seen = await app.fetch("SELECT tenant_id FROM idempotency_keys")
         assert {r["tenant_id"] for r in seen} == {mine}
         # The collector never deletes keys younger than an hour, whatever it is asked.
