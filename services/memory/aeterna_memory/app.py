@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
+from aeterna_common import leases
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
@@ -29,6 +31,7 @@ from aeterna_memory.adapters.index_follower import (
     PostgresCursor,
     PostgresModelMarker,
 )
+from aeterna_memory.adapters.lifecycle import LifecycleJobs
 from aeterna_memory.adapters.postgres import PostgresMemoryStore
 from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
 from aeterna_memory.domain.indexing import IndexingPolicy
@@ -49,6 +52,7 @@ class MemoryApp(ServiceApp):
     Attributes:
         domain: The use cases.
         follower: The index follower (rebuild, reconcile, applied position).
+        lifecycle: The expiry and purge jobs (run periodically under leases).
         credentials: The service principal's token for calls that background work makes to
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
             maintenance reads PostgreSQL as the indexer and calls no service yet.
@@ -56,6 +60,7 @@ class MemoryApp(ServiceApp):
 
     domain: MemoryDomain
     follower: IndexFollower
+    lifecycle: LifecycleJobs
     credentials: ServiceCredentials | None = None
 
 
@@ -362,19 +367,34 @@ async def build(
             except Exception:
                 log.exception("index.reconcile_failed")
 
-    async def collect_idempotency_keys_forever() -> None:
-        # Every replica runs this: the database function deletes bounded batches with
-        # SKIP LOCKED, so concurrent runs share the work and an idle run is one index probe.
-        if not settings.idempotency_gc_interval_s:
-            return
-        while True:
-            await asyncio.sleep(settings.idempotency_gc_interval_s)
-            try:
-                deleted = await store.gc_idempotency_keys()
-                if deleted:
-                    log.info("idempotency.collected", deleted=deleted)
-            except Exception:
-                log.exception("idempotency.collect_failed")
+    lifecycle = LifecycleJobs(
+        db, indexer, cache, domain.dense_text, retention_s=settings.retention_s
+    )
+
+    def under_lease(
+        name: str, interval_s: float, job: Callable[[leases.Lease], Awaitable[object]]
+    ) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            if not interval_s:
+                return
+            await leases.run_periodic_under_lease(
+                db.pool, name, job, interval_s=interval_s, ttl_s=settings.lifecycle_lease_ttl_s
+            )
+
+        return run
+
+    async def collect_idempotency_keys(lease: leases.Lease) -> None:
+        deleted = await store.gc_idempotency_keys()
+        if deleted:
+            log.info("idempotency.collected", deleted=deleted)
+
+    jobs = [
+        under_lease(
+            "memory:idempotency:gc", settings.idempotency_gc_interval_s, collect_idempotency_keys
+        ),
+        under_lease("memory:lifecycle:expire", settings.expiry_interval_s, lifecycle.expire_due),
+        under_lease("memory:lifecycle:purge", settings.purge_interval_s, lifecycle.purge_due),
+    ]
 
     async def close() -> None:
         await follower.close()
@@ -395,8 +415,9 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch, collect_idempotency_keys_forever],
+        background=[follower.run, reconcile_forever, guard.watch, *jobs],
         domain=domain,
         follower=follower,
+        lifecycle=lifecycle,
         credentials=credentials,
     )

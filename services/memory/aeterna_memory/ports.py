@@ -32,6 +32,11 @@ class EmbeddingCache(Protocol):
         """Store vectors; never raises for an unavailable cache."""
         ...
 
+    async def delete_many(self, tenant_id: str, model: str, texts: Sequence[str]) -> None:
+        """Remove the entries of ``texts`` (purge); raises when the cache cannot be reached,
+        so that the caller keeps the source of the keys until it can."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

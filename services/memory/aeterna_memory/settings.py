@@ -62,8 +62,18 @@ class MemorySettings(BaseSettings):
         idempotency_ttl_s: Seconds a ``request_id`` is remembered per (tenant, principal,
             method); a later call with the same id is a new request (24 h by default).
         idempotency_gc_interval_s: Seconds between runs of the collector of expired
-            idempotency keys on each replica (0 disables); runs on every replica are safe.
+            idempotency keys (0 disables); one replica runs it, under the lease
+            ``memory:idempotency:gc`` (concurrent runs would be safe, just wasted).
         reconcile_interval_s: Seconds between reconciler runs (0 disables).
+        expiry_interval_s: Seconds between runs of the expiry job (0 disables): memories past
+            their ``expire_at`` emit ``memory.expired`` and leave the index. One replica runs
+            it, under the lease ``memory:lifecycle:expire``.
+        purge_interval_s: Seconds between runs of the purge job (0 disables), under the lease
+            ``memory:lifecycle:purge``.
+        retention_s: Seconds a soft-deleted or expired memory is kept before the purge
+            removes its row, vector, cache entry and revisions' content (30 days, the
+            retention of DOMAIN.md).
+        lifecycle_lease_ttl_s: Time to live in seconds of the lifecycle jobs' leases.
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
             (50/s is about a quarter of int8 MiniLM's throughput on 2 cores).
@@ -102,6 +112,10 @@ class MemorySettings(BaseSettings):
     idempotency_gc_interval_s: float = Field(default=600.0, ge=0)
     reconcile_interval_s: float = Field(default=600.0, ge=0)
     index_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
+    expiry_interval_s: float = Field(default=30.0, ge=0)
+    purge_interval_s: float = Field(default=3600.0, ge=0)
+    retention_s: float = Field(default=30 * 86_400.0, ge=0)
+    lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)
 

@@ -82,6 +82,10 @@ async def start_memory(
     )
     # The model built by `make model` (AETERNA_MEMORY_MODEL_DIR), as the service loads it.
     settings.setdefault("model_dir", require_model())
+    # Lifecycle jobs run only where a test asks for them: tests call them directly and
+    # assert exactly what one run did.
+    settings.setdefault("expiry_interval_s", 0)
+    settings.setdefault("purge_interval_s", 0)
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),

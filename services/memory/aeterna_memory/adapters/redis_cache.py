@@ -90,6 +90,16 @@ class RedisEmbeddingCache:
         except (RedisError, OSError) as exc:
             log.warning("embedding_cache.unavailable", error=str(exc))
 
+    async def delete_many(self, tenant_id: str, model: str, texts: Sequence[str]) -> None:
+        """Delete the entries of ``texts``.
+
+        Raises:
+            redis.exceptions.RedisError: Redis could not be reached (the purge retries later).
+            OSError: The connection failed.
+        """
+        if texts:
+            await self.client.delete(*[cache_key(tenant_id, model, t) for t in texts])
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self.client.aclose()
@@ -108,6 +118,9 @@ class NoCache:
         self, tenant_id: str, model: str, items: Sequence[tuple[str, Sequence[float]]]
     ) -> None:
         """Drop everything."""
+
+    async def delete_many(self, tenant_id: str, model: str, texts: Sequence[str]) -> None:
+        """Nothing is stored, so nothing to delete."""
 
     async def close(self) -> None:
         """Nothing to close."""

@@ -412,7 +412,7 @@ class MemoryDomain:
             if not page:
                 break
             after = page[-1][0].id
-            texts = [self._dense_text(m, ctx) for m, ctx in page]
+            texts = [self.dense_text(m, ctx) for m, ctx in page]
             vectors = await self.embed(tenant, texts)
             for (memory, _), vector in zip(page, vectors, strict=True):
                 # Rate limit: the n-th write of this call waits until n / per_second seconds.
@@ -437,7 +437,7 @@ class MemoryDomain:
         log.info("reembed", tenant=tenant, model=model, reembedded=done, remaining=remaining)
         return done, remaining
 
-    def _dense_text(self, memory: Memory, index_context: Sequence[str]) -> str:
+    def dense_text(self, memory: Memory, index_context: Sequence[str]) -> str:
         """The dense text of a stored memory, as :func:`build_texts` made it at write time
         (the preceding turns come from the stored BM25 context, so a dense context longer
         than the lexical one sees only those turns)."""

@@ -1,0 +1,243 @@
+"""Lifecycle jobs of memories: expiry and purge after retention (DOMAIN.md, Memory).
+
+Both jobs work across tenants without giving the application role a way to read another
+tenant: they find due memories (ids only) as the **indexer** role, which may SELECT every
+tenant's memories and nothing else, then act on each tenant in a transaction of the
+**application** role bound to that tenant (``aeterna_bind_tenant``), which re-checks the
+condition under ``FOR UPDATE`` so a memory changed meanwhile is left alone. Each job runs on
+one replica at a time under a lease (:func:`aeterna_common.leases.run_periodic_under_lease`)
+and every transaction is fenced by the lease's epoch (:func:`aeterna_common.leases.check`),
+so a deposed holder commits nothing more.
+
+* **Expiry** (:meth:`LifecycleJobs.expire_due`): a live memory whose ``expire_at`` has
+  passed gets ``expired_at`` and one ``memory.expired`` outbox event in the same
+  transaction; the index followers then delete its point at once (a memory past its
+  ``expire_at`` is not live for them). ``expired_at IS NULL`` in the condition makes the job
+  idempotent: each expired memory is processed once.
+* **Purge** (:meth:`LifecycleJobs.purge_due`): a memory soft-deleted, or past its
+  ``expire_at``, for longer than the retention loses its row (and with it its vector), its
+  embedding cache entry and its revisions' content (a revision keeps ids, action, actor,
+  time and changed fields); a ``memory.purged`` outbox event makes the followers delete the
+  index point of a memory that still had one. The cache entry is deleted first: if Redis
+  cannot be reached the tenant's batch is left for the next run rather than losing the text
+  the key is derived from.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import asyncpg
+import structlog
+from aeterna_common import leases
+from aeterna_common.db import Database
+
+from aeterna_memory.adapters.postgres import _COLUMNS, _append_outbox, row_to_memory
+from aeterna_memory.domain.model import Memory
+from aeterna_memory.ports import EmbeddingCache
+
+log = structlog.get_logger("aeterna.memory.lifecycle")
+
+BATCH = 500
+"""Memories handled per round of a job (one indexer query, one transaction per tenant)."""
+
+MAX_ROUNDS = 20
+"""Rounds per run of a job; the rest waits for the next run (bounds one run's work)."""
+
+EXPIRED_EVENT = "memory.expired"
+"""Outbox event of an expired memory."""
+
+PURGED_EVENT = "memory.purged"
+"""Outbox event of a purged memory."""
+
+
+class LifecycleJobs:
+    """Expiry and purge of memories, one tenant transaction at a time.
+
+    Args:
+        db: Pool of the application role (tenant-bound transactions, the lease).
+        indexer: Pool of the indexer role (finds due memories across tenants).
+        cache: The embedding cache whose entries a purge removes.
+        dense_text: The dense text a stored memory was embedded from, given the memory and
+            its stored BM25 context (the cache key's text).
+        retention_s: Seconds a soft-deleted or expired memory is kept before purge.
+        batch: Memories per round (see :data:`BATCH`).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        indexer: Database,
+        cache: EmbeddingCache,
+        dense_text: Callable[[Memory, Sequence[str]], str],
+        *,
+        retention_s: float,
+        batch: int = BATCH,
+    ) -> None:
+        if retention_s < 0:
+            raise ValueError(f"retention_s must not be negative, got {retention_s}")
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
+        self.db = db
+        self.indexer = indexer
+        self.cache = cache
+        self.dense_text = dense_text
+        self.retention_s = retention_s
+        self.batch = batch
+
+    async def _due(self, query: str, *args: object) -> dict[str, list[uuid.UUID]]:
+        async with self.indexer.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(query, *args)
+        by_tenant: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for r in rows:
+            by_tenant[r["tenant_id"]].append(r["id"])
+        return by_tenant
+
+    async def expire_due(self, lease: leases.Lease | None = None) -> int:
+        """Process memories whose ``expire_at`` has passed (see the module docstring).
+
+        Args:
+            lease: The job's lease; each transaction is fenced by it. ``None`` runs unfenced
+                (tests and one-off operator runs).
+
+        Returns:
+            How many memories were marked expired (each emitted one ``memory.expired``).
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
+        """
+        total = 0
+        for _ in range(MAX_ROUNDS):
+            due = await self._due(
+                "SELECT tenant_id, id FROM memories WHERE expired_at IS NULL "
+                "AND deleted_at IS NULL AND expire_at IS NOT NULL AND expire_at <= now() "
+                "ORDER BY expire_at LIMIT $1",
+                self.batch,
+            )
+            if not due:
+                break
+            for tenant, ids in due.items():
+                total += await self._expire(tenant, ids, lease)
+            if sum(len(v) for v in due.values()) < self.batch:
+                break
+        if total:
+            log.info("lifecycle.expired", memories=total)
+        return total
+
+    async def _expire(
+        self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
+    ) -> int:
+        async def work(conn: asyncpg.Connection) -> int:
+            if lease is not None:
+                await leases.check(conn, lease)
+            done = await conn.fetch(
+                "UPDATE memories SET expired_at = clock_timestamp() "
+                "WHERE tenant_id = $1 AND id = ANY($2::uuid[]) AND expired_at IS NULL "
+                "AND deleted_at IS NULL AND expire_at <= clock_timestamp() RETURNING id",
+                tenant,
+                list(ids),
+            )
+            if done:
+                await _append_outbox(conn, tenant, EXPIRED_EVENT, [r["id"] for r in done])
+            return len(done)
+
+        return await self.db.run(tenant, work)
+
+    async def purge_due(self, lease: leases.Lease | None = None) -> int:
+        """Purge memories soft-deleted or expired longer than the retention.
+
+        Args:
+            lease: The job's lease (as in :meth:`expire_due`).
+
+        Returns:
+            How many memories were purged.
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
+        """
+        total = 0
+        for _ in range(MAX_ROUNDS):
+            due = await self._due(
+                "SELECT tenant_id, id FROM memories "
+                "WHERE (deleted_at IS NOT NULL OR expire_at IS NOT NULL) "
+                "AND coalesce(deleted_at, expire_at) < now() - make_interval(secs => $1) "
+                "ORDER BY coalesce(deleted_at, expire_at) LIMIT $2",
+                self.retention_s,
+                self.batch,
+            )
+            if not due:
+                break
+            failed = False
+            for tenant, ids in due.items():
+                try:
+                    total += await self._purge(tenant, ids, lease)
+                except leases.LeaseLostError:
+                    raise
+                except Exception:
+                    log.exception("lifecycle.purge_failed", tenant=tenant)
+                    failed = True
+            if failed or sum(len(v) for v in due.values()) < self.batch:
+                break
+        if total:
+            log.info("lifecycle.purged", memories=total)
+        return total
+
+    def _condition(self) -> str:
+        return (
+            "(deleted_at IS NOT NULL OR expire_at IS NOT NULL) AND coalesce(deleted_at, "
+            "expire_at) < clock_timestamp() - make_interval(secs => $3)"
+        )
+
+    async def _purge(
+        self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
+    ) -> int:
+        # 1. The cache keys derive from the content: delete the entries while it is there.
+        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    f"SELECT {_COLUMNS}, index_context FROM memories WHERE tenant_id = $1 "
+                    f"AND id = ANY($2::uuid[]) AND {self._condition()}",
+                    tenant,
+                    list(ids),
+                    self.retention_s,
+                )
+            )
+
+        rows = await self.db.run(tenant, read, readonly=True)
+        if not rows:
+            return 0
+        texts: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            memory = row_to_memory(r)
+            texts[memory.embedding_model].append(
+                self.dense_text(memory, list(r["index_context"]))
+            )
+        for model, model_texts in texts.items():
+            await self.cache.delete_many(tenant, model, model_texts)
+
+        # 2. Rows, revisions' content and the outbox event in one fenced transaction.
+        async def work(conn: asyncpg.Connection) -> int:
+            if lease is not None:
+                await leases.check(conn, lease)
+            gone = await conn.fetch(
+                "DELETE FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[]) "
+                f"AND {self._condition()} RETURNING id",
+                tenant,
+                [r["id"] for r in rows],
+                self.retention_s,
+            )
+            purged = [r["id"] for r in gone]
+            if not purged:
+                return 0
+            await conn.execute(
+                "UPDATE memory_revisions SET old_content = NULL, new_content = NULL "
+                "WHERE tenant_id = $1 AND memory_id = ANY($2::uuid[])",
+                tenant,
+                purged,
+            )
+            await _append_outbox(conn, tenant, PURGED_EVENT, purged)
+            return len(purged)
+
+        return await self.db.run(tenant, work)

@@ -1,0 +1,205 @@
+"""The memory lifecycle (issue 6, item 7): expiry events, purge after retention, jobs under
+leases."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aeterna.memory.v1 import memory_service_pb2 as svc
+from aeterna_common import leases
+from aeterna_memory.adapters.redis_cache import cache_key
+from aeterna_memory.settings import MemorySettings
+from memory_testkit import MemoryEnv, create, md, memory, new_tenant, start_memory
+
+
+def _id(name: str) -> uuid.UUID:
+    return uuid.UUID(name.rsplit("/", 1)[1])
+
+
+async def _caught_up(env: MemoryEnv, tenant: str) -> None:
+    position = await env.domain.store.latest_position(tenant)
+    assert await env.follower.wait_for(position, 10.0)
+
+
+async def test_expiry_emits_an_event_once_and_leaves_the_index_at_once(env: MemoryEnv) -> None:
+    t = new_tenant()
+    m = await create(env, t, memory("the parking permit ends on Friday", user_id="u"))
+    keep = await create(env, t, memory("the office moves in June", user_id="u"))
+    mid = _id(m.name)
+    await _caught_up(env, t)
+    assert str(mid) in await env.follower.index.all_ids(t)
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:  # the API refuses an expire_time in the past: let it pass
+        await conn.execute(
+            "UPDATE memories SET expire_at = now() - interval '1 second' WHERE id = $1", mid
+        )
+        # (other tests' memories past expire_at may be processed by the same run)
+        assert await env.app.lifecycle.expire_due() >= 1
+        assert await conn.fetchval("SELECT expired_at FROM memories WHERE id = $1", mid)
+        events = await conn.fetch(
+            "SELECT event_type FROM outbox WHERE tenant_id = $1 AND memory_id = $2 "
+            "AND event_type = 'memory.expired'",
+            t,
+            mid,
+        )
+        assert len(events) == 1
+        # Idempotent: processed once.
+        await env.app.lifecycle.expire_due()
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE memory_id = $1 AND event_type = $2",
+                mid,
+                "memory.expired",
+            )
+            == 1
+        )
+    finally:
+        await conn.close()
+    # The follower applied the event: the point is gone without any reconcile.
+    await _caught_up(env, t)
+    ids = await env.follower.index.all_ids(t)
+    assert str(mid) not in ids
+    assert str(_id(keep.name)) in ids
+
+
+async def test_purge_leaves_nothing_in_any_store(env: MemoryEnv) -> None:
+    t = new_tenant()
+    content = "my locker code is 4711"
+    m = await create(env, t, memory(content, user_id="u"))
+    other = await create(env, t, memory("recently deleted, kept for now", user_id="u"))
+    mid = _id(m.name)
+    await _caught_up(env, t)
+    stored = await env.domain.store.get(t, str(mid))
+    text = env.domain.dense_text(stored, [])
+    key = cache_key(t, stored.embedding_model, text)
+    cache = aioredis.Redis.from_url(env.redis_url)
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        assert await cache.exists(key) == 1
+        for name in (m.name, other.name):
+            await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=name), metadata=md(t))
+        await conn.execute(
+            "UPDATE memories SET deleted_at = now() - interval '31 days' WHERE id = $1", mid
+        )
+        assert await env.app.lifecycle.purge_due() == 1
+        assert await env.app.lifecycle.purge_due() == 0  # idempotent
+        # PostgreSQL: no row, no content anywhere; revisions keep their metadata only.
+        assert await conn.fetchval("SELECT count(*) FROM memories WHERE id = $1", mid) == 0
+        revisions = await conn.fetch(
+            "SELECT revision, action, actor, created_at, old_content, new_content "
+            "FROM memory_revisions WHERE memory_id = $1 ORDER BY revision",
+            mid,
+        )
+        assert [r["action"] for r in revisions] == [1, 3]
+        assert all(r["old_content"] is None and r["new_content"] is None for r in revisions)
+        assert all(r["actor"] and r["created_at"] for r in revisions)
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE payload::text LIKE '%4711%' "
+                "OR resource LIKE '%4711%'"
+            )
+            == 0
+        )
+        # The other memory is still within the retention.
+        assert await conn.fetchval(
+            "SELECT count(*) FROM memories WHERE id = $1", _id(other.name)
+        ) == 1
+        # Redis: the cache entry of the content is gone.
+        assert await cache.exists(key) == 0
+    finally:
+        await conn.close()
+        await cache.aclose()
+    # The index: no point (the purge event reached the follower).
+    await _caught_up(env, t)
+    assert str(mid) not in await env.follower.index.all_ids(t)
+    # The API: the memory is gone, not soft-deleted.
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", show_deleted=True), metadata=md(t)
+    )
+    assert [x.name for x in listed.memories] == [other.name]
+
+
+async def test_lifecycle_jobs_are_fenced_by_their_lease(env: MemoryEnv) -> None:
+    t = new_tenant()
+    m = await create(env, t, memory("a deposed job holder must not expire this", user_id="u"))
+    mid = _id(m.name)
+    pool = env.app.domain.store.db.pool
+    name = f"test:lifecycle:{uuid.uuid4().hex[:8]}"
+    first = await leases.acquire(pool, name, "first", 1.0)
+    assert first is not None
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        await conn.execute(
+            "UPDATE memories SET expire_at = now() - interval '1 second' WHERE id = $1", mid
+        )
+        await asyncio.sleep(1.2)
+        second = await leases.acquire(pool, name, "second", 30.0)
+        assert second is not None and second.epoch == first.epoch + 1
+        with pytest.raises(leases.LeaseLostError):
+            await env.app.lifecycle.expire_due(first)
+        assert await conn.fetchval("SELECT expired_at FROM memories WHERE id = $1", mid) is None
+        assert await env.app.lifecycle.expire_due(second) >= 1
+        assert await conn.fetchval("SELECT expired_at FROM memories WHERE id = $1", mid)
+    finally:
+        await conn.close()
+
+
+async def test_jobs_run_on_one_replica_under_their_leases(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
+    assert MemorySettings().retention_s == 30 * 86_400  # DOMAIN.md's retention
+    t = new_tenant()
+    m = await create(env, t, memory("expires while two replicas run the job", user_id="u"))
+    mid = _id(m.name)
+    replicas = [
+        await start_memory(
+            env.urls,
+            env.redis_url,
+            scratch / f"lifecycle-{i}-{uuid.uuid4().hex[:6]}",
+            expiry_interval_s=0.2,
+            purge_interval_s=0.2,
+            retention_s=3600,
+        )
+        for i in range(2)
+    ]
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        await conn.execute(
+            "UPDATE memories SET expire_at = now() - interval '1 second' WHERE id = $1", mid
+        )
+        for _ in range(100):
+            if await conn.fetchval("SELECT expired_at FROM memories WHERE id = $1", mid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the expiry job did not run")
+        holders = await conn.fetch(
+            "SELECT name, owner FROM leases WHERE name LIKE 'memory:lifecycle:%' "
+            "AND expires_at > now()"
+        )
+        assert {h["name"] for h in holders} == {"memory:lifecycle:expire", "memory:lifecycle:purge"}
+        await asyncio.sleep(1.0)  # more runs on both replicas: still one event
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE memory_id = $1 AND event_type = $2",
+                mid,
+                "memory.expired",
+            )
+            == 1
+        )
+        # Expired an hour ago: the purge job of one of the replicas removes it.
+        await conn.execute(
+            "UPDATE memories SET expire_at = now() - interval '2 hours' WHERE id = $1", mid
+        )
+        for _ in range(100):
+            if not await conn.fetchval("SELECT count(*) FROM memories WHERE id = $1", mid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the purge job did not run")
+    finally:
+        await conn.close()
+        for server, _ in replicas:
+            await server.stop()
