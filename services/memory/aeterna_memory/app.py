@@ -394,6 +394,7 @@ async def build(
         ),
         under_lease("memory:lifecycle:expire", settings.expiry_interval_s, lifecycle.expire_due),
         under_lease("memory:lifecycle:purge", settings.purge_interval_s, lifecycle.purge_due),
+        under_lease("memory:lifecycle:decay", settings.decay_interval_s, lifecycle.decay_due),
     ]
 
     async def close() -> None:

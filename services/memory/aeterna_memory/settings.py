@@ -73,6 +73,9 @@ class MemorySettings(BaseSettings):
         retention_s: Seconds a soft-deleted or expired memory is kept before the purge
             removes its row, vector, cache entry and revisions' content (30 days, the
             retention of DOMAIN.md).
+        decay_interval_s: Seconds between runs of the decay job (0 disables), under the lease
+            ``memory:lifecycle:decay``; each run decays the memories whose last decay is a
+            day old by the layer's daily rate (DOMAIN.md) and archives those below 0.01.
         lifecycle_lease_ttl_s: Time to live in seconds of the lifecycle jobs' leases.
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
@@ -115,6 +118,7 @@ class MemorySettings(BaseSettings):
     expiry_interval_s: float = Field(default=30.0, ge=0)
     purge_interval_s: float = Field(default=3600.0, ge=0)
     retention_s: float = Field(default=30 * 86_400.0, ge=0)
+    decay_interval_s: float = Field(default=3600.0, ge=0)
     lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)

@@ -86,6 +86,7 @@ async def start_memory(
     # assert exactly what one run did.
     settings.setdefault("expiry_interval_s", 0)
     settings.setdefault("purge_interval_s", 0)
+    settings.setdefault("decay_interval_s", 0)
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),

@@ -203,3 +203,49 @@ async def test_jobs_run_on_one_replica_under_their_leases(env: MemoryEnv, scratc
         await conn.close()
         for server, _ in replicas:
             await server.stop()
+
+
+async def test_decay_by_layer_rate_and_archive_below_001(env: MemoryEnv) -> None:
+    t = new_tenant()
+    kept = await create(env, t, memory("the team standup is at nine", user_id="u"))
+    faded = await create(env, t, memory("the old wifi password was hunter2", user_id="u"))
+    kid, fid = _id(kept.name), _id(faded.name)
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        await conn.execute(
+            "UPDATE memories SET created_at = now() - interval '10 days', "
+            "importance = CASE WHEN id = $2 THEN 0.012 ELSE 0.5 END WHERE id = ANY($1::uuid[])",
+            [kid, fid],
+            fid,
+        )
+        assert await env.app.lifecycle.decay_due() >= 2
+        rows = {
+            r["id"]: r
+            for r in await conn.fetch(
+                "SELECT id, importance, decayed_at, archived_at FROM memories "
+                "WHERE id = ANY($1::uuid[])",
+                [kid, fid],
+            )
+        }
+        # USER layer: 3 % a day (DOMAIN.md).
+        assert rows[kid]["importance"] == pytest.approx(0.5 * 0.97**10, rel=1e-4)
+        assert rows[kid]["archived_at"] is None
+        assert rows[fid]["importance"] == pytest.approx(0.012 * 0.97**10, rel=1e-4)
+        assert rows[fid]["archived_at"] is not None
+        # Idempotent: a second run at once changes nothing.
+        await env.app.lifecycle.decay_due()
+        again = await conn.fetchval("SELECT importance FROM memories WHERE id = $1", kid)
+        assert again == rows[kid]["importance"]
+    finally:
+        await conn.close()
+    await _caught_up(env, t)
+    ids = await env.follower.index.all_ids(t)
+    assert str(kid) in ids and str(fid) not in ids
+    listed = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+    )
+    assert [x.name for x in listed.memories] == [kept.name]
+    flagged = await env.stub.ListMemories(
+        svc.ListMemoriesRequest(parent=f"tenants/{t}", show_deleted=True), metadata=md(t)
+    )
+    assert {x.name for x in flagged.memories} == {kept.name, faded.name}

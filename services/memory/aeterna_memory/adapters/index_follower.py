@@ -68,7 +68,8 @@ INDEX_LAG_WAIT = Histogram(
 _ROW_COLUMNS = (
     "tenant_id, id, layer, agent_id, user_id, session_id, project_id, team_id, org_id, "
     "company_id, tags, metadata, importance, extract(epoch FROM created_at) AS created_at, "
-    "deleted_at, expire_at, revision, content, index_context, embedding, embedding_model"
+    "deleted_at, expire_at, archived_at, revision, content, index_context, embedding, "
+    "embedding_model"
 )
 
 
@@ -559,6 +560,7 @@ class IndexFollower:
             r
             for r in rows
             if r["deleted_at"] is None
+            and r["archived_at"] is None
             and (r["expire_at"] is None or r["expire_at"].timestamp() > now)
         ]
         live_ids = {r["id"] for r in live}
@@ -604,7 +606,7 @@ class IndexFollower:
             count = 0
             cursor = conn.cursor(
                 f"SELECT {_ROW_COLUMNS} FROM memories WHERE deleted_at IS NULL "
-                "AND (expire_at IS NULL OR expire_at > now())",
+                "AND archived_at IS NULL AND (expire_at IS NULL OR expire_at > now())",
                 prefetch=self.batch_size,
             )
             batch: list[asyncpg.Record] = []
@@ -655,7 +657,7 @@ class IndexFollower:
         async with self.indexer.all_tenants_snapshot() as conn:
             live_rows = await conn.fetch(
                 "SELECT id, revision FROM memories WHERE deleted_at IS NULL "
-                "AND (expire_at IS NULL OR expire_at > now())"
+                "AND archived_at IS NULL AND (expire_at IS NULL OR expire_at > now())"
             )
         live = {str(r["id"]): int(r["revision"]) for r in live_rows}
         added = [i for i in live if i not in indexed]

@@ -14,6 +14,8 @@ so a deposed holder commits nothing more.
   transaction; the index followers then delete its point at once (a memory past its
   ``expire_at`` is not live for them). ``expired_at IS NULL`` in the condition makes the job
   idempotent: each expired memory is processed once.
+* **Decay** (:meth:`LifecycleJobs.decay_due`): importance decays by the layer's daily rate;
+  below 0.01 a memory is archived (a state: ``archived_at``) until the cold tier exists.
 * **Purge** (:meth:`LifecycleJobs.purge_due`): a memory soft-deleted, or past its
   ``expire_at``, for longer than the retention loses its row (and with it its vector), its
   embedding cache entry and its revisions' content (a revision keeps ids, action, actor,
@@ -35,7 +37,7 @@ from aeterna_common import leases
 from aeterna_common.db import Database
 
 from aeterna_memory.adapters.postgres import _COLUMNS, _append_outbox, row_to_memory
-from aeterna_memory.domain.model import Memory
+from aeterna_memory.domain.model import Layer, Memory
 from aeterna_memory.ports import EmbeddingCache
 
 log = structlog.get_logger("aeterna.memory.lifecycle")
@@ -52,6 +54,30 @@ EXPIRED_EVENT = "memory.expired"
 PURGED_EVENT = "memory.purged"
 """Outbox event of a purged memory."""
 
+DECAYED_EVENT = "memory.decayed"
+"""Outbox event of a memory whose importance decayed (the index payload holds importance)."""
+
+ARCHIVED_EVENT = "memory.archived"
+"""Outbox event of a memory archived by decay (it leaves the index)."""
+
+DECAY_RATES = {
+    Layer.AGENT: 0.10,
+    Layer.SESSION: 0.05,
+    Layer.USER: 0.03,
+    Layer.PROJECT: 0.01,
+    Layer.TEAM: 0.008,
+    Layer.ORG: 0.005,
+    Layer.COMPANY: 0.002,
+}
+"""Daily decay rate of importance per layer (DOMAIN.md, Memory: Decay)."""
+
+ARCHIVE_BELOW = 0.01
+"""Importance below which decay archives a memory (DOMAIN.md, Memory: Decay)."""
+
+_RATE_SQL = "CASE layer " + " ".join(
+    f"WHEN {int(layer)} THEN {rate}" for layer, rate in DECAY_RATES.items()
+) + " END"
+
 
 class LifecycleJobs:
     """Expiry and purge of memories, one tenant transaction at a time.
@@ -63,6 +89,9 @@ class LifecycleJobs:
         dense_text: The dense text a stored memory was embedded from, given the memory and
             its stored BM25 context (the cache key's text).
         retention_s: Seconds a soft-deleted or expired memory is kept before purge.
+        decay_period_s: A memory decays once its last decay (or creation) is this many
+            seconds old (a day by default; the result does not depend on it, since
+            ``(1 - r)^a · (1 - r)^b = (1 - r)^(a + b)``, only the number of writes does).
         batch: Memories per round (see :data:`BATCH`).
     """
 
@@ -74,6 +103,7 @@ class LifecycleJobs:
         dense_text: Callable[[Memory, Sequence[str]], str],
         *,
         retention_s: float,
+        decay_period_s: float = 86_400.0,
         batch: int = BATCH,
     ) -> None:
         if retention_s < 0:
@@ -85,6 +115,7 @@ class LifecycleJobs:
         self.cache = cache
         self.dense_text = dense_text
         self.retention_s = retention_s
+        self.decay_period_s = decay_period_s
         self.batch = batch
 
     async def _due(self, query: str, *args: object) -> dict[str, list[uuid.UUID]]:
@@ -239,5 +270,78 @@ class LifecycleJobs:
             )
             await _append_outbox(conn, tenant, PURGED_EVENT, purged)
             return len(purged)
+
+        return await self.db.run(tenant, work)
+
+    async def decay_due(self, lease: leases.Lease | None = None) -> int:
+        """Decay the importance of live memories not decayed for ``decay_period_s``.
+
+        New importance = importance · (1 − rate of the layer)^days since the last decay (or
+        the creation), days fractional; below :data:`ARCHIVE_BELOW` the memory is archived
+        (``archived_at``), which takes it out of the index, searches and default listings.
+        Each decayed memory gets one outbox event (``memory.decayed``, or
+        ``memory.archived``) so that the index payload follows. Running again at once
+        decays nothing (the period has not passed), and any cadence yields the same
+        importance.
+
+        Args:
+            lease: The job's lease (as in :meth:`expire_due`).
+
+        Returns:
+            How many memories decayed (archived ones included).
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
+        """
+        total = 0
+        for _ in range(MAX_ROUNDS):
+            due = await self._due(
+                "SELECT tenant_id, id FROM memories WHERE archived_at IS NULL "
+                "AND deleted_at IS NULL "
+                "AND coalesce(decayed_at, created_at) < now() - make_interval(secs => $1) "
+                "ORDER BY coalesce(decayed_at, created_at) LIMIT $2",
+                self.decay_period_s,
+                self.batch,
+            )
+            if not due:
+                break
+            for tenant, ids in due.items():
+                total += await self._decay(tenant, ids, lease)
+            if sum(len(v) for v in due.values()) < self.batch:
+                break
+        if total:
+            log.info("lifecycle.decayed", memories=total)
+        return total
+
+    async def _decay(
+        self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
+    ) -> int:
+        async def work(conn: asyncpg.Connection) -> int:
+            if lease is not None:
+                await leases.check(conn, lease)
+            done = await conn.fetch(
+                "WITH d AS (SELECT id, importance * power((1 - " + _RATE_SQL + ")::float8, "
+                "(extract(epoch FROM clock_timestamp() - coalesce(decayed_at, created_at)) "
+                "/ 86400.0)::float8) AS value FROM memories WHERE tenant_id = $1 "
+                "AND id = ANY($2::uuid[]) AND archived_at IS NULL AND deleted_at IS NULL "
+                "AND coalesce(decayed_at, created_at) < clock_timestamp() "
+                "- make_interval(secs => $3) FOR UPDATE) "
+                "UPDATE memories m SET importance = greatest(d.value, 0), "
+                "decayed_at = clock_timestamp(), "
+                "archived_at = CASE WHEN d.value < $4 THEN clock_timestamp() END "
+                "FROM d WHERE m.tenant_id = $1 AND m.id = d.id "
+                "RETURNING m.id, m.archived_at IS NOT NULL AS archived",
+                tenant,
+                list(ids),
+                self.decay_period_s,
+                ARCHIVE_BELOW,
+            )
+            decayed = [r["id"] for r in done if not r["archived"]]
+            archived = [r["id"] for r in done if r["archived"]]
+            if decayed:
+                await _append_outbox(conn, tenant, DECAYED_EVENT, decayed)
+            if archived:
+                await _append_outbox(conn, tenant, ARCHIVED_EVENT, archived)
+            return len(done)
 
         return await self.db.run(tenant, work)

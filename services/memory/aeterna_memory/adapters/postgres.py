@@ -270,7 +270,10 @@ class PostgresMemoryStore:
             args.append(list(flt.tags))
             where.append(f"tags && ${len(args)}::text[]")
         if not flt.show_deleted:
-            where.append("deleted_at IS NULL AND (expire_at IS NULL OR expire_at > now())")
+            where.append(
+                "deleted_at IS NULL AND archived_at IS NULL "
+                "AND (expire_at IS NULL OR expire_at > now())"
+            )
         if page_token:
             created, mid = decode_page_token(page_token, fp)
             args.extend([created, uuid.UUID(mid)])
@@ -358,7 +361,8 @@ class PostgresMemoryStore:
     async def read_hits(
         self, tenant_id: str, ids: Sequence[str]
     ) -> dict[str, tuple[Memory, list[float]]]:
-        """Live (not deleted, not expired) memories among ``ids`` with their vectors.
+        """Live (not deleted, not expired, not archived) memories among ``ids`` with their
+        vectors.
 
         Args:
             tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
@@ -372,7 +376,7 @@ class PostgresMemoryStore:
             return list(
                 await conn.fetch(
                     f"SELECT {_COLUMNS}, embedding FROM memories WHERE tenant_id = $1 "
-                    "AND id = ANY($2::uuid[]) AND deleted_at IS NULL "
+                    "AND id = ANY($2::uuid[]) AND deleted_at IS NULL AND archived_at IS NULL "
                     "AND (expire_at IS NULL OR expire_at > now())",
                     tenant_id,
                     uuids,
