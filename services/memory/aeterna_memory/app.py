@@ -395,7 +395,27 @@ async def build(
         under_lease("memory:lifecycle:expire", settings.expiry_interval_s, lifecycle.expire_due),
         under_lease("memory:lifecycle:purge", settings.purge_interval_s, lifecycle.purge_due),
         under_lease("memory:lifecycle:decay", settings.decay_interval_s, lifecycle.decay_due),
+        under_lease("memory:outbox:trim", settings.outbox_trim_interval_s, lifecycle.trim_outbox),
     ]
+    # This index copy's name in outbox_followers: the shared index's, or a fresh one per
+    # embedded replica process (an old process's report just expires).
+    follower_name = (
+        f"qdrant:{settings.qdrant_collection}"
+        if settings.vector_store == "qdrant"
+        else f"edge:{leases.new_owner_id()}"
+    )
+
+    async def report_position_forever() -> None:
+        while True:
+            try:
+                await follower.report_position(
+                    follower_name, 3 * settings.outbox_report_interval_s
+                )
+            except Exception:
+                log.exception("index.report_failed")
+            await asyncio.sleep(settings.outbox_report_interval_s)
+
+    jobs.append(report_position_forever)
 
     async def close() -> None:
         await follower.close()

@@ -76,6 +76,13 @@ class MemorySettings(BaseSettings):
         decay_interval_s: Seconds between runs of the decay job (0 disables), under the lease
             ``memory:lifecycle:decay``; each run decays the memories whose last decay is a
             day old by the layer's daily rate (DOMAIN.md) and archives those below 0.01.
+        outbox_trim_interval_s: Seconds between runs of the outbox trim (0 disables), under
+            the lease ``memory:outbox:trim``: rows at or below the smallest position that a
+            live follower reported are deleted.
+        outbox_report_interval_s: Seconds between this replica's reports of its applied
+            outbox position (an embedded index, or the leader of a shared one); a report
+            expires after three intervals, after which this replica no longer holds the
+            trim back (if it falls behind the trim, it rebuilds its index).
         lifecycle_lease_ttl_s: Time to live in seconds of the lifecycle jobs' leases.
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
@@ -119,6 +126,8 @@ class MemorySettings(BaseSettings):
     purge_interval_s: float = Field(default=3600.0, ge=0)
     retention_s: float = Field(default=30 * 86_400.0, ge=0)
     decay_interval_s: float = Field(default=3600.0, ge=0)
+    outbox_trim_interval_s: float = Field(default=300.0, ge=0)
+    outbox_report_interval_s: float = Field(default=10.0, gt=0)
     lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)

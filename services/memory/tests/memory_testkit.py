@@ -87,6 +87,8 @@ async def start_memory(
     settings.setdefault("expiry_interval_s", 0)
     settings.setdefault("purge_interval_s", 0)
     settings.setdefault("decay_interval_s", 0)
+    settings.setdefault("outbox_trim_interval_s", 0)
+    settings.setdefault("outbox_report_interval_s", 3600)
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),

@@ -249,3 +249,59 @@ async def test_decay_by_layer_rate_and_archive_below_001(env: MemoryEnv) -> None
         svc.ListMemoriesRequest(parent=f"tenants/{t}", show_deleted=True), metadata=md(t)
     )
     assert {x.name for x in flagged.memories} == {kept.name, faded.name}
+
+
+async def test_outbox_trim_below_live_followers_and_a_replica_behind_it_rebuilds(
+    env: MemoryEnv, scratch
+) -> None:  # type: ignore[no-untyped-def]
+    t = new_tenant()
+    conn = await asyncpg.connect(env.urls.superuser)
+    b_dir = scratch / f"trim-b-{uuid.uuid4().hex[:6]}"
+    try:
+        await conn.execute("DELETE FROM outbox_followers")
+        m1 = await create(env, t, memory("first note before the trim", user_id="u"))
+        # Replica B follows, then stops (it stops reporting).
+        server, app = await start_memory(env.urls, env.redis_url, b_dir)
+        assert str(_id(m1.name)) in await app.follower.index.all_ids(t)
+        await server.stop()
+        await conn.execute("DELETE FROM outbox_followers")
+        m2 = await create(env, t, memory("second note, after B stopped", user_id="u"))
+        await _caught_up(env, t)
+        p = await env.domain.store.latest_position(t)
+        assert await env.follower.report_position("a", 60.0)
+        await conn.execute(
+            "INSERT INTO outbox_followers VALUES ('stale', 0, now() - interval '1 second'), "
+            "('lagging', $1, now() + interval '60 seconds')",
+            p - 1,
+        )
+        await env.app.lifecycle.trim_outbox()
+        # Below the lagging live follower only; the expired one does not hold it back.
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE position < $1", p) == 0
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE position = $1", p) == 1
+        assert await conn.fetchval("SELECT upto FROM outbox_trim") == p - 1
+        await conn.execute("UPDATE outbox_followers SET position = $1 WHERE name = 'lagging'", p)
+        await env.app.lifecycle.trim_outbox()
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE position <= $1", p) == 0
+        # B comes back behind the trim: it rebuilds rather than skipping m2.
+        server, app = await start_memory(env.urls, env.redis_url, b_dir)
+        try:
+            ids = await app.follower.index.all_ids(t)
+            assert {str(_id(m1.name)), str(_id(m2.name))} <= ids
+            # And it keeps following after the rebuild.
+            m3 = await create(env, t, memory("third note, after the rebuild", user_id="u"))
+            position = await env.domain.store.latest_position(t)
+            assert await app.follower.wait_for(position, 10.0)
+            assert str(_id(m3.name)) in await app.follower.index.all_ids(t)
+        finally:
+            await server.stop()
+        # A fresh replica (rebuilding from PostgreSQL) still finds everything.
+        server, app = await start_memory(
+            env.urls, env.redis_url, scratch / f"trim-c-{uuid.uuid4().hex[:6]}"
+        )
+        try:
+            assert {str(_id(m1.name)), str(_id(m2.name))} <= await app.follower.index.all_ids(t)
+        finally:
+            await server.stop()
+    finally:
+        await conn.execute("DELETE FROM outbox_followers WHERE name IN ('stale', 'lagging', 'a')")
+        await conn.close()

@@ -522,27 +522,64 @@ class IndexFollower:
             total = 0
             while True:
                 async with self.indexer.all_tenants_snapshot() as conn:
-                    changes = await conn.fetch(
-                        "SELECT position, tenant_id, memory_id FROM outbox WHERE position > $1 "
-                        "ORDER BY position LIMIT $2",
-                        self.applied,
-                        self.batch_size,
+                    trimmed = int(
+                        await conn.fetchval("SELECT upto FROM outbox_trim WHERE id = 1") or 0
                     )
-                    if not changes:
-                        return total
-                    keys = {
-                        (c["tenant_id"], c["memory_id"])
-                        for c in changes
-                        if c["memory_id"] is not None
-                    }
-                    ids = [mid for _, mid in keys]
-                    rows = await _rows(conn, keys)
+                    # Changes after our position were trimmed while we did not report (see
+                    # migration 0007): rebuild (in its own snapshot) instead of skipping them.
+                    behind = trimmed > self.applied
+                    if not behind:
+                        changes = await conn.fetch(
+                            "SELECT position, tenant_id, memory_id FROM outbox "
+                            "WHERE position > $1 ORDER BY position LIMIT $2",
+                            self.applied,
+                            self.batch_size,
+                        )
+                        if not changes:
+                            return total
+                        keys = {
+                            (c["tenant_id"], c["memory_id"])
+                            for c in changes
+                            if c["memory_id"] is not None
+                        }
+                        ids = [mid for _, mid in keys]
+                        rows = await _rows(conn, keys)
+                if behind:
+                    log.warning("index.behind_outbox_trim", applied=self.applied, trimmed=trimmed)
+                    await self._rebuild_locked()
+                    return total
                 last = int(changes[-1]["position"])
                 async with self._fenced() as save_cursor:
                     await self._apply(rows, ids, positions=(self.applied + 1, last))
                     await save_cursor(last)
                 await self._advance(last)
                 total += len(changes)
+
+    async def report_position(self, name: str, ttl_s: float) -> bool:
+        """Report this follower's applied position for the outbox trim (``outbox_followers``,
+        expiring after ``ttl_s`` seconds unless reported again). Only followers that apply
+        the outbox report: an embedded index, the leader of a shared one.
+
+        Args:
+            name: This follower's name (unique per index copy).
+            ttl_s: Seconds until the report expires.
+
+        Returns:
+            Whether a report was written.
+        """
+        if self.keeper is not None and not self.leader:
+            return False
+        async with self.db.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO outbox_followers (name, position, expires_at) "
+                "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+                "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, "
+                "expires_at = EXCLUDED.expires_at",
+                name,
+                self.applied,
+                ttl_s,
+            )
+        return True
 
     async def _apply(
         self,

@@ -345,3 +345,30 @@ class LifecycleJobs:
             return len(done)
 
         return await self.db.run(tenant, work)
+
+    async def trim_outbox(self, lease: leases.Lease | None = None, *, batch: int = 5000) -> int:
+        """Delete outbox rows every live follower has applied (``trim_outbox()`` of
+        migration 0007: at or below the smallest unexpired report in ``outbox_followers``).
+
+        Args:
+            lease: The job's lease; checked before each batch.
+            batch: Rows per transaction (at most 10,000).
+
+        Returns:
+            How many rows were deleted.
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
+        """
+        total = 0
+        for _ in range(MAX_ROUNDS):
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                if lease is not None:
+                    await leases.check(conn, lease)
+                deleted = int(await conn.fetchval("SELECT trim_outbox($1)", batch))
+            total += deleted
+            if deleted < batch:
+                break
+        if total:
+            log.info("lifecycle.outbox_trimmed", rows=total)
+        return total
