@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -373,7 +374,7 @@ async def build(
 
     def under_lease(
         name: str, interval_s: float, job: Callable[[leases.Lease], Awaitable[object]]
-    ) -> Callable[[], Awaitable[None]]:
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
         async def run() -> None:
             if not interval_s:
                 return
@@ -408,9 +409,7 @@ async def build(
     async def report_position_forever() -> None:
         while True:
             try:
-                await follower.report_position(
-                    follower_name, 3 * settings.outbox_report_interval_s
-                )
+                await follower.report_position(follower_name, 3 * settings.outbox_report_interval_s)
             except Exception:
                 log.exception("index.report_failed")
             await asyncio.sleep(settings.outbox_report_interval_s)

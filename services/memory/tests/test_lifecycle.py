@@ -105,9 +105,9 @@ async def test_purge_leaves_nothing_in_any_store(env: MemoryEnv) -> None:
             == 0
         )
         # The other memory is still within the retention.
-        assert await conn.fetchval(
-            "SELECT count(*) FROM memories WHERE id = $1", _id(other.name)
-        ) == 1
+        assert (
+            await conn.fetchval("SELECT count(*) FROM memories WHERE id = $1", _id(other.name)) == 1
+        )
         # Redis: the cache entry of the content is gone.
         assert await cache.exists(key) == 0
     finally:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import asyncpg
 import structlog
@@ -74,9 +75,11 @@ DECAY_RATES = {
 ARCHIVE_BELOW = 0.01
 """Importance below which decay archives a memory (DOMAIN.md, Memory: Decay)."""
 
-_RATE_SQL = "CASE layer " + " ".join(
-    f"WHEN {int(layer)} THEN {rate}" for layer, rate in DECAY_RATES.items()
-) + " END"
+_RATE_SQL = (
+    "CASE layer "
+    + " ".join(f"WHEN {int(layer)} THEN {rate}" for layer, rate in DECAY_RATES.items())
+    + " END"
+)
 
 
 class LifecycleJobs:
@@ -242,9 +245,7 @@ class LifecycleJobs:
         texts: dict[str, list[str]] = defaultdict(list)
         for r in rows:
             memory = row_to_memory(r)
-            texts[memory.embedding_model].append(
-                self.dense_text(memory, list(r["index_context"]))
-            )
+            texts[memory.embedding_model].append(self.dense_text(memory, list(r["index_context"])))
         for model, model_texts in texts.items():
             await self.cache.delete_many(tenant, model, model_texts)
 
@@ -364,7 +365,7 @@ class LifecycleJobs:
         for _ in range(MAX_ROUNDS):
             async with self.db.pool.acquire() as conn, conn.transaction():
                 if lease is not None:
-                    await leases.check(conn, lease)
+                    await leases.check(cast(asyncpg.Connection, conn), lease)
                 deleted = int(await conn.fetchval("SELECT trim_outbox($1)", batch))
             total += deleted
             if deleted < batch:
