@@ -369,7 +369,13 @@ async def build(
                 log.exception("index.reconcile_failed")
 
     lifecycle = LifecycleJobs(
-        db, indexer, cache, domain.dense_text, retention_s=settings.retention_s
+        db,
+        indexer,
+        cache,
+        domain.dense_text,
+        retention_s=settings.retention_s,
+        create=domain.create,
+        promotion_threshold=settings.promotion_threshold,
     )
 
     def under_lease(
@@ -396,6 +402,9 @@ async def build(
         under_lease("memory:lifecycle:expire", settings.expiry_interval_s, lifecycle.expire_due),
         under_lease("memory:lifecycle:purge", settings.purge_interval_s, lifecycle.purge_due),
         under_lease("memory:lifecycle:decay", settings.decay_interval_s, lifecycle.decay_due),
+        under_lease(
+            "memory:lifecycle:promote", settings.promotion_interval_s, lifecycle.promote_due
+        ),
         under_lease("memory:outbox:trim", settings.outbox_trim_interval_s, lifecycle.trim_outbox),
     ]
     # This index copy's name in outbox_followers: the shared index's, or a fresh one per

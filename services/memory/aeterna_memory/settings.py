@@ -83,6 +83,11 @@ class MemorySettings(BaseSettings):
             outbox position (an embedded index, or the leader of a shared one); a report
             expires after three intervals, after which this replica no longer holds the
             trim back (if it falls behind the trim, it rebuilds its index).
+        promotion_interval_s: Seconds between runs of the automatic promotion (AGENT→USER,
+            SESSION→PROJECT; 0 disables), under the lease ``memory:lifecycle:promote``.
+        promotion_threshold: Promotion score (0.6·importance + 0.3·min(access_count/10, 1)
+            + 0.1·max(0, 1 − days since last access)) from which a memory is promoted (0.8,
+            DOMAIN.md).
         lifecycle_lease_ttl_s: Time to live in seconds of the lifecycle jobs' leases.
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
@@ -128,6 +133,8 @@ class MemorySettings(BaseSettings):
     decay_interval_s: float = Field(default=3600.0, ge=0)
     outbox_trim_interval_s: float = Field(default=300.0, ge=0)
     outbox_report_interval_s: float = Field(default=10.0, gt=0)
+    promotion_interval_s: float = Field(default=600.0, ge=0)
+    promotion_threshold: float = Field(default=0.8, gt=0, le=1)
     lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)

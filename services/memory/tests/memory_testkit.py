@@ -88,6 +88,7 @@ async def start_memory(
     settings.setdefault("purge_interval_s", 0)
     settings.setdefault("decay_interval_s", 0)
     settings.setdefault("outbox_trim_interval_s", 0)
+    settings.setdefault("promotion_interval_s", 0)
     settings.setdefault("outbox_report_interval_s", 3600)
     app = await build(
         common,

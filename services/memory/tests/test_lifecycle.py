@@ -4,6 +4,7 @@ leases."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -305,3 +306,92 @@ async def test_outbox_trim_below_live_followers_and_a_replica_behind_it_rebuilds
     finally:
         await conn.execute("DELETE FROM outbox_followers WHERE name IN ('stale', 'lagging', 'a')")
         await conn.close()
+
+
+async def test_promotion_agent_to_user_and_session_to_project_once_redacted(
+    env: MemoryEnv,
+) -> None:
+    t = new_tenant()
+    agent = await create(
+        env,
+        t,
+        memory(
+            "Reach Dana at dana.smith@example.com or +1 (415) 555-0134 about the release",
+            layer="AGENT",
+            agent_id="a1",
+            user_id="u",
+        ),
+    )
+    secret = await create(
+        env, t, memory("the sensitive one", layer="AGENT", agent_id="a1", user_id="u")
+    )
+    weak = await create(env, t, memory("rarely used", layer="AGENT", agent_id="a1", user_id="u"))
+    session = await create(
+        env,
+        t,
+        memory("we chose PostgreSQL for the queue", layer="SESSION", user_id="u", session_id="s"),
+    )
+    lost = await create(
+        env, t, memory("no project named", layer="SESSION", user_id="u", session_id="s")
+    )
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        strong = [_id(x.name) for x in (agent, secret, session, lost)]
+        await conn.execute(
+            "UPDATE memories SET importance = 1, access_count = 10, last_accessed_at = now() "
+            "WHERE id = ANY($1::uuid[])",
+            strong,
+        )
+        await conn.execute(
+            "UPDATE memories SET metadata = '{\"sensitive\": true}' WHERE id = $1",
+            _id(secret.name),
+        )
+        await conn.execute(
+            'UPDATE memories SET metadata = \'{"project_id": "p1"}\' WHERE id = $1',
+            _id(session.name),
+        )
+        assert await env.app.lifecycle.promote_due() >= 2
+        copies = await conn.fetch(
+            "SELECT layer, user_id, project_id, content, metadata FROM memories "
+            "WHERE tenant_id = $1 AND metadata ? 'original_memory' ORDER BY layer",
+            t,
+        )
+        assert [(c["layer"], c["user_id"], c["project_id"]) for c in copies] == [
+            (2, "u", None),
+            (4, None, "p1"),
+        ]
+        user_copy = copies[0]
+        assert "example.com" not in user_copy["content"]
+        assert "555" not in user_copy["content"]
+        assert "[email redacted]" in user_copy["content"]
+        assert "[phone redacted]" in user_copy["content"]
+        assert "about the release" in user_copy["content"]
+        meta = json.loads(user_copy["metadata"])
+        assert meta["original_memory"] == agent.name
+        assert meta["promotion_score"] == pytest.approx(1.0)
+        assert json.loads(copies[1]["metadata"])["original_memory"] == session.name
+        # Once per revision.
+        await env.app.lifecycle.promote_due()
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM memories WHERE tenant_id = $1 AND metadata ? 'original_memory'",
+                t,
+            )
+            == 2
+        )
+        assert weak.name and lost.name  # below the threshold / no project: not promoted
+    finally:
+        await conn.close()
+
+
+def test_redaction_patterns() -> None:
+    from aeterna_memory.domain.promotion import redact
+
+    assert redact("mail a.b+c@mail.example.org now") == "mail [email redacted] now"
+    assert redact("call 030 1234567 or +44 20 7946 0958") == (
+        "call [phone redacted] or [phone redacted]"
+    )
+    # Years, versions and short numbers stay.
+    assert (
+        redact("in 2023 we shipped v1.2.3 to 40 users") == "in 2023 we shipped v1.2.3 to 40 users"
+    )

@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import asyncpg
 import structlog
 from aeterna_common import leases
+from aeterna_common.context import Principal
 from aeterna_common.db import Database
 
 from aeterna_memory.adapters.postgres import _COLUMNS, _append_outbox, row_to_memory
-from aeterna_memory.domain.model import Layer, Memory
+from aeterna_memory.domain.model import Layer, Memory, NewMemory
+from aeterna_memory.domain.promotion import DEFAULT_THRESHOLD, promoted_copy, promotion_score
 from aeterna_memory.ports import EmbeddingCache
 
 log = structlog.get_logger("aeterna.memory.lifecycle")
@@ -95,6 +98,9 @@ class LifecycleJobs:
         decay_period_s: A memory decays once its last decay (or creation) is this many
             seconds old (a day by default; the result does not depend on it, since
             ``(1 - r)^a · (1 - r)^b = (1 - r)^(a + b)``, only the number of writes does).
+        create: The domain's create use case (``MemoryDomain.create``), which embeds and
+            stores promoted copies; ``None`` disables promotion.
+        promotion_threshold: Promotion score from which a memory is promoted (0.8).
         batch: Memories per round (see :data:`BATCH`).
     """
 
@@ -107,6 +113,8 @@ class LifecycleJobs:
         *,
         retention_s: float,
         decay_period_s: float = 86_400.0,
+        create: Callable[..., Awaitable[Any]] | None = None,
+        promotion_threshold: float = DEFAULT_THRESHOLD,
         batch: int = BATCH,
     ) -> None:
         if retention_s < 0:
@@ -119,6 +127,8 @@ class LifecycleJobs:
         self.dense_text = dense_text
         self.retention_s = retention_s
         self.decay_period_s = decay_period_s
+        self.create = create
+        self.promotion_threshold = promotion_threshold
         self.batch = batch
 
     async def _due(self, query: str, *args: object) -> dict[str, list[uuid.UUID]]:
@@ -373,3 +383,93 @@ class LifecycleJobs:
         if total:
             log.info("lifecycle.outbox_trimmed", rows=total)
         return total
+
+    async def promote_due(self, lease: leases.Lease | None = None) -> int:
+        """Promote AGENT memories to USER and SESSION memories to PROJECT automatically.
+
+        A live memory whose promotion score (:func:`promotion_score`) reaches the threshold,
+        whose metadata is neither ``sensitive`` nor ``private`` and (SESSION) which names a
+        ``project_id`` in its metadata gets one redacted copy at the target layer, made by
+        the domain's create (so it is embedded and indexed like any memory) with the
+        request id ``promote-{id}-{revision}``: once per memory revision, also across a
+        retried commit or a successor job within the idempotency TTL; beyond it the copy
+        itself (``original_memory`` and ``original_revision`` in its metadata) excludes the
+        revision from the candidates.
+
+        Args:
+            lease: The job's lease; checked before each tenant's batch.
+
+        Returns:
+            How many copies were created.
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: The lease was lost.
+        """
+        if self.create is None:
+            return 0
+        async with self.indexer.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(
+                "SELECT m.tenant_id, m.id FROM memories m WHERE m.layer = ANY($1::smallint[]) "
+                "AND m.deleted_at IS NULL AND m.archived_at IS NULL "
+                "AND (m.expire_at IS NULL OR m.expire_at > now()) "
+                "AND coalesce(m.metadata->>'sensitive', 'false') IN ('false', '', '0') "
+                "AND coalesce(m.metadata->>'private', 'false') IN ('false', '', '0') "
+                "AND (m.layer <> $2 OR coalesce(m.metadata->>'project_id', '') <> '') "
+                "AND 0.6 * m.importance + 0.3 * least(m.access_count / 10.0, 1) + 0.1 * "
+                "coalesce(greatest(0, 1 - extract(epoch FROM now() - m.last_accessed_at) "
+                "/ 86400.0), 0) >= $3 - 1e-9 "
+                "AND NOT EXISTS (SELECT 1 FROM memories c WHERE c.tenant_id = m.tenant_id "
+                "AND c.metadata ? 'original_memory' "
+                "AND c.metadata->>'original_memory' = "
+                "'tenants/' || m.tenant_id || '/memories/' || m.id::text "
+                "AND c.metadata->>'original_revision' = m.revision::text) "
+                "ORDER BY m.tenant_id LIMIT $4",
+                [int(Layer.AGENT), int(Layer.SESSION)],
+                int(Layer.SESSION),
+                self.promotion_threshold,
+                self.batch,
+            )
+        by_tenant: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for r in rows:
+            by_tenant[r["tenant_id"]].append(r["id"])
+        total = 0
+        now = datetime.now(UTC)
+        for tenant, ids in by_tenant.items():
+            if lease is not None:
+                async with self.db.transaction(tenant) as conn:
+                    await leases.check(conn, lease)
+            principal = Principal(tenant_id=tenant, user_id="aeterna-lifecycle")
+            for row in await self.db.run(tenant, _reader(tenant, ids), readonly=True):
+                memory = row_to_memory(row)
+                score = promotion_score(memory, now)
+                copy: NewMemory | None = None
+                if score >= self.promotion_threshold - 1e-9:
+                    copy = promoted_copy(memory, score)
+                if copy is None:
+                    continue
+                await self.create(
+                    principal,
+                    [copy],
+                    method="lifecycle:promote",
+                    request_id=f"promote-{memory.id}-{memory.revision}",
+                )
+                total += 1
+        if total:
+            log.info("lifecycle.promoted", memories=total)
+        return total
+
+
+def _reader(
+    tenant: str, ids: Sequence[uuid.UUID]
+) -> Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]]:
+    async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        return list(
+            await conn.fetch(
+                f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 "
+                "AND id = ANY($2::uuid[]) AND deleted_at IS NULL",
+                tenant,
+                list(ids),
+            )
+        )
+
+    return read

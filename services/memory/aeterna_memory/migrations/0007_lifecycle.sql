@@ -84,3 +84,8 @@ END
 $$;
 REVOKE ALL ON FUNCTION trim_outbox(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION trim_outbox(integer) TO {app_role};
+
+-- Automatic promotion: a promoted copy records its source in metadata (original_memory,
+-- original_revision); this index answers "was this revision promoted already".
+CREATE INDEX memories_original ON memories (tenant_id, (metadata->>'original_memory'))
+    WHERE metadata ? 'original_memory';
