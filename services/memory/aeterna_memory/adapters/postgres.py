@@ -618,6 +618,8 @@ class PostgresMemoryStore:
                 put("importance", patch.importance if patch.importance is not None else 0.5)
             if "expire_time" in f:
                 put("expire_at", patch.expire_at)
+                # A new expiry is processed again by the expiry job when it passes.
+                sets.append("expired_at = NULL")
             updated = await conn.fetchrow(
                 f"UPDATE memories SET {', '.join(sets)} WHERE tenant_id = $1 AND id = $2 "
                 f"RETURNING {_COLUMNS}",
