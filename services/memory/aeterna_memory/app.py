@@ -362,6 +362,18 @@ async def build(
             except Exception:
                 log.exception("index.reconcile_failed")
 
+    async def build_graph_forever() -> None:
+        # Embedded index only: builds HNSW graphs on a copy of the shard (searches are never
+        # blocked), never at start.
+        if settings.vector_store != "edge" or not settings.graph_build_min_points:
+            return
+        while True:
+            await asyncio.sleep(settings.graph_build_interval_s)
+            try:
+                await follower.build_graph(settings.graph_build_min_points)
+            except Exception:
+                log.exception("index.graph_build_failed")
+
     async def collect_idempotency_keys_forever() -> None:
         # Every replica runs this: the database function deletes bounded batches with
         # SKIP LOCKED, so concurrent runs share the work and an idle run is one index probe.
@@ -395,7 +407,13 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch, collect_idempotency_keys_forever],
+        background=[
+            follower.run,
+            reconcile_forever,
+            guard.watch,
+            collect_idempotency_keys_forever,
+            build_graph_forever,
+        ],
         domain=domain,
         follower=follower,
         credentials=credentials,
