@@ -7,6 +7,13 @@ and after ``optimize()``, recall@10 of dense search against exact numpy, and, wi
 ``--compare-local N``, qdrant-client local mode on the first N points as the baseline.
 
     .venv/bin/python bench/bench_vectors.py [--points 100000] [--no-optimize] [--compare-local 5000]
+
+With ``--copy-build`` the graphs are built the way the service builds them, without blocking
+queries: :meth:`EdgeVectorIndex.build_copy` (a copy optimised in a child process) and
+:meth:`EdgeVectorIndex.swap_in`, while a loop keeps querying the live shard; it reports the
+query latency during the build, and latency and recall@10 against exact numpy search of the
+swapped-in index (the exact-scan figures before the build are the baseline, same run).
+Written to ``bench/results/hnsw_copy_build.json`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ N_USERS = 1000
 N_TAGS = 50
 VOCAB = 30_000
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vectors.json")
+COPY_RESULTS = os.path.join(os.path.dirname(RESULTS), "hnsw_copy_build.json")
 
 
 class Data:
@@ -235,7 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     tmp = tempfile.mkdtemp(prefix="bench-edge-")
     try:
-        edge = EdgeVectorIndex(tmp, KEYWORDS, ["created_at"], tuning=tuning)
+        edge = EdgeVectorIndex(os.path.join(tmp, "shard"), KEYWORDS, ["created_at"], tuning=tuning)
         secs = await load(edge, data, args.points, args.batch)
         info = await edge.info()
         out["edge_upsert"] = {"seconds": round(secs, 2), "points_per_s": round(args.points / secs)}
@@ -244,7 +252,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["edge_before_optimize"] = await measure_search(
             edge, data, args.points, args.queries, "edge"
         )
-        if not args.no_optimize:
+        if args.copy_build:
+            out["copy_build"] = await copy_build(edge, data)
+            out["edge_info_after_swap"] = await edge.info()
+            out["edge_after_swap"] = await measure_search(
+                edge, data, args.points, args.queries, "edge+swap"
+            )
+        elif not args.no_optimize:
             t1 = time.perf_counter()
             await edge.optimize()
             out["edge_optimize_s"] = round(time.perf_counter() - t1, 1)
@@ -258,7 +272,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         await edge.close()
         t1 = time.perf_counter()
-        reopened = EdgeVectorIndex(tmp, KEYWORDS, ["created_at"], tuning=tuning)
+        reopened = EdgeVectorIndex(
+            os.path.join(tmp, "shard"), KEYWORDS, ["created_at"], tuning=tuning
+        )
         await reopened.ensure_collection(DIM)
         out["edge_reopen_s"] = round(time.perf_counter() - t1, 2)
         await reopened.close()
@@ -282,8 +298,47 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def copy_build(edge: EdgeVectorIndex, data: Data) -> dict[str, Any]:
+    """Build the graphs on a copy and swap it in while a loop queries the live shard."""
+    queries = data.queries(50)
+    flt = IndexFilter(TENANT)
+    done = asyncio.Event()
+    during: list[float] = []
+
+    async def query_loop() -> None:
+        i = 0
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await edge.search_dense(queries[i % len(queries)].tolist(), flt, 10)
+            during.append(time.perf_counter() - t0)
+            i += 1
+            await asyncio.sleep(0.01)
+
+    loop = asyncio.create_task(query_loop())
+    t0 = time.perf_counter()
+    copy = await edge.build_copy()
+    built = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    await edge.swap_in(copy)
+    swapped = time.perf_counter() - t1
+    done.set()
+    await loop
+    result = {
+        "build_s": round(built, 1),
+        "swap_s": round(swapped, 3),
+        "queries_during_build": len(during),
+        "dense_unfiltered_during_build": {
+            **pct(during),
+            "max_ms": round(max(during) * 1000, 1) if during else None,
+        },
+    }
+    print(f"copy build: {result}", flush=True)
+    return result
+
+
 def table(out: dict[str, Any]) -> str:
-    cols = [k for k in ("edge_before_optimize", "edge_after_optimize", "local") if k in out]
+    names = ("edge_before_optimize", "edge_after_optimize", "edge_after_swap", "local")
+    cols = [k for k in names if k in out]
     rows = sorted({r for c in cols for r in out[c]}, key=lambda r: (not r.startswith("dense"), r))
     head = f"{'query (p50/p95/p99 ms, recall)':<34}" + "".join(f"{c:>30}" for c in cols)
     lines = [head, "-" * len(head)]
@@ -315,8 +370,10 @@ def main() -> None:
     p.add_argument("--full-scan-threshold-kb", type=int, default=DEFAULT.full_scan_threshold_kb)
     p.add_argument("--indexing-threshold-kb", type=int, default=DEFAULT.indexing_threshold_kb)
     p.add_argument("--field-hnsw", action="store_true")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--copy-build", action="store_true")
+    p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.out = args.out or (COPY_RESULTS if args.copy_build else RESULTS)
     out = asyncio.run(run(args))
     print()
     print(table(out))

@@ -2,8 +2,17 @@
 
 Starts a fresh local stack (two replicas, embedded index), ingests N short synthetic memories
 with the batch API (users, sessions, tags), then measures SearchMemories latency through
-Envoy: unfiltered (every layer of the tenant), filtered by user, and filtered by user plus
-tags. The vector store alone is measured by ``bench/bench_vectors.py``. Writes
+Envoy, all in the same run:
+
+* before the HNSW graphs exist (exact scans: the baseline), whole-tenant search;
+* after each replica has built its graphs in the background and swapped them in (the build
+  threshold is set to 90 % of N so that one build runs, after the ingest): whole-tenant
+  (every memory of the layer, no user filter), by user, and by user plus tags. Target:
+  whole-tenant p95 within 1.5x of by-user p95;
+* ``during_ingest``: by-user search while a batch import of ``--import-n`` (20k) memories runs
+  in another tenant, against by-user search idle just before. Target: p95 within 2x of idle.
+
+The vector store alone is measured by ``bench/bench_vectors.py``. Writes
 ``bench/results/scale.json``.
 
     make bench-scale            # 100k
@@ -94,61 +103,130 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, int(q / 100 * len(ordered))))]
 
 
-async def run(endpoint: str, token: str, tenant: str, n: int, users: int, queries: int) -> dict:
+def summary(lat: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(lat), 2),
+        "p95": round(pct(lat, 95), 2),
+        "p99": round(pct(lat, 99), 2),
+        "queries": len(lat),
+    }
+
+
+def wait_graphs_swapped(index_dirs: list[Path], timeout_s: float = 3600) -> None:
+    """Wait until every replica's embedded index has swapped in a built copy (the pointer
+    file beside its shard)."""
+    deadline = time.monotonic() + timeout_s
+    while not all((d / "shard.active").exists() for d in index_dirs):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the replicas did not swap in built graphs")
+        time.sleep(1)
+
+
+async def run(
+    endpoint: str,
+    token: str,
+    tenant: str,
+    n: int,
+    users: int,
+    queries: int,
+    import_n: int,
+    import_token: str,
+    index_dirs: list[Path],
+) -> dict:
     rng = random.Random(7)
     channel, stub = client.memory_stub(endpoint)
     md = client.metadata(token)
-    batch_size = 500
+    # Batches small enough to embed within the edge's per-try timeout on a busy machine.
+    batch_size = 100
     sem = asyncio.Semaphore(4)
 
-    async def send(start: int) -> None:
+    async def send(target: str, start: int, total: int) -> None:
         reqs = [
             svc.CreateMemoryRequest(memory=synthetic(i, users, rng))
-            for i in range(start, min(n, start + batch_size))
+            for i in range(start, min(total, start + batch_size))
         ]
+        key = f"{target}-{start}"
+        bearer = token if target == tenant else import_token
         async with sem:
             await stub.BatchCreateMemories(
                 svc.BatchCreateMemoriesRequest(
-                    parent=f"tenants/{tenant}", requests=reqs, request_id=f"scale-{start}"
+                    parent=f"tenants/{target}", requests=reqs, request_id=key
                 ),
-                metadata=client.write_metadata(token, f"scale-{start}"),
+                metadata=client.write_metadata(bearer, key),
                 timeout=600,
             )
 
-    t0 = time.perf_counter()
-    done = 0
-    starts = list(range(0, n, batch_size))
-    for chunk in range(0, len(starts), 8):
-        await asyncio.gather(*(send(s) for s in starts[chunk : chunk + 8]))
-        done = min(n, (chunk + 8) * batch_size)
-        print(f"  {done}/{n} ingested ({done / (time.perf_counter() - t0):.0f}/s)", flush=True)
-    ingest_s = time.perf_counter() - t0
+    async def ingest(target: str, total: int, quiet: bool = False) -> float:
+        t0 = time.perf_counter()
+        starts = list(range(0, total, batch_size))
+        for chunk in range(0, len(starts), 8):
+            await asyncio.gather(*(send(target, s, total) for s in starts[chunk : chunk + 8]))
+            done = min(total, (chunk + 8) * batch_size)
+            if not quiet:
+                rate = done / (time.perf_counter() - t0)
+                print(f"  {done}/{total} ingested ({rate:.0f}/s)", flush=True)
+        return time.perf_counter() - t0
 
-    async def measure(kind: str) -> dict[str, float]:
-        lat = []
-        for _q in range(queries):
-            user = f"user-{rng.randrange(users)}"
-            text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)}"
-            req = svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query=text, top_k=10)
-            if kind == "unfiltered":
-                req.layers.append(layer_pb2.MEMORY_LAYER_SESSION)
-            else:
-                req.scope.user_id = user
-            if kind == "user+tags":
-                req.tags.extend(rng.sample(TAGS, 1))
-            t = time.perf_counter()
-            await stub.SearchMemories(req, metadata=md, timeout=30)
-            lat.append((time.perf_counter() - t) * 1000)
-        return {
-            "p50": round(statistics.median(lat), 2),
-            "p95": round(pct(lat, 95), 2),
-            "p99": round(pct(lat, 99), 2),
-        }
+    def request(kind: str) -> svc.SearchMemoriesRequest:
+        text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)}"
+        req = svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query=text, top_k=10)
+        if kind == "whole tenant":
+            req.layers.append(layer_pb2.MEMORY_LAYER_SESSION)
+        else:
+            req.scope.user_id = f"user-{rng.randrange(users)}"
+        if kind == "user+tags":
+            req.tags.extend(rng.sample(TAGS, 1))
+        return req
+
+    async def one(kind: str) -> float:
+        req = request(kind)
+        t = time.perf_counter()
+        await stub.SearchMemories(req, metadata=md, timeout=30)
+        return (time.perf_counter() - t) * 1000
+
+    async def measure(kind: str, count: int = queries) -> dict[str, float]:
+        return summary([await one(kind) for _ in range(count)])
 
     async with channel:
-        await measure("by user")  # warm-up
-        search = {k: await measure(k) for k in ("unfiltered", "by user", "user+tags")}
-    return {"n": n, "users": users, "ingest_per_s": round(n / ingest_s, 1), "search_ms": search}
+        ingest_s = await ingest(tenant, n)
+        await measure("by user", 20)  # warm-up
+        before = {"whole tenant": await measure("whole tenant", min(queries, 100))}
+        print(f"  before the graphs: {before}", flush=True)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(wait_graphs_swapped, index_dirs)
+        build_s = time.perf_counter() - t0
+        print(f"  graphs built and swapped in on every replica after {build_s:.0f} s", flush=True)
+        await measure("by user", 20)  # warm-up
+        search = {k: await measure(k) for k in ("whole tenant", "by user", "user+tags")}
+        print(f"  after: {search}", flush=True)
+        idle = await measure("by user")
+        importing = asyncio.create_task(ingest("scale-import", import_n, quiet=True))
+        busy: list[float] = []
+        while not importing.done():
+            busy.append(await one("by user"))
+        import_s = await importing
+    ratio_tenant = search["whole tenant"]["p95"] / search["by user"]["p95"]
+    ratio_ingest = summary(busy)["p95"] / idle["p95"]
+    return {
+        "n": n,
+        "users": users,
+        "ingest_per_s": round(n / ingest_s, 1),
+        "search_ms_exact_before_graphs": before,
+        "graph_wait_s": round(build_s, 1),
+        "search_ms": search,
+        "whole_tenant_p95_over_by_user_p95": round(ratio_tenant, 2),
+        "during_ingest": {
+            "import_n": import_n,
+            "import_s": round(import_s, 1),
+            "by_user_idle_ms": idle,
+            "by_user_during_import_ms": summary(busy),
+            "p95_over_idle_p95": round(ratio_ingest, 2),
+        },
+        "targets_met": {
+            "whole_tenant_p95_within_1.5x_by_user": ratio_tenant <= 1.5,
+            "during_ingest_p95_within_2x_idle": ratio_ingest <= 2.0,
+        },
+    }
 
 
 def main() -> int:
@@ -156,16 +234,36 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--import-n", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aeterna-scale-"))
     os.chmod(root, 0o755)
-    stack = DevStack(replicas=2, port=free_port(), root=root, fresh=True)
+    env = {
+        # One background graph build per replica, once the ingest is (nearly) done.
+        "AETERNA_MEMORY_GRAPH_BUILD_MIN_POINTS": str(int(args.n * 0.9)),
+        "AETERNA_MEMORY_GRAPH_BUILD_INTERVAL_S": "10",
+    }
+    stack = DevStack(replicas=2, port=free_port(), root=root, fresh=True, env=env)
     print("starting a fresh local stack…", flush=True)
     stack.start(log=lambda *_: None)
     try:
         token = DevAuth(root / "auth").issue_token("scale", "bench", ttl_s=7200)
-        result = asyncio.run(run(stack.endpoint, token, "scale", args.n, args.users, args.queries))
+        dirs = [r.index_dir for r in stack.replica_list]
+        import_token = DevAuth(root / "auth").issue_token("scale-import", "bench", ttl_s=7200)
+        result = asyncio.run(
+            run(
+                stack.endpoint,
+                token,
+                "scale",
+                args.n,
+                args.users,
+                args.queries,
+                args.import_n,
+                import_token,
+                dirs,
+            )
+        )
     finally:
         stack.stop()
     print(json.dumps(result, indent=2))

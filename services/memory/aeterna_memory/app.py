@@ -415,6 +415,18 @@ async def build(
         else f"edge:{leases.new_owner_id()}"
     )
 
+    async def build_graph_forever() -> None:
+        # Embedded index only: builds HNSW graphs on a copy of the shard (searches are never
+        # blocked), never at start.
+        if settings.vector_store != "edge" or not settings.graph_build_min_points:
+            return
+        while True:
+            await asyncio.sleep(settings.graph_build_interval_s)
+            try:
+                await follower.build_graph(settings.graph_build_min_points)
+            except Exception:
+                log.exception("index.graph_build_failed")
+
     async def report_position_forever() -> None:
         while True:
             try:
@@ -444,7 +456,7 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch, *jobs],
+        background=[follower.run, reconcile_forever, guard.watch, *jobs, build_graph_forever],
         domain=domain,
         follower=follower,
         lifecycle=lifecycle,

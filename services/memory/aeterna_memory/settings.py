@@ -92,6 +92,11 @@ class MemorySettings(BaseSettings):
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
             (50/s is about a quarter of int8 MiniLM's throughput on 2 cores).
+        graph_build_min_points: Points of the embedded index without an HNSW graph that
+            start a background graph build (a copy of the shard is optimised while the live
+            one keeps serving, then swapped in); 0 disables. 20,000 384-d vectors are about
+            3x the engine's indexing threshold (10,000 KB), below which exact search is fast.
+        graph_build_interval_s: Seconds between checks of that threshold (never at start).
         model_check_interval_s: While stored vectors are of another embedding model (health
             NOT_SERVING), seconds between checks whether a re-embed has finished.
     """
@@ -138,6 +143,8 @@ class MemorySettings(BaseSettings):
     lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)
+    graph_build_min_points: int = Field(default=20_000, ge=0)
+    graph_build_interval_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:

@@ -7,14 +7,25 @@ queries, so no lock is taken around reads. ``optimize()`` does block queries whi
 A shard directory can be opened by one process (one :class:`EdgeVectorIndex`) at a time: the
 write-ahead log is locked. The WAL is always on: without it nothing is locked and unflushed
 updates are lost on a crash.
+
+HNSW graphs are built without blocking queries: :meth:`EdgeVectorIndex.build_copy` fills a
+second shard directory (a new *generation*) from the live shard's points and runs
+``optimize()`` on that copy while the live shard keeps answering; the caller brings the copy up
+to date and :meth:`EdgeVectorIndex.swap_in` makes it the live shard. The active generation is
+named in a pointer file beside the index (``<path>.active``, written atomically), so a restart
+opens the swapped shard and a crash mid-build leaves the previous one in use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import qdrant_edge as qe
@@ -138,11 +149,35 @@ class EdgeVectorIndex:
         self._shard: Any = None
         self._closed = False
         self._open_lock = asyncio.Lock()
+        self._dimension = 0
+        self._active = self._read_active()
+        self._users: dict[int, int] = {}
+        self._retired: list[Any] = []
+        self._drained: dict[int, asyncio.Event] = {}
 
     @property
     def path(self) -> str:
-        """Absolute path of the shard directory."""
+        """Absolute base path of the index (the first generation's shard directory)."""
         return self._path
+
+    @property
+    def active_path(self) -> str:
+        """Absolute path of the shard directory in use (changes when a copy is swapped in)."""
+        return self._active
+
+    @property
+    def _pointer(self) -> str:
+        return self._path + ".active"
+
+    def _read_active(self) -> str:
+        try:
+            with open(self._pointer) as f:
+                name = f.read().strip()
+        except FileNotFoundError:
+            return self._path
+        if not name or os.sep in name or not name.startswith(os.path.basename(self._path)):
+            raise RuntimeError(f"vector index pointer {self._pointer} names {name!r}")
+        return os.path.join(os.path.dirname(self._path), name)
 
     def _config(self, dimension: int) -> Any:
         t = self._tuning
@@ -166,19 +201,20 @@ class EdgeVectorIndex:
 
     def _open(self, dimension: int) -> Any:
         config = self._config(dimension)
-        exists = os.path.exists(os.path.join(self._path, "edge_config.json"))
+        path = self._active
+        exists = os.path.exists(os.path.join(path, "edge_config.json"))
         try:
             if exists:
-                shard = qe.EdgeShard.load(self._path, config)
+                shard = qe.EdgeShard.load(path, config)
             else:
-                shard = qe.EdgeShard.create(self._path, config)
+                shard = qe.EdgeShard.create(path, config)
         except Exception as exc:
             if "WouldBlock" in str(exc):
                 raise VectorIndexLockedError(
-                    f"vector index directory {self._path} is already open by another process "
+                    f"vector index directory {path} is already open by another process "
                     "or index instance; a shard directory can be opened by one at a time"
                 ) from exc
-            raise RuntimeError(f"cannot open vector index at {self._path}: {exc}") from exc
+            raise RuntimeError(f"cannot open vector index at {path}: {exc}") from exc
         try:
             present = set(shard.info().payload_schema)
             wanted: list[tuple[str, Any]] = [(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True))]
@@ -210,6 +246,7 @@ class EdgeVectorIndex:
                 raise RuntimeError(f"vector index at {self._path} is closed")
             if self._shard is None:
                 self._shard = await asyncio.to_thread(self._open, dimension)
+                self._dimension = dimension
 
     def _live(self) -> Any:
         if self._closed:
@@ -217,6 +254,24 @@ class EdgeVectorIndex:
         if self._shard is None:
             raise RuntimeError("call ensure_collection() before using the vector index")
         return self._shard
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Any]:
+        """The live shard, counted as in use until the block ends (a swapped-out shard is
+        closed only once no call uses it). Runs on the event loop thread only."""
+        shard = self._live()
+        key = id(shard)
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            yield shard
+        finally:
+            left = self._users[key] - 1
+            if left:
+                self._users[key] = left
+            else:
+                del self._users[key]
+                if key in self._drained:
+                    self._drained[key].set()
 
     async def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points.
@@ -227,7 +282,6 @@ class EdgeVectorIndex:
         """
         if not points:
             return
-        shard = self._live()
         batch = [
             qe.Point(
                 normalize_id(p.id),
@@ -239,7 +293,8 @@ class EdgeVectorIndex:
             )
             for p in points
         ]
-        await asyncio.to_thread(shard.update, qe.UpdateOperation.upsert_points(batch))
+        with self._using() as shard:
+            await asyncio.to_thread(shard.update, qe.UpdateOperation.upsert_points(batch))
 
     async def delete(self, ids: Sequence[str]) -> None:
         """Delete points by id; missing ids are ignored.
@@ -250,12 +305,12 @@ class EdgeVectorIndex:
         """
         if not ids:
             return
-        shard = self._live()
         op = qe.UpdateOperation.delete_points([normalize_id(i) for i in ids])
-        await asyncio.to_thread(shard.update, op)
+        with self._using() as shard:
+            await asyncio.to_thread(shard.update, op)
 
     async def _query(self, query: Any, flt: IndexFilter, limit: int, params: Any) -> list[ScoredId]:
-        shard = self._live()
+        self._live()
         translated = translate(_BUILDER, flt)
         if translated.condition is None or limit <= 0:
             return []
@@ -267,7 +322,8 @@ class EdgeVectorIndex:
             with_vector=False,
             params=params,
         )
-        hits = await asyncio.to_thread(shard.query, request)
+        with self._using() as shard:
+            hits = await asyncio.to_thread(shard.query, request)
         return [ScoredId(str(h.id), float(h.score)) for h in hits]
 
     async def search_dense(
@@ -319,11 +375,11 @@ class EdgeVectorIndex:
         """Dense vectors of the given points that exist, keyed by canonical id."""
         if not ids:
             return {}
-        shard = self._live()
         wanted = [normalize_id(i) for i in ids]
-        records = await asyncio.to_thread(
-            shard.retrieve, wanted, with_payload=False, with_vector=[DENSE_VECTOR]
-        )
+        with self._using() as shard:
+            records = await asyncio.to_thread(
+                shard.retrieve, wanted, with_payload=False, with_vector=[DENSE_VECTOR]
+            )
         out: dict[str, list[float]] = {}
         for r in records:
             vectors = r.vector
@@ -333,12 +389,13 @@ class EdgeVectorIndex:
 
     async def count(self, flt: IndexFilter) -> int:
         """Exact number of points matching the filter."""
-        shard = self._live()
+        self._live()
         translated = translate(_BUILDER, flt)
         if translated.condition is None:
             return 0
         request = qe.CountRequest(exact=True, filter=translated.condition)
-        return int(await asyncio.to_thread(shard.count, request))
+        with self._using() as shard:
+            return int(await asyncio.to_thread(shard.count, request))
 
     def _scroll_ids(self, shard: Any, flt: Any) -> set[str]:
         ids: set[str] = set()
@@ -359,9 +416,9 @@ class EdgeVectorIndex:
 
     async def all_ids(self, tenant_id: str | None = None) -> set[str]:
         """Every point id, of one tenant or of all, in canonical form."""
-        shard = self._live()
         flt = None if tenant_id is None else tenant_filter(_BUILDER, tenant_id)
-        return await asyncio.to_thread(self._scroll_ids, shard, flt)
+        with self._using() as shard:
+            return await asyncio.to_thread(self._scroll_ids, shard, flt)
 
     def _scroll_values(self, shard: Any, key: str) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -379,13 +436,163 @@ class EdgeVectorIndex:
 
     async def payload_values(self, key: str) -> dict[str, Any]:
         """Every point id (canonical form) with its payload value under ``key``."""
-        shard = self._live()
-        return await asyncio.to_thread(self._scroll_values, shard, key)
+        with self._using() as shard:
+            return await asyncio.to_thread(self._scroll_values, shard, key)
 
     async def optimize(self) -> None:
         """Merge segments and build HNSW graphs; blocks queries while it runs (minutes at 100k)."""
-        shard = self._live()
-        await asyncio.to_thread(shard.optimize)
+        with self._using() as shard:
+            await asyncio.to_thread(shard.optimize)
+
+    async def unindexed_points(self) -> int:
+        """Points whose dense vector is not yet in an HNSW graph.
+
+        The engine counts indexed vectors of both kinds; every point has a dense and a
+        sparse vector and sparse vectors are always indexed, so this is ``2 x points -
+        indexed vectors`` (at least 0).
+        """
+        info = await self.info()
+        return max(0, 2 * info["points"] - info["indexed_vectors"])
+
+    def _generations(self) -> list[str]:
+        """Shard directories of this index on disk (the base and every ``.gN`` copy)."""
+        base = os.path.basename(self._path)
+        parent = os.path.dirname(self._path)
+        found = [self._path] if os.path.isdir(self._path) else []
+        for name in os.listdir(parent):
+            suffix = name[len(base) + 2 :]
+            if name.startswith(base + ".g") and suffix.isdigit():
+                found.append(os.path.join(parent, name))
+        return found
+
+    def _next_generation(self) -> str:
+        numbers = [0]
+        for path in self._generations():
+            if path != self._path:
+                numbers.append(int(path.rsplit(".g", 1)[1]))
+        return f"{self._path}.g{max(numbers) + 1}"
+
+    async def build_copy(self, *, page: int = _SCROLL_PAGE) -> EdgeVectorIndex:
+        """Copy the live shard's points into a new shard directory and build its HNSW graphs
+        there, while the live shard keeps answering queries and taking updates.
+
+        The copy holds every point the live shard held when the copy began, plus some or all
+        of the updates applied meanwhile: the caller replays the changes applied since it
+        called this method into the copy (applying a change twice is harmless), then calls
+        :meth:`swap_in`. Directories of earlier failed builds are removed first.
+
+        Args:
+            page: Points read from the live shard per scroll page.
+
+        Returns:
+            The copy, an open :class:`EdgeVectorIndex` on the new directory (same fields and
+            tuning), its graphs built.
+
+        Raises:
+            RuntimeError: If this index is not open.
+
+        """
+        self._live()
+        for stale in self._generations():
+            if stale != self._active:
+                await asyncio.to_thread(shutil.rmtree, stale, True)
+        copy = EdgeVectorIndex(
+            self._next_generation(),
+            (TENANT_FIELD, *self._keyword_fields),
+            self._float_fields,
+            tuning=self._tuning,
+            idf_scope=self._idf_scope,
+        )
+        try:
+            await copy.ensure_collection(self._dimension)
+            offset: Any = None
+            while True:
+                with self._using() as shard:
+                    records, offset = await asyncio.to_thread(
+                        shard.scroll,
+                        qe.ScrollRequest(
+                            offset=offset,
+                            limit=page,
+                            with_payload=True,
+                            with_vector=True,
+                        ),
+                    )
+                if records:
+                    points = [qe.Point(r.id, r.vector, r.payload or {}) for r in records]
+                    with copy._using() as target:
+                        await asyncio.to_thread(
+                            target.update, qe.UpdateOperation.upsert_points(points)
+                        )
+                if offset is None:
+                    break
+            # optimize() blocks queries of its shard and holds the GIL for its whole run
+            # (measured: another shard's queries in this process starved for a minute), so
+            # it runs in a child process on the closed copy, which is then reopened.
+            await copy.close()
+            await _optimize_in_child(copy.active_path, self._dimension, self._tuning)
+            copy = EdgeVectorIndex(
+                copy.active_path,
+                (TENANT_FIELD, *self._keyword_fields),
+                self._float_fields,
+                tuning=self._tuning,
+                idf_scope=self._idf_scope,
+            )
+            await copy.ensure_collection(self._dimension)
+        except BaseException:
+            await self.discard(copy)
+            raise
+        return copy
+
+    async def discard(self, copy: EdgeVectorIndex) -> None:
+        """Close a copy from :meth:`build_copy` that will not be swapped in, and delete it."""
+        await copy.close()
+        if copy.active_path != self._active:
+            await asyncio.to_thread(shutil.rmtree, copy.active_path, True)
+
+    async def swap_in(self, copy: EdgeVectorIndex, *, drain_timeout_s: float = 30.0) -> None:
+        """Make ``copy`` (from :meth:`build_copy`, brought up to date by the caller) the live
+        shard. Calls made after this returns use the copy; calls in flight on the old shard
+        finish on it, then it is closed and its directory deleted.
+
+        The caller must hold off updates while swapping (the follower's apply lock).
+
+        Args:
+            copy: The copy to use from now on; it is taken over (do not use or close it).
+            drain_timeout_s: Longest wait for calls in flight on the old shard, in seconds;
+                past it the old shard is left open (closed at :meth:`close`).
+
+        Raises:
+            RuntimeError: If this index is not open or ``copy`` is not open.
+
+        """
+        old = self._live()
+        new = copy._live()
+        await asyncio.to_thread(new.flush)
+        name = os.path.basename(copy.active_path)
+        tmp = self._pointer + ".tmp"
+
+        def write_pointer() -> None:
+            with open(tmp, "w") as f:
+                f.write(name + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._pointer)
+
+        await asyncio.to_thread(write_pointer)
+        old_path = self._active
+        self._shard, self._active = new, copy.active_path
+        copy._shard, copy._closed = None, True
+        if self._users.get(id(old)):
+            drained = asyncio.Event()
+            self._drained[id(old)] = drained
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), drain_timeout_s)
+            self._drained.pop(id(old), None)
+        if self._users.get(id(old)):
+            self._retired.append(old)
+            return
+        await asyncio.to_thread(_flush_and_close, old)
+        await asyncio.to_thread(shutil.rmtree, old_path, True)
 
     async def close(self) -> None:
         """Flush and close the shard, releasing the directory lock. Idempotent."""
@@ -394,13 +601,17 @@ class EdgeVectorIndex:
                 return
             self._closed = True
             shard, self._shard = self._shard, None
+            for old in self._retired:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(_flush_and_close, old)
+            self._retired.clear()
             if shard is not None:
                 await asyncio.to_thread(_flush_and_close, shard)
 
     async def info(self) -> dict[str, int]:
         """Shard statistics: ``points``, ``segments`` and ``indexed_vectors`` counts."""
-        shard = self._live()
-        info = await asyncio.to_thread(shard.info)
+        with self._using() as shard:
+            info = await asyncio.to_thread(shard.info)
         return {
             "points": int(info.points_count),
             "segments": int(info.segments_count),
@@ -413,3 +624,52 @@ def _flush_and_close(shard: Any) -> None:
         shard.flush()
     finally:
         shard.close()
+
+
+async def _optimize_in_child(path: str, dimension: int, tuning: EdgeTuning) -> None:
+    """Run ``optimize()`` on the closed shard at ``path`` in a child process (niced).
+
+    Raises:
+        RuntimeError: If the child fails (its standard error is in the message).
+
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aeterna_common.vectors.edge",
+        path,
+        str(dimension),
+        json.dumps(asdict(tuning)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"optimizing the vector index copy at {path} failed "
+            f"(exit {proc.returncode}): {err.decode(errors='replace')[-2000:]}"
+        )
+
+
+def _optimize_main(argv: Sequence[str]) -> int:
+    """Child process of :func:`_optimize_in_child`: ``PATH DIMENSION TUNING_JSON``."""
+    path, dimension, tuning_json = argv
+    with contextlib.suppress(OSError):
+        os.nice(10)  # the serving process comes first on a shared machine
+    index = EdgeVectorIndex(path, (), tuning=EdgeTuning(**json.loads(tuning_json)))
+    shard = index._open(int(dimension))
+    try:
+        shard.optimize()
+    finally:
+        _flush_and_close(shard)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_optimize_main(sys.argv[1:]))

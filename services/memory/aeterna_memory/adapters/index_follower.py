@@ -298,6 +298,27 @@ async def _rows_by_id(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> lis
     return list(await conn.fetch(f"SELECT {_ROW_COLUMNS} FROM memories WHERE id = ANY($1)", ids))
 
 
+class CopyBuildIndex(VectorIndex, Protocol):
+    """An index that builds its search graphs on a copy while it keeps serving
+    (:class:`~aeterna_common.vectors.edge.EdgeVectorIndex`)."""
+
+    async def unindexed_points(self) -> int:
+        """Points not yet in a search graph."""
+        ...
+
+    async def build_copy(self) -> Any:
+        """A copy of the live points with its graphs built (an index of the same kind)."""
+        ...
+
+    async def swap_in(self, copy: Any) -> None:
+        """Serve from ``copy`` from now on."""
+        ...
+
+    async def discard(self, copy: Any) -> None:
+        """Close and delete a copy that will not be swapped in."""
+        ...
+
+
 def _as_uuids(ids: Iterable[str]) -> list[uuid.UUID]:
     out: list[uuid.UUID] = []
     for i in ids:
@@ -359,6 +380,7 @@ class IndexFollower:
         self._advanced = asyncio.Condition()
         self._listen: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
+        self._rebuilds = 0
         self.database = ""
         self.keeper: leases.LeaseKeeper | None = None
         self._keeping: asyncio.Task[None] | None = None
@@ -592,6 +614,11 @@ class IndexFollower:
 
         ``positions`` (first and last outbox position of the batch) is informational.
         """
+        await self._apply_to(self.index, rows, ids)
+
+    async def _apply_to(
+        self, index: VectorIndex, rows: Sequence[asyncpg.Record], ids: Sequence[uuid.UUID]
+    ) -> None:
         now = time.time()
         live = [
             r
@@ -606,9 +633,9 @@ class IndexFollower:
             # BM25 encoding is CPU work (a 512-row batch takes tens of milliseconds): off the
             # event loop, so that searches are not held up while a batch is applied.
             points = await asyncio.to_thread(self._points, live)
-            await self.index.upsert(points)
+            await index.upsert(points)
         if gone:
-            await self.index.delete(gone)
+            await index.delete(gone)
 
     def _points(self, rows: Sequence[asyncpg.Record]) -> list[IndexPoint]:
         return [
@@ -636,6 +663,7 @@ class IndexFollower:
             return await self._rebuild_locked()
 
     async def _rebuild_locked(self) -> int:
+        self._rebuilds += 1
         async with self.indexer.all_tenants_snapshot() as conn:
             if self.keeper is not None and self.keeper.lease is not None:
                 self._epoch = self.keeper.lease.epoch
@@ -669,6 +697,81 @@ class IndexFollower:
         await self._advance(position)
         log.info("index.rebuilt", memories=count, removed=len(stale), position=position)
         return count
+
+    async def build_graph(self, min_unindexed: int) -> bool:
+        """Build the index's search graphs without blocking searches, when at least
+        ``min_unindexed`` points lack one (embedded index only).
+
+        The index copies its points into a second shard and builds the graphs there while
+        the live shard serves searches and takes changes. The outbox changes applied since
+        the copy began are then replayed into the copy (outside the apply lock, then the last
+        few under it) and the copy is swapped in under the lock: no change is lost, and a
+        search never waits for the build.
+
+        Args:
+            min_unindexed: Least number of points without a graph that starts a build.
+
+        Returns:
+            Whether a copy was built and swapped in.
+
+        """
+        index = self.index
+        if not all(
+            hasattr(index, m) for m in ("unindexed_points", "build_copy", "swap_in", "discard")
+        ):
+            return False
+        if self.keeper is not None or min_unindexed <= 0:
+            return False
+        buildable = cast(CopyBuildIndex, index)
+        if await buildable.unindexed_points() < min_unindexed:
+            return False
+        async with self._lock:
+            # Everything up to this position is in the live shard before the copy begins.
+            start, rebuilds = self.applied, self._rebuilds
+        began = time.perf_counter()
+        copy = await buildable.build_copy()
+        try:
+            position = await self._replay(copy, start)
+            async with self._lock:
+                if self._rebuilds != rebuilds:
+                    log.warning("index.graph_build_abandoned", reason="index rebuilt meanwhile")
+                    await buildable.discard(copy)
+                    return False
+                await self._replay(copy, position)
+                await buildable.swap_in(copy)
+        except BaseException:
+            await buildable.discard(copy)
+            raise
+        log.info(
+            "index.graph_built",
+            seconds=round(time.perf_counter() - began, 1),
+            replayed_from=start,
+            position=self.applied,
+        )
+        return True
+
+    async def _replay(self, index: VectorIndex, after: int) -> int:
+        """Apply the outbox changes after position ``after`` up to the applied position to
+        ``index`` (a copy being built); returns the position reached."""
+        position = after
+        while position < self.applied:
+            async with self.indexer.all_tenants_snapshot() as conn:
+                changes = await conn.fetch(
+                    "SELECT position, tenant_id, memory_id FROM outbox WHERE position > $1 "
+                    "AND position <= $2 ORDER BY position LIMIT $3",
+                    position,
+                    self.applied,
+                    self.batch_size,
+                )
+                if not changes:
+                    return self.applied
+                keys = {
+                    (c["tenant_id"], c["memory_id"]) for c in changes if c["memory_id"] is not None
+                }
+                rows = await _rows(conn, keys)
+            await self._apply_to(index, rows, [mid for _, mid in keys])
+            position = int(changes[-1]["position"])
+        return position
 
     async def reconcile(self) -> dict[str, int]:
         """Repair the index: compare every point's revision with PostgreSQL's live rows, and
