@@ -292,10 +292,14 @@ class LeaseKeeper:
         (the next round retries; :attr:`held` turns false when time runs out)."""
         while True:
             try:
-                if self.lease is None:
-                    await asyncio.wait_for(self.try_acquire(), self.renew_every_s)
-                else:
-                    await asyncio.wait_for(self.renew_once(), self.renew_every_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that races with its inner call finishing, and this loop
+                # would then never stop.
+                async with asyncio.timeout(self.renew_every_s):
+                    if self.lease is None:
+                        await self.try_acquire()
+                    else:
+                        await self.renew_once()
             except LeaseLostError:
                 pass
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -304,7 +308,8 @@ class LeaseKeeper:
                 self.lost("not renewed in time")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.renew_every_s)
+                async with asyncio.timeout(self.renew_every_s):
+                    await self._changed.wait()
 
     async def release(self) -> None:
         """Give the lease up (best effort: it expires anyway)."""
@@ -354,7 +359,8 @@ async def run_periodic_under_lease(
     try:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(keeping), interval_s)
+                async with asyncio.timeout(interval_s):
+                    await asyncio.shield(keeping)
             if keeping.done():  # the keeper never returns; surface what stopped it
                 keeping.result()
             if not keeper.held:

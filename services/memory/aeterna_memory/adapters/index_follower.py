@@ -476,10 +476,11 @@ class IndexFollower:
         """
         while True:
             connected = self._listen is not None and not self._listen.is_closed()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that races with the wake-up, and this loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wake.wait(), self.poll_s if connected else min(self.poll_s, 0.5)
-                )
+                async with asyncio.timeout(self.poll_s if connected else min(self.poll_s, 0.5)):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self._listen is None or self._listen.is_closed():
