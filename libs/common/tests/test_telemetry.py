@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
 from aeterna_common.config import CommonSettings
 from aeterna_common.telemetry import start_metrics_server
 from aeterna_devstack.servers import free_port
@@ -18,7 +19,7 @@ def test_metrics_bind_loopback_by_default() -> None:
         assert b"grpc_server_handled_total" in r.read()
 
 
-def test_metrics_host_setting_opens_every_interface(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_host_setting_opens_every_interface(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     monkeypatch.setenv("AETERNA_METRICS_HOST", "0.0.0.0")
     monkeypatch.setenv("AETERNA_METRICS_PORT", str(port))

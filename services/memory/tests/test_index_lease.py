@@ -372,7 +372,7 @@ async def test_reconcile_compares_revisions_outside_the_apply_lock(
 ) -> None:
     inner = shared_index()
     index = BlockingScan(inner)
-    follower, db, indexer = await edge_follower(env, tmp_path, index, poll_s=60)  # type: ignore[arg-type]
+    follower, db, indexer = await edge_follower(env, tmp_path, index, poll_s=60)
     tenant = new_tenant()
     try:
         made = [await create(env, tenant, memory(f"memory {i}", user_id="u")) for i in range(3)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -149,7 +150,7 @@ async def test_lifecycle_jobs_are_fenced_by_their_lease(env: MemoryEnv) -> None:
         await conn.close()
 
 
-async def test_jobs_run_on_one_replica_under_their_leases(env: MemoryEnv, scratch) -> None:  # type: ignore[no-untyped-def]
+async def test_jobs_run_on_one_replica_under_their_leases(env: MemoryEnv, scratch: Path) -> None:
     assert MemorySettings().retention_s == 30 * 86_400  # DOMAIN.md's retention
     t = new_tenant()
     m = await create(env, t, memory("expires while two replicas run the job", user_id="u"))
@@ -253,8 +254,8 @@ async def test_decay_by_layer_rate_and_archive_below_001(env: MemoryEnv) -> None
 
 
 async def test_outbox_trim_below_live_followers_and_a_replica_behind_it_rebuilds(
-    env: MemoryEnv, scratch
-) -> None:  # type: ignore[no-untyped-def]
+    env: MemoryEnv, scratch: Path
+) -> None:
     t = new_tenant()
     conn = await asyncpg.connect(env.urls.superuser)
     b_dir = scratch / f"trim-b-{uuid.uuid4().hex[:6]}"

@@ -17,7 +17,7 @@ from test_grpc_api import expect
 
 
 def search_request(tenant: str, **kw: object) -> svc.SearchMemoriesRequest:
-    return svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query="anything", **kw)  # type: ignore[arg-type]
+    return svc.SearchMemoriesRequest(parent=f"tenants/{tenant}", query="anything", **kw)
 
 
 def eq(key: str, value: str) -> svc.MetadataFilter:

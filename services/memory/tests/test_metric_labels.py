@@ -13,7 +13,7 @@ UNBOUNDED = {"tenant", "tenant_id", "user", "user_id", "memory_id", "request_id"
 
 
 def _import_all(package: object) -> None:
-    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):  # type: ignore[attr-defined]
+    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
         if info.name.endswith((".export", "__main__")):
             continue  # the model export needs torch; __main__ runs the service
         importlib.import_module(info.name)
@@ -23,8 +23,8 @@ def test_no_metric_has_a_per_tenant_label() -> None:
     _import_all(aeterna_common)
     _import_all(aeterna_memory)
     labelled = {
-        collector._name: set(collector._labelnames)  # type: ignore[attr-defined]
-        for collector in list(REGISTRY._collector_to_names)  # type: ignore[attr-defined]
+        collector._name: set(collector._labelnames)
+        for collector in list(REGISTRY._collector_to_names)
         if hasattr(collector, "_labelnames")
     }
     assert "aeterna_embedding_cache_lookups" in labelled

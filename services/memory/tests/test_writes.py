@@ -177,7 +177,7 @@ async def test_a_create_with_request_id_survives_a_lost_commit_once(
     # Neither lost nor duplicated, whether the cut commit went through or not.
     assert await _count(env, tenant, "lost at commit") == 1
     again, _ = await _create(store, tenant, "lost at commit", "rid-1")
-    assert [m.id for m in again] == [m.id for m in created]  # type: ignore[attr-defined]
+    assert [m.id for m in again] == [m.id for m in created]
 
 
 async def test_a_create_without_request_id_is_never_rerun_after_a_lost_commit(
@@ -204,7 +204,7 @@ async def test_feedback_survives_a_lost_commit_and_is_applied_once(
     store, cutter = cut_store
     tenant = new_tenant()
     created, _ = await _create(store, tenant, "rate me", "rid-fb-create")
-    mid = created[0].id  # type: ignore[attr-defined]
+    mid = created[0].id
     cutter.mode = "after"
     rated, _ = await store.record_feedback(
         tenant,
@@ -250,7 +250,7 @@ async def test_update_after_a_lost_commit_is_unavailable_not_rerun(
     store, cutter = cut_store
     tenant = new_tenant()
     created, _ = await _create(store, tenant, "to update", "rid-up")
-    mid = created[0].id  # type: ignore[attr-defined]
+    mid = created[0].id
     cutter.mode = "after"
     with pytest.raises(CommitOutcomeUnknown):
         await store.update(
