@@ -10,8 +10,8 @@ import grpc
 import structlog
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
-from aeterna_common.leases import Lease
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
+from aeterna_common.leases import Lease
 from aeterna_common.server import ServiceApp, StartupError
 
 from aeterna_governance import approval_servicer, organization_servicer, store
