@@ -15,6 +15,7 @@ _TENANT = r"([A-Za-z0-9_-]{1,100})"
 UNIT_ID = re.compile(r"^[a-z0-9-]{1,63}$")
 """Org unit ids: 1-63 characters of [a-z0-9-] (the proto's rule; a DNS label's length)."""
 
+
 @dataclass(frozen=True, slots=True)
 class Name:
     """A parsed resource name ``tenants/{tenant}/{collection}/{id}``.
