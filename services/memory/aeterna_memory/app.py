@@ -14,6 +14,7 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_common.auth import ServiceCredentials
+from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
@@ -53,6 +54,8 @@ class MemoryApp(ServiceApp):
     Attributes:
         domain: The use cases.
         follower: The index follower (rebuild, reconcile, applied position).
+        authz: The authorizer every call goes through first (its ``directory`` is the
+            bindings cache, when governance is configured).
         lifecycle: The expiry and purge jobs (run periodically under leases).
         credentials: The service principal's token for calls that background work makes to
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
@@ -60,6 +63,7 @@ class MemoryApp(ServiceApp):
     """
 
     domain: MemoryDomain
+    authz: Authorizer
     follower: IndexFollower
     lifecycle: LifecycleJobs
     credentials: ServiceCredentials | None = None
@@ -259,6 +263,32 @@ def build_index(settings: MemorySettings) -> VectorIndex:
     return EdgeVectorIndex(str(settings.index_dir / "shard"), KEYWORD_FIELDS, FLOAT_FIELDS)
 
 
+def build_authorizer(common: CommonSettings, credentials: ServiceCredentials | None) -> Authorizer:
+    """The authorizer: bindings from governance (``AETERNA_AUTHZ_DIRECTORY_URL``, called
+    with the service's own credentials) cached per tenant and invalidated by governance
+    events on Redis; without a directory, own memories and trusted token roles only.
+
+    Raises:
+        StartupError: A directory is configured without service credentials.
+    """
+    cache = None
+    if common.authz_directory_url:
+        if credentials is None:
+            raise StartupError(
+                "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
+                "called with the service's own token"
+            )
+        from aeterna_common.authz.governance import GovernanceDirectory
+
+        cache = DirectoryCache(
+            GovernanceDirectory(common.authz_directory_url, credentials),
+            redis_url=common.redis_url,
+            ttl_s=common.authz_cache_ttl_s,
+            stale_grace_s=common.authz_stale_grace_s,
+        )
+    return Authorizer(cache, trust_token_roles=common.auth_trust_token_roles)
+
+
 async def build(
     common: CommonSettings | None = None,
     settings: MemorySettings | None = None,
@@ -332,6 +362,7 @@ async def build(
         lease_ttl_s=settings.index_lease_ttl_s,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
+    authz = build_authorizer(common, credentials)
     domain = MemoryDomain(
         store,
         IndexedSearch(index, follower),
@@ -352,6 +383,7 @@ async def build(
             wait_s=settings.read_wait_s,
             token_wait_s=settings.consistency_wait_s,
         ),
+        authz=authz,
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
     guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)
@@ -374,7 +406,7 @@ async def build(
         cache,
         domain.dense_text,
         retention_s=settings.retention_s,
-        create=domain.create,
+        create=domain.create_unchecked,
         promotion_threshold=settings.promotion_threshold,
     )
 
@@ -437,7 +469,13 @@ async def build(
 
     jobs.append(report_position_forever)
 
+    async def watch_bindings() -> None:
+        if authz.directory is not None:
+            await authz.directory.watch()
+
     async def close() -> None:
+        if authz.directory is not None:
+            await authz.directory.close()
         await follower.close()
         with contextlib.suppress(Exception):
             await index.close()
@@ -456,8 +494,16 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch, *jobs, build_graph_forever],
+        background=[
+            follower.run,
+            reconcile_forever,
+            guard.watch,
+            watch_bindings,
+            *jobs,
+            build_graph_forever,
+        ],
         domain=domain,
+        authz=authz,
         follower=follower,
         lifecycle=lifecycle,
         credentials=credentials,

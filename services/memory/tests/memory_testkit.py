@@ -39,9 +39,18 @@ class MemoryEnv:
         return self.app.follower
 
 
-def md(tenant: str, user: str = "u1", agent: str | None = None) -> tuple[tuple[str, str], ...]:
-    """Call metadata with a real bearer token for ``tenant``'s ``user`` (and ``agent``)."""
-    token = session_auth().issue_token(tenant, user, agent=agent)
+def md(
+    tenant: str,
+    user: str = "u1",
+    agent: str | None = None,
+    roles: tuple[str, ...] = ("TENANT_ADMIN",),
+) -> tuple[tuple[str, str], ...]:
+    """Call metadata with a real bearer token for ``tenant``'s ``user`` (and ``agent``).
+
+    The tests of memory's behaviour act as TENANT_ADMIN (token roles are trusted by the test
+    servers, as in ``make run``); the permission tests pass ``roles=()``.
+    """
+    token = session_auth().issue_token(tenant, user, agent=agent, roles=roles)
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -78,6 +87,7 @@ async def start_memory(
         database_indexer_url=urls.indexer,
         redis_url=redis_url,
         service_token_file=session_auth().write_service_token("memory"),
+        auth_trust_token_roles=True,
         **auth_settings(),
     )
     # The model built by `make model` (AETERNA_MEMORY_MODEL_DIR), as the service loads it.

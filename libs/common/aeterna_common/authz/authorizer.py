@@ -111,9 +111,7 @@ class Authorizer:
         """Whether ``action`` on ``resource`` is allowed (see :meth:`decide`)."""
         return (await self.decide(principal, action, [resource]))[0]
 
-    async def authorize(
-        self, principal: Principal, action: str, *resources: Resource
-    ) -> None:
+    async def authorize(self, principal: Principal, action: str, *resources: Resource) -> None:
         """Allow ``action`` on every resource, or refuse it whole (all or none).
 
         Raises:
@@ -140,7 +138,9 @@ class Authorizer:
         tenant = principal.tenant_id
         try:
             graph = (
-                await self._graph(tenant) if self.directory is not None else self._empty_graph(tenant)
+                await self._graph(tenant)
+                if self.directory is not None
+                else self._empty_graph(tenant)
             )
         except Unavailable:
             log.warning("authz.scope_without_directory", tenant=tenant)

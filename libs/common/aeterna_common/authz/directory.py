@@ -219,7 +219,7 @@ class DirectoryCache:
                         break
                     entry.stream_id = str(entry_id)
                     if str(fields.get("type", "")).startswith(INVALIDATING_PREFIXES):
-                        log.info("authz.invalidated", tenant=tenant, event=fields.get("event_id"))
+                        log.info("authz.invalidated", tenant=tenant, event_id=fields.get("event_id"))
                         self.invalidate(tenant)
 
     async def close(self) -> None:

@@ -41,8 +41,6 @@ from typing import Any
 
 import cedarpy
 
-from aeterna_common.auth import SERVICE_ROLE
-from aeterna_common.context import Principal
 from aeterna_common.authz.model import (
     LOWER_ROLE,
     MAX_DELEGATION_DEPTH,
@@ -51,8 +49,8 @@ from aeterna_common.authz.model import (
     Resource,
     ResourceKind,
     Snapshot,
-    UnitKind,
 )
+from aeterna_common.context import Principal
 
 POLICY_DIR = Path(__file__).parent / "policies"
 """The ``*.cedar`` policies and the ``.cedarschema``: the single source of truth."""
@@ -136,39 +134,32 @@ class PolicyModel:
 
 
 def delegation_chain(snapshot: Snapshot, user_id: str, agent_id: str) -> tuple[int, frozenset[str]]:
-    """Depth and capabilities of the active delegation chain from ``user_id`` to ``agent_id``.
+    """Depth and capabilities of the shortest active delegation chain from ``user_id`` to
+    ``agent_id``.
 
-    A delegation passed on by an agent holds only while the agent's own delegation is active,
-    and gives at most what that one gives (capabilities intersect along the chain). The walk
-    stops one link past :data:`~.model.MAX_DELEGATION_DEPTH`, so a longer chain reports a
-    depth the policies refuse.
+    A delegation made from another holds only while every delegation up the chain is active,
+    and gives at most what each of them gives (capabilities intersect along the chain). The
+    walk stops one link past :data:`~.model.MAX_DELEGATION_DEPTH`, so a longer chain reports
+    a depth the policies refuse.
 
     Returns:
         ``(depth, capabilities)``; ``(0, ∅)`` without an active chain.
     """
-    active = [d for d in snapshot.delegations if d.active and d.user_id == user_id]
-
-    def walk(agent: str, seen: frozenset[str]) -> tuple[int, frozenset[str]]:
-        best: tuple[int, frozenset[str]] = (0, frozenset())
-        if len(seen) > MAX_DELEGATION_DEPTH:
-            return best
-        for d in active:
-            if d.agent_id != agent:
-                continue
-            if d.delegated_by is None:
-                found = (1, d.capabilities)
-            elif d.delegated_by in seen:
-                continue  # a cycle gives nothing
-            else:
-                depth, caps = walk(d.delegated_by, seen | {agent})
-                if not depth:
-                    continue
-                found = (depth + 1, caps & d.capabilities)
-            if not best[0] or found[0] < best[0]:
-                best = found
-        return best
-
-    return walk(agent_id, frozenset())
+    by_id = {d.id: d for d in snapshot.delegations if d.active and d.user_id == user_id}
+    best: tuple[int, frozenset[str]] = (0, frozenset())
+    for d in by_id.values():
+        if d.agent_id != agent_id:
+            continue
+        depth, caps, link = 1, d.capabilities, d
+        while link.parent_id is not None and depth <= MAX_DELEGATION_DEPTH:
+            parent = by_id.get(link.parent_id)
+            if parent is None:  # revoked, expired or another user's: the chain is broken
+                depth = 0
+                break
+            depth, caps, link = depth + 1, caps & parent.capabilities, parent
+        if depth and (not best[0] or depth < best[0]):
+            best = (depth, caps)
+    return best
 
 
 class TenantGraph:
@@ -189,15 +180,27 @@ class TenantGraph:
         for u in snapshot.units:
             children.setdefault(u.parent_id, []).append(u.id)
         entities: list[dict[str, Any]] = [self.tenant_entity(t)]
-        entities.append({"uid": uid("TenantData", t), "attrs": {"tenant": ref("Tenant", t)}, "parents": [uid("Tenant", t)]})
-        roots = [u.id for u in snapshot.units if u.parent_id is None or u.parent_id not in self.units]
+        entities.append(
+            {
+                "uid": uid("TenantData", t),
+                "attrs": {"tenant": ref("Tenant", t)},
+                "parents": [uid("Tenant", t)],
+            }
+        )
+        roots = [
+            u.id for u in snapshot.units if u.parent_id is None or u.parent_id not in self.units
+        ]
         for role in TENANT_ROLES:
-            entities.append({"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": []})
+            entities.append(
+                {"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": []}
+            )
         for role in UNIT_ROLES:
             parents = [uid("Grant", grant_id(t, self._holder(r), role)) for r in roots]
             if role in LOWER_ROLE:
                 parents.append(uid("Grant", grant_id(t, "Tenant", LOWER_ROLE[role])))
-            entities.append({"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": parents})
+            entities.append(
+                {"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": parents}
+            )
         for u in snapshot.units:
             parent = self.units.get(u.parent_id) if u.parent_id else None
             up = uid(parent.kind.value, f"{t}/{parent.id}") if parent else uid("Tenant", t)
@@ -215,7 +218,11 @@ class TenantGraph:
                 if role in LOWER_ROLE:
                     parents.append(uid("Grant", grant_id(t, self._holder(u.id), LOWER_ROLE[role])))
                 entities.append(
-                    {"uid": uid("Grant", grant_id(t, self._holder(u.id), role)), "attrs": {}, "parents": parents}
+                    {
+                        "uid": uid("Grant", grant_id(t, self._holder(u.id), role)),
+                        "attrs": {},
+                        "parents": parents,
+                    }
                 )
         self.entities = cedarpy.Entities.from_json_str(json.dumps(entities), model.schema)
         self._principals: OrderedDict[tuple[Principal, str], cedarpy.Entities] = OrderedDict()
@@ -316,7 +323,10 @@ class TenantGraph:
             return space, [
                 {
                     "uid": space,
-                    "attrs": {"tenant": ref("Tenant", t), "owner": ref("User", f"{t}/{resource.id}")},
+                    "attrs": {
+                        "tenant": ref("Tenant", t),
+                        "owner": ref("User", f"{t}/{resource.id}"),
+                    },
                     "parents": [uid("Tenant", t)],
                 }
             ]

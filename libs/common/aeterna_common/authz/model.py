@@ -78,19 +78,20 @@ class Delegation:
     """An agent acting for a user with some capabilities (action groups).
 
     Attributes:
+        id: Delegation id, unique in the tenant.
         user_id: The user the agent acts for.
         agent_id: The agent.
         capabilities: Action groups, e.g. ``memory:read``, ``memory:write``.
-        delegated_by: The agent that passed the delegation on (depth + 1), or None when the
-            user delegated directly (depth 1).
-        active: False once revoked: the delegation and every one passed on from it give
-            nothing.
+        parent_id: The delegation this one was made from when an agent delegates onward
+            (depth = parent's + 1), or None when the user delegated directly (depth 1).
+        active: False once revoked: it and every delegation made from it give nothing.
     """
 
+    id: str
     user_id: str
     agent_id: str
     capabilities: frozenset[str]
-    delegated_by: str | None = None
+    parent_id: str | None = None
     active: bool = True
 
 
