@@ -14,7 +14,7 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_common.auth import ServiceCredentials
-from aeterna_common.authz import Authorizer, DirectoryCache
+from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
@@ -263,16 +263,20 @@ def build_index(settings: MemorySettings) -> VectorIndex:
     return EdgeVectorIndex(str(settings.index_dir / "shard"), KEYWORD_FIELDS, FLOAT_FIELDS)
 
 
-def build_authorizer(common: CommonSettings, credentials: ServiceCredentials | None) -> Authorizer:
-    """The authorizer: bindings from governance (``AETERNA_AUTHZ_DIRECTORY_URL``, called
-    with the service's own credentials) cached per tenant and invalidated by governance
-    events on Redis; without a directory, own memories and trusted token roles only.
+def build_authorizer(
+    common: CommonSettings,
+    credentials: ServiceCredentials | None,
+    directory: Directory | None = None,
+) -> Authorizer:
+    """The authorizer: role bindings from ``directory`` or else from governance
+    (``AETERNA_AUTHZ_DIRECTORY_URL``, called with the service's own credentials), cached per
+    tenant and invalidated by governance events on Redis; with neither, own memories and
+    trusted token roles only.
 
     Raises:
-        StartupError: A directory is configured without service credentials.
+        StartupError: A governance directory is configured without service credentials.
     """
-    cache = None
-    if common.authz_directory_url:
+    if directory is None and common.authz_directory_url:
         if credentials is None:
             raise StartupError(
                 "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
@@ -280,8 +284,11 @@ def build_authorizer(common: CommonSettings, credentials: ServiceCredentials | N
             )
         from aeterna_common.authz.governance import GovernanceDirectory
 
+        directory = GovernanceDirectory(common.authz_directory_url, credentials)
+    cache = None
+    if directory is not None:
         cache = DirectoryCache(
-            GovernanceDirectory(common.authz_directory_url, credentials),
+            directory,
             redis_url=common.redis_url,
             ttl_s=common.authz_cache_ttl_s,
             stale_grace_s=common.authz_stale_grace_s,
@@ -293,6 +300,7 @@ async def build(
     common: CommonSettings | None = None,
     settings: MemorySettings | None = None,
     schema: SchemaSettings | None = None,
+    directory: Directory | None = None,
 ) -> MemoryApp:
     """Build the memory service: load the model, migrate or wait for the schema, open
     stores, wire the domain. The index is brought up to date by the app's ``prepare`` step,
@@ -303,6 +311,8 @@ async def build(
         settings: Memory settings; read from the environment when omitted.
         schema: Migrate at start or wait for the schema; read from the environment when
             omitted.
+        directory: Source of role bindings in place of governance's (plain data, e.g. a
+            :class:`~aeterna_common.authz.StaticDirectory`).
 
     Raises:
         StartupError: The model cannot be loaded, or the schema did not reach the version
@@ -362,7 +372,7 @@ async def build(
         lease_ttl_s=settings.index_lease_ttl_s,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
-    authz = build_authorizer(common, credentials)
+    authz = build_authorizer(common, credentials, directory)
     domain = MemoryDomain(
         store,
         IndexedSearch(index, follower),

@@ -12,6 +12,7 @@ from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.auth import TokenVerifier
+from aeterna_common.authz import StaticDirectory
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import SchemaSettings
 from aeterna_common.server import GrpcServer
@@ -100,10 +101,13 @@ async def start_memory(
     settings.setdefault("outbox_trim_interval_s", 0)
     settings.setdefault("promotion_interval_s", 0)
     settings.setdefault("outbox_report_interval_s", 3600)
+    # Role bindings from plain data: a test puts its tenant's org tree and bindings in
+    # ``app.authz.directory.directory`` (a StaticDirectory) before its first call.
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),
         schema or SchemaSettings(migrate_on_start=True),
+        directory=StaticDirectory(),
     )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2
