@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -206,7 +206,11 @@ class DirectoryCache:
                 await asyncio.sleep(self.block_ms / 1000)
                 continue
             try:
-                reply = await self.redis.xread(streams, count=500, block=self.block_ms)  # type: ignore[arg-type]
+                # RESP2 reply with decode_responses: [[key, [(id, {field: value})]]].
+                reply = cast(
+                    "list[tuple[str, list[tuple[str, dict[str, str]]]]]",
+                    await self.redis.xread(streams, count=500, block=self.block_ms),  # type: ignore[arg-type]
+                )
             except RedisError as exc:
                 log.warning("authz.events_unreachable", error=str(exc))
                 await asyncio.sleep(1.0)
@@ -219,7 +223,8 @@ class DirectoryCache:
                         break
                     entry.stream_id = str(entry_id)
                     if str(fields.get("type", "")).startswith(INVALIDATING_PREFIXES):
-                        log.info("authz.invalidated", tenant=tenant, event_id=fields.get("event_id"))
+                        event_id = fields.get("event_id")
+                        log.info("authz.invalidated", tenant=tenant, event_id=event_id)
                         self.invalidate(tenant)
 
     async def close(self) -> None:
