@@ -146,12 +146,24 @@ class Authorizer:
             log.warning("authz.scope_without_directory", tenant=tenant)
             graph = self._empty_graph(tenant)
         roles = self._token_roles(principal)
+        key = (principal, action, ",".join(sorted(roles)))
+        known = graph.memo.get(key)
+        if isinstance(known, ReadableScope):
+            return known
+        scope = self._readable_scope(graph, principal, action, roles)
+        graph.remember(key, scope)
+        return scope
+
+    def _readable_scope(
+        self, graph: TenantGraph, principal: Principal, action: str, roles: frozenset[str]
+    ) -> ReadableScope:
+        tenant = principal.tenant_id
         units = list(graph.units.values())
         probes = [
             Resource.tenant_data(tenant),
             Resource.user_space(tenant, principal.user_id),
             # A unit missing from the tree: readable only through tenant-wide bindings.
-            *(Resource.unit(tenant, kind, "") for kind in UnitKind),
+            *(Resource.unit(tenant, kind, "") for kind in UnitKind),  # "" is never in the tree
             *(Resource.unit(tenant, u.kind, u.id) for u in units),
         ]
         requests = [Request(principal, action, r) for r in probes]
