@@ -289,3 +289,51 @@ async def test_directory_down_keeps_cache_until_ttl_and_grace_then_unavailable()
     assert await authz.allowed(dev, WRITE, Resource.user_space(tenant, "dev"))
     directory.available = True
     assert await authz.allowed(dev, WRITE, target)
+
+
+def test_governance_snapshot_conversion() -> None:
+    from aeterna.governance.v1 import resources_pb2 as gres
+    from aeterna_common.authz.governance import snapshot_from_pb
+
+    pb = gres.AuthorizationSnapshot(
+        name="tenants/acme/authorizationSnapshot",
+        revision=42,
+        org_units=[
+            gres.OrgUnit(name="tenants/acme/orgUnits/acme", kind=gres.ORG_UNIT_KIND_COMPANY),
+            gres.OrgUnit(
+                name="tenants/acme/orgUnits/core",
+                kind=gres.ORG_UNIT_KIND_TEAM,
+                parent="tenants/acme/orgUnits/acme",
+            ),
+        ],
+        role_bindings=[
+            gres.RoleBinding(
+                subject="users/lead",
+                role=gres.ROLE_TECH_LEAD,
+                org_unit="tenants/acme/orgUnits/core",
+            ),
+            gres.RoleBinding(subject="users/ten", role=gres.ROLE_TENANT_ADMIN),
+        ],
+        delegations=[
+            gres.Delegation(
+                name="tenants/acme/delegations/d2",
+                user_id="alice",
+                agent_id="a2",
+                capabilities=["memory:read"],
+                parent_delegation="tenants/acme/delegations/d1",
+                depth=2,
+                state=gres.DELEGATION_STATE_ACTIVE,
+            )
+        ],
+    )
+    snap = snapshot_from_pb("acme", pb)
+    assert snap.revision == 42
+    assert snap.units == (
+        OrgUnit("acme", UnitKind.COMPANY),
+        OrgUnit("core", UnitKind.TEAM, "acme"),
+    )
+    assert snap.bindings == (
+        RoleBinding("users/lead", "TECH_LEAD", "core"),
+        RoleBinding("users/ten", "TENANT_ADMIN"),
+    )
+    assert snap.delegations == (Delegation("d2", "alice", "a2", frozenset({"memory:read"}), "d1"),)
