@@ -17,8 +17,8 @@ Tenant-wide bindings are grants of the tenant (``{tenant}/Tenant#{ROLE}``), memb
 company's grant of that role. A principal's parents are just the grants of its own
 bindings: the graph of a tenant is built once per directory revision, parsed once into a
 ``cedarpy.Entities`` handle (JSON parsing and transitive closure done then), and each
-request adds only its principal (and a user space or a unit missing from the tree) with
-``Entities.with_added_json_str``. The alternative, precomputing every principal's
+principal is added once per revision with ``Entities.with_added_json_str`` (memoised). The
+alternative, precomputing every principal's
 inherited roles into attributes, would move the inheritance rules out of Cedar into
 Python and make every binding change rewrite many principals.
 
@@ -29,8 +29,8 @@ as no policy looks at a unit's id. Likewise a user space is the principal's own
 (``UserSpace::"{tenant}/{user}"``, added with the principal; for an agent, its user's) or
 ``UserSpace::"{tenant}/"`` standing for any other user's, whose owner is no user: the only
 policies that tell user spaces apart compare the owner with the principal, which is false for
-every other user's space alike. So a request never adds entities to the prebuilt graph
-(cloning it costs about a millisecond at 600 entities); only a request about another
+every other user's space alike. So a request adds no entities to the graph of its
+principal (a copy costs about a millisecond at 600 entities); only a request about another
 tenant (PLATFORM_ADMIN) does.
 
 Agents acting for a user carry the user, the capabilities of their active delegation chain
