@@ -15,7 +15,7 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory and two governance replicas and Envoy on 127.0.0.1:8080"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
+	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,12 +43,14 @@ venv: $(STAMP)
 constraints: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v '^aeterna' > constraints.txt
 
-# The chart Envoy configs embed the SDK's descriptor set: protos first.
-GENERATED := libs/sdk 'charts/*/files/envoy*.json'
+# The chart Envoy configs embed the SDK's descriptor set: protos first. The permission table
+# is evaluated from the Cedar policies.
+GENERATED := libs/sdk 'charts/*/files/envoy*.json' docs/permissions.md
 
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
 	$(PY) scripts/gen_envoy.py
+	$(PY) scripts/gen_permissions.py
 
 check-gen: gen
 	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
@@ -110,6 +113,10 @@ bench-tenancy: $(STAMP)
 # Search latency while 1,000-memory batches embed: query lane vs one shared queue (baseline).
 bench-query-lane: $(STAMP) $(MODEL)
 	$(PY) bench/query_lane.py
+
+# Decision latency in process, and an authorised memory search against an unchecked one.
+bench-authz: $(STAMP) $(MODEL)
+	$(PY) bench/authz.py
 
 bench: bench-locomo bench-scale
 

@@ -47,7 +47,9 @@ def stack() -> Iterator[DevStack]:
 
 
 def bearer(stack: DevStack, tenant: str, user: str = "e2e") -> tuple[tuple[str, str], ...]:
-    token = DevAuth(stack.root / "auth").issue_token(tenant, user)
+    # The edge's behaviour is under test, not permissions: TENANT_ADMIN, whose token roles
+    # the development stack trusts (AETERNA_AUTH_TRUST_TOKEN_ROLES).
+    token = DevAuth(stack.root / "auth").issue_token(tenant, user, roles=("TENANT_ADMIN",))
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -191,7 +193,8 @@ async def test_json_over_http_is_transcoded_at_the_edge(stack: DevStack) -> None
     import httpx
 
     base = f"http://{stack.endpoint}/v1"
-    token = DevAuth(stack.root / "auth").issue_token("e2e-json", "alice")
+    # Transcoding is under test, not permissions: a tenant admin (it writes bob's memories too).
+    token = DevAuth(stack.root / "auth").issue_token("e2e-json", "alice", roles=("TENANT_ADMIN",))
     auth = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         created = await http.post(
@@ -575,7 +578,14 @@ def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path
     sliced = tmp_path / "slice.json"
     sliced.write_text(json.dumps([{**sample, "conversation": keep}]))
     n_turns = len(conv["session_1"]) + len(conv["session_2"])
-    env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
+    # Importing a dataset writes every speaker's memories: a tenant admin's job.
+    admin = DevAuth(stack.root / "auth").issue_token("cli", "cli", roles=("TENANT_ADMIN",))
+    env = {
+        **os.environ,
+        "AETERNA_ENDPOINT": stack.endpoint,
+        "AETERNA_STATE_DIR": str(stack.root),
+        "AETERNA_TOKEN": admin,
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -644,3 +654,38 @@ def test_cli_import_and_search_a_slice_of_locomo(stack: DevStack, tmp_path: Path
         timeout=300,
     )
     assert bad.returncode == 1 and "INVALID_CONSISTENCY_TOKEN" in bad.stdout
+
+
+def test_a_new_user_cannot_reach_another_users_memories_from_the_cli(stack: DevStack) -> None:
+    # Issue 7's report: a token for user `cli` could write, read and delete alice's memories.
+    # Development tokens without roles, as a new user gets them from the CLI.
+    import json
+
+    env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
+    env.pop("AETERNA_TOKEN", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aeterna_cli.main", *args, "--tenant", "perm"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    mine = cli("memory", "add", "alice parks on level 3", "--user", "alice", "--json")
+    assert mine.returncode == 0, mine.stdout + mine.stderr
+    name = json.loads(mine.stdout)[0]["name"]
+    for args in (
+        ("memory", "add", "x", "--user-id", "alice"),
+        ("memory", "get", name),
+        ("memory", "delete", name),
+        ("memory", "search", "where does alice park", "--user-id", "alice"),
+    ):
+        done = cli(*args, "--user", "bob")
+        assert done.returncode == 1 and "ACTION_NOT_ALLOWED" in done.stdout, (args, done.stdout)
+    # bob's open search finds nothing of alice's; alice still reads hers.
+    found = cli("memory", "search", "where does alice park", "--user", "bob", "--json")
+    assert found.returncode == 0 and json.loads(found.stdout) == []
+    got = cli("memory", "get", name, "--user", "alice", "--json")
+    assert got.returncode == 0 and "level 3" in got.stdout

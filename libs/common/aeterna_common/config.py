@@ -53,6 +53,17 @@ class CommonSettings(BaseSettings):
         service_token_file: File holding this service's own token for background work
             (in Kubernetes a projected ServiceAccount token; re-read when it changes);
             empty means no service credentials.
+        auth_trust_token_roles: Honour the token's ``roles`` claim as tenant-wide role
+            bindings: a development shortcut (``make run`` sets it); off by default, so
+            production roles come only from governance's bindings.
+        authz_directory_url: ``host:port`` of the governance service that serves
+            authorization snapshots; empty: no bindings (own memories and trusted token
+            roles only).
+        authz_cache_ttl_s: Seconds a tenant's cached bindings are used without a refetch
+            (bounds staleness when invalidation events are lost).
+        authz_stale_grace_s: Seconds past the TTL cached bindings are still used while the
+            directory is unreachable; after that, decisions that need them fail with
+            ``UNAVAILABLE``.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_", extra="ignore")
@@ -80,6 +91,10 @@ class CommonSettings(BaseSettings):
     auth_audience: str = ""
     auth_clock_skew_s: int = Field(default=MAX_CLOCK_SKEW_S, ge=0, le=MAX_CLOCK_SKEW_S)
     service_token_file: Path | None = None
+    auth_trust_token_roles: bool = False
+    authz_directory_url: str = ""
+    authz_cache_ttl_s: float = Field(default=60.0, gt=0)
+    authz_stale_grace_s: float = Field(default=30.0, ge=0)
 
     @field_validator("auth_jwks_file", "service_token_file", mode="before")
     @classmethod

@@ -261,6 +261,8 @@ class DevStack:
             "AETERNA_REDIS_URL": redis_url,
             **auth.server_env(),
             **auth.service_env("memory"),
+            # Development shortcut: `aeterna token --roles TENANT_ADMIN` works locally.
+            "AETERNA_AUTH_TRUST_TOKEN_ROLES": "true",
             "AETERNA_MEMORY_MODEL_DIR": str(models),
             **self.env,
         }

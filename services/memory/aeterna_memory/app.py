@@ -14,6 +14,7 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_common.auth import ServiceCredentials
+from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
@@ -53,6 +54,8 @@ class MemoryApp(ServiceApp):
     Attributes:
         domain: The use cases.
         follower: The index follower (rebuild, reconcile, applied position).
+        authz: The authorizer every call goes through first (its ``directory`` is the
+            bindings cache, when governance is configured).
         lifecycle: The expiry and purge jobs (run periodically under leases).
         credentials: The service principal's token for calls that background work makes to
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
@@ -60,6 +63,7 @@ class MemoryApp(ServiceApp):
     """
 
     domain: MemoryDomain
+    authz: Authorizer
     follower: IndexFollower
     lifecycle: LifecycleJobs
     credentials: ServiceCredentials | None = None
@@ -259,10 +263,44 @@ def build_index(settings: MemorySettings) -> VectorIndex:
     return EdgeVectorIndex(str(settings.index_dir / "shard"), KEYWORD_FIELDS, FLOAT_FIELDS)
 
 
+def build_authorizer(
+    common: CommonSettings,
+    credentials: ServiceCredentials | None,
+    directory: Directory | None = None,
+) -> Authorizer:
+    """The authorizer: role bindings from ``directory`` or else from governance
+    (``AETERNA_AUTHZ_DIRECTORY_URL``, called with the service's own credentials), cached per
+    tenant and invalidated by governance events on Redis; with neither, own memories and
+    trusted token roles only.
+
+    Raises:
+        StartupError: A governance directory is configured without service credentials.
+    """
+    if directory is None and common.authz_directory_url:
+        if credentials is None:
+            raise StartupError(
+                "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
+                "called with the service's own token"
+            )
+        from aeterna_common.authz.governance import GovernanceDirectory
+
+        directory = GovernanceDirectory(common.authz_directory_url, credentials)
+    cache = None
+    if directory is not None:
+        cache = DirectoryCache(
+            directory,
+            redis_url=common.redis_url,
+            ttl_s=common.authz_cache_ttl_s,
+            stale_grace_s=common.authz_stale_grace_s,
+        )
+    return Authorizer(cache, trust_token_roles=common.auth_trust_token_roles)
+
+
 async def build(
     common: CommonSettings | None = None,
     settings: MemorySettings | None = None,
     schema: SchemaSettings | None = None,
+    directory: Directory | None = None,
 ) -> MemoryApp:
     """Build the memory service: load the model, migrate or wait for the schema, open
     stores, wire the domain. The index is brought up to date by the app's ``prepare`` step,
@@ -273,6 +311,8 @@ async def build(
         settings: Memory settings; read from the environment when omitted.
         schema: Migrate at start or wait for the schema; read from the environment when
             omitted.
+        directory: Source of role bindings in place of governance's (plain data, e.g. a
+            :class:`~aeterna_common.authz.StaticDirectory`).
 
     Raises:
         StartupError: The model cannot be loaded, or the schema did not reach the version
@@ -332,6 +372,7 @@ async def build(
         lease_ttl_s=settings.index_lease_ttl_s,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
+    authz = build_authorizer(common, credentials, directory)
     domain = MemoryDomain(
         store,
         IndexedSearch(index, follower),
@@ -352,6 +393,7 @@ async def build(
             wait_s=settings.read_wait_s,
             token_wait_s=settings.consistency_wait_s,
         ),
+        authz=authz,
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
     guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)
@@ -374,7 +416,7 @@ async def build(
         cache,
         domain.dense_text,
         retention_s=settings.retention_s,
-        create=domain.create,
+        create=domain.create_unchecked,
         promotion_threshold=settings.promotion_threshold,
     )
 
@@ -437,7 +479,13 @@ async def build(
 
     jobs.append(report_position_forever)
 
+    async def watch_bindings() -> None:
+        if authz.directory is not None:
+            await authz.directory.watch()
+
     async def close() -> None:
+        if authz.directory is not None:
+            await authz.directory.close()
         await follower.close()
         with contextlib.suppress(Exception):
             await index.close()
@@ -456,8 +504,16 @@ async def build(
         # Rebuild or catch up with the outbox, and agree on the embedding model, before
         # health says SERVING.
         prepare=guard.prepare,
-        background=[follower.run, reconcile_forever, guard.watch, *jobs, build_graph_forever],
+        background=[
+            follower.run,
+            reconcile_forever,
+            guard.watch,
+            watch_bindings,
+            *jobs,
+            build_graph_forever,
+        ],
         domain=domain,
+        authz=authz,
         follower=follower,
         lifecycle=lifecycle,
         credentials=credentials,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from aeterna_common.vectors.port import IndexFilter, ScoredId, SparseVector
@@ -10,6 +10,7 @@ from aeterna_common.vectors.port import IndexFilter, ScoredId, SparseVector
 from aeterna_memory.domain.model import (
     Embedded,
     FeedbackType,
+    Layer,
     ListFilter,
     Memory,
     MemoryPatch,
@@ -173,7 +174,14 @@ class MemoryStore(Protocol):
         ...
 
     async def list_page(
-        self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
+        self,
+        tenant_id: str,
+        flt: ListFilter,
+        page_size: int,
+        page_token: str,
+        *,
+        narrow: Mapping[Layer, frozenset[str] | None] | None = None,
     ) -> tuple[list[Memory], str]:
-        """A page, newest first, and the next token."""
+        """A page, newest first, and the next token; ``narrow``: per readable layer, the
+        identifier values the caller may read (None: all)."""
         ...

@@ -12,6 +12,7 @@ from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.auth import TokenVerifier
+from aeterna_common.authz import StaticDirectory
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import SchemaSettings
 from aeterna_common.server import GrpcServer
@@ -39,9 +40,18 @@ class MemoryEnv:
         return self.app.follower
 
 
-def md(tenant: str, user: str = "u1", agent: str | None = None) -> tuple[tuple[str, str], ...]:
-    """Call metadata with a real bearer token for ``tenant``'s ``user`` (and ``agent``)."""
-    token = session_auth().issue_token(tenant, user, agent=agent)
+def md(
+    tenant: str,
+    user: str = "u1",
+    agent: str | None = None,
+    roles: tuple[str, ...] = ("TENANT_ADMIN",),
+) -> tuple[tuple[str, str], ...]:
+    """Call metadata with a real bearer token for ``tenant``'s ``user`` (and ``agent``).
+
+    The tests of memory's behaviour act as TENANT_ADMIN (token roles are trusted by the test
+    servers, as in ``make run``); the permission tests pass ``roles=()``.
+    """
+    token = session_auth().issue_token(tenant, user, agent=agent, roles=roles)
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -78,6 +88,7 @@ async def start_memory(
         database_indexer_url=urls.indexer,
         redis_url=redis_url,
         service_token_file=session_auth().write_service_token("memory"),
+        auth_trust_token_roles=True,
         **auth_settings(),
     )
     # The model built by `make model` (AETERNA_MEMORY_MODEL_DIR), as the service loads it.
@@ -90,10 +101,13 @@ async def start_memory(
     settings.setdefault("outbox_trim_interval_s", 0)
     settings.setdefault("promotion_interval_s", 0)
     settings.setdefault("outbox_report_interval_s", 3600)
+    # Role bindings from plain data: a test puts its tenant's org tree and bindings in
+    # ``app.authz.directory.directory`` (a StaticDirectory) before its first call.
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),
         schema or SchemaSettings(migrate_on_start=True),
+        directory=StaticDirectory(),
     )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2

@@ -107,7 +107,7 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
             # Only an admin may re-embed, and only with this replica's model.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.ReembedMemories(
-                    svc.ReembedMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t)
+                    svc.ReembedMemoriesRequest(parent=f"tenants/{t}"), metadata=md(t, roles=())
                 )
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,6 +46,7 @@ from aeterna_memory.domain.model import (
     Scope,
     new_importance,
 )
+from aeterna_memory.domain.service import narrowing_column
 
 OUTBOX_LOCK = 7_311_000_002
 """Advisory lock serialising outbox position allocation (held until commit)."""
@@ -250,12 +251,19 @@ class PostgresMemoryStore:
         return [r["content"] for r in await self.db.run(tenant_id, work, readonly=True)]
 
     async def list_page(
-        self, tenant_id: str, flt: ListFilter, page_size: int, page_token: str
+        self,
+        tenant_id: str,
+        flt: ListFilter,
+        page_size: int,
+        page_token: str,
+        *,
+        narrow: Mapping[Layer, frozenset[str] | None] | None = None,
     ) -> tuple[list[Memory], str]:
         """A page of memories, newest first, and the next page token ('' at the end).
 
         The page ends early (with a token) once its contents and metadata pass
-        :data:`PAGE_BYTES`.
+        :data:`PAGE_BYTES`. ``narrow`` (what the caller may read) keeps only the listed
+        layers, each to the given identifier values (None: all of the layer).
         """
         fp = flt.fingerprint()
         where = ["tenant_id = $1"]
@@ -269,6 +277,18 @@ class PostgresMemoryStore:
         if flt.tags:
             args.append(list(flt.tags))
             where.append(f"tags && ${len(args)}::text[]")
+        if narrow is not None:
+            allowed: list[str] = []
+            for layer, values in narrow.items():
+                if values is None:
+                    allowed.append(f"layer = {int(layer)}")
+                elif values:
+                    args.append(sorted(values))
+                    column = narrowing_column(layer)
+                    allowed.append(
+                        f"(layer = {int(layer)} AND {column} = ANY(${len(args)}::text[]))"
+                    )
+            where.append(f"({' OR '.join(allowed)})" if allowed else "FALSE")
         if not flt.show_deleted:
             where.append(
                 "deleted_at IS NULL AND archived_at IS NULL "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import structlog
+from aeterna_common.authz import Authorizer, ReadableScope, Resource, UnitKind, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
 from aeterna_common.embedding.port import EmbeddingPort
@@ -24,7 +25,6 @@ from aeterna_common.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     Unavailable,
 )
 from aeterna_common.search import fusion
@@ -42,6 +42,7 @@ from aeterna_memory.domain.model import (
     MetadataCondition,
     NewMemory,
     Revision,
+    Scope,
     SearchHit,
     SearchQuery,
 )
@@ -49,8 +50,78 @@ from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
 
-ADMIN_ROLES = frozenset({"TENANT_ADMIN", "PLATFORM_ADMIN"})
-"""Roles (from the verified token) that may run admin methods such as a re-embed."""
+SERVICE = "aeterna.memory.v1.MemoryService"
+"""Full name of the gRPC service; an action is ``{SERVICE}/{method}``."""
+
+USER_LAYERS = frozenset({Layer.AGENT, Layer.USER, Layer.SESSION})
+"""Layers of one user's own memories (keyed by ``user_id``)."""
+
+UNIT_LAYERS: Mapping[Layer, tuple[UnitKind, str]] = {
+    Layer.PROJECT: (UnitKind.PROJECT, "project_id"),
+    Layer.TEAM: (UnitKind.TEAM, "team_id"),
+    Layer.ORG: (UnitKind.ORGANIZATION, "org_id"),
+    Layer.COMPANY: (UnitKind.COMPANY, "company_id"),
+}
+"""Org-unit layers: the unit kind and the scope identifier that is the unit's id."""
+
+
+def action(method: str) -> str:
+    """The permission model's action of a MemoryService method (its full method name)."""
+    return f"{SERVICE}/{method}"
+
+
+def memory_resource(tenant: str, layer: Layer, scope: Scope) -> Resource:
+    """The resource a memory of ``layer`` and ``scope`` belongs to: its user's space or its
+    unit (a validated scope holds the layer's identifiers)."""
+    if layer in USER_LAYERS:
+        return Resource.user_space(tenant, scope.user_id or "")
+    kind, name = UNIT_LAYERS[layer]
+    return Resource.unit(tenant, kind, scope.get(name) or "")
+
+
+def explicit_resources(tenant: str, layers: Sequence[Layer], scope: Scope) -> list[Resource]:
+    """Resources named by the identifiers a read gives explicitly, for the layers it reads.
+
+    An explicit ``user_id`` names that user's space, ``project_id`` that project, and so on;
+    identifiers left out widen the read and are narrowed instead (:func:`narrowing`).
+    """
+    out: list[Resource] = []
+    if scope.user_id and any(layer in USER_LAYERS for layer in layers):
+        out.append(Resource.user_space(tenant, scope.user_id))
+    for layer in layers:
+        if layer in UNIT_LAYERS:
+            kind, name = UNIT_LAYERS[layer]
+            if value := scope.get(name):
+                out.append(Resource.unit(tenant, kind, value))
+    return out
+
+
+def narrowing(
+    readable: ReadableScope, layers: Sequence[Layer]
+) -> dict[Layer, frozenset[str] | None]:
+    """Per layer, the identifier values the caller may read (None: all of them).
+
+    Layers of users' own memories are narrowed on ``user_id``, unit layers on the unit's
+    identifier; an empty set means the layer holds nothing the caller may read.
+    """
+    out: dict[Layer, frozenset[str] | None] = {}
+    for layer in layers:
+        if readable.everything:
+            out[layer] = None
+        elif layer in USER_LAYERS:
+            out[layer] = readable.user_ids
+        else:
+            kind = UNIT_LAYERS[layer][0]
+            out[layer] = (
+                None if kind in readable.all_units else readable.units.get(kind, frozenset())
+            )
+    return out
+
+
+def narrowing_column(layer: Layer) -> str:
+    """The scope identifier a layer is narrowed on."""
+    return "user_id" if layer in USER_LAYERS else UNIT_LAYERS[layer][1]
+
 
 DUPLICATE_COSINE = 0.95
 """Near-duplicates (cosine ≥ 0.95) collapse to the more specific one (DOMAIN.md, Search)."""
@@ -149,6 +220,8 @@ class MemoryDomain:
         encode_query: Text → BM25 query vector.
         indexing: What is indexed with each memory.
         tuning: Retrieval settings.
+        authz: Decides every call before any lookup; the default knows no bindings (own
+            memories only).
     """
 
     def __init__(
@@ -161,6 +234,7 @@ class MemoryDomain:
         *,
         indexing: IndexingPolicy | None = None,
         tuning: SearchTuning | None = None,
+        authz: Authorizer | None = None,
     ) -> None:
         self.store = store
         self.index = index
@@ -169,6 +243,7 @@ class MemoryDomain:
         self.encode_query = encode_query
         self.indexing = indexing or IndexingPolicy()
         self.tuning = tuning or SearchTuning()
+        self.authz = authz or Authorizer()
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
 
@@ -225,15 +300,35 @@ class MemoryDomain:
         method: str,
         request_id: str,
     ) -> tuple[list[Memory], int]:
-        """Create memories atomically; idempotent on ``request_id`` per principal.
+        """Create memories atomically (all or none, permission included); idempotent on
+        ``request_id`` per principal.
 
         Returns:
             The memories and the outbox position of their commit (the consistency token).
 
         Raises:
+            PermissionDenied: The caller may not write one of the memories' scopes (reason
+                ``ACTION_NOT_ALLOWED``); nothing is written.
             FailedPrecondition: ``request_id`` reused for another request.
             CommitOutcomeUnknown: the commit's outcome is unknown and there is no request id.
         """
+        tenant = principal.tenant_id
+        resources = dict.fromkeys(memory_resource(tenant, m.layer, m.scope) for m in memories)
+        await self.authz.authorize(principal, action(method), *resources)
+        return await self.create_unchecked(
+            principal, memories, method=method, request_id=request_id
+        )
+
+    async def create_unchecked(
+        self,
+        principal: Principal,
+        memories: Sequence[NewMemory],
+        *,
+        method: str,
+        request_id: str,
+    ) -> tuple[list[Memory], int]:
+        """:meth:`create` without the permission check, for the service's own background
+        work (promotion), which no caller started."""
         tenant = principal.tenant_id
         fingerprint = request_hash(method, memories)
         if request_id:
@@ -285,11 +380,13 @@ class MemoryDomain:
         changes, the vector.
 
         Raises:
-            NotFound: no live memory of that name.
+            PermissionDenied: The caller may not update it, or could not read it if it
+                existed (reason ``ACTION_NOT_ALLOWED``).
+            NotFound: no live memory of that name (callers with tenant-wide read only).
             Aborted: a concurrent change won.
         """
         tenant = principal.tenant_id
-        current = await self.store.get(tenant, memory_id, include_deleted=False)
+        current = await self.checked(principal, "UpdateMemory", memory_id, include_deleted=False)
         lexical_context: tuple[str, ...] | None = None
         embedding: list[float] | None = None
         content_changed = "content" in patch.fields and patch.content is not None
@@ -321,7 +418,12 @@ class MemoryDomain:
         )
 
     async def delete(self, principal: Principal, memory_id: str) -> tuple[Memory, int]:
-        """Soft-delete (idempotent); returns the memory and its commit's position."""
+        """Soft-delete (idempotent); returns the memory and its commit's position.
+
+        Raises:
+            PermissionDenied, NotFound: As :meth:`checked`.
+        """
+        await self.checked(principal, "DeleteMemory", memory_id)
         return await self.store.delete(principal.tenant_id, memory_id, actor=principal.actor)
 
     async def feedback(
@@ -336,7 +438,11 @@ class MemoryDomain:
 
         Returns:
             The memory and the outbox position of the commit.
+
+        Raises:
+            PermissionDenied, NotFound: As :meth:`checked`.
         """
+        await self.checked(principal, "RecordMemoryFeedback", memory_id)
         return await self.store.record_feedback(
             principal.tenant_id,
             memory_id,
@@ -369,7 +475,7 @@ class MemoryDomain:
         ``remaining`` if its writer did not re-embed it. Writes are paced to ``per_second``.
 
         Args:
-            principal: The caller; needs a role of :data:`ADMIN_ROLES`.
+            principal: The caller; needs ``memory:admin`` (TENANT_ADMIN, PLATFORM_ADMIN).
             target_model: Expected model id; empty means this replica's.
             max_memories: Stop after this many (0: all).
             per_second: Rate limit in memories per second (> 0).
@@ -380,16 +486,14 @@ class MemoryDomain:
             memories of the tenant still embedded with another model.
 
         Raises:
-            PermissionDenied: The caller has no admin role (reason ``ADMIN_ROLE_REQUIRED``).
+            PermissionDenied: The caller may not re-embed (reason ``ACTION_NOT_ALLOWED``).
             FailedPrecondition: ``target_model`` is not this replica's model (reason
                 ``EMBEDDING_MODEL_MISMATCH``).
             InvalidArgument: ``max_memories`` is negative.
         """
-        if not principal.roles & ADMIN_ROLES:
-            raise PermissionDenied(
-                "re-embedding needs the role TENANT_ADMIN or PLATFORM_ADMIN",
-                reason="ADMIN_ROLE_REQUIRED",
-            )
+        await self.authz.authorize(
+            principal, action("ReembedMemories"), Resource.tenant(principal.tenant_id)
+        )
         model = self.model_id
         if target_model and target_model != model:
             raise FailedPrecondition(
@@ -450,20 +554,62 @@ class MemoryDomain:
 
     # ---- reads -----------------------------------------------------------------------
 
+    async def checked(
+        self, principal: Principal, method: str, memory_id: str, *, include_deleted: bool = True
+    ) -> Memory:
+        """Read a memory by name for ``method``, permission before existence (AIP-211).
+
+        First a coarse check before any lookup (may the caller call ``method`` in its tenant
+        at all), then the row (RLS-bound read), then the fine check on the row's layer and
+        scope. A missing memory and a forbidden one give the same ``PERMISSION_DENIED``,
+        except to callers who may read every memory of the tenant (they learn ``NOT_FOUND``).
+
+        Raises:
+            PermissionDenied: Refused, or missing for a caller without tenant-wide read
+                (reason ``ACTION_NOT_ALLOWED``).
+            NotFound: Missing, for a caller with tenant-wide read.
+        """
+        tenant = principal.tenant_id
+        name = action(method)
+        await self.authz.authorize(principal, name, Resource.tenant(tenant))
+        try:
+            memory = await self.store.get(tenant, memory_id, include_deleted=include_deleted)
+        except NotFound:
+            if await self.authz.allowed(principal, name, Resource.tenant_data(tenant)):
+                raise
+            raise denied(name) from None
+        await self.authz.authorize(
+            principal, name, memory_resource(tenant, memory.layer, memory.scope)
+        )
+        return memory
+
     async def get(self, principal: Principal, memory_id: str) -> Memory:
-        """One memory (deleted ones too, with their delete time)."""
-        return await self.store.get(principal.tenant_id, memory_id)
+        """One memory (deleted ones too, with their delete time); see :meth:`checked`."""
+        return await self.checked(principal, "GetMemory", memory_id)
 
     async def list_page(
         self, principal: Principal, flt: ListFilter, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
-        """A page of memories."""
-        return await self.store.list_page(principal.tenant_id, flt, page_size, page_token)
+        """A page of memories the caller may read.
+
+        Identifiers given in the filter must be readable (else ``PERMISSION_DENIED``); what
+        the filter leaves open is narrowed in the query to what the caller may read.
+        """
+        tenant = principal.tenant_id
+        name = action("ListMemories")
+        layers = [flt.layer] if flt.layer is not None else list(Layer)
+        await self.authz.authorize(
+            principal, name, Resource.tenant(tenant), *explicit_resources(tenant, layers, flt.scope)
+        )
+        readable = await self.authz.readable_scope(principal, name)
+        narrow = None if readable.everything else narrowing(readable, layers)
+        return await self.store.list_page(tenant, flt, page_size, page_token, narrow=narrow)
 
     async def revisions(
         self, principal: Principal, memory_id: str, page_size: int, after: int
     ) -> tuple[list[Revision], bool]:
-        """Revisions of one memory."""
+        """Revisions of one memory; see :meth:`checked`."""
+        await self.checked(principal, "ListMemoryRevisions", memory_id)
         return await self.store.revisions(principal.tenant_id, memory_id, page_size, after)
 
     # ---- search ----------------------------------------------------------------------
@@ -498,13 +644,29 @@ class MemoryDomain:
             At most ``query.top_k`` hits, best first, with fused scores in [0, 1], and the
             index's state.
 
+        Only what the caller may read is searched: identifiers the query gives must be
+        readable (else ``PERMISSION_DENIED``), and layers the query leaves open are narrowed
+        in the index filter itself (so ``top_k`` counts readable hits only).
+
         Raises:
+            PermissionDenied: An explicit scope the caller may not read (reason
+                ``ACTION_NOT_ALLOWED``).
             Unavailable: the index did not reach ``min_position`` in time (reason
                 ``CONSISTENCY_TOKEN_NOT_REACHED``).
         """
+        tenant = principal.tenant_id
+        name = action("SearchMemories")
+        await self.authz.authorize(
+            principal,
+            name,
+            Resource.tenant(tenant),
+            *explicit_resources(tenant, query.layers, query.scope),
+        )
+        readable = await self.authz.readable_scope(principal, name)
+        narrow = {} if readable.everything else narrowing(readable, query.layers)
+        layers = [layer for layer in query.layers if narrow.get(layer, None) != frozenset()]
         if self.model_mismatch is not None:
             raise FailedPrecondition(self.model_mismatch, reason="EMBEDDING_MODEL_MISMATCH")
-        tenant = principal.tenant_id
         t0 = time.perf_counter()
 
         async def caught_up() -> bool:
@@ -530,9 +692,12 @@ class MemoryDomain:
         applied = self.index.applied_position
         dense_q = vectors[0]
         per_layer = await asyncio.gather(
-            *(self._search_layer(tenant, layer, query, dense_q, sparse_q) for layer in query.layers)
+            *(
+                self._search_layer(tenant, layer, query, dense_q, sparse_q, narrow.get(layer))
+                for layer in layers
+            )
         )
-        ranking = fuse_layers(list(zip(query.layers, per_layer, strict=True)), self.tuning)
+        ranking = fuse_layers(list(zip(layers, per_layer, strict=True)), self.tuning)
         candidates = {c.id: c for c in ranking if c.score >= query.min_score}
         ranked = list(candidates)
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
@@ -573,8 +738,9 @@ class MemoryDomain:
         query: SearchQuery,
         dense_q: Sequence[float],
         sparse_q: SparseVector,
+        readable: frozenset[str] | None,
     ) -> tuple[list[ScoredId], list[ScoredId]]:
-        flt = layer_filter(tenant, layer, query)
+        flt = layer_filter(tenant, layer, query, readable)
         n = max(self.tuning.candidates, query.top_k)
         dense, lexical = await asyncio.gather(
             self.index.search_dense(dense_q, flt, n),
@@ -709,10 +875,15 @@ async def _no_hits() -> list[ScoredId]:
     return []
 
 
-def layer_filter(tenant: str, layer: Layer, query: SearchQuery) -> IndexFilter:
+def layer_filter(
+    tenant: str, layer: Layer, query: SearchQuery, readable: frozenset[str] | None = None
+) -> IndexFilter:
     """The index filter of one layer of a search: the layer, its given identifiers (an
-    empty one widens), tags (any-of) and metadata conditions."""
+    empty one widens), the identifier values the caller may read (``readable``; None: no
+    narrowing), tags (any-of) and metadata conditions."""
     must: list[FieldMatch] = [FieldMatch("layer", value=layer.name)]
+    if readable is not None:
+        must.append(FieldMatch(narrowing_column(layer), any_of=sorted(readable)))
     for name in SEARCH_IDENTIFIERS[layer]:
         value = query.scope.get(name)
         if value:
