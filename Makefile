@@ -12,7 +12,7 @@ MODEL := $(MODEL_DIR)/manifest.json
 export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 # Every deployable unit is its own package; development installs them all, editable, pinned
 # by the one constraints file.
-PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory
+PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance
 PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane clean
@@ -62,7 +62,7 @@ lint-envoy: $(STAMP)
 lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check libs/common libs/devstack libs/cli services tests bench scripts
-	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory
+	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory services/governance/aeterna_governance
 
 # buf lint on protos/, and buf breaking against the merge base with main (see the script).
 lint-protos: $(STAMP)

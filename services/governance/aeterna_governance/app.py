@@ -1,0 +1,125 @@
+"""Composition root of the governance service: opens the database, builds the interim
+access check and every servicer listed in :data:`SERVICERS`, and their background jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from aeterna_common import leases
+from aeterna_common.auth import ServiceCredentials
+from aeterna_common.config import CommonSettings
+from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
+from aeterna_common.server import ServiceApp, StartupError
+
+from aeterna_governance import approval_servicer, organization_servicer, store
+from aeterna_governance.access import Access
+from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_governance.settings import GovernanceSettings
+
+log = structlog.get_logger("aeterna.governance")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+SERVICERS: list[ServicerSpec] = [
+    organization_servicer.SPEC,
+    approval_servicer.SPEC,
+]
+"""Every service governance serves; a new servicer module adds its ``SPEC`` here."""
+
+
+@dataclass(kw_only=True)
+class GovernanceApp(ServiceApp):
+    """The governance service's :class:`ServiceApp`.
+
+    Attributes:
+        deps: The shared dependencies.
+        servicers: Service name → its registration (filled when the server starts).
+    """
+
+    deps: Deps
+    servicers: dict[str, Registered] = field(default_factory=dict)
+
+
+async def build(
+    common: CommonSettings | None = None,
+    settings: GovernanceSettings | None = None,
+    schema: SchemaSettings | None = None,
+) -> GovernanceApp:
+    """Build the governance service: migrate or wait for the schema, open the pools.
+
+    Args:
+        common: Shared settings; read from the environment when omitted.
+        settings: Governance settings; read from the environment when omitted.
+        schema: Migrate at start or wait for the schema; read from the environment when
+            omitted.
+
+    Raises:
+        StartupError: The schema did not reach the version this code needs in time.
+    """
+    common = common or CommonSettings()
+    settings = settings or GovernanceSettings()
+    schema = schema or SchemaSettings()
+    credentials = ServiceCredentials.from_settings(common)
+    try:
+        await prepare_schema(
+            schema,
+            database_url=common.database_url,
+            owner_url=common.database_owner_url,
+            directory=MIGRATIONS,
+            indexer_url=common.database_indexer_url,
+        )
+    except SchemaNotReadyError as exc:
+        raise StartupError(str(exc)) from exc
+    db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
+    await db.open()
+    indexer = Database(common.database_indexer_url, min_size=1, max_size=common.db_indexer_pool_max)
+    try:
+        await indexer.open()
+    except BaseException:
+        await db.close()
+        raise
+    deps = Deps(
+        common=common,
+        settings=settings,
+        db=db,
+        indexer=indexer,
+        access=Access(db, trust_token_roles=settings.trust_token_roles),
+        credentials=credentials,
+    )
+
+    async def collect_idempotency_keys(lease: leases.Lease) -> None:
+        deleted = await store.gc_idempotency_keys(db, settings.idempotency_ttl_s)
+        if deleted:
+            log.info("idempotency.collected", deleted=deleted)
+
+    jobs: list[Job] = [
+        deps.under_lease(
+            "governance:idempotency:gc",
+            settings.idempotency_gc_interval_s,
+            collect_idempotency_keys,
+        )
+    ]
+    app = GovernanceApp(
+        service_names=[spec.service_name for spec in SERVICERS],
+        register=lambda server: None,
+        close=lambda: _close(db, indexer),
+        background=jobs,
+        deps=deps,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        for spec in SERVICERS:
+            registered = spec.build(deps, server)
+            app.servicers[spec.service_name] = registered
+            jobs.extend(registered.background)
+
+    app.register = register
+    return app
+
+
+async def _close(db: Database, indexer: Database) -> None:
+    await indexer.close()
+    await db.close()
