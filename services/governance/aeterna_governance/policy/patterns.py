@@ -25,7 +25,7 @@ fails to compile."""
 MAX_PROGRAM_SIZE = 50_000
 r"""Largest compiled program accepted, in RE2 instructions (``programsize``). Measured with
 google-re2 1.1: 1,000 literal characters compile to 1,004 instructions, ``.{1000}`` to 8,004;
-RE2's cap on counted repetition (1,000 in total) still lets ``\\p{L}{40}`` reach ~48,000."""
+RE2's cap on counted repetition (1,000 in total) still lets ``\p{L}{40}`` reach ~48,000."""
 
 
 class Pattern(Protocol):
