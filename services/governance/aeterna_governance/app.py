@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 import structlog
-from aeterna_common import leases
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
+from aeterna_common.leases import Lease
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.server import ServiceApp, StartupError
 
@@ -90,7 +90,7 @@ async def build(
         credentials=credentials,
     )
 
-    async def collect_idempotency_keys(lease: leases.Lease) -> None:
+    async def collect_idempotency_keys(lease: Lease) -> None:
         deleted = await store.gc_idempotency_keys(db, settings.idempotency_ttl_s)
         if deleted:
             log.info("idempotency.collected", deleted=deleted)

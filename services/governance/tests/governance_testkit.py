@@ -77,3 +77,34 @@ async def start_governance(
     )
     await server.start(wait_ready=wait_ready)
     return server, app
+
+
+def details(exc: grpc.aio.AioRpcError) -> tuple[str, list[str], dict[str, str]]:
+    """``(ErrorInfo.reason, BadRequest fields, ErrorInfo.metadata)`` of a failed call."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(exc)
+    assert status is not None
+    reason, fields, meta = "", [], {}
+    for d in status.details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            reason, meta = info.reason, dict(info.metadata)
+            assert info.domain == "aeterna.dev"
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            d.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+    return reason, fields, meta
+
+
+async def expect(coro: Any, code: grpc.StatusCode) -> tuple[str, list[str], dict[str, str]]:
+    """Await a call that must fail with ``code``; its error details."""
+    import pytest
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await coro
+    assert info.value.code() == code, info.value.details()
+    return details(info.value)
