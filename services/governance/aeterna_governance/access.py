@@ -15,6 +15,9 @@ unit above it, inherited downward as DOMAIN.md says, or TENANT_ADMIN/PLATFORM_AD
   the unit; binding writes at the binding's unit). A unit that does not exist has no
   admins above it, so the caller is refused exactly as for an existing unit it may not
   manage: permission before existence.
+* ``UNIT_MEMBER``: any role from VIEWER to ADMIN bound at the unit or at a unit above it, or
+  a tenant-wide role (reading and checking policies, drift); without a unit, a tenant-wide
+  role.
 * ``TENANT_ADMIN``: TENANT_ADMIN or PLATFORM_ADMIN (tenant-wide bindings, reading the
   authorization snapshot); service principals may read snapshots of any tenant.
 
@@ -34,6 +37,9 @@ from aeterna_common.errors import PermissionDenied
 ACTION_NOT_ALLOWED = "ACTION_NOT_ALLOWED"
 """``ErrorInfo.reason`` of a refused action; ``ErrorInfo.metadata.action`` names it."""
 
+VIEWER = 1
+"""``ROLE_VIEWER``: the least role that makes a member of a unit."""
+
 ADMIN = 5
 """``ROLE_ADMIN``: the least role that manages a unit, its bindings and its approvals."""
 
@@ -47,6 +53,7 @@ class Need(enum.Enum):
     """What an action requires (see the module docstring)."""
 
     MEMBER = "member"
+    UNIT_MEMBER = "unit_member"
     UNIT_ADMIN = "unit_admin"
     TENANT_ADMIN = "tenant_admin"
 
@@ -72,6 +79,18 @@ ACTIONS: dict[str, Need] = {
     "governance.approvalRequests.create": Need.MEMBER,
     "governance.approvalRequests.decide": Need.UNIT_ADMIN,
     "governance.approvalRequests.cancel": Need.MEMBER,
+    "governance.policies.get": Need.UNIT_MEMBER,
+    "governance.policies.list": Need.UNIT_MEMBER,
+    "governance.policies.create": Need.UNIT_ADMIN,
+    "governance.policies.update": Need.UNIT_ADMIN,
+    "governance.policies.delete": Need.UNIT_ADMIN,
+    "governance.policies.check": Need.UNIT_MEMBER,
+    "governance.driftReports.get": Need.UNIT_MEMBER,
+    "governance.suppressions.list": Need.UNIT_MEMBER,
+    "governance.suppressions.create": Need.UNIT_ADMIN,
+    "governance.suppressions.delete": Need.UNIT_ADMIN,
+    "governance.auditEntries.list": Need.TENANT_ADMIN,
+    "governance.auditEntries.verify": Need.TENANT_ADMIN,
 }
 """Every governance action and what it requires. Delegation writes and cancellations have
 an owner check besides (the delegating user, the requester), made by their use cases."""
@@ -177,8 +196,8 @@ class Access:
             principal: The caller (from the verified token).
             tenant_id: The tenant of the resource (already checked against the caller's).
             action: A key of :data:`ACTIONS`.
-            unit_id: The unit the action is about (``UNIT_ADMIN`` actions); None for
-                tenant-level resources, which only tenant admins manage.
+            unit_id: The unit the action is about (``UNIT_ADMIN`` and ``UNIT_MEMBER``
+                actions); None for tenant-level resources, which only tenant admins manage.
 
         Raises:
             PermissionDenied: Reason ``ACTION_NOT_ALLOWED``, ``metadata.action`` = action.
@@ -195,6 +214,8 @@ class Access:
             return
 
         async def check(conn: asyncpg.Connection) -> bool:
+            if need is Need.UNIT_MEMBER:
+                return await self.holds(conn, principal, tenant_id, unit_id, min_role=VIEWER)
             return await self.holds(
                 conn, principal, tenant_id, unit_id if need is Need.UNIT_ADMIN else None
             )

@@ -118,9 +118,7 @@ def canonical_payload(payload: Any) -> str:
         raise InvalidEventError(f"payload is not I-JSON: {exc}") from None
 
 
-def canonical_form(
-    event: Event, sequence: int, append_time: datetime, previous_hash: str
-) -> bytes:
+def canonical_form(event: Event, sequence: int, append_time: datetime, previous_hash: str) -> bytes:
     """The bytes an entry's hash covers (see the module docstring)."""
     return rfc8785.dumps(
         {

@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Mapping, Sequence
+from typing import cast
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aeterna_common import leases
@@ -92,7 +94,8 @@ class AuditConsumer:
     async def streams(self) -> list[str]:
         """The registered tenant streams, each with the group created (from the start of the
         stream, so a new group misses nothing already there)."""
-        keys = sorted(k for k in await self.redis.smembers(self.registry) if STREAM_KEY.fullmatch(k))
+        members = await self.redis.smembers(self.registry)
+        keys = sorted(str(k) for k in members if STREAM_KEY.fullmatch(str(k)))
         for key in keys:
             if key in self._grouped:
                 continue
@@ -116,10 +119,13 @@ class AuditConsumer:
             await self.audit.append(event)
         except InvalidEventError as exc:
             log.warning("audit.dead_letter", stream=stream, entry=entry_id, reason=str(exc))
-            await self.redis.xadd(
-                f"{stream}:dead",
-                {**fields, "dead_reason": str(exc), "dead_entry": entry_id, "dead_group": self.group},
-            )
+            dead: dict[str, str] = {
+                **fields,
+                "dead_reason": str(exc),
+                "dead_entry": entry_id,
+                "dead_group": self.group,
+            }
+            await self.redis.xadd(f"{stream}:dead", dead)  # type: ignore[arg-type]
         await self.redis.xack(stream, self.group, entry_id)
 
     async def _process(self, stream: str, entries: Sequence[Entry]) -> int:
@@ -139,7 +145,8 @@ class AuditConsumer:
             reply = await self.redis.xautoclaim(
                 stream, self.group, self.name, min_idle_time=0, start_id=start, count=self.batch
             )
-            start, claimed = reply[0], reply[1]
+            start = str(reply[0])
+            claimed = cast(list[tuple[str, Mapping[str, str] | None]], reply[1])
             done += await self._process(stream, [(i, f) for i, f in claimed if f is not None])
             if start == "0-0":
                 return done
@@ -163,7 +170,7 @@ class AuditConsumer:
         reply = await self.redis.xreadgroup(
             self.group, self.name, dict.fromkeys(keys, ">"), count=self.batch, block=self.block_ms
         )
-        for stream, entries in reply or []:
+        for stream, entries in cast(list[tuple[str, list[Entry]]], reply or []):
             done += await self._process(stream, entries)
         return done
 
@@ -171,14 +178,14 @@ class AuditConsumer:
         """Forget what this holder recovered: a later holder term recovers again."""
         self._recovered.clear()
 
-    async def run(self, pool: object, *, ttl_s: float = leases.DEFAULT_TTL_S) -> None:
+    async def run(self, pool: asyncpg.Pool, *, ttl_s: float = leases.DEFAULT_TTL_S) -> None:
         """Consume while holding :data:`LEASE`, until cancelled.
 
         Args:
             pool: The application role's ``asyncpg.Pool`` (for the lease).
             ttl_s: The lease's time to live in seconds.
         """
-        keeper = leases.LeaseKeeper(pool, LEASE, ttl_s=ttl_s)  # type: ignore[arg-type]
+        keeper = leases.LeaseKeeper(pool, LEASE, ttl_s=ttl_s)
         keeping = asyncio.create_task(keeper.run(), name=f"lease:{LEASE}")
         try:
             while True:
@@ -189,9 +196,13 @@ class AuditConsumer:
                 try:
                     await self.step()
                 except (RedisError, OSError) as exc:
+                    # Entries delivered but not appended stay pending: recover them (in stream
+                    # order) before reading anything newer.
+                    self.lost()
                     log.warning("audit.consume_failed", error=repr(exc))
                     await asyncio.sleep(1.0)
                 except Exception:
+                    self.lost()
                     log.exception("audit.consume_failed")
                     await asyncio.sleep(1.0)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import cast
 
 import asyncpg
 from aeterna_common import leases
@@ -61,7 +62,9 @@ async def append_in(conn: asyncpg.Connection, event: Event) -> tuple[AuditRecord
         The entry, and whether it was appended now (False: the event id was there already,
         and the existing entry is returned).
     """
-    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", AUDIT_LOCK_CLASS, event.tenant)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))", AUDIT_LOCK_CLASS, event.tenant
+    )
     existing = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
         event.tenant,
@@ -95,6 +98,7 @@ async def append_in(conn: asyncpg.Connection, event: Event) -> tuple[AuditRecord
         previous,
         digest,
     )
+    assert row is not None
     return _record(row), True
 
 
@@ -200,6 +204,7 @@ class AuditLog:
         Raises:
             LeaseLostError: The lease is no longer held.
         """
-        async with self.db.pool.acquire() as conn, conn.transaction():
+        async with self.db.pool.acquire() as pooled, pooled.transaction():
+            conn = cast(asyncpg.Connection, pooled)
             await leases.check(conn, lease)
             return int(await conn.fetchval("SELECT audit_checkpoint_heads()"))

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from aeterna_common.errors import FieldViolation
+
 from aeterna_governance.policy.model import (
     PolicyContext,
     Rule,
