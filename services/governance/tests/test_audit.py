@@ -15,24 +15,8 @@ from aeterna.governance.v1 import audit_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_governance.audit.chain import GENESIS_HASH, Event, entry_hash, parse_envelope
 from aeterna_governance.audit.log import AuditLog
+from audit_testkit import envelope
 from governance_testkit import GovernanceEnv, admin, expect, md, new_tenant
-
-
-def envelope(tenant: str, n: int, **extra: str) -> dict[str, str]:
-    """An event envelope (all fields strings), the n-th of memory's outbox."""
-    return {
-        "event_id": f"memory:{n}",
-        "service": "memory",
-        "type": "memory.created",
-        "tenant": tenant,
-        "resource": f"tenants/{tenant}/memories/m{n}",
-        "actor": "users/alice",
-        "time": "2026-11-30T16:00:00.123456789Z",
-        "position": str(n),
-        "payload": json.dumps({"layer": "USER", "n": n, "ratio": 0.1 * n}),
-        "traceparent": "",
-        **extra,
-    }
 
 
 async def fill(gov: GovernanceEnv, tenant: str, count: int) -> AuditLog:
