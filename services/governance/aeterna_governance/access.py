@@ -15,9 +15,9 @@ unit above it, inherited downward as DOMAIN.md says, or TENANT_ADMIN/PLATFORM_AD
   the unit; binding writes at the binding's unit). A unit that does not exist has no
   admins above it, so the caller is refused exactly as for an existing unit it may not
   manage: permission before existence.
-* ``UNIT_MEMBER``: any role from VIEWER to ADMIN bound at the unit or at a unit above it, or
-  a tenant-wide role (reading and checking policies, drift); without a unit, a tenant-wide
-  role.
+* ``UNIT_MEMBER``: any role from VIEWER to ADMIN bound in the unit's tree (at the unit, a
+  unit above it or a unit below it: the rules of a unit hold below it), or a tenant-wide role
+  (reading and checking policies, drift); without a unit, a tenant-wide role.
 * ``TENANT_ADMIN``: TENANT_ADMIN or PLATFORM_ADMIN (tenant-wide bindings, reading the
   authorization snapshot); service principals may read snapshots of any tenant.
 
@@ -36,9 +36,6 @@ from aeterna_common.errors import PermissionDenied
 
 ACTION_NOT_ALLOWED = "ACTION_NOT_ALLOWED"
 """``ErrorInfo.reason`` of a refused action; ``ErrorInfo.metadata.action`` names it."""
-
-VIEWER = 1
-"""``ROLE_VIEWER``: the least role that makes a member of a unit."""
 
 ADMIN = 5
 """``ROLE_ADMIN``: the least role that manages a unit, its bindings and its approvals."""
@@ -139,6 +136,28 @@ SELECT EXISTS (
 it, or a tenant-wide role. The walk up is at most four rows (the tree's depth)."""
 
 
+MEMBER_OF_TREE_SQL = """
+WITH RECURSIVE up(id, parent_id) AS (
+    SELECT id, parent_id FROM org_units WHERE tenant_id = $1 AND id = $2
+    UNION ALL
+    SELECT o.id, o.parent_id FROM org_units o JOIN up ON o.tenant_id = $1 AND o.id = up.parent_id
+), down(id) AS (
+    SELECT id FROM org_units WHERE tenant_id = $1 AND id = $2
+    UNION ALL
+    SELECT o.id FROM org_units o JOIN down ON o.tenant_id = $1 AND o.parent_id = down.id
+)
+SELECT EXISTS (
+    SELECT 1 FROM role_bindings b
+    WHERE b.tenant_id = $1 AND b.subject = ANY($3::text[])
+      AND (b.role = ANY($4::smallint[])
+           OR (b.role BETWEEN 1 AND 5 AND (b.org_unit_id IN (SELECT id FROM up)
+                                           OR b.org_unit_id IN (SELECT id FROM down))))
+)
+"""
+"""Whether the subjects hold a role from VIEWER to ADMIN at unit ``$2``, above it or below
+it, or a tenant-wide role."""
+
+
 class Access:
     """The interim authorization check (see the module docstring).
 
@@ -214,8 +233,16 @@ class Access:
             return
 
         async def check(conn: asyncpg.Connection) -> bool:
-            if need is Need.UNIT_MEMBER:
-                return await self.holds(conn, principal, tenant_id, unit_id, min_role=VIEWER)
+            if need is Need.UNIT_MEMBER and unit_id is not None:
+                return self.token_admin(principal) or bool(
+                    await conn.fetchval(
+                        MEMBER_OF_TREE_SQL,
+                        tenant_id,
+                        unit_id,
+                        subjects(principal),
+                        list(TENANT_WIDE),
+                    )
+                )
             return await self.holds(
                 conn, principal, tenant_id, unit_id if need is Need.UNIT_ADMIN else None
             )
