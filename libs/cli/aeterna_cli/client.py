@@ -103,10 +103,8 @@ async def call_with_token(call: Any) -> tuple[Any, str | None]:
     return response, token
 
 
-def memory_stub(
-    target: str | None = None, *, read_your_writes: bool = False
-) -> tuple[grpc.aio.Channel, Stub]:
-    """An aio channel to ``target`` (default :func:`endpoint`) and a MemoryService stub.
+def channel(target: str | None = None, *, read_your_writes: bool = False) -> grpc.aio.Channel:
+    """An aio channel to ``target`` (default :func:`endpoint`).
 
     The channel's message size limits are the server's, mirrored
     (:data:`aeterna_common.limits.CLIENT_OPTIONS`).
@@ -118,14 +116,25 @@ def memory_stub(
             so its reads see its writes on any replica.
 
     Returns:
-        The channel (close it) and the stub.
+        The channel (close it).
     """
     interceptors: list[Any] = list(client_interceptors())
     if read_your_writes:
         interceptors.append(ReadYourWrites())
-    channel = grpc.aio.insecure_channel(
+    return grpc.aio.insecure_channel(
         target or endpoint(),
         options=list(CLIENT_OPTIONS),
         interceptors=interceptors,
     )
-    return channel, svc_grpc.MemoryServiceStub(channel)
+
+
+def memory_stub(
+    target: str | None = None, *, read_your_writes: bool = False
+) -> tuple[grpc.aio.Channel, Stub]:
+    """An aio channel (see :func:`channel`) and a MemoryService stub on it.
+
+    Returns:
+        The channel (close it) and the stub.
+    """
+    opened = channel(target, read_your_writes=read_your_writes)
+    return opened, svc_grpc.MemoryServiceStub(opened)

@@ -14,13 +14,11 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from aeterna_cli import client, locomo
+from aeterna_cli import client, governance, locomo
+from aeterna_cli.options import AsJson, ConsistencyToken, Tenant, Token, User, console, fail
 
 T = TypeVar("T")
 
@@ -29,22 +27,8 @@ memory_app = typer.Typer(help="Memories: add, get, list, search, delete, history
 import_app = typer.Typer(help="Import data sets.")
 app.add_typer(memory_app, name="memory")
 app.add_typer(import_app, name="import")
-console = Console()
+governance.register(app)
 
-Tenant = Annotated[str, typer.Option(envvar="AETERNA_TENANT", help="Tenant of the caller.")]
-User = Annotated[str, typer.Option(envvar="AETERNA_USER", help="User id of the caller.")]
-Token = Annotated[
-    str | None,
-    typer.Option(envvar="AETERNA_TOKEN", help="Bearer token; default: a local dev token."),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-ConsistencyToken = Annotated[
-    str | None,
-    typer.Option(
-        envvar="AETERNA_CONSISTENCY_TOKEN",
-        help="Consistency token printed by a write: read that write on any replica.",
-    ),
-]
 UserId = Annotated[str | None, typer.Option(help="Scope: the user the memories are about.")]
 SessionId = Annotated[
     str | None, typer.Option(help="Scope: a session (conversation) of that user.")
@@ -77,25 +61,8 @@ def _run(call: Callable[[client.Stub], Awaitable[T]]) -> T:
     try:
         return asyncio.run(once())
     except grpc.aio.AioRpcError as exc:
-        _fail(exc)
+        fail(exc)
         raise  # unreachable
-
-
-def _fail(exc: grpc.aio.AioRpcError) -> None:
-    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
-    status = rpc_status.from_call(exc)
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                console.print(f"  reason: {info.reason}")
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                for v in bad.field_violations:
-                    console.print(f"  {v.field}: {v.description}")
-    raise typer.Exit(1)
 
 
 def _scope(**ids: str | None) -> layer_pb2.Scope:
@@ -386,7 +353,7 @@ def memory_reembed(
     try:
         total, model = asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        _fail(exc)
+        fail(exc)
         raise  # unreachable
     console.print(f"done: {total} memories of tenant {tenant} now embedded with {model}")
 

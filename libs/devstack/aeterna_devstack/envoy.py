@@ -145,6 +145,10 @@ class ServiceInfo:
         service: Fully qualified main service, e.g. ``"aeterna.memory.v1.MemoryService"``; the
             name its gRPC health check asks for and the service the transcoder exposes.
         cluster: Envoy cluster name, also the Helm chart's name and values key.
+        methods: Retry class of each method; ``Method`` is a method of :attr:`service`,
+            ``Service/Method`` one of another service of the package.
+        more_services: The package's other services (fully qualified), also exposed by the
+            transcoder.
 
     """
 
@@ -153,6 +157,7 @@ class ServiceInfo:
     service: str
     cluster: str
     methods: tuple[tuple[str, MethodClass], ...] = ()
+    more_services: tuple[str, ...] = ()
 
 
 SERVICES: tuple[ServiceInfo, ...] = (
@@ -171,6 +176,38 @@ SERVICES: tuple[ServiceInfo, ...] = (
             ("BatchCreateMemories", MethodClass.REQUEST_ID),
             ("RecordMemoryFeedback", MethodClass.REQUEST_ID),
             ("UpdateMemory", MethodClass.WRITE),
+        ),
+    ),
+    ServiceInfo(
+        domain="governance",
+        package="aeterna.governance.v1",
+        service="aeterna.governance.v1.OrganizationService",
+        cluster="governance",
+        methods=(
+            ("GetOrgUnit", MethodClass.READ),
+            ("ListOrgUnits", MethodClass.READ),
+            ("GetRoleBinding", MethodClass.READ),
+            ("ListRoleBindings", MethodClass.READ),
+            ("GetDelegation", MethodClass.READ),
+            ("ListDelegations", MethodClass.READ),
+            ("GetAuthorizationSnapshot", MethodClass.READ),
+            ("RevokeDelegation", MethodClass.IDEMPOTENT),
+            ("CreateOrgUnit", MethodClass.REQUEST_ID),
+            ("MoveOrgUnit", MethodClass.REQUEST_ID),
+            ("CreateRoleBinding", MethodClass.REQUEST_ID),
+            ("CreateDelegation", MethodClass.REQUEST_ID),
+            ("ApprovalService/GetApprovalRequest", MethodClass.READ),
+            ("ApprovalService/ListApprovalRequests", MethodClass.READ),
+            # A repeated decision or cancellation returns the request unchanged.
+            ("ApprovalService/ApproveApprovalRequest", MethodClass.IDEMPOTENT),
+            ("ApprovalService/RejectApprovalRequest", MethodClass.IDEMPOTENT),
+            ("ApprovalService/CancelApprovalRequest", MethodClass.IDEMPOTENT),
+            ("ApprovalService/CreateApprovalRequest", MethodClass.REQUEST_ID),
+        ),
+        more_services=(
+            "aeterna.governance.v1.ApprovalService",
+            "aeterna.governance.v1.PolicyService",
+            "aeterna.governance.v1.AuditService",
         ),
     ),
 )
@@ -497,7 +534,7 @@ def _service_routes(up: Upstream, policy: TrafficPolicy) -> list[dict[str, Any]]
     timeout = policy.route_timeout_s
     routes: list[dict[str, Any]] = []
     for method, kind in up.method_classes():
-        path = f"/{up.service}/{method}"
+        path = f"/{up.package}.{method}" if "/" in method else f"/{up.service}/{method}"
         if kind in (MethodClass.READ, MethodClass.IDEMPOTENT):
             routes.append(_route("", up.cluster, broad, timeout, path=path))
         elif kind is MethodClass.REQUEST_ID:
@@ -868,7 +905,9 @@ def render_gateway_config(
     if jwt is not None:
         filters.append(_jwt_filter(jwt, PUBLIC_PREFIXES))
     served = {u.service for u in ups}
-    json_services = [s.service for s in SERVICES if s.service in served]
+    json_services = [
+        name for s in SERVICES if s.service in served for name in (s.service, *s.more_services)
+    ]
     if json_transcoding and json_services:
         filters.append(_transcoder_filter(json_services, transcoder_descriptor_set(descriptor_set)))
     filters.append(_router_filter())

@@ -1,11 +1,20 @@
-"""The local stack behind ``make run``: PostgreSQL, Redis, memory replicas and Envoy.
+"""The local stack behind ``make run``: PostgreSQL, Redis, memory and governance replicas
+and Envoy.
 
 PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
-``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Replicas listen on
-loopback only; Envoy on ``127.0.0.1:8080`` (``AETERNA_STACK_PORT``) verifies development JWTs,
-forwards them and routes to the replicas, which verify them again against the same JWKS file.
-Each replica gets a development service token (``AETERNA_SERVICE_TOKEN_FILE``). State
-(PostgreSQL data, indexes, keys, logs) lives in ``.var/``.
+``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Each service has its
+own database (memory ``aeterna``, governance ``aeterna_governance``) with the same three roles;
+with an existing server, governance's DSNs are ``AETERNA_GOVERNANCE_DATABASE_URL``,
+``..._OWNER_URL`` and ``..._INDEXER_URL`` (without them no governance replica starts). Memory
+replicas migrate at start; governance's migrations are applied by the owner role first
+(``aeterna-governance migrate``, as the chart's hook Job does), then its replicas start
+without migrating. Governance honours TENANT_ADMIN in development tokens
+(``AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES``), so ``aeterna token --roles TENANT_ADMIN`` works
+locally. Replicas listen on loopback only; Envoy on ``127.0.0.1:8080``
+(``AETERNA_STACK_PORT``) verifies development JWTs, forwards them and routes to the
+replicas, which verify them again against the same JWKS file. Each replica gets a
+development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, indexes,
+keys, logs) lives in ``.var/``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ from aeterna_devstack.envoy import (
 from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
+GOVERNANCE_SERVICE = "aeterna.governance.v1.OrganizationService"
+HEALTH_SERVICES = {"memory": MEMORY_SERVICE, "governance": GOVERNANCE_SERVICE}
+"""The service each replica's health check asks for, by service domain."""
 DATABASE = "aeterna"
+GOVERNANCE_DATABASE = "aeterna_governance"
 OWNER_ROLE = "aeterna_owner"
 APP_ROLE = "aeterna_app"
 INDEXER_ROLE = "aeterna_indexer"
@@ -91,21 +104,28 @@ def health_check(target: str, service: str = MEMORY_SERVICE, timeout_s: float = 
 
 
 def render_stack_envoy_config(
-    replica_ports: list[int], *, port: int, admin_port: int, jwks_path: str | os.PathLike[str]
+    replica_ports: list[int],
+    *,
+    port: int,
+    admin_port: int,
+    jwks_path: str | os.PathLike[str],
+    governance_ports: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The gateway config ``make run`` runs: the memory replicas on loopback behind JWT.
+    """The gateway config ``make run`` runs: the replicas on loopback behind JWT.
 
     Args:
-        replica_ports: Loopback ports of the memory replicas.
+        replica_ports: Loopback ports of the memory replicas (none: no memory route).
         port: Envoy's listener port on 127.0.0.1.
         admin_port: Envoy's admin port on 127.0.0.1.
         jwks_path: JWKS file of the development signing key.
+        governance_ports: Loopback ports of the governance replicas (none: no route).
 
     Returns:
         The bootstrap, from :func:`aeterna_devstack.envoy.render_gateway_config`.
     """
+    ports = {"memory": replica_ports, "governance": governance_ports or []}
     return render_gateway_config(
-        service_upstreams({"memory": [("127.0.0.1", p) for p in replica_ports]}),
+        service_upstreams({d: [("127.0.0.1", p) for p in ps] for d, ps in ports.items() if ps}),
         listen_port=port,
         admin_port=admin_port,
         jwt=JwtSettings(jwks_path=str(jwks_path)),
@@ -114,7 +134,12 @@ def render_stack_envoy_config(
 
 @dataclass
 class Replica:
-    """One memory service process."""
+    """One service process.
+
+    Attributes:
+        service: Service domain, ``memory`` or ``governance`` (runs ``aeterna_<service>``).
+        env: Its environment (kept for restarts).
+    """
 
     index: int
     port: int
@@ -122,11 +147,18 @@ class Replica:
     log_path: Path
     metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    service: str = "memory"
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
         """``127.0.0.1:port``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """``memory-0``, ``governance-1``, ..."""
+        return f"{self.service}-{self.index}"
 
 
 @dataclass
@@ -135,6 +167,7 @@ class DevStack:
 
     Attributes:
         replicas: Number of memory replicas.
+        governance_replicas: Number of governance replicas.
         port: Envoy listener port.
         root: State directory.
         fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
@@ -142,6 +175,7 @@ class DevStack:
     """
 
     replicas: int = 2
+    governance_replicas: int = 2
     port: int = 8080
     root: Path = field(default_factory=state_dir)
     fresh: bool = False
@@ -150,6 +184,7 @@ class DevStack:
     _redis: RedisServer | None = None
     _envoy: EnvoyProcess | None = None
     _replicas: list[Replica] = field(default_factory=list)
+    _governance: list[Replica] = field(default_factory=list)
     _replica_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -175,6 +210,15 @@ class DevStack:
         db_url = os.environ.get("AETERNA_DATABASE_URL", "")
         owner_url = os.environ.get("AETERNA_DATABASE_OWNER_URL", "") or db_url
         indexer_url = os.environ.get("AETERNA_DATABASE_INDEXER_URL", "")
+        gov_urls = {
+            "AETERNA_DATABASE_URL": os.environ.get("AETERNA_GOVERNANCE_DATABASE_URL", ""),
+            "AETERNA_DATABASE_OWNER_URL": os.environ.get(
+                "AETERNA_GOVERNANCE_DATABASE_OWNER_URL", ""
+            ),
+            "AETERNA_DATABASE_INDEXER_URL": os.environ.get(
+                "AETERNA_GOVERNANCE_DATABASE_INDEXER_URL", ""
+            ),
+        }
         if not db_url:
             pg_dir = None if self.fresh else self.root / "postgres"
             self._pg = PostgresServer(pg_dir, keep=not self.fresh).start()
@@ -183,13 +227,24 @@ class DevStack:
             owner_url = self._pg.dsn(OWNER_ROLE, DATABASE)
             indexer_url = self._pg.dsn(INDEXER_ROLE, DATABASE)
             say(f"PostgreSQL  {self._pg.dsn('postgres', DATABASE)}")
+            if self.governance_replicas:
+                asyncio.run(
+                    provision(
+                        self._pg.dsn(), GOVERNANCE_DATABASE, OWNER_ROLE, APP_ROLE, INDEXER_ROLE
+                    )
+                )
+                gov_urls = {
+                    "AETERNA_DATABASE_URL": self._pg.dsn(APP_ROLE, GOVERNANCE_DATABASE),
+                    "AETERNA_DATABASE_OWNER_URL": self._pg.dsn(OWNER_ROLE, GOVERNANCE_DATABASE),
+                    "AETERNA_DATABASE_INDEXER_URL": self._pg.dsn(INDEXER_ROLE, GOVERNANCE_DATABASE),
+                }
         redis_url = os.environ.get("AETERNA_REDIS_URL", "")
         if not redis_url:
             self._redis = RedisServer().start()
             redis_url = self._redis.url
             say(f"Redis       {redis_url}")
         # The model is a build artifact (`make model`); replicas only read it.
-        models = require_model()
+        models = require_model() if self.replicas else model_dir()
         index_root = self.root / ("memory-fresh" if self.fresh else "memory")
         if self.fresh:
             import shutil
@@ -219,10 +274,11 @@ class DevStack:
             )
             self._replicas.append(replica)
             self.start_replica(replica, base_env)
-        for replica in self._replicas:
+        self._start_governance(base_env, gov_urls, auth, say)
+        for replica in [*self._replicas, *self._governance]:
             self.wait_healthy(replica)
             say(
-                f"memory-{replica.index}    {replica.target}  (metrics "
+                f"{replica.label:<12}{replica.target}  (metrics "
                 f"http://127.0.0.1:{replica.metrics_port}/metrics, log {replica.log_path})"
             )
         config = render_stack_envoy_config(
@@ -230,6 +286,7 @@ class DevStack:
             port=self.port,
             admin_port=free_port(),
             jwks_path=auth.jwks_path,
+            governance_ports=[r.port for r in self._governance],
         )
         self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
         (self.root / "stack.json").write_text(
@@ -238,22 +295,76 @@ class DevStack:
         say(f"Envoy       {self.endpoint}  (admin {self._envoy.admin_url})")
         return self
 
+    def _start_governance(
+        self,
+        base_env: dict[str, str],
+        urls: dict[str, str],
+        auth: DevAuth,
+        say: Any,
+    ) -> None:
+        """Migrate governance's database as the owner, then start its replicas."""
+        if not self.governance_replicas:
+            return
+        if not urls["AETERNA_DATABASE_URL"]:
+            say("governance  not started: set AETERNA_GOVERNANCE_DATABASE_URL (and _OWNER_URL)")
+            return
+        env = {
+            **base_env,
+            **{k: v for k, v in urls.items() if v},
+            **auth.service_env("governance"),
+            "AETERNA_MIGRATE_ON_START": "false",
+            "AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES": "true",
+            **self.env,
+        }
+        env.pop("AETERNA_MEMORY_MODEL_DIR", None)
+        log_path = self.root / "logs" / "governance-migrate.log"
+        with log_path.open("ab") as out:
+            done = subprocess.run(
+                [sys.executable, "-m", "aeterna_governance", "migrate"],
+                env={
+                    **env,
+                    "AETERNA_DATABASE_OWNER_URL": urls["AETERNA_DATABASE_OWNER_URL"]
+                    or urls["AETERNA_DATABASE_URL"],
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        if done.returncode:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"governance migrations failed:\n{tail}")
+        for i in range(self.governance_replicas):
+            replica = Replica(
+                index=i,
+                port=free_port(),
+                index_dir=self.root / "governance",
+                log_path=self.root / "logs" / f"governance-{i}.log",
+                metrics_port=free_port(),
+                service="governance",
+            )
+            self._governance.append(replica)
+            self.start_replica(replica, env)
+
     def start_replica(self, replica: Replica, env: dict[str, str] | None = None) -> None:
         """Start (or restart) one replica process."""
         replica.index_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(env or self._replica_env)
+        env = dict(env or replica.env or self._replica_env)
         env["AETERNA_LISTEN"] = replica.target
-        env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
+        if replica.service == "memory":
+            env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
         env["AETERNA_METRICS_PORT"] = str(replica.metrics_port)
         with replica.log_path.open("ab") as out:
             replica.proc = subprocess.Popen(
-                [sys.executable, "-m", "aeterna_memory"],
+                [sys.executable, "-m", f"aeterna_{replica.service}"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._replica_env = env
+        replica.env = env
+        if replica.service == "memory":
+            self._replica_env = env
 
     def wait_healthy(self, replica: Replica, timeout_s: float = 180.0) -> None:
         """Wait until the replica answers SERVING.
@@ -265,16 +376,21 @@ class DevStack:
         while time.monotonic() < deadline:
             if replica.proc is not None and replica.proc.poll() is not None:
                 break
-            if health_check(replica.target):
+            if health_check(replica.target, HEALTH_SERVICES[replica.service]):
                 return
             time.sleep(0.2)
         tail = replica.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"memory-{replica.index} did not become healthy:\n{tail}")
+        raise RuntimeError(f"{replica.label} did not become healthy:\n{tail}")
 
     @property
     def replica_list(self) -> list[Replica]:
-        """The replicas."""
+        """The memory replicas."""
         return self._replicas
+
+    @property
+    def governance_list(self) -> list[Replica]:
+        """The governance replicas."""
+        return self._governance
 
     def kill_replica(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to replica ``i`` and wait for it to exit."""
@@ -285,10 +401,11 @@ class DevStack:
 
     def stop(self) -> None:
         """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""
-        for r in self._replicas:
+        replicas = [*self._replicas, *self._governance]
+        for r in replicas:
             if r.proc is not None and r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGTERM)
-        for r in self._replicas:
+        for r in replicas:
             if r.proc is not None:
                 try:
                     r.proc.wait(20)
@@ -335,14 +452,16 @@ def main() -> None:
             "--tenant demo\n"
             '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
             'group?" --tenant demo --user-id conv-26\n'
+            "  .venv/bin/aeterna org create acme --kind company --tenant demo "
+            "--roles TENANT_ADMIN\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
         while not stop:
             time.sleep(0.5)
-            for r in stack.replica_list:
+            for r in [*stack.replica_list, *stack.governance_list]:
                 if r.proc is not None and r.proc.poll() is not None:
-                    print(f"memory-{r.index} exited ({r.proc.returncode}); restarting", flush=True)
+                    print(f"{r.label} exited ({r.proc.returncode}); restarting", flush=True)
                     stack.start_replica(r)
     finally:
         print("\nstopping…", flush=True)
