@@ -254,7 +254,29 @@ async def test_refusals_come_before_lookups(gov: GovernanceEnv) -> None:
         ),
         DENIED,
     )
-    # Reading and checking need membership of the unit or a unit above it.
+    # Suppressing needs ADMIN at the suppression's unit too.
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    suppress = svc.CreateSuppressionRequest(
+        parent=f"tenants/{t}",
+        suppression=res.Suppression(
+            policy=f"tenants/{t}/policies/p",
+            rule_id="r",
+            org_unit=unit_of(t, "checkout"),
+            reason="because",
+            expire_time=expire,
+        ),
+    )
+    reason, _, meta = await expect(stub.CreateSuppression(suppress, metadata=md(t, "bob")), DENIED)
+    assert meta["action"] == "governance.suppressions.create"
+    created = await stub.CreateSuppression(suppress, metadata=md(t, "alice"))
+    await expect(
+        stub.DeleteSuppression(
+            svc.DeleteSuppressionRequest(name=created.name), metadata=md(t, "bob")
+        ),
+        DENIED,
+    )
+    # Reading and checking need membership of the unit or a unit above or below it.
     await expect(
         stub.GetPolicy(
             svc.GetPolicyRequest(name=f"tenants/{t}/policies/p"), metadata=md(t, "carol")

@@ -175,6 +175,32 @@ def _unit_not_found(tenant_id: str, unit_id: str) -> NotFound:
     )
 
 
+async def _lock_policy(
+    conn: asyncpg.Connection, tenant_id: str, policy_id: str, given_etag: str
+) -> asyncpg.Record:
+    """Lock a policy's row for a write (``FOR UPDATE``) and check the caller's etag.
+
+    Raises:
+        NotFound: No such policy.
+        Aborted: Stale etag (reason ``ETAG_MISMATCH``).
+    """
+    row = await conn.fetchrow(
+        f"SELECT {_POLICY_COLUMNS} FROM policies WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        tenant_id,
+        policy_id,
+    )
+    if row is None:
+        raise _policy_not_found(tenant_id, policy_id)
+    if given_etag and given_etag != etag(row["revision"]):
+        name = policy_name(tenant_id, policy_id)
+        raise Aborted(
+            f"{name} changed since the etag was read; get it again",
+            reason="ETAG_MISMATCH",
+            metadata={"name": name},
+        )
+    return row
+
+
 @dataclass(frozen=True, slots=True)
 class Checked:
     """A check's outcome and when it was made (PostgreSQL's clock)."""
@@ -354,20 +380,7 @@ class Policies:
         name = policy_name(tenant_id, policy_id)
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Policy, int]:
-            current = await conn.fetchrow(
-                f"SELECT {_POLICY_COLUMNS} FROM policies WHERE tenant_id = $1 AND id = $2 "
-                "FOR UPDATE",
-                tenant_id,
-                policy_id,
-            )
-            if current is None:
-                raise _policy_not_found(tenant_id, policy_id)
-            if given_etag and given_etag != etag(current["revision"]):
-                raise Aborted(
-                    f"{name} changed since the etag was read; get it again",
-                    reason="ETAG_MISMATCH",
-                    metadata={"name": name},
-                )
+            current = await _lock_policy(conn, tenant_id, policy_id, given_etag)
             row = await conn.fetchrow(
                 "UPDATE policies SET display_name = $3, mode = $4, merge_strategy = $5, "
                 "rules = $6::jsonb, revision = revision + 1, updated_at = clock_timestamp() "
@@ -406,20 +419,7 @@ class Policies:
         name = policy_name(tenant_id, policy_id)
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Policy, int]:
-            row = await conn.fetchrow(
-                f"SELECT {_POLICY_COLUMNS} FROM policies WHERE tenant_id = $1 AND id = $2 "
-                "FOR UPDATE",
-                tenant_id,
-                policy_id,
-            )
-            if row is None:
-                raise _policy_not_found(tenant_id, policy_id)
-            if given_etag and given_etag != etag(row["revision"]):
-                raise Aborted(
-                    f"{name} changed since the etag was read; get it again",
-                    reason="ETAG_MISMATCH",
-                    metadata={"name": name},
-                )
+            row = await _lock_policy(conn, tenant_id, policy_id, given_etag)
             suppressions = await conn.fetchval(
                 "WITH gone AS (DELETE FROM suppressions WHERE tenant_id = $1 AND policy_id = $2 "
                 "RETURNING 1) SELECT count(*) FROM gone",
