@@ -13,7 +13,13 @@ import pytest
 from aeterna.governance.v1 import audit_service_pb2 as svc
 from aeterna.governance.v1 import audit_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
-from aeterna_governance.audit.chain import GENESIS_HASH, Event, entry_hash, parse_envelope
+from aeterna_governance.audit.chain import (
+    GENESIS_HASH,
+    Event,
+    InvalidEventError,
+    entry_hash,
+    parse_envelope,
+)
 from aeterna_governance.audit.log import AuditLog
 from audit_testkit import envelope
 from governance_testkit import GovernanceEnv, admin, expect, md, new_tenant
@@ -255,3 +261,21 @@ async def test_audit_service_lists_and_verifies_for_tenant_admins_only(gov: Gove
         grpc.StatusCode.PERMISSION_DENIED,
     )
     assert reason == "TENANT_MISMATCH"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"payload": "[1, 2]"}, "not a JSON object"),
+        ({"payload": '{"n": 9007199254740993}'}, "not I-JSON"),
+        ({"payload": '{"s": "\\u0000"}'}, "NUL"),
+        ({"resource": "a\x00b"}, "NUL"),
+        ({"event_id": "memory:" + "9" * 200}, "longer than"),
+        ({"time": "2026-11-30T16:00:00"}, "no zone"),
+        ({"time": "yesterday"}, "malformed"),
+        ({"service": ""}, "lacks service"),
+    ],
+)
+def test_envelopes_that_can_never_be_appended(change: dict[str, str], why: str) -> None:
+    with pytest.raises(InvalidEventError, match=why):
+        parse_envelope({**envelope("t", 1), **change})

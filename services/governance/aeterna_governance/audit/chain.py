@@ -31,6 +31,9 @@ ENVELOPE_FIELDS = ("event_id", "service", "type", "tenant", "resource", "actor",
 """Envelope fields an audit entry needs (the event envelope contract; ``position`` and
 ``traceparent`` are not kept)."""
 
+MAX_EVENT_ID_CHARS = 200
+"""Longest event id (``audit_entries.event_id``'s CHECK)."""
+
 MAX_PAYLOAD_BYTES = 64 << 10
 """Largest event payload kept, in bytes of JSON (events carry no content, only ids and
 changed fields)."""
@@ -113,9 +116,12 @@ def canonical_payload(payload: Any) -> str:
     if not isinstance(payload, dict):
         raise InvalidEventError("payload is not a JSON object")
     try:
-        return rfc8785.dumps(payload).decode("utf-8")
+        text = rfc8785.dumps(payload).decode("utf-8")
     except rfc8785.CanonicalizationError as exc:
         raise InvalidEventError(f"payload is not I-JSON: {exc}") from None
+    if "\\u0000" in text:  # PostgreSQL's jsonb (the column's CHECK) refuses NUL
+        raise InvalidEventError("payload holds a NUL character")
+    return text
 
 
 def canonical_form(event: Event, sequence: int, append_time: datetime, previous_hash: str) -> bytes:
@@ -170,14 +176,19 @@ def parse_envelope(fields: Mapping[str, str]) -> Event:
         The event; the payload canonicalised, the time at microsecond precision.
 
     Raises:
-        InvalidEventError: A field is missing or empty (``actor`` may be empty), the
-            payload is not an I-JSON object of at most :data:`MAX_PAYLOAD_BYTES`, or the time
-            is not RFC 3339 with a zone.
+        InvalidEventError: A field is missing or empty (``actor`` may be empty) or holds a
+            NUL (PostgreSQL text cannot), the event id is longer than
+            :data:`MAX_EVENT_ID_CHARS`, the payload is not an I-JSON object of at most
+            :data:`MAX_PAYLOAD_BYTES`, or the time is not RFC 3339 with a zone.
     """
     missing = [f for f in ENVELOPE_FIELDS if f not in fields]
     empty = [f for f in ENVELOPE_FIELDS if f != "actor" and f in fields and not fields[f]]
     if missing or empty:
         raise InvalidEventError(f"envelope lacks {', '.join(missing + empty)}")
+    if any("\x00" in fields[f] for f in ENVELOPE_FIELDS):
+        raise InvalidEventError("envelope field holds a NUL character")
+    if len(fields["event_id"]) > MAX_EVENT_ID_CHARS:
+        raise InvalidEventError(f"event_id longer than {MAX_EVENT_ID_CHARS} characters")
     if len(fields["payload"]) > MAX_PAYLOAD_BYTES:
         raise InvalidEventError(f"payload over {MAX_PAYLOAD_BYTES} bytes")
     try:
