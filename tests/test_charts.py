@@ -1,7 +1,7 @@
 """Rendered Helm charts (in process, offline): what the pods run with, not how the YAML reads.
 
-Renders charts/memory and charts/gateway with helm-python-sdk (Helm's Go SDK) and checks the
-objects: probes, security contexts, HPA targets, DSNs only from Secrets, the migration hook,
+Renders charts/memory, charts/governance and charts/gateway with helm-python-sdk (Helm's Go
+SDK) and checks the objects: probes, security contexts, HPA targets, DSNs only from Secrets, the migration hook,
 NetworkPolicy ports and peers, and the Envoy configurations after Helm substituted the values.
 """
 
@@ -477,3 +477,33 @@ def test_envoy_image_matches_the_tested_binary() -> None:
         with helm_python.Chart.load(chart) as loaded:
             tag = loaded.values[key]["image"]["tag"]
         assert tag == f"v{wheel}", chart.name
+
+
+GOVERNANCE = ROOT / "charts" / "governance"
+
+
+def test_governance_chart_is_the_service_shape_without_a_data_volume() -> None:
+    objs = render(GOVERNANCE)
+    assert sorted(o["kind"] for o in objs) == sorted(o["kind"] for o in render(MEMORY))
+    deployment = one(objs, "Deployment", "aeterna-governance")
+    pod = deployment["spec"]["template"]["spec"]
+    service = pod["containers"][0]
+    assert service["image"] == "aeterna/governance:0.1.0"
+    assert service["readinessProbe"]["grpc"] == {
+        "port": 8080,
+        "service": "aeterna.governance.v1.OrganizationService",
+    }
+    assert not [v for v in pod.get("volumes", []) if "emptyDir" in v and v["name"] == "data"]
+    settings = one(objs, "ConfigMap", "aeterna-governance-settings")["data"]
+    assert settings["AETERNA_MIGRATE_ON_START"] == "false"
+    assert "AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES" not in settings  # roles from bindings only
+    assert "AETERNA_REDIS_URL" not in json.dumps(deployment)
+    job = one(objs, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "migrate"
+    # The sidecar reaches memory and governance; the gateway routes the package.
+    assert {"aeterna-memory-headless", "aeterna-governance-headless"} <= cluster_hosts(
+        envoy_bootstrap(objs)
+    )
+    gateway_routes = json.dumps(envoy_bootstrap(render(GATEWAY)))
+    assert '"/aeterna.governance.v1."' in gateway_routes
+    assert "aeterna.governance.v1.ApprovalService" in gateway_routes

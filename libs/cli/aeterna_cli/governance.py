@@ -116,6 +116,23 @@ def run(call: Callable[[Stubs], Awaitable[T]]) -> T:
         fail(exc)
 
 
+async def every_page(fetch: Callable[[str], Awaitable[Any]], field: str) -> list[Any]:
+    """Every item of a List method: ``fetch(page_token)`` until the last page.
+
+    Args:
+        fetch: Calls the method for one page token.
+        field: The response's repeated field, e.g. ``org_units``.
+    """
+    items: list[Any] = []
+    token = ""
+    while True:
+        reply = await fetch(token)
+        items += getattr(reply, field)
+        token = reply.next_page_token
+        if not token:
+            return items
+
+
 def write(c: Caller, request_id: str | None) -> tuple[str, tuple[tuple[str, str], ...]]:
     """A write's ``request_id`` and its metadata (token and ``x-aeterna-request-id``)."""
     rid = request_id or client.new_request_id()
@@ -234,22 +251,15 @@ def org_list(
     c = caller(tenant, user, token, roles)
 
     async def call(s: Stubs) -> list[res.OrgUnit]:
-        units: list[res.OrgUnit] = []
-        page = ""
-        while True:
-            reply = await s.orgs.ListOrgUnits(
-                osvc.ListOrgUnitsRequest(
-                    parent=c.parent,
-                    parent_org_unit=c.unit(parent) if parent else "",
-                    page_token=page,
-                    page_size=500,
-                ),
-                metadata=client.metadata(c.token),
-            )
-            units += reply.org_units
-            page = reply.next_page_token
-            if not page:
-                return units
+        request = osvc.ListOrgUnitsRequest(
+            parent=c.parent, parent_org_unit=c.unit(parent) if parent else "", page_size=500
+        )
+
+        def fetch(page: str) -> Awaitable[osvc.ListOrgUnitsResponse]:
+            request.page_token = page
+            return s.orgs.ListOrgUnits(request, metadata=client.metadata(c.token))
+
+        return await every_page(fetch, "org_units")
 
     show(run(call), as_json, UNIT_COLUMNS)
 
@@ -409,23 +419,18 @@ def role_list(
     c = caller(tenant, user, token, roles)
 
     async def call(s: Stubs) -> list[res.RoleBinding]:
-        found: list[res.RoleBinding] = []
-        page = ""
-        while True:
-            reply = await s.orgs.ListRoleBindings(
-                osvc.ListRoleBindingsRequest(
-                    parent=c.parent,
-                    subject=_subject(subject) if subject else "",
-                    org_unit=c.unit(unit) if unit else "",
-                    page_token=page,
-                    page_size=500,
-                ),
-                metadata=client.metadata(c.token),
-            )
-            found += reply.role_bindings
-            page = reply.next_page_token
-            if not page:
-                return found
+        request = osvc.ListRoleBindingsRequest(
+            parent=c.parent,
+            subject=_subject(subject) if subject else "",
+            org_unit=c.unit(unit) if unit else "",
+            page_size=500,
+        )
+
+        def fetch(page: str) -> Awaitable[osvc.ListRoleBindingsResponse]:
+            request.page_token = page
+            return s.orgs.ListRoleBindings(request, metadata=client.metadata(c.token))
+
+        return await every_page(fetch, "role_bindings")
 
     show(run(call), as_json, BINDING_COLUMNS)
 
@@ -466,23 +471,15 @@ def approval_list(
     c = caller(tenant, user, token, roles)
 
     async def call(s: Stubs) -> list[res.ApprovalRequest]:
-        found: list[res.ApprovalRequest] = []
-        page = ""
-        while True:
-            reply = await s.approvals.ListApprovalRequests(
-                asvc.ListApprovalRequestsRequest(
-                    parent=c.parent,
-                    state=wanted,
-                    awaiting_me=awaiting_me,
-                    page_token=page,
-                    page_size=500,
-                ),
-                metadata=client.metadata(c.token),
-            )
-            found += reply.approval_requests
-            page = reply.next_page_token
-            if not page:
-                return found
+        request = asvc.ListApprovalRequestsRequest(
+            parent=c.parent, state=wanted, awaiting_me=awaiting_me, page_size=500
+        )
+
+        def fetch(page: str) -> Awaitable[asvc.ListApprovalRequestsResponse]:
+            request.page_token = page
+            return s.approvals.ListApprovalRequests(request, metadata=client.metadata(c.token))
+
+        return await every_page(fetch, "approval_requests")
 
     show(run(call), as_json, APPROVAL_COLUMNS)
 

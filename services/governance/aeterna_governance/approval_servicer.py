@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 from aeterna.governance.v1 import approval_service_pb2 as svc
@@ -26,9 +26,10 @@ from aeterna_governance.store import WriteKey, request_hash
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["ApprovalService"].full_name
 
 
-def _page_token(request: res.ApprovalRequest, fingerprint: str) -> str:
-    key = f"{request.create_time.ToDatetime().isoformat()}+00:00|{request.name.rsplit('/', 1)[1]}"
-    return servicing.encode_page_token(key, fingerprint)
+def _page_key(request: res.ApprovalRequest) -> str:
+    # Newest first: the keyset is (create time, id), both descending.
+    when = request.create_time.ToDatetime(tzinfo=UTC).isoformat()
+    return f"{when}|{servicing.name_id(request)}"
 
 
 def _after(token: str, fingerprint: str) -> tuple[datetime, uuid.UUID] | None:
@@ -110,15 +111,15 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
             f"{tenant_id}|{request.state}|{request.awaiting_me}|{principal.actor}".encode()
         ).decode()[:64]
         after = _after(request.page_token, fingerprint)
-        found = await self.approvals.list(
-            principal, tenant_id, request.state, request.awaiting_me, after, size + 1
+        found, token = servicing.cut_page(
+            await self.approvals.list(
+                principal, tenant_id, request.state, request.awaiting_me, after, size + 1
+            ),
+            size,
+            fingerprint,
+            _page_key,
         )
-        more = len(found) > size
-        found = found[:size]
-        return svc.ListApprovalRequestsResponse(
-            approval_requests=found,
-            next_page_token=_page_token(found[-1], fingerprint) if more else "",
-        )
+        return svc.ListApprovalRequestsResponse(approval_requests=found, next_page_token=token)
 
     async def ApproveApprovalRequest(
         self, request: svc.ApproveApprovalRequestRequest, context: Ctx

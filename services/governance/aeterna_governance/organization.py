@@ -365,6 +365,22 @@ class Organization:
             tenant_id, principal.actor, method, request_id, digest, self.idempotency_ttl_s
         )
 
+    async def _row(self, tenant_id: str, sql: str, *args: object) -> asyncpg.Record | None:
+        """One row of a read-only query whose ``$1`` is the tenant."""
+
+        async def work(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(sql, tenant_id, *args)
+
+        return await self.db.run(tenant_id, work, readonly=True)
+
+    async def _rows(self, tenant_id: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        """The rows of a read-only query whose ``$1`` is the tenant."""
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(await conn.fetch(sql, tenant_id, *args))
+
+        return await self.db.run(tenant_id, work, readonly=True)
+
     # ----- org units -----
 
     async def create_unit(
@@ -443,15 +459,11 @@ class Organization:
         Raises:
             NotFound: Reason ``ORG_UNIT_NOT_FOUND``.
         """
-
-        async def work(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(
-                f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 AND id = $2",
-                tenant_id,
-                unit_id,
-            )
-
-        row = await self.db.run(tenant_id, work, readonly=True)
+        row = await self._row(
+            tenant_id,
+            f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 AND id = $2",
+            unit_id,
+        )
         if row is None:
             raise _unit_not_found(tenant_id, unit_id)
         return unit_pb(tenant_id, row)
@@ -460,21 +472,16 @@ class Organization:
         self, tenant_id: str, parent_id: str | None, after: str | None, limit: int
     ) -> list[res.OrgUnit]:
         """Units ordered by id, after ``after``; children of ``parent_id`` when given."""
-
-        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            return list(
-                await conn.fetch(
-                    f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 "
-                    "AND ($2::text IS NULL OR parent_id = $2) AND ($3::text IS NULL OR id > $3) "
-                    "ORDER BY id LIMIT $4",
-                    tenant_id,
-                    parent_id,
-                    after,
-                    limit,
-                )
-            )
-
-        return [unit_pb(tenant_id, r) for r in await self.db.run(tenant_id, work, readonly=True)]
+        rows = await self._rows(
+            tenant_id,
+            f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 "
+            "AND ($2::text IS NULL OR parent_id = $2) AND ($3::text IS NULL OR id > $3) "
+            "ORDER BY id LIMIT $4",
+            parent_id,
+            after,
+            limit,
+        )
+        return [unit_pb(tenant_id, r) for r in rows]
 
     async def update_unit(
         self, key: store.WriteKey, unit_id: str, display_name: str, given_etag: str
@@ -710,22 +717,13 @@ class Organization:
         Raises:
             NotFound: Reason ``ROLE_BINDING_NOT_FOUND``.
         """
-
-        async def work(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(
-                f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 AND id = $2",
-                tenant_id,
-                uuid.UUID(binding_id),
-            )
-
-        row = await self.db.run(tenant_id, work, readonly=True)
+        row = await self._row(
+            tenant_id,
+            f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 AND id = $2",
+            uuid.UUID(binding_id),
+        )
         if row is None:
-            name = f"tenants/{tenant_id}/roleBindings/{binding_id}"
-            raise NotFound(
-                f"role binding {name} not found",
-                reason="ROLE_BINDING_NOT_FOUND",
-                metadata={"name": name},
-            )
+            raise _binding_not_found(tenant_id, binding_id)
         return binding_pb(tenant_id, row)
 
     async def list_bindings(
@@ -737,23 +735,16 @@ class Organization:
         limit: int,
     ) -> list[res.RoleBinding]:
         """Bindings ordered by id, after ``after``, optionally of one subject or unit."""
-
-        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            return list(
-                await conn.fetch(
-                    f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 "
-                    "AND ($2::text IS NULL OR subject = $2) "
-                    "AND ($3::text IS NULL OR org_unit_id = $3) "
-                    "AND ($4::uuid IS NULL OR id > $4) ORDER BY id LIMIT $5",
-                    tenant_id,
-                    subject,
-                    unit_id,
-                    uuid.UUID(after) if after else None,
-                    limit,
-                )
-            )
-
-        rows = await self.db.run(tenant_id, work, readonly=True)
+        rows = await self._rows(
+            tenant_id,
+            f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 "
+            "AND ($2::text IS NULL OR subject = $2) AND ($3::text IS NULL OR org_unit_id = $3) "
+            "AND ($4::uuid IS NULL OR id > $4) ORDER BY id LIMIT $5",
+            subject,
+            unit_id,
+            uuid.UUID(after) if after else None,
+            limit,
+        )
         return [binding_pb(tenant_id, r) for r in rows]
 
     async def delete_binding(
@@ -781,12 +772,7 @@ class Organization:
             if not await self.access.holds(conn, principal, tenant_id, unit):
                 raise denied(action)
             if row is None:
-                name = f"tenants/{tenant_id}/roleBindings/{binding_id}"
-                raise NotFound(
-                    f"role binding {name} not found",
-                    reason="ROLE_BINDING_NOT_FOUND",
-                    metadata={"name": name},
-                )
+                raise _binding_not_found(tenant_id, binding_id)
             await conn.execute(
                 "DELETE FROM role_bindings WHERE tenant_id = $1 AND id = $2",
                 tenant_id,
@@ -916,15 +902,11 @@ class Organization:
         Raises:
             NotFound: Reason ``DELEGATION_NOT_FOUND``.
         """
-
-        async def work(conn: asyncpg.Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(
-                f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND id = $2",
-                tenant_id,
-                uuid.UUID(delegation_id),
-            )
-
-        row = await self.db.run(tenant_id, work, readonly=True)
+        row = await self._row(
+            tenant_id,
+            f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND id = $2",
+            uuid.UUID(delegation_id),
+        )
         if row is None:
             raise _delegation_not_found(tenant_id, delegation_id)
         return delegation_pb(tenant_id, row)
@@ -939,23 +921,17 @@ class Organization:
         limit: int,
     ) -> list[res.Delegation]:
         """Delegations ordered by id, after ``after``; active ones unless ``show_revoked``."""
-
-        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            return list(
-                await conn.fetch(
-                    f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 "
-                    "AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR agent_id = $3)"
-                    " AND ($4 OR state = 1) AND ($5::uuid IS NULL OR id > $5) ORDER BY id LIMIT $6",
-                    tenant_id,
-                    user_id,
-                    agent_id,
-                    show_revoked,
-                    uuid.UUID(after) if after else None,
-                    limit,
-                )
-            )
-
-        rows = await self.db.run(tenant_id, work, readonly=True)
+        rows = await self._rows(
+            tenant_id,
+            f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 "
+            "AND ($2::text IS NULL OR user_id = $2) AND ($3::text IS NULL OR agent_id = $3)"
+            " AND ($4 OR state = 1) AND ($5::uuid IS NULL OR id > $5) ORDER BY id LIMIT $6",
+            user_id,
+            agent_id,
+            show_revoked,
+            uuid.UUID(after) if after else None,
+            limit,
+        )
         return [delegation_pb(tenant_id, r) for r in rows]
 
     async def revoke_delegation(
@@ -1086,6 +1062,13 @@ def _onward_violations(d: res.Delegation, parent: asyncpg.Record) -> list[FieldV
             )
         )
     return violations
+
+
+def _binding_not_found(tenant_id: str, binding_id: str) -> NotFound:
+    name = f"tenants/{tenant_id}/roleBindings/{binding_id}"
+    return NotFound(
+        f"role binding {name} not found", reason="ROLE_BINDING_NOT_FOUND", metadata={"name": name}
+    )
 
 
 def _delegation_not_found(tenant_id: str, delegation_id: str) -> NotFound:

@@ -94,13 +94,11 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, parent_id)
         after = servicing.decode_page_token(request.page_token, fingerprint)
-        units = await self.org.list_units(tenant_id, parent_id, after, size + 1)
-        more = len(units) > size
-        units = units[:size]
-        token = (
-            servicing.encode_page_token(units[-1].name.rsplit("/", 1)[1], fingerprint)
-            if more
-            else ""
+        units, token = servicing.cut_page(
+            await self.org.list_units(tenant_id, parent_id, after, size + 1),
+            size,
+            fingerprint,
+            servicing.name_id,
         )
         return svc.ListOrgUnitsResponse(org_units=units, next_page_token=token)
 
@@ -210,15 +208,13 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, request.subject, unit_id)
         after = servicing.decode_page_token(request.page_token, fingerprint)
-        bindings = await self.org.list_bindings(
-            tenant_id, request.subject or None, unit_id, after, size + 1
-        )
-        more = len(bindings) > size
-        bindings = bindings[:size]
-        token = (
-            servicing.encode_page_token(bindings[-1].name.rsplit("/", 1)[1], fingerprint)
-            if more
-            else ""
+        bindings, token = servicing.cut_page(
+            await self.org.list_bindings(
+                tenant_id, request.subject or None, unit_id, after, size + 1
+            ),
+            size,
+            fingerprint,
+            servicing.name_id,
         )
         return svc.ListRoleBindingsResponse(role_bindings=bindings, next_page_token=token)
 
@@ -280,20 +276,18 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
             tenant_id, request.user_id, request.agent_id, request.show_revoked
         )
         after = servicing.decode_page_token(request.page_token, fingerprint)
-        delegations = await self.org.list_delegations(
-            tenant_id,
-            request.user_id or None,
-            request.agent_id or None,
-            request.show_revoked,
-            after,
-            size + 1,
-        )
-        more = len(delegations) > size
-        delegations = delegations[:size]
-        token = (
-            servicing.encode_page_token(delegations[-1].name.rsplit("/", 1)[1], fingerprint)
-            if more
-            else ""
+        delegations, token = servicing.cut_page(
+            await self.org.list_delegations(
+                tenant_id,
+                request.user_id or None,
+                request.agent_id or None,
+                request.show_revoked,
+                after,
+                size + 1,
+            ),
+            size,
+            fingerprint,
+            servicing.name_id,
         )
         return svc.ListDelegationsResponse(delegations=delegations, next_page_token=token)
 

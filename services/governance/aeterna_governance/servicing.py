@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, encode_token, token_from_metadata
 from aeterna_common.errors import FieldViolation, InvalidArgument
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 REQUEST_ID_KEY = "x-aeterna-request-id"
 """Request metadata a client sends beside a body ``request_id`` (the same value) so that the
@@ -109,6 +111,30 @@ def decode_page_token(token: str, fingerprint: str) -> str | None:
             [FieldViolation("page_token", "malformed, or made for other filters")]
         ) from exc
     return after
+
+
+def cut_page(
+    items: Sequence[T], size: int, fingerprint: str, key: Callable[[T], str]
+) -> tuple[list[T], str]:
+    """A page of at most ``size`` items from ``size + 1`` fetched, and its next page token.
+
+    Args:
+        items: What the keyset query returned (one more than a page, when there is more).
+        size: The page size.
+        fingerprint: The filters the token is made for.
+        key: The keyset key of an item (the last one starts the next page).
+
+    Returns:
+        The page and the next page token (empty on the last page).
+    """
+    page = list(items[:size])
+    more = len(items) > size
+    return page, encode_page_token(key(page[-1]), fingerprint) if more else ""
+
+
+def name_id(item: Any) -> str:
+    """The last component of a resource's ``name``: the keyset key of most lists."""
+    return str(item.name).rsplit("/", 1)[1]
 
 
 def check_mask(paths: list[str], allowed: set[str]) -> list[str]:

@@ -266,3 +266,28 @@ async def make_due(gov: GovernanceEnv, request: res.ApprovalRequest) -> None:
             await owner.execute("ALTER TABLE approval_requests FORCE ROW LEVEL SECURITY")
     finally:
         await owner.close()
+
+
+async def test_listing_pages_newest_first(gov: GovernanceEnv) -> None:
+    t = await setup(gov, 1)
+    made = [await ask(gov, t, title=f"request {i}") for i in range(3)]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await gov.approvals.ListApprovalRequests(
+            asvc.ListApprovalRequestsRequest(parent=f"tenants/{t}", page_size=1, page_token=token),
+            metadata=md(t, "dev"),
+        )
+        seen += [a.name for a in page.approval_requests]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [a.name for a in reversed(made)]
+    reason, fields, _ = await expect(
+        gov.approvals.ListApprovalRequests(
+            asvc.ListApprovalRequestsRequest(parent=f"tenants/{t}", state=3, page_token="junk"),
+            metadata=md(t, "dev"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert fields == ["page_token"]
