@@ -11,7 +11,7 @@ reject the change.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +22,16 @@ from aeterna.governance.v1 import resources_pb2 as res
 from google.protobuf import json_format
 
 from aeterna_cli import client
-from aeterna_cli.governance import RequestId, Stubs, caller, done, run, show, write
+from aeterna_cli.governance import (
+    RequestId,
+    Stubs,
+    caller,
+    done,
+    every_page,
+    run,
+    show,
+    write,
+)
 from aeterna_cli.options import AsJson, Roles, Tenant, Token, User, console
 
 policy_app = typer.Typer(help="Policies: check a project or a file, list, create.")
@@ -165,22 +174,15 @@ def policy_list(
     c = caller(tenant, user, token, roles)
 
     async def call(s: Stubs) -> list[res.Policy]:
-        found: list[res.Policy] = []
-        page = ""
-        while True:
-            reply = await s.policies.ListPolicies(
-                psvc.ListPoliciesRequest(
-                    parent=c.parent,
-                    org_unit=c.unit(org_unit) if org_unit else "",
-                    page_token=page,
-                    page_size=500,
-                ),
-                metadata=client.metadata(c.token),
-            )
-            found += reply.policies
-            page = reply.next_page_token
-            if not page:
-                return found
+        request = psvc.ListPoliciesRequest(
+            parent=c.parent, org_unit=c.unit(org_unit) if org_unit else "", page_size=500
+        )
+
+        def fetch(page: str) -> Awaitable[psvc.ListPoliciesResponse]:
+            request.page_token = page
+            return s.policies.ListPolicies(request, metadata=client.metadata(c.token))
+
+        return await every_page(fetch, "policies")
 
     show(run(call), as_json, POLICY_COLUMNS)
 

@@ -83,9 +83,7 @@ class AuditServicer(svc_grpc.AuditServiceServicer):
             resource=request.resource,
             actor=request.actor,
         )
-        more = len(records) > size
-        records = records[:size]
-        token = servicing.encode_page_token(str(records[-1].sequence), fingerprint) if more else ""
+        records, token = servicing.cut_page(records, size, fingerprint, lambda r: str(r.sequence))
         return svc.ListAuditEntriesResponse(
             audit_entries=[entry_pb(r) for r in records], next_page_token=token
         )

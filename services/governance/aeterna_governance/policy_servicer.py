@@ -205,13 +205,11 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, unit_id)
         after = servicing.decode_page_token(request.page_token, fingerprint)
-        policies = await self.policies.list_policies(tenant_id, unit_id, after, size + 1)
-        more = len(policies) > size
-        policies = policies[:size]
-        token = (
-            servicing.encode_page_token(policies[-1].name.rsplit("/", 1)[1], fingerprint)
-            if more
-            else ""
+        policies, token = servicing.cut_page(
+            await self.policies.list_policies(tenant_id, unit_id, after, size + 1),
+            size,
+            fingerprint,
+            servicing.name_id,
         )
         return svc.ListPoliciesResponse(policies=policies, next_page_token=token)
 
@@ -361,15 +359,11 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, request.show_expired)
         after = servicing.decode_page_token(request.page_token, fingerprint)
-        found = await self.policies.list_suppressions(
-            tenant_id, request.show_expired, after, size + 1
-        )
-        more = len(found) > size
-        found = found[:size]
-        token = (
-            servicing.encode_page_token(found[-1].name.rsplit("/", 1)[1], fingerprint)
-            if more
-            else ""
+        found, token = servicing.cut_page(
+            await self.policies.list_suppressions(tenant_id, request.show_expired, after, size + 1),
+            size,
+            fingerprint,
+            servicing.name_id,
         )
         return svc.ListSuppressionsResponse(suppressions=found, next_page_token=token)
 
