@@ -34,7 +34,7 @@ from aeterna_governance.organization import check_display_name, unit_reference
 from aeterna_governance.policy import engine
 from aeterna_governance.policy.model import CheckResult, MergeStrategy, PolicyContext, PolicyMode
 from aeterna_governance.policy.policies import Policies, context_of, violation_pb
-from aeterna_governance.policy.validation import check_context, parse_rules
+from aeterna_governance.policy.validation import RULE_ID, check_context, parse_rules
 from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import request_hash
 
@@ -324,7 +324,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
             policy_id = _policy_reference(tenant_id, s.policy, "suppression.policy")
         except InvalidArgument as exc:
             violations += exc.violations
-        if not re.fullmatch(r"[a-z0-9._-]{1,64}", s.rule_id):
+        if not RULE_ID.fullmatch(s.rule_id):
             violations.append(FieldViolation("suppression.rule_id", "1-64 of [a-z0-9-_.]"))
         if not 1 <= len(s.reason) <= MAX_REASON_CHARS or not s.reason.strip():
             violations.append(
