@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,8 +22,8 @@ from aeterna_governance.audit.chain import (
     parse_envelope,
 )
 from aeterna_governance.audit.log import AuditLog
-from audit_testkit import envelope
-from governance_testkit import GovernanceEnv, admin, expect, md, new_tenant
+from audit_testkit import envelope, until
+from governance_testkit import GovernanceEnv, admin, expect, md, new_tenant, start_governance
 
 
 async def fill(gov: GovernanceEnv, tenant: str, count: int) -> AuditLog:
@@ -279,3 +280,27 @@ async def test_audit_service_lists_and_verifies_for_tenant_admins_only(gov: Gove
 def test_envelopes_that_can_never_be_appended(change: dict[str, str], why: str) -> None:
     with pytest.raises(InvalidEventError, match=why):
         parse_envelope({**envelope("t", 1), **change})
+
+
+async def test_the_server_checkpoints_heads_under_its_lease(
+    make_database: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database of its own: the session's server holds the checkpoint lease of its own.
+    monkeypatch.setenv("AETERNA_GOVERNANCE_AUDIT_CHECKPOINT_INTERVAL_S", "0.1")
+    server, app = await start_governance(await make_database())
+    try:
+        audit = AuditLog(app.deps.db)
+        t = new_tenant()
+        for n in (1, 2, 3):
+            await audit.append(parse_envelope(envelope(t, n)))
+
+        async def recorded() -> bool:
+            mark = (await audit.verify(t)).checkpoint
+            return mark is not None and mark.sequence == 3
+
+        await until(recorded, 30, "a checkpoint of the tenant's head")
+        outcome = await audit.verify(t)
+        assert outcome.valid and outcome.checkpoint is not None
+        assert outcome.checkpoint.hash == outcome.head_hash
+    finally:
+        await server.stop()
