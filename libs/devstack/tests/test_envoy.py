@@ -475,7 +475,13 @@ def test_chart_configs_cover_every_known_service() -> None:
     gateway = configs["charts/gateway/files/envoy.json"]
     assert {f"/{s.package}." for s in SERVICES} <= set(_routes(gateway))
     transcoder = _hcm(gateway)["http_filters"][2]["typed_config"]
-    assert transcoder["services"] == [s.service for s in SERVICES]
+    # Every service of each package is transcoded (governance serves several on one server).
+    assert transcoder["services"] == [n for s in SERVICES for n in (s.service, *s.more_services)]
+    # Methods of a package's other services are classed by their own paths.
+    retry = _retry_on(gateway)
+    read = retry["/aeterna.governance.v1.ApprovalService/GetApprovalRequest"]
+    assert read == retry["/aeterna.governance.v1.OrganizationService/GetOrgUnit"]
+    assert read != retry["/aeterna.governance.v1."]
 
 
 def test_chart_placeholders_are_checked() -> None:

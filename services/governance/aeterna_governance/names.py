@@ -15,14 +15,6 @@ _TENANT = r"([A-Za-z0-9_-]{1,100})"
 UNIT_ID = re.compile(r"^[a-z0-9-]{1,63}$")
 """Org unit ids: 1-63 characters of [a-z0-9-] (the proto's rule; a DNS label's length)."""
 
-COLLECTIONS = {
-    "orgUnits": "org unit",
-    "roleBindings": "role binding",
-    "delegations": "delegation",
-    "approvalRequests": "approval request",
-}
-"""Collection ids of governance's resources and their names in messages."""
-
 
 @dataclass(frozen=True, slots=True)
 class Name:
@@ -104,7 +96,7 @@ def parse_name(principal: Principal, name: str, collection: str, field: str = "n
     Args:
         principal: The caller.
         name: The resource name.
-        collection: Expected collection id, a key of :data:`COLLECTIONS`.
+        collection: Expected collection id, e.g. ``orgUnits`` or ``approvalRequests``.
         field: Request field holding the name, for error details.
 
     Returns:

@@ -283,7 +283,7 @@ async def test_listing_pages_newest_first(gov: GovernanceEnv) -> None:
         if not token:
             break
     assert seen == [a.name for a in reversed(made)]
-    reason, fields, _ = await expect(
+    _, fields, _ = await expect(
         gov.approvals.ListApprovalRequests(
             asvc.ListApprovalRequestsRequest(parent=f"tenants/{t}", state=3, page_token="junk"),
             metadata=md(t, "dev"),

@@ -167,3 +167,25 @@ async def test_expired_delegations_leave_the_snapshot(gov: GovernanceEnv) -> Non
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert reason == "PARENT_INACTIVE"
+
+
+async def test_expired_idempotency_keys_are_collected(gov: GovernanceEnv) -> None:
+    from aeterna_governance import store
+
+    t = new_tenant()
+    await unit(gov, t, "acme", COMPANY, request_id="once")
+    owner = await asyncpg.connect(gov.urls.owner)
+    try:
+        async with owner.transaction():
+            await owner.execute("ALTER TABLE idempotency_keys NO FORCE ROW LEVEL SECURITY")
+            await owner.execute(
+                "UPDATE idempotency_keys SET created_at = now() - interval '2 days' "
+                "WHERE tenant_id = $1",
+                t,
+            )
+            await owner.execute("ALTER TABLE idempotency_keys FORCE ROW LEVEL SECURITY")
+    finally:
+        await owner.close()
+    assert await store.gc_idempotency_keys(gov.app.deps.db, 86_400) >= 1
+    # The key is gone: the same request_id is a new request now (and the unit exists).
+    await expect(unit(gov, t, "acme", COMPANY, request_id="once"), grpc.StatusCode.ALREADY_EXISTS)
