@@ -12,8 +12,10 @@ of one group would split a stream between them, and their appends could commit o
 stream order). A new holder first takes over every pending entry of the group
 (``XAUTOCLAIM`` from ``0-0``: the previous holder crashed or was deposed before acking them)
 and appends them in stream order, then reads new entries (``>``). Within a stream, entries are
-processed one after the other and a failure stops the stream's batch, so nothing after a
-failed entry is appended before it.
+processed one after the other and a failure stops the stream's batch and makes the holder
+recover again before reading on, so nothing after a failed entry is appended before it. A
+deposed holder still finishing an entry appends nothing new: it and its successor both go in
+stream order, and the second append of an event id is a no-op.
 
 An entry that can never become an audit entry (:class:`InvalidEventError`) is copied to the
 stream's dead-letter stream ``events:{tenant}:dead`` with the reason and acknowledged.
