@@ -15,6 +15,9 @@ unit above it, inherited downward as DOMAIN.md says, or TENANT_ADMIN/PLATFORM_AD
   the unit; binding writes at the binding's unit). A unit that does not exist has no
   admins above it, so the caller is refused exactly as for an existing unit it may not
   manage: permission before existence.
+* ``UNIT_MEMBER``: any role from VIEWER to ADMIN bound in the unit's tree (at the unit, a
+  unit above it or a unit below it: the rules of a unit hold below it), or a tenant-wide role
+  (reading and checking policies, drift); without a unit, a tenant-wide role.
 * ``TENANT_ADMIN``: TENANT_ADMIN or PLATFORM_ADMIN (tenant-wide bindings, reading the
   authorization snapshot); service principals may read snapshots of any tenant.
 
@@ -47,6 +50,7 @@ class Need(enum.Enum):
     """What an action requires (see the module docstring)."""
 
     MEMBER = "member"
+    UNIT_MEMBER = "unit_member"
     UNIT_ADMIN = "unit_admin"
     TENANT_ADMIN = "tenant_admin"
 
@@ -72,6 +76,18 @@ ACTIONS: dict[str, Need] = {
     "governance.approvalRequests.create": Need.MEMBER,
     "governance.approvalRequests.decide": Need.UNIT_ADMIN,
     "governance.approvalRequests.cancel": Need.MEMBER,
+    "governance.policies.get": Need.UNIT_MEMBER,
+    "governance.policies.list": Need.UNIT_MEMBER,
+    "governance.policies.create": Need.UNIT_ADMIN,
+    "governance.policies.update": Need.UNIT_ADMIN,
+    "governance.policies.delete": Need.UNIT_ADMIN,
+    "governance.policies.check": Need.UNIT_MEMBER,
+    "governance.driftReports.get": Need.UNIT_MEMBER,
+    "governance.suppressions.list": Need.UNIT_MEMBER,
+    "governance.suppressions.create": Need.UNIT_ADMIN,
+    "governance.suppressions.delete": Need.UNIT_ADMIN,
+    "governance.auditEntries.list": Need.TENANT_ADMIN,
+    "governance.auditEntries.verify": Need.TENANT_ADMIN,
 }
 """Every governance action and what it requires. Delegation writes and cancellations have
 an owner check besides (the delegating user, the requester), made by their use cases."""
@@ -118,6 +134,28 @@ SELECT EXISTS (
 """
 """Whether the subjects hold a role of at least ``$4`` (up to ADMIN) at unit ``$2`` or above
 it, or a tenant-wide role. The walk up is at most four rows (the tree's depth)."""
+
+
+MEMBER_OF_TREE_SQL = """
+WITH RECURSIVE up(id, parent_id) AS (
+    SELECT id, parent_id FROM org_units WHERE tenant_id = $1 AND id = $2
+    UNION ALL
+    SELECT o.id, o.parent_id FROM org_units o JOIN up ON o.tenant_id = $1 AND o.id = up.parent_id
+), down(id) AS (
+    SELECT id FROM org_units WHERE tenant_id = $1 AND id = $2
+    UNION ALL
+    SELECT o.id FROM org_units o JOIN down ON o.tenant_id = $1 AND o.parent_id = down.id
+)
+SELECT EXISTS (
+    SELECT 1 FROM role_bindings b
+    WHERE b.tenant_id = $1 AND b.subject = ANY($3::text[])
+      AND (b.role = ANY($4::smallint[])
+           OR (b.role BETWEEN 1 AND 5 AND (b.org_unit_id IN (SELECT id FROM up)
+                                           OR b.org_unit_id IN (SELECT id FROM down))))
+)
+"""
+"""Whether the subjects hold a role from VIEWER to ADMIN at unit ``$2``, above it or below
+it, or a tenant-wide role."""
 
 
 class Access:
@@ -177,8 +215,8 @@ class Access:
             principal: The caller (from the verified token).
             tenant_id: The tenant of the resource (already checked against the caller's).
             action: A key of :data:`ACTIONS`.
-            unit_id: The unit the action is about (``UNIT_ADMIN`` actions); None for
-                tenant-level resources, which only tenant admins manage.
+            unit_id: The unit the action is about (``UNIT_ADMIN`` and ``UNIT_MEMBER``
+                actions); None for tenant-level resources, which only tenant admins manage.
 
         Raises:
             PermissionDenied: Reason ``ACTION_NOT_ALLOWED``, ``metadata.action`` = action.
@@ -195,6 +233,16 @@ class Access:
             return
 
         async def check(conn: asyncpg.Connection) -> bool:
+            if need is Need.UNIT_MEMBER and unit_id is not None:
+                return self.token_admin(principal) or bool(
+                    await conn.fetchval(
+                        MEMBER_OF_TREE_SQL,
+                        tenant_id,
+                        unit_id,
+                        subjects(principal),
+                        list(TENANT_WIDE),
+                    )
+                )
             return await self.holds(
                 conn, principal, tenant_id, unit_id if need is Need.UNIT_ADMIN else None
             )
