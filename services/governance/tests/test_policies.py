@@ -387,3 +387,22 @@ async def test_bad_input_is_refused_whole_and_retries_apply_once(gov: Governance
         grpc.StatusCode.ALREADY_EXISTS,
     )
     assert reason == "POLICY_EXISTS"
+
+
+async def test_a_unit_with_policies_or_suppressions_is_not_deleted(gov: GovernanceEnv) -> None:
+    from aeterna.governance.v1 import organization_service_pb2 as org_svc
+
+    t, stub = await setup(gov)
+    await stub.CreatePolicy(
+        create(t, "deps", "search", rule("no-moment", "moment")), metadata=admin(t)
+    )
+    delete = org_svc.DeleteOrgUnitRequest(name=unit_of(t, "search"))
+    reason, _, meta = await expect(
+        gov.orgs.DeleteOrgUnit(delete, metadata=admin(t)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert reason == "ORG_UNIT_NOT_EMPTY" and meta["policies"] == "1"
+    # The unit and its policy are both still there.
+    await gov.orgs.GetOrgUnit(
+        org_svc.GetOrgUnitRequest(name=unit_of(t, "search")), metadata=admin(t)
+    )
+    await stub.GetPolicy(svc.GetPolicyRequest(name=f"tenants/{t}/policies/deps"), metadata=admin(t))
