@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -24,6 +23,7 @@ from aeterna_common.events import (
     STREAMS_KEY,
     Event,
     EventConsumer,
+    Handler,
     OutboxRelay,
     StreamTrim,
     dead_letter_key,
@@ -101,7 +101,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Wait (bounded by WAIT_S) until ``check()`` is true."""
     try:
         async with asyncio.timeout(WAIT_S):
-            while not await check():
+            while not await check():  # noqa: ASYNC110 (state of Redis and other tasks)
                 await asyncio.sleep(0.05)
     except TimeoutError:
         pytest.fail(f"gave up waiting for {what}")
@@ -142,9 +142,10 @@ async def test_relay_publishes_each_tenant_in_position_order_with_the_envelope(
     task = asyncio.create_task(relay.run())
 
     async def all_there() -> bool:
-        return await stack.redis.xlen(stream_key(a)) == 8 and await stack.redis.xlen(
-            stream_key(b)
-        ) == 4
+        return (
+            await stack.redis.xlen(stream_key(a)) == 8
+            and await stack.redis.xlen(stream_key(b)) == 4
+        )
 
     await until(all_there, "12 events")
     # Woken by NOTIFY: a change committed while the relay runs is published too.
@@ -343,37 +344,52 @@ def consumer(stack: Stack, group: str, handler: Any, **kw: Any) -> EventConsumer
     return EventConsumer(stack.redis, group, handler, **kw)
 
 
+def recorder(tenant: str) -> tuple[list[Event], Handler]:
+    """A handler recording ``tenant``'s events (others' are ignored), and its record."""
+    seen: list[Event] = []
+
+    async def record(event: Event) -> None:
+        if event.tenant == tenant:
+            seen.append(event)
+
+    return seen, record
+
+
+def hanging(tenant: str, started: asyncio.Event, seen: list[str]) -> Handler:
+    """A handler that never returns from ``tenant``'s first event (its consumer dies there
+    when cancelled)."""
+
+    async def hang(event: Event) -> None:
+        if event.tenant == tenant:
+            seen.append(event.event_id)
+            started.set()
+            await asyncio.Event().wait()
+
+    return hang
+
+
+async def die_while_handling(stack: Stack, group: str, name: str, handler: Handler) -> None:
+    """Run a consumer until its handler is stuck, then cancel it (pending entries stay)."""
+    started = asyncio.Event()
+    task = asyncio.create_task(consumer(stack, group, handler(started), consumer=name).run())
+    async with asyncio.timeout(WAIT_S):
+        await started.wait()
+    await stop(task)
+
+
 async def test_a_consumer_that_dies_with_pending_entries_is_taken_over_by_xautoclaim(
     stack: Stack,
 ) -> None:
     t = new_tenant()
     ids = await publish(stack, t, 6)
     group = f"g-{uuid.uuid4().hex[:6]}"
-    started = asyncio.Event()
     seen_a: list[str] = []
-
-    async def hangs(event: Event) -> None:
-        if event.tenant != t:
-            return
-        seen_a.append(event.event_id)
-        started.set()
-        await asyncio.Event().wait()  # dies mid-handling (cancelled below)
-
-    a = consumer(stack, group, hangs, consumer="a")
-    task = asyncio.create_task(a.run())
-    async with asyncio.timeout(WAIT_S):
-        await started.wait()
-    await stop(task)
+    await die_while_handling(stack, group, "a", lambda started: hanging(t, started, seen_a))
     key = stream_key(t)
     pending = await stack.redis.xpending(key, group)
     assert pending["pending"] == 6 and {c["name"] for c in pending["consumers"]} == {"a"}
 
-    seen_b: list[Event] = []
-
-    async def records(event: Event) -> None:
-        if event.tenant == t:
-            seen_b.append(event)
-
+    seen_b, records = recorder(t)
     b = consumer(stack, group, records, consumer="b")
     await b.poll_once()
     assert [e.event_id for e in seen_b] == ids  # every event, in order
@@ -421,27 +437,11 @@ async def test_an_entry_never_acknowledged_three_times_is_dead_lettered_when_cla
     ids = await publish(stack, t, 1)
     group = f"g-{uuid.uuid4().hex[:6]}"
     key = stream_key(t)
-    started = asyncio.Event()
-
-    async def hangs(event: Event) -> None:
-        if event.tenant == t:
-            started.set()
-            await asyncio.Event().wait()
-
     for attempt in range(3):  # three consumers die while handling it
-        started.clear()
-        task = asyncio.create_task(consumer(stack, group, hangs, consumer=f"c{attempt}").run())
-        async with asyncio.timeout(WAIT_S):
-            await started.wait()
-        await stop(task)
-    handled: list[str] = []
-
-    async def records(event: Event) -> None:
-        if event.tenant == t:
-            handled.append(event.event_id)
-
+        await die_while_handling(stack, group, f"c{attempt}", lambda st: hanging(t, st, []))
+    handled, records = recorder(t)
     await consumer(stack, group, records, consumer="last").poll_once()
-    assert ids[0] not in handled
+    assert not handled
     dead = await entries(stack.redis, dead_letter_key(key))
     assert [d["event_id"] for d in dead] == ids
     assert dead[0]["dead_reason"] == "not acknowledged after 3 deliveries"
@@ -454,14 +454,9 @@ async def test_a_malformed_entry_is_dead_lettered_without_calling_the_handler(
     key = stream_key(t)
     await stack.redis.sadd(STREAMS_KEY, key)
     await stack.redis.xadd(key, {"event_id": "memory:1", "type": "memory.created"})
-    handled: list[Event] = []
-
-    async def records(event: Event) -> None:
-        handled.append(event)
-
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    await consumer(stack, group, records).poll_once()
-    assert not [e for e in handled if e.tenant == t]
+    handled, records = recorder(t)
+    await consumer(stack, f"g-{uuid.uuid4().hex[:6]}", records).poll_once()
+    assert not handled
     dead = await entries(stack.redis, dead_letter_key(key))
     assert dead[0]["dead_reason"].startswith("malformed: missing fields")
 
@@ -471,17 +466,12 @@ async def test_a_group_starting_at_dollar_skips_entries_already_in_the_stream(
 ) -> None:
     t = new_tenant()
     await publish(stack, t, 2)
-    handled: list[str] = []
-
-    async def records(event: Event) -> None:
-        if event.tenant == t:
-            handled.append(event.event_id)
-
+    handled, records = recorder(t)
     c = consumer(stack, f"g-{uuid.uuid4().hex[:6]}", records, start="$")
     await c.poll_once()
     later = await publish(stack, t, 1)
     await c.poll_once()
-    assert handled == later
+    assert [e.event_id for e in handled] == later
 
 
 # ---- Redis restart -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -57,7 +57,9 @@ CONSUMER_ERRORS = Counter(
     ["group"],
 )
 HANDLED = Counter(
-    "aeterna_events_handled_total", "Entries handled and acknowledged, by consumer group.", ["group"]
+    "aeterna_events_handled_total",
+    "Entries handled and acknowledged, by consumer group.",
+    ["group"],
 )
 LOST = Counter(
     "aeterna_events_trimmed_while_pending_total",
@@ -79,8 +81,8 @@ class EventConsumer:
     """One consumer of a consumer group over every tenant stream.
 
     Args:
-        redis: Redis client (``decode_responses=True``); its socket timeout must exceed
-            ``block_s``.
+        redis: Redis client (``decode_responses=True``, RESP2: the default protocol); its
+            socket timeout must exceed ``block_s``.
         group: Consumer group name (one per consuming purpose, e.g. ``governance-audit``).
         handler: Called once per delivery; see :data:`Handler`.
         consumer: This consumer's name within the group (unique per process; a fresh
@@ -139,10 +141,9 @@ class EventConsumer:
         Returns:
             The streams newly joined.
         """
-        members = await self.redis.smembers(STREAMS_KEY)  # type: ignore[misc]
-        fresh = {
-            m for m in members if m.startswith(STREAM_PREFIX) and m not in self.streams
-        }
+        # decode_responses=True: strings (redis-py's stubs cannot tell).
+        members = cast(set[str], await self.redis.smembers(STREAMS_KEY))
+        fresh = {m for m in members if m.startswith(STREAM_PREFIX) and m not in self.streams}
         for stream in sorted(fresh):
             try:
                 await self.redis.xgroup_create(stream, self.group, id=self.start, mkstream=True)
@@ -187,12 +188,16 @@ class EventConsumer:
             return 0
 
     async def _read_new(self) -> int:
-        replies = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(sorted(self.streams), ">"),
-            count=self.count,
-            block=self.block_ms,
+        # RESP2 replies (the client's default protocol): [[stream, [[id, fields], ...]], ...].
+        replies = cast(
+            list[tuple[str, list[Entry]]],
+            await self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                dict.fromkeys(sorted(self.streams), ">"),
+                count=self.count,
+                block=self.block_ms,
+            ),
         )
         handled = 0
         for stream, entries in replies or []:
@@ -230,8 +235,12 @@ class EventConsumer:
 
     async def _delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
         """Delivery counts of this consumer's pending ``ids`` (``XPENDING`` extended form)."""
-        rows = await self.redis.xpending_range(
-            stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 1,
+        rows: list[dict[str, Any]] = await self.redis.xpending_range(
+            stream,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) + 1,
             consumername=self.consumer,
         )
         return {r["message_id"]: int(r["times_delivered"]) for r in rows}

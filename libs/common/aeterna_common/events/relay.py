@@ -168,7 +168,7 @@ class OutboxRelay:
         db: Application-role database: the lease and the cursor row.
         reader: Database whose role reads the outbox of every tenant (the indexer role),
             in read-only snapshots.
-        redis: Redis client (``decode_responses=True``).
+        redis: Redis client (``decode_responses=True``, RESP2: the default protocol).
         service: Producing service (``memory``): the envelope's ``service`` and the prefix
             of ``event_id``.
         listen_dsn: DSN of a connection that LISTENs on ``notify_channel``; ``None`` polls

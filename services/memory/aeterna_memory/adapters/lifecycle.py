@@ -286,9 +286,7 @@ class LifecycleJobs:
                 tenant,
                 purged,
             )
-            await _append_outbox(
-                    conn, tenant, PURGED_EVENT, purged, actor=SERVICE_ACTOR
-                )
+            await _append_outbox(conn, tenant, PURGED_EVENT, purged, actor=SERVICE_ACTOR)
             return len(purged)
 
         return await self.db.run(tenant, work)
@@ -359,13 +357,9 @@ class LifecycleJobs:
             decayed = [r["id"] for r in done if not r["archived"]]
             archived = [r["id"] for r in done if r["archived"]]
             if decayed:
-                await _append_outbox(
-                    conn, tenant, DECAYED_EVENT, decayed, actor=SERVICE_ACTOR
-                )
+                await _append_outbox(conn, tenant, DECAYED_EVENT, decayed, actor=SERVICE_ACTOR)
             if archived:
-                await _append_outbox(
-                    conn, tenant, ARCHIVED_EVENT, archived, actor=SERVICE_ACTOR
-                )
+                await _append_outbox(conn, tenant, ARCHIVED_EVENT, archived, actor=SERVICE_ACTOR)
             return len(done)
 
         return await self.db.run(tenant, work)

@@ -642,9 +642,7 @@ class PostgresMemoryStore:
                 changed,
                 actor,
             )
-            position = await _append_outbox(
-                conn, tenant_id, "memory.updated", [mid], actor=actor
-            )
+            position = await _append_outbox(conn, tenant_id, "memory.updated", [mid], actor=actor)
             return memory, position
 
         return await self.db.run(tenant_id, work)
@@ -739,9 +737,7 @@ class PostgresMemoryStore:
                 row["content"],
                 actor,
             )
-            position = await _append_outbox(
-                conn, tenant_id, "memory.deleted", [mid], actor=actor
-            )
+            position = await _append_outbox(conn, tenant_id, "memory.deleted", [mid], actor=actor)
             return memory, position
 
         return await self.db.run(tenant_id, work)
