@@ -32,6 +32,7 @@ from aeterna_common.events import (
 from aeterna_devstack.servers import RedisServer, free_port
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, _append_outbox
 from aeterna_memory.app import MIGRATIONS
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
 
 WAIT_S = 60.0
@@ -148,8 +149,12 @@ async def test_relay_publishes_each_tenant_in_position_order_with_the_envelope(
         )
 
     await until(all_there, "12 events")
-    # Woken by NOTIFY: a change committed while the relay runs is published too.
-    expected[a] += await write(stack, a, 1)
+    # Woken by NOTIFY: a change committed while the relay runs is published too, with the
+    # trace context of the request that made it.
+    with TracerProvider().get_tracer("test").start_as_current_span("CreateMemory") as span:
+        expected[a] += await write(stack, a, 1)
+    trace = span.get_span_context()
+    traceparent = f"00-{trace.trace_id:032x}-{trace.span_id:016x}-{trace.trace_flags:02x}"
 
     async def one_more() -> bool:
         return await stack.redis.xlen(stream_key(a)) == 9
@@ -172,7 +177,8 @@ async def test_relay_publishes_each_tenant_in_position_order_with_the_envelope(
             assert fields["time"].endswith("Z")
             assert datetime.fromisoformat(fields["time"]).utcoffset() is not None
             assert json.loads(fields["payload"]) == {}
-            assert fields["traceparent"] == ""
+            traced = fields["position"] == str(expected[a][-1])
+            assert fields["traceparent"] == (traceparent if traced else "")
             assert Event.from_fields(fields).position == int(fields["position"])
     assert {stream_key(a), stream_key(b)} <= await stack.redis.smembers(STREAMS_KEY)
     assert await relay.load_cursor() == max(expected[a])

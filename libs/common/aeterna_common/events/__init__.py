@@ -12,6 +12,7 @@ from aeterna_common.events.envelope import (
     STREAMS_KEY,
     Event,
     MalformedEventError,
+    current_traceparent,
     dead_letter_key,
     stream_key,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MalformedEventError",
     "OutboxRelay",
     "StreamTrim",
+    "current_traceparent",
     "dead_letter_key",
     "stream_key",
 ]

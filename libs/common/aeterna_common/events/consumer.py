@@ -132,6 +132,7 @@ class EventConsumer:
         self.streams: set[str] = set()
         """Streams this consumer's group exists on (as far as it knows)."""
         self._refreshed_at = float("-inf")
+        self._reclaimed_at = float("-inf")
 
     # ---- streams and groups --------------------------------------------------------------
 
@@ -157,8 +158,9 @@ class EventConsumer:
     # ---- one round -----------------------------------------------------------------------
 
     async def poll_once(self) -> int:
-        """One round: refresh the registry when due, claim stuck entries, read new ones
-        (blocking up to ``block_s``), handle and acknowledge.
+        """One round: refresh the registry when due, claim stuck entries (every
+        ``claim_idle_s / 2``), read new ones (blocking up to ``block_s``), handle and
+        acknowledge.
 
         Returns:
             Entries handled successfully in this round.
@@ -173,8 +175,12 @@ class EventConsumer:
             return 0
         try:
             handled = 0
-            for stream in sorted(self.streams):
-                handled += await self._reclaim(stream)
+            # One XAUTOCLAIM per stream: every half idle time is often enough to claim an
+            # entry soon after it becomes claimable.
+            if time.monotonic() - self._reclaimed_at >= self.claim_idle_ms / 2000:
+                for stream in sorted(self.streams):
+                    handled += await self._reclaim(stream)
+                self._reclaimed_at = time.monotonic()
             handled += await self._read_new()
             return handled
         except ResponseError as exc:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import propagate
+
 STREAMS_KEY = "events:streams"
 """Redis SET of the tenant stream keys written so far."""
 
@@ -66,6 +68,14 @@ def rfc3339(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError("a naive datetime has no defined instant")
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def current_traceparent() -> str:
+    """The W3C ``traceparent`` of the current span (empty without one), for an outbox row
+    written while handling a traced request."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
 
 
 @dataclass(frozen=True, slots=True)

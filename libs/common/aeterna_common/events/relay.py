@@ -36,7 +36,9 @@ Table shapes the relay needs in the service's database (memory's migrations 0001
 0007 and 0008 create them):
 
 * the outbox: ``position``, ``tenant_id``, ``event_type``, ``resource``, ``payload``
-  (jsonb), ``created_at``, ``actor``; readable by the reader pool (the indexer role);
+  (jsonb), ``created_at``, ``actor``, ``traceparent`` (fill it with
+  :func:`~aeterna_common.events.envelope.current_traceparent`); readable by the reader pool
+  (the indexer role);
 * ``outbox_followers (name, position, expires_at, epoch)`` and ``leases``, writable by the
   application role.
 """
@@ -105,7 +107,8 @@ DEFAULT_MAX_AGE_S = 7 * 86_400.0
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 _OUTBOX_COLUMNS = (
-    "position, tenant_id, event_type, resource, payload::text AS payload, created_at, actor"
+    "position, tenant_id, event_type, resource, payload::text AS payload, created_at, actor, "
+    "traceparent"
 )
 
 
@@ -155,6 +158,7 @@ def to_event(service: str, row: asyncpg.Record) -> Event:
         time=rfc3339(row["created_at"]),
         position=position,
         payload=payload if isinstance(payload, dict) else {"value": payload},
+        traceparent=row["traceparent"] or "",
     )
 
 
@@ -374,6 +378,10 @@ class OutboxRelay:
 
     def _on_lease_change(self, lease: leases.Lease | None) -> None:
         RELAY_LEADER.labels(self.service).set(1 if lease is not None else 0)
+        if lease is None:
+            # Only the holder measures lag: a former holder's figures would go stale.
+            RELAY_LAG_POSITIONS.labels(self.service).set(0)
+            RELAY_LAG_SECONDS.labels(self.service).set(0)
         self._wake.set()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
@@ -438,6 +446,7 @@ class OutboxRelay:
                     await keeping
             await self.keeper.release()
             if self._listen is not None:
+                self._listen.remove_termination_listener(self._on_listener_lost)
                 with contextlib.suppress(Exception):
                     await self._listen.close()
                 self._listen = None

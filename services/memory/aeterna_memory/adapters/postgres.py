@@ -32,6 +32,7 @@ from aeterna_common.errors import (
     InvalidArgument,
     NotFound,
 )
+from aeterna_common.events import current_traceparent
 
 from aeterna_memory.domain.model import (
     SCOPE_FIELDS,
@@ -912,13 +913,14 @@ async def _append_outbox(
 ) -> int:
     """Append one outbox row per memory in ``ids`` (in the caller's transaction) and notify
     followers; returns the last position. ``actor`` is who caused the change
-    (``Principal.actor``, or :data:`SERVICE_ACTOR` for the service's own jobs)."""
+    (``Principal.actor``, or :data:`SERVICE_ACTOR` for the service's own jobs); the current
+    trace context is recorded with it."""
     # Held until commit: positions are drawn, and become visible, in commit order.
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
     last = await conn.fetchval(
         "WITH ins AS (INSERT INTO outbox (position, tenant_id, event_type, resource, "
-        "memory_id, payload, actor) SELECT nextval('outbox_position'), $1, $2, "
-        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb, $5 "
+        "memory_id, payload, actor, traceparent) SELECT nextval('outbox_position'), $1, $2, "
+        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb, $5, $6 "
         "FROM unnest($3::uuid[]) WITH ORDINALITY AS u(i, n) ORDER BY n RETURNING position) "
         "SELECT max(position) FROM ins",
         tenant_id,
@@ -926,6 +928,7 @@ async def _append_outbox(
         list(ids),
         json.dumps(payload or {}),
         actor,
+        current_traceparent(),
     )
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last))
     return int(last)
