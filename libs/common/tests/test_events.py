@@ -157,7 +157,7 @@ async def test_relay_publishes_each_tenant_in_position_order_with_the_envelope(
     traceparent = f"00-{trace.trace_id:032x}-{trace.span_id:016x}-{trace.trace_flags:02x}"
 
     async def one_more() -> bool:
-        return await stack.redis.xlen(stream_key(a)) == 9
+        return await relay.load_cursor() == expected[a][-1]
 
     await until(one_more, "the 13th event")
     await stop(task)
@@ -279,9 +279,11 @@ async def test_two_relays_only_the_lease_holder_publishes_and_the_other_takes_ov
     first = await write(stack, t, 5)
 
     async def five() -> bool:
-        return await stack.redis.xlen(stream_key(t)) == 5
+        # Published and recorded (stopping between the two would publish some again).
+        return await one.load_cursor() == first[-1]
 
     await until(five, "5 events")
+    assert await stack.redis.xlen(stream_key(t)) == 5
     holder, other = (one, two) if one.leader else (two, one)
     assert not other.leader and other.position == 0  # it never published
     await stop(tasks[holder])
@@ -504,6 +506,7 @@ async def test_nothing_is_lost_across_a_redis_restart_while_events_are_written(
         client, "audit", audit, block_s=0.2, claim_idle_s=1.0, refresh_s=0.2, max_backoff_s=0.3
     )
     errors_before = metric("aeterna_events_relay_errors_total", service="memory")
+    consumer_errors_before = metric("aeterna_events_consumer_errors_total", group="audit")
     tasks = [asyncio.create_task(relay.run()), asyncio.create_task(worker.run())]
     try:
         written = await write(stack, t, 15)
@@ -512,7 +515,7 @@ async def test_nothing_is_lost_across_a_redis_restart_while_events_are_written(
             return len(handled) >= 5
 
         await until(some_consumed, "events before the restart")
-        server.stop()  # SIGTERM: the process exits; its append-only file stays in `data`
+        server.kill()  # SIGKILL: a crash; the append-only file (fsynced per write) stays
         written += await write(stack, t, 15)  # committed while Redis is down
         await asyncio.sleep(0.5)  # let the relay and the consumer hit the outage
         server.start()
@@ -530,5 +533,7 @@ async def test_nothing_is_lost_across_a_redis_restart_while_events_are_written(
         await client.aclose()
         server.stop()
     assert set(handled) == {f"memory:{p}" for p in written}
+    # Both saw the outage and retried.
     assert metric("aeterna_events_relay_errors_total", service="memory") > errors_before
+    assert metric("aeterna_events_consumer_errors_total", group="audit") > consumer_errors_before
     assert not await stack.redis.exists(dead_letter_key(stream_key(t)))

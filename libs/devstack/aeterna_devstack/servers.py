@@ -755,6 +755,14 @@ class RedisServer:
     def _log_tail(self) -> str:
         return _tail(self._workdir / "redis.log") if self._workdir else "(no log)"
 
+    def kill(self) -> None:
+        """Kill the local server process at once (SIGKILL, as in a crash), then clean up as
+        :meth:`stop` does; a ``data_dir`` keeps what the server had fsynced."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
     def stop(self) -> None:
         """Stop the server and delete its working directory; idempotent."""
         atexit.unregister(self.stop)
