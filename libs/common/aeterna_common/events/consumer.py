@@ -236,20 +236,18 @@ class EventConsumer:
                     handled += await self._deliver(
                         stream, entry_id, fields or None, deliveries=counts.get(entry_id, 1)
                     )
-            if cursor == "0-0" or not entries:
+            # XAUTOCLAIM scans a bounded part of the pending list per call: go on to its end.
+            if cursor == "0-0":
                 return handled
 
     async def _delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
-        """Delivery counts of this consumer's pending ``ids`` (``XPENDING`` extended form)."""
-        rows: list[dict[str, Any]] = await self.redis.xpending_range(
-            stream,
-            self.group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) + 1,
-            consumername=self.consumer,
-        )
-        return {r["message_id"]: int(r["times_delivered"]) for r in rows}
+        """Delivery counts of the pending ``ids`` (``XPENDING`` extended form, one exact
+        range per id, pipelined: other pending entries may lie between them)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+            replies: list[list[dict[str, Any]]] = await pipe.execute()
+        return {r["message_id"]: int(r["times_delivered"]) for rows in replies for r in rows}
 
     async def _deliver(
         self, stream: str, entry_id: str, fields: dict[str, str] | None, *, deliveries: int
