@@ -234,6 +234,7 @@ class OutboxRelay:
             ttl_s=lease_ttl_s,
             on_change=self._on_lease_change,
         )
+        RELAY_LEADER.labels(service).set(0)
         self._epoch = 0
         self._wake = asyncio.Event()
         self._listen: asyncpg.Connection | None = None
