@@ -187,6 +187,8 @@ class OutboxRelay:
         poll_s: Seconds between rounds when no notification arrives.
         trim: Stream trim policy.
         max_backoff_s: Longest wait between retries while Redis is unreachable, seconds.
+        stop_grace_s: On cancellation, how long the batch in flight may take to record its
+            cursor, in seconds (past it, the batch is published again by the next holder).
 
     Raises:
         ValueError: A table name is not a plain identifier, or a size is not positive.
@@ -210,6 +212,7 @@ class OutboxRelay:
         poll_s: float = 1.0,
         trim: StreamTrim | None = None,
         max_backoff_s: float = 5.0,
+        stop_grace_s: float = 5.0,
     ) -> None:
         if batch_size < 1 or not poll_s > 0:
             raise ValueError("batch_size and poll_s must be positive")
@@ -226,6 +229,8 @@ class OutboxRelay:
         self.poll_s = poll_s
         self.trim = trim or StreamTrim()
         self.max_backoff_s = max_backoff_s
+        self.stop_grace_s = stop_grace_s
+        self._stopping = False
         self.position = 0
         """Last position this replica knows published (the cursor as last read or written)."""
         self.keeper = leases.LeaseKeeper(
@@ -328,7 +333,7 @@ class OutboxRelay:
             self.position = events[-1].position
             PUBLISHED.labels(self.service).inc(len(events))
             total += len(events)
-            if len(rows) < self.batch_size:
+            if len(rows) < self.batch_size or self._stopping:
                 self._observe_lag(int(head or 0), None)
                 return total
 
@@ -337,7 +342,9 @@ class OutboxRelay:
         unreachable and the lease is held (a retry may append some entries twice: same
         ``event_id``)."""
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, REDIS_DOWN) and self.keeper.held),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, REDIS_DOWN) and self.keeper.held and not self._stopping
+            ),
             wait=wait_exponential_jitter(multiplier=0.05, max=self.max_backoff_s, jitter=0.1),
             stop=stop_never,
             before_sleep=self._log_retry,
@@ -405,12 +412,27 @@ class OutboxRelay:
         conn.add_termination_listener(self._on_listener_lost)
         self._listen = conn
 
+    async def _publish_until_stopped(self) -> None:
+        """:meth:`publish_once`, shielded from cancellation until its batch in flight has
+        recorded its cursor (or ``stop_grace_s`` passed)."""
+        publishing = asyncio.create_task(self.publish_once(), name="events-relay-batch")
+        try:
+            await asyncio.shield(publishing)
+        except asyncio.CancelledError:
+            self._stopping = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(self.stop_grace_s):
+                    await publishing
+            raise
+
     async def run(self) -> None:
         """Relay until cancelled: on each notification, else every ``poll_s`` seconds.
 
         Never raises for an outage: a round that fails (PostgreSQL or Redis unreachable,
         lease lost) is logged and the next round resumes from the recorded cursor. On
-        cancellation the lease is released, so another replica takes over at once.
+        cancellation the batch in flight records its cursor (within ``stop_grace_s``), so a
+        clean stop publishes nothing twice; then the lease is released, so another replica
+        takes over at once.
         """
         keeping: asyncio.Task[None] | None = None
         registered = False
@@ -422,7 +444,7 @@ class OutboxRelay:
                         registered = True
                         keeping = asyncio.create_task(self.keeper.run(), name="events-relay-lease")
                     await self._listen_if_needed()
-                    await self.publish_once()
+                    await self._publish_until_stopped()
                 except leases.LeaseLostError as exc:
                     self.keeper.lost(str(exc))
                     RELAY_ERRORS.labels(self.service).inc()
