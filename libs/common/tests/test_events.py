@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -24,11 +25,13 @@ from aeterna_common.events import (
     Event,
     EventConsumer,
     Handler,
+    MalformedEventError,
     OutboxRelay,
     StreamTrim,
     dead_letter_key,
     stream_key,
 )
+from aeterna_common.events.envelope import rfc3339
 from aeterna_devstack.servers import RedisServer, free_port
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, _append_outbox
 from aeterna_memory.app import MIGRATIONS
@@ -334,6 +337,52 @@ async def test_two_relays_only_the_lease_holder_publishes_and_the_other_takes_ov
     # Resumed from the fenced cursor: nothing twice, nothing missing, in order.
     assert [int(f["position"]) for f in got] == first + second
     assert await other.load_cursor() == second[-1]
+
+
+GOOD = Event(
+    event_id="governance:7",
+    service="governance",
+    type="governance.role_binding.deleted",
+    tenant="acme",
+    resource="tenants/acme/roleBindings/b1",
+    actor="users/root",
+    time="2026-01-02T03:04:05.000006Z",
+    position=7,
+    payload={"role": "ADMIN"},
+).to_fields()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"actor": None}, "missing fields: actor"),
+        ({"position": "seven"}, "invalid position or payload"),
+        ({"payload": "[1]"}, "payload is not a JSON object"),
+        ({"payload": "{"}, "invalid position or payload"),
+        ({"event_id": "governance:8"}, "event_id is not {service}:{position}"),
+    ],
+)
+def test_envelopes_that_are_not_the_contract_are_refused(
+    change: dict[str, str | None], reason: str
+) -> None:
+    fields = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    with pytest.raises(MalformedEventError, match=re.escape(reason)):
+        Event.from_fields(fields)
+
+
+def test_an_envelope_round_trips_and_names_authorization_invalidations() -> None:
+    event = Event.from_fields(GOOD)
+    assert event.to_fields() == GOOD
+    assert event.invalidates_authorization
+    assert not Event.from_fields(
+        {**GOOD, "type": "governance.policy.created"}
+    ).invalidates_authorization
+    assert (
+        rfc3339(datetime(2026, 1, 2, 4, 4, 5, 6, tzinfo=timezone(timedelta(hours=1))))
+        == GOOD["time"]
+    )
+    with pytest.raises(ValueError):
+        rfc3339(datetime(2026, 1, 2))
 
 
 def test_stream_trim_uses_minid_by_age_or_maxlen() -> None:

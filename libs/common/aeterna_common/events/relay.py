@@ -11,7 +11,9 @@ Delivery is **at least once**: the cursor is written only after Redis accepted t
 so a relay that dies between the XADDs and the cursor write publishes the same rows again
 when it (or another replica) resumes. Re-published entries carry the same ``event_id``
 (``{service}:{position}``); consumers deduplicate on it. No row is ever skipped: a Redis
-outage blocks the relay (retrying with backoff) instead of advancing the cursor.
+outage blocks the relay (retrying with backoff) instead of advancing the cursor. Redis itself
+must keep what it acknowledged (``appendonly yes`` with ``appendfsync always``): with a
+weaker setting a Redis crash can lose entries the cursor has already passed.
 
 One replica at a time relays, under a lease (:mod:`aeterna_common.leases`). The cursor is
 the relay's row in ``outbox_followers`` with an ``epoch`` column: each write is fenced (the
