@@ -297,10 +297,14 @@ class EdgeVectorIndex:
                     self._drained[key].set()
 
     async def upsert(self, points: Sequence[IndexPoint]) -> None:
-        """Insert or replace points.
+        """Insert or replace points, ``write_chunk`` at a time on the writer thread.
+
+        Every id is checked before the first chunk; a failure of the engine part-way leaves
+        the earlier chunks applied (callers apply current states, so applying again is
+        harmless).
 
         Raises:
-            ValueError: If a point id is not a UUID string.
+            ValueError: If a point id is not a UUID string (nothing is written).
 
         """
         if not points:
