@@ -466,8 +466,8 @@ class EdgeVectorIndex:
         """Every point id, of one tenant or of all, in canonical form."""
         flt = None if tenant_id is None else tenant_filter(_BUILDER, tenant_id)
         with self._using() as shard:
-            ids: set[str] = await self._write(self._scroll_ids, shard, flt)
-        return ids
+            # A read: on the default executor, so a full listing never holds up writes.
+            return await asyncio.to_thread(self._scroll_ids, shard, flt)
 
     def _scroll_values(self, shard: Any, key: str) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -489,8 +489,7 @@ class EdgeVectorIndex:
     async def payload_values(self, key: str) -> dict[str, Any]:
         """Every point id (canonical form) with its payload value under ``key``."""
         with self._using() as shard:
-            values: dict[str, Any] = await self._write(self._scroll_values, shard, key)
-        return values
+            return await asyncio.to_thread(self._scroll_values, shard, key)
 
     async def optimize(self) -> None:
         """Merge segments and build HNSW graphs; blocks queries while it runs (minutes at 100k)."""
