@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
+import pytest
 from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
+from aeterna_common.priority import background_executor, lower_thread_priority
 from aeterna_common.search.lexical import BM25Encoder
 from aeterna_devstack.stack import require_model
 
@@ -65,3 +68,37 @@ def test_bm25_encoding_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert all(r == expected for r in results.values())
+
+
+def _thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+async def test_document_threads_yield_the_cpu_and_the_query_lane_does_not() -> None:
+    emb = MiniLMEmbedder(require_model(), quantize=True, batch_size=4, document_nice=7)
+    try:
+        await emb.embed(["a document"])
+        await emb.embed_query(["a query"])
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        loop = asyncio.get_running_loop()
+        documents = await loop.run_in_executor(emb._executor, _thread_nice)
+        queries = await loop.run_in_executor(emb._query_executor, _thread_nice)
+        assert (documents, queries) == (min(19, base + 7), base)
+        assert _thread_nice() == base  # the caller's thread is untouched
+    finally:
+        await emb.close()
+    with pytest.raises(ValueError, match="document_nice"):
+        MiniLMEmbedder(require_model(), document_nice=20)
+
+
+def test_background_executor_lowers_only_its_threads() -> None:
+    base = _thread_nice()
+    with background_executor("bulk", 2, 3) as pool:
+        assert set(pool.map(lambda _: _thread_nice(), range(4))) == {min(19, base + 3)}
+    with background_executor("normal", 1, 0) as pool:
+        assert pool.submit(_thread_nice).result() == base
+    assert _thread_nice() == base
+    with pytest.raises(ValueError):
+        lower_thread_priority(20)
+    with pytest.raises(ValueError):
+        background_executor("bad", 0, 1)

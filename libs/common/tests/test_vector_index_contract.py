@@ -346,6 +346,38 @@ async def test_edge_second_open_is_refused(tmp_path: Path) -> None:
     await third.close()
 
 
+async def test_edge_writes_and_listings_go_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine holds the GIL for a whole call, so the adapter splits writes and listings;
+    # every point must still arrive, and a bad id must stop the write before any chunk.
+    from aeterna_common.vectors import edge
+
+    monkeypatch.setattr(edge, "_EDGE_SCROLL_PAGE", 4)
+    index = EdgeVectorIndex(str(tmp_path / "shard"), KEYWORDS, FLOATS, write_chunk=3)
+    await index.ensure_collection(DIM)
+    try:
+        await index.upsert([point(i, unit(1, i), user_id=f"u{i}") for i in range(17)])
+        assert await index.count(IndexFilter(A)) == 17
+        assert await index.all_ids() == {uid(i) for i in range(17)}
+        assert (await index.payload_values("user_id"))[uid(16)] == "u16"
+        bad = [point(100 + i, unit(1, i)) for i in range(6)]
+        bad.append(
+            IndexPoint(id="not-a-uuid", dense=unit(1), sparse=SparseVector([], []), payload={})
+        )
+        with pytest.raises(ValueError, match="not-a-uuid"):
+            await index.upsert(bad)
+        assert await index.count(IndexFilter(A)) == 17
+        with pytest.raises(ValueError, match="nope"):
+            await index.delete([uid(0), "nope"])
+        await index.delete([uid(i) for i in range(10)])
+        assert await index.all_ids() == {uid(i) for i in range(10, 17)}
+        with pytest.raises(ValueError, match="write_chunk"):
+            EdgeVectorIndex(str(tmp_path / "other"), KEYWORDS, write_chunk=0)
+    finally:
+        await index.close()
+
+
 async def test_use_before_ensure_collection_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="ensure_collection"):
         await EdgeVectorIndex(str(tmp_path / "x"), KEYWORDS).count(IndexFilter(A))

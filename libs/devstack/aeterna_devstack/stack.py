@@ -401,6 +401,18 @@ class DevStack:
             proc.send_signal(sig)
             proc.wait(30)
 
+    def restart_replica(self, i: int, **env: str) -> None:
+        """Stop replica ``i`` gracefully (SIGTERM) and start it again with ``env`` added to
+        its environment (kept for later restarts); returns once it says SERVING.
+
+        Raises:
+            RuntimeError: it did not become healthy again.
+        """
+        replica = self._replicas[i]
+        self.kill_replica(i, signal.SIGTERM)
+        self.start_replica(replica, {**self._replica_env, **env})
+        self.wait_healthy(replica)
+
     def stop(self) -> None:
         """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""
         replicas = [*self._replicas, *self._governance]

@@ -230,6 +230,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
             quantize=settings.embedding_int8,
             batch_size=settings.embedding_batch_size,
             query_lane=settings.embedding_query_lane,
+            document_nice=settings.background_nice,
         )
     except ModelUnavailableError as exc:
         raise StartupError(
@@ -264,7 +265,11 @@ def build_index(settings: MemorySettings) -> VectorIndex:
     from aeterna_common.vectors.edge import EdgeVectorIndex
 
     settings.index_dir.mkdir(parents=True, exist_ok=True)
-    return EdgeVectorIndex(str(settings.index_dir / "shard"), KEYWORD_FIELDS, FLOAT_FIELDS)
+    return EdgeVectorIndex(
+        str(settings.index_dir / "shard"),
+        KEYWORD_FIELDS,
+        FLOAT_FIELDS,
+    )
 
 
 def build_authorizer(

@@ -40,6 +40,12 @@ class MemorySettings(BaseSettings):
             so that they never wait behind a document batch (a 1,000-memory import holds the
             document session for seconds); ``False`` queues them with documents (the former
             behaviour, the baseline of ``make bench-query-lane``).
+        background_nice: Nice increment (0-19) of the threads that embed documents (writes,
+            imports, re-embeds): they use all the CPU that searches leave and give it back
+            within a scheduling period when a search needs it (nice 10 weighs about a tenth
+            of a search thread; ``aeterna_common.priority``). 0 runs them at the process's
+            priority (the former behaviour, the baseline of ``make bench-scale``'s
+            ``during_ingest``).
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -130,6 +136,7 @@ class MemorySettings(BaseSettings):
     embedding_int8: bool = True
     embedding_batch_size: int = Field(default=4, ge=1, le=256)
     embedding_query_lane: bool = True
+    background_nice: int = Field(default=10, ge=0, le=19)
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
+from aeterna_common.priority import background_executor
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 """Name recorded with every vector."""
@@ -141,9 +142,14 @@ class MiniLMEmbedder:
             2x faster on CPUs with int8 dot products, with LoCoMo dense recall@10 0.491 vs
             0.493 for fp32 (measured here). Its vectors are a different space: :attr:`model`
             is ``all-MiniLM-L6-v2-int8`` so they never mix.
+        document_nice: Nice increment (0-19) of the document sessions' threads, so that a
+            bulk import gives the CPU to searches when they need it and takes the rest (see
+            :mod:`aeterna_common.priority`); 0 keeps them at the process's priority. The
+            query lane's thread keeps the process's priority (without a query lane, queries
+            share the document threads and their priority).
 
     Raises:
-        ValueError: A numeric argument is below 1.
+        ValueError: A numeric argument is below 1, or ``document_nice`` is outside 0-19.
         ModelUnavailableError: The directory is missing, incomplete or unreadable, or ONNX
             Runtime cannot load its graph.
     """
@@ -157,9 +163,12 @@ class MiniLMEmbedder:
         sessions: int = 1,
         quantize: bool = False,
         query_lane: bool = True,
+        document_nice: int = 0,
     ) -> None:
         if min(intra_op_threads, batch_size, sessions) < 1:
             raise ValueError("intra_op_threads, batch_size and sessions must be >= 1")
+        if not 0 <= document_nice <= 19:
+            raise ValueError(f"document_nice must be 0-19, got {document_nice}")
         directory = Path(model_dir)
         files = read_manifest(directory)["files"]
         graph = directory / files["int8" if quantize else "fp32"]
@@ -186,8 +195,10 @@ class MiniLMEmbedder:
             raise ModelUnavailableError(f"cannot load {graph}: {exc}") from exc
         configure_tokenizer(self._tokenizer)
         # Own threads per lane: a busy default executor (BM25 encoding, other blocking work)
-        # never delays inference, and document batches never take the query thread.
-        self._executor = ThreadPoolExecutor(sessions, thread_name_prefix="onnx-documents")
+        # never delays inference, and document batches never take the query thread. With one
+        # intra-op thread ONNX Runtime computes on the calling thread, so the document
+        # threads' lower priority covers the inference itself; Session.run releases the GIL.
+        self._executor = background_executor("onnx-documents", sessions, document_nice)
         self._query_executor = (
             ThreadPoolExecutor(1, thread_name_prefix="onnx-queries")
             if query_lane
@@ -219,7 +230,7 @@ class MiniLMEmbedder:
         Raises:
             EmbeddingError: The embedder is closed or ONNX Runtime failed.
         """
-        return await self._embed_on(self._pool, self._executor, texts)
+        return await self._embed_on(self._pool, self._executor, texts, parallel=True)
 
     async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed search queries on the query lane (see :meth:`EmbeddingPort.embed_query`).
@@ -234,13 +245,15 @@ class MiniLMEmbedder:
         Raises:
             EmbeddingError: The embedder is closed or ONNX Runtime failed.
         """
-        return await self._embed_on(self._query_pool, self._query_executor, texts)
+        return await self._embed_on(self._query_pool, self._query_executor, texts, parallel=False)
 
     async def _embed_on(
         self,
         pool: asyncio.Queue[ort.InferenceSession],
         executor: ThreadPoolExecutor,
         texts: Sequence[str],
+        *,
+        parallel: bool,
     ) -> list[list[float]]:
         if self._closed:
             raise EmbeddingUnavailableError("embedder is closed")
@@ -249,7 +262,9 @@ class MiniLMEmbedder:
         session = await pool.get()
         try:
             loop = asyncio.get_running_loop()
-            vectors = await loop.run_in_executor(executor, self._embed_sync, session, list(texts))
+            vectors = await loop.run_in_executor(
+                executor, self._embed_sync, session, list(texts), parallel
+            )
         except EmbeddingError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -273,11 +288,20 @@ class MiniLMEmbedder:
         finally:
             self._pool.put_nowait(session)
 
-    def _embed_sync(self, session: ort.InferenceSession, texts: list[str]) -> FloatArray:
+    def _embed_sync(
+        self, session: ort.InferenceSession, texts: list[str], parallel: bool = True
+    ) -> FloatArray:
         out = np.zeros((len(texts), DIMENSION), dtype=np.float32)
         if not texts:
             return out
-        encodings = self._tokenizer.encode_batch(texts)
+        # encode_batch tokenizes on the tokenizers library's own (rayon) thread pool, which
+        # the document lane's threads created and which shares their lower priority and
+        # their queue: queries are tokenized on their own lane's thread instead.
+        encodings = (
+            self._tokenizer.encode_batch(texts)
+            if parallel
+            else [self._tokenizer.encode(t) for t in texts]
+        )
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         for start in range(0, len(order), self._batch_size):
             chunk = order[start : start + self._batch_size]

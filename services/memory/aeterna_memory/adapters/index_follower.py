@@ -34,6 +34,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -392,6 +393,10 @@ class IndexFollower:
                 db.pool, lease_name, ttl_s=lease_ttl_s, on_change=self._on_lease_change
             )
         self.apply_timeout_s = apply_timeout_s or lease_ttl_s / 6
+        # BM25 encoding of applied rows on a thread of its own: a batch being encoded never
+        # takes a default-executor worker that a search's query encoding or index query needs.
+        # Pure Python, so it keeps the process's priority (see aeterna_common.priority).
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="index-encode")
 
     @property
     def leader(self) -> bool:
@@ -446,6 +451,7 @@ class IndexFollower:
             with contextlib.suppress(Exception):
                 await self._listen.close()
             self._listen = None
+        self._encoder.shutdown(wait=False)
 
     async def _connect_listener(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
@@ -633,7 +639,9 @@ class IndexFollower:
         if live:
             # BM25 encoding is CPU work (a 512-row batch takes tens of milliseconds): off the
             # event loop, so that searches are not held up while a batch is applied.
-            points = await asyncio.to_thread(self._points, live)
+            points = await asyncio.get_running_loop().run_in_executor(
+                self._encoder, self._points, live
+            )
             await index.upsert(points)
         if gone:
             await index.delete(gone)

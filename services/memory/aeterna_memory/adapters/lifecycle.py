@@ -144,6 +144,76 @@ class LifecycleJobs:
             by_tenant[r["tenant_id"]].append(r["id"])
         return by_tenant
 
+    async def _in_rounds(
+        self,
+        event: str,
+        one_round: Callable[[], Awaitable[tuple[int, bool]]],
+        *,
+        unit: str = "memories",
+        rounds: int = MAX_ROUNDS,
+    ) -> int:
+        """The shape of every job: bounded rounds until one says there is no more work.
+
+        Args:
+            event: Log event written with the total when it is not zero.
+            one_round: Does one round; returns ``(items handled, whether to go on)``.
+            unit: Log field name of the total.
+            rounds: Most rounds in this run (the rest waits for the next run).
+
+        Returns:
+            Items handled over all rounds.
+
+        Raises:
+            aeterna_common.leases.LeaseLostError: From ``one_round``; what committed stays.
+        """
+        total = 0
+        for _ in range(rounds):
+            done, more = await one_round()
+            total += done
+            if not more:
+                break
+        if total:
+            log.info(event, **{unit: total})
+        return total
+
+    async def _per_tenant(
+        self,
+        act: Callable[[str, Sequence[uuid.UUID], leases.Lease | None], Awaitable[int]],
+        lease: leases.Lease | None,
+        query: str,
+        *args: object,
+        failure_event: str | None = None,
+    ) -> tuple[int, bool]:
+        """One round of a job: find due memories across tenants (``query`` as the indexer
+        role, its last parameter the batch size), then ``act`` on each tenant's ids.
+
+        Args:
+            act: ``(tenant, ids, lease) →`` memories handled, in the tenant's transactions.
+            lease: The job's lease, passed to ``act``.
+            query: Selects ``tenant_id, id`` of at most :attr:`batch` due memories.
+            *args: The query's parameters.
+            failure_event: When set, a tenant whose ``act`` fails is logged under this event
+                and the round ends the run after the other tenants (a lost lease still
+                raises); when ``None`` the failure propagates.
+
+        Returns:
+            ``(memories handled, whether a full batch was due and nothing failed)``.
+        """
+        due = await self._due(query, *args)
+        done = 0
+        failed = False
+        for tenant, ids in due.items():
+            try:
+                done += await act(tenant, ids, lease)
+            except leases.LeaseLostError:
+                raise
+            except Exception:
+                if failure_event is None:
+                    raise
+                log.exception(failure_event, tenant=tenant)
+                failed = True
+        return done, not failed and sum(len(v) for v in due.values()) >= self.batch
+
     async def expire_due(self, lease: leases.Lease | None = None) -> int:
         """Process memories whose ``expire_at`` has passed (see the module docstring).
 
@@ -157,23 +227,17 @@ class LifecycleJobs:
         Raises:
             aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
         """
-        total = 0
-        for _ in range(MAX_ROUNDS):
-            due = await self._due(
+        return await self._in_rounds(
+            "lifecycle.expired",
+            lambda: self._per_tenant(
+                self._expire,
+                lease,
                 "SELECT tenant_id, id FROM memories WHERE expired_at IS NULL "
                 "AND deleted_at IS NULL AND expire_at IS NOT NULL AND expire_at <= now() "
                 "ORDER BY expire_at LIMIT $1",
                 self.batch,
-            )
-            if not due:
-                break
-            for tenant, ids in due.items():
-                total += await self._expire(tenant, ids, lease)
-            if sum(len(v) for v in due.values()) < self.batch:
-                break
-        if total:
-            log.info("lifecycle.expired", memories=total)
-        return total
+            ),
+        )
 
     async def _expire(
         self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
@@ -208,32 +272,20 @@ class LifecycleJobs:
         Raises:
             aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
         """
-        total = 0
-        for _ in range(MAX_ROUNDS):
-            due = await self._due(
+        return await self._in_rounds(
+            "lifecycle.purged",
+            lambda: self._per_tenant(
+                self._purge,
+                lease,
                 "SELECT tenant_id, id FROM memories "
                 "WHERE (deleted_at IS NOT NULL OR expire_at IS NOT NULL) "
                 "AND coalesce(deleted_at, expire_at) < now() - make_interval(secs => $1) "
                 "ORDER BY coalesce(deleted_at, expire_at) LIMIT $2",
                 self.retention_s,
                 self.batch,
-            )
-            if not due:
-                break
-            failed = False
-            for tenant, ids in due.items():
-                try:
-                    total += await self._purge(tenant, ids, lease)
-                except leases.LeaseLostError:
-                    raise
-                except Exception:
-                    log.exception("lifecycle.purge_failed", tenant=tenant)
-                    failed = True
-            if failed or sum(len(v) for v in due.values()) < self.batch:
-                break
-        if total:
-            log.info("lifecycle.purged", memories=total)
-        return total
+                failure_event="lifecycle.purge_failed",
+            ),
+        )
 
     def _condition(self) -> str:
         return (
@@ -311,25 +363,19 @@ class LifecycleJobs:
         Raises:
             aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
         """
-        total = 0
-        for _ in range(MAX_ROUNDS):
-            due = await self._due(
+        return await self._in_rounds(
+            "lifecycle.decayed",
+            lambda: self._per_tenant(
+                self._decay,
+                lease,
                 "SELECT tenant_id, id FROM memories WHERE archived_at IS NULL "
                 "AND deleted_at IS NULL "
                 "AND coalesce(decayed_at, created_at) < now() - make_interval(secs => $1) "
                 "ORDER BY coalesce(decayed_at, created_at) LIMIT $2",
                 self.decay_period_s,
                 self.batch,
-            )
-            if not due:
-                break
-            for tenant, ids in due.items():
-                total += await self._decay(tenant, ids, lease)
-            if sum(len(v) for v in due.values()) < self.batch:
-                break
-        if total:
-            log.info("lifecycle.decayed", memories=total)
-        return total
+            ),
+        )
 
     async def _decay(
         self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
@@ -378,18 +424,15 @@ class LifecycleJobs:
         Raises:
             aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
         """
-        total = 0
-        for _ in range(MAX_ROUNDS):
+
+        async def one_batch() -> tuple[int, bool]:
             async with self.db.pool.acquire() as conn, conn.transaction():
                 if lease is not None:
                     await leases.check(cast(asyncpg.Connection, conn), lease)
                 deleted = int(await conn.fetchval("SELECT trim_outbox($1)", batch))
-            total += deleted
-            if deleted < batch:
-                break
-        if total:
-            log.info("lifecycle.outbox_trimmed", rows=total)
-        return total
+            return deleted, deleted >= batch
+
+        return await self._in_rounds("lifecycle.outbox_trimmed", one_batch, unit="rows")
 
     async def promote_due(self, lease: leases.Lease | None = None) -> int:
         """Promote AGENT memories to USER and SESSION memories to PROJECT automatically.
@@ -414,8 +457,13 @@ class LifecycleJobs:
         """
         if self.create is None:
             return 0
-        async with self.indexer.all_tenants_snapshot() as conn:
-            rows = await conn.fetch(
+        # One round: the copies made are excluded from the candidates only once their
+        # transaction is visible, and the next run comes soon enough.
+        return await self._in_rounds(
+            "lifecycle.promoted",
+            lambda: self._per_tenant(
+                self._promote,
+                lease,
                 "SELECT m.tenant_id, m.id FROM memories m WHERE m.layer = ANY($1::smallint[]) "
                 "AND m.deleted_at IS NULL AND m.archived_at IS NULL "
                 "AND (m.expire_at IS NULL OR m.expire_at > now()) "
@@ -435,35 +483,36 @@ class LifecycleJobs:
                 int(Layer.SESSION),
                 self.promotion_threshold,
                 self.batch,
-            )
-        by_tenant: dict[str, list[uuid.UUID]] = defaultdict(list)
-        for r in rows:
-            by_tenant[r["tenant_id"]].append(r["id"])
-        total = 0
+            ),
+            rounds=1,
+        )
+
+    async def _promote(
+        self, tenant: str, ids: Sequence[uuid.UUID], lease: leases.Lease | None
+    ) -> int:
+        assert self.create is not None
+        if lease is not None:
+            async with self.db.transaction(tenant) as conn:
+                await leases.check(conn, lease)
+        principal = Principal(tenant_id=tenant, user_id="aeterna-lifecycle")
         now = datetime.now(UTC)
-        for tenant, ids in by_tenant.items():
-            if lease is not None:
-                async with self.db.transaction(tenant) as conn:
-                    await leases.check(conn, lease)
-            principal = Principal(tenant_id=tenant, user_id="aeterna-lifecycle")
-            for row in await self.db.run(tenant, _reader(tenant, ids), readonly=True):
-                memory = row_to_memory(row)
-                score = promotion_score(memory, now)
-                copy: NewMemory | None = None
-                if score >= self.promotion_threshold - 1e-9:
-                    copy = promoted_copy(memory, score)
-                if copy is None:
-                    continue
-                await self.create(
-                    principal,
-                    [copy],
-                    method="lifecycle:promote",
-                    request_id=f"promote-{memory.id}-{memory.revision}",
-                )
-                total += 1
-        if total:
-            log.info("lifecycle.promoted", memories=total)
-        return total
+        done = 0
+        for row in await self.db.run(tenant, _reader(tenant, ids), readonly=True):
+            memory = row_to_memory(row)
+            score = promotion_score(memory, now)
+            copy: NewMemory | None = None
+            if score >= self.promotion_threshold - 1e-9:
+                copy = promoted_copy(memory, score)
+            if copy is None:
+                continue
+            await self.create(
+                principal,
+                [copy],
+                method="lifecycle:promote",
+                request_id=f"promote-{memory.id}-{memory.revision}",
+            )
+            done += 1
+        return done
 
 
 def _reader(

@@ -1,0 +1,80 @@
+"""CPU priority of background threads: bulk work yields the CPU to request handling.
+
+A service process mixes latency-bound work (a search: a few milliseconds of CPU spread over
+the event loop, the query embedding and the index) with bulk work that would take every
+core it can get (embedding a 20,000-memory import). The kernel's scheduler shares the CPU
+fairly between runnable threads, so on a small machine a search queues behind the bulk work
+at every step. On Linux each thread is a task with its own nice value
+(``setpriority(PRIO_PROCESS, tid)``, see ``sched(7)``: "the nice value is a per-thread
+attribute"), and CFS weighs a task's share by it (nice 10 weighs 110 against nice 0's
+1024, ``sched_prio_to_weight`` in ``kernel/sched/core.c``): a bulk thread at nice 10 still
+uses all the CPU nothing else wants, and gives way within a scheduling period when a
+request needs it.
+
+Only threads that spend their time outside the GIL should be lowered (ONNX Runtime's
+``Session.run`` releases it): a lowered thread holding the GIL while it waits for the CPU
+would hold the event loop up with it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+log = structlog.get_logger("aeterna.priority")
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment`` (lower its CPU priority).
+
+    Raising a nice value needs no privilege; it cannot be undone without one, so call this
+    only on threads dedicated to bulk work.
+
+    Args:
+        increment: Nice increment, 0-19 (0 does nothing).
+
+    Returns:
+        Whether the priority was changed (False on 0 and where threads have no nice value of
+        their own, i.e. outside Linux, or when the kernel refused).
+
+    Raises:
+        ValueError: ``increment`` outside 0-19.
+    """
+    if not 0 <= increment <= 19:
+        raise ValueError(f"nice increment must be 0-19, got {increment}")
+    if increment == 0 or not hasattr(os, "setpriority") or not os.uname().sysname == "Linux":
+        return False
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except OSError as exc:
+        log.warning("priority.not_lowered", thread=threading.current_thread().name, error=str(exc))
+        return False
+    return True
+
+
+def background_executor(name: str, workers: int, nice: int) -> ThreadPoolExecutor:
+    """A thread pool whose threads run at ``nice`` above the process's priority.
+
+    Args:
+        name: Thread name prefix (shown by ``py-spy``, ``top -H``).
+        workers: Number of threads (>= 1).
+        nice: Nice increment of every thread, 0-19 (0: normal priority).
+
+    Returns:
+        The executor; shut it down with the component that owns it.
+
+    Raises:
+        ValueError: ``workers`` below 1 or ``nice`` outside 0-19.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice increment must be 0-19, got {nice}")
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix=name, initializer=lower_thread_priority, initargs=(nice,)
+    )
