@@ -41,7 +41,7 @@ from aeterna_common.errors import (
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aeterna_governance import store
-from aeterna_governance.access import Access, denied
+from aeterna_governance.access import ORGANIZATION, Access, denied, method
 from aeterna_governance.errors import PreconditionViolated
 from aeterna_governance.names import UNIT_ID, unit_name
 
@@ -365,6 +365,16 @@ class Organization:
             tenant_id, principal.actor, method, request_id, digest, self.idempotency_ttl_s
         )
 
+    async def _write(
+        self, key: store.WriteKey, kind: type[store.M], work: store.Work[store.M]
+    ) -> tuple[store.M, int]:
+        # Every write here changes what the tenant's bindings snapshot holds: this replica
+        # drops its cached copy once committed (other replicas: the events, or the TTL).
+        try:
+            return await store.run_write(self.db, key, kind, work)
+        finally:
+            self.access.written(key.tenant_id)
+
     async def _row(self, tenant_id: str, sql: str, *args: object) -> asyncpg.Record | None:
         """One row of a read-only query whose ``$1`` is the tenant."""
 
@@ -451,7 +461,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def get_unit(self, tenant_id: str, unit_id: str) -> res.OrgUnit:
         """The unit.
@@ -516,7 +526,7 @@ class Organization:
             )
             return updated, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def _lock_unit(
         self, conn: asyncpg.Connection, tenant_id: str, unit_id: str, given_etag: str
@@ -608,7 +618,7 @@ class Organization:
             )
             return moved, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def delete_unit(
         self, key: store.WriteKey, unit_id: str, given_etag: str
@@ -653,7 +663,7 @@ class Organization:
             )
             return deleted, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     # ----- role bindings -----
 
@@ -709,7 +719,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.RoleBinding, work)
+        return await self._write(key, res.RoleBinding, work)
 
     async def get_binding(self, tenant_id: str, binding_id: str) -> res.RoleBinding:
         """The binding.
@@ -759,7 +769,7 @@ class Organization:
             NotFound: No such binding (tenant admins only).
         """
         tenant_id = key.tenant_id
-        action = "governance.roleBindings.delete"
+        action = method(ORGANIZATION, "DeleteRoleBinding")
 
         async def work(conn: asyncpg.Connection) -> tuple[res.RoleBinding, int]:
             row = await conn.fetchrow(
@@ -769,7 +779,7 @@ class Organization:
                 uuid.UUID(binding_id),
             )
             unit = row["org_unit_id"] if row is not None else None
-            if not await self.access.holds(conn, principal, tenant_id, unit):
+            if not await self.access.allowed_at(principal, tenant_id, action, unit):
                 raise denied(action)
             if row is None:
                 raise _binding_not_found(tenant_id, binding_id)
@@ -793,7 +803,7 @@ class Organization:
             )
             return deleted, position
 
-        return await store.run_write(self.db, key, res.RoleBinding, work)
+        return await self._write(key, res.RoleBinding, work)
 
     # ----- delegations -----
 
@@ -819,12 +829,12 @@ class Organization:
                 (``CAPABILITY_NOT_DELEGATED``).
         """
         tenant_id = key.tenant_id
-        action = "governance.delegations.create"
+        action = method(ORGANIZATION, "CreateDelegation")
         delegation_id = uuid.uuid4()
         expire_at = d.expire_time.ToDatetime(tzinfo=UTC) if d.HasField("expire_time") else None
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Delegation, int]:
-            is_admin = await self.access.holds(conn, principal, tenant_id, None)
+            is_admin = await self.access.tenant_admin(principal, tenant_id, action)
             depth = 1
             until = expire_at
             if parent_id is None:
@@ -894,7 +904,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.Delegation, work)
+        return await self._write(key, res.Delegation, work)
 
     async def get_delegation(self, tenant_id: str, delegation_id: str) -> res.Delegation:
         """The delegation.
@@ -948,7 +958,7 @@ class Organization:
             NotFound: No such delegation (tenant admins only).
         """
         tenant_id = key.tenant_id
-        action = "governance.delegations.revoke"
+        action = method(ORGANIZATION, "RevokeDelegation")
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Delegation, int]:
             row = await conn.fetchrow(
@@ -961,7 +971,7 @@ class Organization:
                 (principal.agent_id is None and principal.user_id == row["user_id"])
                 or principal.actor == row["creator"]
             )
-            if not owner and not await self.access.holds(conn, principal, tenant_id, None):
+            if not owner and not await self.access.tenant_admin(principal, tenant_id, action):
                 raise denied(action)
             if row is None:
                 raise _delegation_not_found(tenant_id, delegation_id)
@@ -998,41 +1008,13 @@ class Organization:
             assert result is not None
             return result, position
 
-        return await store.run_write(self.db, key, res.Delegation, work)
+        return await self._write(key, res.Delegation, work)
 
     # ----- snapshot -----
 
     async def snapshot(self, tenant_id: str) -> res.AuthorizationSnapshot:
-        """The tenant's units, bindings and active unexpired delegations, and the outbox
-        position they reflect, read in one REPEATABLE READ snapshot."""
-        # REPEATABLE READ: every table and the outbox position as of one moment (positions
-        # are drawn in commit order, so the revision counts exactly the changes seen).
-        async with (
-            self.db.pool.acquire() as pooled,
-            pooled.transaction(readonly=True, isolation="repeatable_read"),
-        ):
-            conn = cast(asyncpg.Connection, pooled)
-            await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
-            units = await conn.fetch(
-                f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 ORDER BY id",
-                tenant_id,
-            )
-            bindings = await conn.fetch(
-                f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 ORDER BY id",
-                tenant_id,
-            )
-            delegations = await conn.fetch(
-                f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND state = 1"
-                " AND (expire_at IS NULL OR expire_at > clock_timestamp()) ORDER BY id",
-                tenant_id,
-            )
-            return res.AuthorizationSnapshot(
-                name=f"tenants/{tenant_id}/authorizationSnapshot",
-                org_units=[unit_pb(tenant_id, r) for r in units],
-                role_bindings=[binding_pb(tenant_id, r) for r in bindings],
-                delegations=[delegation_pb(tenant_id, r) for r in delegations],
-                revision=await store.latest_position(conn, tenant_id),
-            )
+        """The tenant's snapshot (:func:`read_snapshot`)."""
+        return await read_snapshot(self.db, tenant_id)
 
 
 def _onward_violations(d: res.Delegation, parent: asyncpg.Record) -> list[FieldViolation]:
@@ -1076,3 +1058,43 @@ def _delegation_not_found(tenant_id: str, delegation_id: str) -> NotFound:
     return NotFound(
         f"delegation {name} not found", reason="DELEGATION_NOT_FOUND", metadata={"name": name}
     )
+
+
+async def read_snapshot(db: Database, tenant_id: str) -> res.AuthorizationSnapshot:
+    """The tenant's units, bindings and active unexpired delegations, and the outbox
+    position they reflect, read in one REPEATABLE READ snapshot: what
+    ``GetAuthorizationSnapshot`` serves to other services, and governance's own
+    authorization directory reads in process.
+
+    Args:
+        db: The application role's pool.
+        tenant_id: The tenant.
+    """
+    # REPEATABLE READ: every table and the outbox position as of one moment (positions
+    # are drawn in commit order, so the revision counts exactly the changes seen).
+    async with (
+        db.pool.acquire() as pooled,
+        pooled.transaction(readonly=True, isolation="repeatable_read"),
+    ):
+        conn = cast(asyncpg.Connection, pooled)
+        await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
+        units = await conn.fetch(
+            f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 ORDER BY id",
+            tenant_id,
+        )
+        bindings = await conn.fetch(
+            f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 ORDER BY id",
+            tenant_id,
+        )
+        delegations = await conn.fetch(
+            f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND state = 1"
+            " AND (expire_at IS NULL OR expire_at > clock_timestamp()) ORDER BY id",
+            tenant_id,
+        )
+        return res.AuthorizationSnapshot(
+            name=f"tenants/{tenant_id}/authorizationSnapshot",
+            org_units=[unit_pb(tenant_id, r) for r in units],
+            role_bindings=[binding_pb(tenant_id, r) for r in bindings],
+            delegations=[delegation_pb(tenant_id, r) for r in delegations],
+            revision=await store.latest_position(conn, tenant_id),
+        )
