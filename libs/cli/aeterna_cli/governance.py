@@ -18,8 +18,10 @@ import grpc
 import typer
 from aeterna.governance.v1 import approval_service_pb2 as asvc
 from aeterna.governance.v1 import approval_service_pb2_grpc as asvc_grpc
+from aeterna.governance.v1 import audit_service_pb2_grpc as audit_grpc
 from aeterna.governance.v1 import organization_service_pb2 as osvc
 from aeterna.governance.v1 import organization_service_pb2_grpc as osvc_grpc
+from aeterna.governance.v1 import policy_service_pb2_grpc as psvc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -34,9 +36,13 @@ if TYPE_CHECKING:
     # Only the generated .pyi knows the async stub types; at run time they are the same.
     OrgStub: TypeAlias = osvc_grpc.OrganizationServiceAsyncStub
     ApprovalStub: TypeAlias = asvc_grpc.ApprovalServiceAsyncStub
+    PolicyStub: TypeAlias = psvc_grpc.PolicyServiceAsyncStub
+    AuditStub: TypeAlias = audit_grpc.AuditServiceAsyncStub
 else:
     OrgStub = osvc_grpc.OrganizationServiceStub
     ApprovalStub = asvc_grpc.ApprovalServiceStub
+    PolicyStub = psvc_grpc.PolicyServiceStub
+    AuditStub = audit_grpc.AuditServiceStub
 
 org_app = typer.Typer(help="The org tree: create, get, list, move, delete units.")
 role_app = typer.Typer(help="Role bindings: grant, revoke, list.")
@@ -63,6 +69,8 @@ class Stubs:
 
     orgs: OrgStub
     approvals: ApprovalStub
+    policies: PolicyStub
+    audit: AuditStub
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,9 @@ def run(call: Callable[[Stubs], Awaitable[T]]) -> T:
 
     async def once() -> T:
         async with client.channel() as channel:
-            stubs = Stubs(OrgStub(channel), ApprovalStub(channel))
+            stubs = Stubs(
+                OrgStub(channel), ApprovalStub(channel), PolicyStub(channel), AuditStub(channel)
+            )
             return await call(stubs)
 
     try:

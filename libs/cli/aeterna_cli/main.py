@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from aeterna_cli import client, governance, locomo
+from aeterna_cli import client, governance, locomo, policy
 from aeterna_cli.options import AsJson, ConsistencyToken, Tenant, Token, User, console, fail
 
 T = TypeVar("T")
@@ -28,6 +28,7 @@ import_app = typer.Typer(help="Import data sets.")
 app.add_typer(memory_app, name="memory")
 app.add_typer(import_app, name="import")
 governance.register(app)
+policy.register(app)
 
 UserId = Annotated[str | None, typer.Option(help="Scope: the user the memories are about.")]
 SessionId = Annotated[

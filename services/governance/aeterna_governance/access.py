@@ -111,6 +111,33 @@ class Access:
         """:meth:`require` on unit ``unit_id`` of ``tenant_id`` (None: the tenant)."""
         await self.require(principal, action, await self.unit(tenant_id, unit_id))
 
+    async def require_in_tree(
+        self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
+    ) -> None:
+        """Refuse a read of unit ``unit_id``'s policies unless ``action`` is allowed on the
+        unit or on a unit below it: a unit's rules hold below it, so whoever reads a unit
+        below reads them too. Each unit is decided by the policies; without a unit (every
+        unit's data at once) only tenant-wide rights do.
+
+        Raises:
+            PermissionDenied: As :meth:`require`.
+        """
+        if unit_id is None:
+            resources = [Resource.tenant_data(tenant_id)]
+        else:
+            snapshot = await self._units(tenant_id)
+            units = list(snapshot.units) if snapshot else []
+            below = {unit_id}
+            for _ in range(len(UnitKind)):  # the tree is at most four levels deep
+                below |= {u.id for u in units if u.parent_id in below}
+            resources = [await self.unit(tenant_id, unit_id)] + [
+                Resource.unit(tenant_id, u.kind, u.id)
+                for u in units
+                if u.id in below and u.id != unit_id
+            ]
+        if not any(await self.authorizer.decide(principal, action, resources)):
+            raise denied(action)
+
     async def allowed_at(
         self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
     ) -> bool:

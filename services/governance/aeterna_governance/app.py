@@ -16,7 +16,13 @@ from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, pre
 from aeterna_common.leases import Lease
 from aeterna_common.server import ServiceApp, StartupError
 
-from aeterna_governance import approval_servicer, organization_servicer, store
+from aeterna_governance import (
+    approval_servicer,
+    audit_servicer,
+    organization_servicer,
+    policy_servicer,
+    store,
+)
 from aeterna_governance.access import Access, OwnTablesDirectory
 from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
 from aeterna_governance.organization import read_snapshot
@@ -29,6 +35,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICERS: list[ServicerSpec] = [
     organization_servicer.SPEC,
     approval_servicer.SPEC,
+    policy_servicer.SPEC,
+    audit_servicer.SPEC,
 ]
 """Every service governance serves; a new servicer module adds its ``SPEC`` here."""
 

@@ -628,8 +628,8 @@ class Organization:
         Raises:
             NotFound: No such unit.
             Aborted: Stale etag.
-            FailedPrecondition: Units, bindings or approval requests refer to it (reason
-                ``ORG_UNIT_NOT_EMPTY``, ``metadata`` counts them).
+            FailedPrecondition: Units, bindings, approval requests, policies or suppressions
+                refer to it (reason ``ORG_UNIT_NOT_EMPTY``, ``metadata`` counts them).
         """
         tenant_id = key.tenant_id
 
@@ -639,7 +639,10 @@ class Organization:
                 "SELECT (SELECT count(*) FROM org_units WHERE tenant_id = $1 AND parent_id = $2)"
                 " AS units, (SELECT count(*) FROM role_bindings WHERE tenant_id = $1"
                 " AND org_unit_id = $2) AS bindings, (SELECT count(*) FROM approval_requests"
-                " WHERE tenant_id = $1 AND org_unit_id = $2) AS approvals",
+                " WHERE tenant_id = $1 AND org_unit_id = $2) AS approvals, (SELECT count(*)"
+                " FROM policies WHERE tenant_id = $1 AND org_unit_id = $2) AS policies,"
+                " (SELECT count(*) FROM suppressions WHERE tenant_id = $1"
+                " AND org_unit_id = $2) AS suppressions",
                 tenant_id,
                 unit_id,
             )
@@ -648,7 +651,8 @@ class Organization:
                 raise FailedPrecondition(
                     f"org unit {unit_name(tenant_id, unit_id)} is not empty: "
                     f"{counts['units']} units, {counts['bindings']} role bindings and "
-                    f"{counts['approvals']} approval requests refer to it",
+                    f"{counts['approvals']} approval requests, {counts['policies']} policies "
+                    f"and {counts['suppressions']} suppressions refer to it",
                     reason="ORG_UNIT_NOT_EMPTY",
                     metadata={k: str(v) for k, v in counts.items()},
                 )
