@@ -43,7 +43,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aeterna_governance import store
 from aeterna_governance.access import ORGANIZATION, Access, denied, method
 from aeterna_governance.errors import PreconditionViolated
-from aeterna_governance.names import UNIT_ID, unit_name
+from aeterna_governance.names import TENANT_PATTERN, UNIT_ID, unit_name
 
 MAX_DEPTH = 3
 """Longest delegation chain (DOMAIN.md: delegation depth ≤ 3)."""
@@ -1102,3 +1102,57 @@ async def read_snapshot(db: Database, tenant_id: str) -> res.AuthorizationSnapsh
             delegations=[delegation_pb(tenant_id, r) for r in delegations],
             revision=await store.latest_position(conn, tenant_id),
         )
+
+
+BOOTSTRAP_ACTOR = "services/governance-bootstrap"
+"""Actor (outbox, ``creator``) of bindings written by ``aeterna-governance bootstrap``; the
+owner's row-level security policies of ``0004_bootstrap.sql`` admit only this actor."""
+
+
+async def bootstrap_tenant_admin(owner: asyncpg.Connection, tenant_id: str, user_id: str) -> bool:
+    """Bind ``users/{user_id}`` as TENANT_ADMIN of ``tenant_id`` with its outbox event, in one
+    transaction of the owner role (no RPC can: nobody administers the tenant yet).
+
+    Idempotent: a binding that exists already is left alone, with no event.
+
+    Args:
+        owner: A connection of the schema owner (``AETERNA_DATABASE_OWNER_URL``).
+        tenant_id: The tenant (1-100 characters of ``[A-Za-z0-9_-]``, as token claims).
+        user_id: The user to bind.
+
+    Returns:
+        True when the binding was written now, False when it existed.
+
+    Raises:
+        InvalidArgument: A malformed tenant or user (field violations).
+    """
+    violations = []
+    if not re.fullmatch(TENANT_PATTERN, tenant_id):
+        violations.append(FieldViolation("tenant", "1-100 characters of [A-Za-z0-9_-]"))
+    if not is_identifier(user_id):
+        violations.append(FieldViolation("admin", "users/{user} with a valid user id"))
+    if violations:
+        raise InvalidArgument(violations)
+    async with owner.transaction():
+        row = await owner.fetchrow(
+            "INSERT INTO role_bindings (tenant_id, id, subject, role, org_unit_id, creator) "
+            "VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING "
+            f"RETURNING {_BINDING_COLUMNS}",
+            tenant_id,
+            uuid.uuid4(),
+            f"users/{user_id}",
+            res.ROLE_TENANT_ADMIN,
+            BOOTSTRAP_ACTOR,
+        )
+        if row is None:
+            return False
+        created = binding_pb(tenant_id, row)
+        await store.append_event(
+            owner,
+            tenant_id,
+            "governance.role_binding.created",
+            created.name,
+            BOOTSTRAP_ACTOR,
+            {"subject": created.subject, "role": role_name(created.role), "org_unit": ""},
+        )
+        return True
