@@ -15,7 +15,7 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two memory and two governance replicas and Envoy on 127.0.0.1:8080"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
+	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -117,6 +118,10 @@ bench-query-lane: $(STAMP) $(MODEL)
 # Decision latency in process, and an authorised memory search against an unchecked one.
 bench-authz: $(STAMP) $(MODEL)
 	$(PY) bench/authz.py
+
+# Outbox relay to Redis Streams: backlog drain (rows/s) and commit-to-consumer latency.
+bench-events: $(STAMP)
+	$(PY) bench/events.py
 
 bench: bench-locomo bench-scale
 

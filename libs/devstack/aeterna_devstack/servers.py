@@ -220,6 +220,11 @@ class PostgresServer:
             backend: ``"local"``, ``"container"`` (testcontainers), or ``"auto"`` (local if the
                 binaries exist, else containers when Docker is reachable).
             image: Container image for the container backend.
+            data_dir: Keep data in this directory with the append-only file fsynced on
+                every write (``appendfsync always``), so that a server started again on it
+                (same port, e.g. after :meth:`stop`) has every acknowledged write; the
+                directory outlives :meth:`stop`. None keeps nothing on disk. Local backend
+                only.
 
         """
         self._requested_dir = Path(data_dir) if data_dir is not None else None
@@ -231,6 +236,7 @@ class PostgresServer:
         self.startup_timeout_s = startup_timeout_s
         self._backend = backend
         self._image = image
+        self._data_dir = Path(data_dir) if data_dir is not None else None
         self.host = LOOPBACK
         self.port = 0
         self.data_dir: Path | None = None
@@ -579,7 +585,8 @@ class PostgresServer:
 
 
 class RedisServer:
-    """A disposable ``redis-server`` on loopback with persistence switched off.
+    """A disposable ``redis-server`` on loopback, with persistence switched off unless a
+    ``data_dir`` is given.
 
     Attributes:
         host: Listen address.
@@ -597,6 +604,7 @@ class RedisServer:
         startup_timeout_s: float = 10.0,
         backend: Backend = "auto",
         image: str = "redis:7-alpine",
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure, but do not start, a server.
 
@@ -609,6 +617,11 @@ class RedisServer:
             backend: ``"local"``, ``"container"`` (testcontainers), or ``"auto"`` (local if the
                 binary exists, else containers when Docker is reachable).
             image: Container image for the container backend.
+            data_dir: Keep data in this directory with the append-only file fsynced on
+                every write (``appendfsync always``), so that a server started again on it
+                (same port, e.g. after :meth:`stop`) has every acknowledged write; the
+                directory outlives :meth:`stop`. None keeps nothing on disk. Local backend
+                only.
 
         """
         self._requested_port = port
@@ -617,6 +630,7 @@ class RedisServer:
         self.startup_timeout_s = startup_timeout_s
         self._backend = backend
         self._image = image
+        self._data_dir = Path(data_dir) if data_dir is not None else None
         self.host = LOOPBACK
         self.port = 0
         self.startup_seconds = 0.0
@@ -679,6 +693,11 @@ class RedisServer:
         attempts = 1 if self._requested_port else 3
         for attempt in range(attempts):
             self.port = self._requested_port or free_port()
+            persistence = (
+                ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._data_dir)]
+                if self._data_dir is not None
+                else ["--appendonly", "no", "--dir", str(self._workdir)]
+            )
             argv = [
                 binary,
                 "--port",
@@ -687,10 +706,7 @@ class RedisServer:
                 LOOPBACK,
                 "--save",
                 "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self._workdir),
+                *persistence,
                 "--daemonize",
                 "no",
                 "--protected-mode",
@@ -738,6 +754,14 @@ class RedisServer:
 
     def _log_tail(self) -> str:
         return _tail(self._workdir / "redis.log") if self._workdir else "(no log)"
+
+    def kill(self) -> None:
+        """Kill the local server process at once (SIGKILL, as in a crash), then clean up as
+        :meth:`stop` does; a ``data_dir`` keeps what the server had fsynced."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
 
     def stop(self) -> None:
         """Stop the server and delete its working directory; idempotent."""

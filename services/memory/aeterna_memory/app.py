@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
@@ -18,6 +19,7 @@ from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.events import OutboxRelay, StreamTrim
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp, StartupError
 from aeterna_common.vectors.port import VectorIndex
@@ -34,7 +36,7 @@ from aeterna_memory.adapters.index_follower import (
     PostgresModelMarker,
 )
 from aeterna_memory.adapters.lifecycle import LifecycleJobs
-from aeterna_memory.adapters.postgres import PostgresMemoryStore
+from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, PostgresMemoryStore
 from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
 from aeterna_memory.domain.indexing import IndexingPolicy
 from aeterna_memory.domain.service import MemoryDomain, SearchTuning
@@ -60,6 +62,7 @@ class MemoryApp(ServiceApp):
         credentials: The service principal's token for calls that background work makes to
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
             maintenance reads PostgreSQL as the indexer and calls no service yet.
+        relay: The outbox relay to Redis Streams; None when disabled or without Redis.
     """
 
     domain: MemoryDomain
@@ -67,6 +70,7 @@ class MemoryApp(ServiceApp):
     follower: IndexFollower
     lifecycle: LifecycleJobs
     credentials: ServiceCredentials | None = None
+    relay: OutboxRelay | None = None
 
 
 class IndexedSearch:
@@ -483,6 +487,32 @@ async def build(
         if authz.directory is not None:
             await authz.directory.watch()
 
+    events_redis: aioredis.Redis | None = None
+    relay: OutboxRelay | None = None
+    if settings.events_relay and not common.redis_url:
+        log.warning("events.relay_disabled", reason="AETERNA_REDIS_URL is not set")
+    elif settings.events_relay:
+        # Its own client: the cache's gives up after 0.25 s, the relay waits out a slow Redis.
+        events_redis = aioredis.Redis.from_url(
+            common.redis_url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+        relay = OutboxRelay(
+            db,
+            indexer,
+            events_redis,
+            service="memory",
+            listen_dsn=common.database_indexer_url,
+            notify_channel=NOTIFY_CHANNEL,
+            lease_name="memory:events:relay",
+            lease_ttl_s=settings.events_lease_ttl_s,
+            batch_size=settings.events_batch_size,
+            poll_s=settings.events_poll_s,
+            trim=StreamTrim(
+                max_age_s=settings.events_max_age_s, max_len=settings.events_max_len or None
+            ),
+        )
+        jobs.append(relay.run)
+
     async def close() -> None:
         if authz.directory is not None:
             await authz.directory.close()
@@ -490,6 +520,8 @@ async def build(
         with contextlib.suppress(Exception):
             await index.close()
         await cache.close()
+        if events_redis is not None:
+            await events_redis.aclose()
         await embedder.close()
         await indexer.close()
         await db.close()
@@ -517,4 +549,5 @@ async def build(
         follower=follower,
         lifecycle=lifecycle,
         credentials=credentials,
+        relay=relay,
     )

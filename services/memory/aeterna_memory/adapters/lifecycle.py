@@ -39,7 +39,12 @@ from aeterna_common import leases
 from aeterna_common.context import Principal
 from aeterna_common.db import Database
 
-from aeterna_memory.adapters.postgres import _COLUMNS, _append_outbox, row_to_memory
+from aeterna_memory.adapters.postgres import (
+    _COLUMNS,
+    SERVICE_ACTOR,
+    _append_outbox,
+    row_to_memory,
+)
 from aeterna_memory.domain.model import Layer, Memory, NewMemory
 from aeterna_memory.domain.promotion import DEFAULT_THRESHOLD, promoted_copy, promotion_score
 from aeterna_memory.ports import EmbeddingCache
@@ -184,7 +189,9 @@ class LifecycleJobs:
                 list(ids),
             )
             if done:
-                await _append_outbox(conn, tenant, EXPIRED_EVENT, [r["id"] for r in done])
+                await _append_outbox(
+                    conn, tenant, EXPIRED_EVENT, [r["id"] for r in done], actor=SERVICE_ACTOR
+                )
             return len(done)
 
         return await self.db.run(tenant, work)
@@ -279,7 +286,7 @@ class LifecycleJobs:
                 tenant,
                 purged,
             )
-            await _append_outbox(conn, tenant, PURGED_EVENT, purged)
+            await _append_outbox(conn, tenant, PURGED_EVENT, purged, actor=SERVICE_ACTOR)
             return len(purged)
 
         return await self.db.run(tenant, work)
@@ -350,9 +357,9 @@ class LifecycleJobs:
             decayed = [r["id"] for r in done if not r["archived"]]
             archived = [r["id"] for r in done if r["archived"]]
             if decayed:
-                await _append_outbox(conn, tenant, DECAYED_EVENT, decayed)
+                await _append_outbox(conn, tenant, DECAYED_EVENT, decayed, actor=SERVICE_ACTOR)
             if archived:
-                await _append_outbox(conn, tenant, ARCHIVED_EVENT, archived)
+                await _append_outbox(conn, tenant, ARCHIVED_EVENT, archived, actor=SERVICE_ACTOR)
             return len(done)
 
         return await self.db.run(tenant, work)

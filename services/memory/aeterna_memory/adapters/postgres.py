@@ -32,6 +32,7 @@ from aeterna_common.errors import (
     InvalidArgument,
     NotFound,
 )
+from aeterna_common.events import current_traceparent
 
 from aeterna_memory.domain.model import (
     SCOPE_FIELDS,
@@ -57,6 +58,9 @@ IDEMPOTENCY_TTL_S = 86_400.0
 IDEMPOTENCY_GC_BATCH = 1000
 """Expired idempotency keys deleted per transaction by the collector
 (:meth:`PostgresMemoryStore.gc_idempotency_keys`)."""
+
+SERVICE_ACTOR = "services/memory"
+"""Outbox ``actor`` of changes the service makes on its own (expiry, purge, decay)."""
 
 NOTIFY_CHANNEL = "aeterna_memory_changes"
 """LISTEN/NOTIFY channel that wakes index followers; the payload is the last position."""
@@ -541,7 +545,7 @@ class PostgresMemoryStore:
                 [e.memory.content for e in items],
                 actor,
             )
-            position = await _append_outbox(conn, tenant_id, "memory.created", ids)
+            position = await _append_outbox(conn, tenant_id, "memory.created", ids, actor=actor)
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
                 tenant_id,
@@ -659,7 +663,7 @@ class PostgresMemoryStore:
                 changed,
                 actor,
             )
-            position = await _append_outbox(conn, tenant_id, "memory.updated", [mid])
+            position = await _append_outbox(conn, tenant_id, "memory.updated", [mid], actor=actor)
             return memory, position
 
         return await self.db.run(tenant_id, work)
@@ -754,7 +758,7 @@ class PostgresMemoryStore:
                 row["content"],
                 actor,
             )
-            position = await _append_outbox(conn, tenant_id, "memory.deleted", [mid])
+            position = await _append_outbox(conn, tenant_id, "memory.deleted", [mid], actor=actor)
             return memory, position
 
         return await self.db.run(tenant_id, work)
@@ -825,6 +829,7 @@ class PostgresMemoryStore:
                 "memory.feedback_recorded",
                 [mid],
                 {"type": feedback.name, "reward": reward},
+                actor=actor,
             )
             return memory, position
 
@@ -923,19 +928,27 @@ async def _append_outbox(
     event_type: str,
     ids: Sequence[uuid.UUID],
     payload: dict[str, Any] | None = None,
+    *,
+    actor: str,
 ) -> int:
+    """Append one outbox row per memory in ``ids`` (in the caller's transaction) and notify
+    followers; returns the last position. ``actor`` is who caused the change
+    (``Principal.actor``, or :data:`SERVICE_ACTOR` for the service's own jobs); the current
+    trace context is recorded with it."""
     # Held until commit: positions are drawn, and become visible, in commit order.
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
     last = await conn.fetchval(
         "WITH ins AS (INSERT INTO outbox (position, tenant_id, event_type, resource, "
-        "memory_id, payload) SELECT nextval('outbox_position'), $1, $2, "
-        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb "
+        "memory_id, payload, actor, traceparent) SELECT nextval('outbox_position'), $1, $2, "
+        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb, $5, $6 "
         "FROM unnest($3::uuid[]) WITH ORDINALITY AS u(i, n) ORDER BY n RETURNING position) "
         "SELECT max(position) FROM ins",
         tenant_id,
         event_type,
         list(ids),
         json.dumps(payload or {}),
+        actor,
+        current_traceparent(),
     )
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last))
     return int(last)
