@@ -255,6 +255,9 @@ class DevStack:
         base_env = {
             # Replicas apply migrations at start (one at a time, under an advisory lock).
             "AETERNA_MIGRATE_ON_START": "true",
+            # A grant typed at the CLI reaches memory's decisions within 5 s even where no
+            # event drops the cached bindings (the charts keep the 60 s default).
+            "AETERNA_AUTHZ_CACHE_TTL_S": "5",
             **os.environ,
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
@@ -458,10 +461,12 @@ def main() -> None:
         stack.start()
         print(
             f"\nAeterna is up on {stack.endpoint}. Try:\n"
+            "  ADMIN=$(.venv/bin/aeterna token --tenant demo --user admin "
+            "--roles TENANT_ADMIN)\n"
             "  .venv/bin/aeterna import locomo bench/data/locomo-dev.json "
-            "--tenant demo\n"
+            '--tenant demo --token "$ADMIN"\n'
             '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
-            'group?" --tenant demo --user-id conv-26\n'
+            'group?" --tenant demo --user conv-26\n'
             "  .venv/bin/aeterna org create acme --kind company --tenant demo "
             "--roles TENANT_ADMIN\n"
             "Ctrl-C stops everything.",

@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidArgument as exc:
         sys.exit(f"{PROG}: invalid arguments: {exc}")
     except (StartupError, AuthConfigError) as exc:
-        doing = f"{args.command} failed" if args.command in ("migrate", "bootstrap") else (
-            "cannot start"
+        doing = (
+            f"{args.command} failed"
+            if args.command in ("migrate", "bootstrap")
+            else ("cannot start")
         )
         sys.exit(f"{PROG}: {doing}: {exc}")
 

@@ -90,6 +90,15 @@ class Access:
         # tenant-wide grants.
         return Resource.unit(tenant_id, found.kind if found else UnitKind.PROJECT, unit_id)
 
+    async def company(self, tenant_id: str) -> Resource:
+        """The tenant's company unit (the root of its tree), or the tenant itself when the tree
+        has no single company: what tenant-wide data such as the audit log belongs to."""
+        snapshot = await self._units(tenant_id)
+        roots = [u for u in (snapshot.units if snapshot else ()) if u.kind is UnitKind.COMPANY]
+        if len(roots) != 1:
+            return Resource.tenant(tenant_id)
+        return Resource.unit(tenant_id, UnitKind.COMPANY, roots[0].id)
+
     async def require(self, principal: Principal, action: str, resource: Resource) -> None:
         """Refuse ``action`` unless allowed; made before any lookup.
 
@@ -142,9 +151,7 @@ class Access:
         self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
     ) -> bool:
         """Whether ``action`` on unit ``unit_id`` (None: the tenant) is allowed."""
-        return await self.authorizer.allowed(
-            principal, action, await self.unit(tenant_id, unit_id)
-        )
+        return await self.authorizer.allowed(principal, action, await self.unit(tenant_id, unit_id))
 
     async def tenant_admin(self, principal: Principal, tenant_id: str, action: str) -> bool:
         """Whether ``action`` is allowed on every piece of data of the tenant: what only
@@ -162,9 +169,7 @@ class Access:
         )
         return [u.id for u, ok in zip(units, verdicts, strict=True) if ok]
 
-    async def users_allowed(
-        self, tenant_id: str, action: str, unit_id: str | None
-    ) -> list[str]:
+    async def users_allowed(self, tenant_id: str, action: str, unit_id: str | None) -> list[str]:
         """The bound users (``users/{u}``) allowed ``action`` on unit ``unit_id`` (None: the
         tenant), sorted: e.g. the approvers of a unit. Token roles never count here."""
         snapshot = await self._units(tenant_id)

@@ -71,7 +71,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         tenant_id = parse_parent(principal, request.parent)
         servicing.check_request_id(request.request_id)
         servicing.check_request_id_header(context, request.request_id)
-        await self.access.require(principal, _action("CreateApprovalRequest"), Resource.tenant(tenant_id))
+        await self.access.require(
+            principal, _action("CreateApprovalRequest"), Resource.tenant(tenant_id)
+        )
         unit_id, mode, required, risk = validate_request(tenant_id, request.approval_request)
         requester = (
             f"services/{principal.user_id.removeprefix('service:')}"
@@ -98,7 +100,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "approvalRequests")
-        await self.access.require(principal, _action("GetApprovalRequest"), Resource.tenant(name.tenant_id))
+        await self.access.require(
+            principal, _action("GetApprovalRequest"), Resource.tenant(name.tenant_id)
+        )
         servicing.check_read_token(context)
         return await self.approvals.get(name.tenant_id, name.id)
 
@@ -108,7 +112,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto. Newest first."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, _action("ListApprovalRequests"), Resource.tenant(tenant_id))
+        await self.access.require(
+            principal, _action("ListApprovalRequests"), Resource.tenant(tenant_id)
+        )
         servicing.check_read_token(context)
         if request.state not in res.ApprovalState.values():
             raise InvalidArgument([FieldViolation("state", "unknown state", "INVALID_STATE")])
@@ -159,7 +165,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto. The requester or a tenant admin cancels."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "approvalRequests")
-        await self.access.require(principal, _action("CancelApprovalRequest"), Resource.tenant(name.tenant_id))
+        await self.access.require(
+            principal, _action("CancelApprovalRequest"), Resource.tenant(name.tenant_id)
+        )
         cancelled, position = await self.approvals.cancel(principal, name.tenant_id, name.id)
         await servicing.send_token(context, position)
         return cancelled

@@ -67,6 +67,7 @@ _COLUMNS = (
     "requester, state, revision, created_at, expire_at, closed_at"
 )
 
+
 def approval_pb(
     tenant_id: str, row: asyncpg.Record | None, decisions: Sequence[asyncpg.Record]
 ) -> res.ApprovalRequest:

@@ -39,6 +39,7 @@ SERVICE_NAME = svc.DESCRIPTOR.services_by_name["AuditService"].full_name
 def _action(name: str) -> str:
     return method(SERVICE_NAME, name)
 
+
 CHECKPOINT_LEASE = "governance:audit:checkpoint"
 """Lease of the checkpoint job."""
 
@@ -76,7 +77,10 @@ class AuditServicer(svc_grpc.AuditServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require_at(principal, tenant_id, _action("ListAuditEntries"), None)
+        # The company's ADMIN and tenant admins (governance.cedar, audit-company-admin).
+        await self.access.require(
+            principal, _action("ListAuditEntries"), await self.access.company(tenant_id)
+        )
         servicing.check_read_token(context)
         size = servicing.page_size(request.page_size)
         fingerprint = f"{len(request.resource)}:{request.resource}|{request.actor}"
@@ -99,7 +103,10 @@ class AuditServicer(svc_grpc.AuditServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require_at(principal, tenant_id, _action("VerifyAuditLog"), None)
+        # The company's ADMIN and tenant admins (governance.cedar, audit-company-admin).
+        await self.access.require(
+            principal, _action("VerifyAuditLog"), await self.access.company(tenant_id)
+        )
         outcome = await self.audit.verify(tenant_id)
         response = svc.VerifyAuditLogResponse(
             valid=outcome.valid,

@@ -44,6 +44,7 @@ SERVICE_NAME = svc.DESCRIPTOR.services_by_name["PolicyService"].full_name
 def _action(name: str) -> str:
     return method(SERVICE_NAME, name)
 
+
 POLICY_ID = re.compile(r"[a-z0-9-]{1,63}")
 """Policy ids (the contract: 1-63 characters of [a-z0-9-])."""
 
@@ -223,9 +224,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, policy_id = _parse_policy_name(principal, request.policy.name, "policy.name")
-        await self._require_for_policy(
-            principal, tenant_id, policy_id, _action("UpdatePolicy")
-        )
+        await self._require_for_policy(principal, tenant_id, policy_id, _action("UpdatePolicy"))
         paths = servicing.check_mask(list(request.update_mask.paths), UPDATABLE)
         values, violations = _policy_fields(request.policy, set(paths))
         if violations:
@@ -239,9 +238,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, policy_id = _parse_policy_name(principal, request.name, "name")
-        await self._require_for_policy(
-            principal, tenant_id, policy_id, _action("DeletePolicy")
-        )
+        await self._require_for_policy(principal, tenant_id, policy_id, _action("DeletePolicy"))
         key = self.policies.key(tenant_id, principal, "DeletePolicy", "", request_hash(request))
         _, position = await self.policies.delete(key, policy_id, request.etag)
         await servicing.send_token(context, position)
@@ -259,9 +256,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
     ) -> svc.CheckPolicyResponse:
         """See the proto."""
         principal = rc.current().principal
-        tenant_id, unit_id = await self._unit(
-            principal, request.org_unit, _action("CheckPolicy")
-        )
+        tenant_id, unit_id = await self._unit(principal, request.org_unit, _action("CheckPolicy"))
         checked = await self.policies.check(
             tenant_id, unit_id, _context(request.context, "context")
         )
@@ -286,9 +281,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
     async def CheckDrift(self, request: svc.CheckDriftRequest, context: Ctx) -> res.DriftReport:
         """See the proto."""
         principal = rc.current().principal
-        tenant_id, unit_id = await self._unit(
-            principal, request.org_unit, _action("CheckDrift")
-        )
+        tenant_id, unit_id = await self._unit(principal, request.org_unit, _action("CheckDrift"))
         state = _context(request.context, "context")
         key = self.policies.key(tenant_id, principal, "CheckDrift", "", request_hash(request))
         report, position = await self.policies.check_drift(key, unit_id, state)

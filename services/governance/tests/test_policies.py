@@ -242,7 +242,10 @@ async def test_refusals_come_before_lookups(gov: GovernanceEnv) -> None:
         stub.CreatePolicy(create(t, "q", "eng", rule("r", "x")), metadata=md(t, "alice")),
         DENIED,
     )
-    assert reason == "ACTION_NOT_ALLOWED" and meta["action"] == "aeterna.governance.v1.PolicyService/CreatePolicy"
+    assert (
+        reason == "ACTION_NOT_ALLOWED"
+        and meta["action"] == "aeterna.governance.v1.PolicyService/CreatePolicy"
+    )
     # A viewer may check but not write.
     await expect(
         stub.CreatePolicy(create(t, "q", "checkout", rule("r", "x")), metadata=md(t, "bob")),
