@@ -39,6 +39,7 @@ TTL_S = 1.0
 GRACE_S = 1.0
 PAST_TTL_S = TTL_S + 0.5
 """Long enough for every replica's cached snapshot to be older than the TTL."""
+BOOTSTRAP = ("--tenant", TENANT, "--admin", "users/root")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,7 @@ def stack() -> Iterator[DevStack]:
     # The tenant's first TENANT_ADMIN, as an operator writes it (the owner role).
     gov_env = s.governance_list[0].env
     done = subprocess.run(
-        [sys.executable, "-m", "aeterna_governance", "bootstrap"]
-        + ["--tenant", TENANT, "--admin", "users/root"],
+        [sys.executable, "-m", "aeterna_governance", "bootstrap", *BOOTSTRAP],
         env=gov_env,
         capture_output=True,
         text=True,

@@ -11,7 +11,8 @@ replicas migrate at start; governance's migrations are applied by the owner role
 without migrating. Both services honour the roles of development tokens
 (``AETERNA_AUTH_TRUST_TOKEN_ROLES``), so ``aeterna token --roles TENANT_ADMIN`` works
 locally; memory reads role bindings from governance through Envoy
-(``AETERNA_AUTHZ_DIRECTORY_URL``) with its service token. Replicas listen on loopback only; Envoy on ``127.0.0.1:8080``
+(``AETERNA_AUTHZ_DIRECTORY_URL``) with its service token. Replicas listen on loopback
+only; Envoy on ``127.0.0.1:8080``
 (``AETERNA_STACK_PORT``) verifies development JWTs, forwards them and routes to the
 replicas, which verify them again against the same JWKS file. Each replica gets a
 development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, indexes,

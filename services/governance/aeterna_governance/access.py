@@ -5,7 +5,8 @@ decide, before any lookup of the resource.
 Governance is the source of the bindings, so its authorizer's :class:`OwnTablesDirectory`
 reads its own tables in process (the snapshot
 :func:`~aeterna_governance.organization.read_snapshot` that ``GetAuthorizationSnapshot``
-serves to other services), never through a gRPC call to itself. The snapshots are cached per tenant as in every service
+serves to other services), never through a gRPC call to itself. The snapshots are cached
+per tenant as in every service
 (:class:`~aeterna_common.authz.DirectoryCache`): a write of this replica invalidates its
 tenant at once (:meth:`Access.written`); the other replicas learn of it from the tenant's
 events on Redis, or at the latest when the TTL runs out.
@@ -20,8 +21,7 @@ Tenant-level resources (the tree itself, tenant-wide bindings, snapshots) are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from aeterna_common.authz import Authorizer, Resource, Snapshot, UnitKind, denied

@@ -4,8 +4,8 @@
   tenant's admins). Its approvers are the users the permission model lets decide at the
   unit (``approval:decide`` in ``governance.cedar``: TECH_LEAD at a project or team,
   ARCHITECT at an organization, ADMIN at the company, bound there or above, and tenant
-  admins); the requester is never one of them. Those eligible at creation are recorded; UNANIMOUS needs
-  each of them, and only they decide it.
+  admins); the requester is never one of them. Those eligible at creation are recorded;
+  UNANIMOUS needs each of them, and only they decide it.
 * Modes: SINGLE (one approval), QUORUM (``required_approvals``, 2-10, default 2), UNANIMOUS.
   One rejection closes a request. A request not decided within ``ttl_s`` (72 h) expires,
   by :meth:`Approvals.expire_due`, a job run under a lease.

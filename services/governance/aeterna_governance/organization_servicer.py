@@ -1,6 +1,7 @@
 """gRPC servicer of ``aeterna.governance.v1.OrganizationService``: thin, protobuf ⇄ use
 cases. Each method checks the name's tenant, then authorizes (``Access.require``, the Cedar
-policies, before any lookup), then validates the body, then runs the use case (:mod:`.organization`)."""
+policies, before any lookup), then validates the body, then runs the use case
+(:mod:`.organization`)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ import asyncpg
 import grpc
 from aeterna.governance.v1 import organization_service_pb2 as svc
 from aeterna.governance.v1 import resources_pb2 as res
+from aeterna_common.authz import Authorizer
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, decode_token
 from aeterna_common.context import Principal
-from aeterna_common.authz import Authorizer
 from aeterna_governance.access import Access
 from aeterna_governance.store import NOTIFY_CHANNEL
 from governance_testkit import GovernanceEnv, admin, expect, md, new_tenant
