@@ -79,6 +79,12 @@ class Access:
         cache = self.authorizer.directory
         return await cache.get(tenant_id) if cache is not None else None
 
+    async def prefetch(self, tenant_id: str) -> None:
+        """Have the tenant's snapshot cached before a transaction that decides with it: a
+        fetch inside would hold the transaction's connection while taking another one from
+        the same pool."""
+        await self._units(tenant_id)
+
     async def unit(self, tenant_id: str, unit_id: str | None) -> Resource:
         """The resource of unit ``unit_id`` (None: the tenant itself), as the module
         docstring says; a unit missing from the tree stands for any missing unit."""

@@ -334,6 +334,7 @@ class Approvals:
             )
             return created, position
 
+        await self.access.prefetch(tenant_id)  # the approvers are decided inside
         return await store.run_write(self.db, key, res.ApprovalRequest, work)
 
     async def get(self, tenant_id: str, request_id: str) -> res.ApprovalRequest:
@@ -400,6 +401,7 @@ class Approvals:
                 approval_pb(tenant_id, r, await _decisions(conn, tenant_id, r["id"])) for r in rows
             ]
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work, readonly=True)
 
     async def decide(
@@ -529,6 +531,7 @@ class Approvals:
             assert updated is not None
             return approval_pb(tenant_id, updated, await _decisions(conn, tenant_id, rid)), position
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work)
 
     async def cancel(
@@ -583,6 +586,7 @@ class Approvals:
             )
             return result, position
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work)
 
     async def expire_due(self, lease: leases.Lease) -> int:

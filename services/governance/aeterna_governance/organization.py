@@ -370,6 +370,7 @@ class Organization:
     ) -> tuple[store.M, int]:
         # Every write here changes what the tenant's bindings snapshot holds: this replica
         # drops its cached copy once committed (other replicas: the events, or the TTL).
+        await self.access.prefetch(key.tenant_id)  # row-dependent checks decide inside
         try:
             return await store.run_write(self.db, key, kind, work)
         finally:
