@@ -2,9 +2,13 @@
 
 1. Decisions: an org of 1 company, 4 organisations, 16 teams and 64 projects, 400 role
    bindings and 100 delegations (entities built once per directory revision, as served).
-   Times ``Authorizer.authorize`` (the call every RPC makes) over a mix of own-memory,
+   Times ``Authorizer.allowed`` (what every RPC's check runs) over a mix of own-memory,
    unit-read, unit-write, delegated-agent and refused decisions, and ``readable_scope``
-   (what an open search adds), with p50/p99 in ms. Target: decision p99 ≤ 1 ms.
+   (what an open search adds), with p50/p99 in ms. Target: decision p99 ≤ 1 ms. Each
+   decision is followed by a trivial awaited call timed in the same loop (the baseline: what
+   the machine's scheduling alone costs), both also in thread CPU time, and the collector's
+   pauses are counted; run once as Python leaves the collector and once after
+   ``gc.freeze()``.
 2. Search: one throwaway PostgreSQL and Redis, the memory service's domain built as served,
    ``--memories`` memories; the same queries searched by the same domain through the real
    authorizer (a caller with unit bindings, open scope: checks plus narrowing) and through
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -96,6 +101,106 @@ async def timed(fn: Callable[[], Awaitable[object]]) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+async def trivial() -> bool:
+    """The first baseline: an awaited Python call that does nothing."""
+    return True
+
+
+def spin(n: int) -> int:
+    """Pure Python work of ``n`` steps: the second baseline, sized like a decision."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def calibrate(target_ms: float) -> int:
+    """Steps of :func:`spin` whose median CPU time is about ``target_ms``."""
+    n = 1000
+    while True:
+        times = []
+        for _ in range(51):
+            c0 = time.thread_time()
+            spin(n)
+            times.append((time.thread_time() - c0) * 1000)
+        median = float(np.median(times))
+        if median > 0:
+            return max(1, round(n * target_ms / median))
+        n *= 10
+
+
+class GcPauses:
+    """Collections of the cyclic garbage collector and their pauses (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses_ms.append((time.perf_counter() - self._t0) * 1000)
+
+    def summary(self) -> dict[str, float]:
+        """Count, total and longest pause in ms."""
+        p = self.pauses_ms
+        return {
+            "collections": len(p),
+            "total_ms": round(sum(p), 3),
+            "max_ms": round(max(p, default=0.0), 3),
+        }
+
+
+async def interleaved(
+    authz: Authorizer, cases: Sequence[tuple[Principal, str, Resource]], steps: int
+) -> dict[str, Any]:
+    """Each decision, then the trivial call, then ``spin(steps)`` (pure Python work as long
+    as a median decision), timed in the same loop.
+
+    Wall time (``perf_counter``) includes whatever the machine does meanwhile (other
+    processes on the shared cores, the collector); thread CPU time (``thread_time``) only
+    this thread's work. When the decision's wall p99 is far above its CPU p99, and the spin
+    of the same length shows the same tail, the tail is time the thread was not running
+    (scheduling), not Cedar's work. The trivial call is too short to be preempted often: it
+    bounds the timer's own cost.
+    """
+    wall: list[float] = []
+    cpu: list[float] = []
+    base_wall: list[float] = []
+    base_cpu: list[float] = []
+    spin_wall: list[float] = []
+    spin_cpu: list[float] = []
+    gc_pauses = GcPauses()
+    gc.callbacks.append(gc_pauses)
+    try:
+        for c in cases:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            await authz.allowed(*c)
+            w1, c1 = time.perf_counter(), time.thread_time()
+            await trivial()
+            w2, c2 = time.perf_counter(), time.thread_time()
+            spin(steps)
+            w3, c3 = time.perf_counter(), time.thread_time()
+            wall.append((w1 - w0) * 1000)
+            cpu.append((c1 - c0) * 1000)
+            base_wall.append((w2 - w1) * 1000)
+            base_cpu.append((c2 - c1) * 1000)
+            spin_wall.append((w3 - w2) * 1000)
+            spin_cpu.append((c3 - c2) * 1000)
+    finally:
+        gc.callbacks.remove(gc_pauses)
+    return {
+        "decision": percentiles(wall),
+        "decision_cpu": percentiles(cpu),
+        "trivial_call": percentiles(base_wall),
+        "trivial_call_cpu": percentiles(base_cpu),
+        "spin_like_a_decision": percentiles(spin_wall),
+        "spin_like_a_decision_cpu": percentiles(spin_cpu),
+        "gc": gc_pauses.summary(),
+    }
+
+
 async def decisions(n: int) -> dict[str, Any]:
     """Decision latency over a mix of cases, entities warm (as in steady state)."""
     snap = org(T)
@@ -129,14 +234,31 @@ async def decisions(n: int) -> dict[str, Any]:
         if p not in seen:
             seen.add(p)
             first.append(await timed(lambda p=p, a=a, r=r: authz.allowed(p, a, r)))  # type: ignore[misc]
-    samples = [await timed(lambda c=c: authz.allowed(*c)) for c in cases]  # type: ignore[misc]
+    # Steady state as served, the collector as Python leaves it; then after gc.freeze() (what
+    # a long-lived server does once warm: the start-up objects leave the collected
+    # generations, so collections stop re-scanning them).
+    warm: list[float] = []
+    for c in cases[:500]:
+        c0 = time.thread_time()
+        await authz.allowed(*c)
+        warm.append((time.thread_time() - c0) * 1000)
+    steps = calibrate(float(np.median(warm)))
+    as_is = await interleaved(authz, cases, steps)
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = await interleaved(authz, cases, steps)
+    finally:
+        gc.unfreeze()
     allowed = sum([await authz.allowed(*c) for c in cases[:2000]])
     search = M + "SearchMemories"
     users = [Principal(T, f"u{u}") for u in range(400)]
     scope_cold = [await timed(lambda p=p: authz.readable_scope(p, search)) for p in users]  # type: ignore[misc]
     scope_warm = [await timed(lambda p=p: authz.readable_scope(p, search)) for p in users]  # type: ignore[misc]
     return {
-        "decision": percentiles(samples),
+        "decision": as_is["decision"],
+        "steady_state": as_is,
+        "steady_state_gc_frozen": frozen,
         "first_decision_of_a_principal": percentiles(first),
         "allowed_share": round(allowed / 2000, 3),
         "readable_scope_first": percentiles(scope_cold),
@@ -258,12 +380,10 @@ def main() -> int:
     args = parser.parse_args()
     configure_logging("warning")
     dec = asyncio.run(decisions(args.decisions))
-    for key in (
-        "decision",
-        "first_decision_of_a_principal",
-        "readable_scope_first",
-        "readable_scope",
-    ):
+    for run in ("steady_state", "steady_state_gc_frozen"):
+        for key, value in dec[run].items():
+            print(f"{run:24}{key:26}{value}")
+    for key in ("first_decision_of_a_principal", "readable_scope_first", "readable_scope"):
         print(f"{key:32} {dec[key]}")
     found = asyncio.run(search(args.memories, args.queries))
     print(f"search authorised {found['authorised']}")

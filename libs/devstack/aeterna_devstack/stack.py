@@ -8,9 +8,11 @@ with an existing server, governance's DSNs are ``AETERNA_GOVERNANCE_DATABASE_URL
 ``..._OWNER_URL`` and ``..._INDEXER_URL`` (without them no governance replica starts). Memory
 replicas migrate at start; governance's migrations are applied by the owner role first
 (``aeterna-governance migrate``, as the chart's hook Job does), then its replicas start
-without migrating. Governance honours TENANT_ADMIN in development tokens
-(``AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES``), so ``aeterna token --roles TENANT_ADMIN`` works
-locally. Replicas listen on loopback only; Envoy on ``127.0.0.1:8080``
+without migrating. Both services honour the roles of development tokens
+(``AETERNA_AUTH_TRUST_TOKEN_ROLES``), so ``aeterna token --roles TENANT_ADMIN`` works
+locally; memory reads role bindings from governance through Envoy
+(``AETERNA_AUTHZ_DIRECTORY_URL``) with its service token. Replicas listen on loopback
+only; Envoy on ``127.0.0.1:8080``
 (``AETERNA_STACK_PORT``) verifies development JWTs, forwards them and routes to the
 replicas, which verify them again against the same JWKS file. Each replica gets a
 development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, indexes,
@@ -254,6 +256,9 @@ class DevStack:
         base_env = {
             # Replicas apply migrations at start (one at a time, under an advisory lock).
             "AETERNA_MIGRATE_ON_START": "true",
+            # A grant typed at the CLI reaches memory's decisions within 5 s even where no
+            # event drops the cached bindings (the charts keep the 60 s default).
+            "AETERNA_AUTHZ_CACHE_TTL_S": "5",
             **os.environ,
             "AETERNA_DATABASE_URL": db_url,
             "AETERNA_DATABASE_OWNER_URL": owner_url,
@@ -263,6 +268,14 @@ class DevStack:
             **auth.service_env("memory"),
             # Development shortcut: `aeterna token --roles TENANT_ADMIN` works locally.
             "AETERNA_AUTH_TRUST_TOKEN_ROLES": "true",
+            # Memory reads bindings from governance as in production: through the gateway
+            # (its route, JWT check and retries), with its service token. Envoy starts
+            # last; the cache fetches on the first decision that needs bindings.
+            **(
+                {"AETERNA_AUTHZ_DIRECTORY_URL": self.endpoint}
+                if self.governance_replicas and gov_urls["AETERNA_DATABASE_URL"]
+                else {}
+            ),
             "AETERNA_MEMORY_MODEL_DIR": str(models),
             **self.env,
         }
@@ -315,7 +328,6 @@ class DevStack:
             **{k: v for k, v in urls.items() if v},
             **auth.service_env("governance"),
             "AETERNA_MIGRATE_ON_START": "false",
-            "AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES": "true",
             **self.env,
         }
         env.pop("AETERNA_MEMORY_MODEL_DIR", None)
@@ -462,10 +474,12 @@ def main() -> None:
         stack.start()
         print(
             f"\nAeterna is up on {stack.endpoint}. Try:\n"
+            "  ADMIN=$(.venv/bin/aeterna token --tenant demo --user admin "
+            "--roles TENANT_ADMIN)\n"
             "  .venv/bin/aeterna import locomo bench/data/locomo-dev.json "
-            "--tenant demo\n"
+            '--tenant demo --token "$ADMIN"\n'
             '  .venv/bin/aeterna memory search "when did Caroline go to the LGBTQ support '
-            'group?" --tenant demo --user-id conv-26\n'
+            'group?" --tenant demo --user conv-26\n'
             "  .venv/bin/aeterna org create acme --kind company --tenant demo "
             "--roles TENANT_ADMIN\n"
             "Ctrl-C stops everything.",

@@ -1,251 +1,199 @@
-"""Interim authorization of governance's RPCs: the one place every servicer asks "may the
-caller do this?", before any lookup of the resource.
+"""Authorization of governance's RPCs with the shared permission model
+(:mod:`aeterna_common.authz`): the Cedar policies (``governance.cedar``, ``tenant.cedar``)
+decide, before any lookup of the resource.
 
-Until the shared permission model (``aeterna_common.authz``, Cedar policies over the org
-tree and the bindings) is in place, this module decides with a small table: each action
-names the least the caller must hold. Swapping it for ``aeterna_common.authz`` is one edit
-of :meth:`Access.require`.
+Governance is the source of the bindings, so its authorizer's :class:`OwnTablesDirectory`
+reads its own tables in process (the snapshot
+:func:`~aeterna_governance.organization.read_snapshot` that ``GetAuthorizationSnapshot``
+serves to other services), never through a gRPC call to itself. The snapshots are cached
+per tenant as in every service
+(:class:`~aeterna_common.authz.DirectoryCache`): a write of this replica invalidates its
+tenant at once (:meth:`Access.written`); the other replicas learn of it from the tenant's
+events on Redis, or at the latest when the TTL runs out.
 
-Requirements (roles are the proto's ``Role``; "admin" means ADMIN bound at the unit or at a
-unit above it, inherited downward as DOMAIN.md says, or TENANT_ADMIN/PLATFORM_ADMIN):
-
-* ``MEMBER``: any principal of the tenant (reads of the org tree, bindings, delegations and
-  approval requests; creating an approval request).
-* ``UNIT_ADMIN``: admin at the unit the action is about (org unit writes at the parent or
-  the unit; binding writes at the binding's unit). A unit that does not exist has no
-  admins above it, so the caller is refused exactly as for an existing unit it may not
-  manage: permission before existence.
-* ``UNIT_MEMBER``: any role from VIEWER to ADMIN bound in the unit's tree (at the unit, a
-  unit above it or a unit below it: the rules of a unit hold below it), or a tenant-wide role
-  (reading and checking policies, drift); without a unit, a tenant-wide role.
-* ``TENANT_ADMIN``: TENANT_ADMIN or PLATFORM_ADMIN (tenant-wide bindings, reading the
-  authorization snapshot); service principals may read snapshots of any tenant.
-
-Roles in the token count only when ``trust_token_roles`` is set (development stacks); in
-production every role comes from ``role_bindings``.
+Resources: a unit the action is about is ``Resource.unit`` of its kind in the cached tree;
+a unit that is not in the tree (missing, or not yet seen) is the entity standing for any
+unit missing from the tree, which only tenant-wide bindings reach, so the caller is refused
+exactly as for an existing unit it may not manage (permission before existence).
+Tenant-level resources (the tree itself, tenant-wide bindings, snapshots) are
+``Resource.tenant``.
 """
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
-import asyncpg
+from aeterna_common.authz import Authorizer, Resource, Snapshot, UnitKind, denied
+from aeterna_common.authz.governance import snapshot_from_pb
 from aeterna_common.context import Principal
-from aeterna_common.db import Database
-from aeterna_common.errors import PermissionDenied
 
-ACTION_NOT_ALLOWED = "ACTION_NOT_ALLOWED"
-"""``ErrorInfo.reason`` of a refused action; ``ErrorInfo.metadata.action`` names it."""
+if TYPE_CHECKING:
+    from aeterna.governance.v1 import resources_pb2 as res
 
-ADMIN = 5
-"""``ROLE_ADMIN``: the least role that manages a unit, its bindings and its approvals."""
+__all__ = ["Access", "OwnTablesDirectory", "denied", "method"]
 
-TENANT_WIDE = (6, 7)
-"""``ROLE_TENANT_ADMIN`` and ``ROLE_PLATFORM_ADMIN``: hold for the whole tenant."""
-
-TENANT_WIDE_NAMES = frozenset({"TENANT_ADMIN", "PLATFORM_ADMIN"})
+ORGANIZATION = "aeterna.governance.v1.OrganizationService"
+APPROVALS = "aeterna.governance.v1.ApprovalService"
 
 
-class Need(enum.Enum):
-    """What an action requires (see the module docstring)."""
-
-    MEMBER = "member"
-    UNIT_MEMBER = "unit_member"
-    UNIT_ADMIN = "unit_admin"
-    TENANT_ADMIN = "tenant_admin"
+def method(service: str, name: str) -> str:
+    """The action of an RPC: its full method name, ``{service}/{name}``."""
+    return f"{service}/{name}"
 
 
-ACTIONS: dict[str, Need] = {
-    "governance.orgUnits.get": Need.MEMBER,
-    "governance.orgUnits.list": Need.MEMBER,
-    "governance.orgUnits.create": Need.UNIT_ADMIN,
-    "governance.orgUnits.update": Need.UNIT_ADMIN,
-    "governance.orgUnits.move": Need.UNIT_ADMIN,
-    "governance.orgUnits.delete": Need.UNIT_ADMIN,
-    "governance.roleBindings.get": Need.MEMBER,
-    "governance.roleBindings.list": Need.MEMBER,
-    "governance.roleBindings.create": Need.UNIT_ADMIN,
-    "governance.roleBindings.delete": Need.UNIT_ADMIN,
-    "governance.delegations.get": Need.MEMBER,
-    "governance.delegations.list": Need.MEMBER,
-    "governance.delegations.create": Need.MEMBER,
-    "governance.delegations.revoke": Need.MEMBER,
-    "governance.authorizationSnapshot.get": Need.TENANT_ADMIN,
-    "governance.approvalRequests.get": Need.MEMBER,
-    "governance.approvalRequests.list": Need.MEMBER,
-    "governance.approvalRequests.create": Need.MEMBER,
-    "governance.approvalRequests.decide": Need.UNIT_ADMIN,
-    "governance.approvalRequests.cancel": Need.MEMBER,
-    "governance.policies.get": Need.UNIT_MEMBER,
-    "governance.policies.list": Need.UNIT_MEMBER,
-    "governance.policies.create": Need.UNIT_ADMIN,
-    "governance.policies.update": Need.UNIT_ADMIN,
-    "governance.policies.delete": Need.UNIT_ADMIN,
-    "governance.policies.check": Need.UNIT_MEMBER,
-    "governance.driftReports.get": Need.UNIT_MEMBER,
-    "governance.suppressions.list": Need.UNIT_MEMBER,
-    "governance.suppressions.create": Need.UNIT_ADMIN,
-    "governance.suppressions.delete": Need.UNIT_ADMIN,
-    "governance.auditEntries.list": Need.TENANT_ADMIN,
-    "governance.auditEntries.verify": Need.TENANT_ADMIN,
-}
-"""Every governance action and what it requires. Delegation writes and cancellations have
-an owner check besides (the delegating user, the requester), made by their use cases."""
+class OwnTablesDirectory:
+    """The :class:`~aeterna_common.authz.Directory` of governance itself: the snapshot read
+    from its own tables (one REPEATABLE READ transaction), converted as a remote directory
+    converts governance's reply.
 
-SERVICE_ACTIONS = frozenset(
-    {
-        "governance.authorizationSnapshot.get",
-        "governance.approvalRequests.create",
-        "governance.approvalRequests.get",
-    }
-)
-"""Actions a service principal (a token without a tenant) may take in any tenant: services
-authorize from snapshots and route memory promotions through approvals."""
+    Args:
+        read: Reads a tenant's snapshot message
+            (:func:`aeterna_governance.organization.read_snapshot` over the app pool).
+    """
 
+    def __init__(self, read: Callable[[str], Awaitable[res.AuthorizationSnapshot]]) -> None:
+        self.read = read
 
-def denied(action: str) -> PermissionDenied:
-    """``PERMISSION_DENIED`` with reason :data:`ACTION_NOT_ALLOWED` and the action."""
-    return PermissionDenied(
-        f"the caller may not {action}", reason=ACTION_NOT_ALLOWED, metadata={"action": action}
-    )
+    async def snapshot(self, tenant_id: str) -> Snapshot:
+        """See :class:`~aeterna_common.authz.Directory`.
 
-
-def subjects(principal: Principal) -> list[str]:
-    """The binding subjects that stand for ``principal``: ``users/{u}``, or ``agents/{a}``
-    for an agent (an agent's own bindings; its user's rights reach it only through
-    delegations)."""
-    if principal.agent_id:
-        return [f"agents/{principal.agent_id}"]
-    return [f"users/{principal.user_id}"]
-
-
-ADMIN_AT_SQL = """
-WITH RECURSIVE up(id, parent_id) AS (
-    SELECT id, parent_id FROM org_units WHERE tenant_id = $1 AND id = $2
-    UNION ALL
-    SELECT o.id, o.parent_id FROM org_units o JOIN up ON o.tenant_id = $1 AND o.id = up.parent_id
-)
-SELECT EXISTS (
-    SELECT 1 FROM role_bindings b
-    WHERE b.tenant_id = $1 AND b.subject = ANY($3::text[])
-      AND (b.role = ANY($5::smallint[])
-           OR (b.role BETWEEN $4 AND 5 AND b.org_unit_id IN (SELECT id FROM up)))
-)
-"""
-"""Whether the subjects hold a role of at least ``$4`` (up to ADMIN) at unit ``$2`` or above
-it, or a tenant-wide role. The walk up is at most four rows (the tree's depth)."""
-
-
-MEMBER_OF_TREE_SQL = """
-WITH RECURSIVE up(id, parent_id) AS (
-    SELECT id, parent_id FROM org_units WHERE tenant_id = $1 AND id = $2
-    UNION ALL
-    SELECT o.id, o.parent_id FROM org_units o JOIN up ON o.tenant_id = $1 AND o.id = up.parent_id
-), down(id) AS (
-    SELECT id FROM org_units WHERE tenant_id = $1 AND id = $2
-    UNION ALL
-    SELECT o.id FROM org_units o JOIN down ON o.tenant_id = $1 AND o.parent_id = down.id
-)
-SELECT EXISTS (
-    SELECT 1 FROM role_bindings b
-    WHERE b.tenant_id = $1 AND b.subject = ANY($3::text[])
-      AND (b.role = ANY($4::smallint[])
-           OR (b.role BETWEEN 1 AND 5 AND (b.org_unit_id IN (SELECT id FROM up)
-                                           OR b.org_unit_id IN (SELECT id FROM down))))
-)
-"""
-"""Whether the subjects hold a role from VIEWER to ADMIN at unit ``$2``, above it or below
-it, or a tenant-wide role."""
+        Raises:
+            asyncpg.PostgresError: The database failed (the cache treats it as an outage).
+        """
+        return snapshot_from_pb(tenant_id, await self.read(tenant_id))
 
 
 class Access:
-    """The interim authorization check (see the module docstring).
+    """Governance's authorization checks over one :class:`Authorizer` per replica.
 
     Args:
-        db: The application role's pool (bindings are read under the tenant's RLS).
-        trust_token_roles: Honour TENANT_ADMIN/PLATFORM_ADMIN from the token's ``roles``
-            claim (development only).
+        authorizer: The replica's authorizer; its ``directory`` is the cache over
+            :class:`OwnTablesDirectory`.
     """
 
-    def __init__(self, db: Database, *, trust_token_roles: bool = False) -> None:
-        self.db = db
-        self.trust_token_roles = trust_token_roles
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
 
-    def token_admin(self, principal: Principal) -> bool:
-        """Whether the token's roles make the caller a tenant admin (when trusted)."""
-        return self.trust_token_roles and bool(principal.roles & TENANT_WIDE_NAMES)
+    async def _units(self, tenant_id: str) -> Snapshot | None:
+        cache = self.authorizer.directory
+        return await cache.get(tenant_id) if cache is not None else None
 
-    async def holds(
-        self,
-        conn: asyncpg.Connection,
-        principal: Principal,
-        tenant_id: str,
-        unit_id: str | None,
-        min_role: int = ADMIN,
-    ) -> bool:
-        """Whether ``principal`` holds ``min_role`` or more at ``unit_id`` or above it (any
-        tenant-wide role counts; ``unit_id`` None asks for a tenant-wide role).
+    async def prefetch(self, tenant_id: str) -> None:
+        """Have the tenant's snapshot cached before a transaction that decides with it: a
+        fetch inside would hold the transaction's connection while taking another one from
+        the same pool."""
+        await self._units(tenant_id)
 
-        Args:
-            conn: A connection in a transaction bound to ``tenant_id``.
-            principal: The caller.
-            tenant_id: The tenant.
-            unit_id: The unit, or None.
-            min_role: Least role of VIEWER (1) .. ADMIN (5).
-        """
-        if self.token_admin(principal):
-            return True
-        return bool(
-            await conn.fetchval(
-                ADMIN_AT_SQL,
-                tenant_id,
-                unit_id or "",
-                subjects(principal),
-                min_role if unit_id else 99,
-                list(TENANT_WIDE),
-            )
-        )
+    async def unit(self, tenant_id: str, unit_id: str | None) -> Resource:
+        """The resource of unit ``unit_id`` (None: the tenant itself), as the module
+        docstring says; a unit missing from the tree stands for any missing unit."""
+        if unit_id is None:
+            return Resource.tenant(tenant_id)
+        snapshot = await self._units(tenant_id)
+        found = next((u for u in snapshot.units if u.id == unit_id), None) if snapshot else None
+        # Any kind will do for a missing unit: every kind's missing entity has only the
+        # tenant-wide grants.
+        return Resource.unit(tenant_id, found.kind if found else UnitKind.PROJECT, unit_id)
 
-    async def require(
-        self, principal: Principal, tenant_id: str, action: str, *, unit_id: str | None = None
-    ) -> None:
-        """Refuse the action unless the caller may take it; made before any lookup.
+    async def company(self, tenant_id: str) -> Resource:
+        """The tenant's company unit (the root of its tree), or the tenant itself when the tree
+        has no single company: what tenant-wide data such as the audit log belongs to."""
+        snapshot = await self._units(tenant_id)
+        roots = [u for u in (snapshot.units if snapshot else ()) if u.kind is UnitKind.COMPANY]
+        if len(roots) != 1:
+            return Resource.tenant(tenant_id)
+        return Resource.unit(tenant_id, UnitKind.COMPANY, roots[0].id)
+
+    async def require(self, principal: Principal, action: str, resource: Resource) -> None:
+        """Refuse ``action`` unless allowed; made before any lookup.
 
         Args:
             principal: The caller (from the verified token).
-            tenant_id: The tenant of the resource (already checked against the caller's).
-            action: A key of :data:`ACTIONS`.
-            unit_id: The unit the action is about (``UNIT_ADMIN`` and ``UNIT_MEMBER``
-                actions); None for tenant-level resources, which only tenant admins manage.
+            action: Full method name (:func:`method`).
+            resource: What the action is about.
 
         Raises:
             PermissionDenied: Reason ``ACTION_NOT_ALLOWED``, ``metadata.action`` = action.
-            KeyError: ``action`` is not in :data:`ACTIONS` (a programming error).
+            Unavailable: The bindings could not be read (reason
+                ``AUTHORIZATION_DIRECTORY_UNAVAILABLE``).
         """
-        need = ACTIONS[action]
-        if principal.is_service:
-            if action in SERVICE_ACTIONS:
-                return
-            raise denied(action)
-        if principal.tenant_id != tenant_id:
-            raise denied(action)
-        if need is Need.MEMBER:
-            return
+        await self.authorizer.authorize(principal, action, resource)
 
-        async def check(conn: asyncpg.Connection) -> bool:
-            if need is Need.UNIT_MEMBER and unit_id is not None:
-                return self.token_admin(principal) or bool(
-                    await conn.fetchval(
-                        MEMBER_OF_TREE_SQL,
-                        tenant_id,
-                        unit_id,
-                        subjects(principal),
-                        list(TENANT_WIDE),
-                    )
-                )
-            return await self.holds(
-                conn, principal, tenant_id, unit_id if need is Need.UNIT_ADMIN else None
-            )
+    async def require_at(
+        self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
+    ) -> None:
+        """:meth:`require` on unit ``unit_id`` of ``tenant_id`` (None: the tenant)."""
+        await self.require(principal, action, await self.unit(tenant_id, unit_id))
 
-        if not await self.db.run(tenant_id, check, readonly=True):
+    async def require_in_tree(
+        self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
+    ) -> None:
+        """Refuse a read of unit ``unit_id``'s policies unless ``action`` is allowed on the
+        unit or on a unit below it: a unit's rules hold below it, so whoever reads a unit
+        below reads them too. Each unit is decided by the policies; without a unit (every
+        unit's data at once) only tenant-wide rights do.
+
+        Raises:
+            PermissionDenied: As :meth:`require`.
+        """
+        if unit_id is None:
+            resources = [Resource.tenant_data(tenant_id)]
+        else:
+            snapshot = await self._units(tenant_id)
+            units = list(snapshot.units) if snapshot else []
+            below = {unit_id}
+            for _ in range(len(UnitKind)):  # the tree is at most four levels deep
+                below |= {u.id for u in units if u.parent_id in below}
+            resources = [await self.unit(tenant_id, unit_id)] + [
+                Resource.unit(tenant_id, u.kind, u.id)
+                for u in units
+                if u.id in below and u.id != unit_id
+            ]
+        if not any(await self.authorizer.decide(principal, action, resources)):
             raise denied(action)
+
+    async def allowed_at(
+        self, principal: Principal, tenant_id: str, action: str, unit_id: str | None
+    ) -> bool:
+        """Whether ``action`` on unit ``unit_id`` (None: the tenant) is allowed."""
+        return await self.authorizer.allowed(principal, action, await self.unit(tenant_id, unit_id))
+
+    async def tenant_admin(self, principal: Principal, tenant_id: str, action: str) -> bool:
+        """Whether ``action`` is allowed on every piece of data of the tenant: what only
+        tenant-wide rights give (TENANT_ADMIN, or a policy that says so)."""
+        return await self.authorizer.allowed(principal, action, Resource.tenant_data(tenant_id))
+
+    async def units_allowed(
+        self, principal: Principal, tenant_id: str, action: str
+    ) -> Sequence[str]:
+        """The ids of the tenant's units on which ``action`` is allowed (one batch)."""
+        snapshot = await self._units(tenant_id)
+        units = list(snapshot.units) if snapshot else []
+        verdicts = await self.authorizer.decide(
+            principal, action, [Resource.unit(tenant_id, u.kind, u.id) for u in units]
+        )
+        return [u.id for u, ok in zip(units, verdicts, strict=True) if ok]
+
+    async def users_allowed(self, tenant_id: str, action: str, unit_id: str | None) -> list[str]:
+        """The bound users (``users/{u}``) allowed ``action`` on unit ``unit_id`` (None: the
+        tenant), sorted: e.g. the approvers of a unit. Token roles never count here."""
+        snapshot = await self._units(tenant_id)
+        subjects = sorted(
+            {b.subject for b in snapshot.bindings if b.subject.startswith("users/")}
+            if snapshot
+            else set()
+        )
+        resource = await self.unit(tenant_id, unit_id)
+        out = []
+        for subject in subjects:
+            user = Principal(tenant_id=tenant_id, user_id=subject.removeprefix("users/"))
+            # Decided without trusted token roles: a stored principal has no token.
+            if await self.authorizer.allowed(user, action, resource):
+                out.append(subject)
+        return out
+
+    def written(self, tenant_id: str) -> None:
+        """Forget the tenant's cached bindings after this replica changed them (committed)."""
+        if self.authorizer.directory is not None:
+            self.authorizer.directory.invalidate(tenant_id)

@@ -1,5 +1,6 @@
-"""Composition root of the governance service: opens the database, builds the interim
-access check and every servicer listed in :data:`SERVICERS`, and their background jobs."""
+"""Composition root of the governance service: opens the database, builds the authorizer
+(its directory reads governance's own tables) and every servicer listed in
+:data:`SERVICERS`, and their background jobs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import grpc
 import structlog
 from aeterna_common.auth import ServiceCredentials
+from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.leases import Lease
@@ -21,8 +23,9 @@ from aeterna_governance import (
     policy_servicer,
     store,
 )
-from aeterna_governance.access import Access
+from aeterna_governance.access import Access, OwnTablesDirectory
 from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_governance.organization import read_snapshot
 from aeterna_governance.settings import GovernanceSettings
 
 log = structlog.get_logger("aeterna.governance")
@@ -89,12 +92,20 @@ async def build(
     except BaseException:
         await db.close()
         raise
+    # One authorizer per replica, its directory this replica's own tables (the source of
+    # the bindings), cached and invalidated as in every service (aeterna_common.authz).
+    bindings = DirectoryCache(
+        OwnTablesDirectory(lambda tenant_id: read_snapshot(db, tenant_id)),
+        redis_url=common.redis_url,
+        ttl_s=common.authz_cache_ttl_s,
+        stale_grace_s=common.authz_stale_grace_s,
+    )
     deps = Deps(
         common=common,
         settings=settings,
         db=db,
         indexer=indexer,
-        access=Access(db, trust_token_roles=settings.trust_token_roles),
+        access=Access(Authorizer(bindings, trust_token_roles=common.auth_trust_token_roles)),
         credentials=credentials,
     )
 
@@ -108,12 +119,13 @@ async def build(
             "governance:idempotency:gc",
             settings.idempotency_gc_interval_s,
             collect_idempotency_keys,
-        )
+        ),
+        bindings.watch,
     ]
     app = GovernanceApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer),
+        close=lambda: _close(db, indexer, bindings),
         background=jobs,
         deps=deps,
     )
@@ -128,6 +140,7 @@ async def build(
     return app
 
 
-async def _close(db: Database, indexer: Database) -> None:
+async def _close(db: Database, indexer: Database, bindings: DirectoryCache) -> None:
+    await bindings.close()
     await indexer.close()
     await db.close()

@@ -14,16 +14,22 @@ from aeterna.governance.v1 import approval_service_pb2 as svc
 from aeterna.governance.v1 import approval_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common.authz import Resource
 from aeterna_common.errors import FieldViolation, InvalidArgument
 
 from aeterna_governance import servicing
-from aeterna_governance.approvals import Approvals, check_comment, validate_request
+from aeterna_governance.access import method
+from aeterna_governance.approvals import DECIDE, Approvals, check_comment, validate_request
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
 from aeterna_governance.names import parse_name, parse_parent
 from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import WriteKey, request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["ApprovalService"].full_name
+
+
+def _action(name: str) -> str:
+    return method(SERVICE_NAME, name)
 
 
 def _page_key(request: res.ApprovalRequest) -> str:
@@ -65,7 +71,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         tenant_id = parse_parent(principal, request.parent)
         servicing.check_request_id(request.request_id)
         servicing.check_request_id_header(context, request.request_id)
-        await self.access.require(principal, tenant_id, "governance.approvalRequests.create")
+        await self.access.require(
+            principal, _action("CreateApprovalRequest"), Resource.tenant(tenant_id)
+        )
         unit_id, mode, required, risk = validate_request(tenant_id, request.approval_request)
         requester = (
             f"services/{principal.user_id.removeprefix('service:')}"
@@ -92,7 +100,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "approvalRequests")
-        await self.access.require(principal, name.tenant_id, "governance.approvalRequests.get")
+        await self.access.require(
+            principal, _action("GetApprovalRequest"), Resource.tenant(name.tenant_id)
+        )
         servicing.check_read_token(context)
         return await self.approvals.get(name.tenant_id, name.id)
 
@@ -102,7 +112,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto. Newest first."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.approvalRequests.list")
+        await self.access.require(
+            principal, _action("ListApprovalRequests"), Resource.tenant(tenant_id)
+        )
         servicing.check_read_token(context)
         if request.state not in res.ApprovalState.values():
             raise InvalidArgument([FieldViolation("state", "unknown state", "INVALID_STATE")])
@@ -139,9 +151,7 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         principal = rc.current().principal
         name = parse_name(principal, name_text, "approvalRequests")
         if principal.is_service:
-            await self.access.require(
-                principal, name.tenant_id, "governance.approvalRequests.decide"
-            )
+            await self.access.require(principal, DECIDE, Resource.tenant(name.tenant_id))
         check_comment(comment, required=not approve)
         decided, position = await self.approvals.decide(
             principal, name.tenant_id, name.id, approve, comment
@@ -155,7 +165,9 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
         """See the proto. The requester or a tenant admin cancels."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "approvalRequests")
-        await self.access.require(principal, name.tenant_id, "governance.approvalRequests.cancel")
+        await self.access.require(
+            principal, _action("CancelApprovalRequest"), Resource.tenant(name.tenant_id)
+        )
         cancelled, position = await self.approvals.cancel(principal, name.tenant_id, name.id)
         await servicing.send_token(context, position)
         return cancelled

@@ -1,10 +1,11 @@
 """Approval requests and decisions in PostgreSQL (DOMAIN.md, Approvals).
 
 * A request names its type, risk level, mode and the unit whose approvers decide (none: the
-  tenant's admins). Its approvers are the principals holding ADMIN or a higher unit role at
-  the unit or a unit above it, or a tenant-wide role (TENANT_ADMIN, PLATFORM_ADMIN); the
-  requester is never one of them. Those eligible at creation are recorded; UNANIMOUS needs
-  each of them, and only they decide it.
+  tenant's admins). Its approvers are the users the permission model lets decide at the
+  unit (``approval:decide`` in ``governance.cedar``: TECH_LEAD at a project or team,
+  ARCHITECT at an organization, ADMIN at the company, bound there or above, and tenant
+  admins); the requester is never one of them. Those eligible at creation are recorded;
+  UNANIMOUS needs each of them, and only they decide it.
 * Modes: SINGLE (one approval), QUORUM (``required_approvals``, 2-10, default 2), UNANIMOUS.
   One rejection closes a request. A request not decided within ``ttl_s`` (72 h) expires,
   by :meth:`Approvals.expire_due`, a job run under a lease.
@@ -32,12 +33,16 @@ from aeterna_common.errors import FieldViolation, InvalidArgument, NotFound
 from google.protobuf import json_format, struct_pb2
 
 from aeterna_governance import store
-from aeterna_governance.access import ADMIN, TENANT_WIDE, Access, denied
+from aeterna_governance.access import APPROVALS, Access, denied, method
 from aeterna_governance.errors import PreconditionViolated
 from aeterna_governance.names import unit_name
 from aeterna_governance.organization import etag, timestamp, unit_reference
 
 log = structlog.get_logger("aeterna.governance.approvals")
+
+DECIDE = method(APPROVALS, "ApproveApprovalRequest")
+"""The action whose permission makes an approver (approve and reject are one group,
+``approval:decide``, in the policies)."""
 
 DEFAULT_QUORUM = 2
 """Approvals a QUORUM request needs when it names none (DOMAIN.md: quorum default 2)."""
@@ -61,30 +66,6 @@ _COLUMNS = (
     "id, type, risk_level, mode, required_approvals, org_unit_id, target, title, payload, "
     "requester, state, revision, created_at, expire_at, closed_at"
 )
-
-ELIGIBLE_SQL = """
-WITH RECURSIVE up(id, parent_id) AS (
-    SELECT id, parent_id FROM org_units WHERE tenant_id = $1 AND id = $2
-    UNION ALL
-    SELECT o.id, o.parent_id FROM org_units o JOIN up ON o.tenant_id = $1 AND o.id = up.parent_id
-)
-SELECT DISTINCT subject FROM role_bindings
-WHERE tenant_id = $1 AND subject LIKE 'users/%'
-  AND (role = ANY($3::smallint[]) OR (role = $4 AND org_unit_id IN (SELECT id FROM up)))
-ORDER BY subject
-"""
-"""Users holding ADMIN at unit ``$2`` or above it, or a tenant-wide role: the approvers."""
-
-AWAITING_SQL = """
-WITH RECURSIVE mine(id) AS (
-    SELECT org_unit_id FROM role_bindings
-    WHERE tenant_id = $1 AND subject = $2 AND role = $3 AND org_unit_id IS NOT NULL
-    UNION
-    SELECT o.id FROM org_units o JOIN mine ON o.tenant_id = $1 AND o.parent_id = mine.id
-)
-SELECT id FROM mine
-"""
-"""The units where subject ``$2`` is an approver: those it holds ADMIN at, and below."""
 
 
 def approval_pb(
@@ -301,10 +282,8 @@ class Approvals:
                         )
                     ]
                 )
-            rows = await conn.fetch(
-                ELIGIBLE_SQL, tenant_id, unit_id or "", list(TENANT_WIDE), ADMIN
-            )
-            eligible = [r["subject"] for r in rows if r["subject"] != key.principal]
+            approvers = await self.access.users_allowed(tenant_id, DECIDE, unit_id)
+            eligible = [s for s in approvers if s != key.principal]
             needed = required
             if mode == res.APPROVAL_MODE_UNANIMOUS:
                 if not eligible:
@@ -312,8 +291,8 @@ class Approvals:
                         [
                             FieldViolation(
                                 "approval_request.mode",
-                                "UNANIMOUS needs at least one approver bound with ADMIN at the "
-                                "unit or above, or TENANT_ADMIN, besides the requester",
+                                "UNANIMOUS needs at least one user who may decide at the unit "
+                                "(the permission model) besides the requester",
                                 "NO_ELIGIBLE_APPROVERS",
                             )
                         ]
@@ -355,6 +334,7 @@ class Approvals:
             )
             return created, position
 
+        await self.access.prefetch(tenant_id)  # the approvers are decided inside
         return await store.run_write(self.db, key, res.ApprovalRequest, work)
 
     async def get(self, tenant_id: str, request_id: str) -> res.ApprovalRequest:
@@ -396,8 +376,8 @@ class Approvals:
 
         async def work(conn: asyncpg.Connection) -> list[res.ApprovalRequest]:
             units: list[str] | None = None  # None: every unit (a tenant admin)
-            if awaiting_me and not await self.access.holds(conn, principal, tenant_id, None):
-                units = [r["id"] for r in await conn.fetch(AWAITING_SQL, tenant_id, me, ADMIN)]
+            if awaiting_me and not await self.access.tenant_admin(principal, tenant_id, DECIDE):
+                units = list(await self.access.units_allowed(principal, tenant_id, DECIDE))
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM approval_requests r WHERE tenant_id = $1 "
                 "AND ($2 = 0 OR state = $2) "
@@ -421,6 +401,7 @@ class Approvals:
                 approval_pb(tenant_id, r, await _decisions(conn, tenant_id, r["id"])) for r in rows
             ]
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work, readonly=True)
 
     async def decide(
@@ -445,7 +426,7 @@ class Approvals:
                 (``APPROVAL_CLOSED``) or expired (``APPROVAL_EXPIRED``), or the caller
                 decided it the other way already (``ALREADY_DECIDED``).
         """
-        action = "governance.approvalRequests.decide"
+        action = DECIDE
         rid = uuid.UUID(request_id)
         me = principal.actor
 
@@ -456,13 +437,13 @@ class Approvals:
                 tenant_id,
                 rid,
             )
-            allowed = row is not None and await self.access.holds(
-                conn, principal, tenant_id, row["org_unit_id"]
+            allowed = row is not None and await self.access.allowed_at(
+                principal, tenant_id, action, row["org_unit_id"]
             )
             if allowed and row is not None and row["mode"] == res.APPROVAL_MODE_UNANIMOUS:
                 allowed = me in row["eligible"]
             if not allowed:
-                if row is None and await self.access.holds(conn, principal, tenant_id, None):
+                if row is None and await self.access.tenant_admin(principal, tenant_id, action):
                     raise _not_found(tenant_id, request_id)
                 raise denied(action)
             assert row is not None
@@ -550,6 +531,7 @@ class Approvals:
             assert updated is not None
             return approval_pb(tenant_id, updated, await _decisions(conn, tenant_id, rid)), position
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work)
 
     async def cancel(
@@ -563,7 +545,7 @@ class Approvals:
             NotFound: No such request (tenant admins only).
             PreconditionViolated: It is closed otherwise (``APPROVAL_CLOSED``).
         """
-        action = "governance.approvalRequests.cancel"
+        action = method(APPROVALS, "CancelApprovalRequest")
         rid = uuid.UUID(request_id)
 
         async def work(conn: asyncpg.Connection) -> tuple[res.ApprovalRequest, int]:
@@ -573,7 +555,7 @@ class Approvals:
                 tenant_id,
                 rid,
             )
-            is_admin = await self.access.holds(conn, principal, tenant_id, None)
+            is_admin = await self.access.tenant_admin(principal, tenant_id, action)
             if not is_admin and (row is None or row["requester"] != principal.actor):
                 raise denied(action)
             if row is None:
@@ -604,6 +586,7 @@ class Approvals:
             )
             return result, position
 
+        await self.access.prefetch(tenant_id)
         return await self.db.run(tenant_id, work)
 
     async def expire_due(self, lease: leases.Lease) -> int:

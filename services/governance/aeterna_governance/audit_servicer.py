@@ -21,6 +21,7 @@ from aeterna_common.leases import Lease
 from google.protobuf import struct_pb2
 
 from aeterna_governance import servicing
+from aeterna_governance.access import method
 from aeterna_governance.audit.chain import AuditRecord
 from aeterna_governance.audit.consumer import AuditConsumer
 from aeterna_governance.audit.log import AuditLog
@@ -33,6 +34,11 @@ from aeterna_governance.servicing import Ctx
 log = structlog.get_logger("aeterna.governance.audit")
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+
+def _action(name: str) -> str:
+    return method(SERVICE_NAME, name)
+
 
 CHECKPOINT_LEASE = "governance:audit:checkpoint"
 """Lease of the checkpoint job."""
@@ -71,7 +77,10 @@ class AuditServicer(svc_grpc.AuditServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.auditEntries.list")
+        # The company's ADMIN and tenant admins (governance.cedar, audit-company-admin).
+        await self.access.require(
+            principal, _action("ListAuditEntries"), await self.access.company(tenant_id)
+        )
         servicing.check_read_token(context)
         size = servicing.page_size(request.page_size)
         fingerprint = f"{len(request.resource)}:{request.resource}|{request.actor}"
@@ -94,7 +103,10 @@ class AuditServicer(svc_grpc.AuditServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.auditEntries.verify")
+        # The company's ADMIN and tenant admins (governance.cedar, audit-company-admin).
+        await self.access.require(
+            principal, _action("VerifyAuditLog"), await self.access.company(tenant_id)
+        )
         outcome = await self.audit.verify(tenant_id)
         response = svc.VerifyAuditLogResponse(
             valid=outcome.valid,

@@ -28,7 +28,7 @@ class Deps:
         settings: Governance settings.
         db: Pool of the application role (tenant transactions under RLS).
         indexer: Pool of the indexer role (cross-tenant SELECT of what background jobs find).
-        access: The interim authorization check.
+        access: The authorization checks (the shared permission model).
         credentials: The service's own token for calls to other services, if configured.
     """
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from aeterna_common.context import Principal
 from aeterna_common.errors import FieldViolation, InvalidArgument, PermissionDenied
 
-_TENANT = r"([A-Za-z0-9_-]{1,100})"
+TENANT_PATTERN = r"[A-Za-z0-9_-]{1,100}"
+"""A tenant id (as the token's ``tenant`` claim)."""
+_TENANT = rf"({TENANT_PATTERN})"
 UNIT_ID = re.compile(r"^[a-z0-9-]{1,63}$")
 """Org unit ids: 1-63 characters of [a-z0-9-] (the proto's rule; a DNS label's length)."""
 

@@ -41,9 +41,9 @@ from aeterna_common.errors import (
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aeterna_governance import store
-from aeterna_governance.access import Access, denied
+from aeterna_governance.access import ORGANIZATION, Access, denied, method
 from aeterna_governance.errors import PreconditionViolated
-from aeterna_governance.names import UNIT_ID, unit_name
+from aeterna_governance.names import TENANT_PATTERN, UNIT_ID, unit_name
 
 MAX_DEPTH = 3
 """Longest delegation chain (DOMAIN.md: delegation depth ≤ 3)."""
@@ -365,6 +365,17 @@ class Organization:
             tenant_id, principal.actor, method, request_id, digest, self.idempotency_ttl_s
         )
 
+    async def _write(
+        self, key: store.WriteKey, kind: type[store.M], work: store.Work[store.M]
+    ) -> tuple[store.M, int]:
+        # Every write here changes what the tenant's bindings snapshot holds: this replica
+        # drops its cached copy once committed (other replicas: the events, or the TTL).
+        await self.access.prefetch(key.tenant_id)  # row-dependent checks decide inside
+        try:
+            return await store.run_write(self.db, key, kind, work)
+        finally:
+            self.access.written(key.tenant_id)
+
     async def _row(self, tenant_id: str, sql: str, *args: object) -> asyncpg.Record | None:
         """One row of a read-only query whose ``$1`` is the tenant."""
 
@@ -451,7 +462,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def get_unit(self, tenant_id: str, unit_id: str) -> res.OrgUnit:
         """The unit.
@@ -516,7 +527,7 @@ class Organization:
             )
             return updated, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def _lock_unit(
         self, conn: asyncpg.Connection, tenant_id: str, unit_id: str, given_etag: str
@@ -608,7 +619,7 @@ class Organization:
             )
             return moved, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     async def delete_unit(
         self, key: store.WriteKey, unit_id: str, given_etag: str
@@ -657,7 +668,7 @@ class Organization:
             )
             return deleted, position
 
-        return await store.run_write(self.db, key, res.OrgUnit, work)
+        return await self._write(key, res.OrgUnit, work)
 
     # ----- role bindings -----
 
@@ -713,7 +724,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.RoleBinding, work)
+        return await self._write(key, res.RoleBinding, work)
 
     async def get_binding(self, tenant_id: str, binding_id: str) -> res.RoleBinding:
         """The binding.
@@ -763,7 +774,7 @@ class Organization:
             NotFound: No such binding (tenant admins only).
         """
         tenant_id = key.tenant_id
-        action = "governance.roleBindings.delete"
+        action = method(ORGANIZATION, "DeleteRoleBinding")
 
         async def work(conn: asyncpg.Connection) -> tuple[res.RoleBinding, int]:
             row = await conn.fetchrow(
@@ -773,7 +784,7 @@ class Organization:
                 uuid.UUID(binding_id),
             )
             unit = row["org_unit_id"] if row is not None else None
-            if not await self.access.holds(conn, principal, tenant_id, unit):
+            if not await self.access.allowed_at(principal, tenant_id, action, unit):
                 raise denied(action)
             if row is None:
                 raise _binding_not_found(tenant_id, binding_id)
@@ -797,7 +808,7 @@ class Organization:
             )
             return deleted, position
 
-        return await store.run_write(self.db, key, res.RoleBinding, work)
+        return await self._write(key, res.RoleBinding, work)
 
     # ----- delegations -----
 
@@ -823,12 +834,12 @@ class Organization:
                 (``CAPABILITY_NOT_DELEGATED``).
         """
         tenant_id = key.tenant_id
-        action = "governance.delegations.create"
+        action = method(ORGANIZATION, "CreateDelegation")
         delegation_id = uuid.uuid4()
         expire_at = d.expire_time.ToDatetime(tzinfo=UTC) if d.HasField("expire_time") else None
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Delegation, int]:
-            is_admin = await self.access.holds(conn, principal, tenant_id, None)
+            is_admin = await self.access.tenant_admin(principal, tenant_id, action)
             depth = 1
             until = expire_at
             if parent_id is None:
@@ -898,7 +909,7 @@ class Organization:
             )
             return created, position
 
-        return await store.run_write(self.db, key, res.Delegation, work)
+        return await self._write(key, res.Delegation, work)
 
     async def get_delegation(self, tenant_id: str, delegation_id: str) -> res.Delegation:
         """The delegation.
@@ -952,7 +963,7 @@ class Organization:
             NotFound: No such delegation (tenant admins only).
         """
         tenant_id = key.tenant_id
-        action = "governance.delegations.revoke"
+        action = method(ORGANIZATION, "RevokeDelegation")
 
         async def work(conn: asyncpg.Connection) -> tuple[res.Delegation, int]:
             row = await conn.fetchrow(
@@ -965,7 +976,7 @@ class Organization:
                 (principal.agent_id is None and principal.user_id == row["user_id"])
                 or principal.actor == row["creator"]
             )
-            if not owner and not await self.access.holds(conn, principal, tenant_id, None):
+            if not owner and not await self.access.tenant_admin(principal, tenant_id, action):
                 raise denied(action)
             if row is None:
                 raise _delegation_not_found(tenant_id, delegation_id)
@@ -1002,41 +1013,13 @@ class Organization:
             assert result is not None
             return result, position
 
-        return await store.run_write(self.db, key, res.Delegation, work)
+        return await self._write(key, res.Delegation, work)
 
     # ----- snapshot -----
 
     async def snapshot(self, tenant_id: str) -> res.AuthorizationSnapshot:
-        """The tenant's units, bindings and active unexpired delegations, and the outbox
-        position they reflect, read in one REPEATABLE READ snapshot."""
-        # REPEATABLE READ: every table and the outbox position as of one moment (positions
-        # are drawn in commit order, so the revision counts exactly the changes seen).
-        async with (
-            self.db.pool.acquire() as pooled,
-            pooled.transaction(readonly=True, isolation="repeatable_read"),
-        ):
-            conn = cast(asyncpg.Connection, pooled)
-            await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
-            units = await conn.fetch(
-                f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 ORDER BY id",
-                tenant_id,
-            )
-            bindings = await conn.fetch(
-                f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 ORDER BY id",
-                tenant_id,
-            )
-            delegations = await conn.fetch(
-                f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND state = 1"
-                " AND (expire_at IS NULL OR expire_at > clock_timestamp()) ORDER BY id",
-                tenant_id,
-            )
-            return res.AuthorizationSnapshot(
-                name=f"tenants/{tenant_id}/authorizationSnapshot",
-                org_units=[unit_pb(tenant_id, r) for r in units],
-                role_bindings=[binding_pb(tenant_id, r) for r in bindings],
-                delegations=[delegation_pb(tenant_id, r) for r in delegations],
-                revision=await store.latest_position(conn, tenant_id),
-            )
+        """The tenant's snapshot (:func:`read_snapshot`)."""
+        return await read_snapshot(self.db, tenant_id)
 
 
 def _onward_violations(d: res.Delegation, parent: asyncpg.Record) -> list[FieldViolation]:
@@ -1080,3 +1063,97 @@ def _delegation_not_found(tenant_id: str, delegation_id: str) -> NotFound:
     return NotFound(
         f"delegation {name} not found", reason="DELEGATION_NOT_FOUND", metadata={"name": name}
     )
+
+
+async def read_snapshot(db: Database, tenant_id: str) -> res.AuthorizationSnapshot:
+    """The tenant's units, bindings and active unexpired delegations, and the outbox
+    position they reflect, read in one REPEATABLE READ snapshot: what
+    ``GetAuthorizationSnapshot`` serves to other services, and governance's own
+    authorization directory reads in process.
+
+    Args:
+        db: The application role's pool.
+        tenant_id: The tenant.
+    """
+    # REPEATABLE READ: every table and the outbox position as of one moment (positions
+    # are drawn in commit order, so the revision counts exactly the changes seen).
+    async with (
+        db.pool.acquire() as pooled,
+        pooled.transaction(readonly=True, isolation="repeatable_read"),
+    ):
+        conn = cast(asyncpg.Connection, pooled)
+        await conn.execute("SELECT aeterna_bind_tenant($1)", tenant_id)
+        units = await conn.fetch(
+            f"SELECT {_UNIT_COLUMNS} FROM org_units WHERE tenant_id = $1 ORDER BY id",
+            tenant_id,
+        )
+        bindings = await conn.fetch(
+            f"SELECT {_BINDING_COLUMNS} FROM role_bindings WHERE tenant_id = $1 ORDER BY id",
+            tenant_id,
+        )
+        delegations = await conn.fetch(
+            f"SELECT {_DELEGATION_COLUMNS} FROM delegations WHERE tenant_id = $1 AND state = 1"
+            " AND (expire_at IS NULL OR expire_at > clock_timestamp()) ORDER BY id",
+            tenant_id,
+        )
+        return res.AuthorizationSnapshot(
+            name=f"tenants/{tenant_id}/authorizationSnapshot",
+            org_units=[unit_pb(tenant_id, r) for r in units],
+            role_bindings=[binding_pb(tenant_id, r) for r in bindings],
+            delegations=[delegation_pb(tenant_id, r) for r in delegations],
+            revision=await store.latest_position(conn, tenant_id),
+        )
+
+
+BOOTSTRAP_ACTOR = "services/governance-bootstrap"
+"""Actor (outbox, ``creator``) of bindings written by ``aeterna-governance bootstrap``; the
+owner's row-level security policies of ``0004_bootstrap.sql`` admit only this actor."""
+
+
+async def bootstrap_tenant_admin(owner: asyncpg.Connection, tenant_id: str, user_id: str) -> bool:
+    """Bind ``users/{user_id}`` as TENANT_ADMIN of ``tenant_id`` with its outbox event, in one
+    transaction of the owner role (no RPC can: nobody administers the tenant yet).
+
+    Idempotent: a binding that exists already is left alone, with no event.
+
+    Args:
+        owner: A connection of the schema owner (``AETERNA_DATABASE_OWNER_URL``).
+        tenant_id: The tenant (1-100 characters of ``[A-Za-z0-9_-]``, as token claims).
+        user_id: The user to bind.
+
+    Returns:
+        True when the binding was written now, False when it existed.
+
+    Raises:
+        InvalidArgument: A malformed tenant or user (field violations).
+    """
+    violations = []
+    if not re.fullmatch(TENANT_PATTERN, tenant_id):
+        violations.append(FieldViolation("tenant", "1-100 characters of [A-Za-z0-9_-]"))
+    if not is_identifier(user_id):
+        violations.append(FieldViolation("admin", "users/{user} with a valid user id"))
+    if violations:
+        raise InvalidArgument(violations)
+    async with owner.transaction():
+        row = await owner.fetchrow(
+            "INSERT INTO role_bindings (tenant_id, id, subject, role, org_unit_id, creator) "
+            "VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING "
+            f"RETURNING {_BINDING_COLUMNS}",
+            tenant_id,
+            uuid.uuid4(),
+            f"users/{user_id}",
+            res.ROLE_TENANT_ADMIN,
+            BOOTSTRAP_ACTOR,
+        )
+        if row is None:
+            return False
+        created = binding_pb(tenant_id, row)
+        await store.append_event(
+            owner,
+            tenant_id,
+            "governance.role_binding.created",
+            created.name,
+            BOOTSTRAP_ACTOR,
+            {"subject": created.subject, "role": role_name(created.role), "org_unit": ""},
+        )
+        return True

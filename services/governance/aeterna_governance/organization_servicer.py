@@ -1,6 +1,7 @@
 """gRPC servicer of ``aeterna.governance.v1.OrganizationService``: thin, protobuf ⇄ use
-cases. Each method checks the name's tenant, then authorizes (``Access.require``, before
-any lookup), then validates the body, then runs the use case (:mod:`.organization`)."""
+cases. Each method checks the name's tenant, then authorizes (``Access.require``, the Cedar
+policies, before any lookup), then validates the body, then runs the use case
+(:mod:`.organization`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from aeterna.governance.v1 import organization_service_pb2 as svc
 from aeterna.governance.v1 import organization_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common.authz import Resource
 from aeterna_common.errors import FieldViolation, InvalidArgument
 from google.protobuf import empty_pb2
 
 from aeterna_governance import servicing
+from aeterna_governance.access import method
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
 from aeterna_governance.names import parse_name, parse_parent, parse_snapshot_name
 from aeterna_governance.organization import (
@@ -31,6 +34,10 @@ from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["OrganizationService"].full_name
+
+
+def _action(name: str) -> str:
+    return method(SERVICE_NAME, name)
 
 
 def _fingerprint(*parts: object) -> str:
@@ -57,9 +64,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         # The unit the caller must administer: the parent (a COMPANY: the tenant).
         parent = request.org_unit.parent
         parent_id = unit_reference(tenant_id, parent, "org_unit.parent") if parent else None
-        await self.access.require(
-            principal, tenant_id, "governance.orgUnits.create", unit_id=parent_id
-        )
+        await self.access.require_at(principal, tenant_id, _action("CreateOrgUnit"), parent_id)
         parent_id = validate_new_unit(tenant_id, request.org_unit_id, request.org_unit)
         key = self.org.key(
             tenant_id, principal, "CreateOrgUnit", request.request_id, request_hash(request)
@@ -74,7 +79,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "orgUnits")
-        await self.access.require(principal, name.tenant_id, "governance.orgUnits.get")
+        await self.access.require_at(principal, name.tenant_id, _action("GetOrgUnit"), None)
         servicing.check_read_token(context)
         return await self.org.get_unit(name.tenant_id, name.id)
 
@@ -84,7 +89,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.orgUnits.list")
+        await self.access.require_at(principal, tenant_id, _action("ListOrgUnits"), None)
         servicing.check_read_token(context)
         parent_id = (
             unit_reference(tenant_id, request.parent_org_unit, "parent_org_unit")
@@ -107,9 +112,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         changes by MoveOrgUnit)."""
         principal = rc.current().principal
         name = parse_name(principal, request.org_unit.name, "orgUnits", "org_unit.name")
-        await self.access.require(
-            principal, name.tenant_id, "governance.orgUnits.update", unit_id=name.id
-        )
+        await self.access.require_at(principal, name.tenant_id, _action("UpdateOrgUnit"), name.id)
         servicing.check_mask(list(request.update_mask.paths), {"display_name"})
         violations = check_display_name(request.org_unit.display_name, "org_unit.display_name")
         if violations:
@@ -127,9 +130,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "orgUnits")
-        await self.access.require(
-            principal, name.tenant_id, "governance.orgUnits.delete", unit_id=name.id
-        )
+        await self.access.require_at(principal, name.tenant_id, _action("DeleteOrgUnit"), name.id)
         key = self.org.key(name.tenant_id, principal, "DeleteOrgUnit", "", request_hash(request))
         _, position = await self.org.delete_unit(key, name.id, request.etag)
         await servicing.send_token(context, position)
@@ -147,9 +148,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
             )
         new_parent = unit_reference(name.tenant_id, request.new_parent, "new_parent")
         for unit_id in (name.id, new_parent):
-            await self.access.require(
-                principal, name.tenant_id, "governance.orgUnits.move", unit_id=unit_id
-            )
+            await self.access.require_at(principal, name.tenant_id, _action("MoveOrgUnit"), unit_id)
         key = self.org.key(
             name.tenant_id, principal, "MoveOrgUnit", request.request_id, request_hash(request)
         )
@@ -169,9 +168,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         servicing.check_request_id_header(context, request.request_id)
         unit = request.role_binding.org_unit
         unit_id = unit_reference(tenant_id, unit, "role_binding.org_unit") if unit else None
-        await self.access.require(
-            principal, tenant_id, "governance.roleBindings.create", unit_id=unit_id
-        )
+        await self.access.require_at(principal, tenant_id, _action("CreateRoleBinding"), unit_id)
         unit_id = validate_binding(tenant_id, request.role_binding)
         key = self.org.key(
             tenant_id, principal, "CreateRoleBinding", request.request_id, request_hash(request)
@@ -186,7 +183,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "roleBindings")
-        await self.access.require(principal, name.tenant_id, "governance.roleBindings.get")
+        await self.access.require_at(principal, name.tenant_id, _action("GetRoleBinding"), None)
         servicing.check_read_token(context)
         return await self.org.get_binding(name.tenant_id, name.id)
 
@@ -196,7 +193,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.roleBindings.list")
+        await self.access.require_at(principal, tenant_id, _action("ListRoleBindings"), None)
         servicing.check_read_token(context)
         if request.subject and not SUBJECT.match(request.subject):
             raise InvalidArgument(
@@ -242,7 +239,12 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         tenant_id = parse_parent(principal, request.parent)
         servicing.check_request_id(request.request_id)
         servicing.check_request_id_header(context, request.request_id)
-        await self.access.require(principal, tenant_id, "governance.delegations.create")
+        # For the delegation's user: its own space (or its agents'), or a tenant admin's.
+        await self.access.require(
+            principal,
+            _action("CreateDelegation"),
+            Resource.user_space(tenant_id, request.delegation.user_id),
+        )
         parent_id = validate_delegation(tenant_id, request.delegation, datetime.now(UTC))
         key = self.org.key(
             tenant_id, principal, "CreateDelegation", request.request_id, request_hash(request)
@@ -259,7 +261,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "delegations")
-        await self.access.require(principal, name.tenant_id, "governance.delegations.get")
+        await self.access.require_at(principal, name.tenant_id, _action("GetDelegation"), None)
         servicing.check_read_token(context)
         return await self.org.get_delegation(name.tenant_id, name.id)
 
@@ -269,7 +271,7 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.delegations.list")
+        await self.access.require_at(principal, tenant_id, _action("ListDelegations"), None)
         servicing.check_read_token(context)
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(
@@ -298,7 +300,12 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         admin revokes (checked with the row)."""
         principal = rc.current().principal
         name = parse_name(principal, request.name, "delegations")
-        await self.access.require(principal, name.tenant_id, "governance.delegations.revoke")
+        # Whose it is needs the row: the caller's own space here, the owner in the use case.
+        await self.access.require(
+            principal,
+            _action("RevokeDelegation"),
+            Resource.user_space(name.tenant_id, principal.user_id),
+        )
         key = self.org.key(name.tenant_id, principal, "RevokeDelegation", "", request_hash(request))
         revoked, position = await self.org.revoke_delegation(key, principal, name.id)
         await servicing.send_token(context, position)
@@ -312,7 +319,9 @@ class OrganizationServicer(svc_grpc.OrganizationServiceServicer):
         """See the proto. Tenant admins and service principals only."""
         principal = rc.current().principal
         tenant_id = parse_snapshot_name(principal, request.name)
-        await self.access.require(principal, tenant_id, "governance.authorizationSnapshot.get")
+        await self.access.require(
+            principal, _action("GetAuthorizationSnapshot"), Resource.tenant(tenant_id)
+        )
         servicing.check_read_token(context)
         return await self.org.snapshot(tenant_id)
 

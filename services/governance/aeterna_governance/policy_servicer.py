@@ -27,7 +27,7 @@ from aeterna_common.errors import FieldViolation, InvalidArgument
 from google.protobuf import empty_pb2
 
 from aeterna_governance import servicing
-from aeterna_governance.access import Access
+from aeterna_governance.access import Access, method
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
 from aeterna_governance.names import invalid_name, parse_name, parse_parent, tenant_mismatch
 from aeterna_governance.organization import check_display_name, unit_reference
@@ -39,6 +39,11 @@ from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+
+def _action(name: str) -> str:
+    return method(SERVICE_NAME, name)
+
 
 POLICY_ID = re.compile(r"[a-z0-9-]{1,63}")
 """Policy ids (the contract: 1-63 characters of [a-z0-9-])."""
@@ -151,8 +156,12 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
     async def _require_for_policy(
         self, principal: Principal, tenant_id: str, policy_id: str, action: str
     ) -> None:
+        # A policy's unit decides (a missing policy: tenant admins only, as if it existed).
         unit = await self.policies.unit_of_policy(tenant_id, policy_id)
-        await self.access.require(principal, tenant_id, action, unit_id=unit)
+        if action == _action("GetPolicy"):
+            await self.access.require_in_tree(principal, tenant_id, action, unit)
+        else:
+            await self.access.require_at(principal, tenant_id, action, unit)
 
     # ----- policies -----
 
@@ -165,9 +174,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         if not request.policy.org_unit:
             raise InvalidArgument([FieldViolation("policy.org_unit", "required", "REQUIRED")])
         unit_id = unit_reference(tenant_id, request.policy.org_unit, "policy.org_unit")
-        await self.access.require(
-            principal, tenant_id, "governance.policies.create", unit_id=unit_id
-        )
+        await self.access.require_at(principal, tenant_id, _action("CreatePolicy"), unit_id)
         values, violations = _policy_fields(request.policy, UPDATABLE)
         if not POLICY_ID.fullmatch(request.policy_id):
             violations.insert(0, FieldViolation("policy_id", "1-63 characters of [a-z0-9-]"))
@@ -186,7 +193,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, policy_id = _parse_policy_name(principal, request.name, "name")
-        await self._require_for_policy(principal, tenant_id, policy_id, "governance.policies.get")
+        await self._require_for_policy(principal, tenant_id, policy_id, _action("GetPolicy"))
         servicing.check_read_token(context)
         return await self.policies.get(tenant_id, policy_id)
 
@@ -194,13 +201,13 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         self, request: svc.ListPoliciesRequest, context: Ctx
     ) -> svc.ListPoliciesResponse:
         """See the proto. Without ``org_unit`` only tenant admins list (every unit's
-        policies); with it, members of the unit or above."""
+        policies); with it, readers of the unit's tree (:meth:`Access.require_in_tree`)."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
         unit_id = (
             unit_reference(tenant_id, request.org_unit, "org_unit") if request.org_unit else None
         )
-        await self.access.require(principal, tenant_id, "governance.policies.list", unit_id=unit_id)
+        await self.access.require_in_tree(principal, tenant_id, _action("ListPolicies"), unit_id)
         servicing.check_read_token(context)
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, unit_id)
@@ -217,9 +224,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, policy_id = _parse_policy_name(principal, request.policy.name, "policy.name")
-        await self._require_for_policy(
-            principal, tenant_id, policy_id, "governance.policies.update"
-        )
+        await self._require_for_policy(principal, tenant_id, policy_id, _action("UpdatePolicy"))
         paths = servicing.check_mask(list(request.update_mask.paths), UPDATABLE)
         values, violations = _policy_fields(request.policy, set(paths))
         if violations:
@@ -233,9 +238,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, policy_id = _parse_policy_name(principal, request.name, "name")
-        await self._require_for_policy(
-            principal, tenant_id, policy_id, "governance.policies.delete"
-        )
+        await self._require_for_policy(principal, tenant_id, policy_id, _action("DeletePolicy"))
         key = self.policies.key(tenant_id, principal, "DeletePolicy", "", request_hash(request))
         _, position = await self.policies.delete(key, policy_id, request.etag)
         await servicing.send_token(context, position)
@@ -245,7 +248,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
 
     async def _unit(self, principal: Principal, org_unit: str, action: str) -> tuple[str, str]:
         name = parse_name(principal, org_unit, "orgUnits", "org_unit")
-        await self.access.require(principal, name.tenant_id, action, unit_id=name.id)
+        await self.access.require_in_tree(principal, name.tenant_id, action, name.id)
         return name.tenant_id, name.id
 
     async def CheckPolicy(
@@ -253,9 +256,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
     ) -> svc.CheckPolicyResponse:
         """See the proto."""
         principal = rc.current().principal
-        tenant_id, unit_id = await self._unit(
-            principal, request.org_unit, "governance.policies.check"
-        )
+        tenant_id, unit_id = await self._unit(principal, request.org_unit, _action("CheckPolicy"))
         checked = await self.policies.check(
             tenant_id, unit_id, _context(request.context, "context")
         )
@@ -267,7 +268,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto: FILE and CODE rules only."""
         principal = rc.current().principal
         tenant_id, unit_id = await self._unit(
-            principal, request.org_unit, "governance.policies.check"
+            principal, request.org_unit, _action("ValidateContent")
         )
         checked_context = _context(
             res.PolicyContext(path=request.path, content=request.content), ""
@@ -280,9 +281,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
     async def CheckDrift(self, request: svc.CheckDriftRequest, context: Ctx) -> res.DriftReport:
         """See the proto."""
         principal = rc.current().principal
-        tenant_id, unit_id = await self._unit(
-            principal, request.org_unit, "governance.policies.check"
-        )
+        tenant_id, unit_id = await self._unit(principal, request.org_unit, _action("CheckDrift"))
         state = _context(request.context, "context")
         key = self.policies.key(tenant_id, principal, "CheckDrift", "", request_hash(request))
         report, position = await self.policies.check_drift(key, unit_id, state)
@@ -295,9 +294,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant_id, unit_id = _parse_report_name(principal, request.name)
-        await self.access.require(
-            principal, tenant_id, "governance.driftReports.get", unit_id=unit_id
-        )
+        await self.access.require_in_tree(principal, tenant_id, _action("GetDriftReport"), unit_id)
         servicing.check_read_token(context)
         return await self.policies.drift_report(tenant_id, unit_id)
 
@@ -315,9 +312,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         if not s.org_unit:
             raise InvalidArgument([FieldViolation("suppression.org_unit", "required", "REQUIRED")])
         unit_id = unit_reference(tenant_id, s.org_unit, "suppression.org_unit")
-        await self.access.require(
-            principal, tenant_id, "governance.suppressions.create", unit_id=unit_id
-        )
+        await self.access.require_at(principal, tenant_id, _action("CreateSuppression"), unit_id)
         violations: list[FieldViolation] = []
         policy_id = ""
         try:
@@ -354,7 +349,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         """See the proto (every unit's suppressions: tenant admins only)."""
         principal = rc.current().principal
         tenant_id = parse_parent(principal, request.parent)
-        await self.access.require(principal, tenant_id, "governance.suppressions.list")
+        await self.access.require_in_tree(principal, tenant_id, _action("ListSuppressions"), None)
         servicing.check_read_token(context)
         size = servicing.page_size(request.page_size)
         fingerprint = _fingerprint(tenant_id, request.show_expired)
@@ -374,9 +369,7 @@ class PolicyServicer(svc_grpc.PolicyServiceServicer):
         principal = rc.current().principal
         name = parse_name(principal, request.name, "suppressions")
         unit = await self.policies.unit_of_suppression(name.tenant_id, name.id)
-        await self.access.require(
-            principal, name.tenant_id, "governance.suppressions.delete", unit_id=unit
-        )
+        await self.access.require_at(principal, name.tenant_id, _action("DeleteSuppression"), unit)
         key = self.policies.key(
             name.tenant_id, principal, "DeleteSuppression", "", request_hash(request)
         )

@@ -21,9 +21,6 @@ class GovernanceSettings(BaseSettings):
         approval_expiry_interval_s: Seconds between runs of the approval expiry job (0
             disables), under the lease ``governance:approvals:expire``.
         jobs_lease_ttl_s: Time to live in seconds of the background jobs' leases.
-        trust_token_roles: Honour TENANT_ADMIN and PLATFORM_ADMIN in the token's ``roles``
-            claim (a development shortcut: ``make run`` and tests turn it on); off, every
-            role comes from role bindings.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_GOVERNANCE_", extra="ignore")
@@ -33,4 +30,3 @@ class GovernanceSettings(BaseSettings):
     approval_ttl_s: float = Field(default=72 * 3600.0, gt=0)
     approval_expiry_interval_s: float = Field(default=60.0, ge=0)
     jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
-    trust_token_roles: bool = False

@@ -57,7 +57,11 @@ def new_tenant() -> str:
 
 
 async def start_governance(
-    urls: DatabaseUrls, *, wait_ready: bool = True, **settings: Any
+    urls: DatabaseUrls,
+    *,
+    wait_ready: bool = True,
+    trust_token_roles: bool = True,
+    **settings: Any,
 ) -> tuple[GrpcServer, GovernanceApp]:
     """Build the service as ``serve`` does (migrating at start) and start it on a free port."""
     common = CommonSettings(
@@ -65,12 +69,12 @@ async def start_governance(
         database_owner_url=urls.owner,
         database_indexer_url=urls.indexer,
         service_token_file=session_auth().write_service_token("governance"),
+        auth_trust_token_roles=trust_token_roles,
         **auth_settings(),
     )
     # Background jobs run only where a test asks for them; tests call the jobs directly.
     settings.setdefault("idempotency_gc_interval_s", 0)
     settings.setdefault("approval_expiry_interval_s", 0)
-    settings.setdefault("trust_token_roles", True)
     app = await build(common, GovernanceSettings(**settings), SchemaSettings(migrate_on_start=True))
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2

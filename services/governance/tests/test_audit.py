@@ -250,7 +250,10 @@ async def test_audit_service_lists_and_verifies_for_tenant_admins_only(gov: Gove
         stub.VerifyAuditLog(svc.VerifyAuditLogRequest(parent=parent), metadata=md(t, "bob")),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    assert reason == "ACTION_NOT_ALLOWED" and meta["action"] == "governance.auditEntries.verify"
+    assert (
+        reason == "ACTION_NOT_ALLOWED"
+        and meta["action"] == "aeterna.governance.v1.AuditService/VerifyAuditLog"
+    )
     await expect(
         stub.ListAuditEntries(svc.ListAuditEntriesRequest(parent=parent), metadata=md(t, "bob")),
         grpc.StatusCode.PERMISSION_DENIED,

@@ -10,6 +10,7 @@ import asyncpg
 import grpc
 from aeterna.governance.v1 import organization_service_pb2 as svc
 from aeterna.governance.v1 import resources_pb2 as res
+from aeterna_common.authz import Authorizer
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, decode_token
 from aeterna_common.context import Principal
 from aeterna_governance.access import Access
@@ -48,19 +49,19 @@ async def test_token_roles_count_only_when_trusted(gov: GovernanceEnv) -> None:
     t = new_tenant()
     await tree(gov, t)
     claimed = Principal(tenant_id=t, user_id="mallory", roles=frozenset({"TENANT_ADMIN"}))
-    strict = Access(gov.app.deps.db, trust_token_roles=False)
-    trusting = Access(gov.app.deps.db, trust_token_roles=True)
-    for action, unit_id in (
-        ("governance.orgUnits.create", "eng"),
-        ("governance.authorizationSnapshot.get", None),
-    ):
-        await trusting.require(claimed, t, action, unit_id=unit_id)
+    bindings = gov.app.deps.access.authorizer.directory
+    strict = Access(Authorizer(bindings, trust_token_roles=False))
+    trusting = Access(Authorizer(bindings, trust_token_roles=True))
+    create = "aeterna.governance.v1.OrganizationService/CreateOrgUnit"
+    snapshot = "aeterna.governance.v1.OrganizationService/GetAuthorizationSnapshot"
+    for action, unit_id in ((create, "eng"), (snapshot, None)):
+        await trusting.require_at(claimed, t, action, unit_id)
         try:
-            await strict.require(claimed, t, action, unit_id=unit_id)
+            await strict.require_at(claimed, t, action, unit_id)
             raise AssertionError("an untrusted token role was honoured")
         except Exception as exc:
             assert getattr(exc, "reason", "") == "ACTION_NOT_ALLOWED"
-    # A binding counts in either mode.
+    # A binding counts in either mode (the write invalidated this replica's cache).
     await gov.orgs.CreateRoleBinding(
         svc.CreateRoleBindingRequest(
             parent=f"tenants/{t}",
@@ -68,7 +69,7 @@ async def test_token_roles_count_only_when_trusted(gov: GovernanceEnv) -> None:
         ),
         metadata=admin(t),
     )
-    await strict.require(claimed, t, "governance.orgUnits.create", unit_id="eng")
+    await strict.require_at(claimed, t, create, "eng")
 
 
 async def test_writes_send_consistency_tokens_and_reads_check_them(gov: GovernanceEnv) -> None:

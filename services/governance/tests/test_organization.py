@@ -232,7 +232,9 @@ async def test_unit_admins_manage_their_subtree_only(gov: GovernanceEnv) -> None
         unit(gov, t, "ghost-child", PROJECT, "no-such-team", meta=lead),
     ):
         reason, _, meta = await expect(call, DENIED)
-        assert reason == "ACTION_NOT_ALLOWED" and meta["action"].startswith("governance.")
+        assert reason == "ACTION_NOT_ALLOWED" and meta["action"].startswith(
+            "aeterna.governance.v1."
+        )
     # Deleting a binding: refused alike whether it exists (outside the caller's units) or not.
     outside = await bind(gov, t, "users/eve", res.ROLE_VIEWER, "search")
     missing = f"tenants/{t}/roleBindings/00000000-0000-4000-8000-000000000000"

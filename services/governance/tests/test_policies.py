@@ -242,7 +242,10 @@ async def test_refusals_come_before_lookups(gov: GovernanceEnv) -> None:
         stub.CreatePolicy(create(t, "q", "eng", rule("r", "x")), metadata=md(t, "alice")),
         DENIED,
     )
-    assert reason == "ACTION_NOT_ALLOWED" and meta["action"] == "governance.policies.create"
+    assert (
+        reason == "ACTION_NOT_ALLOWED"
+        and meta["action"] == "aeterna.governance.v1.PolicyService/CreatePolicy"
+    )
     # A viewer may check but not write.
     await expect(
         stub.CreatePolicy(create(t, "q", "checkout", rule("r", "x")), metadata=md(t, "bob")),
@@ -268,7 +271,7 @@ async def test_refusals_come_before_lookups(gov: GovernanceEnv) -> None:
         ),
     )
     reason, _, meta = await expect(stub.CreateSuppression(suppress, metadata=md(t, "bob")), DENIED)
-    assert meta["action"] == "governance.suppressions.create"
+    assert meta["action"] == "aeterna.governance.v1.PolicyService/CreateSuppression"
     created = await stub.CreateSuppression(suppress, metadata=md(t, "alice"))
     await expect(
         stub.DeleteSuppression(
