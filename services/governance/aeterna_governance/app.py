@@ -1,5 +1,6 @@
 """Composition root of the governance service: opens the database, builds the interim
-access check and every servicer listed in :data:`SERVICERS`, and their background jobs."""
+access check and every servicer listed in :data:`SERVICERS`, their background jobs and the
+outbox relay to Redis Streams."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 import structlog
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
+from aeterna_common.events import relay_from_settings
 from aeterna_common.leases import Lease
 from aeterna_common.server import ServiceApp, StartupError
 
@@ -110,10 +113,23 @@ async def build(
             collect_idempotency_keys,
         )
     ]
+    relaying = relay_from_settings(
+        settings,
+        redis_url=common.redis_url,
+        db=db,
+        reader=indexer,
+        service="governance",
+        listen_dsn=common.database_indexer_url,
+        notify_channel=store.NOTIFY_CHANNEL,
+    )
+    events_redis: aioredis.Redis | None = None
+    if relaying is not None:
+        relay, events_redis = relaying
+        jobs.append(relay.run)
     app = GovernanceApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer),
+        close=lambda: _close(db, indexer, events_redis),
         background=jobs,
         deps=deps,
     )
@@ -128,6 +144,8 @@ async def build(
     return app
 
 
-async def _close(db: Database, indexer: Database) -> None:
+async def _close(db: Database, indexer: Database, events_redis: aioredis.Redis | None) -> None:
+    if events_redis is not None:
+        await events_redis.aclose()
     await indexer.close()
     await db.close()
