@@ -106,17 +106,22 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: st
         await asyncio.sleep(0.1)
 
 
-async def lease_holder_pid(dsn: str, lease: str) -> int:
-    """The process id of the lease's holder (``host:pid:random``)."""
+async def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """Rows of ``sql`` read as the cluster's superuser (below row-level security)."""
     conn = await asyncpg.connect(dsn)
     try:
-        owner = await conn.fetchval(
-            "SELECT owner FROM leases WHERE name = $1 AND expires_at > now()", lease
-        )
+        return list(await conn.fetch(sql, *args))
     finally:
         await conn.close()
-    assert owner, f"nobody holds {lease}"
-    return int(str(owner).split(":")[1])
+
+
+async def lease_holder_pid(dsn: str, lease: str) -> int:
+    """The process id of the lease's holder (``host:pid:random``)."""
+    rows = await query(
+        dsn, "SELECT owner FROM leases WHERE name = $1 AND expires_at > now()", lease
+    )
+    assert rows, f"nobody holds {lease}"
+    return int(str(rows[0]["owner"]).split(":")[1])
 
 
 def replica_index(stack: DevStack, service: str, pid: int) -> int:
@@ -201,25 +206,20 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
     assert crashed_at < 20 and killed_at < 35
 
     async def outbox(dsn: str, service: str) -> list[str]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT position FROM outbox WHERE tenant_id = $1 ORDER BY position", tenant
-            )
-        finally:
-            await conn.close()
+        rows = await query(
+            dsn, "SELECT position FROM outbox WHERE tenant_id = $1 ORDER BY position", tenant
+        )
         return [f"{service}:{r['position']}" for r in rows]
 
+    async def entries() -> list[asyncpg.Record]:
+        return await query(
+            governance_dsn,
+            "SELECT event_id, actor FROM audit_entries WHERE tenant_id = $1 ORDER BY sequence",
+            tenant,
+        )
+
     async def chain() -> list[str]:
-        conn = await asyncpg.connect(governance_dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 ORDER BY sequence",
-                tenant,
-            )
-        finally:
-            await conn.close()
-        return [r["event_id"] for r in rows]
+        return [r["event_id"] for r in await entries()]
 
     expected = await outbox(memory_dsn, "memory") + await outbox(governance_dsn, "governance")
     # 40 memories; 40 units, and nothing else of this tenant.
@@ -235,6 +235,8 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
     for service in ("memory", "governance"):
         positions = [int(e.split(":")[1]) for e in audited if e.startswith(f"{service}:")]
         assert positions == sorted(positions), service
+    # Each service recorded who caused each change.
+    assert {r["actor"] for r in await entries()} == {"users/root"}
     verified = await asvc_grpc.AuditServiceStub(channel).VerifyAuditLog(
         asvc.VerifyAuditLogRequest(parent=f"tenants/{tenant}"), metadata=admin
     )
