@@ -85,13 +85,19 @@ def database(stack: DevStack, name: str) -> str:
 
 async def retried(call: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 60) -> Any:
     """Call until it succeeds: a replica or Redis may be down for a moment (the calls carry
-    their request id, so a retry never applies twice)."""
+    their request id, so a retry never applies twice). A replica killed after its response
+    started resets the stream, which the edge cannot retry and the client may (the SDK
+    contract)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return await call()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            transient = exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) or "RST_STREAM" in (exc.details() or "")
+            if not transient:
                 raise
             if time.monotonic() > deadline:
                 raise AssertionError(f"not within {timeout_s} s: {what}") from exc
@@ -149,7 +155,9 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
             ),
             request_id=f"m-{i}",
         )
-        await retried(lambda: memories.CreateMemory(request, metadata=admin), f"memory {i}")
+        # The header lets the edge retry the create on a reset too.
+        keyed = (*admin, ("x-aeterna-request-id", request.request_id))
+        await retried(lambda: memories.CreateMemory(request, metadata=keyed), f"memory {i}")
 
     async def governance_write(i: int) -> None:
         request = osvc.CreateOrgUnitRequest(
@@ -162,7 +170,8 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
             org_unit_id=f"u{i}",
             request_id=f"g-{i}",
         )
-        await retried(lambda: orgs.CreateOrgUnit(request, metadata=admin), f"unit {i}")
+        keyed = (*admin, ("x-aeterna-request-id", request.request_id))
+        await retried(lambda: orgs.CreateOrgUnit(request, metadata=keyed), f"unit {i}")
 
     done: list[int] = []
 
