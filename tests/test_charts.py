@@ -496,8 +496,10 @@ def test_governance_chart_is_the_service_shape_without_a_data_volume() -> None:
     assert not [v for v in pod.get("volumes", []) if "emptyDir" in v and v["name"] == "data"]
     settings = one(objs, "ConfigMap", "aeterna-governance-settings")["data"]
     assert settings["AETERNA_MIGRATE_ON_START"] == "false"
-    assert "AETERNA_GOVERNANCE_TRUST_TOKEN_ROLES" not in settings  # roles from bindings only
-    assert "AETERNA_REDIS_URL" not in json.dumps(deployment)
+    assert "AETERNA_AUTH_TRUST_TOKEN_ROLES" not in settings  # roles from bindings only
+    # The event streams: the outbox relay and the audit consumer.
+    redis_env = {e["name"]: e for e in service["env"]}["AETERNA_REDIS_URL"]
+    assert redis_env["valueFrom"]["secretKeyRef"]["name"] == "aeterna-governance-redis"
     job = one(objs, "Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "migrate"
     # The sidecar reaches memory and governance; the gateway routes the package.

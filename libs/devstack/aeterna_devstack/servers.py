@@ -639,6 +639,11 @@ class RedisServer:
         self._container: Any = None
 
     @property
+    def data_dir(self) -> Path | None:
+        """The directory of the append-only file, or None without persistence."""
+        return self._data_dir
+
+    @property
     def url(self) -> str:
         """The ``redis://host:port/0`` URL of the running server.
 

@@ -15,8 +15,12 @@ locally; memory reads role bindings from governance through Envoy
 only; Envoy on ``127.0.0.1:8080``
 (``AETERNA_STACK_PORT``) verifies development JWTs, forwards them and routes to the
 replicas, which verify them again against the same JWKS file. Each replica gets a
-development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, indexes,
-keys, logs) lives in ``.var/``.
+development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, Redis's
+append-only file, indexes, keys, logs) lives in ``.var/``.
+
+The local Redis persists as the charts' does (``appendonly yes``, ``appendfsync always``): it
+carries the event streams, and the outbox relays advance their cursors once Redis has
+acknowledged an entry, so a Redis that restarts must still have it.
 """
 
 from __future__ import annotations
@@ -242,7 +246,13 @@ class DevStack:
                 }
         redis_url = os.environ.get("AETERNA_REDIS_URL", "")
         if not redis_url:
-            self._redis = RedisServer().start()
+            redis_dir = self.root / ("redis-fresh" if self.fresh else "redis")
+            if self.fresh:
+                import shutil
+
+                shutil.rmtree(redis_dir, ignore_errors=True)
+            redis_dir.mkdir(exist_ok=True)
+            self._redis = RedisServer(data_dir=redis_dir).start()
             redis_url = self._redis.url
             say(f"Redis       {redis_url}")
         # The model is a build artifact (`make model`); replicas only read it.
@@ -406,9 +416,11 @@ class DevStack:
         """The governance replicas."""
         return self._governance
 
-    def kill_replica(self, i: int, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to replica ``i`` and wait for it to exit."""
-        proc = self._replicas[i].proc
+    def kill_replica(self, i: int, sig: int = signal.SIGKILL, *, service: str = "memory") -> None:
+        """Send ``sig`` to replica ``i`` of ``service`` (``memory`` or ``governance``) and
+        wait for it to exit."""
+        replicas = self._replicas if service == "memory" else self._governance
+        proc = replicas[i].proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             proc.wait(30)
@@ -424,6 +436,19 @@ class DevStack:
         self.kill_replica(i, signal.SIGTERM)
         self.start_replica(replica, {**self._replica_env, **env})
         self.wait_healthy(replica)
+
+    def crash_redis(self) -> None:
+        """Kill the stack's Redis (SIGKILL, as in a crash) and start it again on the same
+        port and data directory: it comes back with what it had fsynced.
+
+        Raises:
+            RuntimeError: The stack uses an external Redis (``AETERNA_REDIS_URL``).
+        """
+        if self._redis is None:
+            raise RuntimeError("the stack did not start Redis")
+        port, data_dir = self._redis.port, self._redis.data_dir
+        self._redis.kill()
+        self._redis = RedisServer(port=port, data_dir=data_dir).start()
 
     def stop(self) -> None:
         """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""

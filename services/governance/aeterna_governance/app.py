@@ -1,6 +1,6 @@
 """Composition root of the governance service: opens the database, builds the authorizer
-(its directory reads governance's own tables) and every servicer listed in
-:data:`SERVICERS`, and their background jobs."""
+(its directory reads governance's own tables), every servicer listed in :data:`SERVICERS`,
+their background jobs and the outbox relay to Redis Streams."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 import structlog
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
+from aeterna_common.events import relay_from_settings
 from aeterna_common.leases import Lease
 from aeterna_common.server import ServiceApp, StartupError
 
@@ -122,10 +124,23 @@ async def build(
         ),
         bindings.watch,
     ]
+    relaying = relay_from_settings(
+        settings,
+        redis_url=common.redis_url,
+        db=db,
+        reader=indexer,
+        service="governance",
+        listen_dsn=common.database_indexer_url,
+        notify_channel=store.NOTIFY_CHANNEL,
+    )
+    events_redis: aioredis.Redis | None = None
+    if relaying is not None:
+        relay, events_redis = relaying
+        jobs.append(relay.run)
     app = GovernanceApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer, bindings),
+        close=lambda: _close(db, indexer, bindings, events_redis),
         background=jobs,
         deps=deps,
     )
@@ -140,7 +155,11 @@ async def build(
     return app
 
 
-async def _close(db: Database, indexer: Database, bindings: DirectoryCache) -> None:
+async def _close(
+    db: Database, indexer: Database, bindings: DirectoryCache, events_redis: aioredis.Redis | None
+) -> None:
     await bindings.close()
+    if events_redis is not None:
+        await events_redis.aclose()
     await indexer.close()
     await db.close()

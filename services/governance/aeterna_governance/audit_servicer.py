@@ -135,9 +135,18 @@ def _jobs(deps: Deps, audit: AuditLog, settings: AuditSettings) -> list[Job]:
         redis_url = deps.common.redis_url
 
         async def consume() -> None:
-            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            # The socket timeout outlasts a blocked XREADGROUP.
+            client = aioredis.Redis.from_url(
+                redis_url,
+                decode_responses=True,
+                socket_timeout=settings.consume_block_ms / 1000 + 5.0,
+                socket_connect_timeout=2.0,
+            )
             consumer = AuditConsumer(
-                client, audit, batch=settings.consume_batch, block_ms=settings.consume_block_ms
+                client,
+                audit,
+                batch=settings.consume_batch,
+                block_s=settings.consume_block_ms / 1000,
             )
             try:
                 await consumer.run(deps.db.pool, ttl_s=deps.settings.jobs_lease_ttl_s)

@@ -4,12 +4,15 @@ at start. Shared settings (database, Redis, listen address, logs, auth) are in
 
 from __future__ import annotations
 
+from aeterna_common.events import RelaySettings
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class GovernanceSettings(BaseSettings):
-    """Configuration of the governance service.
+class GovernanceSettings(BaseSettings, RelaySettings):
+    """Configuration of the governance service; the outbox relay's ``events_*`` settings are
+    :class:`~aeterna_common.events.RelaySettings`'s (``AETERNA_GOVERNANCE_EVENTS_*``, lease
+    ``governance:events:relay``).
 
     Attributes:
         idempotency_ttl_s: Seconds a ``request_id`` is remembered per (tenant, principal,

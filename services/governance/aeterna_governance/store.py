@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import asyncpg
 from aeterna_common.db import Database
 from aeterna_common.errors import FailedPrecondition
+from aeterna_common.events import current_traceparent
 from google.protobuf.message import Message
 
 M = TypeVar("M", bound=Message)
@@ -65,7 +66,10 @@ async def append_event(
     actor: str,
     payload: dict[str, Any] | None = None,
 ) -> int:
-    """Append one outbox event in the caller's transaction and wake listeners.
+    """Append one outbox event in the caller's transaction and wake listeners (the relay).
+
+    The row records the actor and the W3C trace context of the current span
+    (:func:`~aeterna_common.events.current_traceparent`), for the event envelope.
 
     Args:
         conn: A connection inside the write's tenant transaction.
@@ -81,13 +85,15 @@ async def append_event(
     # Held until commit: positions are drawn, and become visible, in commit order.
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
     position = await conn.fetchval(
-        "INSERT INTO outbox (position, tenant_id, event_type, resource, actor, payload) "
-        "VALUES (nextval('outbox_position'), $1, $2, $3, $4, $5::jsonb) RETURNING position",
+        "INSERT INTO outbox (position, tenant_id, event_type, resource, actor, payload, "
+        "traceparent) VALUES (nextval('outbox_position'), $1, $2, $3, $4, $5::jsonb, $6) "
+        "RETURNING position",
         tenant_id,
         event_type,
         resource,
         actor,
         json.dumps(payload or {}),
+        current_traceparent(),
     )
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(position))
     return int(position)

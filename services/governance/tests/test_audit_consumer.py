@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from aeterna_common.events import STREAMS_KEY
 from aeterna_governance.audit.chain import parse_envelope
 from aeterna_governance.audit.consumer import AuditConsumer
 from aeterna_governance.audit.log import AuditLog
@@ -25,11 +26,11 @@ async def test_each_event_once_in_stream_order_across_a_crash(
 ) -> None:
     r = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     audit = AuditLog(gov.app.deps.db)
-    registry, group = f"test:streams:{uuid.uuid4().hex}", f"audit-{uuid.uuid4().hex[:8]}"
+    group = f"audit-{uuid.uuid4().hex[:8]}"
     t1, t2 = new_tenant(), new_tenant()
     s1, s2 = f"events:{t1}", f"events:{t2}"
     try:
-        await r.sadd(registry, s1, s2, "not-a-stream-key")
+        await r.sadd(STREAMS_KEY, s1, s2)
         for n in (1, 2, 3, 4):
             await r.xadd(s1, envelope(t1, n))
         await r.xadd(s1, envelope(t1, 3))  # delivered twice by a relay that restarted
@@ -42,16 +43,16 @@ async def test_each_event_once_in_stream_order_across_a_crash(
             await r.xadd(s2, envelope(t2, n))
 
         def consumer() -> AuditConsumer:
-            return AuditConsumer(r, audit, registry=registry, group=group, batch=3, block_ms=50)
+            return AuditConsumer(r, audit, group=group, batch=3, block_s=0.05)
 
         # A replica read four entries and crashed after appending two of them, unacked.
         crashed = consumer()
-        await crashed.streams()
+        await crashed.events.refresh()
         delivered = await r.xreadgroup(group, "replica-dead", {s1: ">"}, count=4)
         for _, fields in delivered[0][1][:2]:
             await audit.append(parse_envelope(fields))
         # Another crashed mid-batch: the next two entries delivered to it, none handled.
-        await r.xreadgroup(group, crashed.name, {s1: ">"}, count=2)
+        await r.xreadgroup(group, crashed.events.consumer, {s1: ">"}, count=2)
 
         survivor = consumer()
         while await survivor.step():
@@ -78,5 +79,6 @@ async def test_each_event_once_in_stream_order_across_a_crash(
             await task
         assert await chain(audit, t1) == [f"memory:{n}" for n in range(1, 8)]
     finally:
-        await r.delete(registry, s1, s2, f"{s1}:dead")
+        await r.srem(STREAMS_KEY, s1, s2)
+        await r.delete(s1, s2, f"{s1}:dead")
         await r.aclose()

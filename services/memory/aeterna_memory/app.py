@@ -19,7 +19,7 @@ from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
-from aeterna_common.events import OutboxRelay, StreamTrim
+from aeterna_common.events import OutboxRelay, relay_from_settings
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp, StartupError
 from aeterna_common.vectors.port import VectorIndex
@@ -494,28 +494,17 @@ async def build(
 
     events_redis: aioredis.Redis | None = None
     relay: OutboxRelay | None = None
-    if settings.events_relay and not common.redis_url:
-        log.warning("events.relay_disabled", reason="AETERNA_REDIS_URL is not set")
-    elif settings.events_relay:
-        # Its own client: the cache's gives up after 0.25 s, the relay waits out a slow Redis.
-        events_redis = aioredis.Redis.from_url(
-            common.redis_url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
-        )
-        relay = OutboxRelay(
-            db,
-            indexer,
-            events_redis,
-            service="memory",
-            listen_dsn=common.database_indexer_url,
-            notify_channel=NOTIFY_CHANNEL,
-            lease_name="memory:events:relay",
-            lease_ttl_s=settings.events_lease_ttl_s,
-            batch_size=settings.events_batch_size,
-            poll_s=settings.events_poll_s,
-            trim=StreamTrim(
-                max_age_s=settings.events_max_age_s, max_len=settings.events_max_len or None
-            ),
-        )
+    relaying = relay_from_settings(
+        settings,
+        redis_url=common.redis_url,
+        db=db,
+        reader=indexer,
+        service="memory",
+        listen_dsn=common.database_indexer_url,
+        notify_channel=NOTIFY_CHANNEL,
+    )
+    if relaying is not None:
+        relay, events_redis = relaying
         jobs.append(relay.run)
 
     async def close() -> None:

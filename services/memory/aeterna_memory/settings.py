@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aeterna_common.events import RelaySettings
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class MemorySettings(BaseSettings):
-    """Configuration of the memory service.
+class MemorySettings(BaseSettings, RelaySettings):
+    """Configuration of the memory service; the outbox relay's ``events_*`` settings are
+    :class:`~aeterna_common.events.RelaySettings`'s (``AETERNA_MEMORY_EVENTS_*``).
 
     Attributes:
         vector_store: ``edge`` (Qdrant's embedded engine, one index per replica, derived from
@@ -103,18 +105,6 @@ class MemorySettings(BaseSettings):
             one keeps serving, then swapped in); 0 disables. 20,000 384-d vectors are about
             3x the engine's indexing threshold (10,000 KB), below which exact search is fast.
         graph_build_interval_s: Seconds between checks of that threshold (never at start).
-        events_relay: Publish the outbox to Redis Streams (``events:{tenant}``, the event
-            envelope of ``aeterna_common.events``) on the one replica holding the lease
-            ``memory:events:relay``; needs ``AETERNA_REDIS_URL`` (without it the relay is
-            off and a warning is logged).
-        events_batch_size: Outbox rows per pipeline of XADDs.
-        events_poll_s: Seconds between relay rounds when no NOTIFY wakes it.
-        events_lease_ttl_s: Time to live in seconds of the relay's lease: a relay that died
-            is replaced after about this long.
-        events_max_age_s: Stream entries older than this many seconds are trimmed (``XADD
-            MINID ~``; 7 days). Consumers must acknowledge within it.
-        events_max_len: When positive, trim each stream to about this many entries
-            (``MAXLEN ~``) instead of by age.
         model_check_interval_s: While stored vectors are of another embedding model (health
             NOT_SERVING), seconds between checks whether a re-embed has finished.
     """
@@ -164,12 +154,6 @@ class MemorySettings(BaseSettings):
     model_check_interval_s: float = Field(default=5.0, gt=0)
     graph_build_min_points: int = Field(default=20_000, ge=0)
     graph_build_interval_s: float = Field(default=60.0, gt=0)
-    events_relay: bool = True
-    events_batch_size: int = Field(default=500, ge=1, le=10_000)
-    events_poll_s: float = Field(default=1.0, gt=0)
-    events_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
-    events_max_age_s: float = Field(default=7 * 86_400.0, ge=60.0)
-    events_max_len: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> MemorySettings:

@@ -16,7 +16,12 @@ from aeterna_common.events.envelope import (
     dead_letter_key,
     stream_key,
 )
-from aeterna_common.events.relay import OutboxRelay, StreamTrim
+from aeterna_common.events.relay import (
+    OutboxRelay,
+    RelaySettings,
+    StreamTrim,
+    relay_from_settings,
+)
 
 __all__ = [
     "STREAMS_KEY",
@@ -25,8 +30,10 @@ __all__ = [
     "Handler",
     "MalformedEventError",
     "OutboxRelay",
+    "RelaySettings",
     "StreamTrim",
     "current_traceparent",
     "dead_letter_key",
+    "relay_from_settings",
     "stream_key",
 ]

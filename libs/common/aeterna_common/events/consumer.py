@@ -211,13 +211,34 @@ class EventConsumer:
                 handled += await self._deliver(stream, entry_id, fields or None, deliveries=1)
         return handled
 
-    async def _reclaim(self, stream: str) -> int:
-        """Claim this stream's entries idle for ``claim_idle_s`` and deliver them again."""
+    async def recover(self) -> int:
+        """Claim every pending entry of the group, however short its idle time, and deliver
+        each stream's in stream order: for a consumer that takes over as its group's only
+        one (under a lease) after the previous one died or was deposed, before it reads
+        anything new, so that nothing newer is handled before what the previous one left.
+
+        Returns:
+            Entries handled successfully.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed.
+        """
+        await self.refresh()
+        handled = 0
+        for stream in sorted(self.streams):
+            handled += await self._reclaim(stream, min_idle_ms=0)
+        self._reclaimed_at = time.monotonic()
+        return handled
+
+    async def _reclaim(self, stream: str, min_idle_ms: int | None = None) -> int:
+        """Claim this stream's entries idle for ``min_idle_ms`` (default ``claim_idle_s``)
+        and deliver them again."""
+        idle_ms = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
         handled = 0
         cursor = "0-0"
         while True:
             reply = await self.redis.xautoclaim(
-                stream, self.group, self.consumer, self.claim_idle_ms, cursor, count=self.count
+                stream, self.group, self.consumer, idle_ms, cursor, count=self.count
             )
             cursor, entries = reply[0], reply[1]
             deleted: Sequence[str] = reply[2] if len(reply) > 2 else []

@@ -60,6 +60,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential_jitter
 
@@ -475,3 +476,79 @@ class OutboxRelay:
                 with contextlib.suppress(Exception):
                     await self._listen.close()
                 self._listen = None
+
+
+class RelaySettings(BaseModel):
+    """The relay's settings, mixed into a service's settings class (so they read
+    ``AETERNA_{SERVICE}_EVENTS_*`` with that class's prefix).
+
+    Attributes:
+        events_relay: Publish the outbox to Redis Streams (``events:{tenant}``) on the one
+            replica holding the lease ``{service}:events:relay``; needs ``AETERNA_REDIS_URL``
+            (without it the relay is off and a warning is logged).
+        events_batch_size: Outbox rows per pipeline of XADDs.
+        events_poll_s: Seconds between relay rounds when no NOTIFY wakes it.
+        events_lease_ttl_s: Time to live in seconds of the relay's lease: a relay that died
+            is replaced after about this long.
+        events_max_age_s: Stream entries older than this many seconds are trimmed (``XADD
+            MINID ~``; 7 days). Consumers must acknowledge within it.
+        events_max_len: When positive, trim each stream to about this many entries
+            (``MAXLEN ~``) instead of by age.
+    """
+
+    events_relay: bool = True
+    events_batch_size: int = Field(default=500, ge=1, le=10_000)
+    events_poll_s: float = Field(default=1.0, gt=0)
+    events_lease_ttl_s: float = Field(default=15.0, ge=1.0, le=600.0)
+    events_max_age_s: float = Field(default=DEFAULT_MAX_AGE_S, ge=60.0)
+    events_max_len: int = Field(default=0, ge=0)
+
+
+def relay_from_settings(
+    settings: RelaySettings,
+    *,
+    redis_url: str,
+    db: Database,
+    reader: Database,
+    service: str,
+    listen_dsn: str,
+    notify_channel: str,
+) -> tuple[OutboxRelay, aioredis.Redis] | None:
+    """The relay a service runs, with its own Redis client (close it on shutdown).
+
+    Args:
+        settings: The service's relay settings.
+        redis_url: ``AETERNA_REDIS_URL``; empty turns the relay off (with a warning).
+        db: Application-role database (lease and cursor).
+        reader: Indexer-role database (reads the outbox of every tenant).
+        service: Producing service (``memory``, ``governance``).
+        listen_dsn: DSN the relay LISTENs with.
+        notify_channel: The service's NOTIFY channel of committed positions.
+
+    Returns:
+        The relay and its Redis client, or ``None`` when the relay is off.
+    """
+    if not settings.events_relay:
+        return None
+    if not redis_url:
+        log.warning("events.relay_disabled", service=service, reason="AETERNA_REDIS_URL is not set")
+        return None
+    # Its own client: a cache's client gives up after 0.25 s, the relay waits out a slow Redis.
+    client = aioredis.Redis.from_url(
+        redis_url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
+    )
+    relay = OutboxRelay(
+        db,
+        reader,
+        client,
+        service=service,
+        listen_dsn=listen_dsn,
+        notify_channel=notify_channel,
+        lease_ttl_s=settings.events_lease_ttl_s,
+        batch_size=settings.events_batch_size,
+        poll_s=settings.events_poll_s,
+        trim=StreamTrim(
+            max_age_s=settings.events_max_age_s, max_len=settings.events_max_len or None
+        ),
+    )
+    return relay, client
