@@ -26,8 +26,10 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -36,6 +38,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from aeterna_common.auth import TokenVerifier
 from aeterna_common.config import CommonSettings
+from aeterna_common.db import apply_migrations, role_of
 from aeterna_common.interceptors import RequestInterceptor
 from aeterna_common.limits import SERVER_OPTIONS
 from aeterna_common.logging import configure_logging
@@ -51,6 +54,41 @@ SDK_DESCRIPTOR_SET = "descriptor_set.pb"
 
 class StartupError(RuntimeError):
     """A service cannot start; the message tells the operator what to fix."""
+
+
+def migrate_as_owner(migrations: Path) -> list[str]:
+    """Apply a service's pending migrations with the owner DSN (its ``migrate`` command).
+
+    The application role named in ``AETERNA_DATABASE_URL`` and the indexer role named in
+    ``AETERNA_DATABASE_INDEXER_URL`` are granted access by the migrations;
+    ``AETERNA_DATABASE_OWNER_URL`` (default: the application DSN) applies them.
+
+    Args:
+        migrations: The service's directory of numbered ``NNNN_name.sql`` files.
+
+    Returns:
+        Names of the migrations applied now.
+
+    Raises:
+        ValidationError: A setting is invalid.
+        StartupError: The database cannot be reached or a migration failed.
+    """
+    common = CommonSettings()
+    configure_logging(common.log_level, common.log_json)
+    owner = common.database_owner_url or common.database_url
+    try:
+        return asyncio.run(
+            apply_migrations(
+                owner,
+                migrations,
+                role_of(common.database_url),
+                role_of(common.database_indexer_url),
+            )
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
+        raise StartupError(
+            f"migrations failed with AETERNA_DATABASE_OWNER_URL: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import sys
 import asyncpg
 from aeterna_common.auth import AuthConfigError
 from aeterna_common.config import CommonSettings
-from aeterna_common.db import SchemaSettings, apply_migrations, migration_files, role_of
+from aeterna_common.db import SchemaSettings, migration_files
 from aeterna_common.errors import InvalidArgument
 from aeterna_common.logging import configure_logging
-from aeterna_common.server import StartupError, run_service
+from aeterna_common.server import StartupError, migrate_as_owner, run_service
 from pydantic import ValidationError
 
 from aeterna_governance.app import MIGRATIONS, build
@@ -47,35 +47,12 @@ def serve() -> None:
 
 
 def migrate() -> list[str]:
-    """Apply pending migrations with the owner DSN.
-
-    The application role named in ``AETERNA_DATABASE_URL`` and the indexer role named in
-    ``AETERNA_DATABASE_INDEXER_URL`` are granted access by the migrations;
-    ``AETERNA_DATABASE_OWNER_URL`` (default: the application DSN) applies them.
+    """Apply pending migrations with the owner DSN (:func:`aeterna_common.server.migrate_as_owner`).
 
     Returns:
         Names of the migrations applied now.
-
-    Raises:
-        ValidationError: A setting is invalid.
-        StartupError: The database cannot be reached or a migration failed.
     """
-    common = CommonSettings()
-    configure_logging(common.log_level, common.log_json)
-    owner = common.database_owner_url or common.database_url
-    try:
-        return asyncio.run(
-            apply_migrations(
-                owner,
-                MIGRATIONS,
-                role_of(common.database_url),
-                role_of(common.database_indexer_url),
-            )
-        )
-    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
-        raise StartupError(
-            f"migrations failed with AETERNA_DATABASE_OWNER_URL: {type(exc).__name__}: {exc}"
-        ) from exc
+    return migrate_as_owner(MIGRATIONS)
 
 
 def bootstrap(tenant_id: str, admin: str) -> bool:
