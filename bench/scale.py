@@ -273,12 +273,12 @@ def main() -> int:
     print("starting a fresh local stack…", flush=True)
     stack.start(log=lambda *_: None)
     try:
-        token = DevAuth(root / "auth").issue_token("scale", "bench", ttl_s=7200)
+        token = DevAuth(root / "auth").issue_token("scale", "bench", roles=("TENANT_ADMIN",), ttl_s=7200)
         dirs = [r.index_dir for r in stack.replica_list]
         auth = DevAuth(root / "auth")
 
         def import_token(target: str) -> str:
-            return auth.issue_token(target, "bench", ttl_s=7200)
+            return auth.issue_token(target, "bench", roles=("TENANT_ADMIN",), ttl_s=7200)
 
         def restart(env: dict[str, str]) -> None:
             # One at a time, so that the other replica serves meanwhile.
