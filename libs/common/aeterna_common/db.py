@@ -197,9 +197,7 @@ def begin_statement(tenant_id: str, *, readonly: bool) -> str:
     if not TENANT_PATTERN.fullmatch(tenant_id):
         raise ValueError(f"invalid tenant id {tenant_id!r}")
     mode = " READ ONLY" if readonly else ""
-    return (
-        f"{SESSION_RESET} BEGIN{mode}; SELECT aeterna_bind_tenant({quote_literal(tenant_id)});"
-    )
+    return f"{SESSION_RESET} BEGIN{mode}; SELECT aeterna_bind_tenant({quote_literal(tenant_id)});"
 
 
 async def _reset_at_next_begin(conn: asyncpg.Connection) -> None:
