@@ -6,6 +6,8 @@ Real PostgreSQL, Redis, embedded index and ONNX model (the ``env`` fixture).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aeterna.memory.v1 import memory_service_pb2 as svc
@@ -61,6 +63,24 @@ async def test_a_batch_without_searches_in_flight_never_waits(env: MemoryEnv) ->
     assert len(created.memories) == 45 and gauge.waiting == 0
 
 
+async def store_create(
+    env: MemoryEnv, tenant: str, items: list[Any], between_steps: Callable[[], Awaitable[None]]
+) -> list[Any]:
+    """The store's create in steps of 20, ``between_steps`` awaited in between."""
+    created, _ = await env.domain.store.create(
+        tenant,
+        items,
+        model=env.domain.model_id,
+        actor=Principal(tenant, "u").actor,
+        method="BatchCreateMemories",
+        request_id="",
+        request_hash="x",
+        step=20,
+        between_steps=between_steps,
+    )
+    return list(created)
+
+
 async def test_a_step_that_fails_leaves_nothing_written(env: MemoryEnv) -> None:
     t = new_tenant()
     calls = 0
@@ -75,29 +95,9 @@ async def test_a_step_that_fails_leaves_nothing_written(env: MemoryEnv) -> None:
         t, [NewMemory(Layer.USER, Scope(user_id="u"), f"fact {i}") for i in range(50)]
     )
     with pytest.raises(RuntimeError, match="between steps"):
-        await env.domain.store.create(
-            t,
-            items,
-            model=env.domain.model_id,
-            actor=Principal(t, "u").actor,
-            method="BatchCreateMemories",
-            request_id="",
-            request_hash="x",
-            step=20,
-            between_steps=between_steps,
-        )
-    assert calls == 2  # the first 20 rows were sent, the transaction rolled back
+        await store_create(env, t, items, between_steps)
+    assert calls == 2  # the first 40 rows were sent, then the transaction rolled back
     assert await count(env, t) == 0
     # The same rows in steps of 20, nothing in the way: all committed, in one transaction.
-    created, _ = await env.domain.store.create(
-        t,
-        items,
-        model=env.domain.model_id,
-        actor=Principal(t, "u").actor,
-        method="BatchCreateMemories",
-        request_id="",
-        request_hash="x",
-        step=20,
-        between_steps=lambda: asyncio.sleep(0),
-    )
+    created = await store_create(env, t, items, lambda: asyncio.sleep(0))
     assert len(created) == 50 and await count(env, t) == 50
