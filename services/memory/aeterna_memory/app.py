@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
+from aeterna_common.admission import ForegroundGauge
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -403,6 +404,8 @@ async def build(
             token_wait_s=settings.consistency_wait_s,
         ),
         authz=authz,
+        foreground=ForegroundGauge(settings.bulk_yield_max_s),
+        bulk_step=settings.bulk_step,
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
     guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from aeterna_common.vectors.port import IndexFilter, ScoredId, SparseVector
@@ -168,9 +168,12 @@ class MemoryStore(Protocol):
         method: str,
         request_id: str,
         request_hash: str,
+        step: int = 0,
+        between_steps: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[Memory], int]:
         """Insert memories atomically (idempotent on ``request_id``); with the commit's
-        position."""
+        position. The rows may be sent ``step`` at a time (0: at once), awaiting
+        ``between_steps`` in between, inside the one transaction."""
         ...
 
     async def list_page(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aeterna_common.admission import DEFAULT_MAX_YIELD_S
 from aeterna_common.events import RelaySettings
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,12 @@ class MemorySettings(BaseSettings, RelaySettings):
             of a search thread; ``aeterna_common.priority``). 0 runs them at the process's
             priority (the former behaviour, the baseline of ``make bench-scale``'s
             ``during_ingest``).
+        bulk_step: Memories per step of a batch create (authorization, embedding, rows
+            sent to PostgreSQL); between two steps the batch yields the event loop to
+            searches in flight, at most ``bulk_yield_max_s`` per step
+            (``aeterna_common.admission``). 0 does a batch in one step (the former
+            behaviour, the baseline of ``make bench-scale``'s ``during_ingest``).
+        bulk_yield_max_s: Longest wait per step for in-flight searches, in seconds.
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -127,6 +134,8 @@ class MemorySettings(BaseSettings, RelaySettings):
     embedding_batch_size: int = Field(default=4, ge=1, le=256)
     embedding_query_lane: bool = True
     background_nice: int = Field(default=10, ge=0, le=19)
+    bulk_step: int = Field(default=20, ge=0, le=1000)
+    bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]

@@ -120,7 +120,12 @@ class FileCursor:
             return None
 
     async def save(self, position: int, database: str) -> None:
-        """Write via a temporary file and rename (atomic on POSIX)."""
+        """Write via a temporary file and rename (atomic on POSIX), off the event loop: it
+        runs after every applied batch, and file system calls on a busy disk would hold up
+        every request of the replica."""
+        await asyncio.to_thread(self._save, position, database)
+
+    def _save(self, position: int, database: str) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"database": database, "position": position}))
         os.replace(tmp, self.path)

@@ -134,6 +134,15 @@ def decode_page_token(
     return created, mid
 
 
+_INSERT_MEMORY = (
+    "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
+    "project_id, team_id, org_id, company_id, content, content_hash, metadata, "
+    "tags, importance, expire_at, index_context, embedding_model, embedding) VALUES "
+    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+    " $18, $19)"
+)
+
+
 class PostgresMemoryStore:
     """The memory repository on PostgreSQL (source of truth).
 
@@ -490,11 +499,27 @@ class PostgresMemoryStore:
         method: str,
         request_id: str,
         request_hash: str,
+        step: int = 0,
+        between_steps: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[Memory], int]:
         """Insert memories, their ADD revisions and outbox events in one transaction.
 
         With a ``request_id``, a retry returns the first call's memories instead, also when
         the first call's COMMIT lost its connection (resolved through the key).
+
+        Args:
+            tenant_id: The tenant.
+            items: The memories with their vectors and index context.
+            model: Embedding model id recorded with each vector.
+            actor: Who writes (recorded in the revisions and the outbox).
+            method: The RPC method (scopes the idempotency key).
+            request_id: Idempotency key ("" for none).
+            request_hash: Fingerprint of the request (a reused key with another request
+                fails).
+            step: Rows per ``INSERT`` batch (0: all in one). Encoding a row with its vector
+                runs on the event loop; smaller batches let other requests run in between.
+            between_steps: Awaited between two batches (see
+                :meth:`aeterna_common.admission.ForegroundGauge.yield_to_foreground`).
 
         Returns:
             The memories and the outbox position of the commit.
@@ -511,31 +536,29 @@ class PostgresMemoryStore:
                 replay = await _claim(conn, key, request_hash, ids)
                 if replay is not None:
                     return replay, await _latest_position(conn, tenant_id)
-            await conn.executemany(
-                "INSERT INTO memories (tenant_id, id, layer, agent_id, user_id, session_id, "
-                "project_id, team_id, org_id, company_id, content, content_hash, metadata, "
-                "tags, importance, expire_at, index_context, embedding_model, embedding) VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
-                " $18, $19)",
-                [
-                    (
-                        tenant_id,
-                        mid,
-                        int(e.memory.layer),
-                        *(e.memory.scope.get(f) for f in SCOPE_FIELDS),
-                        e.memory.content,
-                        content_hash(e.memory.content),
-                        json.dumps(e.memory.metadata),
-                        list(e.memory.tags),
-                        e.memory.importance,
-                        e.memory.expire_at,
-                        list(e.lexical_context),
-                        model,
-                        list(e.embedding),
-                    )
-                    for mid, e in zip(ids, items, strict=True)
-                ],
-            )
+            values = [
+                (
+                    tenant_id,
+                    mid,
+                    int(e.memory.layer),
+                    *(e.memory.scope.get(f) for f in SCOPE_FIELDS),
+                    e.memory.content,
+                    content_hash(e.memory.content),
+                    json.dumps(e.memory.metadata),
+                    list(e.memory.tags),
+                    e.memory.importance,
+                    e.memory.expire_at,
+                    list(e.lexical_context),
+                    model,
+                    list(e.embedding),
+                )
+                for mid, e in zip(ids, items, strict=True)
+            ]
+            size = step or len(values) or 1
+            for start in range(0, len(values), size):
+                if start and between_steps is not None:
+                    await between_steps()
+                await conn.executemany(_INSERT_MEMORY, values[start : start + size])
             await conn.execute(
                 "INSERT INTO memory_revisions (tenant_id, memory_id, revision, action, "
                 "new_content, actor) SELECT $1, i, 1, 1, c, $4 "

@@ -12,9 +12,11 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import structlog
+from aeterna_common.admission import ForegroundGauge
 from aeterna_common.authz import Authorizer, ReadableScope, Resource, UnitKind, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
@@ -49,6 +51,8 @@ from aeterna_memory.domain.model import (
 from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
+
+T = TypeVar("T")
 
 SERVICE = "aeterna.memory.v1.MemoryService"
 """Full name of the gRPC service; an action is ``{SERVICE}/{method}``."""
@@ -222,6 +226,11 @@ class MemoryDomain:
         tuning: Retrieval settings.
         authz: Decides every call before any lookup; the default knows no bindings (own
             memories only).
+        foreground: Searches in flight in this process; batch creates yield the event loop
+            to them between steps (:mod:`aeterna_common.admission`). The default waits at
+            most 20 ms per step.
+        bulk_step: Memories per step of a create (authorization, embedding, rows sent to
+            the store); 0 does each create in one step.
     """
 
     def __init__(
@@ -235,7 +244,11 @@ class MemoryDomain:
         indexing: IndexingPolicy | None = None,
         tuning: SearchTuning | None = None,
         authz: Authorizer | None = None,
+        foreground: ForegroundGauge | None = None,
+        bulk_step: int = 20,
     ) -> None:
+        if bulk_step < 0:
+            raise ValueError(f"bulk_step must be >= 0, got {bulk_step}")
         self.store = store
         self.index = index
         self.embedder = embedder
@@ -244,6 +257,8 @@ class MemoryDomain:
         self.indexing = indexing or IndexingPolicy()
         self.tuning = tuning or SearchTuning()
         self.authz = authz or Authorizer()
+        self.foreground = foreground or ForegroundGauge()
+        self.bulk_step = bulk_step
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
 
@@ -313,8 +328,10 @@ class MemoryDomain:
             CommitOutcomeUnknown: the commit's outcome is unknown and there is no request id.
         """
         tenant = principal.tenant_id
-        resources = dict.fromkeys(memory_resource(tenant, m.layer, m.scope) for m in memories)
-        await self.authz.authorize(principal, action(method), *resources)
+        resources = list(dict.fromkeys(memory_resource(tenant, m.layer, m.scope) for m in memories))
+        # Every scope is checked before anything is written (all or none), a step at a time.
+        for part in self._steps(resources):
+            await self.authz.authorize(principal, action(method), *part)
         return await self.create_unchecked(
             principal, memories, method=method, request_id=request_id
         )
@@ -346,7 +363,18 @@ class MemoryDomain:
             method=method,
             request_id=request_id,
             request_hash=fingerprint,
+            step=self.bulk_step,
+            between_steps=self._between_steps,
         )
+
+    def _steps(self, items: Sequence[T]) -> list[Sequence[T]]:
+        """``items`` cut into steps of ``bulk_step`` (one step when 0 or fewer items)."""
+        size = self.bulk_step or len(items) or 1
+        return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+
+    async def _between_steps(self) -> None:
+        """Yield the event loop to in-flight searches (bounded) between two bulk steps."""
+        await self.foreground.yield_to_foreground()
 
     async def _prepare(self, tenant: str, memories: Sequence[NewMemory]) -> list[Embedded]:
         need = self.indexing.context_needed
@@ -363,7 +391,11 @@ class MemoryDomain:
             texts.append(build_texts(m, previous, self.indexing))
             # Later memories of the same session in this batch see this one as context.
             previous.append(m.content)
-        vectors = await self.embed(tenant, [t.dense for t in texts])
+        vectors: list[list[float]] = []
+        for i, part in enumerate(self._steps([t.dense for t in texts])):
+            if i:
+                await self._between_steps()
+            vectors.extend(await self.embed(tenant, part))
         return [
             Embedded(memory=m, lexical_context=t.lexical_context, embedding=v)
             for m, t, v in zip(memories, texts, vectors, strict=True)
@@ -654,6 +686,12 @@ class MemoryDomain:
             Unavailable: the index did not reach ``min_position`` in time (reason
                 ``CONSISTENCY_TOKEN_NOT_REACHED``).
         """
+        with self.foreground.track():
+            return await self._search(principal, query, min_position)
+
+    async def _search(
+        self, principal: Principal, query: SearchQuery, min_position: int | None
+    ) -> SearchResult:
         tenant = principal.tenant_id
         name = action("SearchMemories")
         await self.authz.authorize(

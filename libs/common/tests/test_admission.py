@@ -1,0 +1,69 @@
+"""ForegroundGauge: bulk work waits for tracked requests, bounded, and never otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aeterna_common.admission import ForegroundGauge
+
+
+async def test_nothing_in_flight_means_no_wait() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    assert await gauge.yield_to_foreground() == 0.0
+    assert gauge.in_flight == 0 and gauge.waiting == 0
+
+
+async def test_bulk_step_resumes_only_after_the_request_in_flight_ends() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    events: list[str] = []
+    release = asyncio.Event()
+
+    async def request() -> None:
+        with gauge.track():
+            await release.wait()
+            events.append("request done")
+
+    async def bulk() -> None:
+        await gauge.yield_to_foreground()
+        events.append("bulk step")
+
+    req = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    assert gauge.in_flight == 1
+    step = asyncio.create_task(bulk())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert gauge.waiting == 1 and not step.done()
+    release.set()
+    await asyncio.gather(req, step)
+    assert events == ["request done", "bulk step"]
+    assert gauge.in_flight == 0 and gauge.waiting == 0
+
+
+async def test_the_wait_is_bounded_while_requests_keep_running() -> None:
+    gauge = ForegroundGauge(max_yield_s=0.01)
+    with gauge.track():
+        waited = await gauge.yield_to_foreground()
+        assert gauge.in_flight == 1  # the request is still running: the step went on anyway
+    assert waited > 0
+    assert gauge.waiting == 0
+
+
+async def test_zero_bound_never_waits() -> None:
+    gauge = ForegroundGauge(max_yield_s=0)
+    with gauge.track():
+        assert await gauge.yield_to_foreground() == 0.0
+
+
+async def test_a_failed_request_is_no_longer_counted() -> None:
+    gauge = ForegroundGauge()
+    with pytest.raises(RuntimeError), gauge.track():
+        raise RuntimeError("search failed")
+    assert gauge.in_flight == 0
+    assert await gauge.yield_to_foreground() == 0.0
+
+
+def test_negative_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_yield_s"):
+        ForegroundGauge(max_yield_s=-1)
