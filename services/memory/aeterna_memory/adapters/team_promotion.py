@@ -151,6 +151,8 @@ class TeamPromotions:
         self.threshold = threshold
         self.batch = batch
         self.reconcile_batch = reconcile_batch
+        self._unplaced: dict[str, dict[str, int]] = {}
+        """Per tenant, the projects without a team last logged (logged again on change)."""
 
     # ---- 1. ask --------------------------------------------------------------------------
 
@@ -219,13 +221,15 @@ class TeamPromotions:
             return list(rows), list(unplaced)
 
         rows, unplaced = await self.db.run(tenant, read, readonly=True)
-        if unplaced:
+        projects = {r["project_id"]: r["n"] for r in unplaced}
+        if projects and projects != self._unplaced.get(tenant):
             log.info(
                 "promotion.no_team",
                 tenant=tenant,
-                projects={r["project_id"]: r["n"] for r in unplaced},
+                projects=projects,
                 detail="the project is not a unit of the org tree or has no team: not asked",
             )
+        self._unplaced[tenant] = projects
         now = datetime.now(UTC)
         asked = 0
         for row in rows:
