@@ -464,7 +464,13 @@ async def build(
         )
 
     async def promote(lease: leases.Lease) -> None:
-        await lifecycle.promote_due(lease)
+        # The automatic promotions failing does not hold back the asks for approval.
+        try:
+            await lifecycle.promote_due(lease)
+        except leases.LeaseLostError:
+            raise
+        except Exception:
+            log.exception("lifecycle.promote_failed")
         if promotions is not None:
             await promotions.ask_due(lease)
 

@@ -20,7 +20,8 @@ Memory: Promotion: PROJECT→TEAM needs an approval; issue 7, Approvals).
    event of a request recorded as pending (``governance.approval_request.approved``,
    ``rejected``, ``expired``, ``cancelled``) is only a hint: the request is read from
    governance, whose answer decides (:meth:`TeamPromotions.settle`). APPROVED creates the
-   TEAM copy through the domain's write path (embedded and indexed like any memory),
+   TEAM copy through the domain's write path (embedded and indexed like any memory; the
+   approval by the team's approvers is its permission, so no caller's is checked),
    redacted as the automatic copies and recorded in its metadata (``original_memory``,
    ``original_revision``, ``promotion_score``, ``approval_request``), with the request id
    ``promote-approved-{request}``; an existing copy of the request (looked up first) is
