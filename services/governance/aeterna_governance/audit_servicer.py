@@ -11,12 +11,12 @@ import contextlib
 import json
 
 import grpc
-import redis.asyncio as aioredis
 import structlog
 from aeterna.governance.v1 import audit_service_pb2 as svc
 from aeterna.governance.v1 import audit_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common.events import consumer_redis
 from aeterna_common.leases import Lease
 from google.protobuf import struct_pb2
 
@@ -135,13 +135,7 @@ def _jobs(deps: Deps, audit: AuditLog, settings: AuditSettings) -> list[Job]:
         redis_url = deps.common.redis_url
 
         async def consume() -> None:
-            # The socket timeout outlasts a blocked XREADGROUP.
-            client = aioredis.Redis.from_url(
-                redis_url,
-                decode_responses=True,
-                socket_timeout=settings.consume_block_ms / 1000 + 5.0,
-                socket_connect_timeout=2.0,
-            )
+            client = consumer_redis(redis_url, block_s=settings.consume_block_ms / 1000)
             consumer = AuditConsumer(
                 client,
                 audit,

@@ -20,11 +20,18 @@ from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
-from aeterna_common.events import OutboxRelay, relay_from_settings
+from aeterna_common.events import (
+    EventConsumer,
+    LeasedConsumer,
+    OutboxRelay,
+    consumer_redis,
+    relay_from_settings,
+)
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp, StartupError
 from aeterna_common.vectors.port import VectorIndex
 
+from aeterna_memory.adapters.governance import GovernanceApprovals
 from aeterna_memory.adapters.index_follower import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
@@ -39,6 +46,12 @@ from aeterna_memory.adapters.index_follower import (
 from aeterna_memory.adapters.lifecycle import LifecycleJobs
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, PostgresMemoryStore
 from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
+from aeterna_memory.adapters.team_promotion import (
+    CONSUME_LEASE,
+    GROUP,
+    RECONCILE_LEASE,
+    TeamPromotions,
+)
 from aeterna_memory.domain.indexing import IndexingPolicy
 from aeterna_memory.domain.service import MemoryDomain, SearchTuning
 from aeterna_memory.ports import EmbeddingCache
@@ -64,6 +77,8 @@ class MemoryApp(ServiceApp):
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
             maintenance reads PostgreSQL as the indexer and calls no service yet.
         relay: The outbox relay to Redis Streams; None when disabled or without Redis.
+        promotions: PROJECT→TEAM promotions through governance's approvals; None where
+            governance is not configured or ``AETERNA_MEMORY_PROMOTION_APPROVALS`` is off.
     """
 
     domain: MemoryDomain
@@ -72,6 +87,7 @@ class MemoryApp(ServiceApp):
     lifecycle: LifecycleJobs
     credentials: ServiceCredentials | None = None
     relay: OutboxRelay | None = None
+    promotions: TeamPromotions | None = None
 
 
 class IndexedSearch:
@@ -432,6 +448,35 @@ async def build(
         promotion_threshold=settings.promotion_threshold,
     )
 
+    # PROJECT→TEAM promotions ask governance, where memory already reads its bindings from.
+    promotions: TeamPromotions | None = None
+    if (
+        settings.promotion_approvals
+        and common.authz_directory_url
+        and credentials is not None
+        and authz.directory is not None
+    ):
+        promotions = TeamPromotions(
+            db,
+            indexer,
+            GovernanceApprovals(common.authz_directory_url, credentials),
+            authz.directory.get,
+            domain.create_unchecked,
+            threshold=settings.promotion_threshold,
+            reconcile_batch=settings.promotion_reconcile_batch,
+        )
+
+    async def promote(lease: leases.Lease) -> None:
+        # The automatic promotions failing does not hold back the asks for approval.
+        try:
+            await lifecycle.promote_due(lease)
+        except leases.LeaseLostError:
+            raise
+        except Exception:
+            log.exception("lifecycle.promote_failed")
+        if promotions is not None:
+            await promotions.ask_due(lease)
+
     def under_lease(
         name: str, interval_s: float, job: Callable[[leases.Lease], Awaitable[object]]
     ) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -456,9 +501,7 @@ async def build(
         under_lease("memory:lifecycle:expire", settings.expiry_interval_s, lifecycle.expire_due),
         under_lease("memory:lifecycle:purge", settings.purge_interval_s, lifecycle.purge_due),
         under_lease("memory:lifecycle:decay", settings.decay_interval_s, lifecycle.decay_due),
-        under_lease(
-            "memory:lifecycle:promote", settings.promotion_interval_s, lifecycle.promote_due
-        ),
+        under_lease("memory:lifecycle:promote", settings.promotion_interval_s, promote),
         under_lease("memory:outbox:trim", settings.outbox_trim_interval_s, lifecycle.trim_outbox),
     ]
     # This index copy's name in outbox_followers: the shared index's, or a fresh one per
@@ -491,6 +534,33 @@ async def build(
 
     jobs.append(report_position_forever)
 
+    if promotions is not None:
+        jobs.append(
+            under_lease(
+                RECONCILE_LEASE, settings.promotion_reconcile_interval_s, promotions.reconcile
+            )
+        )
+        if common.redis_url:
+            redis_url, team_promotions = common.redis_url, promotions
+
+            async def consume_approvals() -> None:
+                client = consumer_redis(redis_url, block_s=1.0)
+                consumer = EventConsumer(client, GROUP, team_promotions.handle, start="0")
+                try:
+                    await LeasedConsumer(consumer, CONSUME_LEASE).run(
+                        db.pool, ttl_s=settings.lifecycle_lease_ttl_s
+                    )
+                finally:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+
+            jobs.append(consume_approvals)
+        else:
+            log.warning(
+                "promotion.no_events",
+                detail="AETERNA_REDIS_URL is not set: approvals are applied by the reconciler only",
+            )
+
     async def watch_bindings() -> None:
         if authz.directory is not None:
             await authz.directory.watch()
@@ -513,6 +583,8 @@ async def build(
     async def close() -> None:
         if authz.directory is not None:
             await authz.directory.close()
+        if promotions is not None:
+            await promotions.approvals.close()
         await follower.close()
         with contextlib.suppress(Exception):
             await index.close()
@@ -547,4 +619,5 @@ async def build(
         lifecycle=lifecycle,
         credentials=credentials,
         relay=relay,
+        promotions=promotions,
     )

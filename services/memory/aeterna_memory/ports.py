@@ -1,4 +1,5 @@
-"""Ports of the memory domain: what it needs from storage, embeddings, cache and index."""
+"""Ports of the memory domain: what it needs from storage, embeddings, cache and index, and
+from governance's approvals."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aeterna_memory.domain.model import (
     MemoryPatch,
     Revision,
 )
+from aeterna_memory.domain.promotion import Approval, PromotionRequest
 
 
 class EmbeddingCache(Protocol):
@@ -187,4 +189,29 @@ class MemoryStore(Protocol):
     ) -> tuple[list[Memory], str]:
         """A page, newest first, and the next token; ``narrow``: per readable layer, the
         identifier values the caller may read (None: all)."""
+        ...
+
+
+class PromotionApprovals(Protocol):
+    """Governance's approval requests for promotions that need one (PROJECT→TEAM)."""
+
+    async def ask(self, request: PromotionRequest) -> Approval:
+        """Open the approval request of ``request`` (idempotent by its ``request_id``:
+        asking again returns the request opened first, in whatever state it is now).
+
+        Raises:
+            Exception: Governance refused or could not be reached.
+        """
+        ...
+
+    async def get(self, name: str) -> Approval:
+        """The approval request ``name`` as it stands.
+
+        Raises:
+            Exception: Governance refused or could not be reached.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release the connection."""
         ...

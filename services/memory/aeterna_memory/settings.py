@@ -98,11 +98,23 @@ class MemorySettings(BaseSettings, RelaySettings):
             outbox position (an embedded index, or the leader of a shared one); a report
             expires after three intervals, after which this replica no longer holds the
             trim back (if it falls behind the trim, it rebuilds its index).
-        promotion_interval_s: Seconds between runs of the automatic promotion (AGENT→USER,
-            SESSION→PROJECT; 0 disables), under the lease ``memory:lifecycle:promote``.
+        promotion_interval_s: Seconds between runs of the promotion job (0 disables), under
+            the lease ``memory:lifecycle:promote``: AGENT→USER and SESSION→PROJECT copies,
+            and approval requests for PROJECT→TEAM (``promotion_approvals``).
         promotion_threshold: Promotion score (0.6·importance + 0.3·min(access_count/10, 1)
             + 0.1·max(0, 1 − days since last access)) from which a memory is promoted (0.8,
             DOMAIN.md).
+        promotion_approvals: Promote PROJECT memories to their project's TEAM once
+            governance approves it: the promotion job opens the approval requests, a
+            consumer of governance's events (one replica, lease
+            ``memory:promotions:consume``, needs ``AETERNA_REDIS_URL``) and the reconciler
+            apply the decisions. Takes effect where governance is configured
+            (``AETERNA_AUTHZ_DIRECTORY_URL``, called with ``AETERNA_SERVICE_TOKEN_FILE``).
+        promotion_reconcile_interval_s: Seconds between runs of the reconciler of pending
+            promotion approvals (0 disables), under the lease ``memory:promotions:reconcile``:
+            it reads pending requests from governance in case their events were lost.
+        promotion_reconcile_batch: Pending approvals the reconciler checks per run (one
+            ``GetApprovalRequest`` each), least recently checked first.
         lifecycle_lease_ttl_s: Time to live in seconds of the lifecycle jobs' leases.
         reembed_per_s: Rate limit of a re-embed (``ReembedMemories``), in memories per
             second, so that a re-embed leaves the model and the database to live traffic
@@ -158,6 +170,9 @@ class MemorySettings(BaseSettings, RelaySettings):
     outbox_report_interval_s: float = Field(default=10.0, gt=0)
     promotion_interval_s: float = Field(default=600.0, ge=0)
     promotion_threshold: float = Field(default=0.8, gt=0, le=1)
+    promotion_approvals: bool = True
+    promotion_reconcile_interval_s: float = Field(default=300.0, ge=0)
+    promotion_reconcile_batch: int = Field(default=100, ge=1, le=10_000)
     lifecycle_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     reembed_per_s: float = Field(default=50.0, gt=0)
     model_check_interval_s: float = Field(default=5.0, gt=0)

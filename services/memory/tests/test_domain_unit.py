@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aeterna_common.authz import OrgUnit, Snapshot, UnitKind
 from aeterna_common.context import Principal
 from aeterna_common.errors import InvalidArgument, PermissionDenied
 from aeterna_common.vectors.port import ScoredId
 from aeterna_memory.domain.indexing import IndexingPolicy, build_texts
 from aeterna_memory.domain.model import (
     Layer,
+    Memory,
     MetadataCondition,
     NewMemory,
     Scope,
@@ -18,6 +21,12 @@ from aeterna_memory.domain.model import (
     new_importance,
 )
 from aeterna_memory.domain.names import check_parent, parse_memory_name
+from aeterna_memory.domain.promotion import (
+    TITLE_MAX,
+    PromotionRequest,
+    project_teams,
+    team_copy,
+)
 from aeterna_memory.domain.service import (
     NEAR_TIE,
     SearchTuning,
@@ -183,3 +192,87 @@ def test_near_duplicates_collapse_to_the_more_specific_layer_only_across_layers(
     # Identical content collapses in any layer.
     _keep(kept, _kept("user-3", Layer.USER, "moved to Tuesday", [0.0, 1.0]))
     assert [k.candidate.id for k in kept] == ["user", "user-2"]
+
+
+def _project_memory(**overrides: Any) -> Memory:
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {
+        "tenant_id": "t",
+        "id": "0b9f3c1e-2a43-4c55-9d6f-3f1d7f0a9e11",
+        "layer": Layer.PROJECT,
+        "scope": Scope(project_id="checkout"),
+        "content": "mail ops@example.com or call +44 20 7946 0958",
+        "content_hash": "",
+        "metadata": {"owner": "dana@example.com", "project_id": "checkout"},
+        "tags": ["ops"],
+        "importance": 0.9,
+        "access_count": 10,
+        "last_accessed_at": now,
+        "created_at": now,
+        "updated_at": now,
+        "expire_at": None,
+        "deleted_at": None,
+        "revision": 3,
+        "embedding_model": "m/384",
+        "embedding_dimension": 384,
+    }
+    return Memory(**{**fields, **overrides})
+
+
+def test_project_teams_are_the_projects_team_parents() -> None:
+    snapshot = Snapshot(
+        "t",
+        units=(
+            OrgUnit("acme", UnitKind.COMPANY),
+            OrgUnit("eng", UnitKind.ORGANIZATION, "acme"),
+            OrgUnit("payments", UnitKind.TEAM, "eng"),
+            OrgUnit("checkout", UnitKind.PROJECT, "payments"),
+            OrgUnit("billing", UnitKind.PROJECT, "payments"),
+            OrgUnit("stray", UnitKind.PROJECT, "gone"),  # its parent is not in the tree
+        ),
+    )
+    assert project_teams(snapshot) == {"checkout": "payments", "billing": "payments"}
+    assert project_teams(Snapshot("t")) == {}
+
+
+def test_team_copy_is_redacted_and_records_its_approval() -> None:
+    memory = _project_memory()
+    copy = team_copy(memory, 0.93, "payments", approval_request="tenants/t/approvalRequests/r")
+    assert copy is not None
+    assert (copy.layer, copy.scope) == (Layer.TEAM, Scope(team_id="payments"))
+    assert copy.content == "mail [email redacted] or call [phone redacted]"
+    assert copy.metadata == {
+        "owner": "[email redacted]",
+        "project_id": "checkout",
+        "original_memory": f"tenants/t/memories/{memory.id}",
+        "original_revision": 3,
+        "promotion_score": 0.93,
+        "approval_request": "tenants/t/approvalRequests/r",
+    }
+    # While asking there is no request yet; the content asked for is the same.
+    asking = team_copy(memory, 0.93, "payments")
+    assert asking is not None and "approval_request" not in asking.metadata
+    assert asking.content == copy.content
+    # Never a sensitive or private memory, never another layer.
+    assert team_copy(_project_memory(metadata={"private": "yes"}), 0.93, "payments") is None
+    assert team_copy(_project_memory(layer=Layer.USER), 0.93, "payments") is None
+
+
+def test_promotion_request_names_the_revision_and_fits_governance() -> None:
+    request = PromotionRequest(
+        tenant_id="t",
+        memory_id="m1",
+        revision=3,
+        project_id="p" * 255,
+        team_id="payments",
+        score=0.93,
+        content_sha256="ab" * 32,
+    )
+    assert request.request_id == "promote-m1-3"
+    assert len(request.title) == TITLE_MAX
+    assert request.payload() == {
+        "memory": "tenants/t/memories/m1",
+        "revision": 3,
+        "target_layer": "TEAM",
+        "content_sha256": "ab" * 32,
+    }

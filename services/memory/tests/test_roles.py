@@ -4,6 +4,7 @@ application role cannot change the schema, and the indexer role can write nothin
 from __future__ import annotations
 
 import re
+import uuid
 
 import asyncpg
 import pytest
@@ -11,7 +12,13 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna_common.db import Database
 from memory_testkit import MemoryEnv, md, memory, new_tenant
 
-TENANT_TABLES = ("memories", "memory_revisions", "idempotency_keys", "outbox")
+TENANT_TABLES = (
+    "memories",
+    "memory_revisions",
+    "idempotency_keys",
+    "outbox",
+    "memory_promotions",
+)
 
 
 async def _tables_with_tenant(conn: asyncpg.Connection) -> list[str]:
@@ -69,6 +76,20 @@ async def two_tenants(env: MemoryEnv) -> tuple[str, str]:
             ),
             metadata=md(t),
         )
+
+        # A promotion waiting for its approval, written as the app role bound to t.
+        async def asked(conn: asyncpg.Connection, t: str = t, name: str = created.name) -> None:
+            await conn.execute(
+                "INSERT INTO memory_promotions (tenant_id, memory_id, revision, "
+                "approval_request, team_id, promotion_score, content_sha256) "
+                "VALUES ($1, $2, 2, $3, 'team', 0.9, $4)",
+                t,
+                uuid.UUID(name.rsplit("/", 1)[1]),
+                f"tenants/{t}/approvalRequests/{uuid.uuid4()}",
+                "0" * 64,
+            )
+
+        await env.app.lifecycle.db.run(t, asked)
     return a, b
 
 
@@ -296,6 +317,7 @@ async def test_policies_are_bound_to_roles(env: MemoryEnv) -> None:
     assert {r["tablename"] for r in rows if "aeterna_indexer" in r["roles"]} == {
         "memories",
         "outbox",
+        "memory_promotions",
     }
     for r in rows:
         assert "public" not in r["roles"], dict(r)

@@ -4,10 +4,11 @@
 * :class:`OutboxRelay`: publishes a service's outbox to ``events:{tenant}``, at least once,
   on one replica at a time under a fenced lease.
 * :class:`EventConsumer`: a consumer group over every tenant stream, with ``XAUTOCLAIM`` of
-  stuck entries and a dead-letter stream after three deliveries.
+  stuck entries and a dead-letter stream after three deliveries; :class:`LeasedConsumer`
+  runs one on the one replica holding a lease.
 """
 
-from aeterna_common.events.consumer import EventConsumer, Handler
+from aeterna_common.events.consumer import EventConsumer, Handler, LeasedConsumer, consumer_redis
 from aeterna_common.events.envelope import (
     STREAMS_KEY,
     Event,
@@ -28,10 +29,12 @@ __all__ = [
     "Event",
     "EventConsumer",
     "Handler",
+    "LeasedConsumer",
     "MalformedEventError",
     "OutboxRelay",
     "RelaySettings",
     "StreamTrim",
+    "consumer_redis",
     "current_traceparent",
     "dead_letter_key",
     "relay_from_settings",

@@ -19,21 +19,27 @@ Redis being unreachable never stops the consumer: each round is retried with exp
 backoff (tenacity), and consumer groups lost with a non-persistent Redis are created again.
 Cancelling :meth:`EventConsumer.run` stops it cleanly; unacknowledged entries stay pending
 for another consumer to claim.
+
+:class:`LeasedConsumer` runs a group's consumer on one replica at a time, the holder of a
+lease, for groups whose handlers must not run concurrently or out of stream order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
+from aeterna_common import leases
 from aeterna_common.events.envelope import (
     STREAM_PREFIX,
     STREAMS_KEY,
@@ -42,7 +48,6 @@ from aeterna_common.events.envelope import (
     dead_letter_key,
 )
 from aeterna_common.events.relay import REDIS_DOWN
-from aeterna_common.leases import new_owner_id
 
 log = structlog.get_logger("aeterna.events.consumer")
 
@@ -121,7 +126,7 @@ class EventConsumer:
         self.redis = redis
         self.group = group
         self.handler = handler
-        self.consumer = consumer or new_owner_id()
+        self.consumer = consumer or leases.new_owner_id()
         self.start = start
         self.block_ms = max(1, int(block_s * 1000))
         self.count = count
@@ -131,6 +136,8 @@ class EventConsumer:
         self.max_backoff_s = max_backoff_s
         self.streams: set[str] = set()
         """Streams this consumer's group exists on (as far as it knows)."""
+        self.handler_failures = 0
+        """Deliveries whose handler raised, since this consumer was made."""
         self._refreshed_at = float("-inf")
         self._reclaimed_at = float("-inf")
 
@@ -298,6 +305,7 @@ class EventConsumer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.handler_failures += 1
             CONSUMER_ERRORS.labels(self.group).inc()
             log.warning(
                 "events.consumer.handler_failed",
@@ -368,3 +376,95 @@ class EventConsumer:
             attempt=state.attempt_number,
             error=repr(state.outcome.exception()) if state.outcome else None,
         )
+
+
+def consumer_redis(url: str, *, block_s: float) -> aioredis.Redis:
+    """A Redis client for an :class:`EventConsumer`: strings, RESP2, and a socket timeout
+    that outlasts a blocked ``XREADGROUP`` of ``block_s`` seconds."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=block_s + 5.0, socket_connect_timeout=2.0
+    )
+
+
+class LeasedConsumer:
+    """Runs an :class:`EventConsumer` on the one replica holding a lease.
+
+    Two consumers of one group split each stream between them, and their handlers run
+    concurrently and out of stream order. Where that matters (an audit chain appended in
+    stream order, a promotion settled by one writer), every replica runs this and only the
+    holder of ``lease`` consumes. A new holder, and a holder after a failed round or a
+    failed handler, first takes over every pending entry of the group
+    (:meth:`EventConsumer.recover`: ``XAUTOCLAIM`` with no idle time, in stream order) and
+    only then reads new entries, so what a previous holder left is handled before anything
+    newer. A deposed holder still finishing an entry may handle it once more: handlers are
+    idempotent by ``event_id``. One case is not ordered: after a handler fails, the other
+    entries read with it in the same round are still handled, before the failed one's next
+    delivery.
+
+    Args:
+        consumer: This process's consumer of the group.
+        lease: The lease name, one per group (e.g. ``governance:audit:consume``).
+    """
+
+    def __init__(self, consumer: EventConsumer, lease: str) -> None:
+        self.consumer = consumer
+        self.lease = lease
+        self._recovered = False
+
+    async def step(self) -> int:
+        """One round: recover the group's pending entries if this holder has not since its
+        term began or since a failure, then read new entries (waiting up to ``block_s``).
+
+        Returns:
+            Entries handled and acknowledged.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed (the next step recovers first).
+        """
+        failures = self.consumer.handler_failures
+        try:
+            done = 0
+            if not self._recovered:
+                self._recovered = True
+                done += await self.consumer.recover()
+            return done + await self.consumer.poll_once()
+        except BaseException:
+            self._recovered = False
+            raise
+        finally:
+            if self.consumer.handler_failures != failures:
+                self._recovered = False
+
+    async def run(self, pool: asyncpg.Pool, *, ttl_s: float = leases.DEFAULT_TTL_S) -> None:
+        """Consume while holding the lease, until cancelled; never raises but
+        :class:`asyncio.CancelledError` (a failed round is logged and retried after a
+        second).
+
+        Args:
+            pool: A pool of a role that may write ``leases`` (the application role).
+            ttl_s: The lease's time to live in seconds.
+        """
+        group = self.consumer.group
+        keeper = leases.LeaseKeeper(pool, self.lease, ttl_s=ttl_s)
+        keeping = asyncio.create_task(keeper.run(), name=f"lease:{self.lease}")
+        try:
+            while True:
+                if not keeper.held:
+                    self._recovered = False
+                    await asyncio.sleep(keeper.renew_every_s)
+                    continue
+                try:
+                    await self.step()
+                except REDIS_DOWN as exc:
+                    CONSUMER_ERRORS.labels(group).inc()
+                    log.warning("events.consumer.round_failed", group=group, error=repr(exc))
+                    await asyncio.sleep(1.0)
+                except Exception:
+                    CONSUMER_ERRORS.labels(group).inc()
+                    log.exception("events.consumer.round_failed", group=group)
+                    await asyncio.sleep(1.0)
+        finally:
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeping
+            await keeper.release()

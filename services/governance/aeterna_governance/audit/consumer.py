@@ -14,31 +14,22 @@ delivery.
 
 Order: one replica consumes at a time, the holder of the lease :data:`LEASE` (two consumers
 of one group would split a stream between them, and their appends could commit out of
-stream order). A new holder, and a holder after a failed round or a failed append, first
-takes over every pending entry of the group (:meth:`EventConsumer.recover`: ``XAUTOCLAIM``
-from ``0-0`` with no idle time) and appends them in stream order, then reads new entries. A
-deposed holder still finishing an entry appends nothing out of order: it and its successor
-both go in stream order, and the second append of an event id is a no-op. One case is not
-ordered: after an append fails, the rest of the entries read with it in the same round are
-still appended, before the failed one's next delivery.
+stream order): :class:`aeterna_common.events.LeasedConsumer`, whose new holder, and holder
+after a failed round or a failed append, first appends every pending entry of the group in
+stream order, then reads new entries. A deposed holder still finishing an entry appends
+nothing out of order: it and its successor both go in stream order, and the second append
+of an event id is a no-op.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import asyncpg
 import redis.asyncio as aioredis
-import structlog
 from aeterna_common import leases
-from aeterna_common.events import Event, EventConsumer
-from aeterna_common.events.relay import REDIS_DOWN
+from aeterna_common.events import Event, EventConsumer, LeasedConsumer
 
 from aeterna_governance.audit.chain import parse_envelope
 from aeterna_governance.audit.log import AuditLog
-
-log = structlog.get_logger("aeterna.governance.audit")
 
 GROUP = "governance-audit"
 """Consumer group of the audit log on every tenant's stream."""
@@ -84,7 +75,7 @@ class AuditConsumer:
             count=batch,
             claim_idle_s=claim_idle_s,
         )
-        self._recovered = False
+        self.leased = LeasedConsumer(self.events, LEASE)
 
     async def handle(self, event: Event) -> None:
         """Append one event to its tenant's chain (once: idempotent by ``event_id``).
@@ -95,24 +86,15 @@ class AuditConsumer:
             Exception: The append failed; the entry stays pending and this holder recovers
                 the pending entries before reading on.
         """
-        try:
-            await self.audit.append(parse_envelope(event.to_fields()))
-        except Exception:
-            self._recovered = False
-            raise
+        await self.audit.append(parse_envelope(event.to_fields()))
 
     async def step(self) -> int:
-        """One round: recover the group's pending entries if this holder has not since its
-        term began or since a failure, then read new entries (waiting up to ``block_s``).
+        """One round (:meth:`aeterna_common.events.LeasedConsumer.step`).
 
         Returns:
             Entries appended (or found already appended) and acknowledged.
         """
-        done = 0
-        if not self._recovered:
-            self._recovered = True
-            done += await self.events.recover()
-        return done + await self.events.poll_once()
+        return await self.leased.step()
 
     async def run(self, pool: asyncpg.Pool, *, ttl_s: float = leases.DEFAULT_TTL_S) -> None:
         """Consume while holding :data:`LEASE`, until cancelled.
@@ -121,26 +103,4 @@ class AuditConsumer:
             pool: The application role's ``asyncpg.Pool`` (for the lease).
             ttl_s: The lease's time to live in seconds.
         """
-        keeper = leases.LeaseKeeper(pool, LEASE, ttl_s=ttl_s)
-        keeping = asyncio.create_task(keeper.run(), name=f"lease:{LEASE}")
-        try:
-            while True:
-                if not keeper.held:
-                    self._recovered = False
-                    await asyncio.sleep(keeper.renew_every_s)
-                    continue
-                try:
-                    await self.step()
-                except REDIS_DOWN as exc:
-                    self._recovered = False
-                    log.warning("audit.consume_failed", error=repr(exc))
-                    await asyncio.sleep(1.0)
-                except Exception:
-                    self._recovered = False
-                    log.exception("audit.consume_failed")
-                    await asyncio.sleep(1.0)
-        finally:
-            keeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeping
-            await keeper.release()
+        await self.leased.run(pool, ttl_s=ttl_s)

@@ -19,10 +19,10 @@ so a deposed holder commits nothing more.
 * **Purge** (:meth:`LifecycleJobs.purge_due`): a memory soft-deleted, or past its
   ``expire_at``, for longer than the retention loses its row (and with it its vector), its
   embedding cache entry and its revisions' content (a revision keeps ids, action, actor,
-  time and changed fields); a ``memory.purged`` outbox event makes the followers delete the
-  index point of a memory that still had one. The cache entry is deleted first: if Redis
-  cannot be reached the tenant's batch is left for the next run rather than losing the text
-  the key is derived from.
+  time and changed fields) and its promotion records; a ``memory.purged`` outbox event makes
+  the followers delete the index point of a memory that still had one. The cache entry is
+  deleted first: if Redis cannot be reached the tenant's batch is left for the next run
+  rather than losing the text the key is derived from.
 """
 
 from __future__ import annotations
@@ -82,6 +82,28 @@ DECAY_RATES = {
 
 ARCHIVE_BELOW = 0.01
 """Importance below which decay archives a memory (DOMAIN.md, Memory: Decay)."""
+
+
+def promotable(threshold: str) -> str:
+    """SQL condition on ``memories m``: live (not deleted, archived or past its expiry),
+    neither ``sensitive`` nor ``private``, and a promotion score (DOMAIN.md, as
+    :func:`~aeterna_memory.domain.promotion.promotion_score`) of at least the parameter
+    ``threshold`` (e.g. ``'$3'``)."""
+    return (
+        "m.deleted_at IS NULL AND m.archived_at IS NULL "
+        "AND (m.expire_at IS NULL OR m.expire_at > now()) "
+        "AND coalesce(m.metadata->>'sensitive', 'false') IN ('false', '', '0') "
+        "AND coalesce(m.metadata->>'private', 'false') IN ('false', '', '0') "
+        "AND 0.6 * m.importance + 0.3 * least(m.access_count / 10.0, 1) + 0.1 * "
+        "coalesce(greatest(0, 1 - extract(epoch FROM now() - m.last_accessed_at) "
+        f"/ 86400.0), 0) >= {threshold} - 1e-9"
+    )
+
+
+def lifecycle_principal(tenant: str) -> Principal:
+    """Who the promotion jobs create copies as (their revisions' and events' actor)."""
+    return Principal(tenant_id=tenant, user_id="aeterna-lifecycle")
+
 
 _RATE_SQL = (
     "CASE layer "
@@ -338,6 +360,13 @@ class LifecycleJobs:
                 tenant,
                 purged,
             )
+            # Their promotion records hold a hash of their content.
+            await conn.execute(
+                "DELETE FROM memory_promotions WHERE tenant_id = $1 "
+                "AND memory_id = ANY($2::uuid[])",
+                tenant,
+                purged,
+            )
             await _append_outbox(conn, tenant, PURGED_EVENT, purged, actor=SERVICE_ACTOR)
             return len(purged)
 
@@ -465,14 +494,8 @@ class LifecycleJobs:
                 self._promote,
                 lease,
                 "SELECT m.tenant_id, m.id FROM memories m WHERE m.layer = ANY($1::smallint[]) "
-                "AND m.deleted_at IS NULL AND m.archived_at IS NULL "
-                "AND (m.expire_at IS NULL OR m.expire_at > now()) "
-                "AND coalesce(m.metadata->>'sensitive', 'false') IN ('false', '', '0') "
-                "AND coalesce(m.metadata->>'private', 'false') IN ('false', '', '0') "
+                f"AND {promotable('$3')} "
                 "AND (m.layer <> $2 OR coalesce(m.metadata->>'project_id', '') <> '') "
-                "AND 0.6 * m.importance + 0.3 * least(m.access_count / 10.0, 1) + 0.1 * "
-                "coalesce(greatest(0, 1 - extract(epoch FROM now() - m.last_accessed_at) "
-                "/ 86400.0), 0) >= $3 - 1e-9 "
                 "AND NOT EXISTS (SELECT 1 FROM memories c WHERE c.tenant_id = m.tenant_id "
                 "AND c.metadata ? 'original_memory' "
                 "AND c.metadata->>'original_memory' = "
@@ -494,7 +517,7 @@ class LifecycleJobs:
         if lease is not None:
             async with self.db.transaction(tenant) as conn:
                 await leases.check(conn, lease)
-        principal = Principal(tenant_id=tenant, user_id="aeterna-lifecycle")
+        principal = lifecycle_principal(tenant)
         now = datetime.now(UTC)
         done = 0
         for row in await self.db.run(tenant, _reader(tenant, ids), readonly=True):

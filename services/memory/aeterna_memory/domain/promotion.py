@@ -1,16 +1,21 @@
-"""Automatic promotion of memories to a broader layer (DOMAIN.md, Memory: Promotion).
+"""Promotion of memories to a broader layer (DOMAIN.md, Memory: Promotion).
 
-AGENT→USER and SESSION→PROJECT happen automatically; promotions to TEAM and above need an
-approval (governance) and are not made here. Pure functions: the job that applies them is
-:meth:`aeterna_memory.adapters.lifecycle.LifecycleJobs.promote_due`.
+AGENT→USER and SESSION→PROJECT happen automatically (:func:`promoted_copy`); PROJECT→TEAM
+needs an approval by governance (:func:`team_copy`, :class:`PromotionRequest`); USER→TEAM,
+TEAM→ORG and ORG→COMPANY are not made. Pure functions and values: the jobs that apply them
+are :meth:`aeterna_memory.adapters.lifecycle.LifecycleJobs.promote_due` and
+:class:`aeterna_memory.adapters.team_promotion.TeamPromotions`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from aeterna_common.authz import Snapshot, UnitKind
 
 from aeterna_memory.domain.model import Layer, Memory, NewMemory, Scope
 
@@ -19,6 +24,12 @@ DEFAULT_THRESHOLD = 0.8
 
 AUTOMATIC = {Layer.AGENT: Layer.USER, Layer.SESSION: Layer.PROJECT}
 """Automatic promotions: source layer → target layer (DOMAIN.md)."""
+
+APPROVED = {Layer.PROJECT: Layer.TEAM}
+"""Promotions made once governance approves them: source layer → target layer."""
+
+TITLE_MAX = 200
+"""Longest approval request title governance accepts (its contract: 1-200 characters)."""
 
 EXCLUDING_KEYS = ("sensitive", "private")
 """Metadata keys that, when set to anything but false/empty, keep a memory where it is."""
@@ -93,6 +104,40 @@ def promoted_copy(memory: Memory, score: float) -> NewMemory | None:
         if not isinstance(project, str) or not project:
             return None
         scope = Scope(project_id=project)
+    return _copy(memory, score, target, scope)
+
+
+def team_copy(
+    memory: Memory, score: float, team_id: str, *, approval_request: str = ""
+) -> NewMemory | None:
+    """The TEAM copy of a PROJECT memory, or None when the memory is not promotable
+    (another layer, or ``sensitive``/``private``).
+
+    Redacted and recorded as :func:`promoted_copy`'s copies, plus ``approval_request`` (the
+    governance request that approved it) when given.
+
+    Args:
+        memory: The PROJECT memory.
+        score: Its promotion score when it was asked for (rounded to 6 decimals, as stored).
+        team_id: The project's team (its parent unit in the org tree).
+        approval_request: ``tenants/{tenant}/approvalRequests/{id}``, or empty while asking.
+
+    Returns:
+        The copy to create, or None.
+    """
+    if APPROVED.get(memory.layer) is not Layer.TEAM or excluded(memory.metadata):
+        return None
+    extra = {"approval_request": approval_request} if approval_request else {}
+    return _copy(memory, score, Layer.TEAM, Scope(team_id=team_id), extra)
+
+
+def _copy(
+    memory: Memory,
+    score: float,
+    target: Layer,
+    scope: Scope,
+    extra: Mapping[str, Any] | None = None,
+) -> NewMemory:
     metadata: dict[str, Any] = {
         k: redact(v) if isinstance(v, str) else v for k, v in memory.metadata.items()
     }
@@ -100,6 +145,7 @@ def promoted_copy(memory: Memory, score: float) -> NewMemory | None:
         original_memory=f"tenants/{memory.tenant_id}/memories/{memory.id}",
         original_revision=memory.revision,
         promotion_score=round(score, 6),
+        **(extra or {}),
     )
     return NewMemory(
         layer=target,
@@ -110,3 +156,83 @@ def promoted_copy(memory: Memory, score: float) -> NewMemory | None:
         importance=memory.importance,
         expire_at=memory.expire_at,
     )
+
+
+def project_teams(snapshot: Snapshot) -> dict[str, str]:
+    """Each PROJECT unit's TEAM (its parent, when that is a TEAM) in an authorization
+    snapshot: project id → team id. A unit id is the scope identifier of its layer."""
+    units = {u.id: u for u in snapshot.units}
+    teams: dict[str, str] = {}
+    for unit in snapshot.units:
+        parent = units.get(unit.parent_id or "")
+        if unit.kind is UnitKind.PROJECT and parent is not None and parent.kind is UnitKind.TEAM:
+            teams[unit.id] = parent.id
+    return teams
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionRequest:
+    """What governance is asked to approve: one revision of a PROJECT memory copied to its
+    project's TEAM.
+
+    Attributes:
+        tenant_id: The tenant.
+        memory_id: The PROJECT memory's id.
+        revision: Its revision when asked (a later revision is asked for anew).
+        project_id: Its project.
+        team_id: The project's team, whose approvers decide.
+        score: Its promotion score, rounded to 6 decimals (recorded in the copy).
+        content_sha256: Hex SHA-256 of the copy's redacted content: what is approved.
+    """
+
+    tenant_id: str
+    memory_id: str
+    revision: int
+    project_id: str
+    team_id: str
+    score: float
+    content_sha256: str
+
+    @property
+    def memory(self) -> str:
+        """The memory's resource name (the request's target)."""
+        return f"tenants/{self.tenant_id}/memories/{self.memory_id}"
+
+    @property
+    def request_id(self) -> str:
+        """Governance's idempotency key: one request per memory revision."""
+        return f"promote-{self.memory_id}-{self.revision}"
+
+    @property
+    def title(self) -> str:
+        """A short title for the approvers (at most :data:`TITLE_MAX` characters)."""
+        return f"Promote a memory of project {self.project_id} to team {self.team_id}"[:TITLE_MAX]
+
+    def payload(self) -> dict[str, Any]:
+        """The request's payload: ``memory``, ``revision``, ``target_layer`` (``TEAM``) and
+        ``content_sha256``; never the content (approvers read the memory itself)."""
+        return {
+            "memory": self.memory,
+            "revision": self.revision,
+            "target_layer": Layer.TEAM.name,
+            "content_sha256": self.content_sha256,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """Governance's approval request as memory reads it.
+
+    Attributes:
+        name: ``tenants/{tenant}/approvalRequests/{id}``.
+        type: ``MEMORY_PROMOTION``, ``POLICY``, ... (governance's ``ApprovalType`` name).
+        state: ``PENDING``, ``APPROVED``, ``REJECTED``, ``EXPIRED`` or ``CANCELLED``.
+        target: The resource it is about.
+        payload: Its payload (JSON object).
+    """
+
+    name: str
+    type: str
+    state: str
+    target: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
