@@ -9,7 +9,6 @@ than losing the file; the reader reports that it did so.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,8 +101,7 @@ def dump_front_matter(metadata: Mapping[str, Any]) -> str:
     """A front matter block in normalised form.
 
     Args:
-        metadata: Keys in the order to write; values YAML can represent (ISO date strings are
-            written as YAML dates, unquoted).
+        metadata: Keys in the order to write, values YAML can represent.
 
     Returns:
         ``---``, block-style YAML (PyYAML ``safe_dump``, keys in the given order, Unicode
@@ -111,20 +109,14 @@ def dump_front_matter(metadata: Mapping[str, Any]) -> str:
     """
     if not metadata:
         return ""
-    values = {key: _date_or_value(value) for key, value in metadata.items()}
     dumped = yaml.safe_dump(
-        values, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1_000_000
+        dict(metadata),
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=False,
+        width=1_000_000,
     )
     return f"{_OPEN}\n{dumped}{_OPEN}\n"
-
-
-def _date_or_value(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return dt.date.fromisoformat(value) if len(value) == 10 else value
-        except ValueError:
-            return value
-    return value
 
 
 def _lenient(block: str) -> dict[str, Any]:
