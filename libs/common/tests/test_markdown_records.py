@@ -276,3 +276,10 @@ def test_changes_the_body_does_not_state_go_to_front_matter() -> None:
     assert again.front_matter_keys == ("status", "tags", "superseded_by")
     assert dataclasses.replace(again, front_matter_keys=()) == changed
     assert render_record(again) == rendered
+
+
+def test_an_unknown_status_is_draft_with_a_warning() -> None:
+    record = parse_record("adr/0011-t.md", "# T\n\n## Status\n\nUnder discussion\n")
+    assert isinstance(record, ParsedRecord)
+    assert record.status is RecordStatus.DRAFT
+    assert record.warnings == ("status 'Under discussion' is not a known status",)

@@ -22,8 +22,9 @@ __all__ = ["FrontMatter", "dump_front_matter", "front_matter_lines", "read_front
 _OPEN = "---"
 _CLOSE = ("---", "...")
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w-]*)\s*:\s*(.*)$")
-_LIST_ITEM = re.compile(r"^\s+-\s+(.*)$|^-\s+(.*)$")
+_LIST_ITEM = re.compile(r"^\s*-\s+(.*)$")
 _HANDLER = YAMLHandler()
+_NO_WRAP = 1_000_000  # PyYAML folds lines at 80 characters by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,19 +105,14 @@ def dump_front_matter(metadata: Mapping[str, Any]) -> str:
         metadata: Keys in the order to write, values YAML can represent.
 
     Returns:
-        ``---``, block-style YAML (PyYAML ``safe_dump``, keys in the given order, Unicode
-        kept), ``---``, each line ending in a line feed; the empty string for an empty mapping.
+        ``---``, block-style YAML (keys in the given order, Unicode kept, long lines not
+        folded), ``---``, each line ending in a line feed; the empty string for an empty mapping.
     """
     if not metadata:
         return ""
-    dumped = yaml.safe_dump(
-        dict(metadata),
-        sort_keys=False,
-        allow_unicode=True,
-        default_flow_style=False,
-        width=1_000_000,
-    )
-    return f"{_OPEN}\n{dumped}{_OPEN}\n"
+    # python-frontmatter's export: PyYAML SafeDumper, block style, Unicode kept.
+    dumped = _HANDLER.export(dict(metadata), sort_keys=False, width=_NO_WRAP)
+    return f"{_OPEN}\n{dumped}\n{_OPEN}\n"
 
 
 def _lenient(block: str) -> dict[str, Any]:
@@ -133,7 +129,7 @@ def _lenient(block: str) -> dict[str, Any]:
                 if isinstance(current, list)
                 else ([] if current in ("", None) else [current])
             )
-            values.append(_unquote(item.group(1) or item.group(2) or ""))
+            values.append(_unquote(item.group(1)))
             metadata[last_key] = values
             continue
         pair = _KEY_LINE.match(raw)

@@ -143,7 +143,7 @@ def inline_text(token: Token) -> str:
     """
     parts: list[str] = []
     for child in token.children or ():
-        if child.type in ("text", "code_inline", "html_inline"):
+        if child.type in ("text", "code_inline"):
             parts.append(child.content)
         elif child.type in ("softbreak", "hardbreak"):
             parts.append("\n")
@@ -158,8 +158,8 @@ def sections(markdown: str) -> list[Section]:
             still count from the document's first line.
 
     Returns:
-        Sections in document order. Headings inside code blocks, block quotes' fenced code and
-        front matter are not sections; headings inside block quotes and list items are.
+        Sections in document order. Headings inside fenced or indented code and inside front
+        matter are not sections; headings inside block quotes and list items are.
     """
     lines = markdown.splitlines()
     skipped = front_matter_lines(lines)
