@@ -283,3 +283,14 @@ def test_an_unknown_status_is_draft_with_a_warning() -> None:
     assert isinstance(record, ParsedRecord)
     assert record.status is RecordStatus.DRAFT
     assert record.warnings == ("status 'Under discussion' is not a known status",)
+
+
+def test_key_lines_and_relations_in_prose_are_not_read_as_such() -> None:
+    text = (
+        "# T\n\n## Context\n\nStatus: of the old system unknown.\n"
+        "Date: to be fixed.\n\nSupersedes nothing; it is new.\n"
+    )
+    record = parse_record("adr/0012-t.md", text)
+    assert isinstance(record, ParsedRecord)
+    assert (record.status, record.date, record.relations) == (RecordStatus.DRAFT, None, ())
+    assert record.summary == "Status: of the old system unknown. Date: to be fixed."

@@ -6,13 +6,14 @@ What a file may say, and where (front matter wins over the body when both say it
 - **title**: front matter ``title``, else the first level-1 heading without adr-tools'
   numbering (``# 1. Record architecture decisions``).
 - **status**: front matter ``status`` (MADR 3/4), a ``Status`` section (Nygard, adr-tools) or a
-  ``Status: …`` line (MADR 2's ``* Status: accepted``); otherwise DRAFT. ``Superseded by
+  ``Status: …`` line under the title (MADR 2's ``* Status: accepted``); otherwise DRAFT. ``Superseded by
   [ADR-5](0005-x.md)`` is SUPERSEDED with a SUPERSEDED_BY relation to the link's file.
-- **date**: front matter ``date`` or a ``Date: 2024-03-04`` line (adr-tools).
-- **tags**: front matter ``tags`` (a list or a comma-separated string) or a ``Tags:`` line.
-- **relations**: ``Supersedes [..](file.md)`` / ``Superseded by [..](file.md)`` paragraphs
-  anywhere (adr-tools writes them into the Status section), and front matter ``supersedes`` /
-  ``superseded_by`` lists, whose items are record ids or ``.md`` file names.
+- **date**: front matter ``date`` or a ``Date: 2024-03-04`` line under the title (adr-tools).
+- **tags**: front matter ``tags`` (a list or a comma-separated string) or a ``Tags:`` line under
+  the title.
+- **relations**: ``Supersedes [..](file.md)`` / ``Superseded by [..](file.md)`` paragraphs with
+  a link to a file, anywhere (adr-tools writes them into the Status section), and front matter
+  ``supersedes`` / ``superseded_by`` lists, whose items are record ids or ``.md`` file names.
 
 The record id is the file's path without its extension (``adr/0010-luxon-dates``), never a
 front matter ``id``: two files are two records even when their front matter repeats an id, and
@@ -350,7 +351,7 @@ def render_record(record: ParsedRecord) -> str:
 def _read_body(path: str, body: str) -> _BodyFacts:
     facts = _BodyFacts()
     tokens = parser().parse(body)
-    section: str | None = None  # canonical name of the innermost heading, "" before any
+    section = ""  # canonical name of the innermost section, "other" when it has none
     heading_level = 0
     for index, token in enumerate(tokens):
         if token.type == "heading_open":
@@ -361,13 +362,17 @@ def _read_body(path: str, body: str) -> _BodyFacts:
         previous = tokens[index - 1].type if index else ""
         if previous == "heading_open":
             title = inline_text(token).replace("\n", " ").strip()
-            if heading_level == 1 and facts.title is None:
-                facts.title = _H1_NUMBERING.sub("", title)
-            section = canonical_section(title) or "other"
+            if heading_level == 1:
+                # Text under the title, before any section, is the preamble ("").
+                if facts.title is None:
+                    facts.title = _H1_NUMBERING.sub("", title)
+                section = ""
+            else:
+                section = canonical_section(title) or "other"
             continue
         if previous != "paragraph_open":
             continue
-        _read_paragraph(path, token, section or "", facts)
+        _read_paragraph(path, token, section, facts)
     return facts
 
 
@@ -376,12 +381,15 @@ def _read_paragraph(path: str, token: Token, section: str, facts: _BodyFacts) ->
     source = token.content
     if _RELATION_LINE.match(text):
         status, relations = _status_statement(path, source)
-        facts.relations.extend(relations)
-        if status is RecordStatus.SUPERSEDED:
-            facts.status = status
-        return
+        # Prose that starts "Supersedes ..." states a relation only with a link, or as status.
+        if relations or section == "status":
+            facts.relations.extend(relations)
+            if status is RecordStatus.SUPERSEDED:
+                facts.status = status
+            return
     key_line = False
-    for line in source.splitlines():
+    # "Status: accepted" / "Date: ..." lines: adr-tools and MADR 2 put them under the title.
+    for line in source.splitlines() if section in ("", "status") else ():
         match = _KEY_LINE.match(line)
         if match is None:
             continue
@@ -400,9 +408,8 @@ def _read_paragraph(path: str, token: Token, section: str, facts: _BodyFacts) ->
             _take_status(path, source, facts)
         return
     summary = " ".join(text.split())
-    if summary and section in ("context", "decision", ""):
-        facts.summaries.setdefault(section, summary)
     if summary:
+        facts.summaries.setdefault(section, summary)
         facts.summaries.setdefault("", summary)
 
 
