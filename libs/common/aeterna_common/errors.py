@@ -204,6 +204,13 @@ class ResourceExhausted(AeternaError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class Unimplemented(AeternaError):
+    """A method the contract declares and this version does not serve (``UNIMPLEMENTED``)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "NOT_IMPLEMENTED"
+
+
 class Unavailable(AeternaError):
     """A dependency is down; retrying later may succeed (``UNAVAILABLE``)."""
 
