@@ -29,13 +29,13 @@ from aeterna_common.errors import (
     PreconditionViolated,
     Unimplemented,
 )
+from aeterna_common.markdown import missing_sections
 from aeterna_common.names import Name, invalid_name, parse_name, parse_parent
 from aeterna_common.servicing import Ctx
 from aeterna_common.writes import WriteKey, request_hash
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from aeterna_knowledge import sections
 from aeterna_knowledge.access import UNIT_KIND, Access
 from aeterna_knowledge.deps import Deps, Registered, ServicerSpec
 from aeterna_knowledge.items import Items, NewItem, metadata_of
@@ -74,7 +74,8 @@ TYPE_NAME = {
     t: res.KnowledgeType.Name(t).removeprefix("KNOWLEDGE_TYPE_")  # type: ignore[arg-type]
     for t in range(1, 6)
 }
-"""``ADR`` for KNOWLEDGE_TYPE_ADR, ...: the names :func:`sections.missing_sections` takes."""
+"""``ADR`` for KNOWLEDGE_TYPE_ADR, ...: the names
+:func:`aeterna_common.markdown.missing_sections` takes."""
 
 
 def _fingerprint(*parts: object) -> str:
@@ -168,13 +169,15 @@ def _new_item(
 
 
 def _required_sections(item: res.KnowledgeItem) -> None:
-    """Refuse an item whose content lacks a required section of its type.
+    """Refuse an item whose content lacks a required section of its type: the one place
+    that asks :func:`aeterna_common.markdown.missing_sections` (headings matched tolerantly:
+    case, numbering, MADR and Nygard synonyms; headings in fenced code are no sections).
 
     Raises:
         PreconditionViolated: ``FAILED_PRECONDITION``, reason ``MISSING_SECTIONS``, a violation
             on ``content`` naming the missing sections (also in ``ErrorInfo.metadata``).
     """
-    missing = sections.missing_sections(TYPE_NAME[item.type], item.content)
+    missing = missing_sections(TYPE_NAME[item.type], item.content)
     if missing:
         raise PreconditionViolated(
             [

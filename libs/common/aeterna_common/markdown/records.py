@@ -6,8 +6,9 @@ What a file may say, and where (front matter wins over the body when both say it
 - **title**: front matter ``title``, else the first level-1 heading without adr-tools'
   numbering (``# 1. Record architecture decisions``).
 - **status**: front matter ``status`` (MADR 3/4), a ``Status`` section (Nygard, adr-tools) or a
-  ``Status: …`` line under the title (MADR 2's ``* Status: accepted``); otherwise DRAFT. ``Superseded by
-  [ADR-5](0005-x.md)`` is SUPERSEDED with a SUPERSEDED_BY relation to the link's file.
+  ``Status: …`` line under the title (MADR 2's ``* Status: accepted``); otherwise DRAFT.
+  ``Superseded by [ADR-5](0005-x.md)`` is SUPERSEDED with a SUPERSEDED_BY relation to the
+  link's file.
 - **date**: front matter ``date`` or a ``Date: 2024-03-04`` line under the title (adr-tools).
 - **tags**: front matter ``tags`` (a list or a comma-separated string) or a ``Tags:`` line under
   the title.
