@@ -4,7 +4,10 @@ the role bindings from governance through the gateway with its service token."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,10 +106,67 @@ async def test_team_decision_through_the_gateway(stack: DevStack) -> None:
                 metadata=lead,
             )
         assert item.status == kres.KNOWLEDGE_STATUS_ACCEPTED
-        # Someone with no binding in the tree is refused by every replica.
+        # Someone with no binding in the tree is refused by every replica (round robin).
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await knowledge.GetKnowledgeItem(
                     ksvc.GetKnowledgeItemRequest(name=item.name), metadata=as_user("stranger")
                 )
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_cli_add_list_propose_accept_supersede(stack: DevStack, tmp_path: Path) -> None:
+    env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "aeterna_cli.main", "knowledge", *args, "--tenant", "kn"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    adr = tmp_path / "0002-postgres.md"
+    adr.write_text(ADR.replace("Luxon", "PostgreSQL"))
+    lead = ("--user", "lead")
+    created = json.loads(
+        cli(
+            "add",
+            "adr/0002-postgres",
+            "--file",
+            str(adr),
+            "--unit",
+            "payments",
+            "--title",
+            "Use PostgreSQL",
+            *lead,
+            "--json",
+        )
+    )
+    item = created["name"]
+    assert created["consistencyToken"]
+    cli("propose", item, *lead)
+    cli("accept", item, *lead)
+    listed = [
+        json.loads(line)
+        for line in cli("list", "--path", "adr/0002-postgres", *lead, "--json").splitlines()
+    ]
+    assert listed == [
+        {
+            "name": item,
+            "title": "Use PostgreSQL",
+            "path": "adr/0002-postgres",
+            "score": None,
+            "status": "ACCEPTED",
+            "layer": "TEAM",
+        }
+    ]
+    reply = json.loads(
+        cli("supersede", item, "--file", str(adr), "--title", "Use PostgreSQL 17", *lead, "--json")
+    )
+    assert reply["superseded"]["status"] == "KNOWLEDGE_STATUS_SUPERSEDED"
+    history = json.loads(cli("history", item, *lead, "--json"))
+    assert [h["reason"] for h in history] == ["superseded", "accepted", "proposed", "created"]
