@@ -74,6 +74,16 @@ async def test_readers_and_reviewers(kn: KnowledgeEnv) -> None:
         svc.AcceptKnowledgeItemRequest(name=item.name), metadata=lead
     )
     assert accepted.status == res.KNOWLEDGE_STATUS_ACCEPTED
+    # Superseding puts an ACCEPTED successor in force: a review, not a developer's write.
+    supersede = svc.SupersedeKnowledgeItemRequest(
+        name=item.name,
+        successor=res.KnowledgeItem(path=item.path, title="Use Temporal", content=item.content),
+    )
+    await expect(
+        kn.stub.SupersedeKnowledgeItem(supersede, metadata=dev), grpc.StatusCode.PERMISSION_DENIED
+    )
+    reply = await kn.stub.SupersedeKnowledgeItem(supersede, metadata=lead)
+    assert reply.successor.status == res.KNOWLEDGE_STATUS_ACCEPTED
 
 
 async def test_org_items_are_reviewed_by_architects_not_tech_leads(kn: KnowledgeEnv) -> None:
