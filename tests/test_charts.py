@@ -1,8 +1,9 @@
 """Rendered Helm charts (in process, offline): what the pods run with, not how the YAML reads.
 
-Renders charts/memory, charts/governance and charts/gateway with helm-python-sdk (Helm's Go
-SDK) and checks the objects: probes, security contexts, HPA targets, DSNs only from Secrets, the migration hook,
-NetworkPolicy ports and peers, and the Envoy configurations after Helm substituted the values.
+Renders charts/memory, charts/governance, charts/knowledge and charts/gateway with
+helm-python-sdk (Helm's Go SDK) and checks the objects: probes, security contexts, HPA
+targets, DSNs only from Secrets, the migration hook, NetworkPolicy ports and peers, and the
+Envoy configurations after Helm substituted the values.
 """
 
 from __future__ import annotations
@@ -509,3 +510,28 @@ def test_governance_chart_is_the_service_shape_without_a_data_volume() -> None:
     gateway_routes = json.dumps(envoy_bootstrap(render(GATEWAY)))
     assert '"/aeterna.governance.v1."' in gateway_routes
     assert "aeterna.governance.v1.ApprovalService" in gateway_routes
+
+
+KNOWLEDGE = ROOT / "charts" / "knowledge"
+
+
+def test_knowledge_chart_is_governance_shape_with_bindings_from_governance() -> None:
+    objs = render(KNOWLEDGE)
+    assert sorted(o["kind"] for o in objs) == sorted(o["kind"] for o in render(GOVERNANCE))
+    deployment = one(objs, "Deployment", "aeterna-knowledge")
+    service = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert service["image"] == "aeterna/knowledge:0.1.0"
+    assert service["readinessProbe"]["grpc"] == {
+        "port": 8080,
+        "service": "aeterna.knowledge.v1.KnowledgeService",
+    }
+    settings = one(objs, "ConfigMap", "aeterna-knowledge-settings")["data"]
+    assert settings["AETERNA_MIGRATE_ON_START"] == "false"
+    # Role bindings from governance through the sidecar's egress listener.
+    assert settings["AETERNA_AUTHZ_DIRECTORY_URL"] == "127.0.0.1:15001"
+    assert "aeterna-governance-headless" in cluster_hosts(envoy_bootstrap(objs))
+    job = one(objs, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "migrate"
+    gateway_routes = json.dumps(envoy_bootstrap(render(GATEWAY)))
+    assert '"/aeterna.knowledge.v1."' in gateway_routes
+    assert "aeterna-knowledge-headless" in cluster_hosts(envoy_bootstrap(render(GATEWAY)))

@@ -23,6 +23,7 @@ from aeterna.governance.v1 import organization_service_pb2 as osvc
 from aeterna.governance.v1 import organization_service_pb2_grpc as osvc_grpc
 from aeterna.governance.v1 import policy_service_pb2_grpc as psvc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
+from aeterna.knowledge.v1 import knowledge_service_pb2_grpc as ksvc_grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.table import Table
@@ -38,11 +39,13 @@ if TYPE_CHECKING:
     ApprovalStub: TypeAlias = asvc_grpc.ApprovalServiceAsyncStub
     PolicyStub: TypeAlias = psvc_grpc.PolicyServiceAsyncStub
     AuditStub: TypeAlias = audit_grpc.AuditServiceAsyncStub
+    KnowledgeStub: TypeAlias = ksvc_grpc.KnowledgeServiceAsyncStub
 else:
     OrgStub = osvc_grpc.OrganizationServiceStub
     ApprovalStub = asvc_grpc.ApprovalServiceStub
     PolicyStub = psvc_grpc.PolicyServiceStub
     AuditStub = audit_grpc.AuditServiceStub
+    KnowledgeStub = ksvc_grpc.KnowledgeServiceStub
 
 org_app = typer.Typer(help="The org tree: create, get, list, move, delete units.")
 role_app = typer.Typer(help="Role bindings: grant, revoke, list.")
@@ -65,12 +68,13 @@ def register(app: typer.Typer) -> None:
 
 @dataclass(frozen=True)
 class Stubs:
-    """Governance stubs on one channel."""
+    """Governance's and knowledge's stubs on one channel."""
 
     orgs: OrgStub
     approvals: ApprovalStub
     policies: PolicyStub
     audit: AuditStub
+    knowledge: KnowledgeStub
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,11 @@ def run(call: Callable[[Stubs], Awaitable[T]]) -> T:
     async def once() -> T:
         async with client.channel() as channel:
             stubs = Stubs(
-                OrgStub(channel), ApprovalStub(channel), PolicyStub(channel), AuditStub(channel)
+                OrgStub(channel),
+                ApprovalStub(channel),
+                PolicyStub(channel),
+                AuditStub(channel),
+                KnowledgeStub(channel),
             )
             return await call(stubs)
 

@@ -40,6 +40,21 @@ class FieldViolation:
     reason: str = ""
 
 
+def _bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
+    """A packed ``BadRequest`` with one field violation per entry."""
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=v.field, description=v.description, reason=v.reason
+            )
+            for v in violations
+        ]
+    )
+    packed = any_pb2.Any()
+    packed.Pack(bad)
+    return packed
+
+
 class AeternaError(Exception):
     """Base of every error a service returns on purpose.
 
@@ -107,17 +122,7 @@ class InvalidArgument(AeternaError):
 
     def details(self) -> list[any_pb2.Any]:
         """``ErrorInfo`` and ``BadRequest`` details."""
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description, reason=v.reason
-                )
-                for v in self.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        return [*super().details(), packed]
+        return [*super().details(), _bad_request(self.violations)]
 
 
 class Unauthenticated(AeternaError):
@@ -155,6 +160,36 @@ class FailedPrecondition(AeternaError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class PreconditionViolated(FailedPrecondition):
+    """``FAILED_PRECONDITION`` naming the request fields whose value the stored state refuses
+    (e.g. a delegation chain too deep, a section missing from an item proposed for review):
+    an ``ErrorInfo`` plus a ``BadRequest`` with one violation per field, like
+    :class:`InvalidArgument`.
+
+    Args:
+        violations: The refused fields; at least one.
+        message: Overall message; defaults to a join of the violations.
+        metadata: Extra ``ErrorInfo.metadata``.
+    """
+
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if not violations:
+            raise ValueError("PreconditionViolated needs at least one field violation")
+        self.violations = list(violations)
+        text = message or "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(text, reason=violations[0].reason or None, metadata=metadata)
+
+    def details(self) -> list[any_pb2.Any]:
+        """``ErrorInfo`` and ``BadRequest`` details."""
+        return [*super().details(), _bad_request(self.violations)]
+
+
 class Aborted(AeternaError):
     """A concurrency conflict; the client may retry the whole sequence (``ABORTED``)."""
 
@@ -167,6 +202,13 @@ class ResourceExhausted(AeternaError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unimplemented(AeternaError):
+    """A method the contract declares and this version does not serve (``UNIMPLEMENTED``)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "NOT_IMPLEMENTED"
 
 
 class Unavailable(AeternaError):

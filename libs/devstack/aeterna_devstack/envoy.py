@@ -210,6 +210,33 @@ SERVICES: tuple[ServiceInfo, ...] = (
             "aeterna.governance.v1.AuditService",
         ),
     ),
+    ServiceInfo(
+        domain="knowledge",
+        package="aeterna.knowledge.v1",
+        service="aeterna.knowledge.v1.KnowledgeService",
+        cluster="knowledge",
+        methods=(
+            ("GetKnowledgeItem", MethodClass.READ),
+            ("ListKnowledgeItems", MethodClass.READ),
+            ("ListKnowledgeRevisions", MethodClass.READ),
+            ("ListKnowledgeRelations", MethodClass.READ),
+            ("SearchKnowledge", MethodClass.READ),
+            ("PreviewPromotion", MethodClass.READ),
+            ("GetPromotionRequest", MethodClass.READ),
+            # Every write takes a request_id and an etag: a retry with the same id replays
+            # the first outcome.
+            ("CreateKnowledgeItem", MethodClass.REQUEST_ID),
+            ("UpdateKnowledgeItem", MethodClass.REQUEST_ID),
+            ("DeleteKnowledgeItem", MethodClass.REQUEST_ID),
+            ("ProposeKnowledgeItem", MethodClass.REQUEST_ID),
+            ("AcceptKnowledgeItem", MethodClass.REQUEST_ID),
+            ("RejectKnowledgeItem", MethodClass.REQUEST_ID),
+            ("DeprecateKnowledgeItem", MethodClass.REQUEST_ID),
+            ("SupersedeKnowledgeItem", MethodClass.REQUEST_ID),
+            ("CreateKnowledgeRelation", MethodClass.REQUEST_ID),
+            ("DeleteKnowledgeRelation", MethodClass.REQUEST_ID),
+        ),
+    ),
 )
 """Every service the edge and the sidecars route to; adding a service adds an entry here."""
 

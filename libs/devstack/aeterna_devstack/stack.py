@@ -1,16 +1,17 @@
-"""The local stack behind ``make run``: PostgreSQL, Redis, memory and governance replicas
-and Envoy.
+"""The local stack behind ``make run``: PostgreSQL, Redis, memory, governance and knowledge
+replicas and Envoy.
 
 PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
 ``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Each service has its
-own database (memory ``aeterna``, governance ``aeterna_governance``) with the same three roles;
-with an existing server, governance's DSNs are ``AETERNA_GOVERNANCE_DATABASE_URL``,
-``..._OWNER_URL`` and ``..._INDEXER_URL`` (without them no governance replica starts). Memory
-replicas migrate at start; governance's migrations are applied by the owner role first
-(``aeterna-governance migrate``, as the chart's hook Job does), then its replicas start
-without migrating. Both services honour the roles of development tokens
+own database (memory ``aeterna``, governance ``aeterna_governance``, knowledge
+``aeterna_knowledge``) with the same three roles; with an existing server, governance's DSNs
+are ``AETERNA_GOVERNANCE_DATABASE_URL``, ``..._OWNER_URL`` and ``..._INDEXER_URL`` (knowledge's
+``AETERNA_KNOWLEDGE_DATABASE_URL`` and so on; without them that service does not start).
+Memory replicas migrate at start; governance's and knowledge's migrations are applied by the
+owner role first (``aeterna-governance migrate``, as the chart's hook Job does), then their
+replicas start without migrating. Every service honours the roles of development tokens
 (``AETERNA_AUTH_TRUST_TOKEN_ROLES``), so ``aeterna token --roles TENANT_ADMIN`` works
-locally; memory reads role bindings from governance through Envoy
+locally; memory and knowledge read role bindings from governance through Envoy
 (``AETERNA_AUTHZ_DIRECTORY_URL``) with its service token. Replicas listen on loopback
 only; Envoy on ``127.0.0.1:8080``
 (``AETERNA_STACK_PORT``) verifies development JWTs, forwards them and routes to the
@@ -53,13 +54,28 @@ from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 GOVERNANCE_SERVICE = "aeterna.governance.v1.OrganizationService"
-HEALTH_SERVICES = {"memory": MEMORY_SERVICE, "governance": GOVERNANCE_SERVICE}
+KNOWLEDGE_SERVICE = "aeterna.knowledge.v1.KnowledgeService"
+HEALTH_SERVICES = {
+    "memory": MEMORY_SERVICE,
+    "governance": GOVERNANCE_SERVICE,
+    "knowledge": KNOWLEDGE_SERVICE,
+}
 """The service each replica's health check asks for, by service domain."""
 DATABASE = "aeterna"
 GOVERNANCE_DATABASE = "aeterna_governance"
+KNOWLEDGE_DATABASE = "aeterna_knowledge"
 OWNER_ROLE = "aeterna_owner"
 APP_ROLE = "aeterna_app"
 INDEXER_ROLE = "aeterna_indexer"
+
+
+def _service_urls(service: str) -> dict[str, str]:
+    """The DSNs of an existing server for ``service`` (``GOVERNANCE``, ``KNOWLEDGE``), from
+    ``AETERNA_<SERVICE>_DATABASE_URL``, ``..._OWNER_URL`` and ``..._INDEXER_URL``."""
+    return {
+        f"AETERNA_DATABASE{suffix}": os.environ.get(f"AETERNA_{service}_DATABASE{suffix}", "")
+        for suffix in ("_URL", "_OWNER_URL", "_INDEXER_URL")
+    }
 
 
 def state_dir() -> Path:
@@ -116,6 +132,7 @@ def render_stack_envoy_config(
     admin_port: int,
     jwks_path: str | os.PathLike[str],
     governance_ports: list[int] | None = None,
+    knowledge_ports: list[int] | None = None,
 ) -> dict[str, Any]:
     """The gateway config ``make run`` runs: the replicas on loopback behind JWT.
 
@@ -125,11 +142,16 @@ def render_stack_envoy_config(
         admin_port: Envoy's admin port on 127.0.0.1.
         jwks_path: JWKS file of the development signing key.
         governance_ports: Loopback ports of the governance replicas (none: no route).
+        knowledge_ports: Loopback ports of the knowledge replicas (none: no route).
 
     Returns:
         The bootstrap, from :func:`aeterna_devstack.envoy.render_gateway_config`.
     """
-    ports = {"memory": replica_ports, "governance": governance_ports or []}
+    ports = {
+        "memory": replica_ports,
+        "governance": governance_ports or [],
+        "knowledge": knowledge_ports or [],
+    }
     return render_gateway_config(
         service_upstreams({d: [("127.0.0.1", p) for p in ps] for d, ps in ports.items() if ps}),
         listen_port=port,
@@ -143,7 +165,8 @@ class Replica:
     """One service process.
 
     Attributes:
-        service: Service domain, ``memory`` or ``governance`` (runs ``aeterna_<service>``).
+        service: Service domain, ``memory``, ``governance`` or ``knowledge`` (runs
+            ``aeterna_<service>``).
         env: Its environment (kept for restarts).
     """
 
@@ -174,6 +197,8 @@ class DevStack:
     Attributes:
         replicas: Number of memory replicas.
         governance_replicas: Number of governance replicas.
+        knowledge_replicas: Number of knowledge replicas (``make run`` starts two; tests that
+            do not use knowledge start none).
         port: Envoy listener port.
         root: State directory.
         fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
@@ -182,6 +207,7 @@ class DevStack:
 
     replicas: int = 2
     governance_replicas: int = 2
+    knowledge_replicas: int = 0
     port: int = 8080
     root: Path = field(default_factory=state_dir)
     fresh: bool = False
@@ -191,6 +217,7 @@ class DevStack:
     _envoy: EnvoyProcess | None = None
     _replicas: list[Replica] = field(default_factory=list)
     _governance: list[Replica] = field(default_factory=list)
+    _knowledge: list[Replica] = field(default_factory=list)
     _replica_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -216,15 +243,8 @@ class DevStack:
         db_url = os.environ.get("AETERNA_DATABASE_URL", "")
         owner_url = os.environ.get("AETERNA_DATABASE_OWNER_URL", "") or db_url
         indexer_url = os.environ.get("AETERNA_DATABASE_INDEXER_URL", "")
-        gov_urls = {
-            "AETERNA_DATABASE_URL": os.environ.get("AETERNA_GOVERNANCE_DATABASE_URL", ""),
-            "AETERNA_DATABASE_OWNER_URL": os.environ.get(
-                "AETERNA_GOVERNANCE_DATABASE_OWNER_URL", ""
-            ),
-            "AETERNA_DATABASE_INDEXER_URL": os.environ.get(
-                "AETERNA_GOVERNANCE_DATABASE_INDEXER_URL", ""
-            ),
-        }
+        gov_urls = _service_urls("GOVERNANCE")
+        knowledge_urls = _service_urls("KNOWLEDGE")
         if not db_url:
             pg_dir = None if self.fresh else self.root / "postgres"
             self._pg = PostgresServer(pg_dir, keep=not self.fresh).start()
@@ -234,16 +254,9 @@ class DevStack:
             indexer_url = self._pg.dsn(INDEXER_ROLE, DATABASE)
             say(f"PostgreSQL  {self._pg.dsn('postgres', DATABASE)}")
             if self.governance_replicas:
-                asyncio.run(
-                    provision(
-                        self._pg.dsn(), GOVERNANCE_DATABASE, OWNER_ROLE, APP_ROLE, INDEXER_ROLE
-                    )
-                )
-                gov_urls = {
-                    "AETERNA_DATABASE_URL": self._pg.dsn(APP_ROLE, GOVERNANCE_DATABASE),
-                    "AETERNA_DATABASE_OWNER_URL": self._pg.dsn(OWNER_ROLE, GOVERNANCE_DATABASE),
-                    "AETERNA_DATABASE_INDEXER_URL": self._pg.dsn(INDEXER_ROLE, GOVERNANCE_DATABASE),
-                }
+                gov_urls = self._provision(GOVERNANCE_DATABASE)
+            if self.knowledge_replicas:
+                knowledge_urls = self._provision(KNOWLEDGE_DATABASE)
         redis_url = os.environ.get("AETERNA_REDIS_URL", "")
         if not redis_url:
             redis_dir = self.root / ("redis-fresh" if self.fresh else "redis")
@@ -299,8 +312,13 @@ class DevStack:
             )
             self._replicas.append(replica)
             self.start_replica(replica, base_env)
-        self._start_governance(base_env, gov_urls, auth, say)
-        for replica in [*self._replicas, *self._governance]:
+        self._governance = self._start_migrated(
+            "governance", self.governance_replicas, base_env, gov_urls, auth, say
+        )
+        self._knowledge = self._start_migrated(
+            "knowledge", self.knowledge_replicas, base_env, knowledge_urls, auth, say
+        )
+        for replica in [*self._replicas, *self._governance, *self._knowledge]:
             self.wait_healthy(replica)
             say(
                 f"{replica.label:<12}{replica.target}  (metrics "
@@ -312,6 +330,7 @@ class DevStack:
             admin_port=free_port(),
             jwks_path=auth.jwks_path,
             governance_ports=[r.port for r in self._governance],
+            knowledge_ports=[r.port for r in self._knowledge],
         )
         self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
         (self.root / "stack.json").write_text(
@@ -320,31 +339,45 @@ class DevStack:
         say(f"Envoy       {self.endpoint}  (admin {self._envoy.admin_url})")
         return self
 
-    def _start_governance(
+    def _provision(self, database: str) -> dict[str, str]:
+        """Create ``database`` with the three roles on the local cluster; its DSNs."""
+        assert self._pg is not None
+        asyncio.run(provision(self._pg.dsn(), database, OWNER_ROLE, APP_ROLE, INDEXER_ROLE))
+        return {
+            "AETERNA_DATABASE_URL": self._pg.dsn(APP_ROLE, database),
+            "AETERNA_DATABASE_OWNER_URL": self._pg.dsn(OWNER_ROLE, database),
+            "AETERNA_DATABASE_INDEXER_URL": self._pg.dsn(INDEXER_ROLE, database),
+        }
+
+    def _start_migrated(
         self,
+        service: str,
+        count: int,
         base_env: dict[str, str],
         urls: dict[str, str],
         auth: DevAuth,
         say: Any,
-    ) -> None:
-        """Migrate governance's database as the owner, then start its replicas."""
-        if not self.governance_replicas:
-            return
+    ) -> list[Replica]:
+        """Migrate ``service``'s own database as the owner (``aeterna-<service> migrate``,
+        as the chart's hook Job does), then start ``count`` replicas of it."""
+        if not count:
+            return []
         if not urls["AETERNA_DATABASE_URL"]:
-            say("governance  not started: set AETERNA_GOVERNANCE_DATABASE_URL (and _OWNER_URL)")
-            return
+            prefix = f"AETERNA_{service.upper()}_DATABASE_URL"
+            say(f"{service:<12}not started: set {prefix} (and _OWNER_URL)")
+            return []
         env = {
             **base_env,
             **{k: v for k, v in urls.items() if v},
-            **auth.service_env("governance"),
+            **auth.service_env(service),
             "AETERNA_MIGRATE_ON_START": "false",
             **self.env,
         }
         env.pop("AETERNA_MEMORY_MODEL_DIR", None)
-        log_path = self.root / "logs" / "governance-migrate.log"
+        log_path = self.root / "logs" / f"{service}-migrate.log"
         with log_path.open("ab") as out:
             done = subprocess.run(
-                [sys.executable, "-m", "aeterna_governance", "migrate"],
+                [sys.executable, "-m", f"aeterna_{service}", "migrate"],
                 env={
                     **env,
                     "AETERNA_DATABASE_OWNER_URL": urls["AETERNA_DATABASE_OWNER_URL"]
@@ -357,18 +390,20 @@ class DevStack:
             )
         if done.returncode:
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"governance migrations failed:\n{tail}")
-        for i in range(self.governance_replicas):
+            raise RuntimeError(f"{service} migrations failed:\n{tail}")
+        replicas = []
+        for i in range(count):
             replica = Replica(
                 index=i,
                 port=free_port(),
-                index_dir=self.root / "governance",
-                log_path=self.root / "logs" / f"governance-{i}.log",
+                index_dir=self.root / service,
+                log_path=self.root / "logs" / f"{service}-{i}.log",
                 metrics_port=free_port(),
-                service="governance",
+                service=service,
             )
-            self._governance.append(replica)
+            replicas.append(replica)
             self.start_replica(replica, env)
+        return replicas
 
     def start_replica(self, replica: Replica, env: dict[str, str] | None = None) -> None:
         """Start (or restart) one replica process."""
@@ -416,10 +451,19 @@ class DevStack:
         """The governance replicas."""
         return self._governance
 
+    @property
+    def knowledge_list(self) -> list[Replica]:
+        """The knowledge replicas."""
+        return self._knowledge
+
     def kill_replica(self, i: int, sig: int = signal.SIGKILL, *, service: str = "memory") -> None:
-        """Send ``sig`` to replica ``i`` of ``service`` (``memory`` or ``governance``) and
-        wait for it to exit."""
-        replicas = self._replicas if service == "memory" else self._governance
+        """Send ``sig`` to replica ``i`` of ``service`` (``memory``, ``governance`` or
+        ``knowledge``) and wait for it to exit."""
+        replicas = {
+            "memory": self._replicas,
+            "governance": self._governance,
+            "knowledge": self._knowledge,
+        }[service]
         proc = replicas[i].proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
@@ -452,7 +496,7 @@ class DevStack:
 
     def stop(self) -> None:
         """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""
-        replicas = [*self._replicas, *self._governance]
+        replicas = [*self._replicas, *self._governance, *self._knowledge]
         for r in replicas:
             if r.proc is not None and r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGTERM)
@@ -486,7 +530,7 @@ class DevStack:
 def main() -> None:
     """``make run``: start the stack and keep it up until Ctrl-C (SIGINT) or SIGTERM."""
     port = int(os.environ.get("AETERNA_STACK_PORT", "8080"))
-    stack = DevStack(port=port)
+    stack = DevStack(port=port, knowledge_replicas=2)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -512,7 +556,7 @@ def main() -> None:
         )
         while not stop:
             time.sleep(0.5)
-            for r in [*stack.replica_list, *stack.governance_list]:
+            for r in [*stack.replica_list, *stack.governance_list, *stack.knowledge_list]:
                 if r.proc is not None and r.proc.poll() is not None:
                     print(f"{r.label} exited ({r.proc.returncode}); restarting", flush=True)
                     stack.start_replica(r)

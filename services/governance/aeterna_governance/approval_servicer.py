@@ -14,15 +14,15 @@ from aeterna.governance.v1 import approval_service_pb2 as svc
 from aeterna.governance.v1 import approval_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common import servicing
 from aeterna_common.authz import Resource
 from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_common.names import parse_name, parse_parent
+from aeterna_common.servicing import Ctx
 
-from aeterna_governance import servicing
 from aeterna_governance.access import method
 from aeterna_governance.approvals import DECIDE, Approvals, check_comment, validate_request
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
-from aeterna_governance.names import parse_name, parse_parent
-from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import WriteKey, request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["ApprovalService"].full_name

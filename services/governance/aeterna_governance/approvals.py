@@ -29,13 +29,12 @@ from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import leases
 from aeterna_common.context import Principal
 from aeterna_common.db import Database
-from aeterna_common.errors import FieldViolation, InvalidArgument, NotFound
+from aeterna_common.errors import FieldViolation, InvalidArgument, NotFound, PreconditionViolated
+from aeterna_common.names import unit_name
 from google.protobuf import json_format, struct_pb2
 
 from aeterna_governance import store
 from aeterna_governance.access import APPROVALS, Access, denied, method
-from aeterna_governance.errors import PreconditionViolated
-from aeterna_governance.names import unit_name
 from aeterna_governance.organization import etag, timestamp, unit_reference
 
 log = structlog.get_logger("aeterna.governance.approvals")

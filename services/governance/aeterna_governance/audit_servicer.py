@@ -16,20 +16,20 @@ from aeterna.governance.v1 import audit_service_pb2 as svc
 from aeterna.governance.v1 import audit_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common import servicing
 from aeterna_common.events import consumer_redis
 from aeterna_common.leases import Lease
+from aeterna_common.names import parse_parent
+from aeterna_common.servicing import Ctx
 from google.protobuf import struct_pb2
 
-from aeterna_governance import servicing
 from aeterna_governance.access import method
 from aeterna_governance.audit.chain import AuditRecord
 from aeterna_governance.audit.consumer import AuditConsumer
 from aeterna_governance.audit.log import AuditLog
 from aeterna_governance.audit.settings import AuditSettings
 from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
-from aeterna_governance.names import parse_parent
 from aeterna_governance.organization import timestamp
-from aeterna_governance.servicing import Ctx
 
 log = structlog.get_logger("aeterna.governance.audit")
 

@@ -37,13 +37,13 @@ from aeterna_common.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PreconditionViolated,
 )
+from aeterna_common.names import TENANT_PATTERN, UNIT_ID, unit_name
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aeterna_governance import store
 from aeterna_governance.access import ORGANIZATION, Access, denied, method
-from aeterna_governance.errors import PreconditionViolated
-from aeterna_governance.names import TENANT_PATTERN, UNIT_ID, unit_name
 
 MAX_DEPTH = 3
 """Longest delegation chain (DOMAIN.md: delegation depth ≤ 3)."""

@@ -13,14 +13,15 @@ from aeterna.governance.v1 import organization_service_pb2 as svc
 from aeterna.governance.v1 import organization_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common import servicing
 from aeterna_common.authz import Resource
 from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_common.names import parse_name, parse_parent, parse_snapshot_name
+from aeterna_common.servicing import Ctx
 from google.protobuf import empty_pb2
 
-from aeterna_governance import servicing
 from aeterna_governance.access import method
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
-from aeterna_governance.names import parse_name, parse_parent, parse_snapshot_name
 from aeterna_governance.organization import (
     SUBJECT,
     Organization,
@@ -30,7 +31,6 @@ from aeterna_governance.organization import (
     validate_delegation,
     validate_new_unit,
 )
-from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["OrganizationService"].full_name

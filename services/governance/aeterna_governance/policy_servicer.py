@@ -22,20 +22,20 @@ from aeterna.governance.v1 import policy_service_pb2 as svc
 from aeterna.governance.v1 import policy_service_pb2_grpc as svc_grpc
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common import context as rc
+from aeterna_common import servicing
 from aeterna_common.context import Principal
 from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_common.names import invalid_name, parse_name, parse_parent, tenant_mismatch
+from aeterna_common.servicing import Ctx
 from google.protobuf import empty_pb2
 
-from aeterna_governance import servicing
 from aeterna_governance.access import Access, method
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
-from aeterna_governance.names import invalid_name, parse_name, parse_parent, tenant_mismatch
 from aeterna_governance.organization import check_display_name, unit_reference
 from aeterna_governance.policy import engine
 from aeterna_governance.policy.model import CheckResult, MergeStrategy, PolicyContext, PolicyMode
 from aeterna_governance.policy.policies import Policies, context_of, violation_pb
 from aeterna_governance.policy.validation import RULE_ID, check_context, parse_rules
-from aeterna_governance.servicing import Ctx
 from aeterna_governance.store import request_hash
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["PolicyService"].full_name

@@ -24,12 +24,17 @@ import asyncpg
 from aeterna.governance.v1 import resources_pb2 as res
 from aeterna_common.context import Principal
 from aeterna_common.db import Database
-from aeterna_common.errors import Aborted, AlreadyExists, FieldViolation, NotFound
+from aeterna_common.errors import (
+    Aborted,
+    AlreadyExists,
+    FieldViolation,
+    NotFound,
+    PreconditionViolated,
+)
+from aeterna_common.names import unit_name
 from google.protobuf import json_format
 
 from aeterna_governance import store
-from aeterna_governance.errors import PreconditionViolated
-from aeterna_governance.names import unit_name
 from aeterna_governance.organization import etag, timestamp
 from aeterna_governance.policy import engine
 from aeterna_governance.policy.model import (

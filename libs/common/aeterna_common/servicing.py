@@ -1,5 +1,5 @@
-"""What every governance servicer shares: consistency tokens, the request-id header check,
-page tokens and field-mask checks.
+"""What every servicer shares: consistency tokens, the request-id header check, page tokens
+and field-mask checks (governance's and knowledge's servicers).
 
 Consistency (``aeterna_common.consistency``): every successful write sends its commit's
 consistency token (the outbox position) in initial metadata; reads accept a token and
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, encode_token, token_from_metadata
 from aeterna_common.errors import FieldViolation, InvalidArgument
 

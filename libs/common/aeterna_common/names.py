@@ -1,5 +1,5 @@
-"""Resource names of governance (https://google.aip.dev/122) and the tenant check that
-precedes any lookup: a name of another tenant is ``PERMISSION_DENIED`` (reason
+"""Resource names of tenant-scoped resources (https://google.aip.dev/122) and the tenant check
+that precedes any lookup: a name of another tenant is ``PERMISSION_DENIED`` (reason
 ``TENANT_MISMATCH``) whether or not it exists, so nothing leaks across tenants."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def tenant_mismatch(field: str, value: str) -> PermissionDenied:
 
 def _check_tenant(principal: Principal, tenant: str, field: str, value: str) -> None:
     # A service principal (no tenant) acts in any tenant where a method admits it; what it
-    # may do is decided by aeterna_governance.access.
+    # may do is decided by the service's authorization.
     if not principal.is_service and tenant != principal.tenant_id:
         raise tenant_mismatch(field, value)
 

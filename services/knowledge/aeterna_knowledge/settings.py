@@ -1,0 +1,29 @@
+"""Settings of the knowledge service (environment prefix ``AETERNA_KNOWLEDGE_``), validated at
+start. Shared settings (database, Redis, listen address, logs, auth, the authorization
+directory) are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
+
+from __future__ import annotations
+
+from aeterna_common.events import RelaySettings
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KnowledgeSettings(BaseSettings, RelaySettings):
+    """Configuration of the knowledge service; the outbox relay's ``events_*`` settings are
+    :class:`~aeterna_common.events.RelaySettings`'s (``AETERNA_KNOWLEDGE_EVENTS_*``, lease
+    ``knowledge:events:relay``).
+
+    Attributes:
+        idempotency_ttl_s: Seconds a ``request_id`` is remembered per (tenant, principal,
+            method); 24 h, as memory's and governance's.
+        idempotency_gc_interval_s: Seconds between runs of the collector of expired
+            idempotency keys (0 disables), under the lease ``knowledge:idempotency:gc``.
+        jobs_lease_ttl_s: Time to live in seconds of the background jobs' leases.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AETERNA_KNOWLEDGE_", extra="ignore")
+
+    idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)
+    idempotency_gc_interval_s: float = Field(default=600.0, ge=0)
+    jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
