@@ -9,7 +9,8 @@ by-user search p95 grew 7x while the search's own work did not grow (every await
 simply resumed late). Lowering the embedding threads' CPU priority
 (:mod:`aeterna_common.priority`) does not help there: that work runs on the loop itself.
 
-So bulk work is done in steps of a few memories, and between two steps it calls
+So bulk work (a batch create; a replica's index follower applying another tenant's import)
+is done in steps of a few memories, and between two steps it calls
 :meth:`ForegroundGauge.yield_to_foreground`: while latency-bound requests (searches) are in
 flight in this process it waits until none is, at most ``max_yield_s`` per step, so that the
 search's callbacks run between the steps instead of after the whole batch; with none in flight
