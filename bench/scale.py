@@ -13,9 +13,10 @@ Envoy, all in the same run:
   in another tenant, against by-user search idle just before. Target: p95 within 2x of idle.
   Measured twice in the same run: as the service ships (a batch create works in steps of
   ``AETERNA_MEMORY_BULK_STEP=20`` memories and yields the event loop to searches in flight
-  between steps, ``aeterna_common.admission``), then, after a rolling restart of the replicas
-  with ``AETERNA_MEMORY_BULK_STEP=0``, with each batch done in one step (the baseline, as
-  before), each with its import rate, so the latency gained and the throughput paid are
+  between steps, ``aeterna_common.admission``; each replica's index follower applies the
+  import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and yields to
+  the same searches), then, after a rolling restart of the replicas with both set to 0, with
+  each batch created and applied in one step (the baseline), each with its import rate, so the latency gained and the throughput paid are
   compared under the same machine load. Document embedding runs at nice 10 in both
   (``AETERNA_MEMORY_BACKGROUND_NICE``). The load averages of the machine (``os.getloadavg``)
   are recorded at the start and the end: other work on a shared machine weighs on every figure.
@@ -232,8 +233,11 @@ async def run(
             return out
 
         shipped = await during_ingest("scale-import")
-        # The baseline: the same replicas with each batch create done in one step.
-        await asyncio.to_thread(restart, {"AETERNA_MEMORY_BULK_STEP": "0"})
+        # The baseline: the same replicas with each batch create and each applied outbox
+        # batch done in one step.
+        await asyncio.to_thread(
+            restart, {"AETERNA_MEMORY_BULK_STEP": "0", "AETERNA_MEMORY_INDEX_APPLY_STEP": "0"}
+        )
         baseline = await during_ingest("scale-import-baseline")
     ratio_tenant = search["whole tenant"]["p95"] / search["by user"]["p95"]
     ratio_ingest = shipped["p95_over_idle_p95"]

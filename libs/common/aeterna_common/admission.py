@@ -9,18 +9,25 @@ by-user search p95 grew 7x while the search's own work did not grow (every await
 simply resumed late). Lowering the embedding threads' CPU priority
 (:mod:`aeterna_common.priority`) does not help there: that work runs on the loop itself.
 
-So bulk work is done in steps of a few memories, and between two steps it calls
+So bulk work (a batch create; a replica's index follower applying another tenant's import)
+is done in steps of a few memories, and between two steps it calls
 :meth:`ForegroundGauge.yield_to_foreground`: while latency-bound requests (searches) are in
 flight in this process it waits until none is, at most ``max_yield_s`` per step, so that the
 search's callbacks run between the steps instead of after the whole batch; with none in flight
 it only gives the loop one turn. The bound keeps the import moving under a continuous stream
 of searches (the loss of rate is measured by ``make bench-scale``, ``during_ingest``).
+
+A tracked request that is itself waiting for bulk work (a search waiting for the index to
+apply a consistency token's position) is not in flight while it waits
+(:meth:`ForegroundGauge.waiting_on_bulk`): bulk work yielding to it would only delay the very
+thing it waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 from prometheus_client import Counter
@@ -34,6 +41,12 @@ DEFAULT_MAX_YIELD_S = 0.02
 """Longest wait per bulk step, in seconds: about one idle by-user search (p95 ~20 ms in
 ``bench/results/scale.json``), so a search that arrives mid-import finishes before the next
 step, and a step of a few memories (a few milliseconds of work) is delayed by at most this."""
+
+
+_TRACKED: contextvars.ContextVar[ForegroundGauge | None] = contextvars.ContextVar(
+    "aeterna_foreground_tracked", default=None
+)
+"""The gauge counting the current task (and the tasks it starts) as in flight, if any."""
 
 
 class ForegroundGauge:
@@ -56,6 +69,7 @@ class ForegroundGauge:
         self.max_yield_s = max_yield_s
         self._in_flight = 0
         self._waiting = 0
+        self._blocked = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -69,17 +83,51 @@ class ForegroundGauge:
         """Bulk steps now waiting for tracked requests to finish."""
         return self._waiting
 
+    @property
+    def blocked_on_bulk(self) -> int:
+        """Tracked requests now waiting for bulk work (not counted in :attr:`in_flight`)."""
+        return self._blocked
+
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
         """Count the enclosed request as in flight (also when it fails or is cancelled)."""
-        self._in_flight += 1
-        self._idle.clear()
+        self._enter()
+        token = _TRACKED.set(self)
         try:
             yield
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            _TRACKED.reset(token)
+            self._leave()
+
+    @contextlib.contextmanager
+    def waiting_on_bulk(self) -> Iterator[None]:
+        """While the enclosed code waits for bulk work, its tracked request is not in flight.
+
+        For a search waiting until the index has applied a position: bulk work (the index
+        follower) must not yield to the request that waits for it. Outside a request tracked
+        by this gauge (or nested in this context manager) it changes nothing.
+        """
+        if _TRACKED.get() is not self:
+            yield
+            return
+        self._leave()
+        self._blocked += 1
+        token = _TRACKED.set(None)
+        try:
+            yield
+        finally:
+            _TRACKED.reset(token)
+            self._blocked -= 1
+            self._enter()
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     async def yield_to_foreground(self) -> float:
         """Between two steps of bulk work: let in-flight requests run first (bounded).

@@ -67,3 +67,36 @@ async def test_a_failed_request_is_no_longer_counted() -> None:
 def test_negative_bound_is_refused() -> None:
     with pytest.raises(ValueError, match="max_yield_s"):
         ForegroundGauge(max_yield_s=-1)
+
+
+async def test_a_request_waiting_on_bulk_work_is_not_in_flight_meanwhile() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    with gauge.track():
+        with gauge.waiting_on_bulk():
+            assert gauge.in_flight == 0 and gauge.blocked_on_bulk == 1
+            # Bulk work does not wait for it: the request waits for the bulk work.
+            assert await gauge.yield_to_foreground() == 0.0
+            with gauge.waiting_on_bulk():  # nested: no second decrement
+                assert gauge.in_flight == 0 and gauge.blocked_on_bulk == 1
+        assert gauge.in_flight == 1 and gauge.blocked_on_bulk == 0
+
+
+async def test_waiting_on_bulk_outside_a_tracked_request_changes_nothing() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    other = ForegroundGauge(max_yield_s=60)
+    with gauge.waiting_on_bulk():
+        assert gauge.in_flight == 0 and gauge.blocked_on_bulk == 0
+    with other.track(), gauge.waiting_on_bulk():  # tracked by another gauge
+        assert gauge.in_flight == 0 and other.in_flight == 1 and gauge.blocked_on_bulk == 0
+
+
+async def test_tasks_started_by_a_tracked_request_count_as_that_request() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+
+    async def wait_part() -> int:
+        with gauge.waiting_on_bulk():
+            return gauge.in_flight
+
+    with gauge.track():
+        assert await asyncio.gather(wait_part()) == [0]  # the child task inherits the context
+        assert gauge.in_flight == 1

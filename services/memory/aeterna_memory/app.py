@@ -386,6 +386,9 @@ async def build(
         cursor = PostgresCursor(db, f"qdrant:{settings.qdrant_collection}")
         marker = PostgresModelMarker(db, f"qdrant:{settings.qdrant_collection}")
         lease_name = f"memory:index:qdrant:{settings.qdrant_collection}"
+    # One gauge per process: the searches it tracks are yielded to by batch creates and by
+    # the index follower alike.
+    foreground = ForegroundGauge(settings.bulk_yield_max_s)
     follower = IndexFollower(
         db,
         indexer,
@@ -396,6 +399,8 @@ async def build(
         dimension=embedder.dimension,
         lease_name=lease_name,
         lease_ttl_s=settings.index_lease_ttl_s,
+        foreground=foreground,
+        apply_step=settings.index_apply_step,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
     authz = build_authorizer(common, credentials, directory)
@@ -420,7 +425,7 @@ async def build(
             token_wait_s=settings.consistency_wait_s,
         ),
         authz=authz,
-        foreground=ForegroundGauge(settings.bulk_yield_max_s),
+        foreground=foreground,
         bulk_step=settings.bulk_step,
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)

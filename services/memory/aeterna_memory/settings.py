@@ -11,6 +11,8 @@ from aeterna_common.events import RelaySettings
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aeterna_memory.adapters.index_follower import APPLY_STEP
+
 
 class MemorySettings(BaseSettings, RelaySettings):
     """Configuration of the memory service; the outbox relay's ``events_*`` settings are
@@ -55,6 +57,10 @@ class MemorySettings(BaseSettings, RelaySettings):
             (``aeterna_common.admission``). 0 does a batch in one step (the former
             behaviour, the baseline of ``make bench-scale``'s ``during_ingest``).
         bulk_yield_max_s: Longest wait per step for in-flight searches, in seconds.
+        index_apply_step: Memories per step when the index follower applies a batch of
+            outbox changes (BM25 encoding, one engine write); between two steps it yields to
+            searches in flight, at most ``bulk_yield_max_s`` per step. 0 applies each batch
+            in one step (the baseline of ``make bench-scale``'s ``during_ingest``).
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -148,6 +154,7 @@ class MemorySettings(BaseSettings, RelaySettings):
     background_nice: int = Field(default=10, ge=0, le=19)
     bulk_step: int = Field(default=20, ge=0, le=1000)
     bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
+    index_apply_step: int = Field(default=APPLY_STEP, ge=0, le=10_000)
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]

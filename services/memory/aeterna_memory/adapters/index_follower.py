@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 import asyncpg
 import structlog
 from aeterna_common import leases
+from aeterna_common.admission import ForegroundGauge
 from aeterna_common.db import Database
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
 from prometheus_client import Gauge, Histogram
@@ -55,6 +56,12 @@ KEYWORD_FIELDS = ("layer", *SCOPE_FIELDS, "tags")
 
 FLOAT_FIELDS = ("created_at",)
 """Payload keys with a float index (epoch seconds)."""
+
+APPLY_STEP = 256
+"""Most memories per step of an applied batch (BM25 encoding, then one engine write; the
+edge engine's ``WRITE_CHUNK``, so one step is one ``update`` call holding the GIL for ~6 ms at
+~23 µs per 384-d point, :mod:`aeterna_common.vectors.edge`). Between two steps the follower
+yields to the replica's searches in flight (:mod:`aeterna_common.admission`)."""
 
 INDEX_POSITION = Gauge("aeterna_index_applied_position", "Last outbox position applied.")
 LEADER = Gauge(
@@ -354,6 +361,14 @@ class IndexFollower:
             seconds; a batch starts only with at least this much left on the lease, so a
             deposed leader's batch ends before anybody else can hold the lease.
         poll_s: Seconds between polls when no notification arrives (safety net).
+        foreground: The replica's searches in flight; between two steps of a batch the
+            follower yields to them (bounded per step), except to a search waiting in
+            :meth:`wait_for` (it waits for the follower itself).
+        apply_step: Most memories per step of an applied batch (``APPLY_STEP``); 0 applies
+            each batch in one step without yielding.
+
+    Raises:
+        ValueError: ``apply_step`` is negative.
     """
 
     def __init__(
@@ -371,7 +386,11 @@ class IndexFollower:
         lease_ttl_s: float = leases.DEFAULT_TTL_S,
         apply_timeout_s: float | None = None,
         poll_s: float = 1.0,
+        foreground: ForegroundGauge | None = None,
+        apply_step: int = APPLY_STEP,
     ) -> None:
+        if apply_step < 0:
+            raise ValueError(f"apply_step must be >= 0, got {apply_step}")
         self.db = db
         self.indexer = indexer
         self.index = index
@@ -381,6 +400,8 @@ class IndexFollower:
         self.dimension = dimension
         self.batch_size = batch_size
         self.poll_s = poll_s
+        self.foreground = foreground or ForegroundGauge()
+        self.apply_step = apply_step
         self.applied = 0
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
@@ -641,15 +662,30 @@ class IndexFollower:
         ]
         live_ids = {r["id"] for r in live}
         gone = [str(i) for i in ids if i not in live_ids]
-        if live:
-            # BM25 encoding is CPU work (a 512-row batch takes tens of milliseconds): off the
-            # event loop, so that searches are not held up while a batch is applied.
-            points = await asyncio.get_running_loop().run_in_executor(
-                self._encoder, self._points, live
+        # Every replica applies every tenant's changes, so an import elsewhere is applied
+        # here too: in steps (BM25 encoding holds the GIL in pure Python, the engine holds it
+        # for each write), yielding between two steps to the searches in flight here.
+        # ``apply_step`` 0 applies the batch in one step without yielding (the baseline).
+        step = self.apply_step or max(len(live), len(gone), 1)
+        loop = asyncio.get_running_loop()
+        steps = 0
+        for start in range(0, len(live), step):
+            steps = await self._between_steps(steps)
+            # Off the event loop, on the encoder's own thread (see __init__).
+            points = await loop.run_in_executor(
+                self._encoder, self._points, live[start : start + step]
             )
             await index.upsert(points)
-        if gone:
-            await index.delete(gone)
+        for start in range(0, len(gone), step):
+            steps = await self._between_steps(steps)
+            await index.delete(gone[start : start + step])
+
+    async def _between_steps(self, done: int) -> int:
+        """Before a step of an applied batch: after ``done`` > 0 steps (and unless
+        ``apply_step`` is 0), yield to the searches in flight (bounded); returns ``done + 1``."""
+        if done and self.apply_step:
+            await self.foreground.yield_to_foreground()
+        return done + 1
 
     def _points(self, rows: Sequence[asyncpg.Record]) -> list[IndexPoint]:
         return [
@@ -879,10 +915,13 @@ class IndexFollower:
         start = time.perf_counter()
         self._wake.set()
         try:
-            async with self._advanced:
-                await asyncio.wait_for(
-                    self._advanced.wait_for(lambda: self.applied >= position), timeout_s
-                )
+            # The waiting search is not in flight for the follower's yield: yielding to it
+            # would only delay the apply it waits for.
+            with self.foreground.waiting_on_bulk():
+                async with self._advanced:
+                    await asyncio.wait_for(
+                        self._advanced.wait_for(lambda: self.applied >= position), timeout_s
+                    )
             return True
         except TimeoutError:
             log.warning("index.behind", applied=self.applied, wanted=position)
