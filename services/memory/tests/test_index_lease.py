@@ -113,7 +113,7 @@ class Replica:
             dimension=DIM,
             lease_name=lease_name,
             lease_ttl_s=3.0,
-            apply_timeout_s=0.5,
+            apply_timeout_s=1.5,  # well under the 3 s lease, with room for a loaded machine
             poll_s=0.2,
         )
         await self.follower.start()
