@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 .PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
 
 help:
-	@echo "make run            start PostgreSQL, Redis, two memory and two governance replicas and Envoy on 127.0.0.1:8080"
+	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
 	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"

@@ -252,7 +252,7 @@ class DevStack:
             db_url = self._pg.dsn(APP_ROLE, DATABASE)
             owner_url = self._pg.dsn(OWNER_ROLE, DATABASE)
             indexer_url = self._pg.dsn(INDEXER_ROLE, DATABASE)
-            say(f"PostgreSQL  {self._pg.dsn('postgres', DATABASE)}")
+            say(f"PostgreSQL    {self._pg.dsn('postgres', DATABASE)}")
             if self.governance_replicas:
                 gov_urls = self._provision(GOVERNANCE_DATABASE)
             if self.knowledge_replicas:
@@ -267,7 +267,7 @@ class DevStack:
             redis_dir.mkdir(exist_ok=True)
             self._redis = RedisServer(data_dir=redis_dir).start()
             redis_url = self._redis.url
-            say(f"Redis       {redis_url}")
+            say(f"Redis         {redis_url}")
         # The model is a build artifact (`make model`); replicas only read it.
         models = require_model() if self.replicas else model_dir()
         index_root = self.root / ("memory-fresh" if self.fresh else "memory")
@@ -321,7 +321,7 @@ class DevStack:
         for replica in [*self._replicas, *self._governance, *self._knowledge]:
             self.wait_healthy(replica)
             say(
-                f"{replica.label:<12}{replica.target}  (metrics "
+                f"{replica.label:<14}{replica.target}  (metrics "
                 f"http://127.0.0.1:{replica.metrics_port}/metrics, log {replica.log_path})"
             )
         config = render_stack_envoy_config(
@@ -336,7 +336,7 @@ class DevStack:
         (self.root / "stack.json").write_text(
             json.dumps({"endpoint": self.endpoint, "pid": os.getpid()})
         )
-        say(f"Envoy       {self.endpoint}  (admin {self._envoy.admin_url})")
+        say(f"Envoy         {self.endpoint}  (admin {self._envoy.admin_url})")
         return self
 
     def _provision(self, database: str) -> dict[str, str]:
@@ -364,7 +364,7 @@ class DevStack:
             return []
         if not urls["AETERNA_DATABASE_URL"]:
             prefix = f"AETERNA_{service.upper()}_DATABASE_URL"
-            say(f"{service:<12}not started: set {prefix} (and _OWNER_URL)")
+            say(f"{service:<14}not started: set {prefix} (and _OWNER_URL)")
             return []
         env = {
             **base_env,
