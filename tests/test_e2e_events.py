@@ -180,39 +180,62 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
             await asyncio.gather(memory_write(i), governance_write(i))
             done.append(i)
 
-    async def after(count: int) -> None:
-        async def reached() -> bool:
-            return len(done) >= count
+    async def around(fault: Callable[[], Awaitable[None]], more: int = 3) -> tuple[int, int]:
+        """Write while ``fault`` happens: from the next index on, 3 writes before it, and
+        until ``more`` writes have followed it (so it always falls between writes, however
+        slow the machine). Returns the writes done before and after the fault began."""
+        faulted = asyncio.Event()
 
-        await until(reached, 60, f"{count} writes")
+        async def writing() -> None:
+            i, left = len(done), more
+            while left > 0:
+                if faulted.is_set():
+                    left -= 1
+                await writes(i, i + 1)
+                i += 1
+
+        task = asyncio.create_task(writing())
+        start = len(done)
+
+        async def reached() -> bool:
+            return len(done) >= start + 3 or task.done()
+
+        await until(reached, 60, "3 writes before the fault")
+        before = len(done)
+        await fault()
+        faulted.set()
+        await task
+        return before, len(done)
 
     await writes(0, 5)
+
     # Redis crashes (SIGKILL) while both services write, and comes back on its data.
-    writing = asyncio.create_task(writes(5, 20))
-    await after(8)
-    await asyncio.to_thread(stack.crash_redis)
-    crashed_at = len(done)
-    await writing
+    async def crash_redis() -> None:
+        await asyncio.to_thread(stack.crash_redis)
+
+    crashed = await around(crash_redis)
+
     # The replicas relaying each service's outbox die (SIGKILL) while both services write;
     # the other replicas take the relay leases over.
-    writing = asyncio.create_task(writes(20, 35))
-    await after(23)
-    memory_pid = await lease_holder_pid(memory_dsn, "memory:events:relay")
-    governance_pid = await lease_holder_pid(governance_dsn, "governance:events:relay")
-    await asyncio.to_thread(
-        stack.kill_replica, replica_index(stack, "memory", memory_pid), signal.SIGKILL
-    )
-    await asyncio.to_thread(
-        stack.kill_replica,
-        replica_index(stack, "governance", governance_pid),
-        signal.SIGKILL,
-        service="governance",
-    )
-    killed_at = len(done)
-    await writing
-    await writes(35, 40)
-    # Both faults fell in the middle of the writes.
-    assert crashed_at < 20 and killed_at < 35
+    async def kill_relays() -> None:
+        memory_pid = await lease_holder_pid(memory_dsn, "memory:events:relay")
+        governance_pid = await lease_holder_pid(governance_dsn, "governance:events:relay")
+        await asyncio.to_thread(
+            stack.kill_replica, replica_index(stack, "memory", memory_pid), signal.SIGKILL
+        )
+        await asyncio.to_thread(
+            stack.kill_replica,
+            replica_index(stack, "governance", governance_pid),
+            signal.SIGKILL,
+            service="governance",
+        )
+
+    killed = await around(kill_relays)
+    await writes(len(done), len(done) + 5)
+    # Both faults fell between writes: some before, at least three after each.
+    assert 5 < crashed[0] and crashed[1] - crashed[0] >= 3
+    assert crashed[1] < killed[0] and killed[1] - killed[0] >= 3
+    total = len(done)
 
     async def outbox(dsn: str, service: str) -> list[str]:
         rows = await query(
@@ -231,9 +254,9 @@ async def test_every_event_of_both_services_is_audited_once_across_a_redis_crash
         return [r["event_id"] for r in await entries()]
 
     expected = await outbox(memory_dsn, "memory") + await outbox(governance_dsn, "governance")
-    # 40 memories; 40 units, and nothing else of this tenant.
-    assert sum(e.startswith("memory:") for e in expected) >= 40
-    assert sum(e.startswith("governance:") for e in expected) == 40
+    # One memory and one unit per write, and nothing else of this tenant.
+    assert sum(e.startswith("memory:") for e in expected) >= total
+    assert sum(e.startswith("governance:") for e in expected) == total
 
     async def all_audited() -> bool:
         return set(await chain()) >= set(expected)
