@@ -108,10 +108,10 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
     env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
 
     def cli(*args: str, user: str = "root", ok: bool = True) -> str:
+        who = ("--tenant", "ki", "--user", user)
         roles = ("--roles", "TENANT_ADMIN") if user == "root" else ()
         done = subprocess.run(
-            [sys.executable, "-m", "aeterna_cli.main", "knowledge", *args, "--tenant", "ki"]
-            + ["--user", user, *roles],
+            [sys.executable, "-m", "aeterna_cli.main", "knowledge", *args, *who, *roles],
             env=env,
             capture_output=True,
             text=True,
@@ -173,8 +173,7 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
             )
             paths = {i.name: p for p, i in by_path.items()}
             return {
-                (kres.RelationKind.Name(r.kind), paths[r.target])
-                for r in reply.knowledge_relations
+                (kres.RelationKind.Name(r.kind), paths[r.target]) for r in reply.knowledge_relations
             }
 
         assert await related("adr/0002-use-moment") == {
@@ -190,11 +189,18 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
     versions = {p: i.version for p, i in (await items()).items()}
     assert versions == {p: i.version for p, i in by_path.items()}
 
-    # A changed draft: one new revision of that item only.
+    # A changed draft: one new revision of that item only. A changed accepted ADR is
+    # immutable: reported, left as it was.
     queue = src / "adr/0005-queue.md"
     queue.write_text(queue.read_text().replace("Redis streams.", "Redis streams, trimmed."))
+    first = src / "adr/0001-record-architecture-decisions.md"
+    accepted = first.read_text()
+    first.write_text(accepted.replace("keep ADRs", "keep ADRs in Git"))
     outcomes, summary = imported()
-    assert summary == {"created": 0, "updated": 1, "unchanged": 6, "failed": 1}
+    assert summary == {"created": 0, "updated": 1, "unchanged": 5, "failed": 2}
+    refusal = outcomes["adr/0001-record-architecture-decisions.md"]
+    assert refusal["status"] == "ACCEPTED" and "FAILED_PRECONDITION" in str(refusal["reasons"])
+    first.write_text(accepted)
     versions["adr/0005-queue"] += 1
     assert {p: i.version for p, i in (await items()).items()} == versions
 

@@ -270,10 +270,9 @@ class _Import:
             self.items[record.id] = item
             await self._advance(record, file, out)
         except grpc.aio.AioRpcError as exc:
-            if out.outcome == "unchanged" and item is not None:
-                out.reasons.append(_why(exc))
-            else:
-                out.outcome, out.reasons = "failed", [*out.reasons, _why(exc)]
+            # Creating or updating was refused (an accepted ADR is immutable, a bad path...).
+            out.outcome = "failed"
+            out.reasons.append(_why(exc))
         final = self.items.get(record.id)
         out.name, out.status = (final.name, status_of(final)) if final else ("", "")
 
