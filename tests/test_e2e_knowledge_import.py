@@ -45,7 +45,7 @@ FOLDER = {
     ),
     "adr/0004-postgres.md": (
         "---\ntitle: Store state in PostgreSQL\nstatus: proposed\ndate: 2024-07-01\n"
-        "tags:\n- storage\ndeciders: platform team\n---\n"
+        "tags:\n- Data Storage\nid: 4\ndeciders: platform team\n---\n"
         "## Context and Problem Statement\n\nWe need a database.\n\n"
         "## Decision Outcome\n\nPostgreSQL with RLS.\n\n## Consequences\n\nOne more server.\n"
     ),
@@ -159,6 +159,8 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
         "adr/0007-half-done": "DRAFT",
     }
     assert by_path["adr/0006-grpc"].title == "Decision: use gRPC"
+    assert list(by_path["adr/0004-postgres"].tags) == ["data-storage"]
+    assert outcomes["adr/0002-use-moment.md"]["status"] == "SUPERSEDED"
     async with grpc.aio.insecure_channel(stack.endpoint) as ch:
         orgs = osvc_grpc.OrganizationServiceStub(ch)
         team = await orgs.GetOrgUnit(
@@ -214,6 +216,7 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
         assert _body(again) == _body(before), path
         if not before.startswith("---") and path != "adr/0007-half-done.md":
             assert again == before, path
+    assert "\nid: 4\ndeciders: platform team\n" in (out / "adr/0004-postgres.md").read_text()
     # The record that stopped at DRAFT says so in its front matter.
     half_out = parse_record("adr/0007-half-done.md", (out / "adr/0007-half-done.md").read_text())
     assert isinstance(half_out, ParsedRecord) and half_out.status == "DRAFT"

@@ -4,8 +4,9 @@ written back with :func:`aeterna_common.markdown.render_record`.
 
 An item's content is the file's body (the Markdown after the front matter); what the front
 matter held beyond title, status, tags and relations is kept in the item's metadata
-(``front_matter``, ``front_matter_keys``, ``date``) with the SHA-256 of the whole file
-(``source_sha256``), which tells an unchanged file from a changed one on a re-import.
+(``front_matter`` as ``[key, value]`` pairs in file order, ``front_matter_keys``, ``date``)
+with the SHA-256 of the whole file (``source_sha256``), which tells an unchanged file from a
+changed one on a re-import.
 
 Statuses are reached through the lifecycle's transitions only (DOMAIN.md): PROPOSED by
 ``:propose``, ACCEPTED by ``:propose`` then ``:accept``, REJECTED by ``:reject``, DEPRECATED by
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -139,6 +141,25 @@ def _why(exc: grpc.aio.AioRpcError) -> str:
     return "; ".join(parts)
 
 
+def _tags(tags: tuple[str, ...]) -> list[str]:
+    """Tags as items take them (resources.proto: at most 32, each 1-64 characters of
+    ``[a-z0-9._:-]``): ``Data Storage`` becomes ``data-storage``."""
+    slugs = (re.sub(r"[^a-z0-9._:-]+", "-", t.lower()).strip("-")[:64] for t in tags)
+    return list(dict.fromkeys(s for s in slugs if s))[:32]
+
+
+def _ints(value: Any) -> Any:
+    """A Struct's numbers back as written: a Struct holds every number as a double, so a
+    front matter ``id: 3`` comes back 3.0."""
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _json_safe(value: Any) -> Any:
     """Front matter values as JSON (dates become ISO text), as a Struct holds them."""
     return json.loads(json.dumps(value, default=str))
@@ -160,6 +181,7 @@ class _Import:
         self.hashes = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
         self.items: dict[str, res.KnowledgeItem] = {}
         self.outcomes: dict[str, Outcome] = {}
+        self.records: dict[str, ParsedRecord] = {}
 
     def _rid(self, record: ParsedRecord, file: str, step: str) -> tuple[str, Any]:
         """A request id stable for (target, path, file hash, step) and its metadata."""
@@ -172,7 +194,8 @@ class _Import:
         metadata.update(
             {
                 "source_sha256": self.hashes[file],
-                "front_matter": _json_safe(record.metadata),
+                # [key, value] pairs: a Struct's fields are a map, which loses the order.
+                "front_matter": _json_safe(list(record.metadata.items())),
                 "front_matter_keys": list(record.front_matter_keys),
                 "date": record.date,
             }
@@ -185,7 +208,7 @@ class _Import:
             title=record.title,
             summary=record.summary[:2000],
             content=record.body,
-            tags=[t.lower() for t in record.tags],
+            tags=_tags(record.tags),
             metadata=metadata,
         )
 
@@ -222,9 +245,15 @@ class _Import:
         """
         out = Outcome(file, "unchanged", path=record.id)
         self.outcomes[file] = out
+        self.records[file] = record
         item = self.items.get(record.id)
         try:
-            if item is None and successor_of is not None:
+            # Only :supersede makes an item SUPERSEDED, and only an ACCEPTED one.
+            if (
+                item is None
+                and successor_of is not None
+                and successor_of.status == res.KNOWLEDGE_STATUS_ACCEPTED
+            ):
                 rid, md = self._rid(record, file, "supersede")
                 reply = await self.s.knowledge.SupersedeKnowledgeItem(
                     ksvc.SupersedeKnowledgeItemRequest(
@@ -273,8 +302,6 @@ class _Import:
             # Creating or updating was refused (an accepted ADR is immutable, a bad path...).
             out.outcome = "failed"
             out.reasons.append(_why(exc))
-        final = self.items.get(record.id)
-        out.name, out.status = (final.name, status_of(final)) if final else ("", "")
 
     async def _advance(self, record: ParsedRecord, file: str, out: Outcome) -> None:
         """The transitions from the item's status to the file's; a refused one stops there
@@ -331,6 +358,21 @@ class _Import:
 
     async def _relations(self, name: str) -> list[res.KnowledgeRelation]:
         return await relations_of(self.s, self.c, name)
+
+    def finish(self) -> list[Outcome]:
+        """The outcomes with each item's final name and status; a record the folder says is
+        superseded but that has no new successor in it stays ACCEPTED, which is reported."""
+        for file, out in self.outcomes.items():
+            item = self.items.get(out.path)
+            if item is None:
+                continue
+            out.name, out.status = item.name, status_of(item)
+            if self.records[file].status is RecordStatus.SUPERSEDED and out.status != "SUPERSEDED":
+                out.reasons.append(
+                    f"kept {out.status}: only :supersede makes an item SUPERSEDED, and it "
+                    "needs a successor that this import creates"
+                )
+        return list(self.outcomes.values())
 
 
 async def relations_of(s: Stubs, c: Caller, name: str) -> list[res.KnowledgeRelation]:
@@ -401,7 +443,8 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {
         p.relative_to(directory).as_posix(): p.read_bytes()
         for p in sorted(directory.rglob("*.md"))
-        if p.is_file()
+        # Hidden folders (.git, .github) hold no records.
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     }
 
 
@@ -481,11 +524,11 @@ def knowledge_import(
         for record, file in paired:
             await job.relate(record, file)
         failed = [Outcome(e.path, "failed", reasons=[e.reason]) for e in batch.errors]
-        return [*job.outcomes.values(), *failed]
+        return [*job.finish(), *failed]
 
     outcomes = sorted(run(call), key=lambda o: o.file)
     for fm_id, ids in batch.duplicate_ids.items():
-        console.print(f"front matter id {fm_id!r} repeated by {', '.join(ids)}: kept apart")
+        typer.echo(f"front matter id {fm_id!r} repeated by {', '.join(ids)}: kept apart", err=True)
     counts = {k: sum(o.outcome == k for o in outcomes) for k in _OUTCOMES}
     if as_json:
         for o in outcomes:
@@ -516,7 +559,7 @@ def record_of(item: res.KnowledgeItem, relations: list[Relation]) -> ParsedRecor
         tags=tuple(item.tags),
         relations=tuple(relations),
         body=item.content,
-        metadata=dict(meta.get("front_matter") or {}),
+        metadata={key: _ints(value) for key, value in meta.get("front_matter") or ()},
         front_matter_keys=tuple(meta.get("front_matter_keys") or ()),
     )
 
