@@ -43,13 +43,11 @@ from aeterna_common.markdown import (
     render_record,
 )
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from aeterna_cli import client
 from aeterna_cli.governance import Caller, Stubs, caller, every_page, run
 from aeterna_cli.knowledge import LAYERS, TYPES, _enum, knowledge_app, status_of
-from aeterna_cli.options import Roles, Tenant, Token, User, console
+from aeterna_cli.options import Roles, Tenant, Token, User, console, refusal
 
 # The transitions from DRAFT that reach each status (DOMAIN.md's lifecycle); SUPERSEDED is
 # reached from ACCEPTED by :supersede, which the import calls with the successor's record.
@@ -127,18 +125,7 @@ class Outcome:
 
 def _why(exc: grpc.aio.AioRpcError) -> str:
     """A refusal in one line: code, message, ErrorInfo reason and field violations."""
-    parts = [f"{exc.code().name}: {exc.details()}"]
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            parts.append(f"reason {info.reason}")
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            parts += [f"{v.field}: {v.description}" for v in bad.field_violations]
-    return "; ".join(parts)
+    return "; ".join([f"{exc.code().name}: {exc.details()}", *refusal(exc)])
 
 
 def _tags(tags: tuple[str, ...]) -> list[str]:
@@ -214,20 +201,7 @@ class _Import:
 
     async def existing(self) -> None:
         """The items already at the unit and layer, by path (a live one wins)."""
-
-        def fetch(page: str) -> Awaitable[ksvc.ListKnowledgeItemsResponse]:
-            request = ksvc.ListKnowledgeItemsRequest(
-                parent=self.c.parent,
-                layer=self.layer,
-                org_unit=self.unit,
-                page_size=500,
-                page_token=page,
-            )
-            return self.s.knowledge.ListKnowledgeItems(
-                request, metadata=client.metadata(self.c.token)
-            )
-
-        for item in await every_page(fetch, "knowledge_items"):
+        for item in await items_at(self.s, self.c, self.layer, self.unit):
             old = self.items.get(item.path)
             if old is None or old.status == res.KNOWLEDGE_STATUS_SUPERSEDED:
                 self.items[item.path] = item
@@ -309,12 +283,18 @@ class _Import:
         item = self.items[record.id]
         steps = _PATHS[record.status]
         now = RecordStatus(status_of(item))
-        if now == record.status or (now is RecordStatus.ACCEPTED and not steps):
+        if now == record.status:
             return
-        if now is not RecordStatus.DRAFT and now not in steps:
+        if now in steps:
+            steps = steps[steps.index(now) + 1 :]
+        elif not (
+            now is RecordStatus.DRAFT
+            # :reject takes a PROPOSED item as well as a DRAFT one.
+            or (now is RecordStatus.PROPOSED and record.status is RecordStatus.REJECTED)
+        ):
             out.reasons.append(f"the file says {record.status.value}, the item is {now.value}")
             return
-        for target in steps[steps.index(now) + 1 if now in steps else 0 :]:
+        for target in steps:
             verb = _VERBS[target]
             rid, md = self._rid(record, file, verb)
             request = getattr(ksvc, f"{verb}KnowledgeItemRequest")(
@@ -326,6 +306,9 @@ class _Import:
                 out.reasons.append(f"kept {status_of(item)}: {verb.lower()} refused: {_why(exc)}")
                 return
             self.items[record.id] = item
+            if out.outcome == "unchanged":
+                # The file is as imported before, but its item had not reached its status.
+                out.outcome = "updated"
 
     async def relate(self, record: ParsedRecord, file: str) -> None:
         """Write the record's SUPERSEDES / SUPERSEDED_BY relations to items of the folder
@@ -373,6 +356,21 @@ class _Import:
                     "needs a successor that this import creates"
                 )
         return list(self.outcomes.values())
+
+
+async def items_at(
+    s: Stubs, c: Caller, layer: res.KnowledgeLayer.ValueType, unit: str
+) -> list[res.KnowledgeItem]:
+    """Every item the caller may read at ``layer`` and the org unit named ``unit``."""
+
+    def fetch(page: str) -> Awaitable[ksvc.ListKnowledgeItemsResponse]:
+        request = ksvc.ListKnowledgeItemsRequest(
+            parent=c.parent, layer=layer, org_unit=unit, page_size=500, page_token=page
+        )
+        return s.knowledge.ListKnowledgeItems(request, metadata=client.metadata(c.token))
+
+    items: list[res.KnowledgeItem] = await every_page(fetch, "knowledge_items")
+    return items
 
 
 async def relations_of(s: Stubs, c: Caller, name: str) -> list[res.KnowledgeRelation]:
@@ -580,17 +578,7 @@ def knowledge_export(
     c = caller(tenant, user, token, roles)
 
     async def call(s: Stubs) -> list[ParsedRecord]:
-        def fetch(page: str) -> Awaitable[ksvc.ListKnowledgeItemsResponse]:
-            request = ksvc.ListKnowledgeItemsRequest(
-                parent=c.parent,
-                layer=knowledge_layer,
-                org_unit=c.unit(unit),
-                page_size=500,
-                page_token=page,
-            )
-            return s.knowledge.ListKnowledgeItems(request, metadata=client.metadata(c.token))
-
-        items: list[res.KnowledgeItem] = await every_page(fetch, "knowledge_items")
+        items = await items_at(s, c, knowledge_layer, c.unit(unit))
         paths = {i.name: i.path for i in items}
         kinds = {v: k for k, v in _RELATION_KINDS.items()}
         records = []
