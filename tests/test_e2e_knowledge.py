@@ -48,6 +48,35 @@ def stack() -> Iterator[DevStack]:
     s.stop()
 
 
+async def _tree(
+    orgs: osvc_grpc.OrganizationServiceStub,
+    tenant: str,
+    admin: tuple[tuple[str, str], ...],
+    *,
+    with_team: bool,
+) -> None:
+    """Company ``acme`` > organisation ``eng`` (> team ``payments``) in ``tenant``."""
+    units = [
+        ("acme", gres.ORG_UNIT_KIND_COMPANY, ""),
+        ("eng", gres.ORG_UNIT_KIND_ORGANIZATION, "acme"),
+    ]
+    if with_team:
+        units.append(("payments", gres.ORG_UNIT_KIND_TEAM, "eng"))
+    for unit, kind, parent in units:
+        await orgs.CreateOrgUnit(
+            osvc.CreateOrgUnitRequest(
+                parent=f"tenants/{tenant}",
+                org_unit_id=unit,
+                org_unit=gres.OrgUnit(
+                    kind=kind,
+                    display_name=unit,
+                    parent=f"tenants/{tenant}/orgUnits/{parent}" if parent else "",
+                ),
+            ),
+            metadata=admin,
+        )
+
+
 async def test_team_decision_through_the_gateway(stack: DevStack) -> None:
     assert len(stack.knowledge_list) == 2
     auth = DevAuth(stack.root / "auth")
@@ -58,23 +87,7 @@ async def test_team_decision_through_the_gateway(stack: DevStack) -> None:
     admin = as_user("root", "TENANT_ADMIN")
     async with grpc.aio.insecure_channel(stack.endpoint) as ch:
         orgs = osvc_grpc.OrganizationServiceStub(ch)
-        for unit, kind, parent in (
-            ("acme", gres.ORG_UNIT_KIND_COMPANY, ""),
-            ("eng", gres.ORG_UNIT_KIND_ORGANIZATION, "acme"),
-            ("payments", gres.ORG_UNIT_KIND_TEAM, "eng"),
-        ):
-            await orgs.CreateOrgUnit(
-                osvc.CreateOrgUnitRequest(
-                    parent="tenants/kn",
-                    org_unit_id=unit,
-                    org_unit=gres.OrgUnit(
-                        kind=kind,
-                        display_name=unit,
-                        parent=f"tenants/kn/orgUnits/{parent}" if parent else "",
-                    ),
-                ),
-                metadata=admin,
-            )
+        await _tree(orgs, "kn", admin, with_team=True)
         await orgs.CreateRoleBinding(
             osvc.CreateRoleBindingRequest(
                 parent="tenants/kn",
@@ -225,19 +238,7 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
     auth = DevAuth(stack.root / "auth")
     admin = (("authorization", f"Bearer {auth.issue_token('ki', 'root', roles=['TENANT_ADMIN'])}"),)
     async with grpc.aio.insecure_channel(stack.endpoint) as ch:
-        orgs = osvc_grpc.OrganizationServiceStub(ch)
-        for unit, kind, parent in (
-            ("acme", gres.ORG_UNIT_KIND_COMPANY, ""),
-            ("eng", gres.ORG_UNIT_KIND_ORGANIZATION, "tenants/ki/orgUnits/acme"),
-        ):
-            await orgs.CreateOrgUnit(
-                osvc.CreateOrgUnitRequest(
-                    parent="tenants/ki",
-                    org_unit_id=unit,
-                    org_unit=gres.OrgUnit(kind=kind, display_name=unit, parent=parent),
-                ),
-                metadata=admin,
-            )
+        await _tree(osvc_grpc.OrganizationServiceStub(ch), "ki", admin, with_team=False)
     env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
 
     def cli(*args: str, user: str = "root", ok: bool = True) -> str:
