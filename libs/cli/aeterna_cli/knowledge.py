@@ -1,5 +1,5 @@
 """``aeterna knowledge add|get|list|history|propose|accept|supersede``: knowledge items
-through the SDK.
+through the SDK (``import`` and ``export`` are in :mod:`aeterna_cli.knowledge_files`).
 
 Items are named by their id (the UUID) or full resource name; units by their id. Writes carry
 a ``request_id`` (``--request-id`` or a fresh one) in the body and in metadata, so the edge
@@ -25,7 +25,7 @@ from aeterna_cli.options import AsJson, Roles, Tenant, Token, User, console
 
 knowledge_app = typer.Typer(
     help="Knowledge items (ADRs, policies, patterns, specs): add, get, list, history, and the "
-    "lifecycle: propose, accept, supersede."
+    "lifecycle: propose, accept, supersede; import and export folders of decision records."
 )
 
 TYPES = ("adr", "policy", "pattern", "spec", "hindsight")
@@ -41,6 +41,9 @@ Tags = Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeat).")
 
 def register(app: typer.Typer) -> None:
     """Add the ``knowledge`` group to ``app``."""
+    # import/export live in their own module, which adds its commands to knowledge_app.
+    from aeterna_cli import knowledge_files  # noqa: F401
+
     app.add_typer(knowledge_app, name="knowledge")
 
 

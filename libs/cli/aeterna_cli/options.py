@@ -36,19 +36,26 @@ Roles = Annotated[
 ]
 
 
+def refusal(exc: grpc.aio.AioRpcError) -> list[str]:
+    """What a failed call's status details say: ``reason: X`` for its ErrorInfo, then
+    ``field: description`` per field violation."""
+    lines: list[str] = []
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            lines.append(f"reason: {info.reason}")
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            lines += [f"{v.field}: {v.description}" for v in bad.field_violations]
+    return lines
+
+
 def fail(exc: grpc.aio.AioRpcError) -> NoReturn:
     """Print a failed call (code, message, ErrorInfo reason, field violations) and exit 1."""
     console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
-    status = rpc_status.from_call(exc)
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                console.print(f"  reason: {info.reason}")
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                for v in bad.field_violations:
-                    console.print(f"  {v.field}: {v.description}")
+    for line in refusal(exc):
+        console.print(f"  {line}", markup=False)
     raise typer.Exit(1)
