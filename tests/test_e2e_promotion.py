@@ -1,10 +1,11 @@
-"""PROJECT→TEAM promotions through governance's approvals, end to end: a memory replica and a
+"""Approved promotions (PROJECT→TEAM, TEAM→ORG, USER→TEAM) through governance's approvals,
+end to end: a memory replica and a
 governance replica behind the gateway, PostgreSQL and Redis as ``make run`` starts them,
 memory calling governance through the gateway with its service token.
 
-PROJECT memories reach the promotion threshold by use (searches count as accesses); the
-promotion job (every half second here) asks governance once per memory revision, the
-team's TECH_LEAD decides, and memory applies the decision from governance's events, or,
+Memories reach the promotion threshold by use (searches count as accesses); the promotion
+job (every half second here) asks governance once per memory revision at the target unit,
+the team's TECH_LEAD (or, at the organization, the tenant's admin) decides, and memory applies the decision from governance's events, or,
 when an event is lost, from its reconciler.
 """
 
@@ -42,7 +43,7 @@ from aeterna_devstack.stack import DevStack
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 TENANT = "promo"
-PROJECT, TEAM = "checkout", "payments"
+PROJECT, TEAM, ORG = "checkout", "payments", "eng"
 RECONCILE_ENV = "AETERNA_MEMORY_PROMOTION_RECONCILE_INTERVAL_S"
 SEARCHES = 5
 """Searches that return each memory: with importance 1, a promotion score of
@@ -148,7 +149,7 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
     parent = ""
     for unit, kind in (
         ("acme", gres.ORG_UNIT_KIND_COMPANY),
-        ("eng", gres.ORG_UNIT_KIND_ORGANIZATION),
+        (ORG, gres.ORG_UNIT_KIND_ORGANIZATION),
         (TEAM, gres.ORG_UNIT_KIND_TEAM),
         (PROJECT, gres.ORG_UNIT_KIND_PROJECT),
     ):
@@ -173,15 +174,21 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
         metadata=admin,
     )
 
-    async def add(content: str, project: str = PROJECT, **metadata: Any) -> str:
+    async def add(
+        content: str,
+        project: str = PROJECT,
+        layer: int = layer_pb2.MEMORY_LAYER_PROJECT,
+        scope: layer_pb2.Scope | None = None,
+        **metadata: Any,
+    ) -> str:
         meta = struct_pb2.Struct()
         meta.update(metadata)
         created = await memories.CreateMemory(
             msvc.CreateMemoryRequest(
                 parent=f"tenants/{TENANT}",
                 memory=mres.Memory(
-                    layer=layer_pb2.MEMORY_LAYER_PROJECT,
-                    scope=layer_pb2.Scope(project_id=project),
+                    layer=layer,
+                    scope=scope or layer_pb2.Scope(project_id=project),
                     content=content,
                     importance=1.0,
                     metadata=meta,
@@ -191,15 +198,18 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
         )
         return str(created.name)
 
-    async def use(project: str, expected: set[str]) -> None:
-        """Search the project's memories until each was returned ``SEARCHES`` times."""
+    async def use(
+        expected: set[str], layer: int = layer_pb2.MEMORY_LAYER_PROJECT, **scope: str
+    ) -> None:
+        """Search the layer's memories in ``scope`` until each was returned ``SEARCHES``
+        times."""
         for _ in range(SEARCHES):
             found = await memories.SearchMemories(
                 msvc.SearchMemoriesRequest(
                     parent=f"tenants/{TENANT}",
                     query="how does checkout deploy",
-                    scope=layer_pb2.Scope(project_id=project),
-                    layers=[layer_pb2.MEMORY_LAYER_PROJECT],
+                    scope=layer_pb2.Scope(**scope),
+                    layers=[layer],
                 ),
                 metadata=admin,
             )
@@ -223,9 +233,22 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
     deleted = await add("checkout's staging database is shared")
     secret = await add("checkout's deploy key rotates monthly", sensitive=True)
     ghost = await add("the ghost project has no unit in the tree", project="ghost")
-    await use(PROJECT, {shared, rejected, changed, deleted, secret})
-    await use("ghost", {ghost})
-    promotable = {shared, rejected, changed, deleted}
+    # TEAM→ORG: at the team's organization; USER→TEAM: at the team its metadata names.
+    team_wide = await add(
+        "payments deploys checkout",
+        layer=layer_pb2.MEMORY_LAYER_TEAM,
+        scope=layer_pb2.Scope(team_id=TEAM),
+    )
+    user = layer_pb2.Scope(user_id="root")
+    mine = await add(
+        "I deploy checkout", layer=layer_pb2.MEMORY_LAYER_USER, scope=user, team_id=TEAM
+    )
+    teamless = await add("I deploy checkout alone", layer=layer_pb2.MEMORY_LAYER_USER, scope=user)
+    await use({shared, rejected, changed, deleted, secret}, project_id=PROJECT)
+    await use({ghost}, project_id="ghost")
+    await use({team_wide}, layer_pb2.MEMORY_LAYER_TEAM, team_id=TEAM)
+    await use({mine, teamless}, layer_pb2.MEMORY_LAYER_USER, user_id="root")
+    promotable = {shared, rejected, changed, deleted, team_wide, mine}
 
     async def asked_each() -> dict[str, list[gres.ApprovalRequest]] | None:
         found = await requests()
@@ -236,6 +259,9 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
     request = asked[shared][0]
     redacted = "Reach the checkout on-call at [email redacted] or [phone redacted]"
     assert request.org_unit == f"tenants/{TENANT}/orgUnits/{TEAM}"
+    assert asked[mine][0].org_unit == f"tenants/{TENANT}/orgUnits/{TEAM}"
+    assert asked[team_wide][0].org_unit == f"tenants/{TENANT}/orgUnits/{ORG}"
+    assert asked[team_wide][0].payload["target_layer"] == "ORG"
     assert request.requester == "services/memory"
     assert request.state == gres.APPROVAL_STATE_PENDING
     assert json_format.MessageToDict(request.payload) == {
@@ -249,7 +275,7 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
         asvc.ListApprovalRequestsRequest(parent=f"tenants/{TENANT}", awaiting_me=True),
         metadata=lead,
     )
-    assert {r.target for r in waiting.approval_requests} == promotable
+    assert {r.target for r in waiting.approval_requests} == promotable - {team_wide}
 
     # Two change while they wait for a decision.
     await memories.UpdateMemory(
@@ -265,6 +291,9 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
             asvc.ApproveApprovalRequestRequest(name=asked[name][0].name, comment="useful"),
             metadata=lead,
         )
+    await approvals.ApproveApprovalRequest(
+        asvc.ApproveApprovalRequestRequest(name=asked[team_wide][0].name), metadata=admin
+    )
     await approvals.RejectApprovalRequest(
         asvc.RejectApprovalRequestRequest(
             name=asked[rejected][0].name, comment="only checkout deploys on Tuesdays"
@@ -273,12 +302,10 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
     )
 
     async def settled() -> bool:
-        return [await record_state(stack, m) for m in (shared, rejected, changed, deleted)] == [
-            "promoted",
-            "rejected",
-            "skipped",
-            "skipped",
-        ]
+        states = [await record_state(stack, m) for m in (shared, rejected, changed, deleted)]
+        return states == ["promoted", "rejected", "skipped", "skipped"] and (
+            await record_state(stack, team_wide) == "promoted"
+        )
 
     await until(settled, "the decisions applied from governance's events")
     assert await records(stack, changed) == [
@@ -297,21 +324,29 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
     assert meta["original_revision"] == 1
     assert meta["approval_request"] == request.name
     assert meta["promotion_score"] >= 0.8
-    for name in (rejected, changed, deleted):
+    for name in (rejected, changed, deleted, mine, teamless):
         assert await copies_of(stack, name) == []
+    [org_row] = await copies_of(stack, team_wide)
+    org_copy = await memories.GetMemory(
+        msvc.GetMemoryRequest(name=f"tenants/{TENANT}/memories/{org_row['id']}"), metadata=admin
+    )
+    assert (org_copy.layer, org_copy.scope.org_id) == (layer_pb2.MEMORY_LAYER_ORG, ORG)
+    assert (
+        json_format.MessageToDict(org_copy.metadata)["approval_request"] == asked[team_wide][0].name
+    )
 
     # The job keeps running: a memory that becomes promotable later is asked for, and so is
     # the changed memory's new revision, while the decided revisions, the sensitive and the
     # unplaced memories are not asked (again).
     later = await add("checkout rolls back with the release button")
-    await use(PROJECT, {later})
+    await use({later}, project_id=PROJECT)
 
     async def asked_later() -> dict[str, list[gres.ApprovalRequest]] | None:
         found = await requests()
         return found if later in found and len(found.get(changed, [])) == 2 else None
 
     asked = await until(asked_later, "requests for the later memory and the new revision")
-    counts = {shared: 1, rejected: 1, changed: 2, deleted: 1, later: 1}
+    counts = {shared: 1, rejected: 1, changed: 2, deleted: 1, later: 1, team_wide: 1, mine: 1}
     assert {target: len(rs) for target, rs in asked.items()} == counts
     assert await records(stack, changed) == [
         (1, "skipped", "the memory changed after it was asked for (revision 1 → 2)"),

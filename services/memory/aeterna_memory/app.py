@@ -77,8 +77,9 @@ class MemoryApp(ServiceApp):
             other services (``AETERNA_SERVICE_TOKEN_FILE``); None when not configured. Index
             maintenance reads PostgreSQL as the indexer and calls no service yet.
         relay: The outbox relay to Redis Streams; None when disabled or without Redis.
-        promotions: PROJECT→TEAM promotions through governance's approvals; None where
-            governance is not configured or ``AETERNA_MEMORY_PROMOTION_APPROVALS`` is off.
+        promotions: Approved promotions (USER→TEAM, PROJECT→TEAM, TEAM→ORG, ORG→COMPANY)
+            through governance's approvals; None where governance is not configured or
+            ``AETERNA_MEMORY_PROMOTION_APPROVALS`` is off.
     """
 
     domain: MemoryDomain
@@ -453,7 +454,7 @@ async def build(
         promotion_threshold=settings.promotion_threshold,
     )
 
-    # PROJECT→TEAM promotions ask governance, where memory already reads its bindings from.
+    # Approved promotions ask governance, where memory already reads its bindings from.
     promotions: TeamPromotions | None = None
     if (
         settings.promotion_approvals

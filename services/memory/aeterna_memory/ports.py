@@ -193,7 +193,8 @@ class MemoryStore(Protocol):
 
 
 class PromotionApprovals(Protocol):
-    """Governance's approval requests for promotions that need one (PROJECT→TEAM)."""
+    """Governance's approval requests for promotions that need one (USER→TEAM,
+    PROJECT→TEAM, TEAM→ORG, ORG→COMPANY)."""
 
     async def ask(self, request: PromotionRequest) -> Approval:
         """Open the approval request of ``request`` (idempotent by its ``request_id``:

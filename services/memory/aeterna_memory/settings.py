@@ -106,15 +106,16 @@ class MemorySettings(BaseSettings, RelaySettings):
             trim back (if it falls behind the trim, it rebuilds its index).
         promotion_interval_s: Seconds between runs of the promotion job (0 disables), under
             the lease ``memory:lifecycle:promote``: AGENT→USER and SESSION→PROJECT copies,
-            and approval requests for PROJECT→TEAM (``promotion_approvals``).
+            and approval requests for USER→TEAM, PROJECT→TEAM, TEAM→ORG and ORG→COMPANY
+            (``promotion_approvals``).
         promotion_threshold: Promotion score (0.6·importance + 0.3·min(access_count/10, 1)
             + 0.1·max(0, 1 − days since last access)) from which a memory is promoted (0.8,
             DOMAIN.md).
-        promotion_approvals: Promote PROJECT memories to their project's TEAM once
-            governance approves it: the promotion job opens the approval requests, a
-            consumer of governance's events (one replica, lease
-            ``memory:promotions:consume``, needs ``AETERNA_REDIS_URL``) and the reconciler
-            apply the decisions. Takes effect where governance is configured
+        promotion_approvals: Promote USER, PROJECT, TEAM and ORG memories to their
+            target unit (TEAM, TEAM, ORG, COMPANY) once governance approves it: the
+            promotion job opens the approval requests, a consumer of governance's events
+            (one replica, lease ``memory:promotions:consume``, needs ``AETERNA_REDIS_URL``)
+            and the reconciler apply the decisions. Takes effect where governance is configured
             (``AETERNA_AUTHZ_DIRECTORY_URL``, called with ``AETERNA_SERVICE_TOKEN_FILE``).
         promotion_reconcile_interval_s: Seconds between runs of the reconciler of pending
             promotion approvals (0 disables), under the lease ``memory:promotions:reconcile``:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,8 +25,9 @@ from aeterna_memory.domain.names import check_parent, parse_memory_name
 from aeterna_memory.domain.promotion import (
     TITLE_MAX,
     PromotionRequest,
-    project_teams,
-    team_copy,
+    approval_key,
+    approval_targets,
+    approved_copy,
 )
 from aeterna_memory.domain.service import (
     NEAR_TIE,
@@ -219,7 +221,7 @@ def _project_memory(**overrides: Any) -> Memory:
     return Memory(**{**fields, **overrides})
 
 
-def test_project_teams_are_the_projects_team_parents() -> None:
+def test_approval_targets_are_the_parents_and_a_user_memorys_team() -> None:
     snapshot = Snapshot(
         "t",
         units=(
@@ -229,15 +231,50 @@ def test_project_teams_are_the_projects_team_parents() -> None:
             OrgUnit("checkout", UnitKind.PROJECT, "payments"),
             OrgUnit("billing", UnitKind.PROJECT, "payments"),
             OrgUnit("stray", UnitKind.PROJECT, "gone"),  # its parent is not in the tree
+            OrgUnit("skunk", UnitKind.TEAM, "acme"),  # a team right under the company
         ),
     )
-    assert project_teams(snapshot) == {"checkout": "payments", "billing": "payments"}
-    assert project_teams(Snapshot("t")) == {}
+    assert approval_targets(snapshot) == {
+        Layer.USER: {"payments": "payments", "skunk": "skunk"},
+        Layer.PROJECT: {"checkout": "payments", "billing": "payments"},
+        Layer.TEAM: {"payments": "eng"},
+        Layer.ORG: {"eng": "acme"},
+    }
+    assert approval_targets(Snapshot("t")) == {
+        Layer.USER: {},
+        Layer.PROJECT: {},
+        Layer.TEAM: {},
+        Layer.ORG: {},
+    }
+    # The key a memory's target is looked up by.
+    user = _project_memory(layer=Layer.USER, scope=Scope(user_id="dana"), metadata={})
+    assert approval_key(user) is None
+    assert approval_key(replace(user, metadata={"team_id": "payments"})) == "payments"
+    assert approval_key(replace(user, metadata={"team_id": 7})) is None
+    assert approval_key(_project_memory()) == "checkout"
+    team = _project_memory(layer=Layer.TEAM, scope=Scope(team_id="payments"))
+    assert approval_key(team) == "payments"
+    org = _project_memory(layer=Layer.ORG, scope=Scope(org_id="eng"))
+    assert approval_key(org) == "eng"
+    company = _project_memory(layer=Layer.COMPANY, scope=Scope(company_id="acme"))
+    assert approval_key(company) is None
+
+
+def test_approved_copies_are_scoped_to_the_target_unit() -> None:
+    team = _project_memory(layer=Layer.TEAM, scope=Scope(team_id="payments"))
+    org = approved_copy(team, 0.9, "eng")
+    assert org is not None and (org.layer, org.scope) == (Layer.ORG, Scope(org_id="eng"))
+    company = approved_copy(replace(team, layer=Layer.ORG, scope=Scope(org_id="eng")), 0.9, "acme")
+    assert company is not None
+    assert (company.layer, company.scope) == (Layer.COMPANY, Scope(company_id="acme"))
+    user = approved_copy(replace(team, layer=Layer.USER, scope=Scope(user_id="dana")), 0.9, "x")
+    assert user is not None and (user.layer, user.scope) == (Layer.TEAM, Scope(team_id="x"))
+    assert approved_copy(replace(team, layer=Layer.COMPANY), 0.9, "acme") is None
 
 
 def test_team_copy_is_redacted_and_records_its_approval() -> None:
     memory = _project_memory()
-    copy = team_copy(memory, 0.93, "payments", approval_request="tenants/t/approvalRequests/r")
+    copy = approved_copy(memory, 0.93, "payments", approval_request="tenants/t/approvalRequests/r")
     assert copy is not None
     assert (copy.layer, copy.scope) == (Layer.TEAM, Scope(team_id="payments"))
     assert copy.content == "mail [email redacted] or call [phone redacted]"
@@ -250,12 +287,12 @@ def test_team_copy_is_redacted_and_records_its_approval() -> None:
         "approval_request": "tenants/t/approvalRequests/r",
     }
     # While asking there is no request yet; the content asked for is the same.
-    asking = team_copy(memory, 0.93, "payments")
+    asking = approved_copy(memory, 0.93, "payments")
     assert asking is not None and "approval_request" not in asking.metadata
     assert asking.content == copy.content
     # Never a sensitive or private memory, never another layer.
-    assert team_copy(_project_memory(metadata={"private": "yes"}), 0.93, "payments") is None
-    assert team_copy(_project_memory(layer=Layer.USER), 0.93, "payments") is None
+    assert approved_copy(_project_memory(metadata={"private": "yes"}), 0.93, "payments") is None
+    assert approved_copy(_project_memory(layer=Layer.SESSION), 0.93, "payments") is None
 
 
 def test_promotion_request_names_the_revision_and_fits_governance() -> None:
@@ -263,13 +300,20 @@ def test_promotion_request_names_the_revision_and_fits_governance() -> None:
         tenant_id="t",
         memory_id="m1",
         revision=3,
-        project_id="p" * 255,
-        team_id="payments",
+        source_layer=Layer.PROJECT,
+        source_id="p" * 255,
+        target_layer=Layer.TEAM,
+        target_unit="payments",
         score=0.93,
         content_sha256="ab" * 32,
     )
     assert request.request_id == "promote-m1-3"
     assert len(request.title) == TITLE_MAX
+    org = replace(request, source_layer=Layer.TEAM, source_id="payments", target_layer=Layer.ORG)
+    assert replace(org, target_unit="eng").title == (
+        "Promote a memory of team payments to organization eng"
+    )
+    assert replace(org, target_unit="eng").payload()["target_layer"] == "ORG"
     assert request.payload() == {
         "memory": "tenants/t/memories/m1",
         "revision": 3,

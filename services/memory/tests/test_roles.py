@@ -81,8 +81,8 @@ async def two_tenants(env: MemoryEnv) -> tuple[str, str]:
         async def asked(conn: asyncpg.Connection, t: str = t, name: str = created.name) -> None:
             await conn.execute(
                 "INSERT INTO memory_promotions (tenant_id, memory_id, revision, "
-                "approval_request, team_id, promotion_score, content_sha256) "
-                "VALUES ($1, $2, 2, $3, 'team', 0.9, $4)",
+                "approval_request, target_layer, target_unit, promotion_score, content_sha256) "
+                "VALUES ($1, $2, 2, $3, 'TEAM', 'team', 0.9, $4)",
                 t,
                 uuid.UUID(name.rsplit("/", 1)[1]),
                 f"tenants/{t}/approvalRequests/{uuid.uuid4()}",

@@ -54,11 +54,11 @@ class GovernanceApprovals:
 
     async def ask(self, request: PromotionRequest) -> Approval:
         """See :class:`~aeterna_memory.ports.PromotionApprovals`: a SINGLE request at the
-        team (one approval by a user who may decide there: the team's TECH_LEAD or above).
+        target unit (one approval by a user who may decide there, e.g. a team's TECH_LEAD).
 
         Raises:
             grpc.aio.AioRpcError: Governance refused (e.g. ``FAILED_PRECONDITION`` when the
-                team no longer exists) or could not be reached.
+                unit no longer exists) or could not be reached.
         """
         payload = struct_pb2.Struct()
         payload.update(request.payload())
@@ -68,7 +68,7 @@ class GovernanceApprovals:
                 approval_request=gres.ApprovalRequest(
                     type=gres.APPROVAL_TYPE_MEMORY_PROMOTION,
                     mode=gres.APPROVAL_MODE_SINGLE,
-                    org_unit=f"tenants/{request.tenant_id}/orgUnits/{request.team_id}",
+                    org_unit=f"tenants/{request.tenant_id}/orgUnits/{request.target_unit}",
                     target=request.memory,
                     title=request.title,
                     payload=payload,

@@ -1,28 +1,32 @@
-"""Promotions of PROJECT memories to the TEAM layer, approved in governance (DOMAIN.md,
-Memory: Promotion: PROJECT→TEAM needs an approval; issue 7, Approvals).
+"""Promotions of memories approved in governance: USER→TEAM, PROJECT→TEAM, TEAM→ORG and
+ORG→COMPANY (DOMAIN.md, Memory: Promotion: they need an approval; issue 7, Approvals).
 
 1. **Ask** (:meth:`TeamPromotions.ask_due`, run by the promotion job under the lease
-   ``memory:lifecycle:promote`` after the automatic promotions). A PROJECT memory that is
-   live, neither ``sensitive`` nor ``private``, whose promotion score reaches the threshold
-   (the rules of the automatic promotions) and whose revision was not asked for yet gets
-   one approval request in governance: type MEMORY_PROMOTION, target the memory, at the
-   project's TEAM (the PROJECT unit's parent in the tenant's authorization snapshot, which
-   memory caches for its decisions), payload ``memory``, ``revision``, ``target_layer`` and
-   ``content_sha256`` of the redacted copy, request id ``promote-{memory}-{revision}``
-   (governance answers a repeated id with the request opened first). The request is then
-   recorded in ``memory_promotions`` (migration 0009), one row per memory revision, which
-   keeps that revision from being asked again; a job that dies between the two asks again
-   and gets the same request. A memory whose project is not a unit of the tree, or has no
-   team, is skipped and logged per tenant until the tree has one. A later revision (an
-   update, a feedback) is a new candidate.
-2. **Settle on events** (:meth:`TeamPromotions.handle`: the consumer group
-   :data:`GROUP`, on one replica at a time under the lease :data:`CONSUME_LEASE`). A final
-   event of a request recorded as pending (``governance.approval_request.approved``,
-   ``rejected``, ``expired``, ``cancelled``) is only a hint: the request is read from
-   governance, whose answer decides (:meth:`TeamPromotions.settle`). APPROVED creates the
-   TEAM copy through the domain's write path (embedded and indexed like any memory; the
-   approval by the team's approvers is its permission, so no caller's is checked),
-   redacted as the automatic copies and recorded in its metadata (``original_memory``,
+   ``memory:lifecycle:promote`` after the automatic promotions). A USER, PROJECT, TEAM or
+   ORG memory that is live, neither ``sensitive`` nor ``private``, whose promotion score
+   reaches the threshold (the rules of the automatic promotions) and whose revision was not
+   asked for yet gets one approval request in governance: type MEMORY_PROMOTION, target the
+   memory, at the target unit in the tenant's authorization snapshot, which memory caches
+   for its decisions (:func:`~aeterna_memory.domain.promotion.approval_targets`: the TEAM
+   named by a USER memory's metadata ``team_id``, else the memory's unit's parent: a
+   PROJECT's TEAM, a TEAM's ORGANIZATION, an ORGANIZATION's COMPANY), payload ``memory``,
+   ``revision``, ``target_layer`` and ``content_sha256`` of the redacted copy, request id
+   ``promote-{memory}-{revision}`` (governance answers a repeated id with the request
+   opened first). The request is then recorded in ``memory_promotions`` (migration 0009;
+   0010 adds the target layer), one row per memory revision, which keeps that revision from
+   being asked again; a job that dies between the two asks again and gets the same request.
+   A memory without a target (its unit is not in the tree or has no parent of the target
+   kind; a USER memory without a metadata ``team_id`` naming a TEAM unit) is skipped and
+   logged per tenant until it has one. A later revision (an update, a feedback) is a new
+   candidate.
+2. **Settle on events** (:meth:`TeamPromotions.handle`: the consumer group :data:`GROUP`,
+   on one replica at a time under the lease :data:`CONSUME_LEASE`). A final event of a
+   request recorded as pending (``governance.approval_request.approved``, ``rejected``,
+   ``expired``, ``cancelled``) is only a hint: the request is read from governance, whose
+   answer decides (:meth:`TeamPromotions.settle`). APPROVED creates the copy at the target
+   unit through the domain's write path (embedded and indexed like any memory; the approval
+   by the target unit's approvers is its permission, so no caller's is checked), redacted
+   as the automatic copies and recorded in its metadata (``original_memory``,
    ``original_revision``, ``promotion_score``, ``approval_request``), with the request id
    ``promote-approved-{request}``; an existing copy of the request (looked up first) is
    never made twice, also past the idempotency keys' lifetime. A memory that changed
@@ -57,14 +61,23 @@ from aeterna_common.events import Event
 
 from aeterna_memory.adapters.lifecycle import BATCH, lifecycle_principal, promotable
 from aeterna_memory.adapters.postgres import _COLUMNS, content_hash, row_to_memory
-from aeterna_memory.domain.model import Layer, Memory, NewMemory
+from aeterna_memory.domain.model import (
+    REACHING_IDENTIFIER,
+    UNIT_LAYERS,
+    Layer,
+    Memory,
+    NewMemory,
+)
 from aeterna_memory.domain.promotion import (
+    APPROVED,
     DEFAULT_THRESHOLD,
+    USER_TEAM_KEY,
     Approval,
     PromotionRequest,
-    project_teams,
+    approval_key,
+    approval_targets,
+    approved_copy,
     promotion_score,
-    team_copy,
 )
 from aeterna_memory.ports import PromotionApprovals
 
@@ -103,8 +116,20 @@ STOP_TENANT = frozenset(
     }
 )
 """Codes of a refused ask that would refuse the tenant's next asks too (governance down,
-this service not allowed): the tenant's batch ends. Others (the team was deleted, ...)
+this service not allowed): the tenant's batch ends. Others (the unit was deleted, ...)
 concern one memory, which is skipped."""
+
+_KEYS = {
+    source: f"m.metadata->>'{USER_TEAM_KEY}'"
+    if source is Layer.USER
+    else f"m.{UNIT_LAYERS[source][1]}"
+    for source in APPROVED
+}
+"""SQL of each source layer's :func:`~aeterna_memory.domain.promotion.approval_key`."""
+
+_KEY = "CASE m.layer " + " ".join(f"WHEN {int(s)} THEN {k}" for s, k in _KEYS.items()) + " END"
+
+_SOURCE_LAYERS = [int(source) for source in APPROVED]
 
 _UNASKED = (
     "NOT EXISTS (SELECT 1 FROM memory_promotions p WHERE p.tenant_id = m.tenant_id "
@@ -113,7 +138,8 @@ _UNASKED = (
 
 
 class TeamPromotions:
-    """Asks governance to approve PROJECT→TEAM promotions and applies its decisions (see
+    """Asks governance to approve USER→TEAM, PROJECT→TEAM, TEAM→ORG and ORG→COMPANY
+    promotions and applies its decisions (see
     the module docstring).
 
     Args:
@@ -153,12 +179,13 @@ class TeamPromotions:
         self.batch = batch
         self.reconcile_batch = reconcile_batch
         self._unplaced: dict[str, dict[str, int]] = {}
-        """Per tenant, the projects without a team last logged (logged again on change)."""
+        """Per tenant, the memories without a target last logged (logged again on change)."""
 
     # ---- 1. ask --------------------------------------------------------------------------
 
     async def ask_due(self, lease: leases.Lease | None = None) -> int:
-        """Open an approval request for each due PROJECT memory (at most :attr:`batch`).
+        """Open an approval request for each due memory of an approved promotion's source
+        layer (at most :attr:`batch`).
 
         A tenant whose asks fail (governance unreachable, its snapshot unavailable) is
         logged and left for the next run; the other tenants go on.
@@ -177,9 +204,9 @@ class TeamPromotions:
             tenants = [
                 r["tenant_id"]
                 for r in await conn.fetch(
-                    "SELECT DISTINCT m.tenant_id FROM memories m WHERE m.layer = $1 "
+                    "SELECT DISTINCT m.tenant_id FROM memories m WHERE m.layer = ANY($1::int[]) "
                     f"AND {promotable('$2')} AND {_UNASKED} ORDER BY 1",
-                    int(Layer.PROJECT),
+                    _SOURCE_LAYERS,
                     self.threshold,
                 )
             ]
@@ -198,54 +225,69 @@ class TeamPromotions:
         return asked
 
     async def _ask(self, tenant: str, limit: int, lease: leases.Lease | None) -> int:
-        teams = project_teams(await self.snapshot(tenant))
+        targets = approval_targets(await self.snapshot(tenant))
+        # Per source layer, the keys with a target: only their memories are candidates, so
+        # memories without a target never fill a batch.
+        placed = " OR ".join(
+            f"(m.layer = {int(source)} AND {_KEYS[source]} = ANY(${i}::text[]))"
+            for i, source in enumerate(APPROVED, start=4)
+        )
+        keys = [list(targets[source]) for source in APPROVED]
+        size = f"${4 + len(APPROVED)}"
 
         async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[Any]]:
-            due = f"m.tenant_id = $1 AND m.layer = $2 AND {promotable('$3')} AND {_UNASKED}"
+            due = (
+                f"m.tenant_id = $1 AND m.layer = ANY($2::int[]) AND {promotable('$3')} "
+                f"AND {_UNASKED}"
+            )
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM memories m WHERE {due} "
-                "AND m.project_id = ANY($4::text[]) ORDER BY m.updated_at, m.id LIMIT $5",
+                f"SELECT {_COLUMNS} FROM memories m WHERE {due} AND ({placed}) "
+                f"ORDER BY m.updated_at, m.id LIMIT {size}",
                 tenant,
-                int(Layer.PROJECT),
+                _SOURCE_LAYERS,
                 self.threshold,
-                list(teams),
+                *keys,
                 limit,
             )
             unplaced = await conn.fetch(
-                f"SELECT m.project_id, count(*) AS n FROM memories m WHERE {due} "
-                "AND NOT m.project_id = ANY($4::text[]) GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+                f"SELECT m.layer, {_KEY} AS key, count(*) AS n FROM memories m WHERE {due} "
+                f"AND NOT coalesce({placed}, false) GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 10",
                 tenant,
-                int(Layer.PROJECT),
+                _SOURCE_LAYERS,
                 self.threshold,
-                list(teams),
+                *keys,
             )
             return list(rows), list(unplaced)
 
         rows, unplaced = await self.db.run(tenant, read, readonly=True)
-        projects = {r["project_id"]: r["n"] for r in unplaced}
-        if projects and projects != self._unplaced.get(tenant):
+        missing = {f"{Layer(r['layer']).name}:{r['key'] or ''}": r["n"] for r in unplaced}
+        if missing and missing != self._unplaced.get(tenant):
             log.info(
-                "promotion.no_team",
+                "promotion.no_target",
                 tenant=tenant,
-                projects=projects,
-                detail="the project is not a unit of the org tree or has no team: not asked",
+                memories=missing,
+                detail="no target unit in the org tree (a USER memory needs a metadata "
+                "team_id naming a team): not asked",
             )
-        self._unplaced[tenant] = projects
+        self._unplaced[tenant] = missing
         now = datetime.now(UTC)
         asked = 0
         for row in rows:
             memory = row_to_memory(row)
-            project = memory.scope.project_id or ""
+            key = approval_key(memory) or ""
+            target_unit = targets[memory.layer][key]
             score = round(promotion_score(memory, now), 6)
-            copy = team_copy(memory, score, teams[project])
+            copy = approved_copy(memory, score, target_unit)
             if copy is None or score < self.threshold - 1e-9:
                 continue
             request = PromotionRequest(
                 tenant_id=tenant,
                 memory_id=memory.id,
                 revision=memory.revision,
-                project_id=project,
-                team_id=teams[project],
+                source_layer=memory.layer,
+                source_id=memory.scope.get(REACHING_IDENTIFIER[memory.layer]) or "",
+                target_layer=copy.layer,
+                target_unit=target_unit,
                 score=score,
                 content_sha256=content_hash(copy.content),
             )
@@ -277,13 +319,14 @@ class TeamPromotions:
                 await leases.check(conn, lease)
             await conn.execute(
                 "INSERT INTO memory_promotions (tenant_id, memory_id, revision, "
-                "approval_request, team_id, promotion_score, content_sha256) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                "approval_request, target_layer, target_unit, promotion_score, content_sha256) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
                 request.tenant_id,
                 uuid.UUID(request.memory_id),
                 request.revision,
                 approval,
-                request.team_id,
+                request.target_layer.name,
+                request.target_unit,
                 request.score,
                 request.content_sha256,
             )
@@ -376,6 +419,7 @@ class TeamPromotions:
             approval.type != "MEMORY_PROMOTION"
             or approval.target != memory_name
             or payload.get("revision") != record["revision"]
+            or payload.get("target_layer") != record["target_layer"]
             or payload.get("content_sha256") != record["content_sha256"]
         ):
             return "the approved request is not the one memory asked for", None
@@ -404,8 +448,8 @@ class TeamPromotions:
                 f"{memory.revision})",
                 None,
             )
-        copy = team_copy(
-            memory, record["promotion_score"], record["team_id"], approval_request=approval.name
+        copy = approved_copy(
+            memory, record["promotion_score"], record["target_unit"], approval_request=approval.name
         )
         if copy is None:
             return "the memory is sensitive or private", None
@@ -430,7 +474,8 @@ class TeamPromotions:
     async def _pending(self, tenant: str, approval: str) -> asyncpg.Record | None:
         async def read(conn: asyncpg.Connection) -> asyncpg.Record | None:
             row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT memory_id, revision, team_id, promotion_score, content_sha256 "
+                "SELECT memory_id, revision, target_layer, target_unit, promotion_score, "
+                "content_sha256 "
                 "FROM memory_promotions WHERE tenant_id = $1 AND approval_request = $2 "
                 "AND state = 'pending'",
                 tenant,

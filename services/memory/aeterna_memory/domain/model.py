@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from aeterna_common.authz import UnitKind
+
 
 class Layer(enum.IntEnum):
     """Memory layers; the value is the precedence (1 = most specific)."""
@@ -65,6 +67,14 @@ REACHING_IDENTIFIER: Mapping[Layer, str] = {
     Layer.COMPANY: "company_id",
 }
 """A search with no explicit layers covers each layer whose identifier here is given."""
+
+UNIT_LAYERS: Mapping[Layer, tuple[UnitKind, str]] = {
+    Layer.PROJECT: (UnitKind.PROJECT, "project_id"),
+    Layer.TEAM: (UnitKind.TEAM, "team_id"),
+    Layer.ORG: (UnitKind.ORGANIZATION, "org_id"),
+    Layer.COMPANY: (UnitKind.COMPANY, "company_id"),
+}
+"""Org-unit layers: the unit kind and the scope identifier that is the unit's id."""
 
 
 @dataclass(frozen=True, slots=True)

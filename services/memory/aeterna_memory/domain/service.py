@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import structlog
 from aeterna_common.admission import ForegroundGauge
-from aeterna_common.authz import Authorizer, ReadableScope, Resource, UnitKind, denied
+from aeterna_common.authz import Authorizer, ReadableScope, Resource, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
 from aeterna_common.embedding.port import EmbeddingPort
@@ -35,6 +35,7 @@ from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, Spars
 from aeterna_memory.domain.indexing import IndexingPolicy, IndexTexts, build_texts, has_session
 from aeterna_memory.domain.model import (
     SEARCH_IDENTIFIERS,
+    UNIT_LAYERS,
     Embedded,
     FeedbackType,
     Layer,
@@ -59,14 +60,6 @@ SERVICE = "aeterna.memory.v1.MemoryService"
 
 USER_LAYERS = frozenset({Layer.AGENT, Layer.USER, Layer.SESSION})
 """Layers of one user's own memories (keyed by ``user_id``)."""
-
-UNIT_LAYERS: Mapping[Layer, tuple[UnitKind, str]] = {
-    Layer.PROJECT: (UnitKind.PROJECT, "project_id"),
-    Layer.TEAM: (UnitKind.TEAM, "team_id"),
-    Layer.ORG: (UnitKind.ORGANIZATION, "org_id"),
-    Layer.COMPANY: (UnitKind.COMPANY, "company_id"),
-}
-"""Org-unit layers: the unit kind and the scope identifier that is the unit's id."""
 
 
 def action(method: str) -> str:
