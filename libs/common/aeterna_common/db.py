@@ -46,6 +46,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -379,6 +380,11 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+TENANCY_SQL = resources.files("aeterna_common").joinpath("sql/tenancy.sql").read_text()
+"""The sealed tenant binding (``aeterna_bind_tenant``, ``aeterna_tenant``) and the serving
+roles' lack of CREATE, one text for every service's database: a migration includes it with a
+``{tenancy}`` line (see :func:`apply_migrations`)."""
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -412,8 +418,9 @@ async def apply_migrations(
 ) -> list[str]:
     """Apply the numbered migrations of ``directory`` not yet applied, in order.
 
-    Each file runs in its own transaction as the owner role; ``{app_role}`` and
-    ``{indexer_role}`` in a file are replaced by the quoted role names. A table
+    Each file runs in its own transaction as the owner role. A ``{tenancy}`` line is replaced
+    by the sealed tenant binding every service shares (:data:`TENANCY_SQL`); then
+    ``{app_role}`` and ``{indexer_role}`` are replaced by the quoted role names. A table
     ``schema_migrations`` records what ran; the application role may read it (to wait for a
     version, see :func:`wait_for_schema`). An advisory lock makes concurrent callers wait for
     each other.
@@ -448,7 +455,8 @@ async def apply_migrations(
         for version, path in sorted(versions.items()):
             if version in done:
                 continue
-            sql = path.read_text().replace("{app_role}", quoted_role)
+            sql = path.read_text().replace("{tenancy}", TENANCY_SQL)
+            sql = sql.replace("{app_role}", quoted_role)
             if "{indexer_role}" in sql:
                 if not indexer_role:
                     raise ValueError(
