@@ -10,12 +10,13 @@ DATA ?= bench/data/locomo-dev.json
 MODEL_DIR ?= .var/models
 MODEL := $(MODEL_DIR)/manifest.json
 export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
+export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 # Every deployable unit is its own package; development installs them all, editable, pinned
 # by the one constraints file.
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
@@ -29,6 +30,7 @@ help:
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
+	@echo "make bench-knowledge  knowledge search: ingest rate, p50/p95, recall@3, BM25-only baseline (ITEMS=50000)"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -122,6 +124,11 @@ bench-authz: $(STAMP) $(MODEL)
 # Outbox relay to Redis Streams: backlog drain (rows/s) and commit-to-consumer latency.
 bench-events: $(STAMP)
 	$(PY) bench/events.py
+
+# Knowledge search: ingest rate, latency and recall@3 against a BM25-only baseline.
+ITEMS ?= 50000
+bench-knowledge: $(STAMP) $(MODEL)
+	$(PY) bench/knowledge.py --items $(ITEMS)
 
 bench: bench-locomo bench-scale
 

@@ -1,11 +1,12 @@
-"""``aeterna knowledge add|get|list|history|propose|accept|supersede``: knowledge items
+"""``aeterna knowledge add|get|list|search|history|propose|accept|supersede``: knowledge items
 through the SDK (``import`` and ``export`` are in :mod:`aeterna_cli.knowledge_files`).
 
 Items are named by their id (the UUID) or full resource name; units by their id. Writes carry
 a ``request_id`` (``--request-id`` or a fresh one) in the body and in metadata, so the edge
 may retry them, and print the write's consistency token. ``list --json`` writes one JSON
 object per line (``name``, ``title``, ``path``, ``score``, ``status``, ``layer``; ``score``
-is null outside a search), for scripts and agents.
+is null outside a search; ``search --json`` adds ``section`` and ``snippet``), for scripts and
+agents.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Annotated, Any
 import typer
 from aeterna.knowledge.v1 import knowledge_service_pb2 as ksvc
 from aeterna.knowledge.v1 import resources_pb2 as res
+from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY
+from rich.table import Table
 
 from aeterna_cli import client
 from aeterna_cli.governance import RequestId, Stubs, caller, done, every_page, run, show, write
@@ -225,6 +228,95 @@ def knowledge_list(
             print(json_line(item))
         return
     show(items, False, ITEM_COLUMNS)
+
+
+@knowledge_app.command("search")
+def knowledge_search(
+    query: Annotated[str, typer.Argument(help="What to look for, in plain words.")],
+    kind: Annotated[
+        list[str] | None, typer.Option("--type", help="Only this type (repeat).")
+    ] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="Only this layer (repeat).")] = None,
+    status: Annotated[
+        list[str] | None, typer.Option(help="Only this status (repeat), e.g. accepted.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Carrying this tag (repeat).")
+    ] = None,
+    include_superseded: Annotated[
+        bool,
+        typer.Option(
+            "--include-superseded", help="Also superseded and deprecated items (default: not)."
+        ),
+    ] = False,
+    limit: Annotated[int, typer.Option(help="At most this many results (1-100).")] = 10,
+    tenant: Tenant = "demo",
+    user: User = "cli",
+    token: Token = None,
+    roles: Roles = "",
+    consistency_token: Annotated[
+        str | None,
+        typer.Option(help="A write's consistency token: the search sees that write."),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per line (name, title, path, score, ...)."),
+    ] = False,
+) -> None:
+    """Search the items the caller may read: relevance first, precedence (company first,
+    canonical first, newest first) among near-equals; each with its best section."""
+    c = caller(tenant, user, token, roles)
+    statuses = tuple(
+        n.removeprefix("KNOWLEDGE_STATUS_").lower() for n in res.KnowledgeStatus.keys()
+    )[1:]
+    wanted = [
+        _enum(res.KnowledgeStatus, "KNOWLEDGE_STATUS_", s, statuses, "--status")
+        for s in status or []
+    ]
+    if include_superseded and not wanted:
+        wanted = [
+            res.KNOWLEDGE_STATUS_DRAFT,
+            res.KNOWLEDGE_STATUS_PROPOSED,
+            res.KNOWLEDGE_STATUS_ACCEPTED,
+            res.KNOWLEDGE_STATUS_DEPRECATED,
+            res.KNOWLEDGE_STATUS_SUPERSEDED,
+        ]
+    request = ksvc.SearchKnowledgeRequest(
+        parent=c.parent,
+        query=query,
+        page_size=limit,
+        types=[_enum(res.KnowledgeType, "KNOWLEDGE_TYPE_", k, TYPES, "--type") for k in kind or []],
+        layers=[
+            _enum(res.KnowledgeLayer, "KNOWLEDGE_LAYER_", v, LAYERS, "--layer") for v in layer or []
+        ],
+        statuses=wanted,
+        tags=tag or [],
+    )
+    md = client.metadata(c.token)
+    if consistency_token:
+        md = (*md, (CONSISTENCY_TOKEN_KEY, consistency_token))
+
+    async def call(s: Stubs) -> ksvc.SearchKnowledgeResponse:
+        found: ksvc.SearchKnowledgeResponse = await s.knowledge.SearchKnowledge(
+            request, metadata=md
+        )
+        return found
+
+    results = run(call).results
+    if as_json:
+        for r in results:
+            line = json.loads(json_line(r.knowledge_item, round(r.score, 4)))
+            print(json.dumps({**line, "section": r.section, "snippet": r.snippet}))
+        return
+    table = Table()
+    for title in ("score", "path", "layer", "status", "title", "section"):
+        table.add_column(title, overflow="fold")
+    for r in results:
+        i = r.knowledge_item
+        table.add_row(
+            f"{r.score:.3f}", i.path, layer_of(i), status_of(i), i.title, r.section or "-"
+        )
+    console.print(table)
 
 
 @knowledge_app.command("history")

@@ -373,7 +373,9 @@ class DevStack:
             "AETERNA_MIGRATE_ON_START": "false",
             **self.env,
         }
-        env.pop("AETERNA_MEMORY_MODEL_DIR", None)
+        models = env.pop("AETERNA_MEMORY_MODEL_DIR", None)
+        if service == "knowledge" and models:
+            env["AETERNA_KNOWLEDGE_MODEL_DIR"] = models
         log_path = self.root / "logs" / f"{service}-migrate.log"
         with log_path.open("ab") as out:
             done = subprocess.run(
@@ -396,7 +398,8 @@ class DevStack:
             replica = Replica(
                 index=i,
                 port=free_port(),
-                index_dir=self.root / service,
+                # Each knowledge replica owns its embedded search index (one process each).
+                index_dir=self.root / service / f"replica-{i}",
                 log_path=self.root / "logs" / f"{service}-{i}.log",
                 metrics_port=free_port(),
                 service=service,
@@ -412,6 +415,8 @@ class DevStack:
         env["AETERNA_LISTEN"] = replica.target
         if replica.service == "memory":
             env["AETERNA_MEMORY_INDEX_DIR"] = str(replica.index_dir)
+        elif replica.service == "knowledge":
+            env["AETERNA_KNOWLEDGE_INDEX_DIR"] = str(replica.index_dir)
         env["AETERNA_METRICS_PORT"] = str(replica.metrics_port)
         with replica.log_path.open("ab") as out:
             replica.proc = subprocess.Popen(

@@ -22,6 +22,7 @@ from aeterna_common.server import ServiceApp, StartupError
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_knowledge.search import SearchParts, open_search
 from aeterna_knowledge.settings import KnowledgeSettings
 
 log = structlog.get_logger("aeterna.knowledge")
@@ -118,7 +119,15 @@ async def build(
         else None
     )
     authorizer = Authorizer(bindings, trust_token_roles=common.auth_trust_token_roles)
-    deps = Deps(common=common, settings=settings, db=db, access=Access(authorizer))
+    access = Access(authorizer)
+    try:
+        # Search: the model and this replica's index; the follower catches up in ``prepare``.
+        searching = await open_search(common, settings, db, indexer, access)
+    except BaseException:
+        await indexer.close()
+        await db.close()
+        raise
+    deps = Deps(common=common, settings=settings, db=db, access=access, search=searching.search)
 
     async def collect_idempotency_keys(lease: leases.Lease) -> None:
         deleted = await writes.gc_idempotency_keys(db, settings.idempotency_ttl_s)
@@ -135,7 +144,7 @@ async def build(
                 ttl_s=settings.jobs_lease_ttl_s,
             )
 
-    jobs: list[Job] = [idempotency_gc]
+    jobs: list[Job] = [idempotency_gc, searching.follower.run]
     if bindings is not None:
         jobs.append(bindings.watch)
     relaying = relay_from_settings(
@@ -154,7 +163,8 @@ async def build(
     app = KnowledgeApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer, bindings, events_redis),
+        close=lambda: _close(db, indexer, bindings, events_redis, searching),
+        prepare=searching.follower.start,
         background=jobs,
         deps=deps,
     )
@@ -174,7 +184,9 @@ async def _close(
     indexer: Database,
     bindings: DirectoryCache | None,
     events_redis: aioredis.Redis | None,
+    searching: SearchParts,
 ) -> None:
+    await searching.close()
     if bindings is not None:
         await bindings.close()
     if events_redis is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aeterna_common.config import CommonSettings
@@ -13,6 +13,9 @@ from aeterna_common.db import Database
 
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.settings import KnowledgeSettings
+
+if TYPE_CHECKING:
+    from aeterna_knowledge.search import KnowledgeSearch
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 
@@ -26,12 +29,15 @@ class Deps:
         settings: Knowledge settings.
         db: Pool of the application role (tenant transactions under RLS).
         access: The authorization checks (the shared permission model).
+        search: This replica's search (its index and follower), None in tools that build
+            servicers without one.
     """
 
     common: CommonSettings
     settings: KnowledgeSettings
     db: Database
     access: Access
+    search: KnowledgeSearch | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

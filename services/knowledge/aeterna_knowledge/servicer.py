@@ -21,6 +21,7 @@ from aeterna.knowledge.v1 import resources_pb2 as res
 from aeterna_common import context as rc
 from aeterna_common import servicing
 from aeterna_common.authz import UnitKind
+from aeterna_common.consistency import INDEX_POSITION_KEY, INDEX_STALE_KEY, token_from_metadata
 from aeterna_common.context import Principal
 from aeterna_common.errors import (
     FieldViolation,
@@ -39,6 +40,7 @@ from google.protobuf.message import Message
 from aeterna_knowledge.access import UNIT_KIND, Access
 from aeterna_knowledge.deps import Deps, Registered, ServicerSpec
 from aeterna_knowledge.items import Items, NewItem, metadata_of
+from aeterna_knowledge.search import DEFAULT_STATUSES, Query
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
@@ -189,6 +191,51 @@ def _required_sections(item: res.KnowledgeItem) -> None:
             ],
             metadata={"name": item.name, "missing": ",".join(missing)},
         )
+
+
+MAX_QUERY_CHARS = 2000
+MAX_SEARCH_RESULTS = 100
+DEFAULT_SEARCH_RESULTS = 10
+"""SearchKnowledge's limits (the proto): a query of 1-2,000 characters, 1-100 results, 10
+by default; a larger page size is coerced to 100 (AIP-158)."""
+
+
+def search_query(request: svc.SearchKnowledgeRequest) -> Query:
+    """The validated query of a SearchKnowledge request (enum filters by short name).
+
+    Raises:
+        InvalidArgument: One violation per bad field.
+    """
+    bad: list[FieldViolation] = []
+    if not request.query.strip() or len(request.query) > MAX_QUERY_CHARS:
+        bad.append(FieldViolation("query", f"1-{MAX_QUERY_CHARS} characters, not only spaces"))
+    if request.page_size < 0:
+        bad.append(FieldViolation("page_size", "must not be negative"))
+    names: dict[str, list[str]] = {}
+    enums: tuple[tuple[str, list[int], Any, str], ...] = (
+        ("types", list(request.types), res.KnowledgeType, "KNOWLEDGE_TYPE_"),
+        ("statuses", list(request.statuses), res.KnowledgeStatus, "KNOWLEDGE_STATUS_"),
+        ("layers", list(request.layers), res.KnowledgeLayer, "KNOWLEDGE_LAYER_"),
+    )
+    for field, values, enum, prefix in enums:
+        if any(not v or v not in enum.values() for v in values):
+            bad.append(FieldViolation(field, f"each a {enum.DESCRIPTOR.name} other than 0"))
+            continue
+        names[field] = sorted({str(enum.Name(v)).removeprefix(prefix) for v in values})
+    if len(request.tags) > MAX_TAGS or any(not TAG.fullmatch(t) for t in request.tags):
+        bad.append(
+            FieldViolation("tags", f"at most {MAX_TAGS}, each 1-64 characters of [a-z0-9._:-]")
+        )
+    if bad:
+        raise InvalidArgument(bad)
+    return Query(
+        text=request.query,
+        limit=min(request.page_size or DEFAULT_SEARCH_RESULTS, MAX_SEARCH_RESULTS),
+        statuses=names["statuses"] or DEFAULT_STATUSES,
+        types=names["types"],
+        layers=names["layers"],
+        tags=sorted(set(request.tags)),
+    )
 
 
 class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
@@ -556,14 +603,36 @@ class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
         await servicing.send_token(context, position)
         return empty_pb2.Empty()
 
-    # SearchKnowledge and the promotion methods are declared in the contract and not built
-    # yet: UNIMPLEMENTED, as the proto says.
-
     async def SearchKnowledge(
         self, request: svc.SearchKnowledgeRequest, context: Ctx
     ) -> svc.SearchKnowledgeResponse:
-        """Not implemented yet."""
-        raise Unimplemented("SearchKnowledge is not implemented yet")
+        """See the proto and :mod:`aeterna_knowledge.search`: hybrid search of the items the
+        caller may read (narrowed before scoring), relevance first, precedence among
+        near-equals, each item with its best section. A consistency token is honoured (the
+        replica's index reaches it, or ``UNAVAILABLE``); without one, an answer from an
+        index behind the tenant's latest write is marked ``x-aeterna-index-stale``."""
+        principal = rc.current().principal
+        parse_parent(principal, request.parent)
+        min_position = token_from_metadata(context.invocation_metadata())
+        query = search_query(request)
+        if self.deps.search is None:
+            raise Unimplemented("this server was built without search")
+        found = await self.deps.search.search(principal, query, min_position=min_position)
+        if found.stale:
+            await context.send_initial_metadata(
+                ((INDEX_STALE_KEY, "true"), (INDEX_POSITION_KEY, str(found.applied_position)))
+            )
+        return svc.SearchKnowledgeResponse(
+            results=[
+                svc.KnowledgeSearchResult(
+                    knowledge_item=h.item, score=h.score, section=h.section, snippet=h.snippet
+                )
+                for h in found.hits
+            ]
+        )
+
+    # The promotion methods are declared in the contract and not built yet: UNIMPLEMENTED,
+    # as the proto says.
 
     async def PreviewPromotion(
         self, request: svc.PreviewPromotionRequest, context: Ctx

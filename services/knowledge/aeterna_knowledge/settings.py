@@ -4,6 +4,8 @@ directory) are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERN
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aeterna_common.events import RelaySettings
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,3 +29,13 @@ class KnowledgeSettings(BaseSettings, RelaySettings):
     idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)
     idempotency_gc_interval_s: float = Field(default=600.0, ge=0)
     jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
+    index_dir: Path = Path(".var/knowledge/index")
+    model_dir: Path = Path(".var/models")
+    embedding_int8: bool = True
+    embedding_threads: int = Field(default=1, ge=1)
+    search_candidates: int = Field(default=100, ge=10, le=1000)
+    dense_weight: float = Field(default=0.5, ge=0)
+    lexical_weight: float = Field(default=0.5, ge=0)
+    bm25_avgdl: float = Field(default=60.0, gt=0)
+    read_wait_s: float = Field(default=0.5, ge=0)
+    consistency_wait_s: float = Field(default=5.0, gt=0)

@@ -3,7 +3,9 @@ bindings come from a :class:`StaticDirectory`, and one org tree per test tenant.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +18,7 @@ from aeterna_common.config import CommonSettings
 from aeterna_common.db import SchemaSettings
 from aeterna_common.server import GrpcServer
 from aeterna_devstack.pytest_plugin import DatabaseUrls, auth_settings
+from aeterna_devstack.stack import require_model
 from aeterna_knowledge.app import KnowledgeApp, build
 from aeterna_knowledge.settings import KnowledgeSettings
 from governance_testkit import md, new_tenant
@@ -71,10 +74,12 @@ class KnowledgeEnv:
 
 
 async def start_knowledge(
-    urls: DatabaseUrls, directory: StaticDirectory
+    urls: DatabaseUrls, directory: StaticDirectory, **settings: Any
 ) -> tuple[GrpcServer, KnowledgeApp]:
     """Build the service as ``serve`` does (migrating at start) and start it on a free port;
-    token roles are trusted (tenant admins by token, as in ``make run``)."""
+    token roles are trusted (tenant admins by token, as in ``make run``). Each server gets
+    its own search index directory (one process per embedded index) and the model built by
+    ``make model``."""
     common = CommonSettings(
         database_url=urls.app,
         database_owner_url=urls.owner,
@@ -82,8 +87,14 @@ async def start_knowledge(
         auth_trust_token_roles=True,
         **auth_settings(),
     )
-    settings = KnowledgeSettings(idempotency_gc_interval_s=0)
-    app = await build(common, settings, SchemaSettings(migrate_on_start=True), directory)
+    settings.setdefault("index_dir", Path(tempfile.mkdtemp(prefix="knowledge-index-")))
+    settings.setdefault("model_dir", require_model())
+    app = await build(
+        common,
+        KnowledgeSettings(idempotency_gc_interval_s=0, **settings),
+        SchemaSettings(migrate_on_start=True),
+        directory,
+    )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2
     )

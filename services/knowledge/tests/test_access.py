@@ -223,7 +223,7 @@ async def test_live_path_is_unique_per_layer_and_unit(kn: KnowledgeEnv) -> None:
     assert [i.layer for i in listed.knowledge_items] == [TEAM, ORG]
 
 
-async def test_self_relations_and_unimplemented_search(kn: KnowledgeEnv) -> None:
+async def test_self_relations_are_refused(kn: KnowledgeEnv) -> None:
     tenant = kn.tenant()
     root = who(tenant, "root")
     item = await kn.stub.CreateKnowledgeItem(draft(tenant), metadata=root)
@@ -240,10 +240,3 @@ async def test_self_relations_and_unimplemented_search(kn: KnowledgeEnv) -> None
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert reason == "SELF_RELATION"
-    reason, _, _ = await expect(
-        kn.stub.SearchKnowledge(
-            svc.SearchKnowledgeRequest(parent=f"tenants/{tenant}", query="dates"), metadata=root
-        ),
-        grpc.StatusCode.UNIMPLEMENTED,
-    )
-    assert reason == "NOT_IMPLEMENTED"

@@ -628,7 +628,9 @@ class SearchKnowledgeRequest(_message.Message):
 
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.KnowledgeStatus.ValueType]:
-        """Only these statuses; default every status but SUPERSEDED, DEPRECATED and REJECTED."""
+        """Only these statuses; default every status but SUPERSEDED, DEPRECATED and REJECTED
+        (name them to include them).
+        """
 
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.KnowledgeLayer.ValueType]:
@@ -666,10 +668,15 @@ class KnowledgeSearchResult(_message.Message):
     KNOWLEDGE_ITEM_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     SECTION_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Fused relevance in [0, 1]."""
     section: _builtins.str
-    """The heading of the best-matching section."""
+    """The heading of the best-matching section; empty when it is the title, summary and
+    text before the first heading.
+    """
+    snippet: _builtins.str
+    """The start of the best-matching section's text, on one line."""
     @_builtins.property
     def knowledge_item(self) -> _resources_pb2.KnowledgeItem:
         """The item."""
@@ -680,10 +687,11 @@ class KnowledgeSearchResult(_message.Message):
         knowledge_item: _resources_pb2.KnowledgeItem | None = ...,
         score: _builtins.float = ...,
         section: _builtins.str = ...,
+        snippet: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["knowledge_item", b"knowledge_item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["knowledge_item", b"knowledge_item", "score", b"score", "section", b"section"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["knowledge_item", b"knowledge_item", "score", b"score", "section", b"section", "snippet", b"snippet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

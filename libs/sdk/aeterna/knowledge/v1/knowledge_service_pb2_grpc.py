@@ -270,8 +270,9 @@ class KnowledgeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchKnowledge(self, request, context):
-        """Hybrid (dense + BM25) search, ordered by relevance then precedence (layer authority,
-        variant role, update time). Not implemented yet: UNIMPLEMENTED.
+        """Hybrid (dense + BM25) search over the items the caller may read, one result per item
+        with its best section, ordered by relevance; precedence (layer authority, variant role,
+        update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

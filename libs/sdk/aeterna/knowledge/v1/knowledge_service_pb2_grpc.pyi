@@ -80,8 +80,9 @@ class KnowledgeServiceStub:
     DeleteKnowledgeRelation: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.DeleteKnowledgeRelationRequest, _empty_pb2.Empty]
     """Deletes a relation and its inverse."""
     SearchKnowledge: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.SearchKnowledgeRequest, _knowledge_service_pb2.SearchKnowledgeResponse]
-    """Hybrid (dense + BM25) search, ordered by relevance then precedence (layer authority,
-    variant role, update time). Not implemented yet: UNIMPLEMENTED.
+    """Hybrid (dense + BM25) search over the items the caller may read, one result per item
+    with its best section, ordered by relevance; precedence (layer authority, variant role,
+    update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
     """
     PreviewPromotion: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.PreviewPromotionRequest, _knowledge_service_pb2.PreviewPromotionResponse]
     """What promoting an item would do. Not implemented yet: UNIMPLEMENTED."""
@@ -148,8 +149,9 @@ class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     DeleteKnowledgeRelation: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.DeleteKnowledgeRelationRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a relation and its inverse."""
     SearchKnowledge: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.SearchKnowledgeRequest, _knowledge_service_pb2.SearchKnowledgeResponse]  # type: ignore[assignment]
-    """Hybrid (dense + BM25) search, ordered by relevance then precedence (layer authority,
-    variant role, update time). Not implemented yet: UNIMPLEMENTED.
+    """Hybrid (dense + BM25) search over the items the caller may read, one result per item
+    with its best section, ordered by relevance; precedence (layer authority, variant role,
+    update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
     """
     PreviewPromotion: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.PreviewPromotionRequest, _knowledge_service_pb2.PreviewPromotionResponse]  # type: ignore[assignment]
     """What promoting an item would do. Not implemented yet: UNIMPLEMENTED."""
@@ -303,8 +305,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.SearchKnowledgeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_knowledge_service_pb2.SearchKnowledgeResponse, _abc.Awaitable[_knowledge_service_pb2.SearchKnowledgeResponse]]:
-        """Hybrid (dense + BM25) search, ordered by relevance then precedence (layer authority,
-        variant role, update time). Not implemented yet: UNIMPLEMENTED.
+        """Hybrid (dense + BM25) search over the items the caller may read, one result per item
+        with its best section, ordered by relevance; precedence (layer authority, variant role,
+        update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
         """
 
     @_abc_1.abstractmethod

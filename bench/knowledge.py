@@ -1,0 +1,320 @@
+"""Knowledge search benchmark: ingest rate, SearchKnowledge latency and recall@3, with a
+BM25-only baseline in the same run.
+
+Starts a throwaway PostgreSQL cluster and one knowledge server in process (the real model,
+the embedded index, its follower), then:
+
+* ingests the test ADRs of ``bench/data/knowledge_adrs`` (12 decision records written for this
+  benchmark) and ``--items`` synthetic Markdown items with sections (default 50,000) through
+  ``CreateKnowledgeItem`` (``--concurrency`` calls in flight); the ingest rate counts until the
+  index has applied the last write (chunked, embedded, stored with the rows, indexed), and the
+  create rate until the last create returned;
+* measures search latency p50/p95 over the queries of ``bench/data/knowledge_queries.json``
+  plus synthetic ones: through gRPC (hybrid, authorization included), and in process for the
+  hybrid ranking and the BM25-only baseline (the same index, dense weight 0);
+* reports recall@3 of the answering ADR over the written queries: hybrid, BM25 only, dense
+  only.
+
+Writes ``bench/results/knowledge.json``. On a shared 2-core machine the 50k ingest takes long
+(every item's sections are embedded); ``--items N`` runs a shorter configuration.
+
+    make bench-knowledge
+    python bench/knowledge.py --items 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aeterna.knowledge.v1 import knowledge_service_pb2 as svc
+from aeterna.knowledge.v1 import knowledge_service_pb2_grpc as svc_grpc
+from aeterna.knowledge.v1 import resources_pb2 as res
+from aeterna_common.auth import TokenVerifier
+from aeterna_common.authz import OrgUnit, Snapshot, StaticDirectory, UnitKind
+from aeterna_common.config import CommonSettings
+from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, decode_token
+from aeterna_common.db import SchemaSettings, provision
+from aeterna_common.server import GrpcServer
+from aeterna_devstack.pytest_plugin import auth_settings, session_auth
+from aeterna_devstack.servers import PostgresServer
+from aeterna_devstack.stack import require_model
+from aeterna_knowledge.app import build
+from aeterna_knowledge.search import KnowledgeSearch, Query, SearchTuning
+from aeterna_knowledge.settings import KnowledgeSettings
+
+HERE = Path(__file__).resolve().parent
+ADRS = HERE / "data" / "knowledge_adrs"
+QUERIES = HERE / "data" / "knowledge_queries.json"
+RESULTS = HERE / "results"
+TENANT = "bench"
+UNITS = (
+    OrgUnit("acme", UnitKind.COMPANY),
+    OrgUnit("eng", UnitKind.ORGANIZATION, "acme"),
+    *(OrgUnit(f"team-{i}", UnitKind.TEAM, "eng") for i in range(8)),
+)
+
+SUBJECTS = [
+    "the billing pipeline",
+    "search indexing",
+    "the mobile app",
+    "payment retries",
+    "the reporting warehouse",
+    "customer onboarding",
+    "the admin console",
+    "order history",
+    "inventory sync",
+    "email delivery",
+    "the pricing engine",
+    "session storage",
+    "audit exports",
+    "image thumbnails",
+    "the partner API",
+    "invoice numbering",
+]
+CHOICES = [
+    "a nightly batch job",
+    "a message queue",
+    "a read replica",
+    "an in-memory cache",
+    "a managed service",
+    "a shared library",
+    "a sidecar process",
+    "a scheduled lambda",
+    "a columnar store",
+    "a circuit breaker",
+    "an outbox table",
+    "a blue-green rollout",
+]
+REASONS = [
+    "latency grew with traffic",
+    "on-call pages doubled",
+    "costs rose every month",
+    "two teams duplicated the work",
+    "the vendor ended support",
+    "audits found gaps",
+    "releases were blocked for days",
+    "data was lost during a failover",
+]
+EFFECTS = [
+    "dashboards must be updated",
+    "the runbook gets a new section",
+    "older clients keep working",
+    "the team owns one more component",
+    "tests run against a real instance",
+    "monitoring alerts are tuned",
+    "documentation moves to the wiki",
+    "budgets are reviewed",
+]
+
+
+def synthetic(i: int, rng: random.Random) -> tuple[str, str]:
+    """A synthetic ADR (title, Markdown with context, decision, options, consequences)."""
+    subject, choice = rng.choice(SUBJECTS), rng.choice(CHOICES)
+    title = f"Use {choice} for {subject} ({i})"
+    other = rng.sample(CHOICES, 2)
+    content = (
+        f"# {title}\n\n## Context\nFor {subject}, {rng.choice(REASONS)} and "
+        f"{rng.choice(REASONS)}.\n\n## Decision\nWe adopt {choice} for {subject}.\n\n"
+        f"## Options considered\n{other[0].capitalize()} and {other[1]} were rejected.\n\n"
+        f"## Consequences\n{rng.choice(EFFECTS).capitalize()}; {rng.choice(EFFECTS)}.\n"
+    )
+    return title, content
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p95 in milliseconds."""
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    return {"p50_ms": round(q[49] * 1e3, 2), "p95_ms": round(q[94] * 1e3, 2), "n": len(samples)}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    load_start = os.getloadavg()
+    base = tempfile.mkdtemp(prefix="aeterna-bench-pg-")
+    os.chmod(base, 0o755)
+    pg = PostgresServer(os.path.join(base, "data")).start()
+    try:
+        return await _run(args, pg, load_start)
+    finally:
+        pg.stop()
+
+
+async def _run(
+    args: argparse.Namespace, pg: PostgresServer, load_start: tuple[float, ...]
+) -> dict[str, Any]:
+    await provision(pg.dsn(), "bench", "aeterna_owner", "aeterna_app", "aeterna_indexer")
+    directory = StaticDirectory()
+    directory.put(Snapshot(TENANT, 1, UNITS, ()))
+    auth = session_auth()
+    common = CommonSettings(
+        database_url=pg.dsn("aeterna_app", "bench"),
+        database_owner_url=pg.dsn("aeterna_owner", "bench"),
+        database_indexer_url=pg.dsn("aeterna_indexer", "bench"),
+        auth_trust_token_roles=True,
+        db_pool_max=args.concurrency + 4,
+        **auth_settings(auth),
+    )
+    settings = KnowledgeSettings(
+        idempotency_gc_interval_s=0,
+        events_relay=False,
+        index_dir=Path(tempfile.mkdtemp(prefix="aeterna-bench-index-")),
+        model_dir=require_model(),
+    )
+    app = await build(common, settings, SchemaSettings(migrate_on_start=True), directory)
+    server = GrpcServer(app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0")
+    await server.start(wait_ready=True)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = svc_grpc.KnowledgeServiceStub(channel)
+    token = auth.issue_token(TENANT, "root", roles=["TENANT_ADMIN"])
+    md = (("authorization", f"Bearer {token}"),)
+    try:
+        return await _measure(args, app, stub, md, load_start)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+async def _measure(
+    args: argparse.Namespace,
+    app: Any,
+    stub: svc_grpc.KnowledgeServiceStub,
+    md: tuple[tuple[str, str], ...],
+    load_start: tuple[float, ...],
+) -> dict[str, Any]:
+    rng = random.Random(7)
+    docs: list[tuple[str, str, str, str]] = []  # path, title, content, unit
+    for path in sorted(ADRS.glob("*.md")):
+        text = path.read_text()
+        docs.append((f"adr/{path.stem}", text.splitlines()[0].lstrip("# "), text, "eng"))
+    for i in range(args.items):
+        title, content = synthetic(i, rng)
+        docs.append((f"adr/synthetic-{i:06d}", title, content, f"team-{i % 8}"))
+    queue: asyncio.Queue[tuple[str, str, str, str]] = asyncio.Queue()
+    for d in docs:
+        queue.put_nowait(d)
+    last = 0
+
+    async def worker() -> None:
+        nonlocal last
+        while not queue.empty():
+            path, title, content, unit = queue.get_nowait()
+            layer = res.KNOWLEDGE_LAYER_ORG if unit == "eng" else res.KNOWLEDGE_LAYER_TEAM
+            call = stub.CreateKnowledgeItem(
+                svc.CreateKnowledgeItemRequest(
+                    parent=f"tenants/{TENANT}",
+                    knowledge_item=res.KnowledgeItem(
+                        type=res.KNOWLEDGE_TYPE_ADR,
+                        layer=layer,
+                        org_unit=f"tenants/{TENANT}/orgUnits/{unit}",
+                        path=path,
+                        title=title,
+                        content=content,
+                    ),
+                ),
+                metadata=md,
+            )
+            await call
+            for key, value in await call.initial_metadata() or ():
+                if key == CONSISTENCY_TOKEN_KEY:
+                    last = max(last, decode_token(str(value)))
+
+    follower = app.deps.search.follower
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    created_s = time.perf_counter() - started
+    while not await follower.wait_for(last, 60.0):
+        print(f"  index at {follower.applied} of {last}")
+    ingest_s = time.perf_counter() - started
+    print(
+        f"ingest: {len(docs)} items, created in {created_s:.1f} s "
+        f"({len(docs) / created_s:.1f}/s), searchable after {ingest_s:.1f} s "
+        f"({len(docs) / ingest_s:.1f} items/s)"
+    )
+
+    written = json.loads(QUERIES.read_text())
+    queries = [q["query"] for q in written] + [
+        f"{rng.choice(CHOICES)} for {rng.choice(SUBJECTS)}" for _ in range(len(written))
+    ]
+    hybrid: KnowledgeSearch = app.deps.search
+
+    def variant(dense: float, lexical: float) -> KnowledgeSearch:
+        return KnowledgeSearch(
+            hybrid.db,
+            hybrid.index,
+            hybrid.follower,
+            hybrid.embedder,
+            hybrid.encode_query,
+            None,
+            SearchTuning(
+                candidates=hybrid.tuning.candidates, dense_weight=dense, lexical_weight=lexical
+            ),
+        )
+
+    searches = {"hybrid": hybrid, "bm25_only": variant(0.0, 1.0), "dense_only": variant(1.0, 0.0)}
+    latency: dict[str, list[float]] = {"grpc_hybrid": [], "hybrid": [], "bm25_only": []}
+    for _ in range(args.rounds):
+        for text in queries:
+            t = time.perf_counter()
+            await stub.SearchKnowledge(
+                svc.SearchKnowledgeRequest(parent=f"tenants/{TENANT}", query=text), metadata=md
+            )
+            latency["grpc_hybrid"].append(time.perf_counter() - t)
+            for name in ("hybrid", "bm25_only"):
+                t = time.perf_counter()
+                await searches[name].search_units(TENANT, Query(text=text, limit=10), None)
+                latency[name].append(time.perf_counter() - t)
+    recall: dict[str, float] = {}
+    misses: dict[str, list[str]] = {}
+    for name, search in searches.items():
+        hits = 0
+        misses[name] = []
+        for q in written:
+            found = await search.search_units(TENANT, Query(text=q["query"], limit=3), None)
+            top = [h.item.path for h in found.hits]
+            if f"adr/{q['answer']}" in top:
+                hits += 1
+            else:
+                misses[name].append(q["query"])
+        recall[name] = round(hits / len(written), 3)
+    result = {
+        "items": len(docs),
+        "synthetic_items": args.items,
+        "test_adrs": len(docs) - args.items,
+        "concurrency": args.concurrency,
+        "embedding_model": hybrid.embedder.model,
+        "ingest": {
+            "created_per_s": round(len(docs) / created_s, 1),
+            "searchable_per_s": round(len(docs) / ingest_s, 1),
+            "seconds": round(ingest_s, 1),
+        },
+        "search_latency": {k: percentiles(v) for k, v in latency.items()},
+        "recall_at_3": recall,
+        "recall_queries": len(written),
+        "misses": misses,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+    }
+    for name, figures in result["search_latency"].items():
+        print(f"search {name:<12} p50 {figures['p50_ms']:7.2f} ms  p95 {figures['p95_ms']:7.2f} ms")
+    for name, value in recall.items():
+        print(f"recall@3 {name:<11} {value:.3f} ({len(written)} queries)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "knowledge.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=50_000, help="synthetic items")
+    parser.add_argument("--concurrency", type=int, default=8, help="creates in flight")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the queries")
+    asyncio.run(main(parser.parse_args()))
