@@ -187,6 +187,25 @@ def test_cli_add_list_propose_accept_supersede(stack: DevStack, tmp_path: Path) 
     assert reply["superseded"]["status"] == "KNOWLEDGE_STATUS_SUPERSEDED"
     history = json.loads(cli("history", item, *lead, "--json"))
     assert [h["reason"] for h in history] == ["superseded", "accepted", "proposed", "created"]
+    # Search through the gateway reads the supersede on whichever replica answers (its
+    # consistency token), and leaves the superseded item out unless asked for.
+    ctoken = ("--consistency-token", reply["consistencyToken"])
+    found = [
+        json.loads(line)
+        for line in cli("search", "which database do we use", *ctoken, *lead, "--json").splitlines()
+    ]
+    assert (found[0]["title"], found[0]["status"], found[0]["layer"]) == (
+        "Use PostgreSQL 17",
+        "ACCEPTED",
+        "TEAM",
+    )
+    assert {"name", "title", "path", "score", "status", "layer"} <= set(found[0])
+    assert 0 < found[0]["score"] <= 1
+    assert item not in {f["name"] for f in found}
+    both = cli("search", "PostgreSQL", "--include-superseded", *ctoken, *lead, "--json")
+    statuses = {json.loads(line)["name"]: json.loads(line)["status"] for line in both.splitlines()}
+    assert statuses[item] == "SUPERSEDED"
+    assert statuses[found[0]["name"]] == "ACCEPTED"
 
 
 SECTIONS = "## Context\n\n{c}\n\n## Decision\n\n{d}\n\n## Consequences\n\nFewer surprises.\n"
