@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
 import grpc
 import pytest
 from aeterna.knowledge.v1 import knowledge_service_pb2 as svc
@@ -320,3 +321,37 @@ async def test_two_replicas_answer_alike(kn: KnowledgeEnv) -> None:
     finally:
         await channel.close()
         await server.stop()
+
+
+async def test_chunks_are_stored_per_tenant_under_rls(kn: KnowledgeEnv) -> None:
+    a, b = kn.tenant(), kn.tenant()
+    mine, token_a = await add(kn, a, "adr/luxon")
+    _, token_b = await add(kn, b, "adr/luxon")
+    # Searching with each write's token means its chunks were embedded and stored.
+    assert paths(await search(kn.stub, a, "dates", token_a)) == ["adr/luxon"]
+    assert paths(await search(kn.stub, b, "dates", token_b)) == ["adr/luxon"]
+    conn = await asyncpg.connect(kn.urls.app)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT aeterna_bind_tenant($1)", a)
+            rows = await conn.fetch(
+                "SELECT tenant_id, item_id, heading, array_length(embedding, 1) AS dim "
+                "FROM knowledge_chunks ORDER BY ordinal"
+            )
+            assert {(r["tenant_id"], str(r["item_id"])) for r in rows} == {
+                (a, mine.name.rsplit("/", 1)[1])
+            }
+            # Chunk 0 (title only: the ADR opens with its heading), then one per section.
+            assert [r["heading"] for r in rows] == ["", "Context", "Decision", "Consequences"]
+            assert {r["dim"] for r in rows} == {384}
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(
+                    "INSERT INTO knowledge_chunks (tenant_id, item_id, source_hash, "
+                    "embedding_model, ordinal, point_id, heading, body, embedding) "
+                    "VALUES ($1, gen_random_uuid(), 'h', 'm', 0, gen_random_uuid(), '', '', "
+                    "'{0}')",
+                    b,
+                )
+        assert await conn.fetchval("SELECT count(*) FROM knowledge_chunks") == 0
+    finally:
+        await conn.close()
