@@ -194,6 +194,8 @@ class KnowledgeIndexFollower:
         """Stop listening (the index itself is closed by its owner)."""
         if self._listen is not None:
             with contextlib.suppress(Exception):
+                # Our own close is no lost connection.
+                self._listen.remove_termination_listener(self._on_listener_lost)
                 await self._listen.close()
             self._listen = None
 
