@@ -10,10 +10,11 @@ makes every step idempotent: replaying a change is harmless.
 
 Vectors are made once per text: an item whose current text (:func:`source_hash`) has no
 stored chunks is chunked and embedded by the first follower that meets it, which stores the
-chunks under the tenant (application role, RLS) before indexing them; a follower that meets
-them stored reuses them. Two replicas embedding the same text write identical rows (the
-second insert does nothing). So a rebuild (a new replica, a lost index directory) never
-embeds again, and a write's consistency token is reached only once its item is searchable.
+chunks under the tenant (application role, RLS) before indexing them, holding an advisory
+lock per text meanwhile; a follower that meets them stored (or waited on that lock) reuses
+them. So the replicas share the embedding work, a rebuild (a new replica, a lost index
+directory) never embeds again, and a write's consistency token is reached only once its
+item is searchable.
 
 Every replica owns its index directory, its follower and a cursor file beside the index; a
 missing index or a cursor of another database is rebuilt from PostgreSQL in one snapshot.
@@ -333,7 +334,8 @@ class KnowledgeIndexFollower:
             [r for r in rows if (r["id"], digests[r["id"]]) not in stored]
         )
         for row in rows:
-            chunks = stored.get((row["id"], digests[row["id"]])) or made[row["id"]]
+            # An item deleted meanwhile gets no chunks (and loses its points).
+            chunks = stored.get((row["id"], digests[row["id"]])) or made.get(row["id"], [])
             indexed.append((row, chunks))
             if not fresh:
                 doomed.extend(chunk_point_id(row["id"], i) for i in range(len(chunks), MAX_CHUNKS))
@@ -350,56 +352,80 @@ class KnowledgeIndexFollower:
     async def _embed_and_store(
         self, rows: Sequence[asyncpg.Record]
     ) -> dict[uuid.UUID, list[ChunkRow]]:
-        """Chunk and embed the current texts of ``rows`` (one embedding call for all) and
-        store the chunks under each item's tenant, replacing the chunk sets of its older
-        texts (one transaction per tenant).
+        """The chunks of the current texts of ``rows``, embedding and storing those that no
+        other follower has stored meanwhile.
+
+        Per tenant, one transaction takes an advisory lock per (item, text) in a fixed order,
+        reads the chunks stored under it, embeds the texts still missing (one embedding call)
+        and stores them, replacing the chunk sets of the items' older texts. Another replica's
+        follower meeting the same texts waits on the locks and then finds the rows: each text
+        is embedded once however many replicas follow the outbox.
 
         Returns:
-            Item id → its chunks with their vectors.
+            Item id → its chunks with their vectors (items deleted meanwhile are left out).
         """
         if not rows:
             return {}
         # Markdown parsing of up to 256 KiB per item: off the event loop.
         cut = await asyncio.to_thread(
-            lambda: [chunk_item(r["title"], r["summary"], r["content"]) for r in rows]
+            lambda: {r["id"]: chunk_item(r["title"], r["summary"], r["content"]) for r in rows}
         )
-        texts = [
-            chunk_text(r["title"], c) for r, chunks in zip(rows, cut, strict=True) for c in chunks
-        ]
-        vectors = iter(await self.embedder.embed(texts))
-        made = {
-            r["id"]: [ChunkRow(c, next(vectors)) for c in chunks]
-            for r, chunks in zip(rows, cut, strict=True)
-        }
         model = self.embedder.model
+        made: dict[uuid.UUID, list[ChunkRow]] = {}
         by_tenant: dict[str, list[asyncpg.Record]] = {}
         for r in rows:
             by_tenant.setdefault(r["tenant_id"], []).append(r)
-        for tenant_id, tenant_rows in by_tenant.items():
+        for tenant_id in sorted(by_tenant):
+            tenant_rows = sorted(by_tenant[tenant_id], key=lambda r: r["id"])
 
             async def work(
                 conn: asyncpg.Connection,
                 tenant_id: str = tenant_id,
                 tenant_rows: list[asyncpg.Record] = tenant_rows,
-            ) -> None:
-                # Items may be gone by now: their rows would violate the foreign key.
+            ) -> dict[uuid.UUID, list[ChunkRow]]:
+                digests = {
+                    r["id"]: source_hash(r["title"], r["summary"], r["content"])
+                    for r in tenant_rows
+                }
+                for r in tenant_rows:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        f"knowledge-chunks:{r['id']}:{digests[r['id']]}:{model}",
+                    )
+                ids = [r["id"] for r in tenant_rows]
                 live = {
-                    r["id"]
-                    for r in await conn.fetch(
+                    x["id"]
+                    for x in await conn.fetch(
                         "SELECT id FROM knowledge_items WHERE tenant_id = $1 "
                         "AND id = ANY($2::uuid[])",
                         tenant_id,
-                        [r["id"] for r in tenant_rows],
+                        ids,
                     )
                 }
-                kept = [r for r in tenant_rows if r["id"] in live]
-                for r in kept:
+                found: dict[uuid.UUID, list[ChunkRow]] = {}
+                for c in await conn.fetch(
+                    "SELECT item_id, source_hash, ordinal, heading, body, embedding "
+                    "FROM knowledge_chunks WHERE tenant_id = $1 AND item_id = ANY($2::uuid[]) "
+                    "AND embedding_model = $3 ORDER BY item_id, ordinal",
+                    tenant_id,
+                    ids,
+                    model,
+                ):
+                    if c["source_hash"] == digests[c["item_id"]]:
+                        found.setdefault(c["item_id"], []).append(
+                            ChunkRow(Chunk(c["ordinal"], c["heading"], c["body"]), c["embedding"])
+                        )
+                todo = [r for r in tenant_rows if r["id"] in live and r["id"] not in found]
+                texts = [chunk_text(r["title"], c) for r in todo for c in cut[r["id"]]]
+                vectors = iter(await self.embedder.embed(texts) if texts else [])
+                fresh = {r["id"]: [ChunkRow(c, next(vectors)) for c in cut[r["id"]]] for r in todo}
+                for r in todo:
                     await conn.execute(
                         "DELETE FROM knowledge_chunks WHERE tenant_id = $1 AND item_id = $2 "
                         "AND source_hash <> $3",
                         tenant_id,
                         r["id"],
-                        source_hash(r["title"], r["summary"], r["content"]),
+                        digests[r["id"]],
                     )
                 await conn.executemany(
                     "INSERT INTO knowledge_chunks (tenant_id, item_id, source_hash, "
@@ -408,21 +434,22 @@ class KnowledgeIndexFollower:
                     [
                         (
                             tenant_id,
-                            r["id"],
-                            source_hash(r["title"], r["summary"], r["content"]),
+                            item_id,
+                            digests[item_id],
                             model,
                             c.chunk.ordinal,
-                            uuid.UUID(chunk_point_id(r["id"], c.chunk.ordinal)),
+                            uuid.UUID(chunk_point_id(item_id, c.chunk.ordinal)),
                             c.chunk.heading,
                             c.chunk.body,
                             c.embedding,
                         )
-                        for r in kept
-                        for c in made[r["id"]]
+                        for item_id, chunks in fresh.items()
+                        for c in chunks
                     ],
                 )
+                return {**found, **fresh}
 
-            await self.db.run(tenant_id, work)
+            made.update(await self.db.run(tenant_id, work))
         return made
 
     def _point(self, row: asyncpg.Record, stored: ChunkRow) -> IndexPoint:

@@ -3,8 +3,8 @@
 -- replica's embedded index is rebuilt from PostgreSQL without embedding anything again.
 -- A chunk set belongs to one text of the item: source_hash is the SHA-256 of the text the
 -- chunks were cut from (title, summary, content and the chunker's version), so an edited item
--- gets a new set and the old one is deleted in the same transaction. Two replicas may embed
--- the same text at once: they write identical rows, and the second insert does nothing.
+-- gets a new set and the old one is deleted in the same transaction. The replicas' followers
+-- take an advisory lock per text before embedding it, so each text is embedded once.
 CREATE TABLE knowledge_chunks (
     tenant_id       text        NOT NULL,
     item_id         uuid        NOT NULL,
