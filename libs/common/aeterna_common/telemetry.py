@@ -15,8 +15,8 @@ events carry it in their envelope (``traceparent``), and logs carry ``trace_id``
 from __future__ import annotations
 
 import contextlib
-import time
 import threading
+import time
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Protocol
 

@@ -1343,6 +1343,7 @@ def example_chart_values() -> dict[str, Any]:
         "auth": {"issuer": "https://issuer.example.com", "audience": DEFAULT_AUDIENCE},
         "upstreams": hosts,
         "sidecar": {"upstreams": hosts},
+        "tracing": {"collectorHost": "opentelemetry-collector.monitoring.svc.cluster.local"},
     }
 
 
