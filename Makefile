@@ -15,7 +15,7 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints deps-system gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
+.PHONY: help venv constraints deps-system gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-tracing clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
+	@echo "make bench-tracing  search latency with a sampled, exported trace vs an unsampled one"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -134,6 +135,10 @@ bench-authz: $(STAMP) $(MODEL)
 # Outbox relay to Redis Streams: backlog drain (rows/s) and commit-to-consumer latency.
 bench-events: $(STAMP)
 	$(PY) bench/events.py
+
+# Search latency with a sampled, exported trace against an unsampled one (baseline).
+bench-tracing: $(STAMP) $(MODEL)
+	$(PY) bench/tracing.py
 
 bench: bench-locomo bench-scale
 

@@ -42,7 +42,9 @@ Span = dict[str, Any]
 def stack() -> Iterator[DevStack]:
     root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-trace-"))
     os.chmod(root, 0o755)
-    s = DevStack(replicas=1, governance_replicas=1, port=free_port(), root=root, fresh=True)
+    s = DevStack(
+        replicas=1, governance_replicas=1, port=free_port(), root=root, fresh=True, traces=True
+    )
     s.start(log=lambda *_: None)
     yield s
     s.stop()

@@ -227,7 +227,8 @@ class DevStack:
         fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
             instead of the kept ones in ``root``.
         traces: Run a local OTLP/gRPC receiver; Envoy and every replica export their spans
-            to it and it appends them to :attr:`trace_file` (JSON lines).
+            to it and it appends them to :attr:`trace_file` (JSON lines). ``make run`` turns
+            it on; tests that do not look at traces leave it off (no export work).
     """
 
     replicas: int = 2
@@ -237,7 +238,7 @@ class DevStack:
     root: Path = field(default_factory=state_dir)
     fresh: bool = False
     env: dict[str, str] = field(default_factory=dict)
-    traces: bool = True
+    traces: bool = False
     _pg: PostgresServer | None = None
     _otlp: OtlpFileReceiver | None = None
     _redis: RedisServer | None = None
@@ -600,7 +601,7 @@ def start_prometheus(stack: DevStack) -> PrometheusProcess | None:
 def main() -> None:
     """``make run``: start the stack and keep it up until Ctrl-C (SIGINT) or SIGTERM."""
     port = int(os.environ.get("AETERNA_STACK_PORT", "8080"))
-    stack = DevStack(port=port, knowledge_replicas=2)
+    stack = DevStack(port=port, knowledge_replicas=2, traces=True)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
