@@ -16,14 +16,15 @@ export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
 	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
-	@echo "make gen            regenerate the Python SDK from protos/ and the charts' Envoy configs"
+	@echo "make gen            regenerate the Python SDK from protos/, the charts' Envoy configs, alert rules and dashboards"
+	@echo "make deps-system    install the Debian packages the checks need (prometheus: promtool), if missing"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
@@ -31,6 +32,7 @@ help:
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
 	@echo "make bench-knowledge  knowledge search: ingest rate, p50/p95, recall@3, BM25-only baseline (ITEMS=50000)"
+	@echo "make bench-tracing  search latency with a sampled, exported trace vs an unsampled one"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,13 +49,24 @@ constraints: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v '^aeterna' > constraints.txt
 
 # The chart Envoy configs embed the SDK's descriptor set: protos first. The permission table
-# is evaluated from the Cedar policies.
-GENERATED := libs/sdk 'charts/*/files/envoy*.json' docs/permissions.md
+# is evaluated from the Cedar policies; alert rules and dashboards are code too.
+GENERATED := libs/sdk 'charts/*/files/envoy*.json' docs/permissions.md 'charts/*/files/prometheus-rules.yaml' 'charts/*/files/dashboards'
 
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
 	$(PY) scripts/gen_envoy.py
 	$(PY) scripts/gen_permissions.py
+	$(PY) scripts/gen_alerts.py
+	$(PY) scripts/gen_dashboards.py
+
+# Debian packages of the checks: prometheus ships promtool (rule unit tests). Installs only
+# what is missing, so it costs one `command -v` when everything is there.
+deps-system:
+	@command -v promtool >/dev/null || { \
+		echo "installing prometheus (promtool) with apt-get"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 check-gen: gen
 	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
@@ -129,6 +142,9 @@ bench-events: $(STAMP)
 ITEMS ?= 50000
 bench-knowledge: $(STAMP) $(MODEL)
 	$(PY) bench/knowledge.py --items $(ITEMS)
+# Search latency with a sampled, exported trace against an unsampled one (baseline).
+bench-tracing: $(STAMP) $(MODEL)
+	$(PY) bench/tracing.py
 
 bench: bench-locomo bench-scale
 

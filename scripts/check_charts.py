@@ -7,7 +7,7 @@ For each chart under ``charts/`` (the library chart included):
 2. render (like ``helm template``) with both sets of values;
 3. validate every rendered object with ``kubernetes-validate --strict`` against the Kubernetes
    1.31.0 schemas. CRD kinds are unknown to it (:data:`CRD_KINDS`, the Prometheus Operator's
-   ServiceMonitor) and are reported as skipped, not validated;
+   ServiceMonitor, PodMonitor and PrometheusRule) and are reported as skipped, not validated;
 4. take each rendered Envoy bootstrap out of its ConfigMap and check it with
    ``envoy --mode validate``. Envoy reads the JWKS and TLS files at load, so the paths the pods
    mount (``/etc/aeterna/...``) are pointed at a throwaway JWKS and self-signed certificate.
@@ -47,7 +47,7 @@ MANIFESTS = ROOT / "k8s"
 KUBE_VERSION = "1.31.0"
 """Oldest Kubernetes release the charts support (native sidecars, gRPC probes, preStop sleep)."""
 
-CRD_KINDS = frozenset({"ServiceMonitor"})
+CRD_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 """Custom resources kubernetes-validate has no schema for; rendered but not validated."""
 
 RELEASE = "aeterna-memory"
@@ -59,6 +59,7 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
         "autoscaling": {"requestsPerSecond": {"enabled": True}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
         "extraSecretEnv": [
             {
                 "name": "AETERNA_MEMORY_QDRANT_API_KEY",
@@ -78,6 +79,7 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
         "autoscaling": {"requestsPerSecond": {"enabled": True}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
         "settings": {"AETERNA_AUTH_TRUST_TOKEN_ROLES": "false"},
         "podDisruptionBudget": {"minAvailable": 1},
     },
@@ -85,6 +87,7 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
         "autoscaling": {"requestsPerSecond": {"enabled": True}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
         "settings": {"AETERNA_AUTH_TRUST_TOKEN_ROLES": "false"},
         "podDisruptionBudget": {"minAvailable": 1},
     },
@@ -93,6 +96,8 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "tls": {"enabled": True, "secretName": "aeterna-gateway-tls"},
         "autoscaling": {"requestsPerSecond": {"enabled": True}},
         "service": {"type": "LoadBalancer"},
+        "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
         "networkPolicy": {
             "clients": [{"namespaceSelector": {"matchLabels": {"aeterna/client": "true"}}}]
         },

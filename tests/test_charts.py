@@ -96,6 +96,7 @@ def test_memory_renders_the_promised_kinds(memory: list[Obj]) -> None:
         [
             "ConfigMap",  # settings
             "ConfigMap",  # Envoy
+            "ConfigMap",  # the Grafana dashboard
             "Deployment",
             "HorizontalPodAutoscaler",
             "Job",
@@ -116,6 +117,10 @@ def test_memory_renders_the_promised_kinds(memory: list[Obj]) -> None:
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= headless["metadata"]["labels"].items()
     )
+    # The job label the PrometheusRule and the dashboards select.
+    assert monitor["spec"]["endpoints"][0]["relabelings"] == [
+        {"targetLabel": "job", "replacement": "aeterna-memory"}
+    ]
 
 
 def test_sidecar_takes_the_pod_port_and_the_service_stays_on_loopback(memory: list[Obj]) -> None:
@@ -391,12 +396,44 @@ def test_network_policy_ports_and_peers(memory: list[Obj]) -> None:
 
 
 def test_gateway_network_policy_admits_clients(gateway: list[Obj]) -> None:
-    (rule,) = one(gateway, "NetworkPolicy")["spec"]["ingress"]
+    rule, metrics = one(gateway, "NetworkPolicy")["spec"]["ingress"]
     assert rule == {"ports": [{"port": 8080, "protocol": "TCP"}]}  # the edge: any client
+    # Envoy's metrics port admits Prometheus only.
+    assert metrics["ports"] == [{"port": 9902, "protocol": "TCP"}]
+    assert metrics["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "prometheus"
+    }
     peer = {"namespaceSelector": {"matchLabels": {"aeterna/client": "true"}}}
     limited = render(GATEWAY, {"networkPolicy": {"clients": [peer]}})
-    (rule,) = one(limited, "NetworkPolicy")["spec"]["ingress"]
+    rule, _ = one(limited, "NetworkPolicy")["spec"]["ingress"]
     assert rule["from"] == [peer]
+
+
+def test_gateway_metrics_port_and_pod_monitor(gateway: list[Obj]) -> None:
+    pod = one(gateway, "Deployment")["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert ports == {"grpc": 8080, "metrics": 9902}
+    assert "PodMonitor" not in {o["kind"] for o in gateway}
+    monitor = one(render(GATEWAY, {"podMonitor": {"enabled": True}}), "PodMonitor")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/stats/prometheus")
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "aeterna-gateway"}]
+    # The listener behind the port serves the admin's /stats/prometheus and nothing else.
+    config = envoy_bootstrap(gateway)
+    (stats,) = [lst for lst in config["static_resources"]["listeners"] if lst["name"] == "stats"]
+    assert stats["address"]["socket_address"]["port_value"] == 9902
+    hcm = stats["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["match"] == {"path": "/stats/prometheus"}
+    assert routes[1]["direct_response"] == {"status": 404}
+
+
+def test_services_export_traces_to_the_collector_the_values_name(memory: list[Obj]) -> None:
+    settings = one(memory, "ConfigMap", "aeterna-memory-settings")["data"]
+    assert settings["AETERNA_OTEL_EXPORTER"] == "otlp"
+    assert settings["AETERNA_OTEL_ENDPOINT"] == "http://opentelemetry-collector.monitoring:4317"
+    off = render(MEMORY, {"tracing": {"enabled": False}})
+    assert "AETERNA_OTEL_EXPORTER" not in one(off, "ConfigMap", "aeterna-memory-settings")["data"]
 
 
 def test_sidecar_envoy_config_resolves_the_values() -> None:

@@ -30,7 +30,8 @@ data:
 
 {{/*
 The Envoy container. Call with (dict "ctx" $ "envoy" <values: image, resources, securityContext,
-logLevel> "name" "envoy" "tls" <bool> "restartPolicy" <"Always" for a native sidecar or "">).
+logLevel> "name" "envoy" "tls" <bool> "restartPolicy" <"Always" for a native sidecar or "">
+"metricsPort" <port of Envoy's /stats/prometheus listener, or omitted>).
 */}}
 {{- define "aeterna-lib.envoyContainer" -}}
 {{- $envoy := .envoy -}}
@@ -54,6 +55,11 @@ logLevel> "name" "envoy" "tls" <bool> "restartPolicy" <"Always" for a native sid
     - name: grpc
       containerPort: {{ include "aeterna-lib.grpcPort" . }}
       protocol: TCP
+    {{- with .metricsPort }}
+    - name: metrics
+      containerPort: {{ . }}
+      protocol: TCP
+    {{- end }}
   {{- with .probes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

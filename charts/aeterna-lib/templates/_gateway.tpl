@@ -3,6 +3,34 @@ The edge: Envoy alone, routing each aeterna.<domain>.v1 package to its service's
 Service. Bootstrap: files/envoy.json, or files/envoy-tls.json when tls.enabled.
 */}}
 
+{{- define "aeterna-lib.gatewayMetricsPort" -}}9902{{- end -}}
+
+{{- define "aeterna-lib.gatewayPodMonitor" -}}
+{{- if .Values.podMonitor.enabled -}}
+apiVersion: monitoring.coreos.com/v1
+kind: PodMonitor
+metadata:
+  name: {{ include "aeterna-lib.fullname" . }}
+  labels:
+    {{- include "aeterna-lib.labels" . | nindent 4 }}
+    {{- with .Values.podMonitor.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "aeterna-lib.selectorLabels" . | nindent 6 }}
+  podMetricsEndpoints:
+    - port: metrics
+      path: /stats/prometheus
+      interval: {{ .Values.podMonitor.interval }}
+      relabelings:
+        # job="aeterna-gateway", as the PrometheusRule and the dashboards select it.
+        - targetLabel: job
+          replacement: {{ include "aeterna-lib.fullname" . }}
+{{- end -}}
+{{- end -}}
+
 {{- define "aeterna-lib.gatewayFile" -}}
 {{- if .Values.tls.enabled -}}files/envoy-tls.json{{- else -}}files/envoy.json{{- end -}}
 {{- end -}}
@@ -52,7 +80,7 @@ spec:
               "livenessProbe" (dict "tcpSocket" (dict "port" "grpc") "periodSeconds" 10 "failureThreshold" 3) }}
         {{- /* Keep accepting while the endpoint is removed from the Service, then stop. */}}
         {{- $lifecycle := dict "preStop" (dict "sleep" (dict "seconds" .Values.preStopSleepSeconds)) }}
-        {{- include "aeterna-lib.envoyContainer" (dict "ctx" . "envoy" .Values.envoy "name" "envoy" "tls" .Values.tls.enabled "probes" $probes "lifecycle" $lifecycle) | nindent 8 }}
+        {{- include "aeterna-lib.envoyContainer" (dict "ctx" . "envoy" .Values.envoy "name" "envoy" "tls" .Values.tls.enabled "probes" $probes "lifecycle" $lifecycle "metricsPort" (include "aeterna-lib.gatewayMetricsPort" .)) | nindent 8 }}
       volumes:
         {{- include "aeterna-lib.jwksVolume" . | nindent 8 }}
         {{- if .Values.tls.enabled }}
@@ -115,6 +143,15 @@ spec:
       from:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+    # Prometheus, on Envoy's metrics port only.
+    - ports:
+        - port: {{ include "aeterna-lib.gatewayMetricsPort" . }}
+          protocol: TCP
+      from:
+        - namespaceSelector:
+            {{- toYaml .Values.networkPolicy.prometheus.namespaceSelector | nindent 12 }}
+          podSelector:
+            {{- toYaml .Values.networkPolicy.prometheus.podSelector | nindent 12 }}
   egress:
     {{- include "aeterna-lib.egressRules" . | nindent 4 }}
 {{- end -}}

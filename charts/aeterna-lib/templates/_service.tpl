@@ -14,6 +14,10 @@ charts/memory is one include of a template below with the chart's root context.
 {{- if .Values.dataVolume.enabled -}}
 {{- $_ := set $settings .Values.dataVolume.setting .Values.dataVolume.mountPath -}}
 {{- end -}}
+{{- if .Values.tracing.enabled -}}
+{{- $_ := set $settings "AETERNA_OTEL_EXPORTER" "otlp" -}}
+{{- $_ := set $settings "AETERNA_OTEL_ENDPOINT" (required "tracing.otlpEndpoint is required when tracing.enabled" .Values.tracing.otlpEndpoint) -}}
+{{- end -}}
 {{- /* Set last: ports and paths the templates and the Envoy configuration depend on. */ -}}
 {{- $_ := set $settings "AETERNA_LISTEN" (include "aeterna-lib.listen" .) -}}
 {{- $_ := set $settings "AETERNA_METRICS_PORT" (include "aeterna-lib.metricsPort" .) -}}
@@ -276,6 +280,10 @@ spec:
       path: /metrics
       interval: {{ .Values.serviceMonitor.interval }}
       scrapeTimeout: {{ .Values.serviceMonitor.scrapeTimeout }}
+      relabelings:
+        # job="aeterna-<service>", as the PrometheusRule and the dashboards select it.
+        - targetLabel: job
+          replacement: {{ include "aeterna-lib.fullname" . }}
 {{- end -}}
 {{- end -}}
 

@@ -40,6 +40,7 @@ import structlog
 from aeterna_common.config import MAX_CLOCK_SKEW_S, CommonSettings
 from aeterna_common.context import Principal, principal_from_claims
 from aeterna_common.errors import Unauthenticated, Unavailable
+from aeterna_common.telemetry import JWKS_FETCH_FAILURES
 
 log = structlog.get_logger("aeterna.auth")
 
@@ -123,6 +124,7 @@ class _CachedJwks(abc.ABC):
         try:
             self._use(self._load(force))
         except (OSError, ValueError, jwt.PyJWTError) as exc:
+            JWKS_FETCH_FAILURES.inc()
             raise AuthConfigError(f"cannot load the JWKS from {self}: {exc}") from exc
         if not self._keys:
             raise AuthConfigError(f"the JWKS from {self} holds no {'/'.join(self.algorithms)} key")
@@ -131,6 +133,7 @@ class _CachedJwks(abc.ABC):
         try:
             jwks = await asyncio.to_thread(self._load, force)
         except (OSError, ValueError, jwt.PyJWTError) as exc:
+            JWKS_FETCH_FAILURES.inc()
             if not self._keys:
                 raise Unavailable(
                     "the token verification keys are unavailable", reason="JWKS_UNAVAILABLE"

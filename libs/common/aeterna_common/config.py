@@ -38,8 +38,10 @@ class CommonSettings(BaseSettings):
             checks see it first.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         log_json: JSON logs (production) instead of console rendering.
-        otel_exporter: ``none``, ``console`` or ``otlp`` (OTLP reads the standard
-            ``OTEL_EXPORTER_OTLP_*`` variables).
+        otel_exporter: ``none``, ``console`` or ``otlp`` (OTLP/gRPC to ``otel_endpoint``).
+        otel_endpoint: OTLP/gRPC endpoint of the trace collector, e.g.
+            ``http://otel-collector:4317`` (``http://`` is plaintext); empty: the standard
+            ``OTEL_EXPORTER_OTLP_*`` variables.
         db_pool_min: Minimum pooled PostgreSQL connections.
         db_pool_max: Maximum pooled PostgreSQL connections.
         db_indexer_pool_max: Maximum pooled connections of the indexer role.
@@ -82,6 +84,7 @@ class CommonSettings(BaseSettings):
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
     log_json: bool = False
     otel_exporter: str = Field(default="none", pattern="^(none|console|otlp)$")
+    otel_endpoint: str = ""
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)
     db_indexer_pool_max: int = Field(default=2, ge=1)

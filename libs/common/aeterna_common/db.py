@@ -63,6 +63,7 @@ from tenacity import (
 
 from aeterna_common.context import TENANT_PATTERN
 from aeterna_common.errors import Unavailable
+from aeterna_common.telemetry import unwatch_pool, watch_pool
 
 log = structlog.get_logger("aeterna.db")
 
@@ -237,10 +238,14 @@ class Database:
                 max_size=self.max_size,
                 reset=_reset_at_next_begin,
             )
+            # The role labels the pool's saturation gauges (a handful per deployment).
+            with contextlib.suppress(ValueError):
+                watch_pool(self._pool, role_of(self.dsn))
 
     async def close(self) -> None:
         """Close the pool."""
         if self._pool is not None:
+            unwatch_pool(self._pool)
             await self._pool.close()
             self._pool = None
 

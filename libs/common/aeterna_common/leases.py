@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from aeterna_common.telemetry import job_run
+
 log = structlog.get_logger("aeterna.leases")
 
 DEFAULT_TTL_S = 15.0
@@ -366,7 +368,8 @@ async def run_periodic_under_lease(
             if not keeper.held:
                 continue
             try:
-                await job(keeper.current())
+                with job_run(name):
+                    await job(keeper.current())
             except LeaseLostError as exc:
                 keeper.lost(str(exc))
             except Exception:

@@ -1,5 +1,7 @@
 """structlog configuration: JSON in production, console in development, with the tenant and
-request id of the current request bound by the interceptor (``structlog.contextvars``)."""
+request id of the current request bound by the interceptor (``structlog.contextvars``), and the
+``trace_id`` and ``span_id`` of the current span
+(:func:`~aeterna_common.telemetry.add_trace_context`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import logging
 import sys
 
 import structlog
+
+from aeterna_common.telemetry import add_trace_context
 
 
 def configure_logging(level: str = "info", json: bool = False) -> None:
@@ -24,6 +28,7 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

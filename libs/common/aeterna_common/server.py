@@ -323,7 +323,9 @@ async def run_service(
     """
     verifier = TokenVerifier.from_settings(settings)
     configure_logging(settings.log_level, settings.log_json)
-    configure_tracing(f"aeterna-{service}", settings.otel_exporter)
+    provider = configure_tracing(
+        f"aeterna-{service}", settings.otel_exporter, settings.otel_endpoint
+    )
     start_metrics_server(settings.metrics_port, settings.metrics_host)
     app = await build()
     server = GrpcServer(
@@ -350,3 +352,5 @@ async def run_service(
     await stopping
     log.info("server.stopping")
     await server.stop()
+    # Spans still batched would be lost with the process.
+    await asyncio.to_thread(provider.force_flush, 5_000)

@@ -356,6 +356,110 @@ class TlsFiles:
     alpn: Sequence[str] = ("h2", "http/1.1")
 
 
+TRACING_CLUSTER = "opentelemetry_collector"
+"""Cluster of the OTLP/gRPC trace collector."""
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """W3C tracing at an Envoy: its OpenTelemetry tracer starts a trace or continues the
+    caller's (``traceparent``), and sends ``traceparent`` upstream, so the services continue it.
+
+    Attributes:
+        collector_host: Host of the OTLP/gRPC collector (an OpenTelemetry Collector; the
+            devstack's :class:`~aeterna_devstack.otlp.OtlpFileReceiver` locally).
+        collector_port: Its OTLP/gRPC port (4317 by convention).
+        service_name: ``service.name`` of Envoy's spans.
+        sampling_percent: Share of new traces sampled; a caller's sampled trace is always
+            continued.
+        flush_interval_ms: How often Envoy exports its buffered spans (Envoy's default is
+            5000 ms; the local stack flushes sooner).
+    """
+
+    collector_host: str
+    collector_port: int = 4317
+    service_name: str = "aeterna-gateway"
+    sampling_percent: float = 100.0
+    flush_interval_ms: int = 5000
+
+
+def _tracing(tracing: TracingSettings) -> dict[str, Any]:
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": _TYPE + "envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": TRACING_CLUSTER},
+                    "timeout": "1s",
+                },
+                "service_name": tracing.service_name,
+            },
+        },
+        "random_sampling": {"value": tracing.sampling_percent},
+        # Spans carry the route's upstream cluster as an attribute, not as a name.
+        "spawn_upstream_span": False,
+    }
+
+
+def _tracing_cluster(tracing: TracingSettings, policy: TrafficPolicy) -> dict[str, Any]:
+    static = _is_ip(tracing.collector_host)
+    cluster: dict[str, Any] = {
+        "name": TRACING_CLUSTER,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": _duration(policy.connect_timeout_s),
+        "load_assignment": _load_assignment(
+            TRACING_CLUSTER, [(tracing.collector_host, tracing.collector_port)]
+        ),
+        "typed_extension_protocol_options": _http2_options(),
+    }
+    if not static:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+ADMIN_CLUSTER = "envoy_admin"
+"""Cluster of the Envoy's own admin interface, behind the stats listener."""
+STATS_PATH = "/stats/prometheus"
+
+
+def _stats_listener(
+    host: str, port: int, admin_host: str, admin_port: int, policy: TrafficPolicy
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A listener exposing only the admin's ``/stats/prometheus`` (the admin interface itself
+    stays on loopback: it can also stop the server), and the cluster it routes to."""
+    hcm = {
+        "@type": _TYPE
+        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "stats",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [
+                {
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"path": STATS_PATH},
+                            "route": {"cluster": ADMIN_CLUSTER},
+                        },
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ],
+                }
+            ],
+        },
+        "http_filters": [_router_filter()],
+    }
+    cluster = {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _duration(policy.connect_timeout_s),
+        "load_assignment": _load_assignment(ADMIN_CLUSTER, [(admin_host, admin_port)]),
+    }
+    return _listener("stats", host, port, hcm), cluster
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
@@ -753,6 +857,7 @@ def _hcm(
     *,
     stream_idle_timeout_s: float,
     access_log_path: str | None,
+    tracing: TracingSettings | None = None,
 ) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": _TYPE
@@ -766,6 +871,8 @@ def _hcm(
         },
         "http_filters": list(http_filters),
     }
+    if tracing is not None:
+        hcm["tracing"] = _tracing(tracing)
     if any(f["name"] == "envoy.filters.http.jwt_authn" for f in http_filters):
         # jwt_authn answers a wrong audience with 403, which gRPC clients see as
         # PERMISSION_DENIED; every bad token should be UNAUTHENTICATED (401). Mappers only
@@ -834,13 +941,15 @@ def _bootstrap(
     listeners: Sequence[Mapping[str, Any]],
     clusters: Sequence[Mapping[str, Any]],
     max_downstream_connections: int,
+    tracing: TracingSettings | None = None,
 ) -> dict[str, Any]:
+    runtime: dict[str, Any] = {RE2_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}
+    if tracing is not None:
+        runtime["tracing.opentelemetry.flush_interval_ms"] = tracing.flush_interval_ms
     return {
         "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
         "static_resources": {"listeners": list(listeners), "clusters": list(clusters)},
-        "layered_runtime": {
-            "layers": [{"name": "static", "static_layer": {RE2_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}}]
-        },
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": runtime}]},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -878,6 +987,8 @@ def render_gateway_config(
     stream_idle_timeout_s: float = 300.0,
     max_downstream_connections: int = 10_000,
     access_log_path: str | None = None,
+    tracing: TracingSettings | None = None,
+    stats_port: int | None = None,
 ) -> dict[str, Any]:
     """Build the edge Envoy's v3 static bootstrap.
 
@@ -907,6 +1018,10 @@ def render_gateway_config(
         stream_idle_timeout_s: Seconds a stream may stay without traffic; 0 disables.
         max_downstream_connections: Cap on client connections.
         access_log_path: File for an access log (e.g. ``"/dev/stdout"``); None disables it.
+        tracing: Start or continue a W3C trace per request and export Envoy's spans over
+            OTLP/gRPC; None: no tracing (a caller's ``traceparent`` still passes through).
+        stats_port: Serve Envoy's Prometheus metrics (``/stats/prometheus``, nothing else of
+            the admin interface) on ``listen_host:stats_port``; None: not served.
 
     Returns:
         The bootstrap as a dict, ready for ``json.dump``.
@@ -945,13 +1060,23 @@ def render_gateway_config(
         filters,
         stream_idle_timeout_s=stream_idle_timeout_s,
         access_log_path=access_log_path,
+        tracing=tracing,
     )
+    clusters = [_cluster(u, policy) for u in ups]
+    if tracing is not None:
+        clusters.append(_tracing_cluster(tracing, policy))
+    listeners = [_listener("grpc_ingress", listen_host, listen_port, hcm, tls)]
+    if stats_port is not None:
+        stats, admin = _stats_listener(listen_host, stats_port, admin_host, admin_port, policy)
+        listeners.append(stats)
+        clusters.append(admin)
     return _bootstrap(
         admin_host=admin_host,
         admin_port=admin_port,
-        listeners=[_listener("grpc_ingress", listen_host, listen_port, hcm, tls)],
-        clusters=[_cluster(u, policy) for u in ups],
+        listeners=listeners,
+        clusters=clusters,
         max_downstream_connections=max_downstream_connections,
+        tracing=tracing,
     )
 
 
@@ -1057,6 +1182,8 @@ CHART_EGRESS_PORT = 15001
 """Sidecar egress port, on 127.0.0.1."""
 CHART_ADMIN_PORT = 9901
 """Envoy admin port, on 127.0.0.1."""
+CHART_STATS_PORT = 9902
+"""Gateway pod port serving Envoy's Prometheus metrics (``/stats/prometheus`` only)."""
 CHART_JWKS_PATH = "/etc/aeterna/jwks/jwks.json"
 """JWKS file the charts mount."""
 CHART_TLS_CERT = "/etc/aeterna/tls/tls.crt"
@@ -1064,6 +1191,9 @@ CHART_TLS_CERT = "/etc/aeterna/tls/tls.crt"
 CHART_TLS_KEY = "/etc/aeterna/tls/tls.key"
 """Gateway private key the gateway chart mounts from its TLS Secret."""
 CHART_ACCESS_LOG = "/dev/stdout"
+CHART_TRACE_SAMPLING_PERCENT = 10.0
+"""Share of new traces the charts' gateway samples (a caller's sampled trace is always
+continued); every sampled trace is complete across the services."""
 
 GATEWAY_CHART_FILE = "charts/gateway/files/envoy.json"
 GATEWAY_TLS_CHART_FILE = "charts/gateway/files/envoy-tls.json"
@@ -1109,8 +1239,9 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
 
     Ports: listeners on 0.0.0.0:8080, the service on 127.0.0.1:50051, sidecar egress on
     127.0.0.1:15001, admin on 127.0.0.1:9901, upstream pods on 8080 (their sidecar). JWKS from
-    :data:`CHART_JWKS_PATH`; access log to stdout. Values the chart must define:
-    ``auth.issuer``, ``auth.audience``, ``upstreams.<cluster>.host`` (gateway) and
+    :data:`CHART_JWKS_PATH`; access log to stdout; the gateway's spans to an OTLP/gRPC
+    collector on port 4317. Values the chart must define: ``auth.issuer``, ``auth.audience``,
+    ``tracing.collectorHost`` (gateway), ``upstreams.<cluster>.host`` (gateway) and
     ``sidecar.upstreams.<cluster>.host`` (sidecars), for each :data:`SERVICES` cluster.
 
     Args:
@@ -1147,6 +1278,11 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
             descriptor_set=descriptor_set,
             tls=tls,
             access_log_path=CHART_ACCESS_LOG,
+            tracing=TracingSettings(
+                collector_host=values_ref("tracing.collectorHost"),
+                sampling_percent=CHART_TRACE_SAMPLING_PERCENT,
+            ),
+            stats_port=CHART_STATS_PORT,
         )
 
     configs = {
@@ -1207,6 +1343,7 @@ def example_chart_values() -> dict[str, Any]:
         "auth": {"issuer": "https://issuer.example.com", "audience": DEFAULT_AUDIENCE},
         "upstreams": hosts,
         "sidecar": {"upstreams": hosts},
+        "tracing": {"collectorHost": "opentelemetry-collector.monitoring.svc.cluster.local"},
     }
 
 

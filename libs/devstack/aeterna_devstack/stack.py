@@ -19,6 +19,10 @@ replicas, which verify them again against the same JWKS file. Each replica gets 
 development service token (``AETERNA_SERVICE_TOKEN_FILE``). State (PostgreSQL data, Redis's
 append-only file, indexes, keys, logs) lives in ``.var/``.
 
+Traces: a local OTLP/gRPC receiver (:class:`~aeterna_devstack.otlp.OtlpFileReceiver`) appends
+every span of Envoy and of the replicas to ``.var/traces.jsonl``; Prometheus, when its binary
+is installed, scrapes every replica and Envoy on loopback (:mod:`aeterna_devstack.prom`).
+
 The local Redis persists as the charts' does (``appendonly yes``, ``appendfsync always``): it
 carries the event streams, and the outbox relays advance their cursors once Redis has
 acknowledged an entry, so a Redis that restarts must still have it.
@@ -47,8 +51,16 @@ from aeterna_devstack.auth import DevAuth, repo_root
 from aeterna_devstack.envoy import (
     EnvoyProcess,
     JwtSettings,
+    TracingSettings,
     render_gateway_config,
     service_upstreams,
+)
+from aeterna_devstack.otlp import OtlpFileReceiver
+from aeterna_devstack.prom import (
+    PrometheusProcess,
+    chart_rule_files,
+    find_prometheus,
+    scrape_config,
 )
 from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 
@@ -67,6 +79,10 @@ KNOWLEDGE_DATABASE = "aeterna_knowledge"
 OWNER_ROLE = "aeterna_owner"
 APP_ROLE = "aeterna_app"
 INDEXER_ROLE = "aeterna_indexer"
+TRACE_FILE = "traces.jsonl"
+"""Spans of the local stack, one JSON object a line, under the state directory."""
+TRACE_FLUSH_MS = 500
+"""How often the replicas and Envoy export buffered spans locally, in milliseconds."""
 
 
 def _service_urls(service: str) -> dict[str, str]:
@@ -133,6 +149,7 @@ def render_stack_envoy_config(
     jwks_path: str | os.PathLike[str],
     governance_ports: list[int] | None = None,
     knowledge_ports: list[int] | None = None,
+    trace_port: int = 0,
 ) -> dict[str, Any]:
     """The gateway config ``make run`` runs: the replicas on loopback behind JWT.
 
@@ -143,6 +160,7 @@ def render_stack_envoy_config(
         jwks_path: JWKS file of the development signing key.
         governance_ports: Loopback ports of the governance replicas (none: no route).
         knowledge_ports: Loopback ports of the knowledge replicas (none: no route).
+        trace_port: Loopback port of the OTLP/gRPC trace receiver; 0: no tracing.
 
     Returns:
         The bootstrap, from :func:`aeterna_devstack.envoy.render_gateway_config`.
@@ -157,6 +175,11 @@ def render_stack_envoy_config(
         listen_port=port,
         admin_port=admin_port,
         jwt=JwtSettings(jwks_path=str(jwks_path)),
+        tracing=(
+            TracingSettings("127.0.0.1", trace_port, flush_interval_ms=TRACE_FLUSH_MS)
+            if trace_port
+            else None
+        ),
     )
 
 
@@ -203,6 +226,9 @@ class DevStack:
         root: State directory.
         fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
             instead of the kept ones in ``root``.
+        traces: Run a local OTLP/gRPC receiver; Envoy and every replica export their spans
+            to it and it appends them to :attr:`trace_file` (JSON lines). ``make run`` turns
+            it on; tests that do not look at traces leave it off (no export work).
     """
 
     replicas: int = 2
@@ -212,7 +238,9 @@ class DevStack:
     root: Path = field(default_factory=state_dir)
     fresh: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    traces: bool = False
     _pg: PostgresServer | None = None
+    _otlp: OtlpFileReceiver | None = None
     _redis: RedisServer | None = None
     _envoy: EnvoyProcess | None = None
     _replicas: list[Replica] = field(default_factory=list)
@@ -224,6 +252,18 @@ class DevStack:
     def endpoint(self) -> str:
         """Envoy's ``host:port``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def trace_file(self) -> Path:
+        """The JSON-lines file of every exported span (``{root}/traces.jsonl``)."""
+        return self.root / TRACE_FILE
+
+    @property
+    def envoy_admin(self) -> str | None:
+        """``host:port`` of Envoy's admin interface (None before start)."""
+        if self._envoy is None:
+            return None
+        return f"{self._envoy.admin_host}:{self._envoy.admin_port}"
 
     @property
     def superuser_url(self) -> str | None:
@@ -276,7 +316,18 @@ class DevStack:
 
             shutil.rmtree(index_root, ignore_errors=True)
         auth = DevAuth(self.root / "auth")
+        tracing_env: dict[str, str] = {}
+        if self.traces:
+            self._otlp = OtlpFileReceiver(self.trace_file).start()
+            tracing_env = {
+                "AETERNA_OTEL_EXPORTER": "otlp",
+                "AETERNA_OTEL_ENDPOINT": self._otlp.endpoint,
+                # Batches leave every half second, so a trace is in the file soon after.
+                "OTEL_BSP_SCHEDULE_DELAY": str(TRACE_FLUSH_MS),
+            }
+            say(f"Traces        {self.trace_file}  (OTLP/gRPC {self._otlp.endpoint})")
         base_env = {
+            **tracing_env,
             # Replicas apply migrations at start (one at a time, under an advisory lock).
             "AETERNA_MIGRATE_ON_START": "true",
             # A grant typed at the CLI reaches memory's decisions within 5 s even where no
@@ -331,6 +382,7 @@ class DevStack:
             jwks_path=auth.jwks_path,
             governance_ports=[r.port for r in self._governance],
             knowledge_ports=[r.port for r in self._knowledge],
+            trace_port=self._otlp.port if self._otlp is not None else 0,
         )
         self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
         (self.root / "stack.json").write_text(
@@ -513,6 +565,8 @@ class DevStack:
                     r.proc.kill()
         if self._envoy is not None:
             self._envoy.stop()
+        if self._otlp is not None:
+            self._otlp.stop()
         if self._redis is not None:
             self._redis.stop()
         if self._pg is not None:
@@ -532,10 +586,27 @@ class DevStack:
         self.stop()
 
 
+def start_prometheus(stack: DevStack) -> PrometheusProcess | None:
+    """Start Prometheus on loopback scraping every replica and Envoy, with the charts' rules,
+    when the binary is installed.
+
+    Returns:
+        The running server, or None without a ``prometheus`` binary.
+    """
+    if find_prometheus() is None:
+        return None
+    targets: dict[str, list[str]] = {}
+    for r in [*stack.replica_list, *stack.governance_list, *stack.knowledge_list]:
+        targets.setdefault(f"aeterna-{r.service}", []).append(f"127.0.0.1:{r.metrics_port}")
+    admin = stack.envoy_admin
+    config = scrape_config(targets, envoy_admin=admin, rule_files=chart_rule_files())
+    return PrometheusProcess(config, stack.root / "prometheus").start()
+
+
 def main() -> None:
     """``make run``: start the stack and keep it up until Ctrl-C (SIGINT) or SIGTERM."""
     port = int(os.environ.get("AETERNA_STACK_PORT", "8080"))
-    stack = DevStack(port=port, knowledge_replicas=2)
+    stack = DevStack(port=port, knowledge_replicas=2, traces=True)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -544,8 +615,10 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    prometheus: PrometheusProcess | None = None
     try:
         stack.start()
+        prometheus = start_prometheus(stack)
         print(
             f"\nAeterna is up on {stack.endpoint}. Try:\n"
             "  ADMIN=$(.venv/bin/aeterna token --tenant demo --user admin "
@@ -556,7 +629,13 @@ def main() -> None:
             'group?" --tenant demo --user conv-26\n'
             "  .venv/bin/aeterna org create acme --kind company --tenant demo "
             "--roles TENANT_ADMIN\n"
-            "Ctrl-C stops everything.",
+            f"Traces of every request: {stack.trace_file}\n"
+            + (
+                f"Prometheus: {prometheus.url}\n"
+                if prometheus is not None
+                else "Prometheus: not installed (make deps-system)\n"
+            )
+            + "Ctrl-C stops everything.",
             flush=True,
         )
         while not stop:
@@ -567,6 +646,8 @@ def main() -> None:
                     stack.start_replica(r)
     finally:
         print("\nstopping…", flush=True)
+        if prometheus is not None:
+            prometheus.stop()
         stack.stop()
         print("stopped.", flush=True)
 

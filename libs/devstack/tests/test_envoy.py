@@ -106,9 +106,11 @@ from aeterna_devstack.envoy import (  # noqa: E402
     RETRY_ON_WRITE,
     SERVICES,
     STRIPPED_HEADERS,
+    TRACING_CLUSTER,
     EnvoyProcess,
     JwtSettings,
     MethodClass,
+    TracingSettings,
     Upstream,
     chart_config_paths,
     chart_values_refs,
@@ -438,7 +440,12 @@ def test_chart_config_passes_envoy_validate(relative: str) -> None:
     clusters = sorted(s.cluster for s in SERVICES)
     refs = chart_values_refs(text)
     if relative.startswith("charts/gateway/"):
-        assert refs == ["auth.audience", "auth.issuer", *(f"upstreams.{c}.host" for c in clusters)]
+        assert refs == [
+            "auth.audience",
+            "auth.issuer",
+            "tracing.collectorHost",
+            *(f"upstreams.{c}.host" for c in clusters),
+        ]
     else:
         assert refs == [
             "auth.audience",
@@ -749,3 +756,30 @@ def test_transcoder_bodies_are_bounded_like_grpc_messages() -> None:
     assert transcoder["max_request_body_size"] == MAX_REQUEST_BYTES
     # JSON is larger than the protobuf it stands for.
     assert transcoder["max_response_body_size"] == 2 * MAX_RESPONSE_BYTES
+
+
+def test_the_gateway_traces_with_opentelemetry_to_the_collector() -> None:
+    config = render_gateway_config(
+        [Upstream("test.v1.Echo", "echo", [("127.0.0.1", 50051)], methods=ECHO_CLASS)],
+        tracing=TracingSettings("127.0.0.1", 4317, sampling_percent=25.0, flush_interval_ms=500),
+    )
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    tracer = hcm["tracing"]["provider"]
+    assert tracer["name"] == "envoy.tracers.opentelemetry"
+    assert tracer["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == TRACING_CLUSTER
+    assert tracer["typed_config"]["service_name"] == "aeterna-gateway"
+    assert hcm["tracing"]["random_sampling"] == {"value": 25.0}
+    (collector,) = [
+        c for c in config["static_resources"]["clusters"] if c["name"] == TRACING_CLUSTER
+    ]
+    address = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert address["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 4317}
+    runtime = config["layered_runtime"]["layers"][0]["static_layer"]
+    assert runtime["tracing.opentelemetry.flush_interval_ms"] == 500
+    validate_config(config)
+    untraced = render_gateway_config(
+        [Upstream("test.v1.Echo", "echo", [("127.0.0.1", 50051)], methods=ECHO_CLASS)]
+    )
+    assert "tracing" not in json.dumps(untraced["static_resources"]["listeners"])

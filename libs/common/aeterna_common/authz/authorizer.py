@@ -12,6 +12,7 @@ from aeterna_common.authz.engine import PolicyModel, Request, TenantGraph, evalu
 from aeterna_common.authz.model import ReadableScope, Resource, Snapshot, UnitKind
 from aeterna_common.context import Principal
 from aeterna_common.errors import PermissionDenied, Unavailable
+from aeterna_common.telemetry import AUTHZ_DECISIONS
 
 log = structlog.get_logger("aeterna.authz")
 
@@ -26,6 +27,14 @@ def denied(action: str) -> PermissionDenied:
         reason=ACTION_NOT_ALLOWED,
         metadata={"action": action},
     )
+
+
+def _count(allowed: Sequence[bool], source: str) -> None:
+    granted = sum(allowed)
+    if granted:
+        AUTHZ_DECISIONS.labels("allow", source).inc(granted)
+    if len(allowed) - granted:
+        AUTHZ_DECISIONS.labels("deny", source).inc(len(allowed) - granted)
 
 
 class Authorizer:
@@ -93,18 +102,21 @@ class Authorizer:
                 cache's grace (reason ``AUTHORIZATION_DIRECTORY_UNAVAILABLE``).
         """
         if principal.is_service and SERVICE_ROLE not in principal.roles:
+            AUTHZ_DECISIONS.labels("deny", "token").inc(len(resources))
             return [False] * len(resources)
         tenant = principal.tenant_id
         requests = [Request(principal, action, r) for r in resources]
         roles = self._token_roles(principal)
         allowed = evaluate(self.model, self._empty_graph(tenant), requests, roles)
         if all(allowed) or self.directory is None or principal.is_service:
+            _count(allowed, "token")
             return allowed
         graph = await self._graph(tenant)
         pending = [i for i, ok in enumerate(allowed) if not ok]
         again = evaluate(self.model, graph, [requests[i] for i in pending], roles)
         for i, ok in zip(pending, again, strict=True):
             allowed[i] = ok
+        _count(allowed, "directory")
         return allowed
 
     async def allowed(self, principal: Principal, action: str, resource: Resource) -> bool:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from aeterna_common.authz.model import Snapshot
 from aeterna_common.errors import Unavailable
+from aeterna_common.telemetry import AUTHZ_CACHE_LOOKUPS
 
 log = structlog.get_logger("aeterna.authz")
 
@@ -157,19 +158,23 @@ class DirectoryCache:
         entry = self._entries.get(tenant_id)
         now = time.monotonic()
         if entry is not None and now - entry.fetched_at < self.ttl_s:
+            AUTHZ_CACHE_LOOKUPS.labels("hit").inc()
             return entry.snapshot
         lock = self._locks.setdefault(tenant_id, asyncio.Lock())
         async with lock:
             entry = self._entries.get(tenant_id)
             now = time.monotonic()
             if entry is not None and now - entry.fetched_at < self.ttl_s:
+                AUTHZ_CACHE_LOOKUPS.labels("hit").inc()
                 return entry.snapshot
             if entry is not None and now < entry.retry_at:
+                AUTHZ_CACHE_LOOKUPS.labels("stale").inc()
                 return self._stale(tenant_id, entry, now)
             head = entry.stream_id if entry is not None else await self._stream_head(tenant_id)
             try:
                 snapshot = await self.directory.snapshot(tenant_id)
             except Exception as exc:
+                AUTHZ_CACHE_LOOKUPS.labels("error").inc()
                 log.warning("authz.directory_failed", tenant=tenant_id, error=repr(exc))
                 if entry is None:
                     raise self._unavailable() from exc
@@ -178,6 +183,7 @@ class DirectoryCache:
             # An event that arrived while fetching may have dropped no entry (none existed):
             # the stream id taken before the fetch makes the watcher read it and drop this one.
             self._entries[tenant_id] = _Entry(snapshot, time.monotonic(), head)
+            AUTHZ_CACHE_LOOKUPS.labels("miss").inc()
             return snapshot
 
     def _stale(self, tenant_id: str, entry: _Entry, now: float) -> Snapshot:

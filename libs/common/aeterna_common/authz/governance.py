@@ -11,6 +11,7 @@ from aeterna.governance.v1 import resources_pb2 as gres
 
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz.model import Delegation, OrgUnit, RoleBinding, Snapshot, UnitKind
+from aeterna_common.telemetry import client_interceptors
 
 CALL_TIMEOUT_S = 2.0
 """Deadline of one snapshot call in seconds; the cache serves its copy meanwhile."""
@@ -65,7 +66,8 @@ class GovernanceDirectory:
     """
 
     def __init__(self, target: str, credentials: ServiceCredentials) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        # The trace continues in governance (W3C traceparent metadata).
+        self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
         self.stub = org_grpc.OrganizationServiceStub(self.channel)
         self.credentials = credentials
 

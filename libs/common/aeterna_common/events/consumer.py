@@ -35,6 +35,7 @@ from typing import Any, cast
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
 from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
@@ -48,8 +49,10 @@ from aeterna_common.events.envelope import (
     dead_letter_key,
 )
 from aeterna_common.events.relay import REDIS_DOWN
+from aeterna_common.telemetry import traceparent_context, tracer
 
 log = structlog.get_logger("aeterna.events.consumer")
+_TRACER = tracer("aeterna.events.consumer")
 
 DEAD_LETTERS = Counter(
     "aeterna_events_dead_letters_total",
@@ -301,7 +304,22 @@ class EventConsumer:
             )
             return 0
         try:
-            await self.handler(event)
+            # The handler continues the trace of the request that wrote the event (the
+            # envelope's traceparent): outbox → relay → stream → consumer is one trace.
+            with _TRACER.start_as_current_span(
+                f"{self.group} process",
+                context=traceparent_context(event.traceparent),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "redis",
+                    "messaging.operation.type": "process",
+                    "messaging.consumer.group.name": self.group,
+                    "messaging.message.id": event.event_id,
+                    "aeterna.event.type": event.type,
+                    "aeterna.tenant": event.tenant,
+                },
+            ):
+                await self.handler(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

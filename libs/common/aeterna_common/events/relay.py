@@ -59,6 +59,7 @@ from typing import Any, cast
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
@@ -67,8 +68,10 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponen
 from aeterna_common import leases
 from aeterna_common.db import Database
 from aeterna_common.events.envelope import STREAMS_KEY, Event, rfc3339, stream_key
+from aeterna_common.telemetry import span_traceparent, traceparent_context, tracer
 
 log = structlog.get_logger("aeterna.events.relay")
+_TRACER = tracer("aeterna.events.relay")
 
 RELAY_LAG_POSITIONS = Gauge(
     "aeterna_events_relay_lag_positions",
@@ -363,9 +366,32 @@ class OutboxRelay:
             if fresh:
                 # Registered before the first entry, so a consumer never misses a stream.
                 pipe.sadd(STREAMS_KEY, *sorted(fresh))
+            spans = []
             for event in events:
-                pipe.xadd(stream_key(event.tenant), event.to_fields(), **options)  # type: ignore[arg-type]
-            await pipe.execute()
+                fields = event.to_fields()
+                if event.traceparent:
+                    # A publish span in the writing request's trace; the entry carries it, so
+                    # the consumer's span is its child.
+                    span = _TRACER.start_span(
+                        "events publish",
+                        context=traceparent_context(event.traceparent),
+                        kind=SpanKind.PRODUCER,
+                        attributes={
+                            "messaging.system": "redis",
+                            "messaging.operation.type": "send",
+                            "messaging.message.id": event.event_id,
+                            "aeterna.event.type": event.type,
+                            "aeterna.tenant": event.tenant,
+                        },
+                    )
+                    spans.append(span)
+                    fields["traceparent"] = span_traceparent(span) or event.traceparent
+                pipe.xadd(stream_key(event.tenant), fields, **options)  # type: ignore[arg-type]
+            try:
+                await pipe.execute()
+            finally:
+                for span in spans:
+                    span.end()
         self._known_streams |= keys
 
     def _log_retry(self, state: Any) -> None:

@@ -17,6 +17,7 @@ from aeterna.governance.v1 import approval_service_pb2 as asvc
 from aeterna.governance.v1 import approval_service_pb2_grpc as asvc_grpc
 from aeterna.governance.v1 import resources_pb2 as gres
 from aeterna_common.auth import ServiceCredentials
+from aeterna_common.telemetry import client_interceptors
 from google.protobuf import json_format, struct_pb2
 
 from aeterna_memory.domain.promotion import Approval, PromotionRequest
@@ -48,7 +49,8 @@ class GovernanceApprovals:
     """
 
     def __init__(self, target: str, credentials: ServiceCredentials) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        # The trace continues in governance (W3C traceparent metadata).
+        self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
         self.stub = asvc_grpc.ApprovalServiceStub(self.channel)
         self.credentials = credentials
 

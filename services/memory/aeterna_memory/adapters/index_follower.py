@@ -43,6 +43,7 @@ import structlog
 from aeterna_common import leases
 from aeterna_common.admission import ForegroundGauge
 from aeterna_common.db import Database
+from aeterna_common.telemetry import INDEX_LAG_POSITIONS, INDEX_LAG_SECONDS
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
 from prometheus_client import Gauge, Histogram
 
@@ -518,12 +519,28 @@ class IndexFollower:
                 if self._listen is None or self._listen.is_closed():
                     await self._connect_listener()
                 await self.catch_up()
+                await self.observe_lag()
             except (leases.LeaseLostError, LeaseFencedError) as exc:
                 if self.keeper is not None:
                     self.keeper.lost(str(exc))
             except Exception:  # keep following; the next round retries from the cursor
                 log.exception("index.apply_failed", position=self.applied)
                 await asyncio.sleep(min(self.poll_s, 1.0))
+
+    async def observe_lag(self) -> None:
+        """Set ``aeterna_index_lag_positions`` and ``aeterna_index_lag_seconds``: outbox
+        positions committed past the applied one, and the age of the oldest of them (two
+        primary-key lookups on the outbox)."""
+        async with self.indexer.all_tenants_snapshot() as conn:
+            row = await conn.fetchrow(
+                "SELECT (SELECT max(position) FROM outbox) AS head, "
+                "(SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM outbox "
+                "WHERE position > $1) AS age",
+                self.applied,
+            )
+        assert row is not None
+        INDEX_LAG_POSITIONS.labels("memory").set(max(0, int(row["head"] or 0) - self.applied))
+        INDEX_LAG_SECONDS.labels("memory").set(max(0.0, float(row["age"] or 0.0)))
 
     # ---- applying ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from aeterna_common.errors import (
     Unavailable,
 )
 from aeterna_common.search import fusion
+from aeterna_common.telemetry import tracer
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector
 
 from aeterna_memory.domain.indexing import IndexingPolicy, IndexTexts, build_texts, has_session
@@ -52,6 +53,7 @@ from aeterna_memory.domain.model import (
 from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
+_TRACER = tracer("aeterna.memory")
 
 T = TypeVar("T")
 
@@ -715,9 +717,15 @@ class MemoryDomain:
 
         # Embedding the query overlaps with waiting for the index to reach the latest write.
         # BM25 encoding runs in a worker thread, off the event loop.
+        async def embed_query() -> list[list[float]]:
+            with _TRACER.start_as_current_span(
+                "memory.search.embed", attributes={"aeterna.tenant": tenant}
+            ):
+                return await self.embed(tenant, [query.text], query=True)
+
         fresh, vectors, sparse_q = await asyncio.gather(
             caught_up(),
-            self.embed(tenant, [query.text], query=True),
+            embed_query(),
             asyncio.to_thread(self.encode_query, query.text),
         )
         applied = self.index.applied_position
@@ -737,7 +745,12 @@ class MemoryDomain:
         kept: list[_Kept] = []
         for start in range(0, len(ranked), chunk):
             ids = ranked[start : start + chunk]
-            rows = await self.store.read_hits(tenant, ids)
+            with _TRACER.start_as_current_span(
+                "memory.search.reread",
+                attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(ids)},
+            ) as span:
+                rows = await self.store.read_hits(tenant, ids)
+                span.set_attribute("aeterna.search.rows", len(rows))
             for mid in ids:
                 if mid not in rows:
                     continue
@@ -773,10 +786,20 @@ class MemoryDomain:
     ) -> tuple[list[ScoredId], list[ScoredId]]:
         flt = layer_filter(tenant, layer, query, readable)
         n = max(self.tuning.candidates, query.top_k)
-        dense, lexical = await asyncio.gather(
-            self.index.search_dense(dense_q, flt, n),
-            self.index.search_sparse(sparse_q, flt, n) if sparse_q.indices else _no_hits(),
-        )
+        with _TRACER.start_as_current_span(
+            "memory.search.index",
+            attributes={
+                "aeterna.tenant": tenant,
+                "aeterna.layer": layer.name,
+                "aeterna.search.limit": n,
+            },
+        ) as span:
+            dense, lexical = await asyncio.gather(
+                self.index.search_dense(dense_q, flt, n),
+                self.index.search_sparse(sparse_q, flt, n) if sparse_q.indices else _no_hits(),
+            )
+            span.set_attribute("aeterna.search.dense_candidates", len(dense))
+            span.set_attribute("aeterna.search.lexical_candidates", len(lexical))
         return dense, lexical
 
 
