@@ -308,9 +308,11 @@ async def test_project_memories_reach_their_team_only_when_its_tech_lead_approve
         )
 
     await until(settled, "the decisions applied from governance's events")
-    assert await records(stack, changed) == [
-        (1, "skipped", "the memory changed after it was asked for (revision 1 → 2)")
-    ]
+    # Revision 1's request is skipped; the job may already have asked again for revision 2
+    # (once per revision), which stays pending.
+    first, *again = await records(stack, changed)
+    assert first == (1, "skipped", "the memory changed after it was asked for (revision 1 → 2)")
+    assert again in ([], [(2, "pending", "")])
     assert await records(stack, deleted) == [(1, "skipped", "the memory was deleted")]
     [copy] = await copies_of(stack, shared)
     team_copy = await memories.GetMemory(
