@@ -11,15 +11,24 @@ Envoy, all in the same run:
   whole-tenant p95 within 1.5x of by-user p95;
 * ``during_ingest``: by-user search while a batch import of ``--import-n`` (20k) memories runs
   in another tenant, against by-user search idle just before. Target: p95 within 2x of idle.
-  Measured twice in the same run: as the service ships (a batch create works in steps of
+  The import is sent by a client process of its own (another tenant's importer: its request
+  building never shares the measuring client's event loop), through the edge with
+  BatchCreateMemories, 4 batches of 100 in flight. Measured twice in the same run: as the
+  service ships (document embedding and the index followers' BM25 encoding in lowered child
+  processes, ``AETERNA_MEMORY_BACKGROUND_PROCESS``; a batch create works in steps of
   ``AETERNA_MEMORY_BULK_STEP=20`` memories and yields the event loop to searches in flight
   between steps, ``aeterna_common.admission``; each replica's index follower applies the
   import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and yields to
-  the same searches), then, after a rolling restart of the replicas with both set to 0, with
-  each batch created and applied in one step (the baseline), each with its import rate, so the latency gained and the throughput paid are
-  compared under the same machine load. Document embedding runs at nice 10 in both
-  (``AETERNA_MEMORY_BACKGROUND_NICE``). The load averages of the machine (``os.getloadavg``)
-  are recorded at the start and the end: other work on a shared machine weighs on every figure.
+  the same searches), then, after a rolling restart of the replicas with all three off (the
+  baseline: embedding and BM25 encoding on threads of the serving process, each batch created
+  and applied in one step), each with its import rate, so the latency gained and the
+  throughput paid are compared under the same machine load. Document work runs at nice 10 in
+  both (``AETERNA_MEMORY_BACKGROUND_NICE``). The load averages of the machine
+  (``os.getloadavg``) are recorded at the start and the end: other work on a shared machine
+  weighs on every figure. Keep ``--import-n`` below 80 % of ``--n`` (100k/20k and 30k/20k
+  are): the points left without a graph after the build (10 % of ``--n``) plus the import
+  must stay under the build threshold (90 %), or the import triggers a graph build that the
+  figures would include.
 
 The vector store alone is measured by ``bench/bench_vectors.py``. Writes
 ``bench/results/scale.json``.

@@ -340,6 +340,10 @@ def _as_uuids(ids: Iterable[str]) -> list[uuid.UUID]:
     return out
 
 
+DocumentEncoder = Callable[[Sequence[tuple[str, Sequence[str]]]], Awaitable[list[SparseVector]]]
+"""``[(content, context), ...] →`` their BM25F sparse vectors, in order, computed elsewhere."""
+
+
 class IndexFollower:
     """Applies committed memory changes to one vector index, in outbox order.
 
@@ -367,8 +371,9 @@ class IndexFollower:
         apply_step: Most memories per step of an applied batch (``APPLY_STEP``); 0 applies
             each batch in one step without yielding.
         encode_documents: Batch form of ``encode_sparse`` that runs elsewhere (a lowered
-            child process, :class:`~aeterna_memory.adapters.lexical_process.ProcessDocumentEncoder`),
-            used instead of it when given; ``None`` encodes on a thread of this process.
+            child process: ``ProcessDocumentEncoder.encode`` in
+            :mod:`aeterna_memory.adapters.lexical_process`), used instead of it when given;
+            ``None`` encodes on a thread of this process.
 
     Raises:
         ValueError: ``apply_step`` is negative.
@@ -391,8 +396,7 @@ class IndexFollower:
         poll_s: float = 1.0,
         foreground: ForegroundGauge | None = None,
         apply_step: int = APPLY_STEP,
-        encode_documents: Callable[[Sequence[tuple[str, Sequence[str]]]], Awaitable[list[SparseVector]]]
-        | None = None,
+        encode_documents: DocumentEncoder | None = None,
     ) -> None:
         if apply_step < 0:
             raise ValueError(f"apply_step must be >= 0, got {apply_step}")
