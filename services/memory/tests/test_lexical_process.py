@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 
 import pytest
 from aeterna_common.search.lexical import encode_document
@@ -42,3 +44,38 @@ async def test_shared_replica_applies_through_the_child_processes(env: MemoryEnv
     # its documents are embedded in another.
     assert env.follower.encode_documents is not None
     assert env.domain.embedder.process_ids()
+
+
+async def test_child_exits_when_its_replica_is_killed() -> None:
+    # A pool's child holds both ends of its call queue and would outlive a SIGKILLed parent.
+    script = (
+        "import time\n"
+        "from aeterna_memory.adapters.lexical_process import ProcessDocumentEncoder\n"
+        "enc = ProcessDocumentEncoder(nice=0)\n"
+        "print(enc.process_ids()[0], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    try:
+        async with asyncio.timeout(120):
+            child = int(await parent.stdout.readline())
+        assert _alive(child)
+    finally:
+        parent.kill()
+        await parent.wait()
+    async with asyncio.timeout(60):  # the child notices within its 1 s poll
+        while True:
+            if not _alive(child):
+                break
+            await asyncio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

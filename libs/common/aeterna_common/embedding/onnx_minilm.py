@@ -27,7 +27,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
-from aeterna_common.priority import background_executor, lower_thread_priority
+from aeterna_common.priority import background_executor, init_background_child
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 """Name recorded with every vector."""
@@ -421,8 +421,8 @@ def _child_init(
     model_dir: str, intra_op_threads: int, batch_size: int, quantize: bool, nice: int
 ) -> None:
     # Lowered before ONNX Runtime and the tokenizer start their threads, which inherit it:
-    # the whole child runs at ``nice``.
-    lower_thread_priority(nice)
+    # the whole child runs at ``nice``; it exits when this process is gone.
+    init_background_child(nice)
     global _CHILD
     _CHILD = MiniLMEmbedder(
         model_dir,

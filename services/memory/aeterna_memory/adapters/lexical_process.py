@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import structlog
-from aeterna_common.priority import lower_thread_priority
+from aeterna_common.priority import init_background_child
 from aeterna_common.search.lexical import encode_document
 from aeterna_common.vectors.port import SparseVector
 
@@ -61,7 +61,7 @@ class ProcessDocumentEncoder:
         return ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=lower_thread_priority,
+            initializer=init_background_child,
             initargs=(self._nice,),
         )
 
