@@ -11,15 +11,24 @@ Envoy, all in the same run:
   whole-tenant p95 within 1.5x of by-user p95;
 * ``during_ingest``: by-user search while a batch import of ``--import-n`` (20k) memories runs
   in another tenant, against by-user search idle just before. Target: p95 within 2x of idle.
-  Measured twice in the same run: as the service ships (a batch create works in steps of
+  The import is sent by a client process of its own (another tenant's importer: its request
+  building never shares the measuring client's event loop), through the edge with
+  BatchCreateMemories, 4 batches of 100 in flight. Measured twice in the same run: as the
+  service ships (document embedding and the index followers' BM25 encoding in lowered child
+  processes, ``AETERNA_MEMORY_BACKGROUND_PROCESS``; a batch create works in steps of
   ``AETERNA_MEMORY_BULK_STEP=20`` memories and yields the event loop to searches in flight
   between steps, ``aeterna_common.admission``; each replica's index follower applies the
   import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and yields to
-  the same searches), then, after a rolling restart of the replicas with both set to 0, with
-  each batch created and applied in one step (the baseline), each with its import rate, so the latency gained and the throughput paid are
-  compared under the same machine load. Document embedding runs at nice 10 in both
-  (``AETERNA_MEMORY_BACKGROUND_NICE``). The load averages of the machine (``os.getloadavg``)
-  are recorded at the start and the end: other work on a shared machine weighs on every figure.
+  the same searches), then, after a rolling restart of the replicas with all three off (the
+  baseline: embedding and BM25 encoding on threads of the serving process, each batch created
+  and applied in one step), each with its import rate, so the latency gained and the
+  throughput paid are compared under the same machine load. Document work runs at nice 10 in
+  both (``AETERNA_MEMORY_BACKGROUND_NICE``). The load averages of the machine
+  (``os.getloadavg``) are recorded at the start and the end: other work on a shared machine
+  weighs on every figure. Keep ``--import-n`` below 80 % of ``--n`` (100k/20k and 30k/20k
+  are): the points left without a graph after the build (10 % of ``--n``) plus the import
+  must stay under the build threshold (90 %), or the import triggers a graph build that the
+  figures would include.
 
 The vector store alone is measured by ``bench/bench_vectors.py``. Writes
 ``bench/results/scale.json``.
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -133,6 +143,85 @@ def wait_graphs_swapped(index_dirs: list[Path], timeout_s: float = 3600) -> None
         time.sleep(1)
 
 
+BATCH_SIZE = 100
+"""Memories per BatchCreateMemories: small enough to embed within the edge's per-try timeout
+on a busy machine."""
+
+
+async def ingest(
+    endpoint: str,
+    bearer: str,
+    target: str,
+    total: int,
+    users: int,
+    seed: int,
+    quiet: bool = False,
+    channel_stub: tuple[Any, Any] | None = None,
+) -> float:
+    """Import ``total`` synthetic memories into tenant ``target`` as a client would: batch
+    creates of :data:`BATCH_SIZE` through the edge, 4 in flight. Returns the seconds taken."""
+    rng = random.Random(seed)
+    channel, stub = channel_stub or client.memory_stub(endpoint)
+    sem = asyncio.Semaphore(4)
+
+    async def send(start: int) -> None:
+        reqs = [
+            svc.CreateMemoryRequest(memory=synthetic(i, users, rng))
+            for i in range(start, min(total, start + BATCH_SIZE))
+        ]
+        key = f"{target}-{start}"
+        async with sem:
+            await stub.BatchCreateMemories(
+                svc.BatchCreateMemoriesRequest(
+                    parent=f"tenants/{target}", requests=reqs, request_id=key
+                ),
+                metadata=client.write_metadata(bearer, key),
+                timeout=600,
+            )
+
+    t0 = time.perf_counter()
+    starts = list(range(0, total, BATCH_SIZE))
+    try:
+        for chunk in range(0, len(starts), 8):
+            await asyncio.gather(*(send(s) for s in starts[chunk : chunk + 8]))
+            done = min(total, (chunk + 8) * BATCH_SIZE)
+            if not quiet:
+                rate = done / (time.perf_counter() - t0)
+                print(f"  {done}/{total} ingested ({rate:.0f}/s)", flush=True)
+    finally:
+        if channel_stub is None:
+            await channel.close()
+    return time.perf_counter() - t0
+
+
+def _import_process(
+    endpoint: str, bearer: str, target: str, total: int, users: int, out: Any
+) -> None:
+    """Entry point of the importing client's own process (see ``during_ingest``)."""
+    out.send(asyncio.run(ingest(endpoint, bearer, target, total, users, seed=11, quiet=True)))
+    out.close()
+
+
+async def import_elsewhere(
+    endpoint: str, bearer: str, target: str, total: int, users: int
+) -> float:
+    """:func:`ingest` run by a client process of its own, like another tenant's importer:
+    its request building and response handling never share the measuring client's event
+    loop. Returns the import's seconds."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_import_process, args=(endpoint, bearer, target, total, users, send), daemon=True
+    )
+    proc.start()
+    send.close()
+    try:
+        seconds = await asyncio.to_thread(receive.recv)
+    finally:
+        await asyncio.to_thread(proc.join, 60)
+    return float(seconds)
+
+
 async def run(
     endpoint: str,
     token: str,
@@ -148,37 +237,6 @@ async def run(
     rng = random.Random(7)
     channel, stub = client.memory_stub(endpoint)
     md = client.metadata(token)
-    # Batches small enough to embed within the edge's per-try timeout on a busy machine.
-    batch_size = 100
-    sem = asyncio.Semaphore(4)
-
-    async def send(target: str, start: int, total: int) -> None:
-        reqs = [
-            svc.CreateMemoryRequest(memory=synthetic(i, users, rng))
-            for i in range(start, min(total, start + batch_size))
-        ]
-        key = f"{target}-{start}"
-        bearer = token if target == tenant else import_token(target)
-        async with sem:
-            await stub.BatchCreateMemories(
-                svc.BatchCreateMemoriesRequest(
-                    parent=f"tenants/{target}", requests=reqs, request_id=key
-                ),
-                metadata=client.write_metadata(bearer, key),
-                timeout=600,
-            )
-
-    async def ingest(target: str, total: int, quiet: bool = False) -> float:
-        """Seconds to import ``total`` memories into ``target``."""
-        t0 = time.perf_counter()
-        starts = list(range(0, total, batch_size))
-        for chunk in range(0, len(starts), 8):
-            await asyncio.gather(*(send(target, s, total) for s in starts[chunk : chunk + 8]))
-            done = min(total, (chunk + 8) * batch_size)
-            if not quiet:
-                rate = done / (time.perf_counter() - t0)
-                print(f"  {done}/{total} ingested ({rate:.0f}/s)", flush=True)
-        return time.perf_counter() - t0
 
     def request(kind: str) -> svc.SearchMemoriesRequest:
         text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)}"
@@ -201,7 +259,7 @@ async def run(
         return summary([await one(kind) for _ in range(count)])
 
     async with channel:
-        ingest_s = await ingest(tenant, n)
+        ingest_s = await ingest(endpoint, token, tenant, n, users, 7, channel_stub=(channel, stub))
         await measure("by user", 20)  # warm-up
         before = {"whole tenant": await measure("whole tenant", min(queries, 100))}
         print(f"  before the graphs: {before}", flush=True)
@@ -216,7 +274,9 @@ async def run(
         async def during_ingest(target: str) -> dict[str, Any]:
             await measure("by user", 20)  # warm-up
             idle = await measure("by user")
-            importing = asyncio.create_task(ingest(target, import_n, quiet=True))
+            importing = asyncio.create_task(
+                import_elsewhere(endpoint, import_token(target), target, import_n, users)
+            )
             busy: list[float] = []
             while not importing.done():
                 busy.append(await one("by user"))
@@ -236,7 +296,12 @@ async def run(
         # The baseline: the same replicas with each batch create and each applied outbox
         # batch done in one step.
         await asyncio.to_thread(
-            restart, {"AETERNA_MEMORY_BULK_STEP": "0", "AETERNA_MEMORY_INDEX_APPLY_STEP": "0"}
+            restart,
+            {
+                "AETERNA_MEMORY_BULK_STEP": "0",
+                "AETERNA_MEMORY_INDEX_APPLY_STEP": "0",
+                "AETERNA_MEMORY_BACKGROUND_PROCESS": "false",
+            },
         )
         baseline = await during_ingest("scale-import-baseline")
     ratio_tenant = search["whole tenant"]["p95"] / search["by user"]["p95"]
@@ -267,6 +332,13 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--import-n", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra replica setting for the shipped run (repeatable), for experiments",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aeterna-scale-"))
     os.chmod(root, 0o755)
@@ -275,6 +347,7 @@ def main() -> int:
         "AETERNA_MEMORY_GRAPH_BUILD_MIN_POINTS": str(int(args.n * 0.9)),
         "AETERNA_MEMORY_GRAPH_BUILD_INTERVAL_S": "10",
     }
+    env.update(kv.split("=", 1) for kv in args.env)
     stack = DevStack(replicas=2, port=free_port(), root=root, fresh=True, env=env)
     print("starting a fresh local stack…", flush=True)
     stack.start(log=lambda *_: None)
@@ -309,6 +382,7 @@ def main() -> int:
                 restart,
             )
         )
+        result["extra_env"] = args.env
         result["machine"] = {
             "cpus": os.cpu_count(),
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -78,3 +79,30 @@ def background_executor(name: str, workers: int, nice: int) -> ThreadPoolExecuto
     return ThreadPoolExecutor(
         workers, thread_name_prefix=name, initializer=lower_thread_priority, initargs=(nice,)
     )
+
+
+def init_background_child(nice: int, poll_s: float = 1.0) -> None:
+    """Initializer of a child process that does a service's bulk work (a process pool's).
+
+    Lowers the child to ``nice`` (threads started afterwards inherit it) and makes it exit
+    when its parent is gone: a ``ProcessPoolExecutor`` child holds both ends of its own call
+    queue, so it never sees end-of-file when the parent is killed (SIGKILL, out of memory)
+    and would otherwise live on as an orphan with a copy of the model. A daemon thread
+    checks every ``poll_s`` seconds whether the child was re-parented.
+
+    Args:
+        nice: Nice increment, 0-19.
+        poll_s: Seconds between two checks of the parent.
+
+    Raises:
+        ValueError: ``nice`` outside 0-19.
+    """
+    lower_thread_priority(nice)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)  # the parent is gone: nobody will read a result
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
+from aeterna_common.embedding.port import EmbeddingUnavailableError
 from aeterna_common.priority import background_executor, lower_thread_priority
 from aeterna_common.search.lexical import BM25Encoder
 from aeterna_devstack.stack import require_model
@@ -102,3 +103,41 @@ def test_background_executor_lowers_only_its_threads() -> None:
         lower_thread_priority(20)
     with pytest.raises(ValueError):
         background_executor("bad", 0, 1)
+
+
+async def test_documents_embedded_in_a_lowered_child_process() -> None:
+    # The process lane: documents are embedded by a child process at the lowered priority,
+    # with the same vectors; queries stay in this process on their own lane.
+    local = MiniLMEmbedder(require_model(), quantize=True, batch_size=4)
+    emb = MiniLMEmbedder(
+        require_model(), quantize=True, batch_size=4, document_nice=7, document_process=True
+    )
+    try:
+        (child,) = emb.process_ids()
+        assert child != os.getpid()
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, child) == min(19, base + 7)
+        texts = ["the deploy moved to Friday", "my sister starts with the vet", "x" * 3000]
+        np.testing.assert_allclose(await emb.embed(texts), await local.embed(texts), atol=1e-5)
+        np.testing.assert_allclose(
+            emb.embed_sync(texts[:1]), local.embed_sync(texts[:1]), atol=1e-5
+        )
+        # A query overtakes a running 1,000-text document batch.
+        batch = asyncio.create_task(emb.embed(BATCH))
+        await asyncio.sleep(0.05)
+        await emb.embed_query(["where did we travel?"])
+        assert not batch.done()
+        assert len(await batch) == len(BATCH)
+        # A child that dies fails the calls it had as UNAVAILABLE, and a fresh one serves
+        # the next call.
+        os.kill(child, 9)
+        with pytest.raises(EmbeddingUnavailableError):
+            async with asyncio.timeout(60):
+                while True:  # until the pool has noticed the death
+                    await emb.embed(["after the kill"])
+                    await asyncio.sleep(0.05)
+        assert len(await emb.embed(["a fresh child"])) == 1
+        assert emb.process_ids() and emb.process_ids() != [child]
+    finally:
+        await emb.close()
+        await local.close()

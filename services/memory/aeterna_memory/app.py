@@ -43,6 +43,7 @@ from aeterna_memory.adapters.index_follower import (
     PostgresCursor,
     PostgresModelMarker,
 )
+from aeterna_memory.adapters.lexical_process import ProcessDocumentEncoder
 from aeterna_memory.adapters.lifecycle import LifecycleJobs
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, PostgresMemoryStore
 from aeterna_memory.adapters.redis_cache import NoCache, RedisEmbeddingCache
@@ -249,6 +250,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
             batch_size=settings.embedding_batch_size,
             query_lane=settings.embedding_query_lane,
             document_nice=settings.background_nice,
+            document_process=settings.background_process,
         )
     except ModelUnavailableError as exc:
         raise StartupError(
@@ -390,6 +392,11 @@ async def build(
     # One gauge per process: the searches it tracks are yielded to by batch creates and by
     # the index follower alike.
     foreground = ForegroundGauge(settings.bulk_yield_max_s)
+    lexical = (
+        await asyncio.to_thread(ProcessDocumentEncoder, settings.background_nice)
+        if settings.background_process
+        else None
+    )
     follower = IndexFollower(
         db,
         indexer,
@@ -402,6 +409,7 @@ async def build(
         lease_ttl_s=settings.index_lease_ttl_s,
         foreground=foreground,
         apply_step=settings.index_apply_step,
+        encode_documents=lexical.encode if lexical is not None else None,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)
     authz = build_authorizer(common, credentials, directory)
@@ -591,6 +599,7 @@ async def build(
             await authz.directory.close()
         if promotions is not None:
             await promotions.approvals.close()
+        await domain.drain_touches()
         await follower.close()
         with contextlib.suppress(Exception):
             await index.close()
@@ -598,6 +607,8 @@ async def build(
         if events_redis is not None:
             await events_redis.aclose()
         await embedder.close()
+        if lexical is not None:
+            lexical.close()
         await indexer.close()
         await db.close()
 

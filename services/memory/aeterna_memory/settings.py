@@ -51,6 +51,12 @@ class MemorySettings(BaseSettings, RelaySettings):
             of a search thread; ``aeterna_common.priority``). 0 runs them at the process's
             priority (the former behaviour, the baseline of ``make bench-scale``'s
             ``during_ingest``).
+        background_process: Run document work in child processes at ``background_nice``
+            instead of threads of the serving process: embedding documents (writes, imports,
+            re-embeds; the query lane stays in process) and the index follower's BM25
+            encoding of applied memories. The serving process's GIL is then never held by
+            bulk work. ``False`` runs both on threads of this process (the former behaviour,
+            the baseline of ``make bench-scale``'s ``during_ingest``).
         bulk_step: Memories per step of a batch create (authorization, embedding, rows
             sent to PostgreSQL); between two steps the batch yields the event loop to
             searches in flight, at most ``bulk_yield_max_s`` per step
@@ -153,6 +159,7 @@ class MemorySettings(BaseSettings, RelaySettings):
     embedding_batch_size: int = Field(default=4, ge=1, le=256)
     embedding_query_lane: bool = True
     background_nice: int = Field(default=10, ge=0, le=19)
+    background_process: bool = True
     bulk_step: int = Field(default=20, ge=0, le=1000)
     bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
     index_apply_step: int = Field(default=APPLY_STEP, ge=0, le=10_000)

@@ -25,7 +25,7 @@ def scratch() -> Path:
 async def env(make_database: Any, redis_server: Any, scratch: Path) -> AsyncIterator[MemoryEnv]:
     urls = await make_database()
     index_dir = scratch / "replica-a"
-    server, app = await start_memory(urls, redis_server.url, index_dir)
+    server, app = await start_memory(urls, redis_server.url, index_dir, background_process=True)
     # Session consistency: every read on this channel sees the writes made through it.
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[ReadYourWrites()])
     yield MemoryEnv(

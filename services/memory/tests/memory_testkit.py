@@ -106,6 +106,10 @@ async def start_memory(
     # The events relay's cursor holds the outbox trim back; tests that trim assert exact
     # bounds, so the relay runs only where a test asks for it (test_events_relay.py).
     settings.setdefault("events_relay", False)
+    # Bulk work in child processes (the shipped default) costs two spawned interpreters per
+    # replica: the session's shared replica (conftest ``env``) runs with them, the many
+    # short-lived replicas of single tests embed and encode in process.
+    settings.setdefault("background_process", False)
     app = await build(
         common,
         MemorySettings(index_dir=index_dir, **settings),

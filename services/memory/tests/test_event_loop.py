@@ -26,6 +26,10 @@ async def test_bm25_encoding_runs_off_the_event_loop(env: MemoryEnv) -> None:
         seen["document"].add(threading.get_ident())
         return encode_document(text, context)
 
+    # The in-process path (AETERNA_MEMORY_BACKGROUND_PROCESS=false): documents are encoded
+    # on the follower's own thread (the child-process path: test_lexical_process.py).
+    in_child = follower.encode_documents
+    follower.encode_documents = None
     domain.encode_query, follower.encode_sparse = query, document
     try:
         t = new_tenant()
@@ -39,5 +43,6 @@ async def test_bm25_encoding_runs_off_the_event_loop(env: MemoryEnv) -> None:
         assert r.results and r.results[0].lexical_score > 0
     finally:
         domain.encode_query, follower.encode_sparse = encode_query, encode_document
+        follower.encode_documents = in_child
     assert seen["query"] and loop_thread not in seen["query"]
     assert seen["document"] and loop_thread not in seen["document"]

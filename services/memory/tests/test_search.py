@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -228,6 +229,14 @@ async def test_search_counts_access(env: MemoryEnv) -> None:
     m = await create(env, t, memory("count my accesses please", user_id="u"))
     for _ in range(2):
         await search(env, t, "count accesses", scope=layer_pb2.Scope(user_id="u"))
+    # The count is written after each answer is sent: wait for it (and never past 2).
+    async with asyncio.timeout(30):
+        while True:
+            got = await env.stub.GetMemory(svc.GetMemoryRequest(name=m.name), metadata=md(t))
+            if got.access_count >= 2:
+                break
+            await asyncio.sleep(0.05)
+    await env.domain.drain_touches()
     got = await env.stub.GetMemory(svc.GetMemoryRequest(name=m.name), metadata=md(t))
     assert got.access_count == 2 and got.HasField("last_access_time")
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
-from aeterna_common.priority import background_executor
+from aeterna_common.priority import background_executor, init_background_child
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 """Name recorded with every vector."""
@@ -147,6 +149,14 @@ class MiniLMEmbedder:
             :mod:`aeterna_common.priority`); 0 keeps them at the process's priority. The
             query lane's thread keeps the process's priority (without a query lane, queries
             share the document threads and their priority).
+        document_process: Embed documents in ``sessions`` child processes instead of
+            threads of this one (the query lane stays here). Each child runs at
+            ``document_nice`` as a whole (ONNX Runtime, the tokenizer's thread pool and the
+            Python that prepares each batch), so the serving process's GIL is never held by
+            document work: a lowered thread of this process that holds the GIL (numpy
+            preparation of a batch, the conversion of its vectors) while it waits for the
+            CPU stalls the event loop with it. Costs a child interpreter per session
+            (spawned, ~1-2 s at construction) and another copy of the weights.
 
     Raises:
         ValueError: A numeric argument is below 1, or ``document_nice`` is outside 0-19.
@@ -164,6 +174,7 @@ class MiniLMEmbedder:
         quantize: bool = False,
         query_lane: bool = True,
         document_nice: int = 0,
+        document_process: bool = False,
     ) -> None:
         if min(intra_op_threads, batch_size, sessions) < 1:
             raise ValueError("intra_op_threads, batch_size and sessions must be >= 1")
@@ -182,7 +193,10 @@ class MiniLMEmbedder:
         self._query_pool: asyncio.Queue[ort.InferenceSession] = self._pool
         try:
             self._tokenizer = Tokenizer.from_file(str(directory / files["tokenizer"]))
-            for _ in range(sessions):
+            # With the process lane, documents never use a session of this process: load one
+            # only for queries without a lane of their own.
+            local_sessions = sessions if not document_process else 0 if query_lane else 1
+            for _ in range(local_sessions):
                 self._pool.put_nowait(
                     ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
                 )
@@ -194,6 +208,10 @@ class MiniLMEmbedder:
         except Exception as exc:  # tokenizers and onnxruntime raise their own types
             raise ModelUnavailableError(f"cannot load {graph}: {exc}") from exc
         configure_tokenizer(self._tokenizer)
+        self._process_args = (str(directory), intra_op_threads, batch_size, quantize, document_nice)
+        self._process: ProcessPoolExecutor | None = None
+        if document_process:
+            self._process = self._start_process_lane(sessions)
         # Own threads per lane: a busy default executor (BM25 encoding, other blocking work)
         # never delays inference, and document batches never take the query thread. With one
         # intra-op thread ONNX Runtime computes on the calling thread, so the document
@@ -204,7 +222,8 @@ class MiniLMEmbedder:
             if query_lane
             else self._executor
         )
-        self._sessions = sessions
+        self._sessions = local_sessions
+        self._process_workers = sessions
         self._query_lane = query_lane
         self._closed = False
 
@@ -230,7 +249,59 @@ class MiniLMEmbedder:
         Raises:
             EmbeddingError: The embedder is closed or ONNX Runtime failed.
         """
-        return await self._embed_on(self._pool, self._executor, texts, parallel=True)
+        if self._process is None:
+            return await self._embed_on(self._pool, self._executor, texts, parallel=True)
+        if self._closed:
+            raise EmbeddingUnavailableError("embedder is closed")
+        if not texts:
+            return []
+        pool = self._process
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                pool, _child_embed, list(texts)
+            )
+        except BrokenProcessPool as exc:
+            # A child died (killed, out of memory): later calls get a fresh pool.
+            if self._process is pool and not self._closed:
+                self._process = self._start_process_lane(self._process_workers, warm=False)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise EmbeddingUnavailableError(f"document embedding process died: {exc}") from exc
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EmbeddingError(f"ONNX inference failed: {exc}") from exc
+        return vectors.tolist()  # type: ignore[no-any-return]
+
+    def _start_process_lane(self, workers: int, *, warm: bool = True) -> ProcessPoolExecutor:
+        """``workers`` spawned children that load the model; with ``warm`` wait until each
+        has loaded it (a broken model fails here, at construction, not on the first write)."""
+        # spawn, not fork: the parent runs gRPC and event loop threads that fork would copy
+        # in an undefined state.
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_child_init,
+            initargs=self._process_args,
+        )
+        if warm:
+            try:
+                for f in [pool.submit(_child_pid) for _ in range(workers)]:
+                    f.result(timeout=120)
+            except Exception as exc:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise ModelUnavailableError(
+                    f"the document embedding process did not start: {exc!r}"
+                ) from exc
+        return pool
+
+    def process_ids(self) -> list[int]:
+        """Process ids of the document embedding children (empty without them).
+
+        Returns:
+            The pids of the live children of the process lane.
+        """
+        if self._process is None:
+            return []
+        procs = getattr(self._process, "_processes", None) or {}
+        return sorted(int(pid) for pid in procs)
 
     async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed search queries on the query lane (see :meth:`EmbeddingPort.embed_query`).
@@ -282,6 +353,9 @@ class MiniLMEmbedder:
         Returns:
             A float32 array of shape ``(n, 384)``, rows L2-normalised, in input order.
         """
+        if self._process is not None:
+            vectors: FloatArray = self._process.submit(_child_embed, list(texts)).result()
+            return vectors
         session = self._pool.get_nowait()
         try:
             return self._embed_sync(session, list(texts))
@@ -335,3 +409,37 @@ class MiniLMEmbedder:
             await self._query_pool.get()
         self._executor.shutdown(wait=False)
         self._query_executor.shutdown(wait=False)
+        if self._process is not None:
+            self._process.shutdown(wait=False, cancel_futures=True)
+
+
+_CHILD: MiniLMEmbedder | None = None
+"""The model of a document embedding child process (see ``document_process``)."""
+
+
+def _child_init(
+    model_dir: str, intra_op_threads: int, batch_size: int, quantize: bool, nice: int
+) -> None:
+    # Lowered before ONNX Runtime and the tokenizer start their threads, which inherit it:
+    # the whole child runs at ``nice``; it exits when this process is gone.
+    init_background_child(nice)
+    global _CHILD
+    _CHILD = MiniLMEmbedder(
+        model_dir,
+        intra_op_threads=intra_op_threads,
+        batch_size=batch_size,
+        quantize=quantize,
+        query_lane=False,
+    )
+
+
+def _child_embed(texts: list[str]) -> FloatArray:
+    if _CHILD is None:
+        raise EmbeddingUnavailableError("the embedding child process has no model")
+    return _CHILD.embed_sync(texts)
+
+
+def _child_pid() -> int:
+    if _CHILD is None:
+        raise EmbeddingUnavailableError("the embedding child process has no model")
+    return os.getpid()

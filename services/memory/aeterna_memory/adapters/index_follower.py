@@ -341,6 +341,10 @@ def _as_uuids(ids: Iterable[str]) -> list[uuid.UUID]:
     return out
 
 
+DocumentEncoder = Callable[[Sequence[tuple[str, Sequence[str]]]], Awaitable[list[SparseVector]]]
+"""``[(content, context), ...] →`` their BM25F sparse vectors, in order, computed elsewhere."""
+
+
 class IndexFollower:
     """Applies committed memory changes to one vector index, in outbox order.
 
@@ -367,6 +371,10 @@ class IndexFollower:
             :meth:`wait_for` (it waits for the follower itself).
         apply_step: Most memories per step of an applied batch (``APPLY_STEP``); 0 applies
             each batch in one step without yielding.
+        encode_documents: Batch form of ``encode_sparse`` that runs elsewhere (a lowered
+            child process: ``ProcessDocumentEncoder.encode`` in
+            :mod:`aeterna_memory.adapters.lexical_process`), used instead of it when given;
+            ``None`` encodes on a thread of this process.
 
     Raises:
         ValueError: ``apply_step`` is negative.
@@ -389,6 +397,7 @@ class IndexFollower:
         poll_s: float = 1.0,
         foreground: ForegroundGauge | None = None,
         apply_step: int = APPLY_STEP,
+        encode_documents: DocumentEncoder | None = None,
     ) -> None:
         if apply_step < 0:
             raise ValueError(f"apply_step must be >= 0, got {apply_step}")
@@ -397,6 +406,7 @@ class IndexFollower:
         self.index = index
         self.cursor = cursor
         self.encode_sparse = encode_sparse
+        self.encode_documents = encode_documents
         self.dsn = dsn
         self.dimension = dimension
         self.batch_size = batch_size
@@ -688,10 +698,15 @@ class IndexFollower:
         steps = 0
         for start in range(0, len(live), step):
             steps = await self._between_steps(steps)
-            # Off the event loop, on the encoder's own thread (see __init__).
-            points = await loop.run_in_executor(
-                self._encoder, self._points, live[start : start + step]
-            )
+            part = live[start : start + step]
+            if self.encode_documents is not None:
+                sparse = await self.encode_documents(
+                    [(r["content"], r["index_context"]) for r in part]
+                )
+                points = await loop.run_in_executor(self._encoder, self._points_of, part, sparse)
+            else:
+                # Off the event loop, on the encoder's own thread (see __init__).
+                points = await loop.run_in_executor(self._encoder, self._points, part)
             await index.upsert(points)
         for start in range(0, len(gone), step):
             steps = await self._between_steps(steps)
@@ -703,6 +718,12 @@ class IndexFollower:
         if done and self.apply_step:
             await self.foreground.yield_to_foreground()
         return done + 1
+
+    @staticmethod
+    def _points_of(
+        rows: Sequence[asyncpg.Record], sparse: Sequence[SparseVector]
+    ) -> list[IndexPoint]:
+        return [to_point(r, v) for r, v in zip(rows, sparse, strict=True)]
 
     def _points(self, rows: Sequence[asyncpg.Record]) -> list[IndexPoint]:
         return [

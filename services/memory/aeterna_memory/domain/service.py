@@ -256,6 +256,38 @@ class MemoryDomain:
         self.bulk_step = bulk_step
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
+        self._touches: set[asyncio.Task[None]] = set()
+
+    # ---- access counts ---------------------------------------------------------------
+
+    def touch_after_answer(self, tenant_id: str, ids: Sequence[str]) -> None:
+        """Count one access of each returned memory, after the answer has been sent.
+
+        The access count only feeds promotion and decay (DOMAIN.md, Memory), which read it
+        hours later: its transaction (three database round trips) need not delay the answer.
+        The write runs as a task of its own; a failure is logged, not raised (the search
+        has been answered). :meth:`drain_touches` waits for the pending ones at shutdown.
+
+        Args:
+            tenant_id: The tenant.
+            ids: Memory ids the search returned.
+        """
+        if not ids:
+            return
+        task = asyncio.get_running_loop().create_task(self._touch(tenant_id, list(ids)))
+        self._touches.add(task)  # a reference, or the loop may drop the task midway
+        task.add_done_callback(self._touches.discard)
+
+    async def _touch(self, tenant_id: str, ids: list[str]) -> None:
+        try:
+            await self.store.touch(tenant_id, ids)
+        except Exception:
+            log.warning("search.access_count_not_written", tenant=tenant_id, hits=len(ids))
+
+    async def drain_touches(self) -> None:
+        """Wait until every pending access-count write has finished (at shutdown)."""
+        while self._touches:
+            await asyncio.gather(*self._touches, return_exceptions=True)
 
     # ---- embeddings ------------------------------------------------------------------
 
@@ -762,7 +794,7 @@ class MemoryDomain:
                 break
         # A more specific duplicate may have replaced a kept hit: restore the ranking order.
         kept.sort(key=lambda k: candidates[k.candidate.id].order)
-        await self.store.touch(tenant, [k.candidate.id for k in kept])
+        self.touch_after_answer(tenant, [k.candidate.id for k in kept])
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         hits = [
             SearchHit(
