@@ -22,6 +22,8 @@ from aeterna_common.server import ServiceApp, StartupError
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_knowledge.promotion import PromotionApprovals
+from aeterna_knowledge.promotion_governance import GovernanceApprovals
 from aeterna_knowledge.settings import KnowledgeSettings
 
 log = structlog.get_logger("aeterna.knowledge")
@@ -70,6 +72,7 @@ async def build(
     settings: KnowledgeSettings | None = None,
     schema: SchemaSettings | None = None,
     directory: Directory | None = None,
+    approvals: PromotionApprovals | None = None,
 ) -> KnowledgeApp:
     """Build the knowledge service: migrate or wait for the schema, open the pools.
 
@@ -80,6 +83,8 @@ async def build(
             omitted.
         directory: Source of role bindings in place of governance's (plain data, e.g. a
             :class:`~aeterna_common.authz.StaticDirectory`).
+        approvals: Governance's approvals for promotions in place of the one built from
+            ``AETERNA_AUTHZ_DIRECTORY_URL`` with the service's own token.
 
     Raises:
         StartupError: The schema did not reach the version this code needs in time, or the
@@ -118,7 +123,15 @@ async def build(
         else None
     )
     authorizer = Authorizer(bindings, trust_token_roles=common.auth_trust_token_roles)
-    deps = Deps(common=common, settings=settings, db=db, access=Access(authorizer))
+    owned_approvals: GovernanceApprovals | None = None
+    if approvals is None and common.authz_directory_url:
+        credentials = ServiceCredentials.from_settings(common)
+        if credentials is not None:
+            owned_approvals = GovernanceApprovals(common.authz_directory_url, credentials)
+            approvals = owned_approvals
+    deps = Deps(
+        common=common, settings=settings, db=db, access=Access(authorizer), approvals=approvals
+    )
 
     async def collect_idempotency_keys(lease: leases.Lease) -> None:
         deleted = await writes.gc_idempotency_keys(db, settings.idempotency_ttl_s)
@@ -154,7 +167,7 @@ async def build(
     app = KnowledgeApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer, bindings, events_redis),
+        close=lambda: _close(db, indexer, bindings, events_redis, owned_approvals),
         background=jobs,
         deps=deps,
     )
@@ -174,7 +187,10 @@ async def _close(
     indexer: Database,
     bindings: DirectoryCache | None,
     events_redis: aioredis.Redis | None,
+    approvals: GovernanceApprovals | None = None,
 ) -> None:
+    if approvals is not None:
+        await approvals.close()
     if bindings is not None:
         await bindings.close()
     if events_redis is not None:

@@ -12,6 +12,7 @@ from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database
 
 from aeterna_knowledge.access import Access
+from aeterna_knowledge.promotion import PromotionApprovals
 from aeterna_knowledge.settings import KnowledgeSettings
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -26,12 +27,15 @@ class Deps:
         settings: Knowledge settings.
         db: Pool of the application role (tenant transactions under RLS).
         access: The authorization checks (the shared permission model).
+        approvals: Governance's approval requests (promotions), or None where governance is
+            not configured.
     """
 
     common: CommonSettings
     settings: KnowledgeSettings
     db: Database
     access: Access
+    approvals: PromotionApprovals | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -71,7 +71,7 @@ class KnowledgeEnv:
 
 
 async def start_knowledge(
-    urls: DatabaseUrls, directory: StaticDirectory
+    urls: DatabaseUrls, directory: StaticDirectory, approvals: Any = None
 ) -> tuple[GrpcServer, KnowledgeApp]:
     """Build the service as ``serve`` does (migrating at start) and start it on a free port;
     token roles are trusted (tenant admins by token, as in ``make run``)."""
@@ -83,7 +83,9 @@ async def start_knowledge(
         **auth_settings(),
     )
     settings = KnowledgeSettings(idempotency_gc_interval_s=0)
-    app = await build(common, settings, SchemaSettings(migrate_on_start=True), directory)
+    app = await build(
+        common, settings, SchemaSettings(migrate_on_start=True), directory, approvals=approvals
+    )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2
     )
