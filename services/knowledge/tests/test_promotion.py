@@ -456,6 +456,19 @@ async def test_refusals_leave_nothing_behind(env: Env) -> None:
     )
     assert any("credentials" in b for b in preview.blockers)
     assert not any("hunter2" in b for b in preview.blockers)
+    # Nothing is above COMPANY.
+    top = await env.stub.CreateKnowledgeItem(
+        draft(t, "adr/0022-top", unit="acme", layer=COMPANY), metadata=who(t, "root")
+    )
+    for step in ("Propose", "Accept"):
+        top = await getattr(env.stub, f"{step}KnowledgeItem")(
+            getattr(svc, f"{step}KnowledgeItemRequest")(name=top.name), metadata=who(t, "root")
+        )
+    reason, _, _ = await expect(
+        ask(env, t, top.name, layer=COMPANY, unit="acme", user="root"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert reason == "SOURCE_AT_TOP_LAYER"
     # A developer of the project may not request a team's promotion.
     await expect(ask(env, t, source.name, user="dev"), grpc.StatusCode.PERMISSION_DENIED)
     # Nothing was opened in governance for any of these.
