@@ -373,3 +373,93 @@ async def test_import_export_round_trip(stack: DevStack, tmp_path: Path) -> None
     # The record that stopped at DRAFT says so in its front matter.
     half_out = parse_record("adr/0007-half-done.md", (out / "adr/0007-half-done.md").read_text())
     assert isinstance(half_out, ParsedRecord) and half_out.status == "DRAFT"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "adr"
+
+
+async def test_cli_promotion_story(stack: DevStack) -> None:
+    """The README's story: the team's ADRs imported from ``docs/examples/adr``, one team
+    decision promoted to the organisation through a governance approval, all by the CLI
+    through the gateway."""
+    auth = DevAuth(stack.root / "auth")
+    admin = (("authorization", f"Bearer {auth.issue_token('kp', 'root', roles=['TENANT_ADMIN'])}"),)
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        orgs = osvc_grpc.OrganizationServiceStub(ch)
+        await _tree(orgs, "kp", admin, with_team=True)
+        for subject, role, unit in (
+            ("users/lead", gres.ROLE_TECH_LEAD, "payments"),
+            ("users/arch", gres.ROLE_ARCHITECT, "eng"),
+        ):
+            await orgs.CreateRoleBinding(
+                osvc.CreateRoleBindingRequest(
+                    parent="tenants/kp",
+                    role_binding=gres.RoleBinding(
+                        subject=subject, role=role, org_unit=f"tenants/kp/orgUnits/{unit}"
+                    ),
+                ),
+                metadata=admin,
+            )
+    env = {**os.environ, "AETERNA_ENDPOINT": stack.endpoint, "AETERNA_STATE_DIR": str(stack.root)}
+
+    def cli(*args: str, user: str, ok: bool = True) -> str:
+        who = ("--tenant", "kp", "--user", user)
+        done = subprocess.run(
+            [sys.executable, "-m", "aeterna_cli.main", "knowledge", *args, *who],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done.stdout + ("" if ok else done.stderr)
+
+    def listed(*args: str, user: str = "lead") -> list[dict[str, object]]:
+        return [json.loads(line) for line in cli("list", *args, "--json", user=user).splitlines()]
+
+    cli("import", str(EXAMPLES), "--layer", "team", "--unit", "payments", user="lead")
+    statuses = {x["path"]: x["status"] for x in listed()}
+    assert statuses == {
+        "0001-record-architecture-decisions": "ACCEPTED",
+        "0002-use-postgresql-for-the-ledger": "ACCEPTED",
+        "0003-idempotency-keys-on-every-write": "ACCEPTED",
+        "0004-retry-with-exponential-backoff": "PROPOSED",
+        "0005-use-luxon-for-dates": "DRAFT",
+    }
+    path = "0003-idempotency-keys-on-every-write"
+    (source,) = listed("--path", path)
+    preview = cli(
+        "promote",
+        str(source["name"]),
+        "--to-layer",
+        "org",
+        "--to-unit",
+        "eng",
+        "--preview",
+        user="lead",
+    )
+    assert "no blockers" in preview
+    request = json.loads(
+        cli(
+            "promote",
+            str(source["name"]),
+            "--to-layer",
+            "org",
+            "--to-unit",
+            "eng",
+            "--json",
+            user="lead",
+        )
+    )
+    assert request["state"] == "PROMOTION_STATE_PENDING_REVIEW" and request["approvalRequest"]
+    # The team's TECH_LEAD does not review for the organisation; its ARCHITECT does.
+    refused = cli("promotion", "approve", request["name"], user="lead", ok=False)
+    assert "PERMISSION_DENIED" in refused
+    approved = json.loads(cli("promotion", "approve", request["name"], "--json", user="arch"))
+    assert approved["state"] == "PROMOTION_STATE_APPROVED"
+    applied = json.loads(cli("promotion", "apply", request["name"], "--json", user="lead"))
+    assert applied["state"] == "PROMOTION_STATE_APPLIED"
+    both = {(x["layer"], x["status"]) for x in listed("--path", path, user="arch")}
+    assert both == {("TEAM", "SUPERSEDED"), ("ORG", "ACCEPTED")}
+    (promoted,) = listed("--layer", "org", user="arch")
+    assert promoted["name"] == applied["promotedItem"]

@@ -1,5 +1,6 @@
 """``aeterna knowledge add|get|list|search|history|propose|accept|supersede``: knowledge items
-through the SDK (``import`` and ``export`` are in :mod:`aeterna_cli.knowledge_files`).
+through the SDK (``import`` and ``export`` are in :mod:`aeterna_cli.knowledge_files`,
+``promote`` and ``promotion …`` in :mod:`aeterna_cli.knowledge_promotion`).
 
 Items are named by their id (the UUID) or full resource name; units by their id. Writes carry
 a ``request_id`` (``--request-id`` or a fresh one) in the body and in metadata, so the edge
@@ -44,8 +45,9 @@ Tags = Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeat).")
 
 def register(app: typer.Typer) -> None:
     """Add the ``knowledge`` group to ``app``."""
-    # import/export live in their own module, which adds its commands to knowledge_app.
-    from aeterna_cli import knowledge_files  # noqa: F401
+    # import/export and promotion live in their own modules, which add their commands to
+    # knowledge_app.
+    from aeterna_cli import knowledge_files, knowledge_promotion  # noqa: F401
 
     app.add_typer(knowledge_app, name="knowledge")
 
@@ -99,18 +101,24 @@ REVISION_COLUMNS: dict[str, Callable[[Any], str]] = {
 }
 
 
+def _residuals(item: res.KnowledgeItem) -> str:
+    return ", ".join(r.rsplit("/", 1)[-1] for r in item.residuals)
+
+
 def json_line(item: res.KnowledgeItem, score: float | None = None) -> str:
-    """One item as the machine-readable line of ``list --json`` (and search)."""
-    return json.dumps(
-        {
-            "name": item.name,
-            "title": item.title,
-            "path": item.path,
-            "score": score,
-            "status": status_of(item),
-            "layer": layer_of(item),
-        }
-    )
+    """One item as the machine-readable line of ``list --json`` (and search); ``residuals``
+    only in the enriched view."""
+    line: dict[str, Any] = {
+        "name": item.name,
+        "title": item.title,
+        "path": item.path,
+        "score": score,
+        "status": status_of(item),
+        "layer": layer_of(item),
+    }
+    if item.residuals:
+        line["residuals"] = list(item.residuals)
+    return json.dumps(line)
 
 
 @knowledge_app.command("add")
@@ -199,6 +207,12 @@ def knowledge_list(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per line (name, title, path, ...).")
     ] = False,
+    enriched: Annotated[
+        bool,
+        typer.Option(
+            "--enriched", help="Each item with its residuals (what a partial promotion kept)."
+        ),
+    ] = False,
 ) -> None:
     """List the items the caller may read (every page), by path."""
     c = caller(tenant, user, token, roles)
@@ -213,6 +227,7 @@ def knowledge_list(
         status=_enum(res.KnowledgeStatus, "KNOWLEDGE_STATUS_", status, statuses[1:], "--status"),
         org_unit=c.unit(unit) if unit else "",
         path=path,
+        view=res.KNOWLEDGE_ITEM_VIEW_ENRICHED if enriched else res.KNOWLEDGE_ITEM_VIEW_BASIC,
     )
 
     async def call(s: Stubs) -> list[res.KnowledgeItem]:
@@ -227,7 +242,7 @@ def knowledge_list(
         for item in items:
             print(json_line(item))
         return
-    show(items, False, ITEM_COLUMNS)
+    show(items, False, ITEM_COLUMNS | ({"residuals": _residuals} if enriched else {}))
 
 
 @knowledge_app.command("search")

@@ -71,15 +71,38 @@ def _scope(**ids: str | None) -> layer_pb2.Scope:
     return layer_pb2.Scope(**{k: v for k, v in ids.items() if v})
 
 
+TITLE_CHARS = 80
+"""Length of the content excerpt a memory's JSON line carries as its ``title``."""
+
+
+def memory_json_line(memory: res.Memory, score: float | None = None) -> str:
+    """One memory as the machine-readable line of ``list --json`` and ``search --json``:
+    the keys every list and search shares (``name``, ``title``: an excerpt of the content,
+    ``path`` and ``status``: null, memories have neither, ``score``: null outside a search,
+    ``layer``: ``TEAM``, ...), then the memory's own fields (``content``, ``metadata``, ...).
+    """
+    first = memory.content.strip().splitlines()[0] if memory.content.strip() else ""
+    title = first if len(first) <= TITLE_CHARS else first[: TITLE_CHARS - 1] + "…"
+    fields: dict[str, Any] = json_format.MessageToDict(memory)
+    fields.pop("name", None)
+    fields.pop("layer", None)
+    line: dict[str, Any] = {
+        "name": memory.name,
+        "title": title,
+        "path": None,
+        "score": score,
+        "status": None,
+        "layer": layer_pb2.MemoryLayer.Name(memory.layer).removeprefix("MEMORY_LAYER_"),
+    }
+    return json.dumps(line | fields, ensure_ascii=False)
+
+
 def _print_memories(
     memories: list[res.Memory], as_json: bool, scores: list[float] | None = None
 ) -> None:
     if as_json:
-        items: list[dict[str, Any]] = [json_format.MessageToDict(m) for m in memories]
-        if scores is not None:
-            for item, s in zip(items, scores, strict=True):
-                item["score"] = s
-        console.print_json(json.dumps(items))
+        for i, m in enumerate(memories):
+            print(memory_json_line(m, scores[i] if scores is not None else None))
         return
     table = Table(show_lines=False)
     if scores is not None:

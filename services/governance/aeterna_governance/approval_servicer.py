@@ -21,7 +21,13 @@ from aeterna_common.names import parse_name, parse_parent
 from aeterna_common.servicing import Ctx
 
 from aeterna_governance.access import method
-from aeterna_governance.approvals import DECIDE, Approvals, check_comment, validate_request
+from aeterna_governance.approvals import (
+    DECIDE,
+    Approvals,
+    check_comment,
+    requester_of,
+    validate_request,
+)
 from aeterna_governance.deps import Deps, Registered, ServicerSpec
 from aeterna_governance.store import WriteKey, request_hash
 
@@ -75,11 +81,7 @@ class ApprovalServicer(svc_grpc.ApprovalServiceServicer):
             principal, _action("CreateApprovalRequest"), Resource.tenant(tenant_id)
         )
         unit_id, mode, required, risk = validate_request(tenant_id, request.approval_request)
-        requester = (
-            f"services/{principal.user_id.removeprefix('service:')}"
-            if principal.is_service
-            else principal.actor
-        )
+        requester = requester_of(principal)
         key = WriteKey(
             tenant_id,
             requester,

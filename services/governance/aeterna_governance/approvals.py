@@ -194,6 +194,14 @@ def check_comment(comment: str, required: bool) -> None:
         )
 
 
+def requester_of(principal: Principal) -> str:
+    """Who ``principal`` is as a requester: ``services/{service}`` for a service principal
+    (token ``sub`` ``service:{service}``), else its actor (``users/{user}``, ...)."""
+    if principal.is_service:
+        return f"services/{principal.user_id.removeprefix('service:')}"
+    return principal.actor
+
+
 def same_user(requester: str, principal: Principal) -> bool:
     """Whether ``principal`` is the requester or its user (an agent's user approving what
     the agent asked is still self-approval)."""
@@ -555,7 +563,7 @@ class Approvals:
                 rid,
             )
             is_admin = await self.access.tenant_admin(principal, tenant_id, action)
-            if not is_admin and (row is None or row["requester"] != principal.actor):
+            if not is_admin and (row is None or row["requester"] != requester_of(principal)):
                 raise denied(action)
             if row is None:
                 raise _not_found(tenant_id, request_id)

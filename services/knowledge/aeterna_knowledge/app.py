@@ -23,6 +23,8 @@ from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.deps import Deps, Job, Registered, ServicerSpec
 from aeterna_knowledge.search import SearchParts, open_search
+from aeterna_knowledge.promotion import PromotionApprovals
+from aeterna_knowledge.promotion_governance import GovernanceApprovals
 from aeterna_knowledge.settings import KnowledgeSettings
 
 log = structlog.get_logger("aeterna.knowledge")
@@ -71,6 +73,7 @@ async def build(
     settings: KnowledgeSettings | None = None,
     schema: SchemaSettings | None = None,
     directory: Directory | None = None,
+    approvals: PromotionApprovals | None = None,
 ) -> KnowledgeApp:
     """Build the knowledge service: migrate or wait for the schema, open the pools.
 
@@ -81,6 +84,8 @@ async def build(
             omitted.
         directory: Source of role bindings in place of governance's (plain data, e.g. a
             :class:`~aeterna_common.authz.StaticDirectory`).
+        approvals: Governance's approvals for promotions in place of the one built from
+            ``AETERNA_AUTHZ_DIRECTORY_URL`` with the service's own token.
 
     Raises:
         StartupError: The schema did not reach the version this code needs in time, or the
@@ -127,7 +132,20 @@ async def build(
         await indexer.close()
         await db.close()
         raise
-    deps = Deps(common=common, settings=settings, db=db, access=access, search=searching.search)
+    owned_approvals: GovernanceApprovals | None = None
+    if approvals is None and common.authz_directory_url:
+        credentials = ServiceCredentials.from_settings(common)
+        if credentials is not None:
+            owned_approvals = GovernanceApprovals(common.authz_directory_url, credentials)
+            approvals = owned_approvals
+    deps = Deps(
+        common=common,
+        settings=settings,
+        db=db,
+        access=access,
+        search=searching.search,
+        approvals=approvals,
+    )
 
     async def collect_idempotency_keys(lease: leases.Lease) -> None:
         deleted = await writes.gc_idempotency_keys(db, settings.idempotency_ttl_s)
@@ -163,7 +181,7 @@ async def build(
     app = KnowledgeApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, indexer, bindings, events_redis, searching),
+        close=lambda: _close(db, indexer, bindings, events_redis, searching, owned_approvals),
         prepare=searching.follower.start,
         background=jobs,
         deps=deps,
@@ -185,8 +203,11 @@ async def _close(
     bindings: DirectoryCache | None,
     events_redis: aioredis.Redis | None,
     searching: SearchParts,
+    approvals: GovernanceApprovals | None = None,
 ) -> None:
     await searching.close()
+    if approvals is not None:
+        await approvals.close()
     if bindings is not None:
         await bindings.close()
     if events_redis is not None:

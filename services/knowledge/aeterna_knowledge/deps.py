@@ -12,6 +12,7 @@ from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database
 
 from aeterna_knowledge.access import Access
+from aeterna_knowledge.promotion import PromotionApprovals
 from aeterna_knowledge.settings import KnowledgeSettings
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ class Deps:
         access: The authorization checks (the shared permission model).
         search: This replica's search (its index and follower), None in tools that build
             servicers without one.
+        approvals: Governance's approval requests (promotions), or None where governance is
+            not configured.
     """
 
     common: CommonSettings
@@ -38,6 +41,7 @@ class Deps:
     db: Database
     access: Access
     search: KnowledgeSearch | None = None
+    approvals: PromotionApprovals | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

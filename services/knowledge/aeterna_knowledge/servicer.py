@@ -41,6 +41,7 @@ from aeterna_knowledge.access import UNIT_KIND, Access
 from aeterna_knowledge.deps import Deps, Registered, ServicerSpec
 from aeterna_knowledge.items import Items, NewItem, metadata_of
 from aeterna_knowledge.search import DEFAULT_STATUSES, Query
+from aeterna_knowledge.promotion_service import Promotions
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
@@ -249,6 +250,13 @@ class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
         self.deps = deps
         self.access: Access = deps.access
         self.items = Items(deps.db)
+        self.promotions = Promotions(
+            deps.db,
+            self.access,
+            self.items,
+            deps.approvals,
+            self._check_unit,
+        )
 
     def _key(self, tenant_id: str, principal: Principal, method: str, request: Message) -> WriteKey:
         request_id = str(getattr(request, "request_id", ""))
@@ -367,7 +375,10 @@ class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
         principal = rc.current().principal
         name = _item_ref(principal, request.name)
         servicing.check_read_token(context)
-        return await self._authorized_item(principal, name, "GetKnowledgeItem")
+        item = await self._authorized_item(principal, name, "GetKnowledgeItem")
+        if request.view == res.KNOWLEDGE_ITEM_VIEW_ENRICHED:
+            await self.promotions.residuals(principal, name.tenant_id, [item])
+        return item
 
     async def ListKnowledgeItems(
         self, request: svc.ListKnowledgeItemsRequest, context: Ctx
@@ -407,6 +418,8 @@ class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
             fingerprint,
             lambda i: f"{i.path}\x00{i.layer}\x00{i.name.rsplit('/', 1)[1]}",
         )
+        if request.view == res.KNOWLEDGE_ITEM_VIEW_ENRICHED:
+            await self.promotions.residuals(principal, tenant_id, page)
         return svc.ListKnowledgeItemsResponse(knowledge_items=page, next_page_token=token)
 
     async def UpdateKnowledgeItem(
@@ -634,47 +647,57 @@ class KnowledgeServicer(svc_grpc.KnowledgeServiceServicer):
     # The promotion methods are declared in the contract and not built yet: UNIMPLEMENTED,
     # as the proto says.
 
+    # Promotion: :mod:`.promotion_service` holds the logic.
+
     async def PreviewPromotion(
         self, request: svc.PreviewPromotionRequest, context: Ctx
     ) -> svc.PreviewPromotionResponse:
-        """Not implemented yet."""
-        raise Unimplemented("PreviewPromotion is not implemented yet")
+        """See the proto."""
+        return await self.promotions.preview(request, context)
 
     async def CreatePromotionRequest(
         self, request: svc.CreatePromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("CreatePromotionRequest is not implemented yet")
+        """See the proto."""
+        principal = rc.current().principal
+        tenant_id = parse_parent(principal, request.parent)
+        self._check_write(context, request)
+        key = self._key(tenant_id, principal, "CreatePromotionRequest", request)
+        return await self.promotions.create(request, context, key)
 
     async def GetPromotionRequest(
         self, request: svc.GetPromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("GetPromotionRequest is not implemented yet")
+        """See the proto."""
+        return await self.promotions.get(request, context)
 
     async def ApprovePromotionRequest(
         self, request: svc.ApprovePromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("ApprovePromotionRequest is not implemented yet")
+        """See the proto."""
+        return await self.promotions.decide(request, context, approve=True)
 
     async def RejectPromotionRequest(
         self, request: svc.RejectPromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("RejectPromotionRequest is not implemented yet")
+        """See the proto."""
+        return await self.promotions.decide(request, context, approve=False)
 
     async def RetargetPromotionRequest(
         self, request: svc.RetargetPromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("RetargetPromotionRequest is not implemented yet")
+        """See the proto."""
+        return await self.promotions.retarget(request, context)
 
     async def ApplyPromotionRequest(
         self, request: svc.ApplyPromotionRequestRequest, context: Ctx
     ) -> res.PromotionRequest:
-        """Not implemented yet."""
-        raise Unimplemented("ApplyPromotionRequest is not implemented yet")
+        """See the proto."""
+        principal = rc.current().principal
+        name = parse_name(principal, request.name, "promotionRequests")
+        self._check_write(context, request)
+        key = self._key(name.tenant_id, principal, "ApplyPromotionRequest", request)
+        return await self.promotions.apply(request, context, key)
 
 
 def _build(deps: Deps, server: grpc.aio.Server) -> Registered:

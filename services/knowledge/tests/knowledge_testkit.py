@@ -74,7 +74,7 @@ class KnowledgeEnv:
 
 
 async def start_knowledge(
-    urls: DatabaseUrls, directory: StaticDirectory, **settings: Any
+    urls: DatabaseUrls, directory: StaticDirectory, approvals: Any = None, **settings: Any
 ) -> tuple[GrpcServer, KnowledgeApp]:
     """Build the service as ``serve`` does (migrating at start) and start it on a free port;
     token roles are trusted (tenant admins by token, as in ``make run``). Each server gets
@@ -94,6 +94,7 @@ async def start_knowledge(
         KnowledgeSettings(idempotency_gc_interval_s=0, **settings),
         SchemaSettings(migrate_on_start=True),
         directory,
+        approvals=approvals,
     )
     server = GrpcServer(
         app, verifier=TokenVerifier.from_settings(common), listen="127.0.0.1:0", grace_period_s=2

@@ -59,16 +59,20 @@ class GetKnowledgeItemRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`tenants/{tenant}/knowledgeItems/{knowledge_item}`."""
+    view: _resources_pb2.KnowledgeItemView.ValueType
+    """BASIC (default) or ENRICHED (with `residuals`)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        view: _resources_pb2.KnowledgeItemView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,6 +92,7 @@ class ListKnowledgeItemsRequest(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     ORG_UNIT_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The tenant, `tenants/{tenant}`."""
     page_size: _builtins.int
@@ -104,6 +109,8 @@ class ListKnowledgeItemsRequest(_message.Message):
     """Only items of this unit, when set."""
     path: _builtins.str
     """Only items with this exact path, when set."""
+    view: _resources_pb2.KnowledgeItemView.ValueType
+    """BASIC (default) or ENRICHED: each item with its `residuals` (query_enriched)."""
     def __init__(
         self,
         *,
@@ -115,10 +122,11 @@ class ListKnowledgeItemsRequest(_message.Message):
         layer: _resources_pb2.KnowledgeLayer.ValueType = ...,
         org_unit: _builtins.str = ...,
         path: _builtins.str = ...,
+        view: _resources_pb2.KnowledgeItemView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "org_unit", b"org_unit", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "path", b"path", "status", b"status", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "org_unit", b"org_unit", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "path", b"path", "status", b"status", "type", b"type", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

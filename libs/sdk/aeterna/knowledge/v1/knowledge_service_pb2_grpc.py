@@ -279,49 +279,54 @@ class KnowledgeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PreviewPromotion(self, request, context):
-        """What promoting an item would do. Not implemented yet: UNIMPLEMENTED.
+        """What promoting an item would do, and why it cannot be done (`blockers`), without writing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreatePromotionRequest(self, request, context):
-        """Requests a promotion (PENDING_REVIEW). Not implemented yet: UNIMPLEMENTED.
+        """Requests a promotion (PENDING_REVIEW) and opens its governance approval at the target
+        unit. The source must be ACCEPTED, not at COMPANY, free of credentials; the target higher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPromotionRequest(self, request, context):
-        """Gets a promotion request. Not implemented yet: UNIMPLEMENTED.
+        """Gets a promotion request, with governance's decision if one was made meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ApprovePromotionRequest(self, request, context):
-        """Approves a promotion request. Not implemented yet: UNIMPLEMENTED.
+        """Approves a promotion request: the caller's decision on its governance approval (a
+        reviewer of the target unit, never its requester). Approving again is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RejectPromotionRequest(self, request, context):
-        """Rejects a promotion request. Not implemented yet: UNIMPLEMENTED.
+        """Rejects a promotion request: the caller's decision on its governance approval.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RetargetPromotionRequest(self, request, context):
-        """Moves a promotion request to another target unit or layer. Not implemented yet: UNIMPLEMENTED.
+        """Moves a pending promotion request to another target unit or layer; a new governance
+        approval is opened there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ApplyPromotionRequest(self, request, context):
-        """Applies an approved promotion request. Not implemented yet: UNIMPLEMENTED.
+        """Applies an approved promotion request: creates the promoted item ACCEPTED at the target
+        with PROMOTED_FROM/PROMOTED_TO both ways; FULL supersedes the source, PARTIAL keeps it as
+        a residual. Applying again returns the request; a changed source is ABORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

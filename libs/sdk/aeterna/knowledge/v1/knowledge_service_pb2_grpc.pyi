@@ -85,19 +85,28 @@ class KnowledgeServiceStub:
     update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
     """
     PreviewPromotion: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.PreviewPromotionRequest, _knowledge_service_pb2.PreviewPromotionResponse]
-    """What promoting an item would do. Not implemented yet: UNIMPLEMENTED."""
+    """What promoting an item would do, and why it cannot be done (`blockers`), without writing."""
     CreatePromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.CreatePromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Requests a promotion (PENDING_REVIEW). Not implemented yet: UNIMPLEMENTED."""
+    """Requests a promotion (PENDING_REVIEW) and opens its governance approval at the target
+    unit. The source must be ACCEPTED, not at COMPANY, free of credentials; the target higher.
+    """
     GetPromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.GetPromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Gets a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Gets a promotion request, with governance's decision if one was made meanwhile."""
     ApprovePromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.ApprovePromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Approves a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Approves a promotion request: the caller's decision on its governance approval (a
+    reviewer of the target unit, never its requester). Approving again is a no-op.
+    """
     RejectPromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.RejectPromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Rejects a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Rejects a promotion request: the caller's decision on its governance approval."""
     RetargetPromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.RetargetPromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Moves a promotion request to another target unit or layer. Not implemented yet: UNIMPLEMENTED."""
+    """Moves a pending promotion request to another target unit or layer; a new governance
+    approval is opened there.
+    """
     ApplyPromotionRequest: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.ApplyPromotionRequestRequest, _resources_pb2.PromotionRequest]
-    """Applies an approved promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Applies an approved promotion request: creates the promoted item ACCEPTED at the target
+    with PROMOTED_FROM/PROMOTED_TO both ways; FULL supersedes the source, PARTIAL keeps it as
+    a residual. Applying again returns the request; a changed source is ABORTED.
+    """
 
 @_typing.type_check_only
 class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
@@ -154,19 +163,28 @@ class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     update time) orders near-equal scores. Honours `x-aeterna-consistency-token`.
     """
     PreviewPromotion: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.PreviewPromotionRequest, _knowledge_service_pb2.PreviewPromotionResponse]  # type: ignore[assignment]
-    """What promoting an item would do. Not implemented yet: UNIMPLEMENTED."""
+    """What promoting an item would do, and why it cannot be done (`blockers`), without writing."""
     CreatePromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.CreatePromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Requests a promotion (PENDING_REVIEW). Not implemented yet: UNIMPLEMENTED."""
+    """Requests a promotion (PENDING_REVIEW) and opens its governance approval at the target
+    unit. The source must be ACCEPTED, not at COMPANY, free of credentials; the target higher.
+    """
     GetPromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.GetPromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Gets a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Gets a promotion request, with governance's decision if one was made meanwhile."""
     ApprovePromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.ApprovePromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Approves a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Approves a promotion request: the caller's decision on its governance approval (a
+    reviewer of the target unit, never its requester). Approving again is a no-op.
+    """
     RejectPromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.RejectPromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Rejects a promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Rejects a promotion request: the caller's decision on its governance approval."""
     RetargetPromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.RetargetPromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Moves a promotion request to another target unit or layer. Not implemented yet: UNIMPLEMENTED."""
+    """Moves a pending promotion request to another target unit or layer; a new governance
+    approval is opened there.
+    """
     ApplyPromotionRequest: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.ApplyPromotionRequestRequest, _resources_pb2.PromotionRequest]  # type: ignore[assignment]
-    """Applies an approved promotion request. Not implemented yet: UNIMPLEMENTED."""
+    """Applies an approved promotion request: creates the promoted item ACCEPTED at the target
+    with PROMOTED_FROM/PROMOTED_TO both ways; FULL supersedes the source, PARTIAL keeps it as
+    a residual. Applying again returns the request; a changed source is ABORTED.
+    """
 
 class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Knowledge items (ADRs, policies, patterns, specs, hindsight notes) under an enforced
@@ -316,7 +334,7 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.PreviewPromotionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_knowledge_service_pb2.PreviewPromotionResponse, _abc.Awaitable[_knowledge_service_pb2.PreviewPromotionResponse]]:
-        """What promoting an item would do. Not implemented yet: UNIMPLEMENTED."""
+        """What promoting an item would do, and why it cannot be done (`blockers`), without writing."""
 
     @_abc_1.abstractmethod
     def CreatePromotionRequest(
@@ -324,7 +342,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.CreatePromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Requests a promotion (PENDING_REVIEW). Not implemented yet: UNIMPLEMENTED."""
+        """Requests a promotion (PENDING_REVIEW) and opens its governance approval at the target
+        unit. The source must be ACCEPTED, not at COMPANY, free of credentials; the target higher.
+        """
 
     @_abc_1.abstractmethod
     def GetPromotionRequest(
@@ -332,7 +352,7 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.GetPromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Gets a promotion request. Not implemented yet: UNIMPLEMENTED."""
+        """Gets a promotion request, with governance's decision if one was made meanwhile."""
 
     @_abc_1.abstractmethod
     def ApprovePromotionRequest(
@@ -340,7 +360,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.ApprovePromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Approves a promotion request. Not implemented yet: UNIMPLEMENTED."""
+        """Approves a promotion request: the caller's decision on its governance approval (a
+        reviewer of the target unit, never its requester). Approving again is a no-op.
+        """
 
     @_abc_1.abstractmethod
     def RejectPromotionRequest(
@@ -348,7 +370,7 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.RejectPromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Rejects a promotion request. Not implemented yet: UNIMPLEMENTED."""
+        """Rejects a promotion request: the caller's decision on its governance approval."""
 
     @_abc_1.abstractmethod
     def RetargetPromotionRequest(
@@ -356,7 +378,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.RetargetPromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Moves a promotion request to another target unit or layer. Not implemented yet: UNIMPLEMENTED."""
+        """Moves a pending promotion request to another target unit or layer; a new governance
+        approval is opened there.
+        """
 
     @_abc_1.abstractmethod
     def ApplyPromotionRequest(
@@ -364,6 +388,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.ApplyPromotionRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.PromotionRequest, _abc.Awaitable[_resources_pb2.PromotionRequest]]:
-        """Applies an approved promotion request. Not implemented yet: UNIMPLEMENTED."""
+        """Applies an approved promotion request: creates the promoted item ACCEPTED at the target
+        with PROMOTED_FROM/PROMOTED_TO both ways; FULL supersedes the source, PARTIAL keeps it as
+        a residual. Applying again returns the request; a changed source is ABORTED.
+        """
 
 def add_KnowledgeServiceServicer_to_server(servicer: KnowledgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

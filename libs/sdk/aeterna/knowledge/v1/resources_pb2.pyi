@@ -206,6 +206,34 @@ VARIANT_ROLE_CANONICAL: VariantRole.ValueType  # 6
 """The item itself (the default)."""
 Global___VariantRole: _TypeAlias = VariantRole  # noqa: Y015
 
+class _KnowledgeItemView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KnowledgeItemViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KnowledgeItemView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KNOWLEDGE_ITEM_VIEW_UNSPECIFIED: _KnowledgeItemView.ValueType  # 0
+    """Not set: BASIC."""
+    KNOWLEDGE_ITEM_VIEW_BASIC: _KnowledgeItemView.ValueType  # 1
+    """The item's own fields."""
+    KNOWLEDGE_ITEM_VIEW_ENRICHED: _KnowledgeItemView.ValueType  # 2
+    """The item with its residuals (`residuals`): each primary item grouped with what a
+    PARTIAL promotion left at lower layers.
+    """
+
+class KnowledgeItemView(_KnowledgeItemView, metaclass=_KnowledgeItemViewEnumTypeWrapper):
+    """How much of an item Get and List return (AIP-157)."""
+
+KNOWLEDGE_ITEM_VIEW_UNSPECIFIED: KnowledgeItemView.ValueType  # 0
+"""Not set: BASIC."""
+KNOWLEDGE_ITEM_VIEW_BASIC: KnowledgeItemView.ValueType  # 1
+"""The item's own fields."""
+KNOWLEDGE_ITEM_VIEW_ENRICHED: KnowledgeItemView.ValueType  # 2
+"""The item with its residuals (`residuals`): each primary item grouped with what a
+PARTIAL promotion left at lower layers.
+"""
+Global___KnowledgeItemView: _TypeAlias = KnowledgeItemView  # noqa: Y015
+
 class _RelationKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -351,6 +379,7 @@ class KnowledgeItem(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    RESIDUALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `tenants/{tenant}/knowledgeItems/{knowledge_item}`."""
     type: Global___KnowledgeType.ValueType
@@ -407,6 +436,13 @@ class KnowledgeItem(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Last change time."""
 
+    @_builtins.property
+    def residuals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The residuals of this item (query_enriched): the items kept at a lower layer by a
+        PARTIAL promotion of it, each relating to it as SPECIALIZES, APPLICABLE_FROM,
+        EXCEPTION_TO or CLARIFIES by its variant role. Filled only in the ENRICHED view.
+        """
+
     def __init__(
         self,
         *,
@@ -431,10 +467,11 @@ class KnowledgeItem(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        residuals: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "constraints", b"constraints", "content", b"content", "content_hash", b"content_hash", "create_time", b"create_time", "etag", b"etag", "layer", b"layer", "metadata", b"metadata", "name", b"name", "org_unit", b"org_unit", "path", b"path", "promoted_from", b"promoted_from", "severity", b"severity", "status", b"status", "summary", b"summary", "tags", b"tags", "title", b"title", "type", b"type", "update_time", b"update_time", "variant_role", b"variant_role", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "constraints", b"constraints", "content", b"content", "content_hash", b"content_hash", "create_time", b"create_time", "etag", b"etag", "layer", b"layer", "metadata", b"metadata", "name", b"name", "org_unit", b"org_unit", "path", b"path", "promoted_from", b"promoted_from", "residuals", b"residuals", "severity", b"severity", "status", b"status", "summary", b"summary", "tags", b"tags", "title", b"title", "type", b"type", "update_time", b"update_time", "variant_role", b"variant_role", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,6 +591,9 @@ class PromotionRequest(_message.Message):
     APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    RESIDUAL_ROLE_FIELD_NUMBER: _builtins.int
+    PROMOTED_ITEM_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `tenants/{tenant}/promotionRequests/{promotion_request}`."""
     source: _builtins.str
@@ -572,6 +612,14 @@ class PromotionRequest(_message.Message):
     """The governance approval request deciding it."""
     etag: _builtins.str
     """Optimistic-concurrency tag (AIP-154)."""
+    residual_role: Global___VariantRole.ValueType
+    """PARTIAL: the variant role the source keeps at its layer (SPECIALIZATION, APPLICABILITY,
+    EXCEPTION or CLARIFICATION; unset means SPECIALIZATION). Ignored for FULL.
+    """
+    promoted_item: _builtins.str
+    """The item created at the target layer, once APPLIED."""
+    requester: _builtins.str
+    """Who asked, `users/{user}` or `users/{user}/agents/{agent}`; never its reviewer."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Creation time."""
@@ -589,10 +637,13 @@ class PromotionRequest(_message.Message):
         approval_request: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        residual_role: Global___VariantRole.ValueType = ...,
+        promoted_item: _builtins.str = ...,
+        requester: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "create_time", b"create_time", "etag", b"etag", "mode", b"mode", "name", b"name", "source", b"source", "source_version", b"source_version", "state", b"state", "target_layer", b"target_layer", "target_org_unit", b"target_org_unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "create_time", b"create_time", "etag", b"etag", "mode", b"mode", "name", b"name", "promoted_item", b"promoted_item", "requester", b"requester", "residual_role", b"residual_role", "source", b"source", "source_version", b"source_version", "state", b"state", "target_layer", b"target_layer", "target_org_unit", b"target_org_unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
