@@ -22,9 +22,9 @@ from aeterna_common.server import ServiceApp, StartupError
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.deps import Deps, Job, Registered, ServicerSpec
-from aeterna_knowledge.search import SearchParts, open_search
 from aeterna_knowledge.promotion import PromotionApprovals
 from aeterna_knowledge.promotion_governance import GovernanceApprovals
+from aeterna_knowledge.search import SearchParts, open_search
 from aeterna_knowledge.settings import KnowledgeSettings
 
 log = structlog.get_logger("aeterna.knowledge")

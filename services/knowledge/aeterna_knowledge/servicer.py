@@ -40,8 +40,8 @@ from google.protobuf.message import Message
 from aeterna_knowledge.access import UNIT_KIND, Access
 from aeterna_knowledge.deps import Deps, Registered, ServicerSpec
 from aeterna_knowledge.items import Items, NewItem, metadata_of
-from aeterna_knowledge.search import DEFAULT_STATUSES, Query
 from aeterna_knowledge.promotion_service import Promotions
+from aeterna_knowledge.search import DEFAULT_STATUSES, Query
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
