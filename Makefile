@@ -15,7 +15,7 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
+.PHONY: help deps-system drill venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
@@ -29,6 +29,16 @@ help:
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
+
+# Debian packages some targets need (pgBackRest and Redis Sentinel for the drill); installs
+# only what is missing, so it is safe to run again.
+SYSTEM_PACKAGES := pgbackrest redis-sentinel
+deps-system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends $$missing; \
+	fi
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -124,6 +134,12 @@ bench-events: $(STAMP)
 	$(PY) bench/events.py
 
 bench: bench-locomo bench-scale
+
+# Backup and restore drill: pgBackRest full backup + WAL archiving to S3 (SeaweedFS), writes
+# flowing, data directory destroyed, restore, restart, indexes rebuilt, bus replayed; prints
+# RPO and RTO. DRILL_ARGS=--quick is the reduced form the test suite runs.
+drill: $(STAMP) $(MODEL) deps-system
+	$(PY) scripts/drill.py $(DRILL_ARGS)
 
 clean:
 	rm -rf .var .mypy_cache .ruff_cache .pytest_cache

@@ -24,6 +24,7 @@ from aeterna_governance import (
     organization_servicer,
     policy_servicer,
     store,
+    usage_servicer,
 )
 from aeterna_governance.access import Access, OwnTablesDirectory
 from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
@@ -39,6 +40,7 @@ SERVICERS: list[ServicerSpec] = [
     approval_servicer.SPEC,
     policy_servicer.SPEC,
     audit_servicer.SPEC,
+    usage_servicer.SPEC,
 ]
 """Every service governance serves; a new servicer module adds its ``SPEC`` here."""
 

@@ -18,6 +18,7 @@ from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.events import relay_from_settings
 from aeterna_common.server import ServiceApp, StartupError
+from aeterna_common.usage import UsageReporter
 
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
@@ -135,7 +136,10 @@ async def build(
                 ttl_s=settings.jobs_lease_ttl_s,
             )
 
-    jobs: list[Job] = [idempotency_gc]
+    jobs: list[Job] = [
+        idempotency_gc,
+        UsageReporter(db, indexer, service="knowledge", channel=items.NOTIFY_CHANNEL).run,
+    ]
     if bindings is not None:
         jobs.append(bindings.watch)
     relaying = relay_from_settings(

@@ -29,6 +29,7 @@ from aeterna_common.events import (
 )
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp, StartupError
+from aeterna_common.usage import EmbeddingCap, UsageReporter, UsageSettings
 from aeterna_common.vectors.port import VectorIndex
 
 from aeterna_memory.adapters.governance import GovernanceApprovals
@@ -539,6 +540,15 @@ async def build(
             await asyncio.sleep(settings.outbox_report_interval_s)
 
     jobs.append(report_position_forever)
+    usage_settings = UsageSettings()
+    jobs.append(UsageReporter(db, indexer, service="memory", channel=NOTIFY_CHANNEL).run)
+    # The hard cap: governance says whether a tenant's budget is spent (when it is on there).
+    embedding_cap: EmbeddingCap | None = None
+    if usage_settings.cap_check_s and common.authz_directory_url and credentials is not None:
+        embedding_cap = EmbeddingCap(
+            common.authz_directory_url, credentials, usage_settings.cap_check_s
+        )
+        domain.embedding_cap = embedding_cap.check
 
     if promotions is not None:
         jobs.append(
@@ -598,6 +608,8 @@ async def build(
         if events_redis is not None:
             await events_redis.aclose()
         await embedder.close()
+        if embedding_cap is not None:
+            await embedding_cap.close()
         await indexer.close()
         await db.close()
 

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -254,6 +254,9 @@ class MemoryDomain:
         self.bulk_step = bulk_step
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
+        self.embedding_cap: Callable[[str], Awaitable[None]] | None = None
+        """Raises ``RESOURCE_EXHAUSTED`` for a tenant whose budget is spent (hard cap), before
+        the model embeds documents (:class:`aeterna_common.usage.EmbeddingCap`)."""
 
     # ---- embeddings ------------------------------------------------------------------
 
@@ -291,6 +294,9 @@ class MemoryDomain:
         ]
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
+        if missing and not query and self.embedding_cap is not None:
+            # New documents only: searches of what is stored stay available.
+            await self.embedding_cap(tenant_id)
         if missing:
             embed = self.embedder.embed_query if query else self.embedder.embed
             vectors = await embed(missing)
@@ -749,7 +755,7 @@ class MemoryDomain:
                 break
         # A more specific duplicate may have replaced a kept hit: restore the ranking order.
         kept.sort(key=lambda k: candidates[k.candidate.id].order)
-        await self.store.touch(tenant, [k.candidate.id for k in kept])
+        await self.store.touch(tenant, [k.candidate.id for k in kept], query=query.text)
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         hits = [
             SearchHit(
