@@ -1,7 +1,7 @@
 """Usage and cost end to end: memory, knowledge and governance replicas behind the gateway
 (as ``make run`` starts them, one replica each), each service recording usage in the
-transaction of its work
-and reporting it through the outbox and Redis Streams to governance's ledger.
+transaction of its work and reporting it through the outbox and Redis Streams to governance's
+ledger.
 
 * Rollups add up under concurrent writes: concurrent creates (each sent twice with its
   request id), searches and knowledge creates; governance's ``GetTenantUsage`` ends with exactly
