@@ -442,6 +442,188 @@ def _figures(
     }
 
 
+TENANT = "drill"
+
+
+async def grpc_writer(endpoint: str, token: str, ledger: Ledger, stop: asyncio.Event) -> None:
+    """Full form: memories created through the gateway, one at a time, each with its
+    request id; acknowledged when the response arrives."""
+    import grpc
+    from aeterna.memory.v1 import memory_service_pb2 as msvc
+    from aeterna.memory.v1 import memory_service_pb2_grpc as msvc_grpc
+    from aeterna.memory.v1 import resources_pb2 as mres
+    from aeterna.type.v1 import layer_pb2
+
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = msvc_grpc.MemoryServiceStub(channel)
+        n = 0
+        while not stop.is_set():
+            key = f"w{n:07d}"
+            try:
+                await stub.CreateMemory(
+                    msvc.CreateMemoryRequest(
+                        parent=f"tenants/{TENANT}",
+                        memory=mres.Memory(
+                            layer=layer_pb2.MEMORY_LAYER_USER,
+                            scope=layer_pb2.Scope(user_id="writer"),
+                            content=f"drill write {key}: the release train leaves at {n % 24}h",
+                        ),
+                        request_id=key,
+                    ),
+                    metadata=(*metadata, ("x-aeterna-request-id", key)),
+                    timeout=10,
+                )
+                ledger.acked[key] = time.time()
+            except grpc.aio.AioRpcError:
+                ledger.failed += 1
+                await asyncio.sleep(0.2)
+            n += 1
+
+
+async def full(root: Path, write_s: float) -> dict[str, Any]:
+    """The drill with the stack: memory (two replicas) and governance on the archived
+    cluster, Redis, Envoy; see the module docstring."""
+    import grpc
+    import redis.asyncio as aioredis
+    from aeterna.memory.v1 import memory_service_pb2 as msvc
+    from aeterna.memory.v1 import memory_service_pb2_grpc as msvc_grpc
+    from aeterna.type.v1 import layer_pb2
+    from aeterna_common.db import provision
+    from aeterna_devstack.auth import DevAuth
+    from aeterna_devstack.servers import RedisServer
+    from aeterna_devstack.stack import (
+        APP_ROLE,
+        DATABASE,
+        GOVERNANCE_DATABASE,
+        INDEXER_ROLE,
+        OWNER_ROLE,
+        DevStack,
+    )
+
+    s3 = S3Server(root)
+    s3.start()
+    pg = ArchivedPostgres(root, s3)
+    (root / "redis").mkdir()
+    redis_server = RedisServer(data_dir=root / "redis").start()
+    stack: DevStack | None = None
+    try:
+        pg.write_config()
+        pg.start()
+        pg.pgbackrest("stanza-create")
+        for database in (DATABASE, GOVERNANCE_DATABASE):
+            await provision(pg.dsn(), database, OWNER_ROLE, APP_ROLE, INDEXER_ROLE)
+        assert pg.server is not None
+        urls = {
+            prefix: {
+                f"{prefix}_URL": pg.server.dsn(APP_ROLE, database),
+                f"{prefix}_OWNER_URL": pg.server.dsn(OWNER_ROLE, database),
+                f"{prefix}_INDEXER_URL": pg.server.dsn(INDEXER_ROLE, database),
+            }
+            for prefix, database in (
+                ("AETERNA_DATABASE", DATABASE),
+                ("AETERNA_GOVERNANCE_DATABASE", GOVERNANCE_DATABASE),
+            )
+        }
+        os.environ.update({k: v for group in urls.values() for k, v in group.items()})
+        os.environ["AETERNA_REDIS_URL"] = redis_server.url
+
+        def start_stack(name: str) -> DevStack:
+            started = DevStack(
+                replicas=2,
+                governance_replicas=1,
+                port=free_port(),
+                root=root / name,
+                fresh=True,
+                env={"AETERNA_MEMORY_EVENTS_LEASE_TTL_S": "2"},
+            )
+            started.start(log=lambda *_: None)
+            return started
+
+        stack = await asyncio.to_thread(start_stack, "stack-1")
+        token = DevAuth(stack.root / "auth").issue_token(TENANT, "writer")
+        ledger = Ledger()
+        stop = asyncio.Event()
+        samples: list[tuple[float, int]] = []
+        sampler = asyncio.create_task(lsn_sampler(pg.dsn(), samples, stop))
+        writer = asyncio.create_task(grpc_writer(stack.endpoint, token, ledger, stop))
+        await asyncio.sleep(write_s / 2)
+        t0 = time.monotonic()
+        await asyncio.to_thread(pg.pgbackrest, "backup", "--type=full")
+        backup_s = time.monotonic() - t0
+        await asyncio.sleep(write_s / 2)
+        archived = await archive_point(pg.dsn(), samples)
+        stop.set()
+        await sampler
+        # The loss, with the writer still running: PostgreSQL and its data directory, and
+        # everything Redis held.
+        loss = time.time()
+        pg.destroy()
+        await writer
+        flush = aioredis.Redis.from_url(redis_server.url)
+        await flush.flushall()
+        await flush.aclose()
+        await asyncio.to_thread(stack.stop)
+        stack = None
+        pg.restore()
+        pg.start()
+        # The bus is refilled from the outbox: every relay publishes from its start again
+        # (consumers deduplicate on event ids).
+        for database in (DATABASE, GOVERNANCE_DATABASE):
+            conn: asyncpg.Connection = await asyncpg.connect(pg.dsn(database))
+            await conn.execute("UPDATE outbox_followers SET position = 0 WHERE name LIKE 'relay:%'")
+            await conn.close()
+        # A new stack root: every replica's embedded index is built anew from PostgreSQL.
+        stack = await asyncio.to_thread(start_stack, "stack-2")
+        conn = await asyncpg.connect(pg.dsn(DATABASE))
+        rows = await conn.fetch(
+            "SELECT substring(content from 'drill write (w[0-9]+)') AS key FROM memories "
+            "WHERE tenant_id = $1",
+            TENANT,
+        )
+        await conn.close()
+        present = {r["key"] for r in rows if r["key"]}
+        newest = max(present, default="")
+        reader = DevAuth(stack.root / "auth").issue_token(TENANT, "writer")
+        async with grpc.aio.insecure_channel(stack.endpoint) as channel:
+            stub = msvc_grpc.MemoryServiceStub(channel)
+            deadline = time.monotonic() + RTO_TARGET_S
+            while newest:
+                reply = await stub.SearchMemories(
+                    msvc.SearchMemoriesRequest(
+                        parent=f"tenants/{TENANT}",
+                        query=f"drill write {newest}",
+                        scope=layer_pb2.Scope(user_id="writer"),
+                        top_k=5,
+                    ),
+                    metadata=(("authorization", f"Bearer {reader}"),),
+                )
+                if any(newest in h.memory.content for h in reply.results):
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit("the newest surviving memory never became searchable")
+                await asyncio.sleep(0.5)
+        recovered = time.time()
+        client = aioredis.Redis.from_url(redis_server.url)
+        replayed = 0
+        deadline = time.monotonic() + 60
+        while replayed < len(present) and time.monotonic() < deadline:
+            replayed = int(await client.xlen(f"events:{TENANT}"))
+            await asyncio.sleep(0.5)
+        await client.aclose()
+        figures = _figures(ledger, present, archived, loss, recovered, backup_s, "full")
+        figures["writes_failed"] = ledger.failed
+        figures["bus_events_replayed"] = replayed
+        return figures
+    finally:
+        if stack is not None:
+            stack.stop()
+        if pg.server is not None:
+            pg.server.stop()
+        redis_server.stop()
+        s3.stop()
+
+
 def report(figures: dict[str, Any], out: Path | None = None) -> int:
     """Print the figures, write them to ``out`` (default: under bench/results), return the
     exit status."""
@@ -481,8 +663,6 @@ def main() -> int:
         if args.quick:
             figures = asyncio.run(quick(root, args.write_s))
         else:
-            from drill_stack import full  # type: ignore[import-not-found]
-
             figures = asyncio.run(full(root, args.write_s))
         return report(figures, args.out)
     finally:

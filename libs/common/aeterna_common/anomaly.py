@@ -35,13 +35,22 @@ with injected spikes and level shifts; precision and recall over events must rea
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import random
 import statistics
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+import structlog
 from prometheus_client import Counter
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = structlog.get_logger("aeterna.anomaly")
 
 TARGET_PRECISION = 0.9
 """Precision the detector must reach on the synthetic benchmark (alerts that are real)."""
@@ -283,6 +292,10 @@ class AnomalyMonitor:
         self.max_series = max_series
         self._detectors: dict[tuple[str, Signal], RobustDetector] = {}
 
+    def tenants(self, signal: Signal) -> set[str]:
+        """Tenants with a series of ``signal``."""
+        return {t for t, s in self._detectors if s is signal}
+
     async def observe(self, tenant_id: str, signal: Signal, at: float, value: float) -> Verdict:
         """Feed one point of a tenant's signal; emits what it detects.
 
@@ -312,3 +325,151 @@ class AnomalyMonitor:
                 )
             )
         return verdict
+
+
+FAULT_CODES = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS"})
+"""gRPC codes that count as errors in the error ratio: the service's faults, not the caller's
+(a refusal such as PERMISSION_DENIED or INVALID_ARGUMENT is a correct answer)."""
+
+LATENCY_SAMPLE = 2048
+"""Latencies kept per tenant and interval for the p95 (a uniform reservoir beyond it)."""
+
+
+@dataclass
+class _Tally:
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class TenantTraffic:
+    """Requests per tenant in the current interval, fed by the request interceptor
+    (:mod:`aeterna_common.interceptors`) and drained by :func:`run_monitor`. In process: each
+    replica watches its own share of the traffic (the gateway balances it evenly)."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, _Tally] = {}
+
+    def record(self, tenant_id: str, code: str, seconds: float) -> None:
+        """Count one finished call.
+
+        Args:
+            tenant_id: The caller's tenant ("" for none: not counted).
+            code: The gRPC status code name.
+            seconds: Handling time.
+        """
+        if not tenant_id:
+            return
+        tally = self._tallies.setdefault(tenant_id, _Tally())
+        tally.requests += 1
+        tally.errors += code in FAULT_CODES
+        if len(tally.latencies) < LATENCY_SAMPLE:
+            tally.latencies.append(seconds)
+        else:
+            # Reservoir sampling (Vitter's algorithm R): each call kept with equal chance.
+            slot = random.randrange(tally.requests)
+            if slot < LATENCY_SAMPLE:
+                tally.latencies[slot] = seconds
+
+    def drain(self) -> dict[str, tuple[int, int, float]]:
+        """The interval's figures per tenant, and a new interval.
+
+        Returns:
+            Tenant → (requests, errors, p95 latency in seconds).
+        """
+        tallies, self._tallies = self._tallies, {}
+        out: dict[str, tuple[int, int, float]] = {}
+        for tenant_id, t in tallies.items():
+            ordered = sorted(t.latencies)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else 0.0
+            out[tenant_id] = (t.requests, t.errors, p95)
+        return out
+
+
+TRAFFIC = TenantTraffic()
+"""This process's tally (one server per process)."""
+
+
+async def feed(monitor: AnomalyMonitor, traffic: TenantTraffic, at: float) -> int:
+    """Feed one interval of ``traffic`` to ``monitor``: request rate, error ratio and p95
+    latency per tenant; a tenant seen before and silent now gets a rate of 0 (a stop is an
+    anomaly too).
+
+    Returns:
+        Tenants fed.
+    """
+    figures = traffic.drain()
+    known = monitor.tenants(Signal.REQUEST_RATE)
+    for tenant_id in sorted(known - set(figures)):
+        await monitor.observe(tenant_id, Signal.REQUEST_RATE, at, 0.0)
+    for tenant_id, (requests, errors, p95) in sorted(figures.items()):
+        await monitor.observe(tenant_id, Signal.REQUEST_RATE, at, float(requests))
+        await monitor.observe(tenant_id, Signal.ERROR_RATIO, at, errors / requests)
+        await monitor.observe(tenant_id, Signal.LATENCY, at, p95)
+    return len(known | set(figures))
+
+
+async def run_monitor(monitor: AnomalyMonitor, interval_s: float) -> None:
+    """Feed :data:`TRAFFIC` to ``monitor`` every ``interval_s`` seconds until cancelled (0
+    disables). A failing sink is logged and the loop goes on."""
+    if not interval_s:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await feed(monitor, TRAFFIC, time.time())
+        except Exception:
+            log.exception("anomaly.feed_failed", service=monitor.service)
+
+
+def outbox_sink(db: Any, channel: str, service: str) -> Sink:
+    """A sink appending ``{service}.anomaly.detected`` to the service's outbox, in a
+    transaction of the anomaly's tenant (so it reaches the bus like every event).
+
+    Args:
+        db: The service's :class:`aeterna_common.db.Database` (application role).
+        channel: The service's outbox NOTIFY channel.
+        service: The service.
+    """
+    from aeterna_common.writes import append_event
+
+    async def sink(anomaly: Anomaly) -> None:
+        async def work(conn: Any) -> int:
+            return await append_event(
+                conn,
+                channel,
+                anomaly.tenant_id,
+                f"{service}.{ANOMALY_EVENT}",
+                f"tenants/{anomaly.tenant_id}",
+                f"services/{service}",
+                anomaly.payload(),
+            )
+
+        await db.run(anomaly.tenant_id, work)
+
+    return sink
+
+
+def monitor_job(db: Any, channel: str, service: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The background job of a service: an :class:`AnomalyMonitor` over its traffic, every
+    ``AETERNA_ANOMALY_INTERVAL_S`` seconds (:class:`AnomalySettings`), detections to the
+    outbox."""
+    settings = AnomalySettings()
+    monitor = AnomalyMonitor(service, outbox_sink(db, channel, service))
+
+    async def job() -> None:
+        await run_monitor(monitor, settings.interval_s)
+
+    return job
+
+
+class AnomalySettings(BaseSettings):
+    """Anomaly detection of a service (environment prefix ``AETERNA_ANOMALY_``).
+
+    Attributes:
+        interval_s: Seconds per point of every series (0 disables detection).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AETERNA_ANOMALY_", extra="ignore")
+
+    interval_s: float = Field(default=60.0, ge=0)

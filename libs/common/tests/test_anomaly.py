@@ -32,6 +32,8 @@ from aeterna_common.anomaly import (
     Kind,
     RobustDetector,
     Signal,
+    TenantTraffic,
+    feed,
 )
 
 LENGTH = 600
@@ -171,3 +173,30 @@ async def test_monitor_emits_to_its_sink_and_counts_the_metric() -> None:
     assert [(a.tenant_id, a.kind, a.value) for a in seen] == [("t-a", Kind.SPIKE, 1000.0)]
     assert seen[0].payload()["signal"] == "usage"
     assert ANOMALIES.labels("memory", "usage", "SPIKE")._value.get() == before + 1
+
+
+async def test_traffic_feeds_rate_error_ratio_and_latency_per_tenant() -> None:
+    """The interceptor's tally, drained each interval: a tenant whose calls start failing
+    (INTERNAL) is flagged on its error ratio; refusals (PERMISSION_DENIED) are not faults; a
+    tenant that falls silent is flagged on its rate."""
+    seen: list[Anomaly] = []
+
+    async def sink(anomaly: Anomaly) -> None:
+        seen.append(anomaly)
+
+    monitor = AnomalyMonitor("memory", sink)
+    traffic = TenantTraffic()
+    for minute in range(30):
+        for i in range(50):
+            traffic.record("steady", "PERMISSION_DENIED" if i % 10 == 0 else "OK", 0.02)
+            if minute < 29:
+                traffic.record("quiet", "OK", 0.01)
+            failing = minute == 25 and i % 2 == 0
+            traffic.record("flaky", "INTERNAL" if failing else "OK", 0.03)
+        traffic.record("", "OK", 0.01)  # no tenant: not counted
+        await feed(monitor, traffic, float(minute))
+    assert {(a.tenant_id, a.signal) for a in seen} == {
+        ("flaky", Signal.ERROR_RATIO),
+        ("quiet", Signal.REQUEST_RATE),
+    }
+    assert monitor.tenants(Signal.REQUEST_RATE) == {"steady", "quiet", "flaky"}

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 import structlog
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -125,6 +126,7 @@ async def build(
             collect_idempotency_keys,
         ),
         bindings.watch,
+        monitor_job(db, store.NOTIFY_CHANNEL, "governance"),
     ]
     relaying = relay_from_settings(
         settings,

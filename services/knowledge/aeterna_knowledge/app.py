@@ -12,6 +12,7 @@ import grpc
 import redis.asyncio as aioredis
 import structlog
 from aeterna_common import leases, writes
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -139,6 +140,7 @@ async def build(
     jobs: list[Job] = [
         idempotency_gc,
         UsageReporter(db, indexer, service="knowledge", channel=items.NOTIFY_CHANNEL).run,
+        monitor_job(db, items.NOTIFY_CHANNEL, "knowledge"),
     ]
     if bindings is not None:
         jobs.append(bindings.watch)

@@ -15,6 +15,7 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_common.admission import ForegroundGauge
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -542,6 +543,7 @@ async def build(
     jobs.append(report_position_forever)
     usage_settings = UsageSettings()
     jobs.append(UsageReporter(db, indexer, service="memory", channel=NOTIFY_CHANNEL).run)
+    jobs.append(monitor_job(db, NOTIFY_CHANNEL, "memory"))
     # The hard cap: governance says whether a tenant's budget is spent (when it is on there).
     embedding_cap: EmbeddingCap | None = None
     if usage_settings.cap_check_s and common.authz_directory_url and credentials is not None:
