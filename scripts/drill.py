@@ -229,6 +229,21 @@ class ArchivedPostgres:
         )
         self.server.start()
 
+    async def wait_promoted(self, timeout_s: float = 600) -> None:
+        """Wait until recovery has replayed the archive and the server accepts writes (a hot
+        standby accepts reads earlier, from a point that may still miss archived WAL)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            conn: asyncpg.Connection = await asyncpg.connect(self.dsn())
+            try:
+                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    return
+            finally:
+                await conn.close()
+            if time.monotonic() > deadline:
+                raise SystemExit("recovery did not finish in time")
+            await asyncio.sleep(0.2)
+
     def pgbackrest(self, *args: str, timeout_s: float = 600) -> str:
         """Run pgBackRest as the server's user."""
         result = subprocess.run(
@@ -327,9 +342,9 @@ async def sql_writer(dsn: str, ledger: Ledger, stop: asyncio.Event, per_s: float
 async def quick(root: Path, write_s: float) -> dict[str, Any]:
     """The reduced drill: PostgreSQL + pgBackRest + S3, SQL writes, no services."""
     s3 = S3Server(root)
-    s3.start()
     pg = ArchivedPostgres(root, s3)
     try:
+        s3.start()
         pg.write_config()
         _chown_tree(root / "pgbackrest")
         pg.start()
@@ -357,6 +372,7 @@ async def quick(root: Path, write_s: float) -> dict[str, Any]:
         pg.destroy()
         pg.restore()
         pg.start()
+        await pg.wait_promoted()
         conn = await asyncpg.connect(pg.dsn())
         rows = {r["key"] for r in await conn.fetch("SELECT key FROM drill_writes")}
         await conn.close()
@@ -502,12 +518,13 @@ async def full(root: Path, write_s: float) -> dict[str, Any]:
     )
 
     s3 = S3Server(root)
-    s3.start()
     pg = ArchivedPostgres(root, s3)
     (root / "redis").mkdir()
-    redis_server = RedisServer(data_dir=root / "redis").start()
+    redis_server = RedisServer(data_dir=root / "redis")
     stack: DevStack | None = None
     try:
+        s3.start()
+        redis_server.start()
         pg.write_config()
         pg.start()
         pg.pgbackrest("stanza-create")
@@ -567,6 +584,7 @@ async def full(root: Path, write_s: float) -> dict[str, Any]:
         stack = None
         pg.restore()
         pg.start()
+        await pg.wait_promoted()
         # The bus is refilled from the outbox: every relay publishes from its start again
         # (consumers deduplicate on event ids).
         for database in (DATABASE, GOVERNANCE_DATABASE):
