@@ -661,6 +661,11 @@ def report(figures: dict[str, Any], out: Path | None = None) -> int:
         f"{ARCHIVE_TIMEOUT_S} s)   RTO {figures['rto_s']:.1f} s (target < {RTO_TARGET_S:.0f} s)"
         f"   full backup {figures['backup_s']:.1f} s   {'PASS' if ok else 'FAIL'}"
     )
+    if "bus_events_replayed" in figures:
+        print(
+            f"event bus refilled from the outbox: {figures['bus_events_replayed']} events; "
+            f"writes refused while the database was down: {figures['writes_failed']}"
+        )
     name = "drill-quick.json" if figures["form"] == "quick" else "drill.json"
     out = out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
