@@ -62,8 +62,9 @@ def redis_client(url: str, **options: Any) -> aioredis.Redis:
         return aioredis.Redis.from_url(url, **options)
     sentinels, master, db, password = parse_sentinel_url(url)
     timeout = options.get("socket_connect_timeout", 2.0)
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
     )
-    return sentinel.master_for(master, db=db, password=password, **options)
+    client: aioredis.Redis = sentinel.master_for(master, db=db, password=password, **options)
+    return client
