@@ -37,7 +37,8 @@ deps-system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing $$missing"; \
-		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends $$missing; \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y --no-install-recommends $$missing; \
 	fi
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
