@@ -16,7 +16,7 @@ export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing drill clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
@@ -24,7 +24,7 @@ help:
 	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
 	@echo "make gen            regenerate the Python SDK from protos/, the charts' Envoy configs, alert rules and dashboards"
-	@echo "make deps-system    install the Debian packages the checks need (prometheus: promtool), if missing"
+	@echo "make deps-system    install the Debian packages the checks and the drill need (promtool, pgBackRest, Sentinel), if missing"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
 	@echo "make bench-knowledge  knowledge search: ingest rate, p50/p95, recall@3, BM25-only baseline (ITEMS=50000)"
 	@echo "make bench-tracing  search latency with a sampled, exported trace vs an unsampled one"
+	@echo "make drill          backup and restore drill (pgBackRest to S3 on SeaweedFS): prints RPO and RTO"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,14 +60,18 @@ gen: $(STAMP)
 	$(PY) scripts/gen_alerts.py
 	$(PY) scripts/gen_dashboards.py
 
-# Debian packages of the checks: prometheus ships promtool (rule unit tests). Installs only
-# what is missing, so it costs one `command -v` when everything is there.
+# Debian packages of the checks and the drill: prometheus ships promtool (rule unit tests),
+# pgBackRest and Redis Sentinel serve the drill and the failover test. Installs only what is
+# missing, so it costs a few `dpkg -s` when everything is there.
+SYSTEM_PACKAGES := prometheus pgbackrest redis-sentinel
 deps-system:
-	@command -v promtool >/dev/null || { \
-		echo "installing prometheus (promtool) with apt-get"; \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing" $$missing "with apt-get"; \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq >/dev/null && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 check-gen: gen
 	@git diff --exit-code --stat -- $(GENERATED) || (echo "generated code is stale: run make gen and commit" && exit 1)
@@ -147,6 +152,12 @@ bench-tracing: $(STAMP) $(MODEL)
 	$(PY) bench/tracing.py
 
 bench: bench-locomo bench-scale
+
+# Backup and restore drill: pgBackRest full backup + WAL archiving to S3 (SeaweedFS), writes
+# flowing, data directory destroyed, restore, restart, indexes rebuilt, bus replayed; prints
+# RPO and RTO. DRILL_ARGS=--quick is the reduced form the test suite runs.
+drill: $(STAMP) $(MODEL) deps-system
+	$(PY) scripts/drill.py $(DRILL_ARGS)
 
 clean:
 	rm -rf .var .mypy_cache .ruff_cache .pytest_cache

@@ -59,6 +59,8 @@ def stack() -> Iterator[DevStack]:
             "AETERNA_MEMORY_EVENTS_LEASE_TTL_S": LEASE_TTL_S,
             "AETERNA_GOVERNANCE_EVENTS_LEASE_TTL_S": LEASE_TTL_S,
             "AETERNA_GOVERNANCE_JOBS_LEASE_TTL_S": LEASE_TTL_S,
+            # Only the writes' own events: no usage reports joining the outbox meanwhile.
+            "AETERNA_USAGE_REPORT_INTERVAL_S": "0",
         },
     )
     s.start(log=lambda *_: None)

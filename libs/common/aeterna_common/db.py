@@ -390,6 +390,10 @@ TENANCY_SQL = resources.files("aeterna_common").joinpath("sql/tenancy.sql").read
 roles' lack of CREATE, one text for every service's database: a migration includes it with a
 ``{tenancy}`` line (see :func:`apply_migrations`)."""
 
+USAGE_SQL = resources.files("aeterna_common").joinpath("sql/usage.sql").read_text()
+"""The hourly usage table every billing service keeps (:mod:`aeterna_common.usage`): a
+migration includes it with a ``{usage}`` line."""
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -424,7 +428,8 @@ async def apply_migrations(
     """Apply the numbered migrations of ``directory`` not yet applied, in order.
 
     Each file runs in its own transaction as the owner role. A ``{tenancy}`` line is replaced
-    by the sealed tenant binding every service shares (:data:`TENANCY_SQL`); then
+    by the sealed tenant binding every service shares (:data:`TENANCY_SQL`), a ``{usage}``
+    line by the hourly usage table (:data:`USAGE_SQL`); then
     ``{app_role}`` and ``{indexer_role}`` are replaced by the quoted role names. A table
     ``schema_migrations`` records what ran; the application role may read it (to wait for a
     version, see :func:`wait_for_schema`). An advisory lock makes concurrent callers wait for
@@ -460,7 +465,7 @@ async def apply_migrations(
         for version, path in sorted(versions.items()):
             if version in done:
                 continue
-            sql = path.read_text().replace("{tenancy}", TENANCY_SQL)
+            sql = path.read_text().replace("{tenancy}", TENANCY_SQL).replace("{usage}", USAGE_SQL)
             sql = sql.replace("{app_role}", quoted_role)
             if "{indexer_role}" in sql:
                 if not indexer_role:

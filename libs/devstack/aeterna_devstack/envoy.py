@@ -203,11 +203,13 @@ SERVICES: tuple[ServiceInfo, ...] = (
             ("ApprovalService/RejectApprovalRequest", MethodClass.IDEMPOTENT),
             ("ApprovalService/CancelApprovalRequest", MethodClass.IDEMPOTENT),
             ("ApprovalService/CreateApprovalRequest", MethodClass.REQUEST_ID),
+            ("UsageService/GetTenantUsage", MethodClass.READ),
         ),
         more_services=(
             "aeterna.governance.v1.ApprovalService",
             "aeterna.governance.v1.PolicyService",
             "aeterna.governance.v1.AuditService",
+            "aeterna.governance.v1.UsageService",
         ),
     ),
     ServiceInfo(

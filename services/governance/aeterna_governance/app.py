@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 import structlog
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -24,6 +25,7 @@ from aeterna_governance import (
     organization_servicer,
     policy_servicer,
     store,
+    usage_servicer,
 )
 from aeterna_governance.access import Access, OwnTablesDirectory
 from aeterna_governance.deps import Deps, Job, Registered, ServicerSpec
@@ -39,6 +41,7 @@ SERVICERS: list[ServicerSpec] = [
     approval_servicer.SPEC,
     policy_servicer.SPEC,
     audit_servicer.SPEC,
+    usage_servicer.SPEC,
 ]
 """Every service governance serves; a new servicer module adds its ``SPEC`` here."""
 
@@ -123,6 +126,7 @@ async def build(
             collect_idempotency_keys,
         ),
         bindings.watch,
+        monitor_job(db, store.NOTIFY_CHANNEL, "governance"),
     ]
     relaying = relay_from_settings(
         settings,

@@ -12,12 +12,14 @@ import grpc
 import redis.asyncio as aioredis
 import structlog
 from aeterna_common import leases, writes
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.events import relay_from_settings
 from aeterna_common.server import ServiceApp, StartupError
+from aeterna_common.usage import UsageReporter
 
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
@@ -162,7 +164,12 @@ async def build(
                 ttl_s=settings.jobs_lease_ttl_s,
             )
 
-    jobs: list[Job] = [idempotency_gc, searching.follower.run]
+    jobs: list[Job] = [
+        idempotency_gc,
+        searching.follower.run,
+        UsageReporter(db, indexer, service="knowledge", channel=items.NOTIFY_CHANNEL).run,
+        monitor_job(db, items.NOTIFY_CHANNEL, "knowledge"),
+    ]
     if bindings is not None:
         jobs.append(bindings.watch)
     relaying = relay_from_settings(

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 from aeterna.knowledge.v1 import resources_pb2 as res
-from aeterna_common import writes
+from aeterna_common import usage, writes
 from aeterna_common.db import Database
 from aeterna_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from aeterna_common.writes import WriteKey
@@ -272,6 +272,12 @@ class Items:
                 conn, key, new, res.KNOWLEDGE_STATUS_DRAFT, promoted_from=None, reason="created"
             )
             position = await _event(conn, key, CREATED, item)
+            # After the event: the outbox lock comes before usage rows (aeterna_common.usage).
+            await usage.record_usage(
+                conn,
+                key.tenant_id,
+                {usage.KNOWLEDGE_ITEMS: 1, usage.KNOWLEDGE_BYTES: usage.content_bytes(new.content)},
+            )
             return item, position
 
         return await writes.run_write(self.db, key, res.KnowledgeItem, work)

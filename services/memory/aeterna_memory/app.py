@@ -15,6 +15,7 @@ import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
 from aeterna_common.admission import ForegroundGauge
+from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -29,6 +30,7 @@ from aeterna_common.events import (
 )
 from aeterna_common.search.lexical import encode_document, encode_query
 from aeterna_common.server import ServiceApp, StartupError
+from aeterna_common.usage import EmbeddingCap, UsageReporter, UsageSettings
 from aeterna_common.vectors.port import VectorIndex
 
 from aeterna_memory.adapters.governance import GovernanceApprovals
@@ -547,6 +549,16 @@ async def build(
             await asyncio.sleep(settings.outbox_report_interval_s)
 
     jobs.append(report_position_forever)
+    usage_settings = UsageSettings()
+    jobs.append(UsageReporter(db, indexer, service="memory", channel=NOTIFY_CHANNEL).run)
+    jobs.append(monitor_job(db, NOTIFY_CHANNEL, "memory"))
+    # The hard cap: governance says whether a tenant's budget is spent (when it is on there).
+    embedding_cap: EmbeddingCap | None = None
+    if usage_settings.cap_check_s and common.authz_directory_url and credentials is not None:
+        embedding_cap = EmbeddingCap(
+            common.authz_directory_url, credentials, usage_settings.cap_check_s
+        )
+        domain.embedding_cap = embedding_cap.check
 
     if promotions is not None:
         jobs.append(
@@ -609,6 +621,8 @@ async def build(
         await embedder.close()
         if lexical is not None:
             lexical.close()
+        if embedding_cap is not None:
+            await embedding_cap.close()
         await indexer.close()
         await db.close()
 

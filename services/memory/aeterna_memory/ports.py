@@ -104,8 +104,9 @@ class MemoryStore(Protocol):
         """Live memories among ``ids`` with their vectors."""
         ...
 
-    async def touch(self, tenant_id: str, ids: Sequence[str]) -> None:
-        """Count an access of each memory."""
+    async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
+        """Count an access of each memory, and the search (with the embedding of ``query``)
+        as billable usage."""
         ...
 
     async def update(

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from aeterna_common.authz.model import Snapshot
 from aeterna_common.errors import Unavailable
 from aeterna_common.telemetry import AUTHZ_CACHE_LOOKUPS
+from aeterna_common.redis_client import redis_client
 
 log = structlog.get_logger("aeterna.authz")
 
@@ -120,7 +121,7 @@ class DirectoryCache:
         self.stale_grace_s = stale_grace_s
         self.block_ms = block_ms
         self.redis: aioredis.Redis | None = (
-            aioredis.Redis.from_url(redis_url, decode_responses=True) if redis_url else None
+            redis_client(redis_url, decode_responses=True) if redis_url else None
         )
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}

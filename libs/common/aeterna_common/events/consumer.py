@@ -50,6 +50,7 @@ from aeterna_common.events.envelope import (
 )
 from aeterna_common.events.relay import REDIS_DOWN
 from aeterna_common.telemetry import traceparent_context, tracer
+from aeterna_common.redis_client import redis_client
 
 log = structlog.get_logger("aeterna.events.consumer")
 _TRACER = tracer("aeterna.events.consumer")
@@ -399,7 +400,7 @@ class EventConsumer:
 def consumer_redis(url: str, *, block_s: float) -> aioredis.Redis:
     """A Redis client for an :class:`EventConsumer`: strings, RESP2, and a socket timeout
     that outlasts a blocked ``XREADGROUP`` of ``block_s`` seconds."""
-    return aioredis.Redis.from_url(
+    return redis_client(
         url, decode_responses=True, socket_timeout=block_s + 5.0, socket_connect_timeout=2.0
     )
 

@@ -69,6 +69,7 @@ from aeterna_common import leases
 from aeterna_common.db import Database
 from aeterna_common.events.envelope import STREAMS_KEY, Event, rfc3339, stream_key
 from aeterna_common.telemetry import span_traceparent, traceparent_context, tracer
+from aeterna_common.redis_client import redis_client
 
 log = structlog.get_logger("aeterna.events.relay")
 _TRACER = tracer("aeterna.events.relay")
@@ -560,7 +561,7 @@ def relay_from_settings(
         log.warning("events.relay_disabled", service=service, reason="AETERNA_REDIS_URL is not set")
         return None
     # Its own client: a cache's client gives up after 0.25 s, the relay waits out a slow Redis.
-    client = aioredis.Redis.from_url(
+    client = redis_client(
         redis_url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
     )
     relay = OutboxRelay(

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from aeterna_common import usage
 from aeterna_common.db import Database
 from aeterna_common.errors import (
     Aborted,
@@ -419,17 +420,27 @@ class PostgresMemoryStore:
         rows = await self.db.run(tenant_id, work, readonly=True)
         return {str(r["id"]): (row_to_memory(r), list(r["embedding"])) for r in rows}
 
-    async def touch(self, tenant_id: str, ids: Sequence[str]) -> None:
-        """Count one access of each memory (a search returned it)."""
-        if not ids:
-            return
+    async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
+        """Count one access of each memory (a search returned it), and the search and its
+        query's embedding as billable usage (:mod:`aeterna_common.usage`), in one
+        transaction."""
 
         async def work(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "UPDATE memories SET access_count = access_count + 1, "
-                "last_accessed_at = now() WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+            if ids:
+                await conn.execute(
+                    "UPDATE memories SET access_count = access_count + 1, "
+                    "last_accessed_at = now() WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+                    tenant_id,
+                    [uuid.UUID(i) for i in ids],
+                )
+            await usage.record_usage(
+                conn,
                 tenant_id,
-                [uuid.UUID(i) for i in ids],
+                {
+                    usage.SEARCHES: 1,
+                    usage.EMBEDDING_CALLS: 1,
+                    usage.EMBEDDING_TOKENS: usage.estimate_tokens(query),
+                },
             )
 
         await self.db.run(tenant_id, work)
@@ -569,6 +580,20 @@ class PostgresMemoryStore:
                 actor,
             )
             position = await _append_outbox(conn, tenant_id, "memory.created", ids, actor=actor)
+            await usage.record_usage(
+                conn,
+                tenant_id,
+                {
+                    usage.MEMORIES_STORED: len(items),
+                    usage.MEMORY_BYTES: sum(
+                        usage.content_bytes(e.memory.content, len(e.embedding)) for e in items
+                    ),
+                    usage.EMBEDDING_CALLS: len(items),
+                    usage.EMBEDDING_TOKENS: sum(
+                        usage.estimate_tokens(e.memory.content) for e in items
+                    ),
+                },
+            )
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
                 tenant_id,

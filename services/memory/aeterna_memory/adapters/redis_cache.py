@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
-import redis.asyncio as aioredis
 import structlog
+from aeterna_common.redis_client import redis_client
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
@@ -47,9 +47,7 @@ class RedisEmbeddingCache:
 
     def __init__(self, url: str, *, ttl_s: int = DEFAULT_TTL_S, timeout_s: float = 0.25) -> None:
         self.ttl_s = ttl_s
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self.client = redis_client(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     async def get_many(
         self, tenant_id: str, model: str, texts: Sequence[str]

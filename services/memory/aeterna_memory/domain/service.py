@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -257,10 +257,13 @@ class MemoryDomain:
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
         self._touches: set[asyncio.Task[None]] = set()
+        self.embedding_cap: Callable[[str], Awaitable[None]] | None = None
+        """Raises ``RESOURCE_EXHAUSTED`` for a tenant whose budget is spent (hard cap), before
+        the model embeds documents (:class:`aeterna_common.usage.EmbeddingCap`)."""
 
     # ---- access counts ---------------------------------------------------------------
 
-    def touch_after_answer(self, tenant_id: str, ids: Sequence[str]) -> None:
+    def touch_after_answer(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
         """Count one access of each returned memory, after the answer has been sent.
 
         The access count only feeds promotion and decay (DOMAIN.md, Memory), which read it
@@ -271,16 +274,16 @@ class MemoryDomain:
         Args:
             tenant_id: The tenant.
             ids: Memory ids the search returned.
+            query: The query text (its embedding is billed with the search,
+                :mod:`aeterna_common.usage`).
         """
-        if not ids:
-            return
-        task = asyncio.get_running_loop().create_task(self._touch(tenant_id, list(ids)))
+        task = asyncio.get_running_loop().create_task(self._touch(tenant_id, list(ids), query))
         self._touches.add(task)  # a reference, or the loop may drop the task midway
         task.add_done_callback(self._touches.discard)
 
-    async def _touch(self, tenant_id: str, ids: list[str]) -> None:
+    async def _touch(self, tenant_id: str, ids: list[str], query: str) -> None:
         try:
-            await self.store.touch(tenant_id, ids)
+            await self.store.touch(tenant_id, ids, query=query)
         except Exception:
             log.warning("search.access_count_not_written", tenant=tenant_id, hits=len(ids))
 
@@ -325,6 +328,9 @@ class MemoryDomain:
         ]
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
+        if missing and not query and self.embedding_cap is not None:
+            # New documents only: searches of what is stored stay available.
+            await self.embedding_cap(tenant_id)
         if missing:
             embed = self.embedder.embed_query if query else self.embedder.embed
             vectors = await embed(missing)
@@ -794,7 +800,7 @@ class MemoryDomain:
                 break
         # A more specific duplicate may have replaced a kept hit: restore the ranking order.
         kept.sort(key=lambda k: candidates[k.candidate.id].order)
-        self.touch_after_answer(tenant, [k.candidate.id for k in kept])
+        self.touch_after_answer(tenant, [k.candidate.id for k in kept], query=query.text)
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         hits = [
             SearchHit(

@@ -1,0 +1,1 @@
+"""Per-tenant usage, cost and budgets (issue 10, item 4): the ledger and its settings."""

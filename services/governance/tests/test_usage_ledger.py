@@ -1,0 +1,106 @@
+"""The usage ledger on PostgreSQL: each event folds once (a re-delivered or older event counts
+nothing), malformed usage reports are refused whole, prices make the cost, budget thresholds
+are announced once each with their outbox event, and one tenant never sees another's usage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+
+import pytest
+from aeterna_common import usage
+from aeterna_common.events import Event
+from aeterna_governance.usage.ledger import BUDGET_EVENT, UsageLedger
+from aeterna_governance.usage.settings import UsageSettings
+from governance_testkit import GovernanceEnv, new_tenant
+
+HOUR = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def report(tenant: str, position: int, **deltas: int) -> Event:
+    """A memory ``usage.reported`` event at outbox ``position``."""
+    return Event(
+        event_id=f"memory:{position}",
+        service="memory",
+        type=f"memory.{usage.REPORTED_EVENT}",
+        tenant=tenant,
+        resource=f"tenants/{tenant}",
+        actor="services/memory",
+        time=HOUR.isoformat().replace("+00:00", "Z"),
+        position=position,
+        payload={
+            "deltas": [
+                {"hour": HOUR.isoformat(), "metric": m.replace("_", "."), "quantity": q}
+                for m, q in deltas.items()
+            ]
+        },
+    )
+
+
+async def test_each_event_counts_once_and_prices_make_the_cost(gov: GovernanceEnv) -> None:
+    tenant, other = new_tenant(), new_tenant()
+    settings = UsageSettings(prices={usage.EMBEDDING_TOKENS: 0.001, usage.SEARCHES: 0.5})
+    ledger = UsageLedger(gov.app.deps.db, settings)
+    assert await ledger.fold(report(tenant, 10, embedding_tokens=100, memory_searches=2))
+    # Delivered again (at least once), and an older position: neither counts.
+    assert not await ledger.fold(report(tenant, 10, embedding_tokens=100, memory_searches=2))
+    assert not await ledger.fold(report(tenant, 9, embedding_tokens=7))
+    assert await ledger.fold(report(tenant, 11, embedding_tokens=50))
+    # Any other event counts as one delivered event of its service.
+    created = dataclasses.replace(report(tenant, 12), type="memory.created", payload={})
+    assert await ledger.fold(created)
+    assert await ledger.fold(report(other, 13, memory_searches=1000))
+    got = await ledger.report(tenant, None, None)
+    lines = {(x.service, x.metric): (x.quantity, x.cost) for x in got.lines}
+    assert lines == {
+        ("memory", usage.EMBEDDING_TOKENS): (150, pytest.approx(0.15)),
+        ("memory", usage.SEARCHES): (2, pytest.approx(1.0)),
+        ("memory", usage.EVENTS_DELIVERED): (1, pytest.approx(0.01 / 1000)),
+    }
+    assert got.total_cost == pytest.approx(1.15 + 0.01 / 1000)
+    assert got.monthly_budget == 0 and not got.embeddings_capped
+
+
+async def test_a_malformed_report_counts_nothing(gov: GovernanceEnv) -> None:
+    tenant = new_tenant()
+    ledger = UsageLedger(gov.app.deps.db, UsageSettings())
+    bad = report(tenant, 20, embedding_tokens=5)
+    bad.payload["deltas"].append({"hour": HOUR.isoformat(), "metric": "bitcoin", "quantity": 1})
+    with pytest.raises(ValueError):
+        await ledger.fold(bad)
+    assert (await ledger.report(tenant, None, None)).lines == []
+
+
+async def test_budget_thresholds_are_announced_once(gov: GovernanceEnv) -> None:
+    tenant = new_tenant()
+    settings = UsageSettings(prices={usage.SEARCHES: 1.0}, budgets={tenant: 10.0}, hard_cap=True)
+    ledger = UsageLedger(gov.app.deps.db, settings)
+    await ledger.fold(report(tenant, 30, memory_searches=5))  # 50 %
+    await ledger.fold(report(tenant, 31, memory_searches=3))  # 80 %
+    await ledger.fold(report(tenant, 32, memory_searches=1))  # 90 %
+    state = await ledger.report(tenant, None, None)
+    assert state.budget_used_ratio == pytest.approx(0.9) and not state.embeddings_capped
+    await ledger.fold(report(tenant, 33, memory_searches=4))  # 130 %
+    await ledger.fold(report(tenant, 34, memory_searches=1))
+    state = await ledger.report(tenant, None, None)
+    assert state.embeddings_capped
+
+    async def events(conn: object) -> list[dict[str, object]]:
+        rows = await conn.fetch(  # type: ignore[attr-defined]
+            "SELECT payload FROM outbox WHERE tenant_id = $1 AND event_type = $2 ORDER BY position",
+            tenant,
+            BUDGET_EVENT,
+        )
+        return [json.loads(r["payload"]) for r in rows]
+
+    announced = await gov.app.deps.db.run(tenant, events, readonly=True)
+    assert [e["threshold_percent"] for e in announced] == [80, 100]
+    assert announced[1]["budget"] == 10.0
+
+
+def test_settings_refuse_unknown_metrics_and_negative_budgets() -> None:
+    with pytest.raises(ValueError):
+        UsageSettings(prices={"bitcoin": 1.0})
+    with pytest.raises(ValueError):
+        UsageSettings(budgets={"t": -1.0})
