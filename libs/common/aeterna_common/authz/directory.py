@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 
 from aeterna_common.authz.model import Snapshot
 from aeterna_common.errors import Unavailable
-from aeterna_common.telemetry import AUTHZ_CACHE_LOOKUPS
 from aeterna_common.redis_client import redis_client
+from aeterna_common.telemetry import AUTHZ_CACHE_LOOKUPS
 
 log = structlog.get_logger("aeterna.authz")
 

@@ -49,8 +49,8 @@ from aeterna_common.events.envelope import (
     dead_letter_key,
 )
 from aeterna_common.events.relay import REDIS_DOWN
-from aeterna_common.telemetry import traceparent_context, tracer
 from aeterna_common.redis_client import redis_client
+from aeterna_common.telemetry import traceparent_context, tracer
 
 log = structlog.get_logger("aeterna.events.consumer")
 _TRACER = tracer("aeterna.events.consumer")

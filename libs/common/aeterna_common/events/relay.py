@@ -68,8 +68,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponen
 from aeterna_common import leases
 from aeterna_common.db import Database
 from aeterna_common.events.envelope import STREAMS_KEY, Event, rfc3339, stream_key
-from aeterna_common.telemetry import span_traceparent, traceparent_context, tracer
 from aeterna_common.redis_client import redis_client
+from aeterna_common.telemetry import span_traceparent, traceparent_context, tracer
 
 log = structlog.get_logger("aeterna.events.relay")
 _TRACER = tracer("aeterna.events.relay")
