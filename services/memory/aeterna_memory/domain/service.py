@@ -49,6 +49,13 @@ from aeterna_memory.domain.model import (
     SearchHit,
     SearchQuery,
 )
+from aeterna_memory.domain.ranking import (
+    QueryInfo,
+    Ranker,
+    rank_inputs,
+    rerank,
+    with_event_dates,
+)
 from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
@@ -142,6 +149,8 @@ class SearchTuning:
         token_wait_s: Longest wait, in seconds, of a read with a consistency token for the
             index to reach the token's position; past it the read fails with ``UNAVAILABLE``
             (reason ``CONSISTENCY_TOKEN_NOT_REACHED``) so that the edge retries elsewhere.
+        rerank_depth: First-stage candidates handed to the second-stage ranker
+            (:mod:`aeterna_memory.domain.ranking`); the rest keep their fused order after them.
 
     The defaults (min-max, 0.4 dense / 0.6 lexical) weigh the stronger ranking more: on LoCoMo
     dev conversations BM25F with context beats dense alone by ~0.16 recall@10, and every
@@ -155,6 +164,7 @@ class SearchTuning:
     rrf_k: float = fusion.RRF_K
     wait_s: float = 0.1
     token_wait_s: float = 2.0
+    rerank_depth: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +234,7 @@ class MemoryDomain:
             most 20 ms per step.
         bulk_step: Memories per step of a create (authorization, embedding, rows sent to
             the store); 0 does each create in one step.
+        ranker: Second-stage ranker of search candidates; None keeps the fused order.
     """
 
     def __init__(
@@ -239,6 +250,7 @@ class MemoryDomain:
         authz: Authorizer | None = None,
         foreground: ForegroundGauge | None = None,
         bulk_step: int = 20,
+        ranker: Ranker | None = None,
     ) -> None:
         if bulk_step < 0:
             raise ValueError(f"bulk_step must be >= 0, got {bulk_step}")
@@ -252,6 +264,7 @@ class MemoryDomain:
         self.authz = authz or Authorizer()
         self.foreground = foreground or ForegroundGauge()
         self.bulk_step = bulk_step
+        self.ranker = ranker
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
 
@@ -341,6 +354,8 @@ class MemoryDomain:
         work (promotion), which no caller started."""
         tenant = principal.tenant_id
         fingerprint = request_hash(method, memories)
+        # Resolved event dates join the metadata after the fingerprint: a retry matches.
+        memories = [with_event_dates(m) for m in memories]
         if request_id:
             replay = await self.store.idempotent_result(
                 tenant, principal.actor, method, request_id, fingerprint
@@ -731,13 +746,30 @@ class MemoryDomain:
         ranking = fuse_layers(list(zip(layers, per_layer, strict=True)), self.tuning)
         candidates = {c.id: c for c in ranking if c.score >= query.min_score}
         ranked = list(candidates)
+        read: dict[str, tuple[Memory, list[float]]] = {}
+        if self.ranker is not None and ranked:
+            # Second stage over the first ``rerank_depth`` candidates only: they are what the
+            # caller may read (the index filter narrowed them) and are re-read under RLS, so
+            # episode and neighbour features never see another memory.
+            pool = ranked[: self.tuning.rerank_depth]
+            read = await self.store.read_hits(tenant, pool)
+            live = [candidates[m] for m in pool if m in read]
+            items = rank_inputs(live, [read[c.id][0] for c in live])
+            order = await asyncio.to_thread(rerank, self.ranker, QueryInfo.of(query.text), items)
+            ranked = [live[k].id for k in order] + ranked[len(pool) :]
+            candidates = {
+                mid: dataclasses.replace(candidates[mid], order=i) for i, mid in enumerate(ranked)
+            }
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
         # top_k survive (deleted, expired and duplicate candidates drop out).
         chunk = max(2 * query.top_k, 20)
         kept: list[_Kept] = []
         for start in range(0, len(ranked), chunk):
             ids = ranked[start : start + chunk]
-            rows = await self.store.read_hits(tenant, ids)
+            unread = [i for i in ids if i not in read]
+            rows = {i: read[i] for i in ids if i in read}
+            if unread:
+                rows |= await self.store.read_hits(tenant, unread)
             for mid in ids:
                 if mid not in rows:
                     continue
@@ -802,6 +834,8 @@ class Candidate:
         dense_score: Raw dense (cosine) score, 0 when not among the dense hits.
         lexical_score: Raw BM25 score, 0 when not among the lexical hits.
         order: Position in the ranking (0 = best).
+        dense_rank: 1-based rank in the pooled dense list, 0 when absent.
+        lexical_rank: 1-based rank in the pooled lexical list, 0 when absent.
     """
 
     id: str
@@ -810,6 +844,8 @@ class Candidate:
     dense_score: float
     lexical_score: float
     order: int
+    dense_rank: int = 0
+    lexical_rank: int = 0
 
 
 def fuse_layers(
@@ -847,6 +883,8 @@ def fuse_layers(
     lexical_pool.sort(key=lambda h: -h.score)
     dense_scores = {h.id: h.score for h in dense_pool}
     lexical_scores = {h.id: h.score for h in lexical_pool}
+    dense_ranks = {h.id: r for r, h in enumerate(dense_pool, 1)}
+    lexical_ranks = {h.id: r for r, h in enumerate(lexical_pool, 1)}
     rankings = [[(h.id, h.score) for h in dense_pool], [(h.id, h.score) for h in lexical_pool]]
     weights = [tuning.dense_weight, tuning.lexical_weight]
     if tuning.fusion_method == "rrf":
@@ -871,6 +909,8 @@ def fuse_layers(
             dense_score=dense_scores.get(mid, 0.0),
             lexical_score=lexical_scores.get(mid, 0.0),
             order=i,
+            dense_rank=dense_ranks.get(mid, 0),
+            lexical_rank=lexical_ranks.get(mid, 0),
         )
         for i, (mid, score) in enumerate(ordered)
     ]
