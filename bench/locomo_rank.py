@@ -58,6 +58,8 @@ LGBM_PARAMS: dict[str, Any] = {
     "verbose": -1,
 }
 NUM_ROUNDS = 150
+RERANK_DEPTH = 50
+"""``SearchTuning.rerank_depth``'s default."""
 
 
 @dataclass
@@ -101,11 +103,12 @@ def candidate_sets(
     out = []
     for q, dense, sparse in zip(qs, runs.dense, runs.sparse, strict=True):
         fused = fusion.minmax([dense, sparse], weights=[0.4, 0.6])
-        d_rank = {d: r for r, (d, _) in enumerate(dense, 1)}
-        s_rank = {d: r for r, (d, _) in enumerate(sparse, 1)}
+        d_rank = rk.competition_ranks(dense)
+        s_rank = rk.competition_ranks(sparse)
         d_score, s_score = dict(dense), dict(sparse)
         items = []
-        for did, score in fused:
+        # The service re-ranks the first ``rerank_depth`` (50) fused candidates.
+        for did, score in fused[:RERANK_DEPTH]:
             t = turns[q.sample_id][did]
             items.append(
                 rk.RankInput(
@@ -154,11 +157,11 @@ def candidate_recall(sets: Sequence[CandidateSet], k: int = 50) -> float:
 
 
 GRID: dict[str, Sequence[float]] = {
-    "temporal": (0.0, 0.05, 0.1),
+    "temporal": (0.0, 0.1, 0.2),
     "date": (0.0, 0.1),
     "participant": (0.0, 0.05),
-    "episode": (0.0, 0.15, 0.3),
-    "neighbour": (0.0, 0.15, 0.3),
+    "episode": (0.15, 0.3, 0.45),
+    "neighbour": (0.15, 0.3, 0.45),
 }
 
 

@@ -265,7 +265,7 @@ class HandTunedRanker:
     + participant·[participant match] + episode·episode_best + neighbour·neighbour``.
 
     The defaults were chosen on the LoCoMo dev conversations with leave-one-conversation-out
-    cross-validation (``bench/locomo_eval.py levers``); nearby settings score within ~0.01.
+    cross-validation (``bench/locomo_rank.py levers``).
 
     Attributes:
         temporal: Boost of a time expression for a temporal query.
@@ -275,11 +275,11 @@ class HandTunedRanker:
         neighbour: Share of the following hits' score.
     """
 
-    temporal: float = 0.06
+    temporal: float = 0.1
     date: float = 0.1
-    participant: float = 0.06
-    episode: float = 0.15
-    neighbour: float = 0.15
+    participant: float = 0.05
+    episode: float = 0.3
+    neighbour: float = 0.3
     name: str = "hand-tuned"
 
     def scores(self, query: QueryInfo, items: Sequence[RankInput]) -> np.ndarray:
@@ -388,9 +388,20 @@ class LambdaMartRanker:
 
 
 def rerank(ranker: Ranker, query: QueryInfo, items: Sequence[RankInput]) -> list[int]:
-    """Indices of ``items`` best first by ``ranker``; ties keep first-stage order."""
+    """Indices of ``items`` best first by ``ranker``; ties go to the higher fused score, then
+    the smaller id, so that replicas whose indexes list equal scores in another order agree."""
     s = ranker.scores(query, items)
-    return sorted(range(len(items)), key=lambda k: (-float(s[k]), k))
+    return sorted(range(len(items)), key=lambda k: (-float(s[k]), -items[k].fused, items[k].id))
+
+
+def competition_ranks(scores: Sequence[tuple[str, float]]) -> dict[str, int]:
+    """1-based standard competition ranks ("1224"): one plus the number of strictly higher
+    scores, so equal scores share a rank whatever order an index listed them in."""
+    values = sorted((s for _, s in scores), reverse=True)
+    first: dict[float, int] = {}
+    for i, v in enumerate(values, 1):
+        first.setdefault(v, i)
+    return {mid: first[s] for mid, s in scores}
 
 
 def age_days(created: datetime, now: datetime) -> float:

@@ -52,6 +52,7 @@ from aeterna_memory.domain.model import (
 from aeterna_memory.domain.ranking import (
     QueryInfo,
     Ranker,
+    competition_ranks,
     rank_inputs,
     rerank,
     with_event_dates,
@@ -883,8 +884,8 @@ def fuse_layers(
     lexical_pool.sort(key=lambda h: -h.score)
     dense_scores = {h.id: h.score for h in dense_pool}
     lexical_scores = {h.id: h.score for h in lexical_pool}
-    dense_ranks = {h.id: r for r, h in enumerate(dense_pool, 1)}
-    lexical_ranks = {h.id: r for r, h in enumerate(lexical_pool, 1)}
+    dense_ranks = competition_ranks([(h.id, h.score) for h in dense_pool])
+    lexical_ranks = competition_ranks([(h.id, h.score) for h in lexical_pool])
     rankings = [[(h.id, h.score) for h in dense_pool], [(h.id, h.score) for h in lexical_pool]]
     weights = [tuning.dense_weight, tuning.lexical_weight]
     if tuning.fusion_method == "rrf":
