@@ -123,7 +123,8 @@ def main() -> int:
         endpoint = stack.endpoint
         auth = DevAuth(root / "auth")
     tenant = f"bench-{int(time.time())}"
-    token = auth.issue_token(tenant, "bench", ttl_s=7200)
+    # The importer writes every conversation's user scope: a tenant admin may.
+    token = auth.issue_token(tenant, "bench", roles=("TENANT_ADMIN",), ttl_s=7200)
     runs: dict[str, tuple[list[list[str]], list[float]]] = {}
     try:
         ingest_per_s, written = asyncio.run(ingest(args.data, endpoint, token, tenant))
