@@ -252,6 +252,20 @@ def per_category(sets: Sequence[CandidateSet], scores: Sequence[np.ndarray]) -> 
     return out
 
 
+def stage_ms(sets: Sequence[CandidateSet], ranker: rk.Ranker) -> dict[str, float]:
+    """In-process cost of the second stage per query (features from the candidates' rows,
+    scoring, sort), in ms: p50 and p95 over the questions."""
+    times = []
+    for cs in sets:
+        t0 = time.perf_counter()
+        rk.rerank(ranker, rk.QueryInfo.of(cs.question.question), cs.items)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "p50": round(float(np.percentile(times, 50)), 3),
+        "p95": round(float(np.percentile(times, 95)), 3),
+    }
+
+
 def study(sets: Sequence[CandidateSet]) -> dict[str, Any]:
     """Every figure of the in-process study (used by ``levers`` and by the service bench)."""
     base = [cs.x[:, rk.FEATURES.index("fused")] for cs in sets]
@@ -273,7 +287,12 @@ def study(sets: Sequence[CandidateSet]) -> dict[str, Any]:
     recall50["all"] = candidate_recall(sets)
     gain = booster.feature_importance("gain")
     total = float(gain.sum()) or 1.0
+    shipped = rk.LambdaMartRanker.load()
     return {
+        "second_stage_ms_per_query": {
+            "hand-tuned": stage_ms(sets, default),
+            "lambdamart": stage_ms(sets, shipped),
+        },
         "fused (today)": evaluate(sets, base),
         "hand-tuned (defaults)": evaluate(sets, hand),
         "hand-tuned (LOCO)": hand_cv,
@@ -311,6 +330,8 @@ def print_study(res: Mapping[str, Any]) -> None:
         + "".join(f"{r50[c]:>13.3f}" for c in names)
         + f"   all {r50['all']:.3f}"
     )
+    for name, v in res["second_stage_ms_per_query"].items():
+        print(f"second stage in process, {name}: p50 {v['p50']} ms, p95 {v['p95']} ms per query")
     print("\nLambdaMART feature importance (share of gain):")
     for f, g in sorted(res["importance_gain_share"].items(), key=lambda kv: -kv[1]):
         print(f"  {f:<20}{g:.3f}")
