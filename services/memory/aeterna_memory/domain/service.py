@@ -670,7 +670,10 @@ class MemoryDomain:
         raw scores are normalised over the union of the layers, so a layer's best hit only
         scores high when it is good compared with every other layer's hits. ``min_score``
         applies to that one ranking; layer precedence only breaks near-ties
-        (:data:`NEAR_TIE`). Hits are re-read from the source of truth (so a stale index never
+        (:data:`NEAR_TIE`). With a ranker, the first ``tuning.rerank_depth`` candidates are
+        then re-read and reordered by the second stage (:mod:`aeterna_memory.domain.ranking`:
+        time, participant, episode and neighbour features of those candidates only); hits
+        keep their fused score. Hits are re-read from the source of truth (so a stale index never
         returns deleted, expired or foreign rows) and near-duplicates of another layer
         (cosine ≥ 0.95, or the same content) collapse to the more specific copy; within one
         layer only identical contents collapse.
