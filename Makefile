@@ -16,7 +16,7 @@ export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing drill clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run train-ranker bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing drill clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
@@ -25,6 +25,7 @@ help:
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
 	@echo "make gen            regenerate the Python SDK from protos/, the charts' Envoy configs, alert rules and dashboards"
 	@echo "make deps-system    install the Debian packages the checks and the drill need (promtool, pgBackRest, Sentinel), if missing"
+	@echo "make train-ranker   train the LambdaMART search ranker on the LoCoMo dev file (DATA=path) into services/memory/aeterna_memory/ranker/"
 	@echo "make bench-locomo   LoCoMo retrieval benchmark (DATA=path), with BM25 and dense baselines"
 	@echo "make bench-scale    100k memories in one tenant: ingest rate and search latency"
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
@@ -118,6 +119,9 @@ test: $(STAMP) $(MODEL)
 
 run: $(STAMP) $(MODEL)
 	$(PY) -m aeterna_devstack.stack
+
+train-ranker: $(STAMP) $(MODEL)
+	$(PY) bench/locomo_rank.py train --data $(DATA)
 
 bench-locomo: $(STAMP) $(MODEL)
 	$(PY) bench/locomo.py --data $(DATA)

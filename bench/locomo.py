@@ -43,43 +43,58 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-async def run_service(
-    data: Path, endpoint: str, token: str, tenant: str, qs: list[ev.Question]
-) -> tuple[list[list[str]], float, list[float], int]:
+RANKERS = ("none", "hand-tuned", "lambdamart")
+"""Second-stage rankers compared in one run (``AETERNA_MEMORY_RANKER``); ``none`` is the
+fused first-stage order, i.e. today's ranking before the ranker existed."""
+
+
+async def ingest(data: Path, endpoint: str, token: str, tenant: str) -> tuple[float, int]:
+    """Import the file through Envoy; returns (memories/s, memories written)."""
+    channel, stub = client.memory_stub(endpoint)
+    async with channel:
+        t0 = time.perf_counter()
+        written = await import_locomo_async(stub, data, tenant, token, concurrency=4)
+        return written / (time.perf_counter() - t0), written
+
+
+async def ask(
+    endpoint: str, token: str, tenant: str, qs: list[ev.Question]
+) -> tuple[list[list[str]], list[float]]:
+    """Every question once through Envoy, scoped to its conversation; returns the dia_id
+    rankings and the per-query latencies in ms."""
     channel, stub = client.memory_stub(endpoint)
     md = client.metadata(token)
     rankings: list[list[str]] = []
     latencies: list[float] = []
+
+    def request(q: ev.Question) -> svc.SearchMemoriesRequest:
+        return svc.SearchMemoriesRequest(
+            parent=f"tenants/{tenant}",
+            query=q.question,
+            scope=layer_pb2.Scope(user_id=q.sample_id),
+            layers=[layer_pb2.MEMORY_LAYER_SESSION],
+            top_k=10,
+        )
+
     async with channel:
-        t0 = time.perf_counter()
-        written = await import_locomo_async(stub, data, tenant, token, concurrency=4)
-        ingest_s = time.perf_counter() - t0
         # Warm-up outside the measurement (connections, first query embedding).
         for q in qs[:5]:
-            await stub.SearchMemories(
-                svc.SearchMemoriesRequest(
-                    parent=f"tenants/{tenant}",
-                    query=q.question,
-                    scope=layer_pb2.Scope(user_id=q.sample_id),
-                    top_k=10,
-                ),
-                metadata=md,
-            )
+            await stub.SearchMemories(request(q), metadata=md)
         for q in qs:
             t = time.perf_counter()
-            reply = await stub.SearchMemories(
-                svc.SearchMemoriesRequest(
-                    parent=f"tenants/{tenant}",
-                    query=q.question,
-                    scope=layer_pb2.Scope(user_id=q.sample_id),
-                    layers=[layer_pb2.MEMORY_LAYER_SESSION],
-                    top_k=10,
-                ),
-                metadata=md,
-            )
+            reply = await stub.SearchMemories(request(q), metadata=md)
             latencies.append((time.perf_counter() - t) * 1000)
             rankings.append([r.memory.metadata["dia_id"] for r in reply.results])
-    return rankings, written / ingest_s, latencies, written
+    return rankings, latencies
+
+
+def latency(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 in ms."""
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p95": round(percentile(values, 95), 2),
+        "p99": round(percentile(values, 99), 2),
+    }
 
 
 def main() -> int:
@@ -92,7 +107,8 @@ def main() -> int:
     args = parser.parse_args()
 
     samples = ev.load_locomo(args.data)
-    qs = ev.questions(samples)
+    stats = ev.EvidenceStats()
+    qs = ev.questions(samples, stats)
     stack: DevStack | None = None
     endpoint = args.endpoint
     if health_check(endpoint):
@@ -107,16 +123,32 @@ def main() -> int:
         endpoint = stack.endpoint
         auth = DevAuth(root / "auth")
     tenant = f"bench-{int(time.time())}"
-    token = auth.issue_token(tenant, "bench", ttl_s=7200)
+    # The importer writes every conversation's user scope: a tenant admin may.
+    token = auth.issue_token(tenant, "bench", roles=("TENANT_ADMIN",), ttl_s=7200)
+    runs: dict[str, tuple[list[list[str]], list[float]]] = {}
     try:
-        rankings, ingest_per_s, latencies, written = asyncio.run(
-            run_service(args.data, endpoint, token, tenant, qs)
-        )
+        ingest_per_s, written = asyncio.run(ingest(args.data, endpoint, token, tenant))
+        print(f"ingested {written} memories at {ingest_per_s:.0f}/s; asking {len(qs)} questions")
+        if stack is None:
+            # A running stack: its replicas' configured ranker only.
+            name = os.environ.get("AETERNA_MEMORY_RANKER", "lambdamart")
+            runs[name] = asyncio.run(ask(endpoint, token, tenant, qs))
+        else:
+            for name in RANKERS:
+                for i in range(stack.replicas):
+                    stack.restart_replica(i, AETERNA_MEMORY_RANKER=name)
+                runs[name] = asyncio.run(ask(endpoint, token, tenant, qs))
+                print(f"  {name}: {latency(runs[name][1])}", flush=True)
     finally:
         if stack is not None:
             stack.stop()
-    print(f"ingested {written} memories at {ingest_per_s:.0f}/s; asked {len(qs)} questions")
-    systems: dict[str, dict[str, float]] = {"aeterna": ev.score(rankings, qs)}
+    systems: dict[str, dict[str, float]] = {
+        f"aeterna ({name})": ev.score(r, qs) for name, (r, _) in runs.items()
+    }
+    by_category = {
+        f"aeterna ({name})": {c: m["recall@10"] for c, m in ev.per_category(r, qs).items()}
+        for name, (r, _) in runs.items()
+    }
     print("scoring baselines over the same turns…")
     systems["bm25"] = ev.score(ev.bm25_baseline(samples, qs), qs)
     from aeterna_common.embedding.onnx_minilm import MiniLMEmbedder
@@ -126,31 +158,65 @@ def main() -> int:
     settings = MemorySettings()
     embedder = MiniLMEmbedder(settings.model_dir, quantize=settings.embedding_int8)
     systems["dense"] = ev.score(ev.dense_baseline(samples, qs, embedder.embed_sync), qs)
-    search_ms = {
-        "p50": round(statistics.median(latencies), 2),
-        "p95": round(percentile(latencies, 95), 2),
-        "p99": round(percentile(latencies, 99), 2),
-    }
+    print("cross-validating both rankers in process (leave one conversation out)…")
+    import locomo_rank
+
+    cache = Path(tempfile.gettempdir()) / "aeterna-locomo-emb-int8.npz"
+    embed = ev.EmbeddingCache(cache, embedder)
+    study = locomo_rank.study(locomo_rank.candidate_sets(samples, qs, embed))
+    embed.save()
+    search_ms = {name: latency(lat) for name, (_, lat) in runs.items()}
+    base = search_ms.get("none")
+    added = (
+        {
+            name: {q: round(v[q] - base[q], 2) for q in ("p50", "p95")}
+            for name, v in search_ms.items()
+            if name != "none"
+        }
+        if base
+        else {}
+    )
     result: dict[str, Any] = {
         "systems": {
             k: {m: v[m] for m in ("recall@1", "recall@5", "recall@10", "mrr@10")}
             for k, v in systems.items()
         },
+        "recall@10_by_category": by_category,
+        "in_process_study": study,
+        "evidence": {
+            "kept": stats.kept,
+            "repaired": stats.repaired,
+            "dropped": stats.dropped,
+            "questions_without_evidence": stats.questions_without_evidence,
+        },
         "ingest_per_s": round(ingest_per_s, 1),
         "search_ms": search_ms,
+        "search_ms_added_vs_none": added,
         "n_questions": len(qs),
         "n_memories": written,
         "data": str(args.data),
     }
-    print(f"\n{'system':<10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MRR@10':>9}")
+    print(f"\n{'system':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MRR@10':>9}")
     for name, m in result["systems"].items():
         print(
-            f"{name:<10}{m['recall@1']:>8.3f}{m['recall@5']:>8.3f}{m['recall@10']:>8.3f}{m['mrr@10']:>9.3f}"
+            f"{name:<24}{m['recall@1']:>8.3f}{m['recall@5']:>8.3f}{m['recall@10']:>8.3f}"
+            f"{m['mrr@10']:>9.3f}"
         )
+    cats = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "single-hop"}
+    print(f"\n{'R@10 by category':<24}" + "".join(f"{n:>13}" for n in cats.values()))
+    for name, row in by_category.items():
+        print(f"{name:<24}" + "".join(f"{row[c]:>13.3f}" for c in cats))
+    print("\nin process, same first stage as the service:")
+    locomo_rank.print_study(study)
     print(
-        f"\ningest {result['ingest_per_s']} memories/s; search through Envoy "
-        f"p50 {search_ms['p50']} ms, p95 {search_ms['p95']} ms, p99 {search_ms['p99']} ms"
+        f"\nevidence ids: {stats.kept} kept, {stats.repaired} repaired, "
+        f"{len(stats.dropped)} dropped {stats.dropped}"
     )
+    print(f"\ningest {result['ingest_per_s']} memories/s; search through Envoy (ms):")
+    for name, v in search_ms.items():
+        extra = added.get(name)
+        more = f"  (+{extra['p50']} p50, +{extra['p95']} p95 vs none)" if extra else ""
+        print(f"  {name:<12} p50 {v['p50']}  p95 {v['p95']}  p99 {v['p99']}{more}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

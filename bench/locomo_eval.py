@@ -125,25 +125,64 @@ def conversation(sample: Mapping[str, Any]) -> Conversation:
     return out
 
 
-def _normalise_evidence(raw: Sequence[str]) -> tuple[str, ...]:
-    # A few dev items read "D8:6; D9:17" or "D:11:26"; split and repair those.
+_EVIDENCE = re.compile(r"^D:?(\d+):0*(\d+)$")
+
+
+def normalise_evidence(raw: Sequence[str]) -> tuple[str, ...]:
+    """Canonical evidence ids ``D{session}:{turn}`` (no leading zeros) of a raw list.
+
+    A few items read "D8:6; D9:17" (two ids), "D:11:26" or "D30:05"; they are split and
+    repaired, so "D30:05" == "D30:5". Parts that are no id at all ("D") are dropped.
+    """
     out: list[str] = []
     for item in raw:
         for part in re.split(r"[;,\s]+", str(item)):
-            part = re.sub(r"^D:(\d+:\d+)$", r"D\1", part.strip())
-            if re.fullmatch(r"D\d+:\d+", part):
-                out.append(part)
+            if m := _EVIDENCE.fullmatch(part.strip()):
+                out.append(f"D{int(m.group(1))}:{int(m.group(2))}")
     return tuple(dict.fromkeys(out))
 
 
-def questions(samples: Sequence[Mapping[str, Any]]) -> list[Question]:
-    """Questions of categories 1-4 that have at least one well-formed evidence id."""
+def canonical_id(dia_id: str) -> str:
+    """A turn's dia_id in the canonical form of :func:`normalise_evidence`."""
+    ids = normalise_evidence([dia_id])
+    return ids[0] if ids else dia_id
+
+
+@dataclass
+class EvidenceStats:
+    """What the scorer did to the evidence ids: kept, repaired, dropped."""
+
+    kept: int = 0
+    repaired: int = 0
+    dropped: list[str] = field(default_factory=list)
+    questions_without_evidence: int = 0
+
+
+def questions(
+    samples: Sequence[Mapping[str, Any]], stats: EvidenceStats | None = None
+) -> list[Question]:
+    """Questions of categories 1-4 with at least one evidence id naming a turn.
+
+    Evidence ids are normalised (:func:`normalise_evidence`); an id that names no turn of its
+    conversation is dropped and counted in ``stats.dropped``, and a question left without
+    evidence is skipped and counted.
+    """
+    stats = stats if stats is not None else EvidenceStats()
     out = []
     for s in samples:
+        turns = {canonical_id(t.dia_id) for t in conversation(s).turns}
         for qa in s["qa"]:
             if qa.get("category") not in CATEGORIES:
                 continue
-            ev = _normalise_evidence(qa.get("evidence", []))
+            raw = [str(e) for e in qa.get("evidence", [])]
+            norm = normalise_evidence(raw)
+            stats.repaired += sum(1 for r in raw if r.strip() not in norm)
+            ev = tuple(e for e in norm if e in turns)
+            stats.dropped.extend(f"{s['sample_id']}:{e}" for e in norm if e not in turns)
+            stats.dropped.extend(
+                f"{s['sample_id']}:{r}" for r in raw if not normalise_evidence([r])
+            )
+            stats.kept += len(ev)
             if ev:
                 out.append(
                     Question(
@@ -154,6 +193,8 @@ def questions(samples: Sequence[Mapping[str, Any]]) -> list[Question]:
                         str(qa.get("answer", "")),
                     )
                 )
+            else:
+                stats.questions_without_evidence += 1
     return out
 
 
@@ -165,8 +206,9 @@ def score(rankings: Sequence[Sequence[str]], qs: Sequence[Question]) -> dict[str
     if len(rankings) != len(qs):
         raise ValueError("one ranking per question")
     sums = dict.fromkeys([f"recall@{k}" for k in KS] + ["mrr@10"], 0.0)
-    for ranking, q in zip(rankings, qs, strict=True):
+    for raw, q in zip(rankings, qs, strict=True):
         ev = set(q.evidence)
+        ranking = [canonical_id(d) for d in raw]
         for k in KS:
             sums[f"recall@{k}"] += len(ev & set(ranking[:k])) / len(ev)
         for rank, d in enumerate(ranking[:10], 1):

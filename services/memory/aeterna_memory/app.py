@@ -56,6 +56,12 @@ from aeterna_memory.adapters.team_promotion import (
     TeamPromotions,
 )
 from aeterna_memory.domain.indexing import IndexingPolicy
+from aeterna_memory.domain.ranking import (
+    HandTunedRanker,
+    LambdaMartRanker,
+    Ranker,
+    RankerFileError,
+)
 from aeterna_memory.domain.service import MemoryDomain, SearchTuning
 from aeterna_memory.ports import EmbeddingCache
 from aeterna_memory.servicer import SERVICE_NAME, MemoryServicer
@@ -263,6 +269,25 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
         ) from exc
 
 
+def build_ranker(settings: MemorySettings) -> Ranker | None:
+    """The configured second-stage ranker, loaded now so that a bad file stops the start.
+
+    Raises:
+        StartupError: The LambdaMART file is missing, unreadable, or was trained for another
+            version or feature list (the message says which and how to retrain).
+    """
+    if settings.ranker == "none":
+        return None
+    if settings.ranker == "hand-tuned":
+        return HandTunedRanker()
+    try:
+        return LambdaMartRanker.load(settings.ranker_file)
+    except RankerFileError as exc:
+        raise StartupError(
+            f"{exc} (or set AETERNA_MEMORY_RANKER=hand-tuned to run without the file)"
+        ) from exc
+
+
 def build_index(settings: MemorySettings) -> VectorIndex:
     """The configured vector index adapter."""
     if settings.vector_store == "qdrant":
@@ -355,6 +380,7 @@ async def build(
     schema = schema or SchemaSettings()
     # The model first: a missing artifact is reported before anything else is touched.
     embedder = await asyncio.to_thread(build_embedder, settings)
+    ranker = build_ranker(settings)
     try:
         await prepare_schema(
             schema,
@@ -434,10 +460,12 @@ async def build(
             lexical_weight=settings.lexical_weight,
             wait_s=settings.read_wait_s,
             token_wait_s=settings.consistency_wait_s,
+            rerank_depth=settings.rerank_depth,
         ),
         authz=authz,
         foreground=foreground,
         bulk_step=settings.bulk_step,
+        ranker=ranker,
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
     guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)

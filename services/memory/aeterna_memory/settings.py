@@ -75,6 +75,12 @@ class MemorySettings(BaseSettings, RelaySettings):
         fusion: Score fusion: ``minmax``, ``dbsf`` or ``rrf``.
         dense_weight: Weight of the dense ranking in the fusion.
         lexical_weight: Weight of the BM25 ranking in the fusion.
+        ranker: Second-stage ranker of search candidates: ``lambdamart`` (the LightGBM
+            model file, checked at start: a file of another version or feature list stops
+            the service), ``hand-tuned`` (fused score plus boosts, no file) or ``none`` (the
+            fused order).
+        ranker_file: A LambdaMART ranker file to load instead of the packaged one.
+        rerank_depth: First-stage candidates the second stage re-ranks.
         read_wait_s: Longest wait in seconds of a search without a consistency token for the
             index to reach the tenant's latest write; past it the answer is served and marked
             ``x-aeterna-index-stale: true``.
@@ -171,6 +177,9 @@ class MemorySettings(BaseSettings, RelaySettings):
     fusion: str = Field(default="minmax", pattern="^(minmax|dbsf|rrf)$")
     dense_weight: float = Field(default=0.4, ge=0)
     lexical_weight: float = Field(default=0.6, ge=0)
+    ranker: str = Field(default="lambdamart", pattern="^(lambdamart|hand-tuned|none)$")
+    ranker_file: Path | None = None
+    rerank_depth: int = Field(default=50, ge=1, le=1000)
     read_wait_s: float = Field(default=0.1, ge=0, le=1.0)
     consistency_wait_s: float = Field(default=2.0, gt=0, le=8.0)
     idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)

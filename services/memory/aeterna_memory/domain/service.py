@@ -50,6 +50,14 @@ from aeterna_memory.domain.model import (
     SearchHit,
     SearchQuery,
 )
+from aeterna_memory.domain.ranking import (
+    QueryInfo,
+    Ranker,
+    competition_ranks,
+    rank_inputs,
+    rerank,
+    with_event_dates,
+)
 from aeterna_memory.ports import EmbeddingCache, MemoryStore, SearchIndex
 
 log = structlog.get_logger("aeterna.memory")
@@ -144,6 +152,8 @@ class SearchTuning:
         token_wait_s: Longest wait, in seconds, of a read with a consistency token for the
             index to reach the token's position; past it the read fails with ``UNAVAILABLE``
             (reason ``CONSISTENCY_TOKEN_NOT_REACHED``) so that the edge retries elsewhere.
+        rerank_depth: First-stage candidates handed to the second-stage ranker
+            (:mod:`aeterna_memory.domain.ranking`); the rest keep their fused order after them.
 
     The defaults (min-max, 0.4 dense / 0.6 lexical) weigh the stronger ranking more: on LoCoMo
     dev conversations BM25F with context beats dense alone by ~0.16 recall@10, and every
@@ -157,6 +167,7 @@ class SearchTuning:
     rrf_k: float = fusion.RRF_K
     wait_s: float = 0.1
     token_wait_s: float = 2.0
+    rerank_depth: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +237,7 @@ class MemoryDomain:
             most 20 ms per step.
         bulk_step: Memories per step of a create (authorization, embedding, rows sent to
             the store); 0 does each create in one step.
+        ranker: Second-stage ranker of search candidates; None keeps the fused order.
     """
 
     def __init__(
@@ -241,6 +253,7 @@ class MemoryDomain:
         authz: Authorizer | None = None,
         foreground: ForegroundGauge | None = None,
         bulk_step: int = 20,
+        ranker: Ranker | None = None,
     ) -> None:
         if bulk_step < 0:
             raise ValueError(f"bulk_step must be >= 0, got {bulk_step}")
@@ -254,6 +267,7 @@ class MemoryDomain:
         self.authz = authz or Authorizer()
         self.foreground = foreground or ForegroundGauge()
         self.bulk_step = bulk_step
+        self.ranker = ranker
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
         self._touches: set[asyncio.Task[None]] = set()
@@ -381,6 +395,8 @@ class MemoryDomain:
         work (promotion), which no caller started."""
         tenant = principal.tenant_id
         fingerprint = request_hash(method, memories)
+        # Resolved event dates join the metadata after the fingerprint: a retry matches.
+        memories = [with_event_dates(m) for m in memories]
         if request_id:
             replay = await self.store.idempotent_result(
                 tenant, principal.actor, method, request_id, fingerprint
@@ -694,7 +710,10 @@ class MemoryDomain:
         raw scores are normalised over the union of the layers, so a layer's best hit only
         scores high when it is good compared with every other layer's hits. ``min_score``
         applies to that one ranking; layer precedence only breaks near-ties
-        (:data:`NEAR_TIE`). Hits are re-read from the source of truth (so a stale index never
+        (:data:`NEAR_TIE`). With a ranker, the first ``tuning.rerank_depth`` candidates are
+        then re-read and reordered by the second stage (:mod:`aeterna_memory.domain.ranking`:
+        time, participant, episode and neighbour features of those candidates only); hits
+        keep their fused score. Hits are re-read from the source of truth (so a stale index never
         returns deleted, expired or foreign rows) and near-duplicates of another layer
         (cosine ≥ 0.95, or the same content) collapse to the more specific copy; within one
         layer only identical contents collapse.
@@ -777,18 +796,40 @@ class MemoryDomain:
         ranking = fuse_layers(list(zip(layers, per_layer, strict=True)), self.tuning)
         candidates = {c.id: c for c in ranking if c.score >= query.min_score}
         ranked = list(candidates)
+        read: dict[str, tuple[Memory, list[float]]] = {}
+        if self.ranker is not None and ranked:
+            # Second stage over the first ``rerank_depth`` candidates only: they are what the
+            # caller may read (the index filter narrowed them) and are re-read under RLS, so
+            # episode and neighbour features never see another memory.
+            pool = ranked[: self.tuning.rerank_depth]
+            with _TRACER.start_as_current_span(
+                "memory.search.reread",
+                attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(pool)},
+            ) as span:
+                read = await self.store.read_hits(tenant, pool)
+                span.set_attribute("aeterna.search.rows", len(read))
+            live = [candidates[m] for m in pool if m in read]
+            items = rank_inputs(live, [read[c.id][0] for c in live])
+            order = await asyncio.to_thread(rerank, self.ranker, QueryInfo.of(query.text), items)
+            ranked = [live[k].id for k in order] + ranked[len(pool) :]
+            candidates = {
+                mid: dataclasses.replace(candidates[mid], order=i) for i, mid in enumerate(ranked)
+            }
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
         # top_k survive (deleted, expired and duplicate candidates drop out).
         chunk = max(2 * query.top_k, 20)
         kept: list[_Kept] = []
         for start in range(0, len(ranked), chunk):
             ids = ranked[start : start + chunk]
-            with _TRACER.start_as_current_span(
-                "memory.search.reread",
-                attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(ids)},
-            ) as span:
-                rows = await self.store.read_hits(tenant, ids)
-                span.set_attribute("aeterna.search.rows", len(rows))
+            unread = [i for i in ids if i not in read]
+            rows = {i: read[i] for i in ids if i in read}
+            if unread:
+                with _TRACER.start_as_current_span(
+                    "memory.search.reread",
+                    attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(unread)},
+                ) as span:
+                    rows |= await self.store.read_hits(tenant, unread)
+                    span.set_attribute("aeterna.search.rows", len(rows))
             for mid in ids:
                 if mid not in rows:
                     continue
@@ -863,6 +904,8 @@ class Candidate:
         dense_score: Raw dense (cosine) score, 0 when not among the dense hits.
         lexical_score: Raw BM25 score, 0 when not among the lexical hits.
         order: Position in the ranking (0 = best).
+        dense_rank: 1-based rank in the pooled dense list, 0 when absent.
+        lexical_rank: 1-based rank in the pooled lexical list, 0 when absent.
     """
 
     id: str
@@ -871,6 +914,8 @@ class Candidate:
     dense_score: float
     lexical_score: float
     order: int
+    dense_rank: int = 0
+    lexical_rank: int = 0
 
 
 def fuse_layers(
@@ -908,6 +953,8 @@ def fuse_layers(
     lexical_pool.sort(key=lambda h: -h.score)
     dense_scores = {h.id: h.score for h in dense_pool}
     lexical_scores = {h.id: h.score for h in lexical_pool}
+    dense_ranks = competition_ranks([(h.id, h.score) for h in dense_pool])
+    lexical_ranks = competition_ranks([(h.id, h.score) for h in lexical_pool])
     rankings = [[(h.id, h.score) for h in dense_pool], [(h.id, h.score) for h in lexical_pool]]
     weights = [tuning.dense_weight, tuning.lexical_weight]
     if tuning.fusion_method == "rrf":
@@ -932,6 +979,8 @@ def fuse_layers(
             dense_score=dense_scores.get(mid, 0.0),
             lexical_score=lexical_scores.get(mid, 0.0),
             order=i,
+            dense_rank=dense_ranks.get(mid, 0),
+            lexical_rank=lexical_ranks.get(mid, 0),
         )
         for i, (mid, score) in enumerate(ordered)
     ]

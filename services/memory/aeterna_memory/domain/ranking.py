@@ -1,0 +1,500 @@
+"""Second-stage ranking of search candidates: time, people, episodes and order.
+
+The first stage (dense + BM25 fused, :func:`aeterna_memory.domain.service.fuse_layers`) sees
+each memory alone. Memories are not alone: they were said at a time, by someone, in an episode
+(a session), in an order. This module re-ranks the fused candidates with that structure, using
+only what the candidates themselves carry (their row, already authorised and re-read under
+RLS), so it never reaches a memory the first stage did not return:
+
+* **temporal**: a "when / how long / what year" query favours memories whose text holds a time
+  expression; a query naming a date favours memories whose session time, stored event date
+  (metadata ``event_date``, resolved at write time) or text names an overlapping date;
+* **participant**: a query naming exactly one of the candidates' participants (metadata
+  ``speaker``, ``author`` or ``user``) favours that participant's memories;
+* **episode**: a memory gains a share of the best score of its episode (layer + user + session);
+* **neighbour**: a hit hands a share of its score to the memories just before it in its episode
+  (the turn that a reply answers often holds the fact).
+
+Two rankers use these features: :class:`HandTunedRanker` (the fused score plus weighted
+boosts, the fallback) and :class:`LambdaMartRanker` (a LightGBM LambdaMART model trained by
+``make train-ranker``, loaded from a versioned file whose feature list must equal
+:data:`FEATURES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from aeterna_common.search import temporal
+from aeterna_common.search.temporal import DateSpan
+
+from aeterna_memory.domain.model import Memory, NewMemory
+
+PARTICIPANT_KEYS = ("speaker", "author", "user")
+"""Metadata keys that name who said or wrote a memory (first present wins)."""
+
+TIME_KEYS = ("session_time",)
+"""Metadata keys holding when a memory was said (its anchor for relative dates)."""
+
+EVENT_DATE_KEY = "event_date"
+"""Metadata key of the dates a memory's text names, resolved at write time (ISO 8601 days or
+intervals, a list)."""
+
+FEATURES: tuple[str, ...] = (
+    "fused",
+    "dense",
+    "lexical_norm",
+    "dense_rank_rr",
+    "lexical_rank_rr",
+    "in_both",
+    "temporal_query",
+    "has_time",
+    "date_match",
+    "participant_named",
+    "participant_match",
+    "episode_best",
+    "episode_hits",
+    "neighbour",
+    "recency",
+    "importance",
+    "layer",
+)
+"""Feature names, in the column order of :func:`features` and of the ranker file."""
+
+RANKER_VERSION = 1
+"""Version of the ranker file format and feature semantics; bump when either changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankInput:
+    """One first-stage candidate with what the second stage reads of its row.
+
+    Attributes:
+        id: Memory id.
+        fused: Fused first-stage score in [0, 1].
+        dense: Raw dense score (cosine in [-1, 1]), 0 when not among the dense hits.
+        lexical: Raw BM25 score (≥ 0), 0 when not among the lexical hits.
+        dense_rank: 1-based rank in the dense list, 0 when absent.
+        lexical_rank: 1-based rank in the lexical list, 0 when absent.
+        content: The memory's text.
+        metadata: The memory's metadata.
+        episode: Episode key (layer, user, session), or None outside a session.
+        order: Sort key of the memory within its episode (write time, then id).
+        layer: Layer precedence 1 (most specific) .. 7.
+        importance: Importance in [0, 1].
+        age_days: Days since the memory was written (≥ 0).
+    """
+
+    id: str
+    fused: float
+    dense: float
+    lexical: float
+    dense_rank: int
+    lexical_rank: int
+    content: str
+    metadata: Mapping[str, Any]
+    episode: tuple[str, ...] | None
+    order: tuple[Any, ...]
+    layer: int
+    importance: float
+    age_days: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueryInfo:
+    """What the second stage reads of the query, computed once per search.
+
+    Attributes:
+        temporal: The query asks when / how long / what year.
+        dates: Explicit dates the query names.
+        words: Lower-cased word tokens of the query.
+    """
+
+    temporal: bool
+    dates: tuple[DateSpan, ...]
+    words: frozenset[str]
+
+    @staticmethod
+    def of(text: str) -> QueryInfo:
+        """Parse ``text`` once."""
+        return QueryInfo(
+            temporal=temporal.is_temporal_query(text),
+            dates=temporal.explicit_dates(text),
+            words=frozenset(_words(text)),
+        )
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def _words(text: str) -> list[str]:
+    return [w.removesuffix("'s") for w in _WORD.findall(text.lower())]
+
+
+def participant(metadata: Mapping[str, Any]) -> str | None:
+    """Who said or wrote a memory: the first string value of :data:`PARTICIPANT_KEYS`."""
+    for key in PARTICIPANT_KEYS:
+        value = metadata.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def memory_dates(item: RankInput) -> tuple[DateSpan, ...]:
+    """Dates a memory is about: its stored event dates, its session day and the explicit
+    dates of its text."""
+    spans: list[DateSpan] = []
+    stored = item.metadata.get(EVENT_DATE_KEY)
+    for value in stored if isinstance(stored, list) else [stored] if stored else []:
+        if isinstance(value, str) and (span := DateSpan.parse_iso(value)):
+            spans.append(span)
+    for key in TIME_KEYS:
+        value = item.metadata.get(key)
+        if isinstance(value, str) and (day := temporal.anchor_date(value)):
+            spans.append(DateSpan.day(day))
+    spans.extend(temporal.explicit_dates(item.content))
+    return tuple(spans)
+
+
+NEIGHBOUR_DECAY = 0.5
+"""Share of a hit's score handed to the second memory before it (the first gets it all)."""
+
+
+def features(query: QueryInfo, items: Sequence[RankInput]) -> np.ndarray:
+    """The feature matrix of a candidate list, one row per item, columns :data:`FEATURES`.
+
+    Every feature is computed from the candidates alone (the list is the authorised,
+    re-read first-stage pool), so episode and neighbour values never reflect a memory the
+    caller may not read.
+
+    Args:
+        query: The parsed query.
+        items: The candidates, in first-stage order.
+
+    Returns:
+        A ``(len(items), len(FEATURES))`` float64 array.
+    """
+    n = len(items)
+    out = np.zeros((n, len(FEATURES)), dtype=np.float64)
+    if n == 0:
+        return out
+    max_lex = max((i.lexical for i in items), default=0.0) or 1.0
+    # Participants are those of the candidates; the query names one when a participant's
+    # first name is one of its words.
+    names = {p for i in items if (p := participant(i.metadata))}
+    named = sorted(p for p in names if _words(p)[:1] and _words(p)[0] in query.words)
+    one = named[0] if len(named) == 1 else None
+    # Episodes: best fused score, number of candidates, and order for neighbours.
+    episodes: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for k, item in enumerate(items):
+        if item.episode is not None:
+            episodes[item.episode].append(k)
+    best = np.zeros(n)
+    count = np.zeros(n)
+    neighbour = np.zeros(n)
+    for members in episodes.values():
+        members.sort(key=lambda k: items[k].order)
+        top = max(items[k].fused for k in members)
+        for pos, k in enumerate(members):
+            best[k] = top
+            count[k] = len(members)
+            after = [items[j].fused for j in members[pos + 1 : pos + 3]]
+            shares = [s * NEIGHBOUR_DECAY**d for d, s in enumerate(after)]
+            neighbour[k] = max(shares, default=0.0)
+    for k, item in enumerate(items):
+        has_time = temporal.has_time_expression(item.content)
+        match = 0.0
+        if query.dates:
+            mine = memory_dates(item)
+            match = float(any(q.overlaps(m) for q in query.dates for m in mine))
+        who = participant(item.metadata)
+        out[k] = (
+            item.fused,
+            item.dense,
+            item.lexical / max_lex,
+            1.0 / item.dense_rank if item.dense_rank else 0.0,
+            1.0 / item.lexical_rank if item.lexical_rank else 0.0,
+            float(item.dense_rank > 0 and item.lexical_rank > 0),
+            float(query.temporal),
+            float(has_time),
+            match,
+            float(one is not None),
+            float(one is not None and who == one),
+            best[k],
+            math.log1p(count[k]),
+            neighbour[k],
+            math.exp(-max(item.age_days, 0.0) / 30.0),
+            item.importance,
+            float(item.layer),
+        )
+    return out
+
+
+class Ranker(Protocol):
+    """Scores a candidate list; higher is better."""
+
+    @property
+    def name(self) -> str:
+        """Short name for logs and benchmarks."""
+        ...
+
+    def scores(self, query: QueryInfo, items: Sequence[RankInput]) -> np.ndarray:
+        """One score per item."""
+        ...
+
+
+_COL = {name: i for i, name in enumerate(FEATURES)}
+
+
+@dataclass(frozen=True, slots=True)
+class HandTunedRanker:
+    """The fused score plus weighted boosts: the fallback ranker and the benchmark baseline.
+
+    ``score = fused + temporal·[temporal query ∧ time expression] + date·[date match]
+    + participant·[participant match] + episode·episode_best + neighbour·neighbour``.
+
+    The defaults were chosen on the LoCoMo dev conversations with leave-one-conversation-out
+    cross-validation (``bench/locomo_rank.py levers``).
+
+    Attributes:
+        temporal: Boost of a time expression for a temporal query.
+        date: Boost of a date match.
+        participant: Boost of the one named participant's memories.
+        episode: Share of the episode's best score.
+        neighbour: Share of the following hits' score.
+    """
+
+    temporal: float = 0.1
+    date: float = 0.1
+    participant: float = 0.05
+    episode: float = 0.3
+    neighbour: float = 0.3
+    name: str = "hand-tuned"
+
+    def scores(self, query: QueryInfo, items: Sequence[RankInput]) -> np.ndarray:
+        """Boosted scores of ``items`` (see the class docstring)."""
+        return self.scores_of(features(query, items))
+
+    def scores_of(self, x: np.ndarray) -> np.ndarray:
+        """Boosted scores from a feature matrix of :func:`features`."""
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(
+            x[:, _COL["fused"]]
+            + self.temporal * x[:, _COL["temporal_query"]] * x[:, _COL["has_time"]]
+            + self.date * x[:, _COL["date_match"]]
+            + self.participant * x[:, _COL["participant_match"]]
+            + self.episode * x[:, _COL["episode_best"]]
+            + self.neighbour * x[:, _COL["neighbour"]]
+        )
+
+
+class RankerFileError(RuntimeError):
+    """The ranker file is missing, unreadable, of another version or feature list."""
+
+
+DEFAULT_RANKER_FILE = "lambdamart.json"
+"""The ranker file shipped in ``aeterna_memory/ranker/``."""
+
+
+class LambdaMartRanker:
+    """A LightGBM LambdaMART model over :data:`FEATURES` (Burges, "From RankNet to LambdaRank
+    to LambdaMART: An Overview", MSR-TR-2010-82).
+
+    The file is JSON: ``{"version", "features", "model"}`` with ``model`` LightGBM's text
+    format. Prediction is single-threaded and deterministic: the same file and features
+    give the same scores in every process.
+
+    Args:
+        document: The parsed file.
+        source: Where it came from (for error messages).
+
+    Raises:
+        RankerFileError: Version or feature list differ from the code's, or the model does
+            not load.
+    """
+
+    name = "lambdamart"
+
+    def __init__(self, document: Mapping[str, Any], source: str = "<memory>") -> None:
+        import lightgbm
+
+        version = document.get("version")
+        if version != RANKER_VERSION:
+            raise RankerFileError(
+                f"ranker file {source} has version {version!r}, this code reads version "
+                f"{RANKER_VERSION}; retrain it with `make train-ranker`"
+            )
+        names = list(document.get("features") or [])
+        if names != list(FEATURES):
+            raise RankerFileError(
+                f"ranker file {source} was trained on features {names}, this code computes "
+                f"{list(FEATURES)}; retrain it with `make train-ranker`"
+            )
+        try:
+            self.booster = lightgbm.Booster(model_str=str(document["model"]))
+        except (KeyError, lightgbm.basic.LightGBMError) as exc:
+            raise RankerFileError(
+                f"ranker file {source} holds no loadable model ({exc}); retrain it with "
+                "`make train-ranker`"
+            ) from exc
+        if self.booster.num_feature() != len(FEATURES):
+            raise RankerFileError(
+                f"ranker file {source}: the model reads {self.booster.num_feature()} features, "
+                f"the list names {len(FEATURES)}"
+            )
+        self.document = dict(document)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> LambdaMartRanker:
+        """Load a ranker file (default: the one shipped with the package).
+
+        Raises:
+            RankerFileError: See the class.
+        """
+        try:
+            if path is None:
+                ref = resources.files("aeterna_memory.ranker").joinpath(DEFAULT_RANKER_FILE)
+                text, source = ref.read_text(), f"aeterna_memory/ranker/{DEFAULT_RANKER_FILE}"
+            else:
+                text, source = path.read_text(), str(path)
+            document = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise RankerFileError(f"cannot read the ranker file: {exc}") from exc
+        if not isinstance(document, dict):
+            raise RankerFileError(f"ranker file {source} is not a JSON object")
+        return cls(document, source)
+
+    def scores(self, query: QueryInfo, items: Sequence[RankInput]) -> np.ndarray:
+        """Model scores of ``items``."""
+        return self.scores_of(features(query, items))
+
+    def scores_of(self, x: np.ndarray) -> np.ndarray:
+        """Model scores from a feature matrix of :func:`features`."""
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(self.booster.predict(x, num_threads=1), dtype=np.float64)
+
+
+def rerank(ranker: Ranker, query: QueryInfo, items: Sequence[RankInput]) -> list[int]:
+    """Indices of ``items`` best first by ``ranker``; ties go to the higher fused score, then
+    the smaller id, so that replicas whose indexes list equal scores in another order agree."""
+    s = ranker.scores(query, items)
+    return sorted(range(len(items)), key=lambda k: (-float(s[k]), -items[k].fused, items[k].id))
+
+
+def competition_ranks(scores: Sequence[tuple[str, float]]) -> dict[str, int]:
+    """1-based standard competition ranks ("1224"): one plus the number of strictly higher
+    scores, so equal scores share a rank whatever order an index listed them in."""
+    values = sorted((s for _, s in scores), reverse=True)
+    first: dict[float, int] = {}
+    for i, v in enumerate(values, 1):
+        first.setdefault(v, i)
+    return {mid: first[s] for mid, s in scores}
+
+
+def age_days(created: datetime, now: datetime) -> float:
+    """Days from ``created`` to ``now`` (≥ 0)."""
+    return max((now - created).total_seconds() / 86400.0, 0.0)
+
+
+def event_date_metadata(content: str, metadata: Mapping[str, Any]) -> list[str]:
+    """The ``event_date`` values of a memory being written: the dates its text names
+    relative to its session time (``metadata["session_time"]``), as ISO 8601 days or
+    intervals (:meth:`~aeterna_common.search.DateSpan.iso`).
+
+    Only relative expressions ("yesterday", "last week", "two years ago") are stored: explicit
+    dates are read from the text at query time anyway.
+
+    Args:
+        content: The memory's text.
+        metadata: Its metadata as given by the writer.
+
+    Returns:
+        The resolved dates, possibly empty (no anchor time, or no relative expression).
+    """
+    for key in TIME_KEYS:
+        value = metadata.get(key)
+        if isinstance(value, str) and (anchor := temporal.anchor_date(value)):
+            return [s.iso() for s in temporal.resolve_relative(content, anchor)]
+    return []
+
+
+def with_event_dates(memory: NewMemory) -> NewMemory:
+    """``memory`` with :data:`EVENT_DATE_KEY` metadata when its text states dates relative to
+    its session time and the writer gave none (a writer's own value is kept)."""
+    if EVENT_DATE_KEY in memory.metadata:
+        return memory
+    dates = event_date_metadata(memory.content, memory.metadata)
+    if not dates:
+        return memory
+    return dataclasses.replace(memory, metadata={**memory.metadata, EVENT_DATE_KEY: dates})
+
+
+class _Scored(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def dense_score(self) -> float: ...
+    @property
+    def lexical_score(self) -> float: ...
+    @property
+    def dense_rank(self) -> int: ...
+    @property
+    def lexical_rank(self) -> int: ...
+
+
+def episode_of(memory: Memory) -> tuple[str, ...] | None:
+    """The episode of a memory: its layer, user and session, or None outside a session."""
+    if not memory.scope.session_id:
+        return None
+    return (memory.layer.name, memory.scope.user_id or "", memory.scope.session_id)
+
+
+def rank_inputs(
+    candidates: Sequence[_Scored], memories: Sequence[Memory], now: datetime | None = None
+) -> list[RankInput]:
+    """Second-stage inputs of first-stage candidates and their re-read rows (same order).
+
+    The order within an episode is the write order (``created_at``, then id): a session's
+    turns are written in the order they were said.
+
+    Args:
+        candidates: First-stage candidates (``aeterna_memory.domain.service.Candidate``).
+        memories: Their rows.
+        now: Reference time of the recency feature (default: the newest row's write time,
+            so that a ranking does not drift with the wall clock and replicas agree).
+    """
+    if now is None:
+        now = max((m.created_at for m in memories), default=datetime.now(UTC))
+    return [
+        RankInput(
+            id=c.id,
+            fused=c.score,
+            dense=c.dense_score,
+            lexical=c.lexical_score,
+            dense_rank=c.dense_rank,
+            lexical_rank=c.lexical_rank,
+            content=m.content,
+            metadata=m.metadata,
+            episode=episode_of(m),
+            order=(m.created_at, m.id),
+            layer=int(m.layer),
+            importance=m.importance,
+            age_days=age_days(m.created_at, now),
+        )
+        for c, m in zip(candidates, memories, strict=True)
+    ]
