@@ -167,7 +167,9 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
         p2 = await max_position(env)
         await until(lambda: b.leader and b.applied >= p2, 15, "b took over and applied")
         assert not a.leader
-        assert b.keeper and b.keeper.lease and b.keeper.lease.epoch == 2
+        # b took over at a later epoch (2, or higher if a slow renewal let it lapse and b
+        # took it again: still one holder at a time, each epoch newer than the last).
+        assert b.keeper and b.keeper.lease and b.keeper.lease.epoch >= 2
         # Not before the cut leader's lease (3 s, renewed every 1 s) could expire. Measured from
         # the cut: the creates above may take a while on a loaded machine.
         assert time.monotonic() - cut_at > 1.0
@@ -188,7 +190,9 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
         assert sorted(covered) == covered == list(range(start_position + 1, p3 + 1))
         epochs = [epoch for _, epoch, _, _ in log]
         assert epochs == sorted(epochs)
-        assert {(name, epoch) for name, epoch, _, _ in log} <= {("a", 1), ("b", 2)}
+        assert all(epoch == 1 for name, epoch, _, _ in log if name == "a")
+        assert all(epoch >= 2 for name, epoch, _, _ in log if name == "b")
+        b_epoch = b.keeper.lease.epoch if b.keeper and b.keeper.lease else 0
         # The shared index holds the tenant's 15 memories at their revisions.
         values = await index.payload_values("revision")
         conn = await asyncpg.connect(env.urls.superuser)
@@ -203,7 +207,7 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
             await conn.close()
         assert len(rows) == 15
         assert all(values[str(r["id"])] == r["revision"] for r in rows)
-        assert cursor is not None and cursor["position"] >= p3 and cursor["epoch"] == 2
+        assert cursor is not None and cursor["position"] >= p3 and cursor["epoch"] == b_epoch
     finally:
         await rb.stop()
         await ra.stop()
