@@ -12,13 +12,13 @@ MODEL := $(MODEL_DIR)/manifest.json
 export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 # Every deployable unit is its own package; development installs them all, editable, pinned
 # by the one constraints file.
-PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
+PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge -e services/sync
 PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events clean
 
 help:
-	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
+	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance, knowledge and sync and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
 	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
@@ -66,7 +66,7 @@ lint-envoy: $(STAMP)
 lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check libs/common libs/devstack libs/cli services tests bench scripts
-	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory services/governance/aeterna_governance services/knowledge/aeterna_knowledge
+	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory services/governance/aeterna_governance services/knowledge/aeterna_knowledge services/sync/aeterna_sync
 
 # buf lint on protos/, and buf breaking against the merge base with main (see the script).
 lint-protos: $(STAMP)
