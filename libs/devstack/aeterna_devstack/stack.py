@@ -4,9 +4,10 @@ sync replicas and Envoy.
 PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
 ``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Each service has its
 own database (memory ``aeterna``, governance ``aeterna_governance``, knowledge
-``aeterna_knowledge``, sync ``aeterna_sync``) with the same three roles; with an existing server, governance's DSNs
-are ``AETERNA_GOVERNANCE_DATABASE_URL``, ``..._OWNER_URL`` and ``..._INDEXER_URL`` (knowledge's
-``AETERNA_KNOWLEDGE_DATABASE_URL`` and so on; without them that service does not start).
+``aeterna_knowledge``, sync ``aeterna_sync``) with the same three roles; with an existing
+server, governance's DSNs are ``AETERNA_GOVERNANCE_DATABASE_URL``, ``..._OWNER_URL`` and
+``..._INDEXER_URL`` (knowledge's ``AETERNA_KNOWLEDGE_DATABASE_URL``, sync's
+``AETERNA_SYNC_DATABASE_URL`` and so on; without them that service does not start).
 Memory replicas migrate at start; governance's and knowledge's migrations are applied by the
 owner role first (``aeterna-governance migrate``, as the chart's hook Job does), then their
 replicas start without migrating. Every service honours the roles of development tokens
@@ -330,7 +331,9 @@ class DevStack:
         self._knowledge = self._start_migrated(
             "knowledge", self.knowledge_replicas, base_env, knowledge_urls, auth, say
         )
-        self._sync = self._start_migrated("sync", self.sync_replicas, base_env, sync_urls, auth, say)
+        self._sync = self._start_migrated(
+            "sync", self.sync_replicas, base_env, sync_urls, auth, say
+        )
         for replica in self.all_replicas():
             self.wait_healthy(replica)
             say(

@@ -117,9 +117,7 @@ async def build(
     authorizer = Authorizer(bindings, trust_token_roles=common.auth_trust_token_roles)
     # Feeds block in XREAD (one pooled connection per followed tenant): no socket timeout
     # shorter than a block.
-    redis = aioredis.Redis.from_url(
-        common.redis_url, decode_responses=True, max_connections=10_000
-    )
+    redis = aioredis.Redis.from_url(common.redis_url, decode_responses=True, max_connections=10_000)
     live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
     presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
     deps = Deps(

@@ -25,7 +25,7 @@ import structlog
 from aeterna_common.events import stream_key
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential_jitter
 
 from aeterna_sync.rooms import entry_key
 
@@ -57,7 +57,6 @@ class Subscription:
     start: str
     queue: asyncio.Queue[Entry]
     overflowed: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -68,6 +67,7 @@ class TenantFeed:
     last_id: str
     subscriptions: set[Subscription] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    closed: bool = False
 
 
 class LiveEvents:
@@ -124,22 +124,21 @@ class LiveEvents:
                 return
             del self._feeds[sub.tenant]
             FEEDS.set(len(self._feeds))
+            feed.closed = True
             task = feed.task
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop(task)
 
     async def _run(self, feed: TenantFeed) -> None:
         key = stream_key(feed.tenant)
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((RedisError, OSError)),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            retry=retry_if_exception(lambda exc: _transient(exc) and not feed.closed),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
             stop=stop_never,
             reraise=True,
         ):
             with attempt:
-                while True:
+                while not feed.closed:
                     got: Any = await self.redis.xread(
                         {key: feed.last_id}, block=self.block_ms, count=1000
                     )
@@ -158,12 +157,11 @@ class LiveEvents:
             except asyncio.QueueFull:
                 sub.overflowed = True
                 OVERFLOWS.inc()
-            sub.wake.set()
 
     async def backlog(self, tenant: str, after: str, page: int) -> list[Entry]:
         """Up to ``page`` entries after entry id ``after`` (exclusive), oldest first."""
-        got = await self.redis.xrange(stream_key(tenant), f"({after}", "+", count=page)
-        return [(str(i), f) for i, f in got]
+        got: Any = await self.redis.xrange(stream_key(tenant), f"({after}", "+", count=page)
+        return [(str(i), f) for i, f in got or ()]
 
     async def oldest(self, tenant: str) -> str | None:
         """The id of the stream's first entry when older entries were removed (trimmed or
@@ -186,13 +184,29 @@ class LiveEvents:
     async def stop(self) -> None:
         """Stop every feed (server shutdown)."""
         async with self._lock:
+            for feed in self._feeds.values():
+                feed.closed = True
             tasks = [f.task for f in self._feeds.values() if f.task is not None]
             self._feeds.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(_stop(t) for t in tasks))
+
+
+def _transient(exc: BaseException) -> bool:
+    """A Redis failure worth retrying, unless the task is being cancelled (a cancellation
+    that reaches redis-py mid-command may come out as a connection error)."""
+    task = asyncio.current_task()
+    cancelling = task is not None and task.cancelling() > 0
+    return isinstance(exc, RedisError | OSError) and not cancelling
+
+
+async def _stop(task: asyncio.Task[None], timeout_s: float = 5.0) -> None:
+    """Cancel a feed's reader and wait for it, at most ``timeout_s`` seconds (a reader
+    that outlives it stops at its next read: its feed is closed)."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    for finished in done:
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            finished.result()
 
 
 def newer(entry_id: str, than: str) -> bool:

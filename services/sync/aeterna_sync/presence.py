@@ -138,5 +138,9 @@ class PresenceBook:
             try:
                 await self.sweep()
             except (RedisError, OSError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A cancellation that reached redis-py mid-command: stop.
+                    raise asyncio.CancelledError from exc
                 log.warning("presence.sweep_failed", error=repr(exc))
             await asyncio.sleep(interval_s)

@@ -58,13 +58,13 @@ def parse_rooms(rooms: Sequence[str], max_rooms: int, field: str = "rooms") -> l
     """
     if not rooms:
         raise InvalidArgument(
+            [FieldViolation(field, "at least one room")],
             "at least one room is required",
-            field_violations=[FieldViolation(field, "at least one room")],
         )
     if len(rooms) > max_rooms:
         raise InvalidArgument(
+            [FieldViolation(field, f"at most {max_rooms} rooms")],
             f"at most {max_rooms} rooms",
-            field_violations=[FieldViolation(field, f"at most {max_rooms} rooms")],
         )
     bad = [
         FieldViolation(
@@ -76,7 +76,7 @@ def parse_rooms(rooms: Sequence[str], max_rooms: int, field: str = "rooms") -> l
         if not ROOM.fullmatch(room)
     ]
     if bad:
-        raise InvalidArgument("unknown room", field_violations=bad, reason="UNKNOWN_ROOM")
+        raise InvalidArgument(bad, "unknown room", reason="UNKNOWN_ROOM")
     return list(dict.fromkeys(rooms))
 
 
@@ -121,8 +121,8 @@ def decode_cursor(cursor: str, field: str = "after_cursor") -> str:
     entry_id = raw.removeprefix(CURSOR_VERSION)
     if not raw.startswith(CURSOR_VERSION) or not ENTRY_ID.fullmatch(entry_id):
         raise InvalidArgument(
+            [FieldViolation(field, "a cursor from this API", "MALFORMED_CURSOR")],
             "malformed cursor",
-            field_violations=[FieldViolation(field, "a cursor from this API", "MALFORMED_CURSOR")],
             reason="MALFORMED_CURSOR",
         )
     return entry_id

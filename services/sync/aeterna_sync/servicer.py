@@ -75,7 +75,7 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         self.access = deps.access
         self.live = deps.live
 
-    async def Subscribe(  # noqa: C901 - one loop: backlog, then live, with its checks
+    async def Subscribe(
         self, request: svc.SubscribeRequest, context: Ctx
     ) -> AsyncIterator[svc.SubscribeResponse]:
         """See the proto."""
@@ -109,7 +109,7 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
                         yield message
                 if len(page) < self.settings.catchup_page:
                     break
-            async for message, position in self._follow(principal, tenant, rooms, sub, position):
+            async for message, _ in self._follow(principal, tenant, rooms, sub, position):
                 yield message
         finally:
             await self.live.close(sub)
@@ -172,10 +172,7 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         tenant = parse_parent(principal, request.parent)
         rooms = parse_rooms(request.rooms, self.settings.max_rooms)
         if not CLIENT_ID.fullmatch(request.client_id):
-            raise InvalidArgument(
-                "invalid client_id",
-                field_violations=[FieldViolation("client_id", "1-100 of [A-Za-z0-9_.:-]")],
-            )
+            raise InvalidArgument([FieldViolation("client_id", "1-100 of [A-Za-z0-9_.:-]")])
         await self.access.require_rooms(principal, tenant, "Heartbeat", rooms)
         present = await self.deps.presence.heartbeat(
             tenant, principal.actor, request.client_id, rooms
@@ -184,7 +181,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         for p in present:
             seen = timestamp_pb2.Timestamp()
             seen.FromSeconds(int(p.expires_s - self.settings.presence_ttl_s))
-            out.append(res.Presence(user=p.user, client_id=p.client_id, room=p.room, last_seen_time=seen))
+            out.append(
+                res.Presence(user=p.user, client_id=p.client_id, room=p.room, last_seen_time=seen)
+            )
         return svc.HeartbeatResponse(
             present=out, interval_seconds=max(1, round(self.settings.presence_interval_s))
         )
@@ -198,7 +197,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         await self.access.require_tenant(principal, tenant, rpc)
         raise Unimplemented(f"{rpc} is not implemented yet")
 
-    async def GetSyncStatus(self, request: svc.GetSyncStatusRequest, context: Ctx) -> res.SyncStatus:
+    async def GetSyncStatus(
+        self, request: svc.GetSyncStatusRequest, context: Ctx
+    ) -> res.SyncStatus:
         """Not implemented yet."""
         return await self._unbuilt(request.name, "GetSyncStatus")  # type: ignore[no-any-return]
 
