@@ -25,4 +25,3 @@ async def sync_env(make_database: Any, redis_server: RedisServer) -> AsyncIterat
     )
     yield env
     await env.close()
-

@@ -259,9 +259,9 @@ async def test_a_slow_subscriber_ends_with_resource_exhausted_and_resumes_losing
         pub = Publisher(small.redis, tenant)
         follower = Follower(small, tenant, "dev", ["project:checkout"])
         await follower.started()
-        # ~8 MB, more than HTTP/2 flow control lets through unread: the server must wait.
-        total = 4000
-        padded = {**project("checkout"), "pad": "x" * 2000}
+        # ~9 MB, more than HTTP/2 flow control lets through unread: the server must wait.
+        total = 1500
+        padded = {**project("checkout"), "pad": "x" * 6000}
         await pub.publish("memory.created", padded, count=total)
         seen: list[str] = []
         exhausted = 0
