@@ -28,7 +28,7 @@ help:
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
-	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
+	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency, 1,000 live subscribers vs bare XREAD"
 
 $(STAMP): constraints.txt pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
