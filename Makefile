@@ -13,13 +13,13 @@ export AETERNA_MEMORY_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 # Every deployable unit is its own package; development installs them all, editable, pinned
 # by the one constraints file.
-PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge
+PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge -e services/sync
 PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run train-ranker bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing drill clean
 
 help:
-	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance and knowledge and Envoy on 127.0.0.1:8080"
+	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance, knowledge and sync and Envoy on 127.0.0.1:8080"
 	@echo "make test           run the test suite (starts its own throwaway servers)"
 	@echo "make lint           ruff, mypy --strict, generated code fresh, buf, envoy --mode validate, Helm charts, hadolint, package checks"
 	@echo "make model          export all-MiniLM-L6-v2 to ONNX (fp32, int8) into MODEL_DIR (.var/models)"
@@ -31,7 +31,7 @@ help:
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
-	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency"
+	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency, 1,000 live subscribers vs bare XREAD"
 	@echo "make bench-knowledge  knowledge search: ingest rate, p50/p95, recall@3, BM25-only baseline (ITEMS=50000)"
 	@echo "make bench-tracing  search latency with a sampled, exported trace vs an unsampled one"
 	@echo "make drill          backup and restore drill (pgBackRest to S3 on SeaweedFS): prints RPO and RTO"
@@ -87,7 +87,7 @@ lint-envoy: $(STAMP)
 lint-py: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check libs/common libs/devstack libs/cli services tests bench scripts
-	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory services/governance/aeterna_governance services/knowledge/aeterna_knowledge
+	$(PY) -m mypy libs/common/aeterna_common libs/devstack/aeterna_devstack libs/cli/aeterna_cli services/memory/aeterna_memory services/governance/aeterna_governance services/knowledge/aeterna_knowledge services/sync/aeterna_sync
 
 # buf lint on protos/, and buf breaking against the merge base with main (see the script).
 lint-protos: $(STAMP)

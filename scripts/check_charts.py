@@ -91,6 +91,13 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "settings": {"AETERNA_AUTH_TRUST_TOKEN_ROLES": "false"},
         "podDisruptionBudget": {"minAvailable": 1},
     },
+    "sync": {
+        "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
+        "autoscaling": {"requestsPerSecond": {"enabled": True}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "settings": {"AETERNA_AUTH_TRUST_TOKEN_ROLES": "false"},
+        "podDisruptionBudget": {"minAvailable": 1},
+    },
     "gateway": {
         "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
         "tls": {"enabled": True, "secretName": "aeterna-gateway-tls"},

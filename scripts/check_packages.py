@@ -36,7 +36,7 @@ CONSTRAINTS = ROOT / "constraints.txt"
 
 SERVICE_PACKAGES: dict[str, tuple[str, ...]] = {
     service: ("./libs/sdk", "./libs/common", f"./services/{service}")
-    for service in ("memory", "governance", "knowledge")
+    for service in ("memory", "governance", "knowledge", "sync")
 }
 """What each service's image installs."""
 SERVICE_FORBIDDEN = frozenset(

@@ -572,3 +572,37 @@ def test_knowledge_chart_is_governance_shape_with_bindings_from_governance() -> 
     gateway_routes = json.dumps(envoy_bootstrap(render(GATEWAY)))
     assert '"/aeterna.knowledge.v1."' in gateway_routes
     assert "aeterna-knowledge-headless" in cluster_hosts(envoy_bootstrap(render(GATEWAY)))
+
+
+SYNC = ROOT / "charts" / "sync"
+
+
+def test_sync_chart_is_knowledge_shape_and_its_stream_route_has_no_per_try_timeout() -> None:
+    objs = render(SYNC)
+    assert sorted(o["kind"] for o in objs) == sorted(o["kind"] for o in render(KNOWLEDGE))
+    deployment = one(objs, "Deployment", "aeterna-sync")
+    service = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert service["image"] == "aeterna/sync:0.1.0"
+    assert service["readinessProbe"]["grpc"] == {
+        "port": 8080,
+        "service": "aeterna.sync.v1.SyncService",
+    }
+    gateway = envoy_bootstrap(render(GATEWAY))
+    assert "aeterna-sync-headless" in cluster_hosts(gateway)
+    routes = [
+        r
+        for listener in gateway["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        for host in f["typed_config"].get("route_config", {}).get("virtual_hosts", [])
+        for r in host["routes"]
+    ]
+    (subscribe,) = [
+        r for r in routes if r["match"].get("path") == "/aeterna.sync.v1.SyncService/Subscribe"
+    ]
+    assert "per_try_timeout" not in subscribe["route"]["retry_policy"]
+    assert subscribe["route"]["idle_timeout"] == "60.000s"
+    (cluster,) = [c for c in gateway["static_resources"]["clusters"] if c["name"] == "sync"]
+    options = cluster["typed_extension_protocol_options"]
+    http2 = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]
+    assert http2["connection_keepalive"] == {"interval": "30.000s", "timeout": "10.000s"}

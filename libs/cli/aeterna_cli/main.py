@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from aeterna_cli import client, governance, knowledge, locomo, policy, usage
+from aeterna_cli import client, governance, knowledge, locomo, policy, sync, usage
 from aeterna_cli.options import AsJson, ConsistencyToken, Tenant, Token, User, console, fail
 
 T = TypeVar("T")
@@ -31,6 +31,7 @@ governance.register(app)
 policy.register(app)
 knowledge.register(app)
 usage.register(app)
+sync.register(app)
 
 UserId = Annotated[str | None, typer.Option(help="Scope: the user the memories are about.")]
 SessionId = Annotated[

@@ -204,6 +204,14 @@ class ResourceExhausted(AeternaError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class OutOfRange(AeternaError):
+    """A position past the valid range, e.g. a cursor older than a stream's retention
+    (``OUT_OF_RANGE``)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
 class Unimplemented(AeternaError):
     """A method the contract declares and this version does not serve (``UNIMPLEMENTED``)."""
 

@@ -110,12 +110,17 @@ class MethodClass(enum.Enum):
       :data:`REQUEST_ID_HEADER`): :data:`RETRY_ON` with the header, :data:`RETRY_ON_WRITE`
       without.
     * ``WRITE``: anything else, and every method not in the table: :data:`RETRY_ON_WRITE`.
+    * ``STREAM``: a long-lived read-only server stream (``Subscribe``): :data:`RETRY_ON`
+      with no per-try timeout (a retry happens only before the upstream answered), an idle
+      timeout on the route (:attr:`TrafficPolicy.stream_idle_timeout_s`) and HTTP/2
+      keepalive pings towards its cluster.
     """
 
     READ = "read"
     IDEMPOTENT = "idempotent"
     REQUEST_ID = "request_id"
     WRITE = "write"
+    STREAM = "stream"
 
 
 JWT_PROVIDER = "aeterna"
@@ -239,6 +244,24 @@ SERVICES: tuple[ServiceInfo, ...] = (
             ("DeleteKnowledgeRelation", MethodClass.REQUEST_ID),
         ),
     ),
+    ServiceInfo(
+        domain="sync",
+        package="aeterna.sync.v1",
+        service="aeterna.sync.v1.SyncService",
+        cluster="sync",
+        methods=(
+            ("Subscribe", MethodClass.STREAM),
+            ("GetSyncStatus", MethodClass.READ),
+            ("ListSyncConflicts", MethodClass.READ),
+            ("PullMemories", MethodClass.READ),
+            # A heartbeat only moves an expiry forward.
+            ("Heartbeat", MethodClass.IDEMPOTENT),
+            ("TriggerSync", MethodClass.REQUEST_ID),
+            ("ResolveSyncConflict", MethodClass.REQUEST_ID),
+            # Idempotent per (device, entry, revision).
+            ("PushMemories", MethodClass.IDEMPOTENT),
+        ),
+    ),
 )
 """Every service the edge and the sidecars route to; adding a service adds an entry here."""
 
@@ -329,6 +352,11 @@ class TrafficPolicy:
         connect_timeout_s: Upstream TCP connect timeout in seconds.
         health_interval_s: Active gRPC health-check interval in seconds.
         health_timeout_s: Health-check timeout in seconds (0.5 s flapped under CPU load).
+        stream_idle_timeout_s: Idle timeout in seconds of a ``STREAM`` method's route (the
+            sync service sends a keepalive message every 15 s by default).
+        keepalive_interval_s: HTTP/2 PING interval in seconds towards a cluster serving a
+            ``STREAM`` method (a dead peer of a quiet stream is noticed).
+        keepalive_timeout_s: Seconds without a PING answer before that connection is closed.
 
     """
 
@@ -340,6 +368,9 @@ class TrafficPolicy:
     connect_timeout_s: float = 1.0
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
+    stream_idle_timeout_s: float = 60.0
+    keepalive_interval_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,12 +546,15 @@ def service_upstreams(endpoints: Mapping[str, Sequence[tuple[str, int]]]) -> lis
 # building blocks
 
 
-def _http2_options() -> dict[str, Any]:
+def _http2_options(keepalive: Mapping[str, Any] | None = None) -> dict[str, Any]:
     # gRPC needs HTTP/2 to the upstream.
+    http2: dict[str, Any] = {}
+    if keepalive is not None:
+        http2["connection_keepalive"] = dict(keepalive)
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": http2},
         }
     }
 
@@ -582,13 +616,22 @@ def _circuit_breakers(policy: TrafficPolicy) -> dict[str, Any]:
 def _cluster(up: Upstream, policy: TrafficPolicy) -> dict[str, Any]:
     """A service's replicas: L7 round robin, active gRPC health checks, outlier detection."""
     static = all(_is_ip(host) for host, _ in up.endpoints)
+    # Long-lived streams: PINGs notice a dead replica behind a quiet stream.
+    keepalive = (
+        {
+            "interval": _duration(policy.keepalive_interval_s),
+            "timeout": _duration(policy.keepalive_timeout_s),
+        }
+        if any(kind is MethodClass.STREAM for _, kind in up.method_classes())
+        else None
+    )
     cluster: dict[str, Any] = {
         "name": up.cluster,
         "type": "STATIC" if static else "STRICT_DNS",
         "connect_timeout": _duration(policy.connect_timeout_s),
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": _load_assignment(up.cluster, up.endpoints),
-        "typed_extension_protocol_options": _http2_options(),
+        "typed_extension_protocol_options": _http2_options(keepalive),
         "health_checks": [_health_check(up.service, policy)],
         "outlier_detection": _outlier_detection(),
         "circuit_breakers": _circuit_breakers(policy),
@@ -640,6 +683,7 @@ def _route(
     *,
     path: str | None = None,
     headers: Sequence[Mapping[str, Any]] = (),
+    idle_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     route: dict[str, Any] = {
         "cluster": cluster,
@@ -647,6 +691,8 @@ def _route(
         "timeout": _duration(route_timeout_s),
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
     }
+    if idle_timeout_s is not None:
+        route["idle_timeout"] = _duration(idle_timeout_s)
     if retry_policy is not None:
         route["retry_policy"] = dict(retry_policy)
     match: dict[str, Any] = {"path": path} if path is not None else {"prefix": prefix}
@@ -668,7 +714,12 @@ def _service_routes(up: Upstream, policy: TrafficPolicy) -> list[dict[str, Any]]
     routes: list[dict[str, Any]] = []
     for method, kind in up.method_classes():
         path = f"/{up.package}.{method}" if "/" in method else f"/{up.service}/{method}"
-        if kind in (MethodClass.READ, MethodClass.IDEMPOTENT):
+        if kind is MethodClass.STREAM:
+            # No per-try timeout: it would end a healthy stream that outlives it.
+            streaming = {k: v for k, v in broad.items() if k != "per_try_timeout"}
+            idle = policy.stream_idle_timeout_s
+            routes.append(_route("", up.cluster, streaming, 0, path=path, idle_timeout_s=idle))
+        elif kind in (MethodClass.READ, MethodClass.IDEMPOTENT):
             routes.append(_route("", up.cluster, broad, timeout, path=path))
         elif kind is MethodClass.REQUEST_ID:
             present = {"name": REQUEST_ID_HEADER, "present_match": True}

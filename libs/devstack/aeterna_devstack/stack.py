@@ -1,12 +1,13 @@
-"""The local stack behind ``make run``: PostgreSQL, Redis, memory, governance and knowledge
-replicas and Envoy.
+"""The local stack behind ``make run``: PostgreSQL, Redis, memory, governance, knowledge and
+sync replicas and Envoy.
 
 PostgreSQL and Redis are throwaway local servers started from the installed binaries unless
 ``AETERNA_DATABASE_URL`` / ``AETERNA_REDIS_URL`` point at existing ones. Each service has its
 own database (memory ``aeterna``, governance ``aeterna_governance``, knowledge
-``aeterna_knowledge``) with the same three roles; with an existing server, governance's DSNs
-are ``AETERNA_GOVERNANCE_DATABASE_URL``, ``..._OWNER_URL`` and ``..._INDEXER_URL`` (knowledge's
-``AETERNA_KNOWLEDGE_DATABASE_URL`` and so on; without them that service does not start).
+``aeterna_knowledge``, sync ``aeterna_sync``) with the same three roles; with an existing
+server, governance's DSNs are ``AETERNA_GOVERNANCE_DATABASE_URL``, ``..._OWNER_URL`` and
+``..._INDEXER_URL`` (knowledge's ``AETERNA_KNOWLEDGE_DATABASE_URL``, sync's
+``AETERNA_SYNC_DATABASE_URL`` and so on; without them that service does not start).
 Memory replicas migrate at start; governance's and knowledge's migrations are applied by the
 owner role first (``aeterna-governance migrate``, as the chart's hook Job does), then their
 replicas start without migrating. Every service honours the roles of development tokens
@@ -67,15 +68,18 @@ from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 GOVERNANCE_SERVICE = "aeterna.governance.v1.OrganizationService"
 KNOWLEDGE_SERVICE = "aeterna.knowledge.v1.KnowledgeService"
+SYNC_SERVICE = "aeterna.sync.v1.SyncService"
 HEALTH_SERVICES = {
     "memory": MEMORY_SERVICE,
     "governance": GOVERNANCE_SERVICE,
     "knowledge": KNOWLEDGE_SERVICE,
+    "sync": SYNC_SERVICE,
 }
 """The service each replica's health check asks for, by service domain."""
 DATABASE = "aeterna"
 GOVERNANCE_DATABASE = "aeterna_governance"
 KNOWLEDGE_DATABASE = "aeterna_knowledge"
+SYNC_DATABASE = "aeterna_sync"
 OWNER_ROLE = "aeterna_owner"
 APP_ROLE = "aeterna_app"
 INDEXER_ROLE = "aeterna_indexer"
@@ -150,6 +154,7 @@ def render_stack_envoy_config(
     governance_ports: list[int] | None = None,
     knowledge_ports: list[int] | None = None,
     trace_port: int = 0,
+    sync_ports: list[int] | None = None,
 ) -> dict[str, Any]:
     """The gateway config ``make run`` runs: the replicas on loopback behind JWT.
 
@@ -161,6 +166,7 @@ def render_stack_envoy_config(
         governance_ports: Loopback ports of the governance replicas (none: no route).
         knowledge_ports: Loopback ports of the knowledge replicas (none: no route).
         trace_port: Loopback port of the OTLP/gRPC trace receiver; 0: no tracing.
+        sync_ports: Loopback ports of the sync replicas (none: no route).
 
     Returns:
         The bootstrap, from :func:`aeterna_devstack.envoy.render_gateway_config`.
@@ -169,6 +175,7 @@ def render_stack_envoy_config(
         "memory": replica_ports,
         "governance": governance_ports or [],
         "knowledge": knowledge_ports or [],
+        "sync": sync_ports or [],
     }
     return render_gateway_config(
         service_upstreams({d: [("127.0.0.1", p) for p in ps] for d, ps in ports.items() if ps}),
@@ -222,6 +229,7 @@ class DevStack:
         governance_replicas: Number of governance replicas.
         knowledge_replicas: Number of knowledge replicas (``make run`` starts two; tests that
             do not use knowledge start none).
+        sync_replicas: Number of sync replicas (as knowledge's).
         port: Envoy listener port.
         root: State directory.
         fresh: Use a temporary PostgreSQL cluster and fresh indexes (benchmarks, tests)
@@ -234,6 +242,7 @@ class DevStack:
     replicas: int = 2
     governance_replicas: int = 2
     knowledge_replicas: int = 0
+    sync_replicas: int = 0
     port: int = 8080
     root: Path = field(default_factory=state_dir)
     fresh: bool = False
@@ -246,6 +255,7 @@ class DevStack:
     _replicas: list[Replica] = field(default_factory=list)
     _governance: list[Replica] = field(default_factory=list)
     _knowledge: list[Replica] = field(default_factory=list)
+    _sync: list[Replica] = field(default_factory=list)
     _replica_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -285,6 +295,7 @@ class DevStack:
         indexer_url = os.environ.get("AETERNA_DATABASE_INDEXER_URL", "")
         gov_urls = _service_urls("GOVERNANCE")
         knowledge_urls = _service_urls("KNOWLEDGE")
+        sync_urls = _service_urls("SYNC")
         if not db_url:
             pg_dir = None if self.fresh else self.root / "postgres"
             self._pg = PostgresServer(pg_dir, keep=not self.fresh).start()
@@ -297,6 +308,8 @@ class DevStack:
                 gov_urls = self._provision(GOVERNANCE_DATABASE)
             if self.knowledge_replicas:
                 knowledge_urls = self._provision(KNOWLEDGE_DATABASE)
+            if self.sync_replicas:
+                sync_urls = self._provision(SYNC_DATABASE)
         redis_url = os.environ.get("AETERNA_REDIS_URL", "")
         if not redis_url:
             redis_dir = self.root / ("redis-fresh" if self.fresh else "redis")
@@ -369,7 +382,10 @@ class DevStack:
         self._knowledge = self._start_migrated(
             "knowledge", self.knowledge_replicas, base_env, knowledge_urls, auth, say
         )
-        for replica in [*self._replicas, *self._governance, *self._knowledge]:
+        self._sync = self._start_migrated(
+            "sync", self.sync_replicas, base_env, sync_urls, auth, say
+        )
+        for replica in self.all_replicas():
             self.wait_healthy(replica)
             say(
                 f"{replica.label:<14}{replica.target}  (metrics "
@@ -383,6 +399,7 @@ class DevStack:
             governance_ports=[r.port for r in self._governance],
             knowledge_ports=[r.port for r in self._knowledge],
             trace_port=self._otlp.port if self._otlp is not None else 0,
+            sync_ports=[r.port for r in self._sync],
         )
         self._envoy = EnvoyProcess(config, state_dir=self.root / "envoy").start()
         (self.root / "stack.json").write_text(
@@ -513,13 +530,23 @@ class DevStack:
         """The knowledge replicas."""
         return self._knowledge
 
+    @property
+    def sync_list(self) -> list[Replica]:
+        """The sync replicas."""
+        return self._sync
+
+    def all_replicas(self) -> list[Replica]:
+        """Every replica of every service."""
+        return [*self._replicas, *self._governance, *self._knowledge, *self._sync]
+
     def kill_replica(self, i: int, sig: int = signal.SIGKILL, *, service: str = "memory") -> None:
-        """Send ``sig`` to replica ``i`` of ``service`` (``memory``, ``governance`` or
-        ``knowledge``) and wait for it to exit."""
+        """Send ``sig`` to replica ``i`` of ``service`` (``memory``, ``governance``,
+        ``knowledge`` or ``sync``) and wait for it to exit."""
         replicas = {
             "memory": self._replicas,
             "governance": self._governance,
             "knowledge": self._knowledge,
+            "sync": self._sync,
         }[service]
         proc = replicas[i].proc
         if proc is not None and proc.poll() is None:
@@ -553,7 +580,7 @@ class DevStack:
 
     def stop(self) -> None:
         """Stop replicas (SIGTERM: graceful), then Envoy, Redis and PostgreSQL."""
-        replicas = [*self._replicas, *self._governance, *self._knowledge]
+        replicas = self.all_replicas()
         for r in replicas:
             if r.proc is not None and r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGTERM)
@@ -606,7 +633,7 @@ def start_prometheus(stack: DevStack) -> PrometheusProcess | None:
 def main() -> None:
     """``make run``: start the stack and keep it up until Ctrl-C (SIGINT) or SIGTERM."""
     port = int(os.environ.get("AETERNA_STACK_PORT", "8080"))
-    stack = DevStack(port=port, knowledge_replicas=2, traces=True)
+    stack = DevStack(port=port, knowledge_replicas=2, sync_replicas=2, traces=True)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -640,7 +667,7 @@ def main() -> None:
         )
         while not stop:
             time.sleep(0.5)
-            for r in [*stack.replica_list, *stack.governance_list, *stack.knowledge_list]:
+            for r in stack.all_replicas():
                 if r.proc is not None and r.proc.poll() is not None:
                     print(f"{r.label} exited ({r.proc.returncode}); restarting", flush=True)
                     stack.start_replica(r)

@@ -341,8 +341,11 @@ def test_gateway_config_passes_envoy_validate(tmp_path: Path) -> None:
         "/aeterna.sync.v1.": "sync",
     }
     transcoder = _hcm(config)["http_filters"][2]["typed_config"]
-    # Only the known services are transcoded: sync is not in SERVICES yet.
-    assert transcoder["services"] == ["aeterna.memory.v1.MemoryService"]
+    # The services of the routed upstreams are transcoded.
+    assert transcoder["services"] == [
+        "aeterna.memory.v1.MemoryService",
+        "aeterna.sync.v1.SyncService",
+    ]
     assert transcoder["request_validation_options"]["reject_unknown_method"] is True
 
 

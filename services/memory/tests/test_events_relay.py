@@ -59,8 +59,9 @@ async def test_memory_changes_reach_the_tenant_stream_with_their_actor(
         ]
         assert {e.resource for e in events} == {created.name}
         assert all(e.tenant == t and e.service == "memory" for e in events)
-        # Events never carry content.
+        # Events never carry content; they carry the layer and scope (live event rooms).
         assert not any("tea" in str(e.payload) for e in events)
+        assert all(e.payload == {"layer": 2, "user_id": "alice"} for e in events)
         assert await redis.sismember(STREAMS_KEY, key)
         assert app.relay is not None and app.relay.leader
         assert env.app.relay is None

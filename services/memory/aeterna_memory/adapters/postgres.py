@@ -985,10 +985,16 @@ async def _append_outbox(
     trace context is recorded with it."""
     # Held until commit: positions are drawn, and become visible, in commit order.
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
+    # The memory's layer and scope identifiers (never its content) ride along, so that live
+    # subscribers are routed to rooms without a lookup (sync, issue 9).
     last = await conn.fetchval(
         "WITH ins AS (INSERT INTO outbox (position, tenant_id, event_type, resource, "
         "memory_id, payload, actor, traceparent) SELECT nextval('outbox_position'), $1, $2, "
-        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb, $5, $6 "
+        "'tenants/' || $1 || '/memories/' || i, i, $4::jsonb || coalesce(("
+        "SELECT jsonb_strip_nulls(jsonb_build_object('layer', m.layer, 'user_id', m.user_id, "
+        "'project_id', m.project_id, 'team_id', m.team_id, 'org_id', m.org_id, "
+        "'company_id', m.company_id)) FROM memories m WHERE m.tenant_id = $1 AND m.id = i), "
+        "'{}'::jsonb), $5, $6 "
         "FROM unnest($3::uuid[]) WITH ORDINALITY AS u(i, n) ORDER BY n RETURNING position) "
         "SELECT max(position) FROM ins",
         tenant_id,

@@ -1,0 +1,159 @@
+"""Composition root of the sync service: opens the database and Redis, builds the
+authorizer (role bindings from governance, cached per tenant and invalidated by
+governance's events), the replica's tenant feeds, the presence book and the servicers
+listed in :data:`SERVICERS`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from aeterna_common.auth import ServiceCredentials
+from aeterna_common.authz import Authorizer, Directory, DirectoryCache
+from aeterna_common.config import CommonSettings
+from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
+from aeterna_common.events import StreamTrim
+from aeterna_common.server import ServiceApp, StartupError
+
+from aeterna_sync import servicer
+from aeterna_sync.access import Access
+from aeterna_sync.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_sync.live import LiveEvents
+from aeterna_sync.presence import PresenceBook
+from aeterna_sync.settings import SyncSettings
+
+log = structlog.get_logger("aeterna.sync")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+SERVICERS: list[ServicerSpec] = [servicer.SPEC]
+"""Every service sync serves; a new servicer module adds its ``SPEC`` here."""
+
+
+@dataclass(kw_only=True)
+class SyncApp(ServiceApp):
+    """The sync service's :class:`ServiceApp`.
+
+    Attributes:
+        deps: The shared dependencies.
+        servicers: Service name → its registration (filled when the server starts).
+    """
+
+    deps: Deps
+    servicers: dict[str, Registered] = field(default_factory=dict)
+
+
+def _directory(common: CommonSettings, directory: Directory | None) -> Directory | None:
+    """``directory``, else governance's (``AETERNA_AUTHZ_DIRECTORY_URL``, called with the
+    service's own token), else None (token roles only).
+
+    Raises:
+        StartupError: A governance directory is configured without service credentials.
+    """
+    if directory is not None or not common.authz_directory_url:
+        return directory
+    credentials = ServiceCredentials.from_settings(common)
+    if credentials is None:
+        raise StartupError(
+            "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
+            "called with the service's own token"
+        )
+    from aeterna_common.authz.governance import GovernanceDirectory
+
+    return GovernanceDirectory(common.authz_directory_url, credentials)
+
+
+async def build(
+    common: CommonSettings | None = None,
+    settings: SyncSettings | None = None,
+    schema: SchemaSettings | None = None,
+    directory: Directory | None = None,
+) -> SyncApp:
+    """Build the sync service: migrate or wait for the schema, open the pools.
+
+    Args:
+        common: Shared settings; read from the environment when omitted.
+        settings: Sync settings; read from the environment when omitted.
+        schema: Migrate at start or wait for the schema; read from the environment when
+            omitted.
+        directory: Source of role bindings in place of governance's (plain data, e.g. a
+            :class:`~aeterna_common.authz.StaticDirectory`).
+
+    Raises:
+        StartupError: The schema did not reach the version this code needs in time, the
+            directory is misconfigured, or no Redis is configured (the event bus).
+    """
+    common = common or CommonSettings()
+    settings = settings or SyncSettings()
+    schema = schema or SchemaSettings()
+    if not common.redis_url:
+        raise StartupError("AETERNA_REDIS_URL is required: live events come from its streams")
+    source = _directory(common, directory)
+    try:
+        await prepare_schema(
+            schema,
+            database_url=common.database_url,
+            owner_url=common.database_owner_url,
+            directory=MIGRATIONS,
+            indexer_url=common.database_indexer_url,
+        )
+    except SchemaNotReadyError as exc:
+        raise StartupError(str(exc)) from exc
+    db = Database(common.database_url, min_size=common.db_pool_min, max_size=common.db_pool_max)
+    await db.open()
+    bindings = (
+        DirectoryCache(
+            source,
+            redis_url=common.redis_url,
+            ttl_s=common.authz_cache_ttl_s,
+            stale_grace_s=common.authz_stale_grace_s,
+        )
+        if source is not None
+        else None
+    )
+    authorizer = Authorizer(bindings, trust_token_roles=common.auth_trust_token_roles)
+    # Feeds block in XREAD (one pooled connection per followed tenant): no socket timeout
+    # shorter than a block.
+    redis = aioredis.Redis.from_url(common.redis_url, decode_responses=True, max_connections=10_000)
+    live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
+    presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
+    deps = Deps(
+        common=common,
+        settings=settings,
+        db=db,
+        access=Access(authorizer),
+        live=live,
+        presence=presence,
+    )
+    jobs: list[Job] = []
+    if bindings is not None:
+        jobs.append(bindings.watch)
+    app = SyncApp(
+        service_names=[spec.service_name for spec in SERVICERS],
+        register=lambda server: None,
+        close=lambda: _close(db, bindings, live, redis),
+        background=jobs,
+        deps=deps,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        for spec in SERVICERS:
+            registered = spec.build(deps, server)
+            app.servicers[spec.service_name] = registered
+            jobs.extend(registered.background)
+
+    app.register = register
+    return app
+
+
+async def _close(
+    db: Database, bindings: DirectoryCache | None, live: LiveEvents, redis: aioredis.Redis
+) -> None:
+    await live.stop()
+    if bindings is not None:
+        await bindings.close()
+    await redis.aclose()
+    await db.close()

@@ -1,0 +1,44 @@
+"""Settings of the sync service (environment prefix ``AETERNA_SYNC_``), validated at start.
+Shared settings (database, Redis, listen address, logs, auth, the authorization directory)
+are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SyncSettings(BaseSettings):
+    """Configuration of the sync service.
+
+    Attributes:
+        subscriber_buffer: Live events held per subscriber waiting to be sent; a subscriber
+            that falls further behind is ended with ``RESOURCE_EXHAUSTED`` and the cursor to
+            resume from, so a replica never buffers without limit (issue 9).
+        keepalive_s: Seconds without an event after which a subscriber gets a keepalive
+            message with its cursor (keeps proxies' idle timeouts from ending the stream).
+        catchup_page: Entries read per ``XRANGE`` while a resumed subscriber catches up.
+        block_ms: Longest ``XREAD BLOCK`` of a tenant feed, in milliseconds.
+        max_rooms: Most rooms in one subscription or heartbeat.
+        presence_interval_s: Seconds between heartbeats a client is told to keep (issue 9:
+            30 s).
+        presence_ttl_s: Seconds after its last heartbeat a client is gone (issue 9: 90 s).
+        presence_sweep_s: Seconds between sweeps for clients gone silent (each replica
+            sweeps; removal is atomic, so one replica announces each leave).
+        idempotency_ttl_s: Seconds a ``request_id`` is remembered; 24 h, as the other
+            services'.
+        jobs_lease_ttl_s: Time to live in seconds of the background jobs' leases.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AETERNA_SYNC_", extra="ignore")
+
+    subscriber_buffer: int = Field(default=10_000, ge=10, le=1_000_000)
+    keepalive_s: float = Field(default=15.0, gt=0, le=300)
+    catchup_page: int = Field(default=500, ge=1, le=10_000)
+    block_ms: int = Field(default=5_000, ge=10, le=60_000)
+    max_rooms: int = Field(default=16, ge=1, le=256)
+    presence_interval_s: float = Field(default=30.0, gt=0)
+    presence_ttl_s: float = Field(default=90.0, gt=0)
+    presence_sweep_s: float = Field(default=5.0, gt=0)
+    idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)
+    jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
