@@ -137,6 +137,12 @@ def predecessor(entry_id: str) -> str:
 
 
 EVENT_TYPES: Sequence[tuple[str, int]] = (
+    # Operational events of every service (usage reports, anomaly alerts) are not changes of
+    # memories or knowledge: never delivered (0).
+    ("memory.usage.", 0),
+    ("memory.anomaly.", 0),
+    ("knowledge.usage.", 0),
+    ("knowledge.anomaly.", 0),
     ("memory.created", res.EVENT_TYPE_MEMORY_ADDED),
     ("memory.batch_created", res.EVENT_TYPE_MEMORY_ADDED),
     ("memory.deleted", res.EVENT_TYPE_MEMORY_DELETED),

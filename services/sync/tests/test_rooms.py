@@ -54,6 +54,8 @@ def test_routing_by_payload_never_by_lookup() -> None:
     assert knowledge.live_type == res.EVENT_TYPE_KNOWLEDGE_UPDATED
     assert route("memory.deleted", {}).live_type == res.EVENT_TYPE_MEMORY_DELETED
     assert route("memory.feedback_recorded", {}).live_type == res.EVENT_TYPE_MEMORY_UPDATED
+    for operational in ("memory.usage.reported", "knowledge.anomaly.detected"):
+        assert route(operational, {}).live_type == 0
     assert route("governance.policy.created", {}).live_type == res.EVENT_TYPE_POLICY_CHANGED
     decided = route("governance.approval_request.decided", {})
     assert decided.live_type == res.EVENT_TYPE_APPROVAL_DECIDED
