@@ -76,9 +76,13 @@ async def test_only_the_sync_principal_writes_pointers_and_only_at_unit_layers()
     for rpc in ("CreateMemory", "UpdateMemory", "DeleteMemory"):
         assert await authz.decide(SYNC, f"{MEMORY}/{rpc}", units) == [True] * 4
         assert await authz.decide(OTHER, f"{MEMORY}/{rpc}", units) == [False] * 4
-        # Never a user's own memories, nor the tenant as a whole.
+        # Never a user's own memories, nor every memory of the tenant.
         assert not await authz.allowed(SYNC, f"{MEMORY}/{rpc}", Resource.user_space("t", "dev"))
-        assert not await authz.allowed(SYNC, f"{MEMORY}/{rpc}", Resource.tenant("t"))
+        assert not await authz.allowed(SYNC, f"{MEMORY}/{rpc}", Resource.tenant_data("t"))
+        # The coarse check of a call by name (memory then checks the memory's layer).
+        by_name = rpc != "CreateMemory"
+        assert await authz.allowed(SYNC, f"{MEMORY}/{rpc}", Resource.tenant("t")) == by_name
+        assert not await authz.allowed(OTHER, f"{MEMORY}/{rpc}", Resource.tenant("t"))
     # No reads of memories, no batch writes.
     for rpc in ("GetMemory", "SearchMemories", "ListMemories", "BatchCreateMemories"):
         assert await authz.decide(SYNC, f"{MEMORY}/{rpc}", units) == [False] * 4
