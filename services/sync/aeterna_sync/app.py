@@ -22,6 +22,7 @@ from aeterna_sync import servicer
 from aeterna_sync.access import Access
 from aeterna_sync.deps import Deps, Job, Registered, ServicerSpec
 from aeterna_sync.live import LiveEvents
+from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
 from aeterna_sync.settings import SyncSettings
 
@@ -120,6 +121,7 @@ async def build(
     redis = aioredis.Redis.from_url(common.redis_url, decode_responses=True, max_connections=10_000)
     live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
     presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
+    pointers = _pointers(common, settings, db)
     deps = Deps(
         common=common,
         settings=settings,
@@ -127,6 +129,7 @@ async def build(
         access=Access(authorizer),
         live=live,
         presence=presence,
+        pointers=pointers,
     )
     jobs: list[Job] = []
     if bindings is not None:
@@ -134,7 +137,7 @@ async def build(
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, bindings, live, redis),
+        close=lambda: _close(db, bindings, live, redis, pointers),
         background=jobs,
         deps=deps,
     )
@@ -149,9 +152,26 @@ async def build(
     return app
 
 
+def _pointers(common: CommonSettings, settings: SyncSettings, db: Database) -> PointerSync | None:
+    """Pointer sync, calling knowledge and memory with the service's own token; None (pointer
+    RPCs answer FAILED_PRECONDITION) without a token or an address to call."""
+    credentials = ServiceCredentials.from_settings(common)
+    knowledge = settings.knowledge_url or common.authz_directory_url
+    memory = settings.memory_url or knowledge
+    if credentials is None or not knowledge:
+        return None
+    return PointerSync(db, knowledge, memory, credentials, settings.jobs_lease_ttl_s)
+
+
 async def _close(
-    db: Database, bindings: DirectoryCache | None, live: LiveEvents, redis: aioredis.Redis
+    db: Database,
+    bindings: DirectoryCache | None,
+    live: LiveEvents,
+    redis: aioredis.Redis,
+    pointers: PointerSync | None,
 ) -> None:
+    if pointers is not None:
+        await pointers.close()
     await live.stop()
     if bindings is not None:
         await bindings.close()

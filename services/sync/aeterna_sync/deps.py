@@ -13,6 +13,7 @@ from aeterna_common.db import Database
 
 from aeterna_sync.access import Access
 from aeterna_sync.live import LiveEvents
+from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
 from aeterna_sync.settings import SyncSettings
 
@@ -30,6 +31,8 @@ class Deps:
         access: The authorization checks (the shared permission model).
         live: The replica's tenant feeds.
         presence: Presence of rooms.
+        pointers: Knowledge → memory pointer sync; None without service credentials or an
+            address of knowledge and memory.
     """
 
     common: CommonSettings
@@ -38,6 +41,7 @@ class Deps:
     access: Access
     live: LiveEvents
     presence: PresenceBook
+    pointers: PointerSync | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

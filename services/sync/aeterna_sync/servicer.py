@@ -13,13 +13,16 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import asyncpg
 import grpc
 from aeterna.sync.v1 import resources_pb2 as res
 from aeterna.sync.v1 import sync_service_pb2 as svc
 from aeterna.sync.v1 import sync_service_pb2_grpc as svc_grpc
 from aeterna_common import context as rc
+from aeterna_common import servicing
 from aeterna_common.context import Principal
 from aeterna_common.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     OutOfRange,
@@ -27,12 +30,13 @@ from aeterna_common.errors import (
     Unimplemented,
 )
 from aeterna_common.events import Event, MalformedEventError
-from aeterna_common.names import parse_parent
+from aeterna_common.names import invalid_name, parse_parent
 from aeterna_common.servicing import Ctx
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from aeterna_sync.deps import Deps, Registered, ServicerSpec
 from aeterna_sync.live import Entry, Subscription, newer
+from aeterna_sync.pointers import PointerSync
 from aeterna_sync.rooms import (
     decode_cursor,
     encode_cursor,
@@ -44,6 +48,8 @@ from aeterna_sync.rooms import (
 )
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["SyncService"].full_name
+
+STATUS_NAME = re.compile(r"(tenants/[^/]+)/syncStatus")
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 
@@ -188,8 +194,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             present=out, interval_seconds=max(1, round(self.settings.presence_interval_s))
         )
 
-    # Pointer sync, proposals and device sync are declared in the contract and not built
-    # yet: UNIMPLEMENTED, after the same authorization as they will have.
+    # Pointer sync (status, cycles, conflicts) is built; resolving a conflict by a call,
+    # proposals and device sync are declared in the contract and not built yet:
+    # UNIMPLEMENTED, after the same authorization as they will have.
 
     async def _unbuilt(self, parent: str, rpc: str) -> Any:
         principal = rc.current().principal
@@ -197,21 +204,115 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         await self.access.require_tenant(principal, tenant, rpc)
         raise Unimplemented(f"{rpc} is not implemented yet")
 
+    def _pointers(self) -> PointerSync:
+        if self.deps.pointers is None:
+            raise FailedPrecondition(
+                "pointer sync is not configured: it needs AETERNA_SERVICE_TOKEN_FILE and the "
+                "address of knowledge and memory (AETERNA_SYNC_KNOWLEDGE_URL, "
+                "AETERNA_SYNC_MEMORY_URL or AETERNA_AUTHZ_DIRECTORY_URL)",
+                reason="POINTER_SYNC_NOT_CONFIGURED",
+            )
+        return self.deps.pointers
+
     async def GetSyncStatus(
         self, request: svc.GetSyncStatusRequest, context: Ctx
     ) -> res.SyncStatus:
-        """Not implemented yet."""
-        return await self._unbuilt(request.name, "GetSyncStatus")  # type: ignore[no-any-return]
+        """See the proto: the last cycle, pointers held, open conflicts, failed items."""
+        principal = rc.current().principal
+        m = STATUS_NAME.fullmatch(request.name)
+        if m is None:
+            raise invalid_name("name", "tenants/{tenant}/syncStatus")
+        tenant = parse_parent(principal, m.group(1), "name")
+        await self.access.require_tenant(principal, tenant, "GetSyncStatus")
+        async with self.deps.db.transaction(tenant, readonly=True) as conn:
+            last = await conn.fetchrow(
+                "SELECT id, state, end_time, failed_items FROM sync_cycles "
+                "ORDER BY start_time DESC LIMIT 1"
+            )
+            pointers = await conn.fetchval("SELECT count(*) FROM sync_pointers")
+            open_conflicts = await conn.fetchval(
+                "SELECT count(*) FROM sync_conflicts WHERE resolution = 0"
+            )
+            ended = await conn.fetchval(
+                "SELECT max(end_time) FROM sync_cycles WHERE end_time IS NOT NULL"
+            )
+        out = res.SyncStatus(
+            name=request.name, pointer_count=pointers, open_conflict_count=open_conflicts
+        )
+        if last is not None:
+            out.failed_item_count = last["failed_items"]
+            if last["state"] == res.SYNC_CYCLE_STATE_RUNNING:
+                out.running_cycle = f"tenants/{tenant}/syncCycles/{last['id']}"
+        if ended is not None:
+            out.last_cycle_end_time.FromDatetime(ended)
+        return out
 
     async def TriggerSync(self, request: svc.TriggerSyncRequest, context: Ctx) -> res.SyncCycle:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "TriggerSync")  # type: ignore[no-any-return]
+        """See the proto: runs a full reconcile now and answers the finished cycle.
+
+        Raises:
+            Aborted: Another replica runs the tenant's cycle (reason ``SYNC_CYCLE_RUNNING``).
+            FailedPrecondition: Pointer sync is not configured.
+        """
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "TriggerSync")
+        if len(request.request_id) > 128:
+            raise InvalidArgument([FieldViolation("request_id", "at most 128 characters")])
+        servicing.check_request_id_header(context, request.request_id)
+        # A retried trigger runs another cycle: a cycle is idempotent (it writes only the
+        # difference, and creates carry request_ids), so no request_id bookkeeping is needed.
+        cycle = await self._pointers().reconcile(tenant)
+        return cycle.to_pb()
 
     async def ListSyncConflicts(
         self, request: svc.ListSyncConflictsRequest, context: Ctx
     ) -> svc.ListSyncConflictsResponse:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "ListSyncConflicts")  # type: ignore[no-any-return]
+        """See the proto: oldest first; resolved ones only with ``show_resolved``."""
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "ListSyncConflicts")
+        size = servicing.page_size(request.page_size)
+        fingerprint = f"{tenant}:{request.show_resolved}"
+        after = servicing.decode_page_token(request.page_token, fingerprint)
+        after_time, after_id = after.split("|", 1) if after else ("", "")
+        async with self.deps.db.transaction(tenant, readonly=True) as conn:
+            try:
+                rows = await conn.fetch(
+                    "SELECT id, kind, knowledge_item, pointer_memories, detail, detected_at, "
+                    "resolution, resolved_at FROM sync_conflicts "
+                    "WHERE ($1 OR resolution = 0) AND ($2 = '' OR (detected_at, id) > "
+                    "($2::text::timestamptz, $3::text::uuid)) "
+                    "ORDER BY detected_at, id LIMIT $4",
+                    request.show_resolved,
+                    after_time,
+                    after_id or "00000000-0000-0000-0000-000000000000",
+                    size + 1,
+                )
+            except (ValueError, asyncpg.DataError) as exc:
+                raise InvalidArgument(
+                    [FieldViolation("page_token", "not a token of this list")]
+                ) from exc
+        out = svc.ListSyncConflictsResponse()
+        for r in rows[:size]:
+            c = res.SyncConflict(
+                name=f"tenants/{tenant}/syncConflicts/{r['id']}",
+                kind=r["kind"],
+                knowledge_item=r["knowledge_item"],
+                pointer_memories=r["pointer_memories"],
+                detail=r["detail"],
+                resolution=r["resolution"],
+            )
+            c.detect_time.FromDatetime(r["detected_at"])
+            if r["resolved_at"] is not None:
+                c.resolve_time.FromDatetime(r["resolved_at"])
+            out.sync_conflicts.append(c)
+        if len(rows) > size:
+            last = rows[size - 1]
+            out.next_page_token = servicing.encode_page_token(
+                f"{last['detected_at'].isoformat()}|{last['id']}", fingerprint
+            )
+        return out
 
     async def ResolveSyncConflict(
         self, request: svc.ResolveSyncConflictRequest, context: Ctx

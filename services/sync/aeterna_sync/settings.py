@@ -27,7 +27,11 @@ class SyncSettings(BaseSettings):
             sweeps; removal is atomic, so one replica announces each leave).
         idempotency_ttl_s: Seconds a ``request_id`` is remembered; 24 h, as the other
             services'.
-        jobs_lease_ttl_s: Time to live in seconds of the background jobs' leases.
+        jobs_lease_ttl_s: Time to live in seconds of the background jobs' leases (and of a
+            tenant's pointer cycle lease).
+        knowledge_url: ``host:port`` of knowledge for pointer sync; empty: the authorization
+            directory's address (the sidecar or gateway, which routes every service).
+        memory_url: ``host:port`` of memory for pointer sync; empty: as ``knowledge_url``.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_SYNC_", extra="ignore")
@@ -42,3 +46,5 @@ class SyncSettings(BaseSettings):
     presence_sweep_s: float = Field(default=5.0, gt=0)
     idempotency_ttl_s: float = Field(default=86_400.0, ge=3600)
     jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
+    knowledge_url: str = ""
+    memory_url: str = ""

@@ -331,9 +331,24 @@ async def test_unbuilt_methods_authorize_first(sync_env: SyncEnv) -> None:
             metadata=who(tenant, "dev"),
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Built: an admin reads the (empty) status; without service credentials pointer sync
+    # is not configured, and says so.
+    status = await sync_env.stub.GetSyncStatus(
+        svc.GetSyncStatusRequest(name=f"tenants/{tenant}/syncStatus"),
+        metadata=who(tenant, "root"),
+    )
+    assert status.pointer_count == 0 and not status.HasField("last_cycle_end_time")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await sync_env.stub.GetSyncStatus(
-            svc.GetSyncStatusRequest(name=f"tenants/{tenant}/syncStatus"),
+        await sync_env.stub.TriggerSync(
+            svc.TriggerSyncRequest(parent=f"tenants/{tenant}"), metadata=who(tenant, "root")
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sync_env.stub.ResolveSyncConflict(
+            svc.ResolveSyncConflictRequest(
+                name=f"tenants/{tenant}/syncConflicts/00000000-0000-0000-0000-000000000001",
+                resolution=res.CONFLICT_RESOLUTION_IGNORE,
+            ),
             metadata=who(tenant, "root"),
         )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
