@@ -269,8 +269,7 @@ def service_dashboard(service: str) -> db.Dashboard:
                     "subscribers",
                     "short",
                     (f"sum by (instance) (aeterna_sync_subscribers{{{sel}}})", "{{instance}}"),
-                    (f"sum(aeterna_sync_tenant_feeds{{{sel}}})", "tenant feeds"),
-                    description="Open Subscribe streams per replica, and tenant streams read.",
+                    description="Open Subscribe streams per replica.",
                 )
             )
             .with_panel(
