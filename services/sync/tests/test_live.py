@@ -102,6 +102,13 @@ class Metrics:
         now = self.now()
         return {k: now[k] - self.start[k] for k in now}
 
+    async def subscribers_back(self) -> None:
+        """Wait until the server has closed the streams opened since the start (a cancelled
+        call ends on the server a little later, and may still send until then)."""
+        async with asyncio.timeout(WAIT_S):
+            while self.delta()["aeterna_sync_subscribers{}"] != 0:  # noqa: ASYNC110 (server)
+                await asyncio.sleep(0.05)
+
 
 def project(ident: str) -> dict[str, Any]:
     return {"layer": 4, "project_id": ident}
@@ -143,6 +150,7 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
     assert moved["aeterna_sync_delivery_lag_seconds_count{}"] == 4
     assert moved["aeterna_sync_delivery_lag_seconds_sum{}"] >= 0
     follower.call.cancel()
+    await metrics.subscribers_back()
     # While nobody follows: 50 more, some in the room.
     for _ in range(25):
         await pub.publish("memory.created", project("checkout"))
@@ -164,10 +172,7 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
     assert live in (5, 6)
     assert moved["aeterna_sync_delivery_lag_seconds_count{}"] == live
     resumed.call.cancel()
-    # Both streams closed: the gauge is back where it started.
-    async with asyncio.timeout(WAIT_S):
-        while metrics.delta()["aeterna_sync_subscribers{}"] != 0:  # noqa: ASYNC110 (server tasks)
-            await asyncio.sleep(0.05)
+    await metrics.subscribers_back()
 
 
 async def test_tenant_admin_follows_the_tenant_room_and_users_their_own(
