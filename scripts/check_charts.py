@@ -95,6 +95,7 @@ ALL_FEATURES: Mapping[str, dict[str, Any]] = {
         "auth": {"jwks": {"configMapName": "", "secretName": "aeterna-jwks"}},
         "autoscaling": {"requestsPerSecond": {"enabled": True}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
         "settings": {"AETERNA_AUTH_TRUST_TOKEN_ROLES": "false"},
         "podDisruptionBudget": {"minAvailable": 1},
     },

@@ -24,7 +24,7 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("memory", "governance", "knowledge")
+SERVICES = ("memory", "governance", "knowledge", "sync")
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 WIDTH = 8
@@ -121,7 +121,8 @@ def _red(service: str, job: str) -> list[timeseries.Panel]:
 
 def service_dashboard(service: str) -> db.Dashboard:
     """The dashboard of one service: RED per method, SLO burn, events, authorization,
-    pools and jobs (and the index and embedding cache for memory)."""
+    pools and jobs (and the index and embedding cache for memory, stream subscribers and
+    delivery lag for sync)."""
     job = f"aeterna-{service}"
     sel = f'job="{job}"'
     dash = _base(
@@ -259,6 +260,47 @@ def service_dashboard(service: str) -> db.Dashboard:
             )
         )
     )
+    if service == "sync":
+        lag = f"rate(aeterna_sync_delivery_lag_seconds_bucket{{{sel}}}[{RATE}])"
+        dash = (
+            dash.with_row(db.Row("Stream subscribers and lag"))
+            .with_panel(
+                _series(
+                    "subscribers",
+                    "short",
+                    (f"sum by (instance) (aeterna_sync_subscribers{{{sel}}})", "{{instance}}"),
+                    description="Open Subscribe streams per replica.",
+                )
+            )
+            .with_panel(
+                _series(
+                    "events delivered/s",
+                    "short",
+                    (
+                        "sum by (phase) (rate(aeterna_sync_events_delivered_total"
+                        f"{{{sel}}}[{RATE}]))",
+                        "{{phase}}",
+                    ),
+                    (
+                        f"sum(increase(aeterna_sync_subscriber_overflows_total{{{sel}}}[{RATE}]))",
+                        "ended for lag",
+                    ),
+                    description=(
+                        "Events sent to subscribers (catchup: backlog after a resume cursor), "
+                        "and subscribers ended with RESOURCE_EXHAUSTED for falling behind."
+                    ),
+                )
+            )
+            .with_panel(
+                _series(
+                    "delivery lag (commit → send)",
+                    "s",
+                    (f"histogram_quantile(0.5, sum by (le) ({lag}))", "p50"),
+                    (f"histogram_quantile(0.99, sum by (le) ({lag}))", "p99"),
+                    description="Live events only; the alert fires at p99 > 5 s for 10 min.",
+                )
+            )
+        )
     if service == "memory":
         dash = (
             dash.with_row(db.Row("Index and embedding cache"))

@@ -31,7 +31,7 @@ def alerts(path: Path) -> list[dict[str, Any]]:
 
 def test_every_chart_has_rules() -> None:
     charts = {p.parts[-3] for p in RULE_FILES}
-    assert charts == {"memory", "governance", "knowledge", "gateway"}
+    assert charts == {"memory", "governance", "knowledge", "sync", "gateway"}
 
 
 def test_rules_are_valid_prometheus_rules() -> None:

@@ -1,6 +1,6 @@
 """Rendered Helm charts (in process, offline): what the pods run with, not how the YAML reads.
 
-Renders charts/memory, charts/governance, charts/knowledge and charts/gateway with
+Renders charts/memory, charts/governance, charts/knowledge, charts/sync and charts/gateway with
 helm-python-sdk (Helm's Go SDK) and checks the objects: probes, security contexts, HPA
 targets, DSNs only from Secrets, the migration hook, NetworkPolicy ports and peers, and the
 Envoy configurations after Helm substituted the values.

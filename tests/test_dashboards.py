@@ -49,6 +49,7 @@ def test_committed_dashboards_are_what_the_generator_writes() -> None:
         "charts/memory/files/dashboards/aeterna-memory.json",
         "charts/governance/files/dashboards/aeterna-governance.json",
         "charts/knowledge/files/dashboards/aeterna-knowledge.json",
+        "charts/sync/files/dashboards/aeterna-sync.json",
     }
     for path, text in files.items():
         assert (ROOT / path).read_text() == text, f"{path} is stale: run make gen"
@@ -73,7 +74,7 @@ def test_queries_use_exported_metrics_and_no_tenant_label() -> None:
                 assert base in exported, f"{path.name}: {name} is exported by no code"
             for record in re.findall(r"\baeterna:[a-z_:0-9]+", expr):
                 assert f"record: {record}" in rules, f"{path.name}: {record} is recorded by no rule"
-    assert len(uids) == 4
+    assert len(uids) == 5
 
 
 def test_queries_parse_as_promql() -> None:

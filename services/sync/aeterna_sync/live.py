@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from aeterna_common.events import stream_key
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential_jitter
 
@@ -31,11 +31,27 @@ from aeterna_sync.rooms import entry_key
 
 log = structlog.get_logger("aeterna.sync.live")
 
+# Stream subscribers and lag. No tenant label (unbounded cardinality, see
+# aeterna_common.telemetry): per-tenant figures are in traces and logs.
 SUBSCRIBERS = Gauge("aeterna_sync_subscribers", "Open Subscribe streams on this replica.")
 FEEDS = Gauge("aeterna_sync_tenant_feeds", "Tenant streams this replica reads.")
 OVERFLOWS = Counter(
     "aeterna_sync_subscriber_overflows_total",
-    "Subscriptions ended because they fell more than subscriber_buffer entries behind.",
+    "Subscriptions ended for lag: they fell more than subscriber_buffer entries behind "
+    "(RESOURCE_EXHAUSTED with a resume cursor).",
+)
+DELIVERED = Counter(
+    "aeterna_sync_events_delivered_total",
+    "Live events sent to subscribers, by phase (catchup: the backlog after a resume cursor; "
+    "live: from the tenant feed).",
+    ["phase"],
+)
+DELIVERY_LAG_SECONDS = Histogram(
+    "aeterna_sync_delivery_lag_seconds",
+    "Seconds from an event's commit (the outbox row's commit time) to its send to a "
+    "subscriber, live phase only (a catch-up replays old events by design). Includes relay "
+    "lag and clock skew between PostgreSQL and this replica (clamped at 0).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 
 Entry = tuple[str, Mapping[str, str]]

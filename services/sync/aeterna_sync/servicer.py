@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from aeterna_common.servicing import Ctx
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from aeterna_sync.deps import Deps, Registered, ServicerSpec
-from aeterna_sync.live import Entry, Subscription, newer
+from aeterna_sync.live import DELIVERED, DELIVERY_LAG_SECONDS, Entry, Subscription, newer
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.rooms import (
     decode_cursor,
@@ -70,6 +71,14 @@ def _live_event(entry_id: str, event: Event, kind: int, rooms: Sequence[str]) ->
         payload=payload,
         event_id=event.event_id,
     )
+
+
+def _delivered_live(event: res.LiveEvent) -> None:
+    """Count a live event handed to the stream, and its commit-to-send lag in seconds."""
+    DELIVERED.labels("live").inc()
+    lag_s = time.time() - event.commit_time.ToNanoseconds() / 1e9
+    # PostgreSQL's clock may run ahead of this replica's: a negative lag is skew, not speed.
+    DELIVERY_LAG_SECONDS.observe(max(lag_s, 0.0))
 
 
 class SyncServicer(svc_grpc.SyncServiceServicer):
@@ -112,10 +121,13 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
                     message = await self._message(principal, tenant, rooms, entry)
                     position = entry[0]
                     if message is not None:
+                        DELIVERED.labels("catchup").inc()
                         yield message
                 if len(page) < self.settings.catchup_page:
                     break
             async for message, _ in self._follow(principal, tenant, rooms, sub, position):
+                if message.HasField("event"):
+                    _delivered_live(message.event)
                 yield message
         finally:
             await self.live.close(sub)

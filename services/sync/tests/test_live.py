@@ -17,6 +17,7 @@ from aeterna_common.events import stream_key
 from aeterna_devstack.servers import RedisServer
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 from sync_testkit import BINDINGS, UNITS, Publisher, SyncEnv, start_sync, who
 
 WAIT_S = 30.0
@@ -77,6 +78,38 @@ class Follower:
         return caught.value
 
 
+class Metrics:
+    """The sync stream metrics of this process (the server runs in it), read as deltas."""
+
+    NAMES = (
+        ("aeterna_sync_subscribers", {}),
+        ("aeterna_sync_events_delivered_total", {"phase": "live"}),
+        ("aeterna_sync_events_delivered_total", {"phase": "catchup"}),
+        ("aeterna_sync_delivery_lag_seconds_count", {}),
+        ("aeterna_sync_delivery_lag_seconds_sum", {}),
+    )
+
+    def __init__(self) -> None:
+        self.start = self.now()
+
+    @classmethod
+    def now(cls) -> dict[str, float]:
+        return {
+            f"{n}{labels}": REGISTRY.get_sample_value(n, labels) or 0.0 for n, labels in cls.NAMES
+        }
+
+    def delta(self) -> dict[str, float]:
+        now = self.now()
+        return {k: now[k] - self.start[k] for k in now}
+
+    async def subscribers_back(self) -> None:
+        """Wait until the server has closed the streams opened since the start (a cancelled
+        call ends on the server a little later, and may still send until then)."""
+        async with asyncio.timeout(WAIT_S):
+            while self.delta()["aeterna_sync_subscribers{}"] != 0:  # noqa: ASYNC110 (server)
+                await asyncio.sleep(0.05)
+
+
 def project(ident: str) -> dict[str, Any]:
     return {"layer": 4, "project_id": ident}
 
@@ -86,8 +119,10 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
 ) -> None:
     tenant = sync_env.tenant()
     pub = Publisher(sync_env.redis, tenant)
+    metrics = Metrics()
     follower = Follower(sync_env, tenant, "dev", ["project:checkout"])
     await follower.started()
+    assert metrics.delta()["aeterna_sync_subscribers{}"] == 1
     await pub.publish("memory.created", project("checkout"))
     await pub.publish("memory.created", project("elsewhere"))  # another room
     await pub.publish("memory.created", {"layer": 2, "user_id": "dev"})  # not subscribed
@@ -108,7 +143,14 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
     assert [e.event_id for e in got] == ["memory:1", "memory:5", "memory:6", "memory:7"]
     assert all(list(e.rooms) == ["project:checkout"] for e in got)
     assert got[0].payload["project_id"] == "checkout" and got[0].actor == "users/dev"
+    # Only the 4 sent events count (not the 3 filtered out), each with its lag observed.
+    moved = metrics.delta()
+    assert moved["aeterna_sync_events_delivered_total{'phase': 'live'}"] == 4
+    assert moved["aeterna_sync_events_delivered_total{'phase': 'catchup'}"] == 0
+    assert moved["aeterna_sync_delivery_lag_seconds_count{}"] == 4
+    assert moved["aeterna_sync_delivery_lag_seconds_sum{}"] >= 0
     follower.call.cancel()
+    await metrics.subscribers_back()
     # While nobody follows: 50 more, some in the room.
     for _ in range(25):
         await pub.publish("memory.created", project("checkout"))
@@ -122,7 +164,15 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
     # No duplicate afterwards either: the next live event is the next one.
     await pub.publish("memory.deleted", project("checkout"))
     assert [e.event_id for e in await resumed.events(1)] == ["memory:59"]
+    # The resumed backlog counts as catch-up (memory:58 may be read there or live), with no
+    # lag observed for it.
+    moved = metrics.delta()
+    live = moved["aeterna_sync_events_delivered_total{'phase': 'live'}"]
+    assert moved["aeterna_sync_events_delivered_total{'phase': 'catchup'}"] + live == 4 + 27
+    assert live in (5, 6)
+    assert moved["aeterna_sync_delivery_lag_seconds_count{}"] == live
     resumed.call.cancel()
+    await metrics.subscribers_back()
 
 
 async def test_tenant_admin_follows_the_tenant_room_and_users_their_own(
