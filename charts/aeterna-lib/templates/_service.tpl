@@ -14,9 +14,12 @@ charts/memory is one include of a template below with the chart's root context.
 {{- if .Values.dataVolume.enabled -}}
 {{- $_ := set $settings .Values.dataVolume.setting .Values.dataVolume.mountPath -}}
 {{- end -}}
-{{- if .Values.tracing.enabled -}}
+{{- /* A chart without tracing values exports no traces. */ -}}
+{{- with .Values.tracing -}}
+{{- if .enabled -}}
 {{- $_ := set $settings "AETERNA_OTEL_EXPORTER" "otlp" -}}
-{{- $_ := set $settings "AETERNA_OTEL_ENDPOINT" (required "tracing.otlpEndpoint is required when tracing.enabled" .Values.tracing.otlpEndpoint) -}}
+{{- $_ := set $settings "AETERNA_OTEL_ENDPOINT" (required "tracing.otlpEndpoint is required when tracing.enabled" .otlpEndpoint) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Usage, budgets and anomaly detection: only the charts that have these values. */ -}}
 {{- with .Values.anomaly -}}
