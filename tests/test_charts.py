@@ -461,7 +461,7 @@ def test_usage_budgets_and_anomaly_settings_reach_the_services() -> None:
     assert gov["AETERNA_GOVERNANCE_USAGE_DEFAULT_BUDGET"] == "5"
     assert gov["AETERNA_GOVERNANCE_USAGE_HARD_CAP"] == "true"
     assert gov["AETERNA_ANOMALY_INTERVAL_S"] == "0"
-    with pytest.raises(Exception, match="embedding.tokenz"):
+    with pytest.raises(Exception, match=r"embedding\.tokenz"):
         render(GOVERNANCE, {"usage": {"prices": {"embedding.tokenz": 1}}})
 
 
