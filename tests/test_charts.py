@@ -436,6 +436,35 @@ def test_services_export_traces_to_the_collector_the_values_name(memory: list[Ob
     assert "AETERNA_OTEL_EXPORTER" not in one(off, "ConfigMap", "aeterna-memory-settings")["data"]
 
 
+def test_usage_budgets_and_anomaly_settings_reach_the_services() -> None:
+    memory = one(render(MEMORY), "ConfigMap", "aeterna-memory-settings")["data"]
+    assert memory["AETERNA_ANOMALY_INTERVAL_S"] == "60"
+    assert memory["AETERNA_USAGE_REPORT_INTERVAL_S"] == "10"
+    assert memory["AETERNA_USAGE_CAP_CHECK_S"] == "0"
+    knowledge = one(render(KNOWLEDGE), "ConfigMap", "aeterna-knowledge-settings")["data"]
+    assert knowledge["AETERNA_USAGE_REPORT_INTERVAL_S"] == "10"
+    assert "AETERNA_USAGE_CAP_CHECK_S" not in knowledge
+    values = {
+        "usage": {
+            "prices": {"embedding.tokens": 0.00000002},
+            "currency": "EUR",
+            "budgets": {"acme": 12.5},
+            "defaultBudget": 5,
+            "hardCap": True,
+        },
+        "anomaly": {"intervalSeconds": 0},
+    }
+    gov = one(render(GOVERNANCE, values), "ConfigMap", "aeterna-governance-settings")["data"]
+    assert json.loads(gov["AETERNA_GOVERNANCE_USAGE_PRICES"]) == {"embedding.tokens": 2e-08}
+    assert json.loads(gov["AETERNA_GOVERNANCE_USAGE_BUDGETS"]) == {"acme": 12.5}
+    assert gov["AETERNA_GOVERNANCE_USAGE_CURRENCY"] == "EUR"
+    assert gov["AETERNA_GOVERNANCE_USAGE_DEFAULT_BUDGET"] == "5"
+    assert gov["AETERNA_GOVERNANCE_USAGE_HARD_CAP"] == "true"
+    assert gov["AETERNA_ANOMALY_INTERVAL_S"] == "0"
+    with pytest.raises(Exception, match=r"embedding\.tokenz"):
+        render(GOVERNANCE, {"usage": {"prices": {"embedding.tokenz": 1}}})
+
+
 def test_sidecar_envoy_config_resolves_the_values() -> None:
     objs = render(
         MEMORY,

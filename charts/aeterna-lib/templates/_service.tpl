@@ -14,9 +14,31 @@ charts/memory is one include of a template below with the chart's root context.
 {{- if .Values.dataVolume.enabled -}}
 {{- $_ := set $settings .Values.dataVolume.setting .Values.dataVolume.mountPath -}}
 {{- end -}}
-{{- if .Values.tracing.enabled -}}
+{{- /* A chart without tracing values exports no traces. */ -}}
+{{- with .Values.tracing -}}
+{{- if .enabled -}}
 {{- $_ := set $settings "AETERNA_OTEL_EXPORTER" "otlp" -}}
-{{- $_ := set $settings "AETERNA_OTEL_ENDPOINT" (required "tracing.otlpEndpoint is required when tracing.enabled" .Values.tracing.otlpEndpoint) -}}
+{{- $_ := set $settings "AETERNA_OTEL_ENDPOINT" (required "tracing.otlpEndpoint is required when tracing.enabled" .otlpEndpoint) -}}
+{{- end -}}
+{{- end -}}
+{{- /* Usage, budgets and anomaly detection: only the charts that have these values. */ -}}
+{{- with .Values.anomaly -}}
+{{- $_ := set $settings "AETERNA_ANOMALY_INTERVAL_S" (toString .intervalSeconds) -}}
+{{- end -}}
+{{- with .Values.usage -}}
+{{- if hasKey . "reportIntervalSeconds" -}}
+{{- $_ := set $settings "AETERNA_USAGE_REPORT_INTERVAL_S" (toString .reportIntervalSeconds) -}}
+{{- end -}}
+{{- if hasKey . "capCheckSeconds" -}}
+{{- $_ := set $settings "AETERNA_USAGE_CAP_CHECK_S" (toString .capCheckSeconds) -}}
+{{- end -}}
+{{- if hasKey . "prices" -}}
+{{- $_ := set $settings "AETERNA_GOVERNANCE_USAGE_PRICES" (toJson .prices) -}}
+{{- $_ := set $settings "AETERNA_GOVERNANCE_USAGE_CURRENCY" .currency -}}
+{{- $_ := set $settings "AETERNA_GOVERNANCE_USAGE_BUDGETS" (toJson .budgets) -}}
+{{- $_ := set $settings "AETERNA_GOVERNANCE_USAGE_DEFAULT_BUDGET" (toString .defaultBudget) -}}
+{{- $_ := set $settings "AETERNA_GOVERNANCE_USAGE_HARD_CAP" (toString .hardCap) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Set last: ports and paths the templates and the Envoy configuration depend on. */ -}}
 {{- $_ := set $settings "AETERNA_LISTEN" (include "aeterna-lib.listen" .) -}}

@@ -240,6 +240,8 @@ class Anomaly:
         level: The level it was compared with.
         score: Its robust z-score.
         at: The point's time (seconds since the epoch).
+        metric: For :attr:`Signal.USAGE`, the billable metric
+            (:data:`aeterna_common.usage.METRICS`); empty otherwise.
     """
 
     tenant_id: str
@@ -250,10 +252,11 @@ class Anomaly:
     level: float
     score: float
     at: float
+    metric: str = ""
 
     def payload(self) -> dict[str, object]:
-        """The ``anomaly.detected`` event payload."""
-        return {
+        """The ``anomaly.detected`` event payload (``metric`` only for a usage series)."""
+        out: dict[str, object] = {
             "signal": self.signal.value,
             "kind": self.kind.value,
             "value": self.value,
@@ -261,6 +264,9 @@ class Anomaly:
             "score": round(self.score, 3),
             "at": self.at,
         }
+        if self.metric:
+            out["metric"] = self.metric
+        return out
 
 
 Sink = Callable[[Anomaly], Awaitable[None]]
@@ -268,7 +274,8 @@ Sink = Callable[[Anomaly], Awaitable[None]]
 
 
 class AnomalyMonitor:
-    """A :class:`RobustDetector` per (tenant, signal) of one service.
+    """A :class:`RobustDetector` per (tenant, signal, metric) of one service (the metric names
+    one of several series of a signal, e.g. each billable usage metric; empty otherwise).
 
     Args:
         service: The service.
@@ -290,13 +297,19 @@ class AnomalyMonitor:
         self.sink = sink
         self.configs = {**SIGNAL_DEFAULTS, **(configs or {})}
         self.max_series = max_series
-        self._detectors: dict[tuple[str, Signal], RobustDetector] = {}
+        self._detectors: dict[tuple[str, Signal, str], RobustDetector] = {}
 
     def tenants(self, signal: Signal) -> set[str]:
         """Tenants with a series of ``signal``."""
-        return {t for t, s in self._detectors if s is signal}
+        return {t for t, s, _ in self._detectors if s is signal}
 
-    async def observe(self, tenant_id: str, signal: Signal, at: float, value: float) -> Verdict:
+    def series(self, signal: Signal) -> set[tuple[str, str]]:
+        """(tenant, metric) of every series of ``signal``."""
+        return {(t, m) for t, s, m in self._detectors if s is signal}
+
+    async def observe(
+        self, tenant_id: str, signal: Signal, at: float, value: float, *, metric: str = ""
+    ) -> Verdict:
         """Feed one point of a tenant's signal; emits what it detects.
 
         Args:
@@ -304,11 +317,12 @@ class AnomalyMonitor:
             signal: The signal.
             at: The point's time, seconds since the epoch.
             value: The value.
+            metric: Which series of the signal (a usage metric); empty for the others.
 
         Returns:
             The detector's verdict.
         """
-        key = (tenant_id, signal)
+        key = (tenant_id, signal, metric)
         detector = self._detectors.pop(key, None)
         if detector is None:
             detector = RobustDetector(self.configs[signal])
@@ -321,7 +335,15 @@ class AnomalyMonitor:
             ANOMALIES.labels(self.service, signal.value, kind.value).inc()
             await self.sink(
                 Anomaly(
-                    tenant_id, self.service, signal, kind, value, level or 0.0, verdict.score, at
+                    tenant_id,
+                    self.service,
+                    signal,
+                    kind,
+                    value,
+                    level or 0.0,
+                    verdict.score,
+                    at,
+                    metric,
                 )
             )
         return verdict
@@ -409,17 +431,95 @@ async def feed(monitor: AnomalyMonitor, traffic: TenantTraffic, at: float) -> in
     return len(known | set(figures))
 
 
-async def run_monitor(monitor: AnomalyMonitor, interval_s: float) -> None:
-    """Feed :data:`TRAFFIC` to ``monitor`` every ``interval_s`` seconds until cancelled (0
-    disables). A failing sink is logged and the loop goes on."""
+class UsageWindow:
+    """Each tenant's billable usage per interval, read from the service's ``usage_hourly`` rows
+    (:mod:`aeterna_common.usage`), which hold running totals per tenant, hour and metric.
+
+    :meth:`drain` reads the rows of the current and the previous hour (the previous one still
+    grows for work whose transaction began before the hour turned) and returns what each row
+    gained since the last drain. The first drain only takes the baseline: usage recorded before
+    the job started is not one interval's worth. Every replica reads the whole table, so every
+    replica sees the same figures (unlike :class:`TenantTraffic`, which is its own share).
+
+    Args:
+        indexer: A pool of the indexer role (cross-tenant SELECT on ``usage_hourly``).
+    """
+
+    def __init__(self, indexer: Any) -> None:
+        self.indexer = indexer
+        self._seen: dict[tuple[str, Any, str], int] = {}
+        self._primed = False
+
+    async def drain(self) -> dict[str, dict[str, int]]:
+        """Usage gained since the last drain.
+
+        Returns:
+            Tenant → metric → units gained (only tenants and metrics that gained some; empty
+            on the first call).
+        """
+        async with self.indexer.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, hour, metric, quantity FROM usage_hourly "
+                "WHERE hour >= date_trunc('hour', now()) - interval '1 hour'"
+            )
+        seen: dict[tuple[str, Any, str], int] = {}
+        gained: dict[str, dict[str, int]] = {}
+        for r in rows:
+            key = (r["tenant_id"], r["hour"], r["metric"])
+            seen[key] = int(r["quantity"])
+            delta = seen[key] - self._seen.get(key, 0)
+            if self._primed and delta > 0:
+                per_tenant = gained.setdefault(r["tenant_id"], {})
+                per_tenant[r["metric"]] = per_tenant.get(r["metric"], 0) + delta
+        # Rows older than the previous hour no longer change: forget them.
+        self._seen = seen
+        self._primed = True
+        return gained
+
+
+async def feed_usage(monitor: AnomalyMonitor, usage: UsageWindow, at: float) -> int:
+    """Feed one interval of ``usage`` to ``monitor``: one :attr:`Signal.USAGE` series per tenant
+    and billable metric (embedding tokens, searches, bytes stored...); a series seen before and
+    silent now gets 0.
+
+    Returns:
+        Series fed.
+    """
+    gained = await usage.drain()
+    points = {(t, m): float(q) for t, metrics in gained.items() for m, q in metrics.items()}
+    for tenant_id, metric in monitor.series(Signal.USAGE) - set(points):
+        points[(tenant_id, metric)] = 0.0
+    for (tenant_id, metric), value in sorted(points.items()):
+        await monitor.observe(tenant_id, Signal.USAGE, at, value, metric=metric)
+    return len(points)
+
+
+async def run_monitor(
+    monitor: AnomalyMonitor, interval_s: float, usage: UsageWindow | None = None
+) -> None:
+    """Feed :data:`TRAFFIC` (and ``usage``, when given) to ``monitor`` every ``interval_s``
+    seconds until cancelled (0 disables). A failing read or sink is logged and the loop goes
+    on."""
     if not interval_s:
         return
+    if usage is not None:
+        try:
+            await usage.drain()  # the baseline
+        except Exception:
+            log.exception("anomaly.usage_failed", service=monitor.service)
     while True:
         await asyncio.sleep(interval_s)
+        at = time.time()
         try:
-            await feed(monitor, TRAFFIC, time.time())
+            await feed(monitor, TRAFFIC, at)
         except Exception:
             log.exception("anomaly.feed_failed", service=monitor.service)
+        if usage is None:
+            continue
+        try:
+            await feed_usage(monitor, usage, at)
+        except Exception:
+            log.exception("anomaly.usage_failed", service=monitor.service)
 
 
 def outbox_sink(db: Any, channel: str, service: str) -> Sink:
@@ -450,15 +550,19 @@ def outbox_sink(db: Any, channel: str, service: str) -> Sink:
     return sink
 
 
-def monitor_job(db: Any, channel: str, service: str) -> Callable[[], Coroutine[Any, Any, None]]:
-    """The background job of a service: an :class:`AnomalyMonitor` over its traffic, every
-    ``AETERNA_ANOMALY_INTERVAL_S`` seconds (:class:`AnomalySettings`), detections to the
-    outbox."""
+def monitor_job(
+    db: Any, channel: str, service: str, indexer: Any = None
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The background job of a service: an :class:`AnomalyMonitor` over its traffic and, given
+    the ``indexer`` pool of a service that keeps ``usage_hourly``, its tenants' usage
+    (:class:`UsageWindow`), every ``AETERNA_ANOMALY_INTERVAL_S`` seconds
+    (:class:`AnomalySettings`), detections to the outbox."""
     settings = AnomalySettings()
     monitor = AnomalyMonitor(service, outbox_sink(db, channel, service))
+    usage = UsageWindow(indexer) if indexer is not None else None
 
     async def job() -> None:
-        await run_monitor(monitor, settings.interval_s)
+        await run_monitor(monitor, settings.interval_s, usage)
 
     return job
 

@@ -8,19 +8,15 @@ promoted replica without being told."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from aeterna_common.redis_client import parse_sentinel_url, redis_client
-from aeterna_devstack.servers import free_port
+from aeterna_devstack.servers import SentinelSet
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,56 +26,10 @@ RETRY_WINDOW_S = 30.0
 """How long one call may keep retrying (the services' Redis callers retry with backoff)."""
 
 
-def _wait_port(port: int, timeout_s: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def sentinel_set() -> Iterator[tuple[list[int], list[int], list[subprocess.Popen[bytes]]]]:
-    server = shutil.which("redis-server")
-    sentinel = shutil.which("redis-sentinel") or server
-    assert server and sentinel, "redis-server and redis-sentinel are needed: make deps-system"
-    root = Path(tempfile.mkdtemp(prefix="aeterna-sentinel-"))
-    data_ports = [free_port() for _ in range(3)]
-    sentinel_ports = [free_port() for _ in range(3)]
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i, port in enumerate(data_ports):
-            args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-            args += ["--appendonly", "no", "--dir", str(root)]
-            if i:
-                args += ["--replicaof", "127.0.0.1", str(data_ports[0])]
-            procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
-            _wait_port(port)
-        for port in sentinel_ports:
-            conf = root / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {root}\n"
-                f"sentinel monitor {MASTER} 127.0.0.1 {data_ports[0]} 2\n"
-                f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                f"sentinel failover-timeout {MASTER} 10000\n"
-                f"sentinel parallel-syncs {MASTER} 1\n"
-            )
-            extra = ["--sentinel"] if sentinel == server else []
-            procs.append(subprocess.Popen([sentinel, str(conf), *extra], stdout=subprocess.DEVNULL))
-            _wait_port(port)
-        yield data_ports, sentinel_ports, procs
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait(10)
-        shutil.rmtree(root, ignore_errors=True)
+    with SentinelSet(MASTER) as s:
+        yield s.data_ports, s.sentinel_ports, s.procs
 
 
 def test_sentinel_urls_are_parsed() -> None:

@@ -798,3 +798,109 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class SentinelSet:
+    """A throwaway Redis Sentinel deployment on loopback: one master, ``replicas`` replicas
+    and three Sentinels (quorum 2) watching it under the name :attr:`master_name`, from
+    Debian's ``redis-server`` and ``redis-sentinel`` (``make deps-system``). Nothing is
+    persisted. The Sentinels declare the master down after ``down_after_ms`` of silence.
+
+    Args:
+        master_name: The monitored master's name (the path of the ``redis+sentinel://`` URL).
+        replicas: Replicas of the master.
+        down_after_ms: Sentinel ``down-after-milliseconds``.
+
+    Raises:
+        DevServerError: The binaries are missing or a server did not open its port in 20 s.
+    """
+
+    def __init__(
+        self, master_name: str = "aeterna", *, replicas: int = 2, down_after_ms: int = 1000
+    ) -> None:
+        self.master_name = master_name
+        self.data_ports = [free_port() for _ in range(1 + replicas)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.down_after_ms = down_after_ms
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._root: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://`` URL of the Sentinels and the master's name
+        (:func:`aeterna_common.redis_client.redis_client`)."""
+        hosts = ",".join(f"{LOOPBACK}:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    def start(self) -> Self:
+        """Start the data servers, then the Sentinels (returns when every port is open)."""
+        server = shutil.which("redis-server")
+        sentinel = shutil.which("redis-sentinel") or server
+        if not server or not sentinel:
+            raise DevServerError("redis-server and redis-sentinel are needed: make deps-system")
+        self._root = Path(tempfile.mkdtemp(prefix="aeterna-sentinel-"))
+        try:
+            for i, port in enumerate(self.data_ports):
+                args = [server, "--port", str(port), "--bind", LOOPBACK, "--save", ""]
+                args += ["--appendonly", "no", "--dir", str(self._root)]
+                if i:
+                    args += ["--replicaof", LOOPBACK, str(self.data_ports[0])]
+                self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+                self._wait_port(port)
+            for port in self.sentinel_ports:
+                conf = self._root / f"sentinel-{port}.conf"
+                name = self.master_name
+                conf.write_text(
+                    f"port {port}\nbind {LOOPBACK}\ndir {self._root}\n"
+                    f"sentinel monitor {name} {LOOPBACK} {self.data_ports[0]} 2\n"
+                    f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {name} 10000\n"
+                    f"sentinel parallel-syncs {name} 1\n"
+                )
+                extra = ["--sentinel"] if sentinel == server else []
+                self.procs.append(
+                    subprocess.Popen([sentinel, str(conf), *extra], stdout=subprocess.DEVNULL)
+                )
+                self._wait_port(port)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def kill_master(self) -> None:
+        """SIGKILL the first master (the Sentinels then promote a replica)."""
+        self.procs[0].kill()
+
+    def stop(self) -> None:
+        """Kill every process and remove the working directory."""
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(10)
+        self.procs.clear()
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+    @staticmethod
+    def _wait_port(port: int, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DevServerError(f"port {port} not open within {timeout_s} s") from None
+                time.sleep(0.05)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

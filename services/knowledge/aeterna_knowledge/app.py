@@ -168,7 +168,7 @@ async def build(
         idempotency_gc,
         searching.follower.run,
         UsageReporter(db, indexer, service="knowledge", channel=items.NOTIFY_CHANNEL).run,
-        monitor_job(db, items.NOTIFY_CHANNEL, "knowledge"),
+        monitor_job(db, items.NOTIFY_CHANNEL, "knowledge", indexer),
     ]
     if bindings is not None:
         jobs.append(bindings.watch)

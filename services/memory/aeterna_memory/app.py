@@ -579,7 +579,7 @@ async def build(
     jobs.append(report_position_forever)
     usage_settings = UsageSettings()
     jobs.append(UsageReporter(db, indexer, service="memory", channel=NOTIFY_CHANNEL).run)
-    jobs.append(monitor_job(db, NOTIFY_CHANNEL, "memory"))
+    jobs.append(monitor_job(db, NOTIFY_CHANNEL, "memory", indexer))
     # The hard cap: governance says whether a tenant's budget is spent (when it is on there).
     embedding_cap: EmbeddingCap | None = None
     if usage_settings.cap_check_s and common.authz_directory_url and credentials is not None:
