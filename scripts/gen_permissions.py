@@ -100,7 +100,8 @@ def render() -> str:
         "a layer, or the tenant for coarse and admin checks). A unit role is bound at the "
         "column's unit (so at or above it: bindings are inherited downward); TENANT_ADMIN and "
         "PLATFORM_ADMIN are tenant-wide; the row *VIEWER bound at the project only* shows "
-        "what reaches units above the binding (knowledge is read by the units below). ✅ allowed, — denied, *some* for some actions of "
+        "what reaches units above the binding (knowledge is read by the units below). "
+        "✅ allowed, — denied, *some* for some actions of "
         "the group. Roles in a token count only when `AETERNA_AUTH_TRUST_TOKEN_ROLES` is set "
         "(development).",
         "",

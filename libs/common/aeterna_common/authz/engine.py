@@ -29,17 +29,17 @@ alternative, precomputing every principal's
 inherited roles into attributes, would move the inheritance rules out of Cedar into
 Python and make every binding change rewrite many principals.
 
-A unit missing from the tree (a scope id nobody modelled yet) gets the tenant-wide grants
-as its role groups and the tenant's audience (``Audience::"{tenant}/Tenant"``, whose only
-member is the tenant-wide VIEWER grant): only tenant-wide bindings reach it. All such units of one kind are one
-entity (``Project::"{tenant}/"``; a tree unit is ``"{tenant}/{id}"`` and ids are never empty),
-as no policy looks at a unit's id. Likewise a user space is the principal's own
+A unit missing from the tree (a scope id nobody modelled yet) gets the tenant-wide grants as
+its role groups and the tenant's audience (``Audience::"{tenant}/Tenant"``, whose only member
+is the tenant-wide VIEWER grant): only tenant-wide bindings reach it. All such units of one
+kind are one entity (``Project::"{tenant}/"``; a tree unit is ``"{tenant}/{id}"`` and ids are
+never empty), as no policy looks at a unit's id. Likewise a user space is the principal's own
 (``UserSpace::"{tenant}/{user}"``, added with the principal; for an agent, its user's) or
 ``UserSpace::"{tenant}/"`` standing for any other user's, whose owner is no user: the only
 policies that tell user spaces apart compare the owner with the principal, which is false for
-every other user's space alike. So a request adds no entities to the graph of its
-principal (a copy costs about a millisecond at 600 entities); only a request about another
-tenant (PLATFORM_ADMIN) does.
+every other user's space alike. So a request adds no entities to the graph of its principal
+(a copy costs about a millisecond at 600 entities); only a request about another tenant
+(PLATFORM_ADMIN) does.
 
 Agents acting for a user carry the user, the capabilities of their active delegation chain
 and its depth as attributes; the policies decide what they allow.
