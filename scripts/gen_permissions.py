@@ -52,6 +52,7 @@ def snapshot() -> Snapshot:
     )
     assert {u.id for u in units} == {k.name.lower() for k in KINDS}
     bindings = [RoleBinding(f"users/{r}", r, u.id) for r in UNIT_ROLES for u in units]
+    bindings += [RoleBinding("users/project-viewer", "VIEWER", "project")]
     bindings += [RoleBinding("users/TENANT_ADMIN", "TENANT_ADMIN")]
     bindings += [RoleBinding("users/PLATFORM_ADMIN", "PLATFORM_ADMIN")]
     delegations = (Delegation("d", "me", "assistant", frozenset({"memory:read"})),)
@@ -62,6 +63,7 @@ def rows() -> list[tuple[str, Principal]]:
     """The principals of the table, one per row."""
     out = [("member, no role", Principal(T, "me"))]
     out += [(role, Principal(T, role)) for role in UNIT_ROLES]
+    out += [("VIEWER bound at the project only", Principal(T, "project-viewer"))]
     out += [(r, Principal(T, r)) for r in ("TENANT_ADMIN", "PLATFORM_ADMIN")]
     out += [("agent acting for the user, delegated `memory:read`", Principal(T, "me", "assistant"))]
     out += [
@@ -97,7 +99,9 @@ def render() -> str:
         "evaluated for every action of each action group. Columns: the resource (memories of "
         "a layer, or the tenant for coarse and admin checks). A unit role is bound at the "
         "column's unit (so at or above it: bindings are inherited downward); TENANT_ADMIN and "
-        "PLATFORM_ADMIN are tenant-wide. ✅ allowed, — denied, *some* for some actions of "
+        "PLATFORM_ADMIN are tenant-wide; the row *VIEWER bound at the project only* shows "
+        "what reaches units above the binding (knowledge is read by the units below). "
+        "✅ allowed, — denied, *some* for some actions of "
         "the group. Roles in a token count only when `AETERNA_AUTH_TRUST_TOKEN_ROLES` is set "
         "(development).",
         "",

@@ -34,9 +34,11 @@ READ, WRITE, FEEDBACK, REEMBED = (
     M + "RecordMemoryFeedback",
     M + "ReembedMemories",
 )
+KREAD = "aeterna.knowledge.v1.KnowledgeService/GetKnowledgeItem"
 T = "acme"
 
-# acme ⊃ payments (org) ⊃ checkout (team) ⊃ {cart, pay} (projects); search (team) beside it.
+# acme ⊃ payments (org) ⊃ checkout (team) ⊃ {cart, pay} (projects); search (team) beside it;
+# risk (org) beside payments.
 UNITS = (
     OrgUnit("acme", UnitKind.COMPANY),
     OrgUnit("payments", UnitKind.ORGANIZATION, "acme"),
@@ -44,6 +46,7 @@ UNITS = (
     OrgUnit("search", UnitKind.TEAM, "payments"),
     OrgUnit("cart", UnitKind.PROJECT, "checkout"),
     OrgUnit("pay", UnitKind.PROJECT, "checkout"),
+    OrgUnit("risk", UnitKind.ORGANIZATION, "acme"),
 )
 BINDINGS = (
     RoleBinding("users/vic", "VIEWER", "checkout"),
@@ -124,6 +127,28 @@ CASES: list[tuple[str, str | None, str, Resource, bool]] = [
     # a unit missing from the tree: only tenant-wide bindings reach it
     ("adm", None, READ, unit(P, "elsewhere"), False),
     ("ten", None, WRITE, unit(P, "elsewhere"), True),
+    # knowledge reads upward: a project's DEVELOPER reads its team's, org's and company's
+    # items, not a sibling project's, team's or org's; memory stays downward only
+    ("dev", None, KREAD, unit(P, "cart"), True),
+    ("dev", None, KREAD, unit(TM, "checkout"), True),
+    ("dev", None, KREAD, unit(ORG, "payments"), True),
+    ("dev", None, KREAD, unit(CO, "acme"), True),
+    ("dev", None, KREAD, unit(P, "pay"), False),
+    ("dev", None, KREAD, unit(TM, "search"), False),
+    ("dev", None, KREAD, unit(ORG, "risk"), False),
+    ("dev", None, READ, unit(ORG, "payments"), False),
+    ("dev", None, READ, unit(CO, "acme"), False),
+    ("lead", None, KREAD, unit(ORG, "payments"), True),
+    ("lead", None, KREAD, unit(P, "cart"), True),
+    ("arch", None, KREAD, unit(CO, "acme"), True),
+    ("arch", None, KREAD, unit(ORG, "risk"), False),
+    ("x", "bot", KREAD, unit(ORG, "payments"), True),
+    ("x", "bot", KREAD, unit(TM, "checkout"), False),
+    ("nobody", None, KREAD, unit(CO, "acme"), False),
+    # a unit missing from the tree: still only tenant-wide bindings read its knowledge
+    ("adm", None, KREAD, unit(P, "elsewhere"), False),
+    ("dev", None, KREAD, unit(P, "elsewhere"), False),
+    ("ten", None, KREAD, unit(P, "elsewhere"), True),
     # TENANT_ADMIN: everything in its tenant, nothing in another
     ("ten", None, READ, Resource.user_space(T, "alice"), True),
     ("ten", None, WRITE, unit(CO, "acme"), True),

@@ -226,7 +226,7 @@ async def test_long_document_answers_with_its_best_section(kn: KnowledgeEnv) -> 
 async def test_only_readable_items_are_searched(kn: KnowledgeEnv) -> None:
     tenant = kn.tenant()
     await add(kn, tenant, "adr/payments", layer=TEAM)
-    await add(kn, tenant, "adr/org", layer=ORG)
+    await add(kn, tenant, "adr/org", layer=ORG, accept=True)
     root = who(tenant, "root")
     call = kn.stub.CreateKnowledgeItem(
         draft(tenant, "adr/search-team", unit="search"), metadata=root
@@ -234,10 +234,25 @@ async def test_only_readable_items_are_searched(kn: KnowledgeEnv) -> None:
     await call
     token = _token(await call.initial_metadata())
     query = "Luxon dates"
-    # A lead of the search team reads the search team's items only.
-    assert paths(await search(kn.stub, tenant, query, token, user="other")) == ["adr/search-team"]
-    # A viewer of payments reads payments' items, not the organisation's above it.
-    assert paths(await search(kn.stub, tenant, query, token, user="viewer")) == ["adr/payments"]
+    # Decisions apply downward: a team's members read their organisation's ACCEPTED item
+    # (List and Search alike), never a sibling team's items.
+    assert sorted(paths(await search(kn.stub, tenant, query, token, user="lead"))) == [
+        "adr/org",
+        "adr/payments",
+    ]
+    listed = await kn.stub.ListKnowledgeItems(
+        svc.ListKnowledgeItemsRequest(parent=f"tenants/{tenant}"),
+        metadata=(*who(tenant, "lead"), (CONSISTENCY_TOKEN_KEY, token)),
+    )
+    assert sorted(i.path for i in listed.knowledge_items) == ["adr/org", "adr/payments"]
+    assert sorted(paths(await search(kn.stub, tenant, query, token, user="other"))) == [
+        "adr/org",
+        "adr/search-team",
+    ]
+    assert sorted(paths(await search(kn.stub, tenant, query, token, user="viewer"))) == [
+        "adr/org",
+        "adr/payments",
+    ]
     # An architect of the organisation reads both teams' and the organisation's items.
     assert sorted(paths(await search(kn.stub, tenant, query, token, user="arch"))) == [
         "adr/org",

@@ -13,6 +13,13 @@ member (Cedar parent) of
   ARCHITECT is ``in`` the DEVELOPER and VIEWER groups, so "writable by DEVELOPER at the
   project" admits every higher role bound there or above.
 
+Each unit also names its audience (``audience``), an ``Audience::"{tenant}/{Kind}:{unit}"``
+group of everyone holding any role at the unit or at any unit below it: the unit's VIEWER
+grant (which every role there or above is ``in``) is a member of it, and each unit's
+audience is a member of its parent's, so Cedar's transitive ``in`` reaches the holders of
+every unit below. Knowledge reads upward with it (an organization's decisions apply to its
+teams and projects); siblings never share a path.
+
 Tenant-wide bindings are grants of the tenant (``{tenant}/Tenant#{ROLE}``), members of each
 company's grant of that role. A principal's parents are just the grants of its own
 bindings: the graph of a tenant is built once per directory revision, parsed once into a
@@ -22,16 +29,17 @@ alternative, precomputing every principal's
 inherited roles into attributes, would move the inheritance rules out of Cedar into
 Python and make every binding change rewrite many principals.
 
-A unit missing from the tree (a scope id nobody modelled yet) gets the tenant-wide grants
-as its role groups: only tenant-wide bindings reach it. All such units of one kind are one
-entity (``Project::"{tenant}/"``; a tree unit is ``"{tenant}/{id}"`` and ids are never empty),
-as no policy looks at a unit's id. Likewise a user space is the principal's own
+A unit missing from the tree (a scope id nobody modelled yet) gets the tenant-wide grants as
+its role groups and the tenant's audience (``Audience::"{tenant}/Tenant"``, whose only member
+is the tenant-wide VIEWER grant): only tenant-wide bindings reach it. All such units of one
+kind are one entity (``Project::"{tenant}/"``; a tree unit is ``"{tenant}/{id}"`` and ids are
+never empty), as no policy looks at a unit's id. Likewise a user space is the principal's own
 (``UserSpace::"{tenant}/{user}"``, added with the principal; for an agent, its user's) or
 ``UserSpace::"{tenant}/"`` standing for any other user's, whose owner is no user: the only
 policies that tell user spaces apart compare the owner with the principal, which is false for
-every other user's space alike. So a request adds no entities to the graph of its
-principal (a copy costs about a millisecond at 600 entities); only a request about another
-tenant (PLATFORM_ADMIN) does.
+every other user's space alike. So a request adds no entities to the graph of its principal
+(a copy costs about a millisecond at 600 entities); only a request about another tenant
+(PLATFORM_ADMIN) does.
 
 Agents acting for a user carry the user, the capabilities of their active delegation chain
 and its depth as attributes; the policies decide what they allow.
@@ -217,10 +225,13 @@ class TenantGraph:
             entities.append(
                 {"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": []}
             )
+        entities.append({"uid": uid("Audience", f"{t}/Tenant"), "attrs": {}, "parents": []})
         for role in UNIT_ROLES:
             parents = [uid("Grant", grant_id(t, self._holder(r), role)) for r in roots]
             if role in LOWER_ROLE:
                 parents.append(uid("Grant", grant_id(t, "Tenant", LOWER_ROLE[role])))
+            if role == "VIEWER":
+                parents.append(uid("Audience", f"{t}/Tenant"))
             entities.append(
                 {"uid": uid("Grant", grant_id(t, "Tenant", role)), "attrs": {}, "parents": parents}
             )
@@ -234,12 +245,22 @@ class TenantGraph:
                     "parents": [up],
                 }
             )
+            audience_parents = [uid("Audience", f"{t}/{self._holder(parent.id)}")] if parent else []
+            entities.append(
+                {
+                    "uid": uid("Audience", f"{t}/{self._holder(u.id)}"),
+                    "attrs": {},
+                    "parents": audience_parents,
+                }
+            )
             for role in UNIT_ROLES:
                 parents = [
                     uid("Grant", grant_id(t, self._holder(c), role)) for c in children.get(u.id, [])
                 ]
                 if role in LOWER_ROLE:
                     parents.append(uid("Grant", grant_id(t, self._holder(u.id), LOWER_ROLE[role])))
+                if role == "VIEWER":
+                    parents.append(uid("Audience", f"{t}/{self._holder(u.id)}"))
                 entities.append(
                     {
                         "uid": uid("Grant", grant_id(t, self._holder(u.id), role)),
@@ -269,6 +290,7 @@ class TenantGraph:
         attrs: dict[str, Any] = {"tenant": ref("Tenant", t)}
         for role, attr in UNIT_ATTRS.items():
             attrs[attr] = ref("Grant", grant_id(t, holder, role))
+        attrs["audience"] = ref("Audience", f"{t}/{holder}")
         return attrs
 
     @staticmethod
