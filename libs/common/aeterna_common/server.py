@@ -20,9 +20,11 @@ one service, a client still lists every Aeterna service.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,10 +37,11 @@ import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from pydantic import ValidationError
 
-from aeterna_common.auth import TokenVerifier
+from aeterna_common.auth import AuthConfigError, TokenVerifier
 from aeterna_common.config import CommonSettings
-from aeterna_common.db import apply_migrations, role_of
+from aeterna_common.db import SchemaSettings, apply_migrations, migration_files, role_of
 from aeterna_common.interceptors import RequestInterceptor
 from aeterna_common.limits import SERVER_OPTIONS
 from aeterna_common.logging import configure_logging
@@ -354,3 +357,50 @@ async def run_service(
     await server.stop()
     # Spans still batched would be lost with the process.
     await asyncio.to_thread(provider.force_flush, 5_000)
+
+
+def service_main(
+    service: str,
+    migrations: Path,
+    build: Callable[[CommonSettings, SchemaSettings], Awaitable[ServiceApp]],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """The command line of a service's ``aeterna-{service}`` entry point.
+
+    ``aeterna-{service}`` / ``aeterna-{service} serve`` validates the settings and serves until
+    SIGTERM (:func:`run_service`); ``aeterna-{service} migrate`` applies pending migrations as
+    the schema owner (``AETERNA_DATABASE_OWNER_URL``; the Helm pre-install/pre-upgrade hook
+    Job) and exits 0. A setting or start-up problem exits 1 with one readable line on stderr,
+    not a traceback.
+
+    Args:
+        service: Short service name (``memory``).
+        migrations: The service's migrations directory.
+        build: The composition root, given the validated common and schema settings (it
+            reads its own service settings; their :class:`pydantic.ValidationError` is
+            reported like the common ones).
+        argv: Arguments (default ``sys.argv[1:]``).
+    """
+    prog = f"aeterna-{service}"
+    parser = argparse.ArgumentParser(prog=prog, description=f"Aeterna's {service} service.")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve gRPC until SIGTERM (the default)")
+    commands.add_parser("migrate", help="apply the migrations as the schema owner, then exit")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "migrate":
+            applied = migrate_as_owner(migrations)
+            latest = max(migration_files(migrations))
+            print(
+                f"{prog}: schema at version {latest}; applied now: "
+                + (", ".join(applied) or "nothing")
+            )
+        else:
+            common = CommonSettings()
+            schema = SchemaSettings()
+            asyncio.run(run_service(service, common, lambda: build(common, schema)))
+    except ValidationError as exc:
+        sys.exit(f"{prog}: invalid settings:\n{exc}")
+    except (StartupError, AuthConfigError) as exc:
+        doing = "migrate failed" if args.command == "migrate" else "cannot start"
+        sys.exit(f"{prog}: {doing}: {exc}")
