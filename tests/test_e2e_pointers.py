@@ -184,11 +184,6 @@ async def test_a_cycle_lists_knowledge_as_the_sync_principal_and_loses_no_item(
         assert len(listed.sync_conflicts) == status.pointer_count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="memory refuses tenant-less service principals (TENANT_MISMATCH) before Cedar",
-)
 async def test_accepted_adr_becomes_a_pointer_and_loses_it_when_deprecated(
     stack: DevStack,
 ) -> None:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aeterna_common.errors import Unauthenticated
@@ -72,12 +72,15 @@ class Principal:
         user_id: The user the call is made by or for (the token's ``sub``).
         agent_id: The agent acting for the user, if any.
         roles: Role names, upper case.
+        service: A service principal acting in the tenant named by its request (see
+            :meth:`acting_in`); ``tenant_id`` is then that tenant, never a token's claim.
     """
 
     tenant_id: str
     user_id: str
     agent_id: str | None = None
     roles: frozenset[str] = frozenset()
+    service: bool = False
 
     @property
     def actor(self) -> str:
@@ -87,8 +90,27 @@ class Principal:
 
     @property
     def is_service(self) -> bool:
-        """Whether this is a service principal (no tenant), e.g. background work."""
-        return not self.tenant_id
+        """Whether this is a service principal (a token without a ``tenant`` claim), e.g.
+        background work or another service, whether or not it is acting in a tenant."""
+        return self.service or not self.tenant_id
+
+    def acting_in(self, tenant_id: str) -> Principal:
+        """The principal scoped to the tenant a request names.
+
+        A service principal belongs to no tenant; a method that admits it acts in the tenant
+        its request names, so the service's tenant-scoped code (RLS, keys, events) runs in
+        that tenant while authorization still sees the service (``Aeterna::Service``).
+
+        Args:
+            tenant_id: The tenant named by the request, already validated.
+
+        Returns:
+            ``self`` for a tenant principal (its tenant was checked against the name); for a
+            service principal a copy with ``tenant_id`` set and ``service`` true.
+        """
+        if not self.is_service:
+            return self
+        return replace(self, tenant_id=tenant_id, service=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,7 +108,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     async def CreateMemory(self, request: svc.CreateMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
-        check_parent(principal, request.parent)
+        principal = principal.acting_in(check_parent(principal, request.parent))
         check_request_id_header(context, request.request_id)
         memory = convert.create_request(request)
         created, position = await self.domain.create(
@@ -122,7 +122,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     ) -> svc.BatchCreateMemoriesResponse:
         """See the proto."""
         principal = rc.current().principal
-        check_parent(principal, request.parent)
+        principal = principal.acting_in(check_parent(principal, request.parent))
         check_request_id_header(context, request.request_id)
         memories = convert.batch_request(request)
         created, position = await self.domain.create(
@@ -134,7 +134,8 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     async def GetMemory(self, request: svc.GetMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
-        _, memory_id = parse_memory_name(principal, request.name)
+        tenant, memory_id = parse_memory_name(principal, request.name)
+        principal = principal.acting_in(tenant)
         read_token(context)  # validated; PostgreSQL already holds every committed write
         return convert.memory_pb(await self.domain.get(principal, memory_id))
 
@@ -143,7 +144,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     ) -> svc.ListMemoriesResponse:
         """See the proto."""
         principal = rc.current().principal
-        check_parent(principal, request.parent)
+        principal = principal.acting_in(check_parent(principal, request.parent))
         read_token(context)  # validated; PostgreSQL already holds every committed write
         flt, size = convert.list_filter(request)
         memories, token = await self.domain.list_page(principal, flt, size, request.page_token)
@@ -154,7 +155,8 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     async def UpdateMemory(self, request: svc.UpdateMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
-        _, memory_id = parse_memory_name(principal, request.memory.name, "memory.name")
+        tenant, memory_id = parse_memory_name(principal, request.memory.name, "memory.name")
+        principal = principal.acting_in(tenant)
         patch = convert.update_request(request)
         memory, position = await self.domain.update(principal, memory_id, patch)
         await send_token(context, position)
@@ -163,7 +165,8 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     async def DeleteMemory(self, request: svc.DeleteMemoryRequest, context: Ctx) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
-        _, memory_id = parse_memory_name(principal, request.name)
+        tenant, memory_id = parse_memory_name(principal, request.name)
+        principal = principal.acting_in(tenant)
         memory, position = await self.domain.delete(principal, memory_id)
         await send_token(context, position)
         return convert.memory_pb(memory)
@@ -173,7 +176,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     ) -> svc.SearchMemoriesResponse:
         """See the proto."""
         principal = rc.current().principal
-        check_parent(principal, request.parent)
+        principal = principal.acting_in(check_parent(principal, request.parent))
         min_position = read_token(context)
         query = convert.search_request(request)
         found = await self.domain.search(principal, query, min_position=min_position)
@@ -192,6 +195,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
         """See the proto."""
         principal = rc.current().principal
         tenant, memory_id = parse_memory_name(principal, request.name)
+        principal = principal.acting_in(tenant)
         read_token(context)  # validated; PostgreSQL already holds every committed write
         v = convert.Violations()
         size = convert.page_size(v, request.page_size)
@@ -208,7 +212,8 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     ) -> res.Memory:
         """See the proto."""
         principal = rc.current().principal
-        _, memory_id = parse_memory_name(principal, request.name)
+        tenant, memory_id = parse_memory_name(principal, request.name)
+        principal = principal.acting_in(tenant)
         check_request_id_header(context, request.request_id)
         kind, score = convert.feedback_request(request)
         memory, position = await self.domain.feedback(
@@ -222,7 +227,7 @@ class MemoryServicer(svc_grpc.MemoryServiceServicer):
     ) -> svc.ReembedMemoriesResponse:
         """See the proto."""
         principal = rc.current().principal
-        check_parent(principal, request.parent)
+        principal = principal.acting_in(check_parent(principal, request.parent))
         done, remaining = await self.domain.reembed(
             principal,
             target_model=request.target_model,

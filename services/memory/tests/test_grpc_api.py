@@ -161,13 +161,14 @@ async def test_principal_comes_only_from_a_verified_token(env: MemoryEnv) -> Non
         grpc.StatusCode.UNAUTHENTICATED,
     )
     assert reason == "TOKEN_CLAIM_INVALID"
-    # The service principal belongs to no tenant.
+    # A service principal acts in the tenant a name gives only where authorization admits it
+    # (sync may write pointer memories); reading a user's memory is refused before any lookup.
     service = auth.issue_service_token("memory")
     reason, _ = await expect(
         env.stub.GetMemory(req, metadata=(("authorization", f"Bearer {service}"),)),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    assert reason == "TENANT_MISMATCH"
+    assert reason == "ACTION_NOT_ALLOWED"
     got = await env.stub.GetMemory(req, metadata=md(t))
     assert got.content == "only the token says who calls"
     # A slug with a hyphen is a valid tenant (validated by pattern, never by keywords).

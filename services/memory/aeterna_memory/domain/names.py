@@ -1,24 +1,10 @@
-"""Resource names (https://google.aip.dev/122) and the tenant check that precedes any lookup."""
+"""Memory resource names (https://google.aip.dev/122) over :mod:`aeterna_common.names`: the
+tenant check precedes any lookup, and a service principal acts in the tenant a name gives."""
 
 from __future__ import annotations
 
-import re
-import uuid
-
 from aeterna_common.context import Principal
-from aeterna_common.errors import FieldViolation, InvalidArgument, PermissionDenied
-
-_PARENT = re.compile(r"^tenants/([A-Za-z0-9_-]{1,100})$")
-_MEMORY = re.compile(r"^tenants/([A-Za-z0-9_-]{1,100})/memories/([^/]+)$")
-
-
-def _deny(field: str, name: str) -> PermissionDenied:
-    # Same answer whether or not the resource exists: no existence leak across tenants.
-    return PermissionDenied(
-        f"{field} {name!r} is outside the caller's tenant",
-        reason="TENANT_MISMATCH",
-        metadata={"field": field},
-    )
+from aeterna_common.names import parse_name, parse_parent
 
 
 def check_parent(principal: Principal, parent: str, field: str = "parent") -> str:
@@ -29,17 +15,10 @@ def check_parent(principal: Principal, parent: str, field: str = "parent") -> st
 
     Raises:
         InvalidArgument: malformed (reason ``INVALID_NAME``).
-        PermissionDenied: another tenant (reason ``TENANT_MISMATCH``).
+        PermissionDenied: another tenant (reason ``TENANT_MISMATCH``); a service principal
+            may name any tenant, and authorization decides what it may do there.
     """
-    m = _PARENT.match(parent)
-    if not m:
-        raise InvalidArgument(
-            [FieldViolation(field, "must be tenants/{tenant}", "INVALID_NAME")],
-            reason="INVALID_NAME",
-        )
-    if m.group(1) != principal.tenant_id:
-        raise _deny(field, parent)
-    return m.group(1)
+    return parse_parent(principal, parent, field)
 
 
 def parse_memory_name(principal: Principal, name: str, field: str = "name") -> tuple[str, str]:
@@ -52,19 +31,5 @@ def parse_memory_name(principal: Principal, name: str, field: str = "name") -> t
         InvalidArgument: malformed (reason ``INVALID_NAME``).
         PermissionDenied: another tenant (reason ``TENANT_MISMATCH``), before any lookup.
     """
-    m = _MEMORY.match(name)
-    if not m:
-        raise InvalidArgument(
-            [FieldViolation(field, "must be tenants/{tenant}/memories/{memory}", "INVALID_NAME")],
-            reason="INVALID_NAME",
-        )
-    if m.group(1) != principal.tenant_id:
-        raise _deny(field, name)
-    try:
-        memory_id = str(uuid.UUID(m.group(2)))
-    except ValueError as exc:
-        raise InvalidArgument(
-            [FieldViolation(field, "the memory id must be a UUID", "INVALID_NAME")],
-            reason="INVALID_NAME",
-        ) from exc
-    return m.group(1), memory_id
+    parsed = parse_name(principal, name, "memories", field)
+    return parsed.tenant_id, parsed.id
