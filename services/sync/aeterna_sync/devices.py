@@ -319,6 +319,7 @@ def create_request_id(user_id: str, device_id: str, entry_id: str, revision: int
 
 
 def _metadata(base: struct_pb2.Struct, **set_keys: Any) -> struct_pb2.Struct:
+    """``base`` without :data:`KEEP`, with ``set_keys`` set (None: removed)."""
     data = json_format.MessageToDict(base)
     data.pop(KEEP, None)
     for key, value in set_keys.items():
@@ -663,7 +664,7 @@ class DeviceSync:
                     current,
                     entry.content,
                     current.tags,
-                    self._with_keep(current.metadata, mine, keep),
+                    _metadata(current.metadata, **{MARKER: mine, KEEP: keep}),
                     md,
                 )
                 current = await self._update(
@@ -676,17 +677,6 @@ class DeviceSync:
         except grpc.aio.AioRpcError as exc:
             return self._refused(name, entry, exc)
         return self._conflict(name, "LOST", entry, current)
-
-    @staticmethod
-    def _with_keep(
-        base: struct_pb2.Struct, mark: dict[str, Any], keep: dict[str, Any]
-    ) -> struct_pb2.Struct:
-        data = json_format.MessageToDict(base)
-        data[MARKER] = mark
-        data[KEEP] = keep
-        out = struct_pb2.Struct()
-        json_format.ParseDict(data, out)
-        return out
 
     # ---- pull ---------------------------------------------------------------------------
 
