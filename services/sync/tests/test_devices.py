@@ -21,11 +21,14 @@ import pytest
 import pytest_asyncio
 from aeterna.memory.v1 import memory_service_pb2 as msvc
 from aeterna.memory.v1 import memory_service_pb2_grpc as msvc_grpc
+from aeterna.memory.v1 import resources_pb2 as mres
 from aeterna.sync.v1 import resources_pb2 as res
 from aeterna.sync.v1 import sync_service_pb2 as svc
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.authz import StaticDirectory
 from aeterna_devstack.servers import RedisServer
+from aeterna_sync.devices import KEEP, MARKER, DeviceLimits, DeviceSync
+from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from governance_testkit import md
 from grpc_status import rpc_status
@@ -39,6 +42,7 @@ T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 class Env:
     sync: SyncEnv
     memory: msvc_grpc.MemoryServiceStub
+    memory_port: int
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -57,7 +61,7 @@ async def env(make_database: Any, redis_server: RedisServer) -> AsyncIterator[En
         device_max_push_bytes=1_000_000,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    yield Env(sync, msvc_grpc.MemoryServiceStub(channel))
+    yield Env(sync, msvc_grpc.MemoryServiceStub(channel), server.port)
     await channel.close()
     await sync.close()
     await server.stop()
@@ -320,3 +324,46 @@ async def test_a_device_needs_a_member_token(env: Env) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNAUTHENTICATED,
     )
+
+
+async def test_a_keep_left_half_done_is_finished_by_the_next_push(env: Env) -> None:
+    tenant = env.sync.tenant()
+    first = await push(env, tenant, "d", entry("k", "winner", T0 + timedelta(hours=1)))
+    name = first.server_ids["k"]
+    # As a crash between the two writes of a keep leaves it: the loser in force, marked.
+    got = await env.memory.GetMemory(msvc.GetMemoryRequest(name=name), metadata=md(tenant, "dev"))
+    marked = struct_pb2.Struct()
+    marked.CopyFrom(got.metadata)
+    marked.update({KEEP: {"device": "e", "entry": "k", "winner_marker": got.metadata[MARKER]}})
+    await env.memory.UpdateMemory(
+        msvc.UpdateMemoryRequest(
+            memory=mres.Memory(name=name, content="loser", metadata=marked),
+            update_mask=field_mask_pb2.FieldMask(paths=["content", "metadata"]),
+        ),
+        metadata=md(tenant, "dev"),
+    )
+    # A pull skips the transitional version.
+    assert await pull_all(env, tenant) == []
+    # The next push of the memory restores the winner first, then decides.
+    late = await push(env, tenant, "e", entry("k2", "older", T0, memory=name))
+    assert [(c.losing.content, c.winning.content) for c in late.conflicts] == [("older", "winner")]
+    got = await env.memory.GetMemory(msvc.GetMemoryRequest(name=name), metadata=md(tenant, "dev"))
+    assert got.content == "winner" and KEEP not in got.metadata
+    assert [e.content for e in await pull_all(env, tenant)] == ["winner"]
+
+
+async def test_the_pull_cursor_never_passes_unsettled_changes(env: Env) -> None:
+    tenant = env.sync.tenant()
+    await push(env, tenant, "d", entry("s", "fresh", T0))
+    devices = env.sync.app.deps.devices
+    assert devices is not None
+    slow = DeviceSync(devices.db, f"127.0.0.1:{env.memory_port}", DeviceLimits(settle_s=3600))
+    try:
+        token = md(tenant, "dev")[0][1]
+        first = await slow.pull(token, tenant, None, [], 10)
+        # The change is sent, but the cursor stays before it: the next pull sends it again.
+        assert [e.content for e in first.entries] == ["fresh"] and first.cursor == ""
+        again = await slow.pull(token, tenant, None, [], 10)
+        assert [e.memory for e in again.entries] == [e.memory for e in first.entries]
+    finally:
+        await slow.close()
