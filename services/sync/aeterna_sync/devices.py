@@ -586,8 +586,15 @@ class DeviceSync:
         """Finish a keep left half done: write back the content the :data:`KEEP` write
         replaced (from memory's revision history), with the metadata before it.
 
+        Args:
+            memory: The memory as read, carrying :data:`KEEP`.
+            md: Call metadata with the caller's token.
+
         Returns:
             The memory as restored.
+
+        Raises:
+            grpc.aio.AioRpcError: Memory refused or could not be reached.
         """
         keep = json_format.MessageToDict(memory.metadata).get(KEEP) or {}
         old = None
