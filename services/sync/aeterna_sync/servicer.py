@@ -12,6 +12,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -27,6 +28,7 @@ from aeterna_common.errors import (
     FieldViolation,
     InvalidArgument,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
     Unimplemented,
 )
@@ -36,6 +38,7 @@ from aeterna_common.servicing import Ctx
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from aeterna_sync.deps import Deps, Registered, ServicerSpec
+from aeterna_sync.devices import DeviceSync, check_pull, check_push
 from aeterna_sync.live import DELIVERED, DELIVERY_LAG_SECONDS, Entry, Subscription, newer
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.rooms import (
@@ -364,17 +367,47 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         """Not implemented yet."""
         return await self._unbuilt(request.name, "ResolveSyncConflict")  # type: ignore[no-any-return]
 
+    def _devices(self) -> DeviceSync:
+        if self.deps.devices is None:
+            raise FailedPrecondition(
+                "device sync is not configured: it needs the address of memory "
+                "(AETERNA_SYNC_MEMORY_URL, AETERNA_SYNC_KNOWLEDGE_URL or "
+                "AETERNA_AUTHZ_DIRECTORY_URL)",
+                reason="DEVICE_SYNC_NOT_CONFIGURED",
+            )
+        return self.deps.devices
+
     async def PushMemories(
         self, request: svc.PushMemoriesRequest, context: Ctx
     ) -> svc.PushMemoriesResponse:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "PushMemories")  # type: ignore[no-any-return]
+        """See the proto: authorizes, refuses bad input whole (nothing written), then applies
+        each entry through memory with the caller's own token (:mod:`.devices`)."""
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "PushMemories")
+        check_push(request, tenant, self.deps.devices_limits, datetime.now(UTC))
+        return await self._devices().push(tenant, principal.actor, _authorization(context), request)
 
     async def PullMemories(
         self, request: svc.PullMemoriesRequest, context: Ctx
     ) -> svc.PullMemoriesResponse:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "PullMemories")  # type: ignore[no-any-return]
+        """See the proto: what memory lets the caller read, oldest change first."""
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "PullMemories")
+        since, limit = check_pull(request)
+        return await self._devices().pull(
+            _authorization(context), tenant, since, list(request.layers), limit
+        )
+
+
+def _authorization(context: Ctx) -> str:
+    """The caller's own ``authorization`` header (verified by the server interceptor), to
+    forward to memory so that memory's rules decide."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    raise PermissionDenied("no bearer token to forward", reason="NO_CALLER_TOKEN")
 
 
 def _build(deps: Deps, server: grpc.aio.Server) -> Registered:
