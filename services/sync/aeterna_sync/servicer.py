@@ -28,7 +28,6 @@ from aeterna_common.errors import (
     FieldViolation,
     InvalidArgument,
     OutOfRange,
-    PermissionDenied,
     ResourceExhausted,
     Unimplemented,
 )
@@ -386,7 +385,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         tenant = parse_parent(principal, request.parent)
         await self.access.require_tenant(principal, tenant, "PushMemories")
         check_push(request, tenant, self.deps.devices_limits, datetime.now(UTC))
-        return await self._devices().push(tenant, principal.actor, _authorization(context), request)
+        return await self._devices().push(
+            tenant, principal.actor, servicing.caller_authorization(context), request
+        )
 
     async def PullMemories(
         self, request: svc.PullMemoriesRequest, context: Ctx
@@ -397,17 +398,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         await self.access.require_tenant(principal, tenant, "PullMemories")
         since, limit = check_pull(request)
         return await self._devices().pull(
-            _authorization(context), tenant, since, list(request.layers), limit
+            servicing.caller_authorization(context), tenant, since, list(request.layers), limit
         )
-
-
-def _authorization(context: Ctx) -> str:
-    """The caller's own ``authorization`` header (verified by the server interceptor), to
-    forward to memory so that memory's rules decide."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    raise PermissionDenied("no bearer token to forward", reason="NO_CALLER_TOKEN")
 
 
 def _build(deps: Deps, server: grpc.aio.Server) -> Registered:
