@@ -254,17 +254,32 @@ class UsageReporter:
         async def work(conn: asyncpg.Connection) -> bool:
             # The outbox lock first: writers hold it before they touch usage rows.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
-            rows = await conn.fetch(
-                "WITH due AS (SELECT hour, metric, quantity, reported FROM usage_hourly "
-                "WHERE tenant_id = $1 AND quantity > reported FOR UPDATE) "
-                "UPDATE usage_hourly u SET reported = due.quantity FROM due "
-                "WHERE u.tenant_id = $1 AND u.hour = due.hour AND u.metric = due.metric "
-                "RETURNING u.hour, u.metric, due.quantity - due.reported AS delta",
+            # Lock, then write what was locked, in two statements. One statement (``WITH
+            # due AS (SELECT ... FOR UPDATE) UPDATE ... SET reported = due.quantity FROM
+            # due``) broke ``reported <= quantity`` under concurrent recording: the UPDATE
+            # scans the table with the statement's snapshot while the CTE locks and returns
+            # the newest versions, so the join can pair a row version with a ``quantity``
+            # that is not its own (libs/common/tests/test_usage_reporter.py reproduces it).
+            # The UPDATE below runs with a later snapshot and sees exactly the locked rows.
+            due = await conn.fetch(
+                "SELECT hour, metric, quantity, reported FROM usage_hourly "
+                "WHERE tenant_id = $1 AND quantity > reported FOR UPDATE",
                 tenant_id,
             )
-            if not rows:
+            if not due:
                 return False
-            deltas = [UsageDelta(r["hour"], r["metric"], int(r["delta"])) for r in rows]
+            await conn.execute(
+                "UPDATE usage_hourly u SET reported = x.quantity "
+                "FROM unnest($2::timestamptz[], $3::text[], $4::bigint[]) AS x(hour, metric, "
+                "quantity) WHERE u.tenant_id = $1 AND u.hour = x.hour AND u.metric = x.metric",
+                tenant_id,
+                [r["hour"] for r in due],
+                [r["metric"] for r in due],
+                [r["quantity"] for r in due],
+            )
+            deltas = [
+                UsageDelta(r["hour"], r["metric"], int(r["quantity"] - r["reported"])) for r in due
+            ]
             deltas.sort(key=lambda d: (d.hour, d.metric))
             await append_event(
                 conn,
