@@ -243,11 +243,14 @@ class UsageReporter:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
             # Lock, then write what was locked, in two statements. One statement (``WITH
             # due AS (SELECT ... FOR UPDATE) UPDATE ... SET reported = due.quantity FROM
-            # due``) broke ``reported <= quantity`` under concurrent recording: the UPDATE
-            # scans the table with the statement's snapshot while the CTE locks and returns
-            # the newest versions, so the join can pair a row version with a ``quantity``
-            # that is not its own (libs/common/tests/test_usage_reporter.py reproduces it).
-            # The UPDATE below runs with a later snapshot and sees exactly the locked rows.
+            # due``) failed usage_hourly_check under concurrent recording: the CTE waits for
+            # a writer and returns the row's newest quantity, while the UPDATE's scan reads
+            # the older version its statement snapshot sees; PostgreSQL checks constraints on
+            # the new tuple built from that older version (reported above its quantity)
+            # before it finds the row updated and redoes the update on the newest one
+            # (EvalPlanQual), so the check fails although the final row would be valid
+            # (libs/common/tests/test_usage_reporter.py reproduces it). The UPDATE below has
+            # a later snapshot, which sees exactly the versions the SELECT locked.
             due = await conn.fetch(
                 "SELECT hour, metric, quantity, reported FROM usage_hourly "
                 "WHERE tenant_id = $1 AND quantity > reported FOR UPDATE",
