@@ -17,6 +17,7 @@ from typing import Any
 import helm_python
 import pytest
 import yaml
+from aeterna_devstack.envoy import validate_chart_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY = ROOT / "charts" / "memory"
@@ -635,3 +636,41 @@ def test_sync_chart_is_knowledge_shape_and_its_stream_route_has_no_per_try_timeo
     options = cluster["typed_extension_protocol_options"]
     http2 = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]
     assert http2["connection_keepalive"] == {"interval": "30.000s", "timeout": "10.000s"}
+
+
+@pytest.mark.parametrize("service", ["memory", "governance", "knowledge", "sync"])
+def test_sidecar_emits_spans_to_the_collector_the_values_name(service: str) -> None:
+    # Every service's sidecar traces its inbound and egress hops like the gateway: the
+    # OpenTelemetry tracer, 10 % of new traces, OTLP/gRPC to tracing.collectorHost:4317; Envoy
+    # accepts the rendered config.
+    objs = render(ROOT / "charts" / service, {"tracing": {"collectorHost": "otel.test.svc"}})
+    config = envoy_bootstrap(objs)
+    validate_chart_config(json.dumps(config), values={})
+    hcms = {
+        lst["name"]: lst["filter_chains"][0]["filters"][0]["typed_config"]
+        for lst in config["static_resources"]["listeners"]
+    }
+    hops = {"inbound", "egress"} if service != "sync" else {"inbound"}
+    assert hops <= set(hcms)
+    for name in hops:
+        tracing = hcms[name]["tracing"]
+        provider = tracing["provider"]
+        assert provider["name"] == "envoy.tracers.opentelemetry"
+        assert provider["typed_config"]["service_name"] == f"aeterna-{service}-sidecar"
+        cluster = provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        assert tracing["random_sampling"] == {"value": 10.0}
+    (collector,) = [c for c in config["static_resources"]["clusters"] if c["name"] == cluster]
+    (endpoint,) = collector["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "otel.test.svc",
+        "port_value": 4317,
+    }
+    gateway = envoy_bootstrap(render(GATEWAY))
+    (gateway_hcm,) = [
+        lst["filter_chains"][0]["filters"][0]["typed_config"]
+        for lst in gateway["static_resources"]["listeners"]
+        if lst["name"] == "grpc_ingress"
+    ]
+    assert tracing["random_sampling"] == gateway_hcm["tracing"]["random_sampling"]
+    with pytest.raises(helm_python.HelmValuesError, match="collectorHost"):
+        render(ROOT / "charts" / service, {"tracing": {"collectorHost": ""}})

@@ -5,7 +5,11 @@ ledger.
 
 * Rollups add up under concurrent writes: concurrent creates (each sent twice with its
   request id), searches and knowledge creates; governance's ``GetTenantUsage`` ends with exactly
-  the counts and bytes sent, and the tenant's own usage only.
+  the counts and bytes sent, and the tenant's own usage only. Embedding tokens are the model
+  tokenizer's counts of the texts embedded ([CLS] and [SEP] included), recounted here.
+* Content updates are billed (bytes written, the new text's embedding: memory's
+  ``UpdateMemory``, knowledge's item update and its chunks' re-embedding by the index
+  follower), and an update sent again bills nothing more.
 * Budgets and the hard cap: a tenant with a tiny monthly budget gets the
   ``governance.budget.threshold_reached`` events at 80 % and 100 % (seen in its audit log),
   then memory
@@ -44,11 +48,15 @@ from aeterna.memory.v1 import memory_service_pb2_grpc as msvc_grpc
 from aeterna.memory.v1 import resources_pb2 as mres
 from aeterna.type.v1 import layer_pb2
 from aeterna_common import usage
+from aeterna_common.embedding.onnx_minilm import TOKENIZER_FILE, configure_tokenizer
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, require_model
+from aeterna_knowledge.search_chunks import chunk_item, chunk_text
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from tokenizers import Tokenizer
 
 CAPPED = "capped"
 """The tenant with a tiny budget and the hard cap on."""
@@ -81,6 +89,18 @@ def stack() -> Iterator[DevStack]:
     s.start(log=lambda *_: None)
     yield s
     s.stop()
+
+
+def tokens(*texts: str) -> int:
+    """The model's token count of ``texts``, [CLS] and [SEP] included (what is billed)."""
+    tokenizer = Tokenizer.from_file(str(require_model() / TOKENIZER_FILE))
+    configure_tokenizer(tokenizer)
+    return sum(len(tokenizer.encode(t).ids) for t in texts)
+
+
+def chunk_texts(title: str, content: str) -> list[str]:
+    """The texts knowledge's index follower embeds for an item (no summary)."""
+    return [chunk_text(title, c) for c in chunk_item(title, "", content)]
 
 
 def bearer(stack: DevStack, tenant: str, user: str, *roles: str) -> tuple[tuple[str, str], ...]:
@@ -188,16 +208,17 @@ async def test_rollups_add_up_under_concurrent_writes(stack: DevStack) -> None:
             *(knowledge_item(i) for i in range(len(items))),
         )
         dimension = 384
+        chunks = [t for i, c in enumerate(items) for t in chunk_texts(f"Item {i}", c)]
         want = {
             ("memory", usage.MEMORIES_STORED): len(contents),
             ("memory", usage.MEMORY_BYTES): sum(len(c.encode()) + 4 * dimension for c in contents),
             ("memory", usage.SEARCHES): len(queries),
             ("memory", usage.EMBEDDING_CALLS): len(contents) + len(queries),
-            ("memory", usage.EMBEDDING_TOKENS): sum(
-                usage.estimate_tokens(t) for t in [*contents, *queries]
-            ),
+            ("memory", usage.EMBEDDING_TOKENS): tokens(*contents, *queries),
             ("knowledge", usage.KNOWLEDGE_ITEMS): len(items),
             ("knowledge", usage.KNOWLEDGE_BYTES): sum(len(t.encode()) for t in items),
+            ("knowledge", usage.EMBEDDING_CALLS): len(chunks),
+            ("knowledge", usage.EMBEDDING_TOKENS): tokens(*chunks),
         }
         reply = usvc.TenantUsage()
 
@@ -256,6 +277,115 @@ async def test_rollups_add_up_under_concurrent_writes(stack: DevStack) -> None:
                 usvc.GetTenantUsageRequest(name=f"tenants/{tenant}/usages"), metadata=admin
             )
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_updates_are_billed_once(stack: DevStack) -> None:
+    tenant = "usage-upd"
+    admin = bearer(stack, tenant, "root", "TENANT_ADMIN")
+    user = bearer(stack, tenant, "alice")
+    first, second = "alice prefers tea in the morning", "alice switched to green tea"
+    changed = "alice now drinks coffee after lunch on weekdays"
+    draft = "# Cache\n\n## Context\nslow reads\n\n## Decision\nRedis\n"
+    revised = "# Cache\n\n## Context\nslow reads at peak\n\n## Decision\nRedis, 5 min TTL\n"
+    dimension = 384
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        await company(ch, tenant, admin)
+        memories = msvc_grpc.MemoryServiceStub(ch)
+        knowledge = ksvc_grpc.KnowledgeServiceStub(ch)
+        usage_stub = usvc_grpc.UsageServiceStub(ch)
+
+        async def reached(want: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+            got: dict[tuple[str, str], int] = {}
+
+            async def check() -> bool:
+                nonlocal got
+                reply = await usage_stub.GetTenantUsage(
+                    usvc.GetTenantUsageRequest(name=f"tenants/{tenant}/usage"), metadata=admin
+                )
+                got = totals(reply)
+                return all(got.get(k, 0) >= v for k, v in want.items())
+
+            await until(check, 90, f"usage {want}")
+            return {k: got.get(k, 0) for k in want}
+
+        created = []
+        for content in (first, second):
+            created.append(
+                await memories.CreateMemory(
+                    msvc.CreateMemoryRequest(
+                        parent=f"tenants/{tenant}",
+                        memory=mres.Memory(
+                            layer=layer_pb2.MEMORY_LAYER_USER,
+                            scope=layer_pb2.Scope(user_id="alice"),
+                            content=content,
+                        ),
+                    ),
+                    metadata=user,
+                )
+            )
+        item = await knowledge.CreateKnowledgeItem(
+            ksvc.CreateKnowledgeItemRequest(
+                parent=f"tenants/{tenant}",
+                knowledge_item=kres.KnowledgeItem(
+                    type=kres.KNOWLEDGE_TYPE_ADR,
+                    layer=kres.KNOWLEDGE_LAYER_COMPANY,
+                    org_unit=f"tenants/{tenant}/orgUnits/acme",
+                    path="adr/0001-cache",
+                    title="Cache",
+                    content=draft,
+                ),
+            ),
+            metadata=admin,
+        )
+        # The follower has embedded the draft's chunks before the update (else it may
+        # embed only the revised text).
+        drafted = chunk_texts("Cache", draft)
+        await reached({("knowledge", usage.EMBEDDING_CALLS): len(drafted)})
+
+        # Each update twice: memory's is sent again as is (UpdateMemory has no request id),
+        # knowledge's with its request id.
+        for _ in range(2):
+            await memories.UpdateMemory(
+                msvc.UpdateMemoryRequest(
+                    memory=mres.Memory(name=created[0].name, content=changed),
+                    update_mask=field_mask_pb2.FieldMask(paths=["content"]),
+                ),
+                metadata=user,
+            )
+            await knowledge.UpdateKnowledgeItem(
+                ksvc.UpdateKnowledgeItemRequest(
+                    knowledge_item=kres.KnowledgeItem(name=item.name, content=revised),
+                    update_mask=field_mask_pb2.FieldMask(paths=["content"]),
+                    request_id="k-revise",
+                ),
+                metadata=(*admin, ("x-aeterna-request-id", "k-revise")),
+            )
+        revised_chunks = chunk_texts("Cache", revised)
+        want = {
+            ("memory", usage.MEMORIES_STORED): 2,
+            ("memory", usage.EMBEDDING_CALLS): 3,
+            ("memory", usage.EMBEDDING_TOKENS): tokens(first, second, changed),
+            ("memory", usage.MEMORY_BYTES): sum(
+                len(c.encode()) + 4 * dimension for c in (first, second, changed)
+            ),
+            ("knowledge", usage.KNOWLEDGE_ITEMS): 1,
+            ("knowledge", usage.KNOWLEDGE_BYTES): len(draft.encode()) + len(revised.encode()),
+            ("knowledge", usage.EMBEDDING_CALLS): len(drafted) + len(revised_chunks),
+            ("knowledge", usage.EMBEDDING_TOKENS): tokens(*drafted, *revised_chunks),
+        }
+        assert await reached(want) == want
+        # Usage of a later search arrives: anything the updates recorded, which committed
+        # before it, has been reported by then, and the totals are still exact.
+        await memories.SearchMemories(
+            msvc.SearchMemoriesRequest(
+                parent=f"tenants/{tenant}", query="tea", scope=layer_pb2.Scope(user_id="alice")
+            ),
+            metadata=user,
+        )
+        after = {**want, ("memory", usage.SEARCHES): 1}
+        after[("memory", usage.EMBEDDING_CALLS)] += 1
+        after[("memory", usage.EMBEDDING_TOKENS)] += tokens("tea")
+        assert await reached(after) == after
 
 
 async def test_budget_thresholds_and_the_hard_cap(stack: DevStack) -> None:

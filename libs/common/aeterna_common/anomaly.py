@@ -41,7 +41,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,7 +433,9 @@ async def feed(monitor: AnomalyMonitor, traffic: TenantTraffic, at: float) -> in
 
 class UsageWindow:
     """Each tenant's billable usage per interval, read from the service's ``usage_hourly`` rows
-    (:mod:`aeterna_common.usage`), which hold running totals per tenant, hour and metric.
+    (:mod:`aeterna_common.usage`), which hold running totals per tenant, hour and metric, or
+    from another table of that shape (governance's ledger ``tenant_usage_hourly``, whose rows
+    per producing service are summed).
 
     :meth:`drain` reads the rows of the current and the previous hour (the previous one still
     grows for work whose transaction began before the hour turned) and returns what each row
@@ -442,11 +444,23 @@ class UsageWindow:
     replica sees the same figures (unlike :class:`TenantTraffic`, which is its own share).
 
     Args:
-        indexer: A pool of the indexer role (cross-tenant SELECT on ``usage_hourly``).
+        indexer: A pool of the indexer role (cross-tenant SELECT on ``table``).
+        table: The table: ``tenant_id``, ``hour``, ``metric`` and ``quantity`` columns, the
+            quantity a running total per hour.
+        metrics: Only these metrics; None: every metric.
+
+    Raises:
+        ValueError: ``table`` is not a plain identifier.
     """
 
-    def __init__(self, indexer: Any) -> None:
+    def __init__(
+        self, indexer: Any, table: str = "usage_hourly", metrics: Sequence[str] | None = None
+    ) -> None:
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
         self.indexer = indexer
+        self.table = table
+        self.metrics = list(metrics) if metrics is not None else None
         self._seen: dict[tuple[str, Any, str], int] = {}
         self._primed = False
 
@@ -459,8 +473,10 @@ class UsageWindow:
         """
         async with self.indexer.all_tenants_snapshot() as conn:
             rows = await conn.fetch(
-                "SELECT tenant_id, hour, metric, quantity FROM usage_hourly "
-                "WHERE hour >= date_trunc('hour', now()) - interval '1 hour'"
+                "SELECT tenant_id, hour, metric, sum(quantity) AS quantity "
+                f"FROM {self.table} WHERE hour >= date_trunc('hour', now()) - interval '1 hour' "
+                "AND ($1::text[] IS NULL OR metric = ANY($1)) GROUP BY tenant_id, hour, metric",
+                self.metrics,
             )
         seen: dict[tuple[str, Any, str], int] = {}
         gained: dict[str, dict[str, int]] = {}
@@ -551,15 +567,27 @@ def outbox_sink(db: Any, channel: str, service: str) -> Sink:
 
 
 def monitor_job(
-    db: Any, channel: str, service: str, indexer: Any = None
+    db: Any, channel: str, service: str, indexer: Any = None, usage: UsageWindow | None = None
 ) -> Callable[[], Coroutine[Any, Any, None]]:
-    """The background job of a service: an :class:`AnomalyMonitor` over its traffic and, given
-    the ``indexer`` pool of a service that keeps ``usage_hourly``, its tenants' usage
-    (:class:`UsageWindow`), every ``AETERNA_ANOMALY_INTERVAL_S`` seconds
-    (:class:`AnomalySettings`), detections to the outbox."""
+    """The background job of a service: an :class:`AnomalyMonitor` over its traffic and its
+    tenants' usage, every ``AETERNA_ANOMALY_INTERVAL_S`` seconds (:class:`AnomalySettings`),
+    detections to the outbox.
+
+    Args:
+        db: The service's application pool (the outbox sink).
+        channel: Its outbox NOTIFY channel.
+        service: The service.
+        indexer: The indexer pool of a service that keeps ``usage_hourly``: its usage is read
+            from there (:class:`UsageWindow`).
+        usage: Another usage window (governance's ledger); overrides ``indexer``.
+
+    Returns:
+        The job, run until cancelled.
+    """
     settings = AnomalySettings()
     monitor = AnomalyMonitor(service, outbox_sink(db, channel, service))
-    usage = UsageWindow(indexer) if indexer is not None else None
+    if usage is None and indexer is not None:
+        usage = UsageWindow(indexer)
 
     async def job() -> None:
         await run_monitor(monitor, settings.interval_s, usage)

@@ -26,7 +26,6 @@ wait on each other in opposite orders.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,19 +50,24 @@ from aeterna_common.writes import OUTBOX_LOCK, append_event
 log = structlog.get_logger("aeterna.usage")
 
 EMBEDDING_CALLS = "embedding.calls"
-"""Texts sent to the embedding model (documents stored and search queries), count."""
+"""Texts the embedding model embedded (memories created, updated or re-embedded, search
+queries, knowledge chunks), count. A vector served from the embedding cache is no call."""
 EMBEDDING_TOKENS = "embedding.tokens"
-"""Tokens of those texts, estimated with :func:`estimate_tokens`."""
+"""Tokens the model read for those texts, as the embedding port counts them
+(:class:`aeterna_common.embedding.Embeddings`; all-MiniLM-L6-v2: its WordPiece tokenizer,
+[CLS] and [SEP] included, after truncation at 256)."""
 SEARCHES = "memory.searches"
 """Memory searches served, count."""
 MEMORIES_STORED = "memory.stored"
 """Memories created (rows with a vector), count."""
 MEMORY_BYTES = "memory.bytes"
-"""UTF-8 bytes of stored memory content plus 4 bytes per vector dimension (float32)."""
+"""UTF-8 bytes of memory content written plus 4 bytes per vector dimension (float32), on
+create, and on update or re-embed for the content and vector that changed."""
 KNOWLEDGE_ITEMS = "knowledge.items"
 """Knowledge items created, count."""
 KNOWLEDGE_BYTES = "knowledge.bytes"
-"""UTF-8 bytes of knowledge item content written (creates and updates)."""
+"""UTF-8 bytes of knowledge item content written: on create, and on an update that changes
+the content (its new content)."""
 EVENTS_DELIVERED = "events.delivered"
 """Events of the tenant delivered through the event bus (counted by governance as it
 consumes them), count."""
@@ -83,11 +87,6 @@ METRICS = (
 REPORTED_EVENT = "usage.reported"
 """Suffix of the event type a service's reporter appends: ``{service}.usage.reported``."""
 
-CHARS_PER_TOKEN = 4
-"""Characters per token for the estimate: OpenAI's rule of thumb for English text ("one token
-is roughly 4 characters", OpenAI tokenizer help page); WordPiece (all-MiniLM-L6-v2) is close
-for English prose. The model's own tokenizer is not consulted on the write path."""
-
 USAGE_RECORDED = Counter(
     "aeterna_usage_recorded_total",
     "Billable units recorded with the work (all tenants; per tenant in the usage store).",
@@ -97,18 +96,6 @@ USAGE_REPORTED = Counter(
     "aeterna_usage_reports_total",
     "usage.reported events appended by the reporter job (one per tenant and round).",
 )
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens of ``text``, estimated as ``ceil(len(text) / CHARS_PER_TOKEN)``.
-
-    Args:
-        text: Any text.
-
-    Returns:
-        The estimate (0 for an empty text).
-    """
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
 def content_bytes(content: str, dimension: int = 0) -> int:
@@ -254,17 +241,35 @@ class UsageReporter:
         async def work(conn: asyncpg.Connection) -> bool:
             # The outbox lock first: writers hold it before they touch usage rows.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
-            rows = await conn.fetch(
-                "WITH due AS (SELECT hour, metric, quantity, reported FROM usage_hourly "
-                "WHERE tenant_id = $1 AND quantity > reported FOR UPDATE) "
-                "UPDATE usage_hourly u SET reported = due.quantity FROM due "
-                "WHERE u.tenant_id = $1 AND u.hour = due.hour AND u.metric = due.metric "
-                "RETURNING u.hour, u.metric, due.quantity - due.reported AS delta",
+            # Lock, then write what was locked, in two statements. One statement (``WITH
+            # due AS (SELECT ... FOR UPDATE) UPDATE ... SET reported = due.quantity FROM
+            # due``) failed usage_hourly_check under concurrent recording: the CTE waits for
+            # a writer and returns the row's newest quantity, while the UPDATE's scan reads
+            # the older version its statement snapshot sees; PostgreSQL checks constraints on
+            # the new tuple built from that older version (reported above its quantity)
+            # before it finds the row updated and redoes the update on the newest one
+            # (EvalPlanQual), so the check fails although the final row would be valid
+            # (libs/common/tests/test_usage_reporter.py reproduces it). The UPDATE below has
+            # a later snapshot, which sees exactly the versions the SELECT locked.
+            due = await conn.fetch(
+                "SELECT hour, metric, quantity, reported FROM usage_hourly "
+                "WHERE tenant_id = $1 AND quantity > reported FOR UPDATE",
                 tenant_id,
             )
-            if not rows:
+            if not due:
                 return False
-            deltas = [UsageDelta(r["hour"], r["metric"], int(r["delta"])) for r in rows]
+            await conn.execute(
+                "UPDATE usage_hourly u SET reported = x.quantity "
+                "FROM unnest($2::timestamptz[], $3::text[], $4::bigint[]) AS x(hour, metric, "
+                "quantity) WHERE u.tenant_id = $1 AND u.hour = x.hour AND u.metric = x.metric",
+                tenant_id,
+                [r["hour"] for r in due],
+                [r["metric"] for r in due],
+                [r["quantity"] for r in due],
+            )
+            deltas = [
+                UsageDelta(r["hour"], r["metric"], int(r["quantity"] - r["reported"])) for r in due
+            ]
             deltas.sort(key=lambda d: (d.hour, d.metric))
             await append_event(
                 conn,

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest_asyncio
 from aeterna_common.anomaly import (
     AnomalyMonitor,
     Kind,
@@ -23,23 +21,9 @@ from aeterna_common.anomaly import (
     feed_usage,
     outbox_sink,
 )
-from aeterna_common.db import Database, apply_migrations, role_of
+from aeterna_common.db import Database
 from aeterna_common.usage import EMBEDDING_CALLS, EMBEDDING_TOKENS, record_usage
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL
-from aeterna_memory.app import MIGRATIONS
-
-
-@pytest_asyncio.fixture
-async def pools(make_database: Any) -> AsyncIterator[tuple[Database, Database]]:
-    urls = await make_database()
-    await apply_migrations(urls.owner, MIGRATIONS, role_of(urls.app), role_of(urls.indexer))
-    app = Database(urls.app, min_size=1, max_size=2)
-    indexer = Database(urls.indexer, min_size=1, max_size=1)
-    await app.open()
-    await indexer.open()
-    yield app, indexer
-    await indexer.close()
-    await app.close()
 
 
 async def use(db: Database, tenant_id: str, tokens: int) -> None:

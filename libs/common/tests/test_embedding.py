@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from aeterna_common.embedding import (
     EmbeddingError,
     EmbeddingPort,
+    Embeddings,
     EmbeddingUnavailableError,
     export,
 )
@@ -23,7 +24,7 @@ from aeterna_common.embedding.onnx_minilm import (
     ModelUnavailableError,
     read_manifest,
 )
-from aeterna_common.embedding.openai_compat import OpenAICompatibleEmbedder
+from aeterna_common.embedding.openai_compat import OpenAICompatibleEmbedder, split_tokens
 from aeterna_devstack.stack import require_model
 
 TEXTS = [
@@ -109,6 +110,47 @@ async def test_tokens_beyond_128_count(embedder: MiniLMEmbedder) -> None:
     full, truncated = np.asarray(await embedder.embed([long_text, cut]))
     assert float(full @ truncated) < 0.999
     assert len(embedder._tokenizer.encode(TEXTS[6]).ids) == 256
+
+
+# Token counts of known texts, [CLS] and [SEP] included: "Hi" is [CLS] hi [SEP]; the fox
+# sentence is 10 word pieces and the period; the accented text is
+# cafe naive facade — em ##oj ##i [UNK] and numbers 202 ##3; 200 "wordN" are 531 pieces
+# before truncation at 256.
+COUNTED = {
+    "Hi": 3,
+    "": 2,
+    "The quick brown fox jumps over the lazy dog.": 12,
+    "Café naïve façade — emoji 🙂 and numbers 2023": 14,
+    " ".join(f"word{i}" for i in range(200)): 256,
+}
+
+
+async def test_token_counts_are_the_models(export_dir: Path) -> None:
+    texts = list(COUNTED)
+    want = list(COUNTED.values())
+    emb = MiniLMEmbedder(export_dir, batch_size=2)
+    child = MiniLMEmbedder(export_dir, batch_size=2, document_process=True)
+    try:
+        for counted in (
+            await emb.embed(texts),
+            await emb.embed_query(texts),
+            await child.embed(texts),  # the document lane in a child process
+            await child.embed_query(texts),
+        ):
+            assert counted.tokens == want and counted.total_tokens == sum(want)
+            assert len(counted) == len(texts) and len(counted[0]) == 384
+        assert (await emb.embed([])).tokens == []
+    finally:
+        await child.close()
+        await emb.close()
+
+
+def test_embeddings_need_a_count_per_vector() -> None:
+    with pytest.raises(ValueError):
+        Embeddings([[1.0]], [])
+    with pytest.raises(ValueError):
+        Embeddings([[1.0]], [-1])
+    assert Embeddings([[1.0], [0.0]], [2, 3]).total_tokens == 5
 
 
 async def test_concurrent_calls(embedder: MiniLMEmbedder) -> None:
@@ -223,9 +265,10 @@ def test_export_command_line(
 class FakeEmbeddingServer:
     """In-process fake of an OpenAI-compatible /v1/embeddings endpoint."""
 
-    def __init__(self, dimension: int = 3, status: int = 200) -> None:
+    def __init__(self, dimension: int = 3, status: int = 200, usage: bool = False) -> None:
         self.dimension = dimension
         self.status = status
+        self.usage = usage
         self.requests: list[httpx.Request] = []
 
     def vector(self, text: str) -> list[float]:
@@ -240,7 +283,10 @@ class FakeEmbeddingServer:
             {"object": "embedding", "index": i, "embedding": self.vector(t)}
             for i, t in enumerate(body["input"])
         ]
-        return httpx.Response(200, json={"object": "list", "data": data[::-1]})  # shuffled
+        reply: dict[str, object] = {"object": "list", "data": data[::-1]}  # shuffled
+        if self.usage:  # the request's total, as OpenAI reports it: 10 tokens per text
+            reply["usage"] = {"prompt_tokens": 10 * len(data), "total_tokens": 10 * len(data)}
+        return httpx.Response(200, json=reply)
 
 
 def fake_client(server: FakeEmbeddingServer, **kwargs: object) -> OpenAICompatibleEmbedder:
@@ -339,3 +385,24 @@ async def test_openai_connection_error_is_an_outage_and_queries_embed_alike() ->
     emb = fake_client(server)
     assert await emb.embed_query(["a", "bbb"]) == await emb.embed(["a", "bbb"])
     await emb.close()
+
+
+async def test_openai_token_counts() -> None:
+    # With usage, each request's prompt_tokens is split by length and adds up exactly.
+    server = FakeEmbeddingServer(usage=True)
+    emb = fake_client(server, batch_size=2)
+    counted = await emb.embed(["a", "bbb", "cc"])
+    assert len(server.requests) == 2
+    assert counted.tokens == [5, 15, 10]  # 20 over lengths 1 and 3; 10 for the last alone
+    # Without usage: ceil(characters / 4) per text.
+    bare = await fake_client(FakeEmbeddingServer()).embed(["", "abcde"])
+    assert bare.tokens == [0, 2]
+    await emb.close()
+
+
+def test_split_tokens_adds_up() -> None:
+    assert split_tokens(["ab", "ab", "ab"], 10) == [4, 3, 3]
+    assert split_tokens(["", ""], 3) == [2, 1]
+    assert split_tokens(["abcd", "a"], None) == [1, 1]
+    assert split_tokens(["abcd"], True) == [1]  # a bool is not a count
+    assert split_tokens([], 0) == []

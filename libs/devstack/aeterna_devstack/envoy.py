@@ -1230,6 +1230,7 @@ def render_sidecar_config(
     stream_idle_timeout_s: float = 300.0,
     max_downstream_connections: int = 10_000,
     access_log_path: str | None = None,
+    tracing: TracingSettings | None = None,
 ) -> dict[str, Any]:
     """Build the per-pod sidecar Envoy's v3 static bootstrap.
 
@@ -1260,6 +1261,10 @@ def render_sidecar_config(
         stream_idle_timeout_s: Seconds a stream may stay without traffic; 0 disables.
         max_downstream_connections: Cap on connections over both listeners.
         access_log_path: File for an access log of both listeners; None disables it.
+        tracing: Spans of the sidecar's own: both listeners continue the caller's W3C trace
+            (``traceparent``; the inbound hop under the caller's span, the egress hop under
+            the service's) or start one at ``sampling_percent``, and export over OTLP/gRPC;
+            None: no spans (``traceparent`` still passes through).
 
     Returns:
         The bootstrap as a dict, ready for ``json.dump``.
@@ -1280,6 +1285,7 @@ def render_sidecar_config(
         [_header_strip_filter(), _jwt_filter(jwt, PUBLIC_PREFIXES), _router_filter()],
         stream_idle_timeout_s=stream_idle_timeout_s,
         access_log_path=access_log_path,
+        tracing=tracing,
     )
     listeners = [_listener("inbound", inbound_host, inbound_port, inbound)]
     if ups:
@@ -1289,15 +1295,19 @@ def render_sidecar_config(
             [_header_strip_filter(), _router_filter()],
             stream_idle_timeout_s=stream_idle_timeout_s,
             access_log_path=access_log_path,
+            tracing=tracing,
         )
         listeners.append(_listener("egress", egress_host, egress_port, egress))
+    clusters = [_local_cluster(local_host, local_port, policy)] + [_cluster(u, policy) for u in ups]
+    if tracing is not None:
+        clusters.append(_tracing_cluster(tracing, policy))
     return _bootstrap(
         admin_host=admin_host,
         admin_port=admin_port,
         listeners=listeners,
-        clusters=[_local_cluster(local_host, local_port, policy)]
-        + [_cluster(u, policy) for u in ups],
+        clusters=clusters,
         max_downstream_connections=max_downstream_connections,
+        tracing=tracing,
     )
 
 
@@ -1322,8 +1332,8 @@ CHART_TLS_KEY = "/etc/aeterna/tls/tls.key"
 """Gateway private key the gateway chart mounts from its TLS Secret."""
 CHART_ACCESS_LOG = "/dev/stdout"
 CHART_TRACE_SAMPLING_PERCENT = 10.0
-"""Share of new traces the charts' gateway samples (a caller's sampled trace is always
-continued); every sampled trace is complete across the services."""
+"""Share of new traces the charts' gateway and sidecars sample (a caller's sampled trace is
+always continued); every sampled trace is complete across the services."""
 
 GATEWAY_CHART_FILE = "charts/gateway/files/envoy.json"
 GATEWAY_TLS_CHART_FILE = "charts/gateway/files/envoy-tls.json"
@@ -1370,10 +1380,11 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
     Ports: listeners on 0.0.0.0:8080, the service on 127.0.0.1:50051, sidecar egress on
     127.0.0.1:15001, admin on 127.0.0.1:9901, upstream pods on 8080 (their sidecar). JWKS from
     :data:`CHART_JWKS_PATH`; access log to stdout; the gateway's spans to an OTLP/gRPC
-    collector on port 4317. Values the chart must define: ``auth.issuer``, ``auth.audience``,
-    ``tracing.collectorHost``, ``cors.allowOriginRegex`` and ``upstreams.<cluster>.host``
-    (gateway), ``sidecar.upstreams.<cluster>.host`` (sidecars), for each :data:`SERVICES`
-    cluster.
+    collector on port 4317, and the sidecars' too (same sampling; ``service.name`` from
+    ``tracing.sidecarServiceName``). Values the chart must define: ``auth.issuer``,
+    ``auth.audience``, ``tracing.collectorHost`` (every chart), ``tracing.sidecarServiceName``
+    (sidecars), ``cors.allowOriginRegex`` and ``upstreams.<cluster>.host`` (gateway) and
+    ``sidecar.upstreams.<cluster>.host`` (sidecars), for each :data:`SERVICES` cluster.
 
     Args:
         descriptor_set: Serialized ``FileDescriptorSet`` for the gateway's transcoder; None
@@ -1399,6 +1410,13 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
             for s in SERVICES
         ]
 
+    def tracing(service_name: str) -> TracingSettings:
+        return TracingSettings(
+            collector_host=values_ref("tracing.collectorHost"),
+            service_name=service_name,
+            sampling_percent=CHART_TRACE_SAMPLING_PERCENT,
+        )
+
     def gateway(tls: TlsFiles | None) -> dict[str, Any]:
         return render_gateway_config(
             upstreams("upstreams."),
@@ -1409,10 +1427,7 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
             descriptor_set=descriptor_set,
             tls=tls,
             access_log_path=CHART_ACCESS_LOG,
-            tracing=TracingSettings(
-                collector_host=values_ref("tracing.collectorHost"),
-                sampling_percent=CHART_TRACE_SAMPLING_PERCENT,
-            ),
+            tracing=tracing(TracingSettings.service_name),
             stats_port=CHART_STATS_PORT,
             cors_origins=(values_ref("cors.allowOriginRegex"),),
         )
@@ -1429,6 +1444,8 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
         egress_port=CHART_EGRESS_PORT,
         admin_port=CHART_ADMIN_PORT,
         access_log_path=CHART_ACCESS_LOG,
+        # service.name per chart (aeterna-memory-sidecar): the file is the same in each.
+        tracing=tracing(values_ref("tracing.sidecarServiceName")),
     )
     for s in SERVICES:
         configs[SIDECAR_CHART_FILE.format(cluster=s.cluster)] = sidecar
@@ -1475,7 +1492,10 @@ def example_chart_values() -> dict[str, Any]:
         "auth": {"issuer": "https://issuer.example.com", "audience": DEFAULT_AUDIENCE},
         "upstreams": hosts,
         "sidecar": {"upstreams": hosts},
-        "tracing": {"collectorHost": "opentelemetry-collector.monitoring.svc.cluster.local"},
+        "tracing": {
+            "collectorHost": "opentelemetry-collector.monitoring.svc.cluster.local",
+            "sidecarServiceName": "aeterna-memory-sidecar",
+        },
         "cors": {"allowOriginRegex": DEV_CORS_ORIGINS[0]},
     }
 

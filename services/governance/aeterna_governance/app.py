@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 import structlog
-from aeterna_common.anomaly import monitor_job
+from aeterna_common.anomaly import UsageWindow, monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, DirectoryCache
 from aeterna_common.config import CommonSettings
@@ -18,6 +18,7 @@ from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, pre
 from aeterna_common.events import relay_from_settings
 from aeterna_common.leases import Lease
 from aeterna_common.server import ServiceApp, StartupError
+from aeterna_common.usage import EVENTS_DELIVERED
 
 from aeterna_governance import (
     approval_servicer,
@@ -126,7 +127,14 @@ async def build(
             collect_idempotency_keys,
         ),
         bindings.watch,
-        monitor_job(db, store.NOTIFY_CHANNEL, "governance"),
+        # Governance's own usage: the events it counts as delivered (its ledger's other
+        # rows are memory's and knowledge's usage, which their own detectors watch).
+        monitor_job(
+            db,
+            store.NOTIFY_CHANNEL,
+            "governance",
+            usage=UsageWindow(indexer, "tenant_usage_hourly", metrics=[EVENTS_DELIVERED]),
+        ),
     ]
     relaying = relay_from_settings(
         settings,

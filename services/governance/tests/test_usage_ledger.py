@@ -1,6 +1,7 @@
 """The usage ledger on PostgreSQL: each event folds once (a re-delivered or older event counts
 nothing), malformed usage reports are refused whole, prices make the cost, budget thresholds
-are announced once each with their outbox event, and one tenant never sees another's usage."""
+are announced once each with their outbox event, one tenant never sees another's usage, and
+governance's own usage feeds its anomaly detector."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from datetime import UTC, datetime
 
 import pytest
 from aeterna_common import usage
+from aeterna_common.anomaly import (
+    AnomalyMonitor,
+    Kind,
+    Signal,
+    UsageWindow,
+    feed_usage,
+    outbox_sink,
+)
+from aeterna_common.db import Database
 from aeterna_common.events import Event
+from aeterna_governance.store import NOTIFY_CHANNEL
 from aeterna_governance.usage.ledger import BUDGET_EVENT, UsageLedger
 from aeterna_governance.usage.settings import UsageSettings
 from governance_testkit import GovernanceEnv, new_tenant
@@ -104,3 +115,58 @@ def test_settings_refuse_unknown_metrics_and_negative_budgets() -> None:
         UsageSettings(prices={"bitcoin": 1.0})
     with pytest.raises(ValueError):
         UsageSettings(budgets={"t": -1.0})
+
+
+async def test_governance_usage_feeds_its_anomaly_detector(gov: GovernanceEnv) -> None:
+    # Governance's own usage (the events it counts as delivered, per tenant) is a usage
+    # series of its detector, read from the ledger across tenants as the indexer role; a
+    # hundredfold burst of one tenant's events is one governance.anomaly.detected.
+    spiky, steady = new_tenant(), new_tenant()
+    ledger = UsageLedger(gov.app.deps.db, UsageSettings())
+    indexer = Database(gov.urls.indexer, min_size=1, max_size=1)
+    await indexer.open()
+    positions = iter(range(1, 1_000_000))
+
+    async def deliver(tenant: str, n: int) -> None:
+        for _ in range(n):
+            event = dataclasses.replace(
+                report(tenant, next(positions)), type="memory.created", payload={}
+            )
+            assert await ledger.fold(event)
+
+    try:
+        monitor = AnomalyMonitor(
+            "governance", outbox_sink(gov.app.deps.db, NOTIFY_CHANNEL, "governance")
+        )
+        window = UsageWindow(indexer, "tenant_usage_hourly", metrics=[usage.EVENTS_DELIVERED])
+        await deliver(spiky, 1)  # before the first read: the baseline
+        await feed_usage(monitor, window, 0.0)
+        for i in range(monitor.configs[Signal.USAGE].min_history + 5):
+            await deliver(spiky, 2 + i % 2)
+            await deliver(steady, 2)
+            # A memory report in the ledger is memory's series, not governance's.
+            await ledger.fold(report(steady, next(positions), embedding_tokens=10 + 900 * i))
+            await feed_usage(monitor, window, float(i + 1))
+        assert monitor.series(Signal.USAGE) == {
+            (spiky, usage.EVENTS_DELIVERED),
+            (steady, usage.EVENTS_DELIVERED),
+        }
+        await deliver(spiky, 250)
+        await deliver(steady, 2)
+        await feed_usage(monitor, window, 1e6)
+    finally:
+        await indexer.close()
+
+    async def anomalies(conn: object) -> list[dict[str, object]]:
+        rows = await conn.fetch(  # type: ignore[attr-defined]
+            "SELECT tenant_id, payload FROM outbox WHERE event_type = $1",
+            "governance.anomaly.detected",
+        )
+        return [{"tenant": r["tenant_id"], **json.loads(r["payload"])} for r in rows]
+
+    found = await gov.app.deps.db.run(spiky, anomalies, readonly=True)
+    found += await gov.app.deps.db.run(steady, anomalies, readonly=True)
+    assert [(e["tenant"], e["metric"], e["kind"]) for e in found] == [
+        (spiky, usage.EVENTS_DELIVERED, Kind.SPIKE.value)
+    ]
+    assert found[0]["value"] == 250

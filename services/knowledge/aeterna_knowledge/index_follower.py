@@ -42,6 +42,7 @@ from typing import Any
 import asyncpg
 import structlog
 from aeterna.knowledge.v1 import resources_pb2 as res
+from aeterna_common import usage
 from aeterna_common.db import Database
 from aeterna_common.embedding import EmbeddingPort
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
@@ -357,7 +358,8 @@ class KnowledgeIndexFollower:
 
         Per tenant, one transaction takes an advisory lock per (item, text) in a fixed order,
         reads the chunks stored under it, embeds the texts still missing (one embedding call)
-        and stores them, replacing the chunk sets of the items' older texts. Another replica's
+        and stores them, replacing the chunk sets of the items' older texts, and bills the
+        embedding (calls and tokens, :mod:`aeterna_common.usage`) with them. Another replica's
         follower meeting the same texts waits on the locks and then finds the rows: each text
         is embedded once however many replicas follow the outbox.
 
@@ -417,7 +419,18 @@ class KnowledgeIndexFollower:
                         )
                 todo = [r for r in tenant_rows if r["id"] in live and r["id"] not in found]
                 texts = [chunk_text(r["title"], c) for r in todo for c in cut[r["id"]]]
-                vectors = iter(await self.embedder.embed(texts) if texts else [])
+                embedded = await self.embedder.embed(texts)
+                # Billed in this transaction, which stores the chunks under their locks: a
+                # text is embedded, stored and billed once however many replicas follow.
+                await usage.record_usage(
+                    conn,
+                    tenant_id,
+                    {
+                        usage.EMBEDDING_CALLS: len(texts),
+                        usage.EMBEDDING_TOKENS: embedded.total_tokens,
+                    },
+                )
+                vectors = iter(embedded)
                 fresh = {r["id"]: [ChunkRow(c, next(vectors)) for c in cut[r["id"]]] for r in todo}
                 for r in todo:
                     await conn.execute(

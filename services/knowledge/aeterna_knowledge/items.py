@@ -328,6 +328,15 @@ class Items:
             await _revision(conn, key, updated, reason or "updated")
             item = _item_pb(key.tenant_id, updated)
             position = await _event(conn, key, UPDATED, item, {"fields": sorted(values)})
+            # After the event: the outbox lock comes before usage rows (aeterna_common.usage).
+            # New content is billed as written; its chunks' embeddings are billed by the
+            # index follower that embeds them. A retried update replays (run_write).
+            if "content" in values and values["content"] != row["content"]:
+                await usage.record_usage(
+                    conn,
+                    key.tenant_id,
+                    {usage.KNOWLEDGE_BYTES: usage.content_bytes(values["content"])},
+                )
             return item, position
 
         return await writes.run_write(self.db, key, res.KnowledgeItem, work)

@@ -104,9 +104,9 @@ class MemoryStore(Protocol):
         """Live memories among ``ids`` with their vectors."""
         ...
 
-    async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
-        """Count an access of each memory, and the search (with the embedding of ``query``)
-        as billable usage."""
+    async def touch(self, tenant_id: str, ids: Sequence[str], *, query_tokens: int = 0) -> None:
+        """Count an access of each memory, and the search (with its query's embedding when
+        the model read ``query_tokens`` > 0 tokens for it) as billable usage."""
         ...
 
     async def update(
@@ -120,9 +120,12 @@ class MemoryStore(Protocol):
         embedding: Sequence[float] | None,
         actor: str,
         model: str | None = None,
+        embedding_tokens: int = 0,
     ) -> tuple[Memory, int]:
         """Apply a patch atomically (optimistic on the revision); a new ``embedding`` is
-        stored with its ``model`` id; with the commit's position."""
+        stored with its ``model`` id; the bytes it changes and its embedding (when the model
+        read ``embedding_tokens`` > 0 tokens) are billed with it; with the commit's
+        position."""
         ...
 
     async def stale_embeddings(

@@ -191,6 +191,25 @@ async def test_model_switch_is_refused_until_a_resumed_reembed(
                 )
                 # One ADD and exactly one re-embed per memory, through the normal write path.
                 assert [list(r.changed_fields) for r in revisions.revisions][1:] == [["embedding"]]
+            # Billed with the writes: each new vector once (4 bytes a component, the content
+            # unchanged), and the model calls of the re-embeds (the first 5 at least; a vector
+            # the interrupted call made and cached, but never wrote, costs no second call).
+            billing = await asyncpg.connect(urls.superuser)
+            try:
+                billed = {
+                    r["metric"]: r["q"]
+                    for r in await billing.fetch(
+                        "SELECT metric, sum(quantity) AS q FROM usage_hourly "
+                        "WHERE tenant_id = $1 GROUP BY metric",
+                        t,
+                    )
+                }
+            finally:
+                await billing.close()
+            stored = sum(len(c.encode()) + 4 * 384 for c in contents)
+            assert billed["memory.bytes"] == stored + len(contents) * 4 * 384
+            assert len(contents) + 5 <= billed["embedding.calls"] <= 2 * len(contents)
+            assert billed["embedding.tokens"] >= 2 * billed["embedding.calls"]  # [CLS] [SEP]
             # Vectors of another model appearing while serving (a rotation under way
             # elsewhere): searches are refused until they are gone.
             admin = await asyncpg.connect(urls.superuser)

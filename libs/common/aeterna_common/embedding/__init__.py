@@ -10,7 +10,8 @@ it alone needs torch, from the ``model-export`` extra.
 from aeterna_common.embedding.port import (
     EmbeddingError,
     EmbeddingPort,
+    Embeddings,
     EmbeddingUnavailableError,
 )
 
-__all__ = ["EmbeddingError", "EmbeddingPort", "EmbeddingUnavailableError"]
+__all__ = ["EmbeddingError", "EmbeddingPort", "EmbeddingUnavailableError", "Embeddings"]

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
+from aeterna_common.embedding.port import EmbeddingError, Embeddings, EmbeddingUnavailableError
 from aeterna_common.priority import background_executor, init_background_child
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -45,6 +45,8 @@ MANIFEST_FILE = "manifest.json"
 """Written last by the export: a directory without it is incomplete."""
 
 FloatArray = npt.NDArray[np.float32]
+Counted = tuple[FloatArray, list[int]]
+"""Vectors (``(n, 384)``) and the token count of each text (see :meth:`MiniLMEmbedder.embed`)."""
 
 
 class ModelUnavailableError(EmbeddingError):
@@ -237,14 +239,16 @@ class MiniLMEmbedder:
         """384."""
         return DIMENSION
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         """Embed texts (see :meth:`EmbeddingPort.embed`); longer texts are cut at 256 tokens.
 
         Args:
             texts: ``n`` strings.
 
         Returns:
-            ``n`` unit vectors of 384 floats, in input order.
+            ``n`` unit vectors of 384 floats, in input order. Each text's token count is the
+            sum of its attention mask: the WordPiece tokens the model read, [CLS] and [SEP]
+            included, after truncation at 256 (so 2 for an empty text, at most 256).
 
         Raises:
             EmbeddingError: The embedder is closed or ONNX Runtime failed.
@@ -254,10 +258,10 @@ class MiniLMEmbedder:
         if self._closed:
             raise EmbeddingUnavailableError("embedder is closed")
         if not texts:
-            return []
+            return Embeddings()
         pool = self._process
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
+            vectors, tokens = await asyncio.get_running_loop().run_in_executor(
                 pool, _child_embed, list(texts)
             )
         except BrokenProcessPool as exc:
@@ -268,7 +272,7 @@ class MiniLMEmbedder:
             raise EmbeddingUnavailableError(f"document embedding process died: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EmbeddingError(f"ONNX inference failed: {exc}") from exc
-        return vectors.tolist()  # type: ignore[no-any-return]
+        return Embeddings(vectors.tolist(), tokens)
 
     def _start_process_lane(self, workers: int, *, warm: bool = True) -> ProcessPoolExecutor:
         """``workers`` spawned children that load the model; with ``warm`` wait until each
@@ -303,14 +307,14 @@ class MiniLMEmbedder:
         procs = getattr(self._process, "_processes", None) or {}
         return sorted(int(pid) for pid in procs)
 
-    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed_query(self, texts: Sequence[str]) -> Embeddings:
         """Embed search queries on the query lane (see :meth:`EmbeddingPort.embed_query`).
 
         Args:
             texts: ``n`` query strings (usually one).
 
         Returns:
-            ``n`` unit vectors of 384 floats, in input order; the same vectors as
+            ``n`` unit vectors of 384 floats, in input order, and token counts; the same as
             :meth:`embed` gives.
 
         Raises:
@@ -325,15 +329,15 @@ class MiniLMEmbedder:
         texts: Sequence[str],
         *,
         parallel: bool,
-    ) -> list[list[float]]:
+    ) -> Embeddings:
         if self._closed:
             raise EmbeddingUnavailableError("embedder is closed")
         if not texts:
-            return []
+            return Embeddings()
         session = await pool.get()
         try:
             loop = asyncio.get_running_loop()
-            vectors = await loop.run_in_executor(
+            vectors, tokens = await loop.run_in_executor(
                 executor, self._embed_sync, session, list(texts), parallel
             )
         except EmbeddingError:
@@ -342,7 +346,7 @@ class MiniLMEmbedder:
             raise EmbeddingError(f"ONNX inference failed: {exc}") from exc
         finally:
             pool.put_nowait(session)
-        return vectors.tolist()  # type: ignore[no-any-return]
+        return Embeddings(vectors.tolist(), tokens)
 
     def embed_sync(self, texts: Sequence[str]) -> FloatArray:
         """Blocking variant for scripts and benchmarks (not for use on an event loop thread).
@@ -353,9 +357,13 @@ class MiniLMEmbedder:
         Returns:
             A float32 array of shape ``(n, 384)``, rows L2-normalised, in input order.
         """
+        return self._counted_sync(texts)[0]
+
+    def _counted_sync(self, texts: Sequence[str]) -> Counted:
+        """:meth:`embed_sync` with each text's token count (what a child process returns)."""
         if self._process is not None:
-            vectors: FloatArray = self._process.submit(_child_embed, list(texts)).result()
-            return vectors
+            counted: Counted = self._process.submit(_child_embed, list(texts)).result()
+            return counted
         session = self._pool.get_nowait()
         try:
             return self._embed_sync(session, list(texts))
@@ -364,10 +372,10 @@ class MiniLMEmbedder:
 
     def _embed_sync(
         self, session: ort.InferenceSession, texts: list[str], parallel: bool = True
-    ) -> FloatArray:
+    ) -> Counted:
         out = np.zeros((len(texts), DIMENSION), dtype=np.float32)
         if not texts:
-            return out
+            return out, []
         # encode_batch tokenizes on the tokenizers library's own (rayon) thread pool, which
         # the document lane's threads created and which shares their lower priority and
         # their queue: queries are tokenized on their own lane's thread instead.
@@ -380,7 +388,9 @@ class MiniLMEmbedder:
         for start in range(0, len(order), self._batch_size):
             chunk = order[start : start + self._batch_size]
             out[chunk] = self._run(session, [encodings[i] for i in chunk])
-        return out
+        # No padding here (configure_tokenizer), so the mask is all ones: its sum is the
+        # number of tokens the model read, special tokens included.
+        return out, [sum(e.attention_mask) for e in encodings]
 
     @staticmethod
     def _run(session: ort.InferenceSession, batch: list[Encoding]) -> FloatArray:
@@ -433,10 +443,10 @@ def _child_init(
     )
 
 
-def _child_embed(texts: list[str]) -> FloatArray:
+def _child_embed(texts: list[str]) -> Counted:
     if _CHILD is None:
         raise EmbeddingUnavailableError("the embedding child process has no model")
-    return _CHILD.embed_sync(texts)
+    return _CHILD._counted_sync(texts)
 
 
 def _child_pid() -> int:

@@ -13,7 +13,11 @@ from typing import Any
 
 import httpx
 
-from aeterna_common.embedding.port import EmbeddingError, EmbeddingUnavailableError
+from aeterna_common.embedding.port import EmbeddingError, Embeddings, EmbeddingUnavailableError
+
+CHARS_PER_TOKEN = 4
+"""Characters per token when a server reports no usage: OpenAI's rule of thumb for English
+("one token is roughly 4 characters", OpenAI tokenizer help page)."""
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses that mean the endpoint is down or overloaded, not that the request is wrong
@@ -25,6 +29,11 @@ class OpenAICompatibleEmbedder:
 
     Vectors are put back in input order by the response's ``index`` field and L2-normalised
     here (servers differ on whether they normalise).
+
+    Token counts: the protocol reports one ``usage.prompt_tokens`` per request, not per text.
+    It is split over the request's texts in proportion to their lengths in characters
+    (largest remainder), so the counts add up exactly to what the server billed; a server
+    that reports no usage gets ``ceil(characters / 4)`` per text (an estimate).
 
     Args:
         base_url: Server root without ``/v1``, e.g. ``"http://embedder:8080"``.
@@ -71,14 +80,15 @@ class OpenAICompatibleEmbedder:
         """The expected vector length given to the constructor."""
         return self._dimension
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         """Embed texts with one request per ``batch_size`` texts.
 
         Args:
             texts: ``n`` strings.
 
         Returns:
-            ``n`` unit vectors of ``dimension`` floats, in input order.
+            ``n`` unit vectors of ``dimension`` floats, in input order, with token counts
+            (see the class).
 
         Raises:
             EmbeddingUnavailableError: The endpoint cannot be reached or timed out, or
@@ -86,12 +96,14 @@ class OpenAICompatibleEmbedder:
             EmbeddingError: Another HTTP status >= 400, a malformed response, a missing or
                 duplicate ``index``, a vector of another length, or a zero vector.
         """
-        out: list[list[float]] = []
+        out = Embeddings()
         for start in range(0, len(texts), self._batch_size):
-            out.extend(await self._embed_batch(list(texts[start : start + self._batch_size])))
+            batch = await self._embed_batch(list(texts[start : start + self._batch_size]))
+            out.extend(batch)
+            out.tokens.extend(batch.tokens)
         return out
 
-    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed_query(self, texts: Sequence[str]) -> Embeddings:
         """Embed search queries: :meth:`embed`, as requests run concurrently (one pooled
         connection each), so a query never queues behind a document batch here.
 
@@ -101,7 +113,7 @@ class OpenAICompatibleEmbedder:
         """
         return await self.embed(texts)
 
-    async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+    async def _embed_batch(self, texts: list[str]) -> Embeddings:
         payload = {"model": self._model, "input": texts, "encoding_format": "float"}
         try:
             response = await self._client.post(self._url, json=payload)
@@ -118,7 +130,8 @@ class OpenAICompatibleEmbedder:
                 f"POST {self._url} returned HTTP {response.status_code}: {response.text[:500]}"
             )
         try:
-            data: list[dict[str, Any]] = response.json()["data"]
+            body = response.json()
+            data: list[dict[str, Any]] = body["data"]
             by_index = {int(item["index"]): item["embedding"] for item in data}
         except (ValueError, KeyError, TypeError) as exc:
             raise EmbeddingError(f"malformed embeddings response from {self._url}") from exc
@@ -126,7 +139,10 @@ class OpenAICompatibleEmbedder:
             raise EmbeddingError(
                 f"expected indices 0..{len(texts) - 1} from {self._url}, got {sorted(by_index)}"
             )
-        return [self._normalise(by_index[i]) for i in range(len(texts))]
+        vectors = [self._normalise(by_index[i]) for i in range(len(texts))]
+        usage = body.get("usage")
+        billed = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        return Embeddings(vectors, split_tokens(texts, billed))
 
     def _normalise(self, vector: Any) -> list[float]:
         if not isinstance(vector, list) or len(vector) != self._dimension:
@@ -147,3 +163,31 @@ class OpenAICompatibleEmbedder:
     async def close(self) -> None:
         """Close the HTTP connection pool."""
         await self._client.aclose()
+
+
+def split_tokens(texts: Sequence[str], total: object) -> list[int]:
+    """Per-text token counts of one request.
+
+    Args:
+        texts: The request's texts.
+        total: The server's ``usage.prompt_tokens`` (a non-negative int), or anything else
+            when it reported none.
+
+    Returns:
+        ``total`` split in proportion to the texts' lengths in characters by the largest
+        remainder method (the counts sum to ``total``; equal shares when every text is
+        empty), or ``ceil(len / CHARS_PER_TOKEN)`` per text without a usable ``total``.
+    """
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        return [math.ceil(len(t) / CHARS_PER_TOKEN) for t in texts]
+    if not texts:
+        return []
+    weights = [len(t) for t in texts]
+    if not sum(weights):
+        weights = [1] * len(texts)
+    scale = sum(weights)
+    counts = [total * w // scale for w in weights]
+    by_remainder = sorted(range(len(texts)), key=lambda i: -(total * weights[i] % scale))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts

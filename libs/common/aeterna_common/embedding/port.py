@@ -8,8 +8,39 @@ the OpenAI ``/v1/embeddings`` protocol).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
+
+
+class Embeddings(list[list[float]]):
+    """Vectors of ``n`` texts in input order, with the number of tokens the model read for
+    each (what embedding usage bills, :data:`aeterna_common.usage.EMBEDDING_TOKENS`).
+
+    A list of the vectors, so a caller that needs only them indexes, slices and zips it like
+    any list; :attr:`tokens` is aligned with it.
+
+    Args:
+        vectors: ``n`` vectors.
+        tokens: ``n`` token counts (each >= 0). How each adapter counts is part of its
+            contract: :class:`~aeterna_common.embedding.onnx_minilm.MiniLMEmbedder` counts the
+            WordPiece tokens it fed the model, [CLS] and [SEP] included, after truncation.
+
+    Raises:
+        ValueError: ``tokens`` is not as long as ``vectors`` or holds a negative count.
+    """
+
+    tokens: list[int]
+
+    def __init__(self, vectors: Iterable[list[float]] = (), tokens: Iterable[int] = ()) -> None:
+        super().__init__(vectors)
+        self.tokens = [int(t) for t in tokens]
+        if len(self.tokens) != len(self) or any(t < 0 for t in self.tokens):
+            raise ValueError(f"{len(self)} vectors need as many token counts >= 0")
+
+    @property
+    def total_tokens(self) -> int:
+        """Sum of :attr:`tokens`."""
+        return sum(self.tokens)
 
 
 class EmbeddingError(RuntimeError):
@@ -41,21 +72,22 @@ class EmbeddingPort(Protocol):
         """Length of every returned vector (384 for all-MiniLM-L6-v2)."""
         ...
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         """Embed texts.
 
         Args:
             texts: ``n`` UTF-8 strings (``n`` may be 0).
 
         Returns:
-            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order.
+            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order,
+            with each text's token count.
 
         Raises:
             EmbeddingError: The backend failed or returned vectors of the wrong size.
         """
         ...
 
-    async def embed_query(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed_query(self, texts: Sequence[str]) -> Embeddings:
         """Embed search queries: the same vectors as :meth:`embed`, on a path that never
         queues behind document batches (an in-process model keeps a separate lane for them).
 
@@ -63,7 +95,8 @@ class EmbeddingPort(Protocol):
             texts: ``n`` UTF-8 strings (usually one).
 
         Returns:
-            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order.
+            ``n`` vectors of ``dimension`` floats, each with Euclidean norm 1, in input order,
+            with each text's token count.
 
         Raises:
             EmbeddingError: The backend failed or returned vectors of the wrong size.

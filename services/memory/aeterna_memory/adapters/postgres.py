@@ -430,10 +430,17 @@ class PostgresMemoryStore:
         rows = await self.db.run(tenant_id, work, readonly=True)
         return {str(r["id"]): (row_to_memory(r), list(r["embedding"])) for r in rows}
 
-    async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
+    async def touch(self, tenant_id: str, ids: Sequence[str], *, query_tokens: int = 0) -> None:
         """Count one access of each memory (a search returned it), and the search and its
         query's embedding as billable usage (:mod:`aeterna_common.usage`), in one
-        transaction."""
+        transaction.
+
+        Args:
+            tenant_id: The tenant.
+            ids: Memory ids the search returned.
+            query_tokens: Tokens the model read to embed the query; 0 when the query's vector
+                came from the cache (no embedding call is billed then).
+        """
 
         async def work(conn: asyncpg.Connection) -> None:
             if ids:
@@ -448,8 +455,8 @@ class PostgresMemoryStore:
                 tenant_id,
                 {
                     usage.SEARCHES: 1,
-                    usage.EMBEDDING_CALLS: 1,
-                    usage.EMBEDDING_TOKENS: usage.estimate_tokens(query),
+                    usage.EMBEDDING_CALLS: 1 if query_tokens else 0,
+                    usage.EMBEDDING_TOKENS: query_tokens,
                 },
             )
 
@@ -598,10 +605,8 @@ class PostgresMemoryStore:
                     usage.MEMORY_BYTES: sum(
                         usage.content_bytes(e.memory.content, len(e.embedding)) for e in items
                     ),
-                    usage.EMBEDDING_CALLS: len(items),
-                    usage.EMBEDDING_TOKENS: sum(
-                        usage.estimate_tokens(e.memory.content) for e in items
-                    ),
+                    usage.EMBEDDING_CALLS: sum(1 for e in items if e.tokens),
+                    usage.EMBEDDING_TOKENS: sum(e.tokens for e in items),
                 },
             )
             rows = await conn.fetch(
@@ -638,6 +643,7 @@ class PostgresMemoryStore:
         embedding: Sequence[float] | None,
         actor: str,
         model: str | None = None,
+        embedding_tokens: int = 0,
     ) -> tuple[Memory, int]:
         """Apply a patch if the memory is still at ``expected_revision``.
 
@@ -646,6 +652,13 @@ class PostgresMemoryStore:
         either).
         A new ``embedding`` is stored with its ``model`` id; with an empty patch that is a
         re-embed (its revision lists ``embedding`` as the changed field).
+
+        Billed in the same transaction (:mod:`aeterna_common.usage`): one embedding call of
+        ``embedding_tokens`` tokens when the model made the vector (> 0), and the bytes
+        written that differ from the row: the new content when it is not the stored one
+        (UTF-8) and the vector when it is not the stored one (4 bytes a component). An
+        update sent again (UpdateMemory has no request id) finds its content and vector
+        stored and its embedding in the cache, and bills nothing twice.
 
         Returns:
             The memory and the outbox position of the commit.
@@ -659,7 +672,7 @@ class PostgresMemoryStore:
 
         async def work(conn: asyncpg.Connection) -> tuple[Memory, int]:
             row = await conn.fetchrow(
-                "SELECT content, revision, deleted_at FROM memories "
+                "SELECT content, revision, deleted_at, embedding FROM memories "
                 "WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
                 tenant_id,
                 mid,
@@ -722,6 +735,21 @@ class PostgresMemoryStore:
                 actor,
             )
             position = await _append_outbox(conn, tenant_id, "memory.updated", [mid], actor=actor)
+            # After the outbox: its lock comes before usage rows (aeterna_common.usage).
+            written = 0
+            if "content" in f and patch.content != row["content"]:
+                written += usage.content_bytes(memory.content)
+            if embedding is not None and list(embedding) != list(row["embedding"]):
+                written += usage.content_bytes("", len(embedding))
+            await usage.record_usage(
+                conn,
+                tenant_id,
+                {
+                    usage.MEMORY_BYTES: written,
+                    usage.EMBEDDING_CALLS: 1 if embedding_tokens else 0,
+                    usage.EMBEDDING_TOKENS: embedding_tokens,
+                },
+            )
             return memory, position
 
         return await self.db.run(tenant_id, work)

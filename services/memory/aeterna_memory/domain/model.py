@@ -267,11 +267,14 @@ class Embedded:
         memory: The validated create.
         lexical_context: Context texts of the BM25F encoding, beside the content.
         embedding: L2-normalised dense vector of the dense index text.
+        tokens: Tokens the model read to make ``embedding`` (billed usage); 0 when the vector
+            came from the embedding cache without a model call.
     """
 
     memory: NewMemory
     lexical_context: Sequence[str]
     embedding: Sequence[float]
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from aeterna_common.admission import ForegroundGauge
 from aeterna_common.authz import Authorizer, ReadableScope, Resource, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
-from aeterna_common.embedding.port import EmbeddingPort
+from aeterna_common.embedding.port import EmbeddingPort, Embeddings
 from aeterna_common.errors import (
     Aborted,
     FailedPrecondition,
@@ -277,7 +277,9 @@ class MemoryDomain:
 
     # ---- access counts ---------------------------------------------------------------
 
-    def touch_after_answer(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
+    def touch_after_answer(
+        self, tenant_id: str, ids: Sequence[str], *, query_tokens: int = 0
+    ) -> None:
         """Count one access of each returned memory, after the answer has been sent.
 
         The access count only feeds promotion and decay (DOMAIN.md, Memory), which read it
@@ -288,16 +290,18 @@ class MemoryDomain:
         Args:
             tenant_id: The tenant.
             ids: Memory ids the search returned.
-            query: The query text (its embedding is billed with the search,
-                :mod:`aeterna_common.usage`).
+            query_tokens: Tokens the model read to embed the query (billed with the search,
+                :mod:`aeterna_common.usage`); 0 when its vector came from the cache.
         """
-        task = asyncio.get_running_loop().create_task(self._touch(tenant_id, list(ids), query))
+        task = asyncio.get_running_loop().create_task(
+            self._touch(tenant_id, list(ids), query_tokens)
+        )
         self._touches.add(task)  # a reference, or the loop may drop the task midway
         task.add_done_callback(self._touches.discard)
 
-    async def _touch(self, tenant_id: str, ids: list[str], query: str) -> None:
+    async def _touch(self, tenant_id: str, ids: list[str], query_tokens: int) -> None:
         try:
-            await self.store.touch(tenant_id, ids, query=query)
+            await self.store.touch(tenant_id, ids, query_tokens=query_tokens)
         except Exception:
             log.warning("search.access_count_not_written", tenant=tenant_id, hits=len(ids))
 
@@ -315,7 +319,7 @@ class MemoryDomain:
 
     async def embed(
         self, tenant_id: str, texts: Sequence[str], *, query: bool = False
-    ) -> list[list[float]]:
+    ) -> Embeddings:
         """Vectors of ``texts``: from the cache where possible, the model otherwise.
 
         The cache is keyed by the model id, and a cached vector whose length is not the
@@ -328,7 +332,9 @@ class MemoryDomain:
                 behind document batches (:meth:`EmbeddingPort.embed_query`).
 
         Returns:
-            One vector per text, in input order.
+            One vector per text, in input order, with the tokens the model read for it in
+            this call (what is billed): at least 1 for a text the model embedded, counted at
+            its first occurrence; 0 for a repeat and for a vector from the cache.
 
         Raises:
             EmbeddingError: The model failed (``EmbeddingUnavailableError`` when it cannot
@@ -342,6 +348,7 @@ class MemoryDomain:
         ]
         missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
         fresh: dict[str, list[float]] = {}
+        read: dict[str, int] = {}
         if missing and not query and self.embedding_cap is not None:
             # New documents only: searches of what is stored stay available.
             await self.embedding_cap(tenant_id)
@@ -349,8 +356,13 @@ class MemoryDomain:
             embed = self.embedder.embed_query if query else self.embedder.embed
             vectors = await embed(missing)
             fresh = dict(zip(missing, vectors, strict=True))
+            # At least 1: a call is billed exactly when its text has tokens.
+            read = {t: max(1, n) for t, n in zip(missing, vectors.tokens, strict=True)}
             await self.cache.put_many(tenant_id, model, list(fresh.items()))
-        return [v if v is not None else fresh[t] for t, v in zip(texts, cached, strict=True)]
+        return Embeddings(
+            [v if v is not None else fresh[t] for t, v in zip(texts, cached, strict=True)],
+            [read.pop(t, 0) for t in texts],
+        )
 
     # ---- writes ----------------------------------------------------------------------
 
@@ -440,14 +452,16 @@ class MemoryDomain:
             texts.append(build_texts(m, previous, self.indexing))
             # Later memories of the same session in this batch see this one as context.
             previous.append(m.content)
-        vectors: list[list[float]] = []
+        vectors = Embeddings()
         for i, part in enumerate(self._steps([t.dense for t in texts])):
             if i:
                 await self._between_steps()
-            vectors.extend(await self.embed(tenant, part))
+            step = await self.embed(tenant, part)
+            vectors.extend(step)
+            vectors.tokens.extend(step.tokens)
         return [
-            Embedded(memory=m, lexical_context=t.lexical_context, embedding=v)
-            for m, t, v in zip(memories, texts, vectors, strict=True)
+            Embedded(memory=m, lexical_context=t.lexical_context, embedding=v, tokens=n)
+            for m, t, v, n in zip(memories, texts, vectors, vectors.tokens, strict=True)
         ]
 
     async def update(
@@ -470,6 +484,7 @@ class MemoryDomain:
         current = await self.checked(principal, "UpdateMemory", memory_id, include_deleted=False)
         lexical_context: tuple[str, ...] | None = None
         embedding: list[float] | None = None
+        tokens = 0
         content_changed = "content" in patch.fields and patch.content is not None
         if content_changed or "metadata" in patch.fields:
             new = NewMemory(
@@ -486,7 +501,8 @@ class MemoryDomain:
             texts = build_texts(new, previous, self.indexing)
             lexical_context = texts.lexical_context
             if content_changed or self.indexing.dense_metadata:
-                embedding = (await self.embed(tenant, [texts.dense]))[0]
+                embedded = await self.embed(tenant, [texts.dense])
+                embedding, tokens = embedded[0], embedded.tokens[0]
         return await self.store.update(
             tenant,
             memory_id,
@@ -496,6 +512,7 @@ class MemoryDomain:
             embedding=embedding,
             actor=principal.actor,
             model=self.model_id if embedding is not None else None,
+            embedding_tokens=tokens,
         )
 
     async def delete(self, principal: Principal, memory_id: str) -> tuple[Memory, int]:
@@ -599,7 +616,7 @@ class MemoryDomain:
             after = page[-1][0].id
             texts = [self.dense_text(m, ctx) for m, ctx in page]
             vectors = await self.embed(tenant, texts)
-            for (memory, _), vector in zip(page, vectors, strict=True):
+            for (memory, _), vector, tokens in zip(page, vectors, vectors.tokens, strict=True):
                 # Rate limit: the n-th write of this call waits until n / per_second seconds.
                 ahead = done / per_second - (time.monotonic() - started)
                 if ahead > 0:
@@ -614,6 +631,7 @@ class MemoryDomain:
                         embedding=vector,
                         actor=principal.actor,
                         model=model,
+                        embedding_tokens=tokens,
                     )
                     done += 1
                 except (Aborted, NotFound):
@@ -774,7 +792,7 @@ class MemoryDomain:
 
         # Embedding the query overlaps with waiting for the index to reach the latest write.
         # BM25 encoding runs in a worker thread, off the event loop.
-        async def embed_query() -> list[list[float]]:
+        async def embed_query() -> Embeddings:
             with _TRACER.start_as_current_span(
                 "memory.search.embed", attributes={"aeterna.tenant": tenant}
             ):
@@ -841,7 +859,9 @@ class MemoryDomain:
                 break
         # A more specific duplicate may have replaced a kept hit: restore the ranking order.
         kept.sort(key=lambda k: candidates[k.candidate.id].order)
-        self.touch_after_answer(tenant, [k.candidate.id for k in kept], query=query.text)
+        self.touch_after_answer(
+            tenant, [k.candidate.id for k in kept], query_tokens=vectors.tokens[0]
+        )
         log.debug("search", hits=len(kept), ms=round((time.perf_counter() - t0) * 1000, 2))
         hits = [
             SearchHit(
