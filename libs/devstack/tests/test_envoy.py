@@ -459,6 +459,8 @@ def test_chart_config_passes_envoy_validate(relative: str) -> None:
             "auth.audience",
             "auth.issuer",
             *(f"sidecar.upstreams.{c}.host" for c in clusters),
+            "tracing.collectorHost",
+            "tracing.sidecarServiceName",
         ]
     config = instantiate_chart_config(text, example_chart_values())
     assert CHART_JWKS_PATH in json.dumps(config)
