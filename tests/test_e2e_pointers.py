@@ -575,7 +575,7 @@ async def test_a_replica_killed_mid_cycle_leaves_a_checkpoint_the_other_finishes
             return await syncdb.fetchrow(
                 "SELECT c.id, c.checkpoint, l.owner FROM sync_cycles c JOIN leases l "
                 "ON l.name = 'sync-pointers:' || c.tenant_id WHERE c.tenant_id = $1 "
-                "AND c.state = 1 AND c.checkpoint <> '' AND l.expires_at > now()",
+                "AND c.state = 2 AND c.checkpoint <> '' AND l.expires_at > now()",
                 TENANT,
             )
 
@@ -589,7 +589,7 @@ async def test_a_replica_killed_mid_cycle_leaves_a_checkpoint_the_other_finishes
         async def finished() -> asyncpg.Record | None:
             return await syncdb.fetchrow(
                 "SELECT state, resumes, items_examined FROM sync_cycles WHERE id = $1 "
-                "AND state <> 1",
+                "AND state <> 2",
                 cycle["id"],
             )
 

@@ -93,7 +93,7 @@ class KnowledgeEvents:
     async def _follow_forever(self) -> None:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((RedisError, OSError)),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
             stop=stop_never,
             reraise=True,
         ):

@@ -201,11 +201,14 @@ def pointer_content(item: kres.KnowledgeItem) -> str:
     return f"[{kind}] [{status}] {item.path}\n{lines[0] if lines else item.title}"
 
 
-def pointer_request_id(item: kres.KnowledgeItem) -> str:
+def pointer_request_id(item: kres.KnowledgeItem, replaces: str = "") -> str:
     """The create's ``request_id``: the item's id and content hash (≤ 128 ASCII characters),
-    so the same revision never gets two pointers."""
+    so the same revision never gets two pointers; a pointer written in place of another
+    (``replaces``, a memory name) adds the start of that memory's id, so memory does not
+    answer with the pointer just deleted, and a retried move still gets one answer."""
     item_id = item.name.rsplit("/", 1)[-1]
-    return f"sync-ptr:{item_id}:{item.content_hash}"[:128]
+    suffix = f":{replaces.rsplit('/', 1)[-1][:8]}" if replaces else ""
+    return f"sync-ptr:{item_id}:{item.content_hash}"[: 128 - len(suffix)] + suffix
 
 
 def pointer_memory(item: kres.KnowledgeItem) -> mres.Memory:
@@ -294,7 +297,7 @@ class PointerSync:
         codes (``settings.item_attempts`` attempts)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.1),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.1),
             stop=stop_after_attempt(self.settings.item_attempts),
             reraise=True,
         ):
@@ -320,15 +323,16 @@ class PointerSync:
             if not token:
                 return sorted(out, key=lambda i: i.name)
 
-    async def _create(self, item: kres.KnowledgeItem) -> str:
-        """Write the item's pointer; a retry returns the first pointer (same request_id)."""
+    async def _create(self, item: kres.KnowledgeItem, replaces: str = "") -> str:
+        """Write the item's pointer (in place of ``replaces``, when given); a retry returns
+        the first pointer (same request_id)."""
         tenant = item.name.split("/")[1]
         pb = await self._call(
             self.memory.CreateMemory,
             msvc.CreateMemoryRequest(
                 parent=f"tenants/{tenant}",
                 memory=pointer_memory(item),
-                request_id=pointer_request_id(item),
+                request_id=pointer_request_id(item, replaces),
             ),
         )
         return str(pb.name)
@@ -597,7 +601,7 @@ class PointerSync:
 
             async def move() -> Change:
                 await self._delete(have.memory)
-                memory = await self._create(item)
+                memory = await self._create(item, replaces=have.memory)
                 return Change(
                     forget=[have.memory], add=Recorded(item.name, memory, item.content_hash, layer)
                 )

@@ -19,7 +19,7 @@ ALTER TABLE sync_cycles
     ADD COLUMN checkpoint text    NOT NULL DEFAULT '',
     ADD COLUMN resumes    integer NOT NULL DEFAULT 0 CHECK (resumes >= 0),
     ADD COLUMN reason     text    NOT NULL DEFAULT '' CHECK (char_length(reason) <= 40);
-CREATE INDEX sync_cycles_running ON sync_cycles (tenant_id) WHERE state = 1;
+CREATE INDEX sync_cycles_running ON sync_cycles (tenant_id) WHERE state = 2;  -- RUNNING
 
 ALTER TABLE sync_conflicts
     ADD COLUMN fingerprint text NOT NULL DEFAULT '' CHECK (char_length(fingerprint) <= 400),
