@@ -104,16 +104,22 @@ class KnowledgeEvents:
         positions: dict[Any, Any] = {}
         refreshed = -STREAMS_REFRESH_S
         loop = asyncio.get_running_loop()
+        first = True
         while True:
             if loop.time() - refreshed >= STREAMS_REFRESH_S:
                 refreshed = loop.time()
                 for tenant in await tenants(self.redis):
                     key = f"{STREAM_PREFIX}{tenant}"
-                    if key not in positions:
+                    if key in positions:
+                        continue
+                    if first:
                         # From the stream's last entry now ("$" would skip entries added
                         # between two reads; the scheduled reconcile covers the past).
                         last: Any = await self.redis.xrevrange(key, count=1)
                         positions[key] = str(last[0][0]) if last else "0-0"
+                    else:
+                        positions[key] = "0-0"  # a stream born since: all of it is new
+                first = False
             if not positions:
                 await asyncio.sleep(STREAMS_REFRESH_S)
                 continue
