@@ -7,6 +7,7 @@ replicas behind the gateway Envoy.
 * Pointer sync over every conflict kind: each state is produced (through knowledge, or in
   sync's own records as a crash or an outside write would leave them) and the cycle's
   resolution is checked in memory and in sync's records.
+* A failed item is counted, backed off and retried until it is written.
 * A sync replica SIGKILLed mid-cycle leaves its checkpoint; the other replica finishes that
   same cycle under the tenant's fenced lease, with no duplicate pointer.
 * Memory refuses ``service:sync`` what its Cedar rules do not admit.
@@ -44,9 +45,14 @@ from aeterna.sync.v1 import resources_pb2 as sres
 from aeterna.sync.v1 import sync_service_pb2 as ssvc
 from aeterna.sync.v1 import sync_service_pb2_grpc as ssvc_grpc
 from aeterna.type.v1 import layer_pb2
+from aeterna_common.auth import ServiceCredentials
+from aeterna_common.db import Database
+from aeterna_common.errors import Aborted
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
 from aeterna_devstack.stack import SYNC_DATABASE, DevStack
+from aeterna_sync.pointers import PointerSync
+from aeterna_sync.settings import SyncSettings
 
 TENANT = "ptr"
 PARENT = f"tenants/{TENANT}"
@@ -531,6 +537,68 @@ async def test_memory_refuses_the_sync_principal_what_its_rules_do_not_admit(
         assert [m.content for m in listed.memories] == ["my own note"]
 
 
+async def test_a_failed_item_is_visible_backed_off_and_retried(
+    stack: DevStack, syncdb: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A cycle whose memory does not answer (a pointer sync of the same database calling a
+    closed port for memory) records the item as failed after its retries; GetSyncStatus
+    counts it; once its backoff elapsed the replicas' next cycle writes it and clears it."""
+    admin = _admin(stack)
+    token = tmp_path / "sync-token"
+    token.write_text(DevAuth(stack.root / "auth").issue_service_token("sync"))
+    db = Database(stack.sync_list[0].env["AETERNA_DATABASE_URL"], min_size=1, max_size=2)
+    await db.open()
+    broken = PointerSync(
+        db,
+        stack.endpoint,
+        "127.0.0.1:9",
+        ServiceCredentials(token),
+        SyncSettings(item_attempts=2, failed_retry_base_s=2.0),
+    )
+    item = await syncdb.fetchval(
+        "SELECT knowledge_item FROM sync_pointers WHERE tenant_id = $1 "
+        "ORDER BY knowledge_item LIMIT 1",
+        TENANT,
+    )
+    stale = "UPDATE sync_pointers SET content_hash = 'stale' WHERE knowledge_item = $1"
+
+    async def failed_once() -> Any:
+        await syncdb.execute(stale, item)  # again, if a replica's cycle fixed it first
+        try:
+            cycle = await broken.reconcile(TENANT)
+        except Aborted:
+            return None
+        return cycle if cycle.failed_items else None
+
+    try:
+        await _until(failed_once, "a cycle with a failed item")
+    finally:
+        await broken.close()
+        await db.close()
+    row = await syncdb.fetchrow(
+        "SELECT attempts, last_error, next_attempt_at > now() AS waiting "
+        "FROM sync_failed_items WHERE knowledge_item = $1",
+        item,
+    )
+    assert row["attempts"] == 1 and row["last_error"].startswith("UNAVAILABLE")
+    async with grpc.aio.insecure_channel(stack.endpoint) as ch:
+        sync = ssvc_grpc.SyncServiceStub(ch)
+        status = await sync.GetSyncStatus(
+            ssvc.GetSyncStatusRequest(name=f"{PARENT}/syncStatus"), metadata=admin
+        )
+        assert status.failed_item_count == 1
+
+        async def retried() -> bool:
+            await _trigger(sync, admin)
+            status = await sync.GetSyncStatus(
+                ssvc.GetSyncStatusRequest(name=f"{PARENT}/syncStatus"), metadata=admin
+            )
+            hashes = [r["content_hash"] for r in await _rows(syncdb, item)]
+            return status.failed_item_count == 0 and "stale" not in hashes
+
+        await _until(retried, "the failed item to be retried and cleared")
+
+
 def _holder(stack: DevStack, owner: str) -> int | None:
     """The sync replica whose process holds a lease (owner ``host:pid:random``)."""
     pid = int(owner.split(":")[1])
@@ -575,8 +643,9 @@ async def test_a_replica_killed_mid_cycle_leaves_a_checkpoint_the_other_finishes
             return await syncdb.fetchrow(
                 "SELECT c.id, c.checkpoint, l.owner FROM sync_cycles c JOIN leases l "
                 "ON l.name = 'sync-pointers:' || c.tenant_id WHERE c.tenant_id = $1 "
-                "AND c.state = 2 AND c.checkpoint <> '' AND l.expires_at > now()",
+                "AND c.state = $2 AND c.checkpoint <> '' AND l.expires_at > now()",
                 TENANT,
+                sres.SYNC_CYCLE_STATE_RUNNING,
             )
 
         cycle = await _until(running, "a cycle with a checkpoint")
@@ -589,8 +658,9 @@ async def test_a_replica_killed_mid_cycle_leaves_a_checkpoint_the_other_finishes
         async def finished() -> asyncpg.Record | None:
             return await syncdb.fetchrow(
                 "SELECT state, resumes, items_examined FROM sync_cycles WHERE id = $1 "
-                "AND state <> 2",
+                "AND state <> $2",
                 cycle["id"],
+                sres.SYNC_CYCLE_STATE_RUNNING,
             )
 
         done = await _until(finished, "the other replica to finish the cycle")

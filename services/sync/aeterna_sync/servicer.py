@@ -282,7 +282,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         return out
 
     async def TriggerSync(self, request: svc.TriggerSyncRequest, context: Ctx) -> res.SyncCycle:
-        """See the proto: runs a full reconcile now and answers the finished cycle.
+        """See the proto: runs a full reconcile now (or finishes the cycle a dead replica
+        left, from its checkpoint) and answers the finished cycle.
 
         Raises:
             Aborted: Another replica runs the tenant's cycle (reason ``SYNC_CYCLE_RUNNING``).
