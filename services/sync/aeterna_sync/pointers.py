@@ -24,7 +24,8 @@ A kind not resolved automatically is left open for :meth:`PointerSync.resolve` (
 report the same state again (``sync_conflicts.fingerprint``).
 
 A cycle walks the items in name order and records its checkpoint (the last item done) in
-``sync_cycles`` after each one. One cycle per tenant runs at a time across replicas, under
+``sync_cycles`` after each item it wrote for (and every :data:`CHECKPOINT_EVERY` items).
+One cycle per tenant runs at a time across replicas, under
 the lease ``sync-pointers:{tenant}`` (:mod:`aeterna_common.leases`, renewed while the cycle
 runs); every row written is fenced by it. A replica killed mid-cycle leaves the cycle
 RUNNING with its checkpoint; the next holder of the lease resumes that cycle after it. A
@@ -77,6 +78,9 @@ log = structlog.get_logger("aeterna.sync.pointers")
 
 CALL_TIMEOUT_S = 10.0
 """Deadline in seconds of one call to knowledge or memory."""
+
+CHECKPOINT_EVERY = 100
+"""Items examined between two checkpoints of a cycle that writes nothing."""
 
 LEASE_POLL_S = 0.2
 """Seconds between attempts at a tenant's lease while waiting for it."""
@@ -516,6 +520,7 @@ class PointerSync:
         for item in items:
             if cycle.checkpoint and item.name <= cycle.checkpoint:
                 continue  # done before this cycle was resumed
+            before = (cycle.conflicts_found, cycle.failed_items)
             if item.name in waiting:
                 cycle.failed_items += 1  # its backoff has not elapsed
             else:
@@ -527,7 +532,11 @@ class PointerSync:
                     await self._failed(cycle, keeper, item.name, exc)
             cycle.items_examined += 1
             cycle.checkpoint = item.name
-            await self._save(cycle, keeper)
+            # After every write, else every CHECKPOINT_EVERY items: items examined again
+            # after a resume are no-ops, so a quiet tenant costs no write per item.
+            changed = before != (cycle.conflicts_found, cycle.failed_items)
+            if changed or cycle.items_examined % CHECKPOINT_EVERY == 0:
+                await self._save(cycle, keeper)
         for name, haves in recorded.items():
             if name in names:
                 continue
