@@ -1,4 +1,5 @@
-"""``aeterna events tail`` and ``aeterna sync status|trigger|conflicts`` through the SDK.
+"""``aeterna events tail`` and ``aeterna sync status|trigger|conflicts [resolve]`` through the
+SDK.
 
 ``events tail --room R`` follows rooms live through the gateway and prints one line per
 event. The last cursor is written after each event to a file under the user's state
@@ -200,15 +201,33 @@ def sync_trigger(
     console.print_json(json.dumps(json_format.MessageToDict(got)))
 
 
-@sync_app.command("conflicts")
+conflicts_app = typer.Typer(
+    help="Conflicts between knowledge items and their pointer memories: list, resolve.",
+    invoke_without_command=True,
+)
+sync_app.add_typer(conflicts_app, name="conflicts")
+
+RESOLUTIONS = {
+    name.removeprefix("CONFLICT_RESOLUTION_").lower().replace("_", "-"): value
+    for name, value in res.ConflictResolution.items()
+    if value
+}
+"""``--resolution`` choices: rewrite-pointer, delete-pointer, ignore."""
+
+
+@conflicts_app.callback()
 def sync_conflicts(
+    ctx: typer.Context,
     tenant: Tenant = "default",
     user: User = "cli",
     token: Token = None,
     roles: Roles = "",
     resolved: Annotated[bool, typer.Option(help="Include resolved conflicts.")] = False,
 ) -> None:
-    """List conflicts between knowledge items and their pointer memories."""
+    """List conflicts between knowledge items and their pointer memories (open ones unless
+    --resolved)."""
+    if ctx.invoked_subcommand is not None:
+        return
     got = _sync_call(
         tenant,
         user,
@@ -217,6 +236,37 @@ def sync_conflicts(
         lambda stub, c: stub.ListSyncConflicts(
             svc.ListSyncConflictsRequest(parent=c.parent, show_resolved=resolved),
             metadata=client.metadata(c.token),
+        ),
+    )
+    console.print_json(json.dumps(json_format.MessageToDict(got)))
+
+
+@conflicts_app.command("resolve")
+def sync_conflicts_resolve(
+    name: Annotated[str, typer.Argument(help="tenants/T/syncConflicts/ID, or the ID alone.")],
+    resolution: Annotated[str, typer.Option(help="rewrite-pointer, delete-pointer or ignore.")],
+    tenant: Tenant = "default",
+    user: User = "cli",
+    token: Token = None,
+    roles: Roles = "",
+) -> None:
+    """Resolve an open conflict (the same resolution again is a no-op)."""
+    choice = RESOLUTIONS.get(resolution.strip().lower().replace("_", "-"))
+    if choice is None:
+        raise typer.BadParameter(f"one of {', '.join(RESOLUTIONS)}", param_hint="--resolution")
+    rid = client.new_request_id()
+    got = _sync_call(
+        tenant,
+        user,
+        token,
+        roles,
+        lambda stub, c: stub.ResolveSyncConflict(
+            svc.ResolveSyncConflictRequest(
+                name=name if "/" in name else f"{c.parent}/syncConflicts/{name}",
+                resolution=choice,
+                request_id=rid,
+            ),
+            metadata=client.write_metadata(c.token, rid),
         ),
     )
     console.print_json(json.dumps(json_format.MessageToDict(got)))

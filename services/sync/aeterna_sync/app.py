@@ -18,7 +18,7 @@ from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, pre
 from aeterna_common.events import StreamTrim
 from aeterna_common.server import ServiceApp, StartupError
 
-from aeterna_sync import servicer
+from aeterna_sync import pointer_jobs, servicer
 from aeterna_sync.access import Access
 from aeterna_sync.deps import Deps, Job, Registered, ServicerSpec
 from aeterna_sync.devices import DeviceLimits, DeviceSync
@@ -146,6 +146,8 @@ async def build(
     jobs: list[Job] = []
     if bindings is not None:
         jobs.append(bindings.watch)
+    if pointers is not None:
+        jobs.extend(_pointer_jobs(db, pointers, redis, settings))
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
@@ -172,7 +174,21 @@ def _pointers(common: CommonSettings, settings: SyncSettings, db: Database) -> P
     memory = settings.memory_url or knowledge
     if credentials is None or not knowledge:
         return None
-    return PointerSync(db, knowledge, memory, credentials, settings.jobs_lease_ttl_s)
+    return PointerSync(db, knowledge, memory, credentials, settings)
+
+
+def _pointer_jobs(
+    db: Database, pointers: PointerSync, redis: aioredis.Redis, settings: SyncSettings
+) -> list[Job]:
+    """The scheduled reconcile and, unless turned off, the cycles after knowledge's events."""
+
+    async def schedule() -> None:
+        await pointer_jobs.scheduled(db, pointers, redis, settings)
+
+    jobs: list[Job] = [schedule]
+    if settings.follow_knowledge_events:
+        jobs.append(pointer_jobs.KnowledgeEvents(pointers, redis, settings).run)
+    return jobs
 
 
 async def _close(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,8 @@ SERVICE_NAME = svc.DESCRIPTOR.services_by_name["SyncService"].full_name
 
 STATUS_NAME = re.compile(r"(tenants/[^/]+)/syncStatus")
 
+CONFLICT_NAME = re.compile(r"(tenants/[^/]+)/syncConflicts/([^/]+)")
+
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 
 
@@ -74,6 +77,22 @@ def _live_event(entry_id: str, event: Event, kind: int, rooms: Sequence[str]) ->
         payload=payload,
         event_id=event.event_id,
     )
+
+
+def _conflict_pb(tenant: str, r: Any) -> res.SyncConflict:
+    """A ``sync_conflicts`` row as the proto's ``SyncConflict``."""
+    c = res.SyncConflict(
+        name=f"tenants/{tenant}/syncConflicts/{r['id']}",
+        kind=r["kind"],
+        knowledge_item=r["knowledge_item"],
+        pointer_memories=r["pointer_memories"],
+        detail=r["detail"],
+        resolution=r["resolution"],
+    )
+    c.detect_time.FromDatetime(r["detected_at"])
+    if r["resolved_at"] is not None:
+        c.resolve_time.FromDatetime(r["resolved_at"])
+    return c
 
 
 def _delivered_live(event: res.LiveEvent) -> None:
@@ -240,9 +259,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             present=out, interval_seconds=max(1, round(self.settings.presence_interval_s))
         )
 
-    # Pointer sync (status, cycles, conflicts) is built; resolving a conflict by a call,
-    # proposals and device sync are declared in the contract and not built yet:
-    # UNIMPLEMENTED, after the same authorization as they will have.
+    # Pointer sync (status, cycles, conflicts and their resolution) is built; device sync is
+    # declared in the contract and not built yet: UNIMPLEMENTED, after the same authorization
+    # as it will have.
 
     async def _unbuilt(self, parent: str, rpc: str) -> Any:
         principal = rc.current().principal
@@ -263,7 +282,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
     async def GetSyncStatus(
         self, request: svc.GetSyncStatusRequest, context: Ctx
     ) -> res.SyncStatus:
-        """See the proto: the last cycle, pointers held, open conflicts, failed items."""
+        """See the proto: the running cycle (one a dead replica left counts until it is
+        resumed), pointers held, open conflicts, items waiting for a retry."""
         principal = rc.current().principal
         m = STATUS_NAME.fullmatch(request.name)
         if m is None:
@@ -271,30 +291,33 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         tenant = parse_parent(principal, m.group(1), "name")
         await self.access.require_tenant(principal, tenant, "GetSyncStatus")
         async with self.deps.db.transaction(tenant, readonly=True) as conn:
-            last = await conn.fetchrow(
-                "SELECT id, state, end_time, failed_items FROM sync_cycles "
-                "ORDER BY start_time DESC LIMIT 1"
+            running = await conn.fetchval(
+                "SELECT id FROM sync_cycles WHERE state = $1 ORDER BY start_time DESC LIMIT 1",
+                res.SYNC_CYCLE_STATE_RUNNING,
             )
             pointers = await conn.fetchval("SELECT count(*) FROM sync_pointers")
             open_conflicts = await conn.fetchval(
                 "SELECT count(*) FROM sync_conflicts WHERE resolution = 0"
             )
+            failed = await conn.fetchval("SELECT count(*) FROM sync_failed_items")
             ended = await conn.fetchval(
                 "SELECT max(end_time) FROM sync_cycles WHERE end_time IS NOT NULL"
             )
         out = res.SyncStatus(
-            name=request.name, pointer_count=pointers, open_conflict_count=open_conflicts
+            name=request.name,
+            pointer_count=pointers,
+            open_conflict_count=open_conflicts,
+            failed_item_count=failed,
         )
-        if last is not None:
-            out.failed_item_count = last["failed_items"]
-            if last["state"] == res.SYNC_CYCLE_STATE_RUNNING:
-                out.running_cycle = f"tenants/{tenant}/syncCycles/{last['id']}"
+        if running is not None:
+            out.running_cycle = f"tenants/{tenant}/syncCycles/{running}"
         if ended is not None:
             out.last_cycle_end_time.FromDatetime(ended)
         return out
 
     async def TriggerSync(self, request: svc.TriggerSyncRequest, context: Ctx) -> res.SyncCycle:
-        """See the proto: runs a full reconcile now and answers the finished cycle.
+        """See the proto: runs a full reconcile now (or finishes the cycle a dead replica
+        left, from its checkpoint) and answers the finished cycle.
 
         Raises:
             Aborted: Another replica runs the tenant's cycle (reason ``SYNC_CYCLE_RUNNING``).
@@ -340,19 +363,7 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
                     [FieldViolation("page_token", "not a token of this list")]
                 ) from exc
         out = svc.ListSyncConflictsResponse()
-        for r in rows[:size]:
-            c = res.SyncConflict(
-                name=f"tenants/{tenant}/syncConflicts/{r['id']}",
-                kind=r["kind"],
-                knowledge_item=r["knowledge_item"],
-                pointer_memories=r["pointer_memories"],
-                detail=r["detail"],
-                resolution=r["resolution"],
-            )
-            c.detect_time.FromDatetime(r["detected_at"])
-            if r["resolved_at"] is not None:
-                c.resolve_time.FromDatetime(r["resolved_at"])
-            out.sync_conflicts.append(c)
+        out.sync_conflicts.extend(_conflict_pb(tenant, r) for r in rows[:size])
         if len(rows) > size:
             last = rows[size - 1]
             out.next_page_token = servicing.encode_page_token(
@@ -363,8 +374,45 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
     async def ResolveSyncConflict(
         self, request: svc.ResolveSyncConflictRequest, context: Ctx
     ) -> res.SyncConflict:
-        """Not implemented yet."""
-        return await self._unbuilt(request.name, "ResolveSyncConflict")  # type: ignore[no-any-return]
+        """See the proto: resolve an open conflict by a call (authorized before the conflict
+        is looked up); the same resolution of a resolved conflict answers it unchanged.
+
+        Raises:
+            InvalidArgument: A malformed name, no resolution, an over-long request_id.
+            PermissionDenied: Another tenant, or not a tenant admin (before any lookup).
+            NotFound: No such conflict.
+            FailedPrecondition: Resolved otherwise already, REWRITE_POINTER of an item no
+                longer ACCEPTED, or pointer sync not configured.
+            Aborted: A cycle of the tenant is running (``SYNC_CYCLE_RUNNING``).
+        """
+        principal = rc.current().principal
+        m = CONFLICT_NAME.fullmatch(request.name)
+        if m is None:
+            raise invalid_name("name", "tenants/{tenant}/syncConflicts/{uuid}")
+        tenant = parse_parent(principal, m.group(1), "name")
+        await self.access.require_tenant(principal, tenant, "ResolveSyncConflict")
+        violations = []
+        try:
+            conflict_id = uuid.UUID(m.group(2))
+        except ValueError:
+            violations.append(FieldViolation("name", "the conflict id must be a UUID"))
+        if request.resolution not in res.ConflictResolution.values() or (
+            request.resolution == res.CONFLICT_RESOLUTION_UNSPECIFIED
+        ):
+            violations.append(
+                FieldViolation("resolution", "one of REWRITE_POINTER, DELETE_POINTER, IGNORE")
+            )
+        if len(request.request_id) > 128:
+            violations.append(FieldViolation("request_id", "at most 128 characters"))
+        if violations:
+            raise InvalidArgument(violations)
+        servicing.check_request_id_header(context, request.request_id)
+        # A retry is idempotent without bookkeeping: the resolved conflict answers the same
+        # resolution unchanged.
+        row = await self._pointers().resolve(
+            tenant, conflict_id, request.resolution, principal.actor
+        )
+        return _conflict_pb(tenant, row)
 
     def _devices(self) -> DeviceSync:
         if self.deps.devices is None:

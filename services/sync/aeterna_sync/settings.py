@@ -4,7 +4,8 @@ are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from aeterna.sync.v1 import resources_pb2 as res
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +39,23 @@ class SyncSettings(BaseSettings):
         device_max_skew_s: Seconds a device's edit time may lie in the future (issue 9: 24 h).
         device_settle_s: Seconds a memory change may take from its update time to its commit;
             a pull cursor never passes younger changes (they are sent again next pull).
+        reconcile_interval_s: Seconds between scheduled full reconciles of every tenant's
+            pointers (one replica at a time, under the lease ``sync:pointers-reconcile``);
+            they also resume cycles a dead replica left and delete expired failed items.
+        follow_knowledge_events: Run a cycle for a tenant when knowledge's events
+            (``knowledge.*``) reach its stream, so an accepted item gets its pointer within
+            seconds without a call.
+        event_debounce_s: Seconds a replica waits after a knowledge event before the
+            tenant's cycle, so a burst of changes costs one cycle.
+        item_attempts: Attempts of one call to memory or knowledge within a cycle
+            (exponential backoff between them, on transient codes only).
+        failed_retry_base_s: Backoff before a failed item's second attempt in a later
+            cycle, in seconds; it doubles with every failure.
+        failed_retry_max_s: Longest backoff of a failed item, in seconds.
+        failed_retention_days: Days a failed item is kept (issue 9: 30), then deleted by
+            the scheduled job.
+        auto_resolve: Conflict kinds resolved automatically (comma-separated names such as
+            ``HASH_MISMATCH``); the others are left open for ``ResolveSyncConflict``.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_SYNC_", extra="ignore")
@@ -58,3 +76,23 @@ class SyncSettings(BaseSettings):
     device_max_push_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     device_max_skew_s: float = Field(default=86_400.0, ge=0)
     device_settle_s: float = Field(default=5.0, ge=0, le=600)
+    reconcile_interval_s: float = Field(default=300.0, gt=0)
+    follow_knowledge_events: bool = True
+    event_debounce_s: float = Field(default=0.5, ge=0, le=60)
+    item_attempts: int = Field(default=3, ge=1, le=10)
+    failed_retry_base_s: float = Field(default=30.0, gt=0)
+    failed_retry_max_s: float = Field(default=3600.0, gt=0)
+    failed_retention_days: float = Field(default=30.0, gt=0)
+    auto_resolve: str = (
+        "HASH_MISMATCH,ORPHANED_POINTER,MISSING_POINTER,DUPLICATE_POINTER,STATUS_CHANGE,"
+        "LAYER_MISMATCH"
+    )
+
+    @field_validator("auto_resolve")
+    @classmethod
+    def _known_kinds(cls, value: str) -> str:
+        for raw in value.split(","):
+            name = raw.strip().upper().removeprefix("CONFLICT_KIND_")
+            if name and f"CONFLICT_KIND_{name}" not in res.ConflictKind.keys():
+                raise ValueError(f"unknown conflict kind {raw.strip()!r}")
+        return value
