@@ -5,6 +5,7 @@ listed in :data:`SERVICERS`."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
-from aeterna_common.events import StreamTrim
+from aeterna_common.events import EventConsumer, StreamTrim, consumer_redis
 from aeterna_common.server import ServiceApp, StartupError
 
 from aeterna_sync import servicer
@@ -24,6 +25,8 @@ from aeterna_sync.deps import Deps, Job, Registered, ServicerSpec
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
+from aeterna_sync.proposals import GROUP as PROPOSALS_GROUP
+from aeterna_sync.proposals import Proposals
 from aeterna_sync.settings import SyncSettings
 
 log = structlog.get_logger("aeterna.sync")
@@ -122,6 +125,7 @@ async def build(
     live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
     presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
     pointers = _pointers(common, settings, db)
+    proposals = _proposals(common, settings, db)
     deps = Deps(
         common=common,
         settings=settings,
@@ -130,14 +134,17 @@ async def build(
         live=live,
         presence=presence,
         pointers=pointers,
+        proposals=proposals,
     )
     jobs: list[Job] = []
     if bindings is not None:
         jobs.append(bindings.watch)
+    if proposals is not None and settings.proposal_events:
+        jobs.append(_proposal_consumer(common.redis_url, proposals))
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, bindings, live, redis, pointers),
+        close=lambda: _close(db, bindings, live, redis, pointers, proposals),
         background=jobs,
         deps=deps,
     )
@@ -163,15 +170,46 @@ def _pointers(common: CommonSettings, settings: SyncSettings, db: Database) -> P
     return PointerSync(db, knowledge, memory, credentials, settings.jobs_lease_ttl_s)
 
 
+def _proposals(common: CommonSettings, settings: SyncSettings, db: Database) -> Proposals | None:
+    """Memory → knowledge proposals, calling memory and knowledge with the service's own
+    token; None (TriggerSync proposes nothing) without a token or an address to call."""
+    credentials = ServiceCredentials.from_settings(common)
+    knowledge = settings.knowledge_url or common.authz_directory_url
+    memory = settings.memory_url or knowledge
+    if credentials is None or not knowledge:
+        return None
+    return Proposals(db, knowledge, memory, credentials, settings.proposal_threshold)
+
+
+def _proposal_consumer(redis_url: str, proposals: Proposals) -> Job:
+    """The job consuming memory events into proposals: one consumer group over every
+    tenant stream, shared by the replicas (each event handled by one of them; a revision is
+    proposed once whichever handles it)."""
+
+    async def consume() -> None:
+        client = consumer_redis(redis_url, block_s=1.0)
+        consumer = EventConsumer(client, PROPOSALS_GROUP, proposals.handle, start="0")
+        try:
+            await consumer.run()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    return consume
+
+
 async def _close(
     db: Database,
     bindings: DirectoryCache | None,
     live: LiveEvents,
     redis: aioredis.Redis,
     pointers: PointerSync | None,
+    proposals: Proposals | None = None,
 ) -> None:
     if pointers is not None:
         await pointers.close()
+    if proposals is not None:
+        await proposals.close()
     await live.stop()
     if bindings is not None:
         await bindings.close()

@@ -15,6 +15,7 @@ from aeterna_sync.access import Access
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
+from aeterna_sync.proposals import Proposals
 from aeterna_sync.settings import SyncSettings
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -33,6 +34,7 @@ class Deps:
         presence: Presence of rooms.
         pointers: Knowledge → memory pointer sync; None without service credentials or an
             address of knowledge and memory.
+        proposals: Memory → knowledge proposals; None when pointer sync is (same needs).
     """
 
     common: CommonSettings
@@ -42,6 +44,7 @@ class Deps:
     live: LiveEvents
     presence: PresenceBook
     pointers: PointerSync | None = None
+    proposals: Proposals | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -229,7 +229,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
     async def GetSyncStatus(
         self, request: svc.GetSyncStatusRequest, context: Ctx
     ) -> res.SyncStatus:
-        """See the proto: the last cycle, pointers held, open conflicts, failed items."""
+        """See the proto: the last cycle, pointers held, open conflicts, failed items,
+        memory revisions proposed as knowledge and those whose proposal failed."""
         principal = rc.current().principal
         m = STATUS_NAME.fullmatch(request.name)
         if m is None:
@@ -248,8 +249,16 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             ended = await conn.fetchval(
                 "SELECT max(end_time) FROM sync_cycles WHERE end_time IS NOT NULL"
             )
+            proposals = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE state = 'PROPOSED') AS proposed, "
+                "count(*) FILTER (WHERE state = 'FAILED') AS failed FROM sync_proposals"
+            )
         out = res.SyncStatus(
-            name=request.name, pointer_count=pointers, open_conflict_count=open_conflicts
+            name=request.name,
+            pointer_count=pointers,
+            open_conflict_count=open_conflicts,
+            proposal_count=proposals["proposed"],
+            failed_proposal_count=proposals["failed"],
         )
         if last is not None:
             out.failed_item_count = last["failed_items"]
@@ -260,7 +269,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         return out
 
     async def TriggerSync(self, request: svc.TriggerSyncRequest, context: Ctx) -> res.SyncCycle:
-        """See the proto: runs a full reconcile now and answers the finished cycle.
+        """See the proto: runs a full reconcile now and answers the finished cycle, then
+        proposes the tenant's memories that pass the promotion threshold
+        (:meth:`aeterna_sync.proposals.Proposals.scan`).
 
         Raises:
             Aborted: Another replica runs the tenant's cycle (reason ``SYNC_CYCLE_RUNNING``).
@@ -275,6 +286,10 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         # A retried trigger runs another cycle: a cycle is idempotent (it writes only the
         # difference, and creates carry request_ids), so no request_id bookkeeping is needed.
         cycle = await self._pointers().reconcile(tenant)
+        if self.deps.proposals is not None:
+            # Memories → knowledge proposals (once per memory revision, so a retried trigger
+            # proposes nothing twice); counted in GetSyncStatus.
+            await self.deps.proposals.scan(tenant)
         return cycle.to_pb()
 
     async def ListSyncConflicts(

@@ -4,6 +4,7 @@ are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
 
 from __future__ import annotations
 
+from aeterna_common.promotion import DEFAULT_THRESHOLD
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,6 +33,10 @@ class SyncSettings(BaseSettings):
         knowledge_url: ``host:port`` of knowledge for pointer sync; empty: the authorization
             directory's address (the sidecar or gateway, which routes every service).
         memory_url: ``host:port`` of memory for pointer sync; empty: as ``knowledge_url``.
+        proposal_threshold: Promotion score (DOMAIN.md formula) from which a PROJECT, TEAM
+            or ORG memory is proposed as a knowledge draft, in [0, 1]; DOMAIN.md's 0.8.
+        proposal_events: Propose from memory events on the bus (consumer group
+            ``sync-proposals``); off, only ``TriggerSync`` proposes.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_SYNC_", extra="ignore")
@@ -48,3 +53,5 @@ class SyncSettings(BaseSettings):
     jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     knowledge_url: str = ""
     memory_url: str = ""
+    proposal_threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0.0, le=1.0)
+    proposal_events: bool = True
