@@ -252,7 +252,7 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             proposals = await conn.fetchrow(
                 "SELECT count(*) FILTER (WHERE state = 'PROPOSED') AS proposed, "
                 "count(*) FILTER (WHERE state = 'FAILED') AS failed FROM sync_proposals"
-            )
+            ) or {"proposed": 0, "failed": 0}
         out = res.SyncStatus(
             name=request.name,
             pointer_count=pointers,
