@@ -140,12 +140,19 @@ async def _drafts(ch: grpc.aio.Channel, md: Any) -> dict[str, list[kres.Knowledg
             return out
 
 
-async def _until(ch: grpc.aio.Channel, md: Any, names: set[str]) -> dict[str, list[Any]]:
-    """Poll until every memory in ``names`` has a draft (deadline :data:`WAIT_S`)."""
+async def _until(
+    ch: grpc.aio.Channel, md: Any, names: set[str], count: int = 1
+) -> dict[str, list[Any]]:
+    """Poll until every memory in ``names`` has ``count`` drafts, all PROPOSED (a draft is
+    created, then proposed: two writes), within :data:`WAIT_S`."""
     async with asyncio.timeout(WAIT_S):
         while True:
             drafts = await _drafts(ch, md)
-            if names <= drafts.keys():
+            if all(
+                len(drafts.get(n, [])) == count
+                and all(d.status == kres.KNOWLEDGE_STATUS_PROPOSED for d in drafts[n])
+                for n in names
+            ):
                 return drafts
             await asyncio.sleep(0.2)
 
@@ -217,11 +224,7 @@ async def test_valuable_memories_become_proposed_drafts_once_per_revision(
         metadata=md,
     )
     assert updated.revision > pattern.revision
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            if len((await _drafts(channel, md)).get(pattern.name, [])) == 2:
-                break
-            await asyncio.sleep(0.2)
+    await _until(channel, md, {pattern.name}, count=2)
     await sync.TriggerSync(ssvc.TriggerSyncRequest(parent=PARENT), metadata=md)
     revisions = sorted(
         int(d.metadata["original_revision"]) for d in (await _drafts(channel, md))[pattern.name]
@@ -247,10 +250,25 @@ async def test_concurrent_scans_and_a_crash_before_commit_propose_each_revision_
     db = Database(env["AETERNA_DATABASE_URL"], min_size=1, max_size=8)
     await db.open()
     credentials = ServiceCredentials(env["AETERNA_SERVICE_TOKEN_FILE"])
+    # One channel per scan, as separate replicas would have.
+    channels = [grpc.aio.insecure_channel(stack.endpoint) for _ in range(5)]
     scans = [
-        Proposals(db, stack.endpoint, stack.endpoint, credentials, threshold=0.3) for _ in range(4)
+        Proposals(
+            db,
+            ksvc_grpc.KnowledgeServiceStub(ch),
+            msvc_grpc.MemoryServiceStub(ch),
+            credentials,
+            threshold=0.3,
+        )
+        for ch in channels[:4]
     ]
-    crashing = CrashingProposals(db, stack.endpoint, stack.endpoint, credentials, 0.3)
+    crashing = CrashingProposals(
+        db,
+        ksvc_grpc.KnowledgeServiceStub(channels[4]),
+        msvc_grpc.MemoryServiceStub(channels[4]),
+        credentials,
+        0.3,
+    )
     try:
         memories = [
             await _remember(channel, md, f"Pin the Go toolchain per service ({i}).", 0.6)
@@ -280,6 +298,6 @@ async def test_concurrent_scans_and_a_crash_before_commit_propose_each_revision_
         assert {r["state"] for r in rows} == {State.PROPOSED.value}
         assert {r["knowledge_item"] for r in rows} == {drafts[n][0].name for n in names}
     finally:
-        for s in [*scans, crashing]:
-            await s.close()
+        for ch in channels:
+            await ch.close()
         await db.close()

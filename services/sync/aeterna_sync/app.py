@@ -125,7 +125,18 @@ async def build(
     live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
     presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
     pointers = _pointers(common, settings, db)
-    proposals = _proposals(common, settings, db)
+    # Proposals need what pointer sync needs, and call the same services over its channels.
+    proposals = (
+        Proposals(
+            db,
+            pointers.knowledge,
+            pointers.memory,
+            pointers.credentials,
+            settings.proposal_threshold,
+        )
+        if pointers is not None
+        else None
+    )
     deps = Deps(
         common=common,
         settings=settings,
@@ -144,7 +155,7 @@ async def build(
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, bindings, live, redis, pointers, proposals),
+        close=lambda: _close(db, bindings, live, redis, pointers),
         background=jobs,
         deps=deps,
     )
@@ -170,17 +181,6 @@ def _pointers(common: CommonSettings, settings: SyncSettings, db: Database) -> P
     return PointerSync(db, knowledge, memory, credentials, settings.jobs_lease_ttl_s)
 
 
-def _proposals(common: CommonSettings, settings: SyncSettings, db: Database) -> Proposals | None:
-    """Memory → knowledge proposals, calling memory and knowledge with the service's own
-    token; None (TriggerSync proposes nothing) without a token or an address to call."""
-    credentials = ServiceCredentials.from_settings(common)
-    knowledge = settings.knowledge_url or common.authz_directory_url
-    memory = settings.memory_url or knowledge
-    if credentials is None or not knowledge:
-        return None
-    return Proposals(db, knowledge, memory, credentials, settings.proposal_threshold)
-
-
 def _proposal_consumer(redis_url: str, proposals: Proposals) -> Job:
     """The job consuming memory events into proposals: one consumer group over every
     tenant stream, shared by the replicas (each event handled by one of them; a revision is
@@ -204,12 +204,9 @@ async def _close(
     live: LiveEvents,
     redis: aioredis.Redis,
     pointers: PointerSync | None,
-    proposals: Proposals | None = None,
 ) -> None:
     if pointers is not None:
         await pointers.close()
-    if proposals is not None:
-        await proposals.close()
     await live.stop()
     if bindings is not None:
         await bindings.close()

@@ -56,7 +56,6 @@ from aeterna_common import promotion
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.db import Database
 from aeterna_common.events import Event
-from aeterna_common.telemetry import client_interceptors
 from google.protobuf import json_format, struct_pb2
 from prometheus_client import Counter
 
@@ -264,8 +263,8 @@ class Proposals:
 
     Args:
         db: Pool of the application role (``sync_proposals`` under RLS).
-        knowledge_target: ``host:port`` of knowledge (or the sidecar/edge routing to it).
-        memory_target: ``host:port`` of memory (or the sidecar/edge routing to it).
+        knowledge: Stub of knowledge (the channel pointer sync opened; its owner closes it).
+        memory: Stub of memory (likewise).
         credentials: This service's own token (principal ``service:sync``).
         threshold: Promotion score from which a memory is proposed, in [0, 1] (DOMAIN.md:
             0.8).
@@ -274,30 +273,16 @@ class Proposals:
     def __init__(
         self,
         db: Database,
-        knowledge_target: str,
-        memory_target: str,
+        knowledge: ksvc_grpc.KnowledgeServiceStub,
+        memory: msvc_grpc.MemoryServiceStub,
         credentials: ServiceCredentials,
         threshold: float = promotion.DEFAULT_THRESHOLD,
     ) -> None:
         self.db = db
+        self.knowledge = knowledge
+        self.memory = memory
         self.credentials = credentials
         self.threshold = threshold
-        self._kchannel = grpc.aio.insecure_channel(
-            knowledge_target, interceptors=client_interceptors()
-        )
-        self._mchannel = (
-            self._kchannel
-            if memory_target == knowledge_target
-            else grpc.aio.insecure_channel(memory_target, interceptors=client_interceptors())
-        )
-        self.knowledge = ksvc_grpc.KnowledgeServiceStub(self._kchannel)
-        self.memory = msvc_grpc.MemoryServiceStub(self._mchannel)
-
-    async def close(self) -> None:
-        """Close the channels."""
-        await self._kchannel.close()
-        if self._mchannel is not self._kchannel:
-            await self._mchannel.close()
 
     async def scan(self, tenant_id: str) -> ScanResult:
         """Consider every live memory of the tenant's PROJECT, TEAM and ORG layers.
