@@ -25,7 +25,7 @@ import asyncio
 import functools
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from aeterna_common.auth import AuthConfigError, TokenVerifier
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import SchemaSettings, apply_migrations, migration_files, role_of
+from aeterna_common.errors import InvalidArgument
 from aeterna_common.interceptors import RequestInterceptor
 from aeterna_common.limits import SERVER_OPTIONS
 from aeterna_common.logging import configure_logging
@@ -359,11 +360,29 @@ async def run_service(
     await asyncio.to_thread(provider.force_flush, 5_000)
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A one-shot command of a service's entry point beside ``serve`` and ``migrate``.
+
+    Attributes:
+        help: One line for ``--help``.
+        add_arguments: Declares the command's arguments on its sub-parser.
+        run: Runs it with the parsed arguments and returns the line to print on success; a
+            :class:`StartupError` or :class:`~aeterna_common.errors.InvalidArgument` it
+            raises exits 1 with one readable line.
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], str]
+
+
 def service_main(
     service: str,
     migrations: Path,
     build: Callable[[CommonSettings, SchemaSettings], Awaitable[ServiceApp]],
     argv: Sequence[str] | None = None,
+    commands: Mapping[str, Command] | None = None,
 ) -> None:
     """The command line of a service's ``aeterna-{service}`` entry point.
 
@@ -380,15 +399,21 @@ def service_main(
             reads its own service settings; their :class:`pydantic.ValidationError` is
             reported like the common ones).
         argv: Arguments (default ``sys.argv[1:]``).
+        commands: The service's own one-shot commands by name (governance's ``bootstrap``).
     """
     prog = f"aeterna-{service}"
+    extra = dict(commands or {})
     parser = argparse.ArgumentParser(prog=prog, description=f"Aeterna's {service} service.")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", help="serve gRPC until SIGTERM (the default)")
-    commands.add_parser("migrate", help="apply the migrations as the schema owner, then exit")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve gRPC until SIGTERM (the default)")
+    sub.add_parser("migrate", help="apply the migrations as the schema owner, then exit")
+    for name, command in extra.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     args = parser.parse_args(argv)
     try:
-        if args.command == "migrate":
+        if args.command in extra:
+            print(f"{prog}: {extra[args.command].run(args)}")
+        elif args.command == "migrate":
             applied = migrate_as_owner(migrations)
             latest = max(migration_files(migrations))
             print(
@@ -401,6 +426,8 @@ def service_main(
             asyncio.run(run_service(service, common, lambda: build(common, schema)))
     except ValidationError as exc:
         sys.exit(f"{prog}: invalid settings:\n{exc}")
+    except InvalidArgument as exc:
+        sys.exit(f"{prog}: invalid arguments: {exc}")
     except (StartupError, AuthConfigError) as exc:
-        doing = "migrate failed" if args.command == "migrate" else "cannot start"
+        doing = "cannot start" if args.command in (None, "serve") else f"{args.command} failed"
         sys.exit(f"{prog}: {doing}: {exc}")

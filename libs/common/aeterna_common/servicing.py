@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, encode_token, token_from_metadata
-from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_common.errors import FieldViolation, InvalidArgument, PermissionDenied
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -66,6 +66,20 @@ def check_request_id_header(context: Ctx, request_id: str) -> None:
                 )
             ]
         )
+
+
+def caller_authorization(context: Ctx) -> str:
+    """The caller's own ``authorization`` header (verified by the server interceptor), to
+    forward to another service so that its rules decide as for the caller (a reviewer's
+    decision in governance, a device's writes in memory).
+
+    Raises:
+        PermissionDenied: The call carried no bearer token (reason ``NO_CALLER_TOKEN``).
+    """
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    raise PermissionDenied("no bearer token to forward", reason="NO_CALLER_TOKEN")
 
 
 def check_request_id(request_id: str) -> None:

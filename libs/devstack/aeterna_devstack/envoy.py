@@ -100,6 +100,36 @@ CONTRACT_HEADERS = (CONSISTENCY_TOKEN_HEADER, REQUEST_ID_HEADER)
 """``x-aeterna-*`` request headers that are part of the API contract and reach the services;
 every other ``x-aeterna-*`` header is stripped. Neither names a caller."""
 
+CORS_ALLOW_HEADERS = (
+    "authorization",
+    "content-type",
+    "grpc-timeout",
+    "x-grpc-web",
+    "x-user-agent",
+    "traceparent",
+    "tracestate",
+    *CONTRACT_HEADERS,
+)
+"""Request headers a browser may send cross-origin (gRPC-Web's, the token, trace context and
+:data:`CONTRACT_HEADERS`)."""
+
+CORS_EXPOSE_HEADERS = (
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    CONSISTENCY_TOKEN_HEADER,
+    "x-aeterna-index-stale",
+    "x-aeterna-index-position",
+)
+"""Response headers a browser script may read: gRPC status (gRPC-Web sends a trailers-only
+reply's status as headers) and the consistency metadata."""
+
+DEV_CORS_ORIGINS = ("https?://(localhost|127[.]0[.]0[.]1)(:[0-9]+)?",)
+"""Origins ``make run`` admits: pages served from this machine, any port."""
+
+CORS_MAX_AGE_S = 86_400
+"""Seconds a browser may cache a preflight answer."""
+
 
 class MethodClass(enum.Enum):
     """How safe it is to retry a method (selects its retry conditions).
@@ -896,6 +926,37 @@ def _transcoder_filter(services: Sequence[str], descriptor_set: bytes) -> dict[s
     }
 
 
+def _grpc_web_filter() -> dict[str, Any]:
+    """gRPC-Web (``application/grpc-web*`` over HTTP/1.1 or HTTP/2) to gRPC and back, so
+    browsers reach unary and server-streaming methods."""
+    return {
+        "name": "envoy.filters.http.grpc_web",
+        "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"},
+    }
+
+
+def _cors_filter() -> dict[str, Any]:
+    """The CORS filter; its policy is the virtual host's (:func:`_cors_policy`). Placed
+    before ``jwt_authn``: a preflight carries no token and is answered here."""
+    return {
+        "name": "envoy.filters.http.cors",
+        "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.cors.v3.Cors"},
+    }
+
+
+def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
+    """The CORS policy admitting browser pages whose origin fully matches one of ``origins``
+    (RE2 patterns). No credentials mode: the token travels in ``authorization``."""
+    return {
+        "@type": _TYPE + "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"safe_regex": {"regex": o}} for o in origins],
+        "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        "allow_headers": ",".join(CORS_ALLOW_HEADERS),
+        "expose_headers": ",".join(CORS_EXPOSE_HEADERS),
+        "max_age": str(CORS_MAX_AGE_S),
+    }
+
+
 def _router_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.router",
@@ -911,7 +972,11 @@ def _hcm(
     stream_idle_timeout_s: float,
     access_log_path: str | None,
     tracing: TracingSettings | None = None,
+    virtual_host_filters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    host: dict[str, Any] = {"name": "aeterna", "domains": ["*"], "routes": list(routes)}
+    if virtual_host_filters:
+        host["typed_per_filter_config"] = dict(virtual_host_filters)
     hcm: dict[str, Any] = {
         "@type": _TYPE
         + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -920,7 +985,7 @@ def _hcm(
         "stream_idle_timeout": _duration(stream_idle_timeout_s),
         "route_config": {
             "name": stat_prefix,
-            "virtual_hosts": [{"name": "aeterna", "domains": ["*"], "routes": list(routes)}],
+            "virtual_hosts": [host],
         },
         "http_filters": list(http_filters),
     }
@@ -1042,6 +1107,7 @@ def render_gateway_config(
     access_log_path: str | None = None,
     tracing: TracingSettings | None = None,
     stats_port: int | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build the edge Envoy's v3 static bootstrap.
 
@@ -1049,7 +1115,9 @@ def render_gateway_config(
     cluster with :class:`TrafficPolicy`'s retries; health checking and server reflection go,
     without a token, to ``health_cluster``. Requests for services of :data:`SERVICES` among
     the upstreams may also come as JSON over HTTP (``google.api.http`` rules), transcoded to
-    gRPC after the token check; gRPC calls pass through unchanged.
+    gRPC after the token check; gRPC calls pass through unchanged. Browsers call with
+    gRPC-Web (``envoy.filters.http.grpc_web``: unary and server streaming, e.g. Subscribe),
+    from pages of the origins ``cors_origins`` admits.
 
     Args:
         upstreams: Services and their replicas; order matters only for the default
@@ -1075,6 +1143,9 @@ def render_gateway_config(
             OTLP/gRPC; None: no tracing (a caller's ``traceparent`` still passes through).
         stats_port: Serve Envoy's Prometheus metrics (``/stats/prometheus``, nothing else of
             the admin interface) on ``listen_host:stats_port``; None: not served.
+        cors_origins: RE2 patterns of the browser origins admitted cross-origin (CORS), each
+            matching a whole ``Origin``, e.g. ``https://app[.]example[.]com``; empty: no
+            cross-origin browser calls (same-origin pages and other clients are unaffected).
 
     Returns:
         The bootstrap as a dict, ready for ``json.dump``.
@@ -1097,6 +1168,11 @@ def render_gateway_config(
     routes += [r for u in ups for r in _service_routes(u, policy)]
 
     filters = [_header_strip_filter()]
+    cors = {"envoy.filters.http.cors": _cors_policy(cors_origins)} if cors_origins else None
+    if cors is not None:
+        filters.append(_cors_filter())
+    # Before jwt_authn: its refusals (local replies) pass back through gRPC-Web's encoder.
+    filters.append(_grpc_web_filter())
     if jwt is not None:
         filters.append(_jwt_filter(jwt, PUBLIC_PREFIXES))
     served = {u.service for u in ups}
@@ -1114,6 +1190,7 @@ def render_gateway_config(
         stream_idle_timeout_s=stream_idle_timeout_s,
         access_log_path=access_log_path,
         tracing=tracing,
+        virtual_host_filters=cors,
     )
     clusters = [_cluster(u, policy) for u in ups]
     if tracing is not None:
@@ -1294,8 +1371,9 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
     127.0.0.1:15001, admin on 127.0.0.1:9901, upstream pods on 8080 (their sidecar). JWKS from
     :data:`CHART_JWKS_PATH`; access log to stdout; the gateway's spans to an OTLP/gRPC
     collector on port 4317. Values the chart must define: ``auth.issuer``, ``auth.audience``,
-    ``tracing.collectorHost`` (gateway), ``upstreams.<cluster>.host`` (gateway) and
-    ``sidecar.upstreams.<cluster>.host`` (sidecars), for each :data:`SERVICES` cluster.
+    ``tracing.collectorHost``, ``cors.allowOriginRegex`` and ``upstreams.<cluster>.host``
+    (gateway), ``sidecar.upstreams.<cluster>.host`` (sidecars), for each :data:`SERVICES`
+    cluster.
 
     Args:
         descriptor_set: Serialized ``FileDescriptorSet`` for the gateway's transcoder; None
@@ -1336,6 +1414,7 @@ def render_chart_configs(descriptor_set: bytes | None = None) -> dict[str, dict[
                 sampling_percent=CHART_TRACE_SAMPLING_PERCENT,
             ),
             stats_port=CHART_STATS_PORT,
+            cors_origins=(values_ref("cors.allowOriginRegex"),),
         )
 
     configs = {
@@ -1397,6 +1476,7 @@ def example_chart_values() -> dict[str, Any]:
         "upstreams": hosts,
         "sidecar": {"upstreams": hosts},
         "tracing": {"collectorHost": "opentelemetry-collector.monitoring.svc.cluster.local"},
+        "cors": {"allowOriginRegex": DEV_CORS_ORIGINS[0]},
     }
 
 

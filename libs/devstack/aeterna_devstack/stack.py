@@ -50,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aeterna_devstack.auth import DevAuth, repo_root
 from aeterna_devstack.envoy import (
+    DEV_CORS_ORIGINS,
     EnvoyProcess,
     JwtSettings,
     TracingSettings,
@@ -182,6 +183,7 @@ def render_stack_envoy_config(
         listen_port=port,
         admin_port=admin_port,
         jwt=JwtSettings(jwks_path=str(jwks_path)),
+        cors_origins=DEV_CORS_ORIGINS,
         tracing=(
             TracingSettings("127.0.0.1", trace_port, flush_interval_ms=TRACE_FLUSH_MS)
             if trace_port

@@ -101,6 +101,7 @@ from aeterna_devstack.envoy import (  # noqa: E402
     CHART_TLS_CERT,
     CHART_TLS_KEY,
     CONTRACT_HEADERS,
+    DEV_CORS_ORIGINS,
     LOCAL_CLUSTER,
     RETRY_ON,
     RETRY_ON_WRITE,
@@ -328,10 +329,13 @@ def test_gateway_config_passes_envoy_validate(tmp_path: Path) -> None:
     validate_config(config)
     assert _filters(config) == [
         "envoy.filters.http.header_mutation",
+        "envoy.filters.http.grpc_web",
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
+    # No origins configured: no CORS filter, no policy.
+    assert "typed_per_filter_config" not in _hcm(config)["route_config"]["virtual_hosts"][0]
     # A whole package per service, so that every service of aeterna.<domain>.v1 is routed.
     assert _routes(config) == {
         "/grpc.health.v1.Health/": "memory",
@@ -340,7 +344,7 @@ def test_gateway_config_passes_envoy_validate(tmp_path: Path) -> None:
         "/aeterna.memory.v1.": "memory",
         "/aeterna.sync.v1.": "sync",
     }
-    transcoder = _hcm(config)["http_filters"][2]["typed_config"]
+    transcoder = _filter(config, "envoy.filters.http.grpc_json_transcoder")
     # The services of the routed upstreams are transcoded.
     assert transcoder["services"] == [
         "aeterna.memory.v1.MemoryService",
@@ -446,6 +450,7 @@ def test_chart_config_passes_envoy_validate(relative: str) -> None:
         assert refs == [
             "auth.audience",
             "auth.issuer",
+            "cors.allowOriginRegex",
             "tracing.collectorHost",
             *(f"upstreams.{c}.host" for c in clusters),
         ]
@@ -484,7 +489,7 @@ def test_chart_configs_cover_every_known_service() -> None:
     assert {f"charts/{s.cluster}/files/envoy-sidecar.json" for s in SERVICES} <= set(configs)
     gateway = configs["charts/gateway/files/envoy.json"]
     assert {f"/{s.package}." for s in SERVICES} <= set(_routes(gateway))
-    transcoder = _hcm(gateway)["http_filters"][2]["typed_config"]
+    transcoder = _filter(gateway, "envoy.filters.http.grpc_json_transcoder")
     # Every service of each package is transcoded (governance serves several on one server).
     assert transcoder["services"] == [n for s in SERVICES for n in (s.service, *s.more_services)]
     # Methods of a package's other services are classed by their own paths.
@@ -786,3 +791,35 @@ def test_the_gateway_traces_with_opentelemetry_to_the_collector() -> None:
         [Upstream("test.v1.Echo", "echo", [("127.0.0.1", 50051)], methods=ECHO_CLASS)]
     )
     assert "tracing" not in json.dumps(untraced["static_resources"]["listeners"])
+
+
+def _filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``typed_config`` of the ingress HTTP filter ``name``."""
+    found: dict[str, Any] = next(
+        f["typed_config"] for f in _hcm(config)["http_filters"] if f["name"] == name
+    )
+    return found
+
+
+def test_gateway_admits_browsers_of_configured_origins(tmp_path: Path) -> None:
+    auth = DevAuth(tmp_path)
+    config = render_gateway_config(
+        service_upstreams({"sync": [("127.0.0.1", 50051)]}),
+        jwt=JwtSettings(jwks_json=auth.jwks_json()),
+        cors_origins=DEV_CORS_ORIGINS,
+    )
+    validate_config(config)
+    # CORS answers a preflight (no token) before jwt_authn; gRPC-Web before jwt_authn too,
+    # so its refusals reach a browser as gRPC-Web.
+    assert _filters(config)[:4] == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.grpc_web",
+        "envoy.filters.http.jwt_authn",
+    ]
+    host = _hcm(config)["route_config"]["virtual_hosts"][0]
+    policy = host["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert policy["allow_origin_string_match"] == [{"safe_regex": {"regex": DEV_CORS_ORIGINS[0]}}]
+    assert "x-grpc-web" in policy["allow_headers"].split(",")
+    assert "grpc-status" in policy["expose_headers"].split(",")
+    assert "allow_credentials" not in policy

@@ -1,58 +1,32 @@
-"""``aeterna-governance`` (or ``python -m aeterna_governance``): serve, or apply the migrations.
+"""``aeterna-governance`` (or ``python -m aeterna_governance``): serve, apply the migrations, or
+bootstrap a tenant (:func:`aeterna_common.server.service_main`).
 
-``aeterna-governance`` / ``aeterna-governance serve`` runs the service until SIGTERM.
-``aeterna-governance migrate`` applies pending migrations as the schema owner
-(``AETERNA_DATABASE_OWNER_URL``; the Helm pre-install/pre-upgrade hook Job) and exits 0.
 ``aeterna-governance bootstrap --tenant T --admin users/U`` binds the first TENANT_ADMIN of
 tenant T as the schema owner (as ``migrate`` runs; production trusts no token roles, so no RPC
 can until a tenant admin exists). It is idempotent and writes an outbox event
 (``governance.role_binding.created``, actor ``services/governance-bootstrap``), published and
 audited like any other change.
-A setting or start-up problem exits 1 with one readable line on stderr, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+from collections.abc import Sequence
 
 import asyncpg
-from aeterna_common.auth import AuthConfigError
 from aeterna_common.config import CommonSettings
-from aeterna_common.db import SchemaSettings, migration_files
-from aeterna_common.errors import InvalidArgument
+from aeterna_common.db import SchemaSettings
 from aeterna_common.logging import configure_logging
-from aeterna_common.server import StartupError, migrate_as_owner, run_service
-from pydantic import ValidationError
+from aeterna_common.server import Command, ServiceApp, StartupError, service_main
 
 from aeterna_governance.app import MIGRATIONS, build
 from aeterna_governance.organization import bootstrap_tenant_admin
 from aeterna_governance.settings import GovernanceSettings
 
-PROG = "aeterna-governance"
 
-
-def serve() -> None:
-    """Validate settings, then serve until SIGTERM or SIGINT.
-
-    Raises:
-        ValidationError: A setting is invalid.
-        StartupError: The schema is not ready (see ``build``).
-    """
-    common = CommonSettings()
-    settings = GovernanceSettings()
-    schema = SchemaSettings()
-    asyncio.run(run_service("governance", common, lambda: build(common, settings, schema)))
-
-
-def migrate() -> list[str]:
-    """Apply pending migrations with the owner DSN (:func:`aeterna_common.server.migrate_as_owner`).
-
-    Returns:
-        Names of the migrations applied now.
-    """
-    return migrate_as_owner(MIGRATIONS)
+async def _build(common: CommonSettings, schema: SchemaSettings) -> ServiceApp:
+    return await build(common, GovernanceSettings(), schema)
 
 
 def bootstrap(tenant_id: str, admin: str) -> bool:
@@ -85,47 +59,27 @@ def bootstrap(tenant_id: str, admin: str) -> bool:
         ) from exc
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and run it; exit 1 with a readable message on failure.
+def _bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", required=True, help="tenant id")
+    parser.add_argument("--admin", required=True, help="users/{user} to bind as TENANT_ADMIN")
 
-    Args:
-        argv: Arguments (default ``sys.argv[1:]``).
-    """
-    parser = argparse.ArgumentParser(prog=PROG, description="Aeterna's governance service.")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", help="serve gRPC until SIGTERM (the default)")
-    commands.add_parser("migrate", help="apply the migrations as the schema owner, then exit")
-    boot = commands.add_parser(
-        "bootstrap", help="bind a tenant's first TENANT_ADMIN as the schema owner, then exit"
-    )
-    boot.add_argument("--tenant", required=True, help="tenant id")
-    boot.add_argument("--admin", required=True, help="users/{user} to bind as TENANT_ADMIN")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "bootstrap":
-            written = bootstrap(args.tenant, args.admin)
-            state = "bound now" if written else "already bound, nothing written"
-            print(f"{PROG}: {args.admin} is TENANT_ADMIN of tenant {args.tenant} ({state})")
-        elif args.command == "migrate":
-            applied = migrate()
-            latest = max(migration_files(MIGRATIONS))
-            print(
-                f"{PROG}: schema at version {latest}; applied now: "
-                + (", ".join(applied) or "nothing")
-            )
-        else:
-            serve()
-    except ValidationError as exc:
-        sys.exit(f"{PROG}: invalid settings:\n{exc}")
-    except InvalidArgument as exc:
-        sys.exit(f"{PROG}: invalid arguments: {exc}")
-    except (StartupError, AuthConfigError) as exc:
-        doing = (
-            f"{args.command} failed"
-            if args.command in ("migrate", "bootstrap")
-            else ("cannot start")
-        )
-        sys.exit(f"{PROG}: {doing}: {exc}")
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    written = bootstrap(args.tenant, args.admin)
+    state = "bound now" if written else "already bound, nothing written"
+    return f"{args.admin} is TENANT_ADMIN of tenant {args.tenant} ({state})"
+
+
+BOOTSTRAP = Command(
+    help="bind a tenant's first TENANT_ADMIN as the schema owner, then exit",
+    add_arguments=_bootstrap_arguments,
+    run=_bootstrap,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line (default ``sys.argv[1:]``); exit 1 with a readable message."""
+    service_main("governance", MIGRATIONS, _build, argv, commands={"bootstrap": BOOTSTRAP})
 
 
 if __name__ == "__main__":

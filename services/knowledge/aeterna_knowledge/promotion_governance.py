@@ -1,37 +1,16 @@
-"""Governance's ``ApprovalService`` over gRPC: the
-:class:`~aeterna_knowledge.promotion.PromotionApprovals` port (memory's
-``adapters/governance.py`` pattern).
-
-Opening, reading and withdrawing requests carry the service's own token (a service
-principal, ``services/knowledge``; ``service-approval-requests`` in ``governance.cedar``) and
-go where the authorization directory's calls go (``AETERNA_AUTHZ_DIRECTORY_URL``: the pod's
-sidecar in Kubernetes, the gateway locally). A decision carries the deciding user's own
-verified bearer token, so that governance records that user as the approver and checks their
-authority (``approval:decide`` at the request's unit) itself. A create sends its
-``request_id`` as ``x-aeterna-request-id`` too, so that the route may retry it: governance
-answers a retry with the request it opened first; decisions are idempotent per approver.
-"""
+"""Governance's ``ApprovalService`` as the
+:class:`~aeterna_knowledge.promotion.PromotionApprovals` port: requests of type ``KNOWLEDGE``
+over :class:`aeterna_common.approvals.ApprovalsClient`. Opening, reading and withdrawing carry
+the service's own token; a decision carries the deciding user's own bearer token, so that
+governance records that user as the approver and checks ``approval:decide`` at the unit."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
-from aeterna.governance.v1 import approval_service_pb2 as asvc
-from aeterna.governance.v1 import approval_service_pb2_grpc as asvc_grpc
 from aeterna.governance.v1 import resources_pb2 as gres
+from aeterna_common.approvals import ApprovalsClient, state_name
 from aeterna_common.auth import ServiceCredentials
-from google.protobuf import struct_pb2
-
-REQUEST_ID_KEY = "x-aeterna-request-id"
-"""The header a retryable write carries its request id in (the gateway's retry rule)."""
-
-CALL_TIMEOUT_S = 5.0
-"""Deadline of one call in seconds (the edge's per-try timeout is 10 s)."""
-
-
-def _state(pb: gres.ApprovalRequest) -> str:
-    return gres.ApprovalState.Name(pb.state).removeprefix("APPROVAL_STATE_")
 
 
 class GovernanceApprovals:
@@ -43,9 +22,7 @@ class GovernanceApprovals:
     """
 
     def __init__(self, target: str, credentials: ServiceCredentials) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = asvc_grpc.ApprovalServiceStub(self.channel)
-        self.credentials = credentials
+        self.client = ApprovalsClient(target, credentials)
 
     async def ask(
         self,
@@ -63,25 +40,16 @@ class GovernanceApprovals:
         Raises:
             grpc.aio.AioRpcError: Governance refused or could not be reached.
         """
-        body = struct_pb2.Struct()
-        body.update(payload)
-        pb = await self.stub.CreateApprovalRequest(
-            asvc.CreateApprovalRequestRequest(
-                parent=f"tenants/{tenant_id}",
-                approval_request=gres.ApprovalRequest(
-                    type=gres.APPROVAL_TYPE_KNOWLEDGE,
-                    mode=gres.APPROVAL_MODE_SINGLE,
-                    org_unit=f"tenants/{tenant_id}/orgUnits/{target_unit}",
-                    target=source,
-                    title=title[:200],
-                    payload=body,
-                ),
-                request_id=request_id,
-            ),
-            metadata=(*await self.credentials.metadata(), (REQUEST_ID_KEY, request_id)),
-            timeout=CALL_TIMEOUT_S,
+        pb = await self.client.open_single(
+            tenant_id=tenant_id,
+            type=gres.APPROVAL_TYPE_KNOWLEDGE,
+            unit=target_unit,
+            target=source,
+            title=title,
+            payload=payload,
+            request_id=request_id,
         )
-        return pb.name, _state(pb)
+        return pb.name, state_name(pb)
 
     async def state(self, name: str) -> str:
         """See :class:`~aeterna_knowledge.promotion.PromotionApprovals`.
@@ -89,35 +57,20 @@ class GovernanceApprovals:
         Raises:
             grpc.aio.AioRpcError: Governance refused or could not be reached.
         """
-        pb = await self.stub.GetApprovalRequest(
-            asvc.GetApprovalRequestRequest(name=name),
-            metadata=await self.credentials.metadata(),
-            timeout=CALL_TIMEOUT_S,
-        )
-        return _state(pb)
+        return state_name(await self.client.get(name))
 
     async def decide(self, name: str, approve: bool, authorization: str, comment: str) -> str:
-        """See :class:`~aeterna_knowledge.promotion.PromotionApprovals`.
+        """See :class:`~aeterna_knowledge.promotion.PromotionApprovals` (decisions are
+        idempotent per approver, so a retried one is harmless).
 
         Raises:
             grpc.aio.AioRpcError: Governance refused (e.g. ``PERMISSION_DENIED``: the caller
                 may not decide at the unit) or could not be reached.
         """
-        # Governance's decisions are idempotent per approver, so a retried one is harmless.
-        metadata = (("authorization", authorization),)
-        if approve:
-            pb = await self.stub.ApproveApprovalRequest(
-                asvc.ApproveApprovalRequestRequest(name=name, comment=comment),
-                metadata=metadata,
-                timeout=CALL_TIMEOUT_S,
-            )
-        else:
-            pb = await self.stub.RejectApprovalRequest(
-                asvc.RejectApprovalRequestRequest(name=name, comment=comment or "rejected"),
-                metadata=metadata,
-                timeout=CALL_TIMEOUT_S,
-            )
-        return _state(pb)
+        pb = await self.client.decide(
+            name, approve=approve, authorization=authorization, comment=comment
+        )
+        return state_name(pb)
 
     async def cancel(self, name: str) -> None:
         """See :class:`~aeterna_knowledge.promotion.PromotionApprovals`.
@@ -125,12 +78,8 @@ class GovernanceApprovals:
         Raises:
             grpc.aio.AioRpcError: Governance refused or could not be reached.
         """
-        await self.stub.CancelApprovalRequest(
-            asvc.CancelApprovalRequestRequest(name=name),
-            metadata=await self.credentials.metadata(),
-            timeout=CALL_TIMEOUT_S,
-        )
+        await self.client.cancel(name)
 
     async def close(self) -> None:
         """Close the channel."""
-        await self.channel.close()
+        await self.client.close()

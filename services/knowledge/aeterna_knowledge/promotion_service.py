@@ -113,14 +113,6 @@ def _pb(tenant_id: str, row: asyncpg.Record) -> res.PromotionRequest:
     return pb
 
 
-def _authorization(context: Ctx) -> str:
-    """The caller's own ``authorization`` header (already verified by the interceptor)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    raise PermissionDenied("no bearer token to decide with", reason="NO_CALLER_TOKEN")
-
-
 def _governance_error(exc: grpc.aio.AioRpcError) -> AeternaError:
     """Governance's refusal as this service's error (its message kept, never a stack)."""
     code, text = exc.code(), exc.details() or exc.code().name
@@ -567,7 +559,7 @@ class Promotions:
             state = await self.approvals.decide(
                 row["approval_request"],
                 approve,
-                _authorization(context),
+                servicing.caller_authorization(context),
                 f"{'approved' if approve else 'rejected'} through {name}",
             )
         except grpc.aio.AioRpcError as exc:

@@ -240,8 +240,22 @@ def list_filter(req: svc.ListMemoriesRequest) -> tuple[ListFilter, int]:
         layer = _layer(v, "layer", req.layer)
     scope = _scope(v, "scope", req.scope)
     tags = _tags(v, "tags", list(req.tags))
+    if req.order_by not in ("", "update_time"):
+        v.add("order_by", "must be empty or `update_time`")
+    since = None
+    if req.HasField("min_update_time"):
+        if req.order_by != "update_time":
+            v.add("min_update_time", "needs order_by `update_time`")
+        since = req.min_update_time.ToDatetime(tzinfo=UTC)
     v.raise_if_any()
-    return ListFilter(layer=layer, scope=scope, tags=tags, show_deleted=req.show_deleted), size
+    return ListFilter(
+        layer=layer,
+        scope=scope,
+        tags=tags,
+        show_deleted=req.show_deleted,
+        by_update_time=req.order_by == "update_time",
+        min_update_time=since,
+    ), size
 
 
 def update_request(req: svc.UpdateMemoryRequest) -> MemoryPatch:

@@ -18,14 +18,9 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna_common import context as rc
-from aeterna_common.consistency import (
-    CONSISTENCY_TOKEN_KEY,
-    INDEX_POSITION_KEY,
-    INDEX_STALE_KEY,
-    encode_token,
-    token_from_metadata,
-)
+from aeterna_common.consistency import INDEX_POSITION_KEY, INDEX_STALE_KEY, token_from_metadata
 from aeterna_common.errors import FieldViolation, InvalidArgument
+from aeterna_common.servicing import check_request_id_header, send_token
 
 from aeterna_memory import convert
 from aeterna_memory.domain.names import check_parent, parse_memory_name
@@ -35,38 +30,6 @@ SERVICE_NAME = svc.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-REQUEST_ID_KEY = "x-aeterna-request-id"
-"""Request metadata a client sends beside a body ``request_id`` (the same value) so that the
-edge may retry the write on every transient failure (``aeterna_devstack.envoy``)."""
-
-
-def check_request_id_header(context: Ctx, request_id: str) -> None:
-    """Refuse a write whose ``x-aeterna-request-id`` metadata disagrees with its body.
-
-    Args:
-        context: The call (its invocation metadata is read).
-        request_id: The body's ``request_id``.
-
-    Raises:
-        InvalidArgument: The header is present and the body's ``request_id`` is empty or
-            different (field ``request_id``, reason ``REQUEST_ID_MISMATCH``).
-    """
-    claimed = [v for k, v in context.invocation_metadata() or () if k.lower() == REQUEST_ID_KEY]
-    if not claimed:
-        return
-    if not request_id or any(
-        (v.decode() if isinstance(v, bytes) else v) != request_id for v in claimed
-    ):
-        raise InvalidArgument(
-            [
-                FieldViolation(
-                    "request_id",
-                    f"{REQUEST_ID_KEY} metadata requires the same request_id in the request",
-                    "REQUEST_ID_MISMATCH",
-                )
-            ]
-        )
-
 
 def read_token(context: Ctx) -> int | None:
     """The position of the request's consistency token, if any.
@@ -75,11 +38,6 @@ def read_token(context: Ctx) -> int | None:
         InvalidArgument: The token is malformed.
     """
     return token_from_metadata(context.invocation_metadata())
-
-
-async def send_token(context: Ctx, position: int) -> None:
-    """Send the consistency token of a write's commit in the initial metadata."""
-    await context.send_initial_metadata(((CONSISTENCY_TOKEN_KEY, encode_token(position)),))
 
 
 def _revision_token(after: int) -> str:

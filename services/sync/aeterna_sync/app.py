@@ -22,6 +22,7 @@ from aeterna_common.server import ServiceApp, StartupError
 from aeterna_sync import servicer
 from aeterna_sync.access import Access
 from aeterna_sync.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_sync.devices import DeviceLimits, DeviceSync
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
@@ -125,6 +126,15 @@ async def build(
     live = LiveEvents(redis, buffer=settings.subscriber_buffer, block_ms=settings.block_ms)
     presence = PresenceBook(redis, ttl_s=settings.presence_ttl_s, trim=StreamTrim())
     pointers = _pointers(common, settings, db)
+    limits = DeviceLimits(
+        max_entries=settings.device_max_entries,
+        max_push_bytes=settings.device_max_push_bytes,
+        max_skew_s=settings.device_max_skew_s,
+        settle_s=settings.device_settle_s,
+    )
+    memory_url = settings.memory_url or settings.knowledge_url or common.authz_directory_url
+    # Device sync forwards each caller's own token: it needs memory's address, no credentials.
+    devices = DeviceSync(db, memory_url, limits) if memory_url else None
     # Proposals need what pointer sync needs, and call the same services over its channels.
     proposals = (
         Proposals(
@@ -145,6 +155,8 @@ async def build(
         live=live,
         presence=presence,
         pointers=pointers,
+        devices=devices,
+        devices_limits=limits,
         proposals=proposals,
     )
     jobs: list[Job] = []
@@ -155,7 +167,7 @@ async def build(
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
-        close=lambda: _close(db, bindings, live, redis, pointers),
+        close=lambda: _close(db, bindings, live, redis, pointers, devices),
         background=jobs,
         deps=deps,
     )
@@ -204,9 +216,12 @@ async def _close(
     live: LiveEvents,
     redis: aioredis.Redis,
     pointers: PointerSync | None,
+    devices: DeviceSync | None,
 ) -> None:
     if pointers is not None:
         await pointers.close()
+    if devices is not None:
+        await devices.close()
     await live.stop()
     if bindings is not None:
         await bindings.close()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -12,6 +12,7 @@ from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database
 
 from aeterna_sync.access import Access
+from aeterna_sync.devices import DeviceLimits, DeviceSync
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
@@ -34,6 +35,8 @@ class Deps:
         presence: Presence of rooms.
         pointers: Knowledge → memory pointer sync; None without service credentials or an
             address of knowledge and memory.
+        devices: Device push and pull; None without an address of memory.
+        devices_limits: Bounds of device pushes and pulls.
         proposals: Memory → knowledge proposals; None when pointer sync is (same needs).
     """
 
@@ -44,6 +47,8 @@ class Deps:
     live: LiveEvents
     presence: PresenceBook
     pointers: PointerSync | None = None
+    devices: DeviceSync | None = None
+    devices_limits: DeviceLimits = field(default_factory=DeviceLimits)
     proposals: Proposals | None = None
 
 

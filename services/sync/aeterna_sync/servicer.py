@@ -12,6 +12,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -36,9 +37,11 @@ from aeterna_common.servicing import Ctx
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from aeterna_sync.deps import Deps, Registered, ServicerSpec
+from aeterna_sync.devices import DeviceSync, check_pull, check_push
 from aeterna_sync.live import DELIVERED, DELIVERY_LAG_SECONDS, Entry, Subscription, newer
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.rooms import (
+    Routed,
     decode_cursor,
     encode_cursor,
     entry_key,
@@ -81,6 +84,17 @@ def _delivered_live(event: res.LiveEvent) -> None:
     DELIVERY_LAG_SECONDS.observe(max(lag_s, 0.0))
 
 
+FANOUT_MEMO_ENTRIES = 4096
+"""Entries whose parsed event and message a replica keeps for the subscribers still to
+receive them (a few seconds of a busy tenant's stream; older ones are rebuilt if needed)."""
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    memo[key] = value
+    if len(memo) > FANOUT_MEMO_ENTRIES:
+        del memo[next(iter(memo))]  # dicts keep insertion order: the oldest goes first
+
+
 class SyncServicer(svc_grpc.SyncServiceServicer):
     """``aeterna.sync.v1.SyncService`` over :class:`Deps`."""
 
@@ -89,6 +103,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         self.settings = deps.settings
         self.access = deps.access
         self.live = deps.live
+        self._parse_memo: dict[tuple[str, str], tuple[Event, Routed] | None] = {}
+        self._message_memo: dict[tuple[str, ...], svc.SubscribeResponse] = {}
 
     async def Subscribe(
         self, request: svc.SubscribeRequest, context: Ctx
@@ -161,28 +177,46 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             if message is not None:
                 yield message, position
 
+    def _parsed(self, tenant: str, entry: Entry) -> tuple[Event, Routed] | None:
+        """An entry's event and routing, parsed once per replica however many subscribers
+        receive it (None: malformed)."""
+        key = (tenant, entry[0])
+        if key in self._parse_memo:
+            return self._parse_memo[key]
+        try:
+            event = Event.from_fields(entry[1])
+            parsed: tuple[Event, Routed] | None = (event, route(event.type, event.payload))
+        except MalformedEventError:
+            parsed = None
+        _remember(self._parse_memo, key, parsed)
+        return parsed
+
     async def _message(
         self, principal: Principal, tenant: str, rooms: Sequence[str], entry: Entry
     ) -> svc.SubscribeResponse | None:
         """The message of one stream entry for this subscription, or None when it is not
         for its rooms. A binding change re-checks the rooms first (PERMISSION_DENIED ends the
-        stream)."""
-        entry_id, fields = entry
-        try:
-            event = Event.from_fields(fields)
-        except MalformedEventError:
+        stream). Subscribers of the same rooms share one message object (never mutated): the
+        payload's conversion to a ``Struct`` is the costly part of a fan-out."""
+        parsed = self._parsed(tenant, entry)
+        if parsed is None:
             return None
+        event, routed = parsed
         if event.invalidates_authorization:
             self.access.forget(tenant)
             await self.access.require_rooms(principal, tenant, "Subscribe", rooms)
-        routed = route(event.type, event.payload)
         hit = matching(rooms, routed)
         if not routed.live_type or not hit:
             return None
-        return svc.SubscribeResponse(
-            event=_live_event(entry_id, event, routed.live_type, hit),
-            cursor=encode_cursor(entry_id),
-        )
+        key = (tenant, entry[0], *hit)
+        message = self._message_memo.get(key)
+        if message is None:
+            message = svc.SubscribeResponse(
+                event=_live_event(entry[0], event, routed.live_type, hit),
+                cursor=encode_cursor(entry[0]),
+            )
+            _remember(self._message_memo, key, message)
+        return message
 
     async def Heartbeat(self, request: svc.HeartbeatRequest, context: Ctx) -> svc.HeartbeatResponse:
         """See the proto."""
@@ -347,17 +381,40 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         """Not implemented yet."""
         return await self._unbuilt(request.name, "ResolveSyncConflict")  # type: ignore[no-any-return]
 
+    def _devices(self) -> DeviceSync:
+        if self.deps.devices is None:
+            raise FailedPrecondition(
+                "device sync is not configured: it needs the address of memory "
+                "(AETERNA_SYNC_MEMORY_URL, AETERNA_SYNC_KNOWLEDGE_URL or "
+                "AETERNA_AUTHZ_DIRECTORY_URL)",
+                reason="DEVICE_SYNC_NOT_CONFIGURED",
+            )
+        return self.deps.devices
+
     async def PushMemories(
         self, request: svc.PushMemoriesRequest, context: Ctx
     ) -> svc.PushMemoriesResponse:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "PushMemories")  # type: ignore[no-any-return]
+        """See the proto: authorizes, refuses bad input whole (nothing written), then applies
+        each entry through memory with the caller's own token (:mod:`.devices`)."""
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "PushMemories")
+        check_push(request, tenant, self.deps.devices_limits, datetime.now(UTC))
+        return await self._devices().push(
+            tenant, principal.actor, servicing.caller_authorization(context), request
+        )
 
     async def PullMemories(
         self, request: svc.PullMemoriesRequest, context: Ctx
     ) -> svc.PullMemoriesResponse:
-        """Not implemented yet."""
-        return await self._unbuilt(request.parent, "PullMemories")  # type: ignore[no-any-return]
+        """See the proto: what memory lets the caller read, oldest change first."""
+        principal = rc.current().principal
+        tenant = parse_parent(principal, request.parent)
+        await self.access.require_tenant(principal, tenant, "PullMemories")
+        since, limit = check_pull(request)
+        return await self._devices().pull(
+            servicing.caller_authorization(context), tenant, since, list(request.layers), limit
+        )
 
 
 def _build(deps: Deps, server: grpc.aio.Server) -> Registered:

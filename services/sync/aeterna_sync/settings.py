@@ -32,7 +32,13 @@ class SyncSettings(BaseSettings):
             tenant's pointer cycle lease).
         knowledge_url: ``host:port`` of knowledge for pointer sync; empty: the authorization
             directory's address (the sidecar or gateway, which routes every service).
-        memory_url: ``host:port`` of memory for pointer sync; empty: as ``knowledge_url``.
+        memory_url: ``host:port`` of memory for pointer and device sync; empty: as
+            ``knowledge_url``.
+        device_max_entries: Most entries in one PushMemories (the proto's 500).
+        device_max_push_bytes: Most bytes of contents and tags in one PushMemories.
+        device_max_skew_s: Seconds a device's edit time may lie in the future (issue 9: 24 h).
+        device_settle_s: Seconds a memory change may take from its update time to its commit;
+            a pull cursor never passes younger changes (they are sent again next pull).
         proposal_threshold: Promotion score (DOMAIN.md formula) from which a PROJECT, TEAM
             or ORG memory is proposed as a knowledge draft, in [0, 1]; DOMAIN.md's 0.8.
         proposal_events: Propose from memory events on the bus (consumer group
@@ -53,5 +59,9 @@ class SyncSettings(BaseSettings):
     jobs_lease_ttl_s: float = Field(default=30.0, ge=1.0, le=600.0)
     knowledge_url: str = ""
     memory_url: str = ""
+    device_max_entries: int = Field(default=500, ge=1, le=500)
+    device_max_push_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    device_max_skew_s: float = Field(default=86_400.0, ge=0)
+    device_settle_s: float = Field(default=5.0, ge=0, le=600)
     proposal_threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0.0, le=1.0)
     proposal_events: bool = True

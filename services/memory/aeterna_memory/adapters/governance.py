@@ -1,31 +1,15 @@
-"""Governance's ``ApprovalService`` over gRPC: the
-:class:`~aeterna_memory.ports.PromotionApprovals` port.
-
-Calls carry the service's own token (a service principal, ``services/memory``; the policies
-let services open and read approval requests, ``service-approval-requests`` in
-``governance.cedar``) and go where the authorization directory's calls go
-(``AETERNA_AUTHZ_DIRECTORY_URL``: the pod's sidecar in Kubernetes, the gateway locally).
-A create sends its ``request_id`` as ``x-aeterna-request-id`` too, so that the route may
-retry it on any transient failure: governance answers a retry with the request it opened
-first.
-"""
+"""Governance's ``ApprovalService`` as the :class:`~aeterna_memory.ports.PromotionApprovals`
+port: requests of type ``MEMORY_PROMOTION`` over :class:`aeterna_common.approvals.ApprovalsClient`
+(the service's own token; the calls go where the authorization directory's calls go)."""
 
 from __future__ import annotations
 
-import grpc
-from aeterna.governance.v1 import approval_service_pb2 as asvc
-from aeterna.governance.v1 import approval_service_pb2_grpc as asvc_grpc
 from aeterna.governance.v1 import resources_pb2 as gres
+from aeterna_common.approvals import ApprovalsClient, state_name, type_name
 from aeterna_common.auth import ServiceCredentials
-from aeterna_common.telemetry import client_interceptors
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from aeterna_memory.domain.promotion import Approval, PromotionRequest
-from aeterna_memory.servicer import REQUEST_ID_KEY
-
-CALL_TIMEOUT_S = 5.0
-"""Deadline of one call in seconds (the edge's per-try timeout is 10 s; a job or the
-consumer tries again later)."""
 
 
 def approval_from_pb(pb: gres.ApprovalRequest) -> Approval:
@@ -33,8 +17,8 @@ def approval_from_pb(pb: gres.ApprovalRequest) -> Approval:
     numbers in the payload arrive as floats, as JSON has them)."""
     return Approval(
         name=pb.name,
-        type=gres.ApprovalType.Name(pb.type).removeprefix("APPROVAL_TYPE_"),
-        state=gres.ApprovalState.Name(pb.state).removeprefix("APPROVAL_STATE_"),
+        type=type_name(pb),
+        state=state_name(pb),
         target=pb.target,
         payload=json_format.MessageToDict(pb.payload),
     )
@@ -49,10 +33,7 @@ class GovernanceApprovals:
     """
 
     def __init__(self, target: str, credentials: ServiceCredentials) -> None:
-        # The trace continues in governance (W3C traceparent metadata).
-        self.channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())
-        self.stub = asvc_grpc.ApprovalServiceStub(self.channel)
-        self.credentials = credentials
+        self.client = ApprovalsClient(target, credentials)
 
     async def ask(self, request: PromotionRequest) -> Approval:
         """See :class:`~aeterna_memory.ports.PromotionApprovals`: a SINGLE request at the
@@ -62,23 +43,14 @@ class GovernanceApprovals:
             grpc.aio.AioRpcError: Governance refused (e.g. ``FAILED_PRECONDITION`` when the
                 unit no longer exists) or could not be reached.
         """
-        payload = struct_pb2.Struct()
-        payload.update(request.payload())
-        pb = await self.stub.CreateApprovalRequest(
-            asvc.CreateApprovalRequestRequest(
-                parent=f"tenants/{request.tenant_id}",
-                approval_request=gres.ApprovalRequest(
-                    type=gres.APPROVAL_TYPE_MEMORY_PROMOTION,
-                    mode=gres.APPROVAL_MODE_SINGLE,
-                    org_unit=f"tenants/{request.tenant_id}/orgUnits/{request.target_unit}",
-                    target=request.memory,
-                    title=request.title,
-                    payload=payload,
-                ),
-                request_id=request.request_id,
-            ),
-            metadata=(*await self.credentials.metadata(), (REQUEST_ID_KEY, request.request_id)),
-            timeout=CALL_TIMEOUT_S,
+        pb = await self.client.open_single(
+            tenant_id=request.tenant_id,
+            type=gres.APPROVAL_TYPE_MEMORY_PROMOTION,
+            unit=request.target_unit,
+            target=request.memory,
+            title=request.title,
+            payload=request.payload(),
+            request_id=request.request_id,
         )
         return approval_from_pb(pb)
 
@@ -88,13 +60,8 @@ class GovernanceApprovals:
         Raises:
             grpc.aio.AioRpcError: Governance refused (``NOT_FOUND``) or could not be reached.
         """
-        pb = await self.stub.GetApprovalRequest(
-            asvc.GetApprovalRequestRequest(name=name),
-            metadata=await self.credentials.metadata(),
-            timeout=CALL_TIMEOUT_S,
-        )
-        return approval_from_pb(pb)
+        return approval_from_pb(await self.client.get(name))
 
     async def close(self) -> None:
         """Close the channel."""
-        await self.channel.close()
+        await self.client.close()

@@ -273,7 +273,8 @@ class PostgresMemoryStore:
         *,
         narrow: Mapping[Layer, frozenset[str] | None] | None = None,
     ) -> tuple[list[Memory], str]:
-        """A page of memories, newest first, and the next page token ('' at the end).
+        """A page of memories, newest first (oldest change first with
+        ``flt.by_update_time``), and the next page token ('' at the end).
 
         The page ends early (with a token) once its contents and metadata pass
         :data:`PAGE_BYTES`. ``narrow`` (what the caller may read) keeps only the listed
@@ -308,14 +309,22 @@ class PostgresMemoryStore:
                 "deleted_at IS NULL AND archived_at IS NULL "
                 "AND (expire_at IS NULL OR expire_at > now())"
             )
+        # Newest created first, or (order_by update_time) oldest change first; the page
+        # token holds the last row's key in that order.
+        key, op, direction = (
+            ("updated_at", ">", "ASC") if flt.by_update_time else ("created_at", "<", "DESC")
+        )
+        if flt.min_update_time is not None:
+            args.append(flt.min_update_time)
+            where.append(f"updated_at >= ${len(args)}")
         if page_token:
-            created, mid = decode_page_token(page_token, fp)
-            args.extend([created, uuid.UUID(mid)])
-            where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+            at, mid = decode_page_token(page_token, fp)
+            args.extend([at, uuid.UUID(mid)])
+            where.append(f"({key}, id) {op} (${len(args) - 1}, ${len(args)})")
         args.append(page_size + 1)
         sql = (
             f"SELECT {_COLUMNS} FROM memories WHERE {' AND '.join(where)} "
-            f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+            f"ORDER BY {key} {direction}, id {direction} LIMIT ${len(args)}"
         )
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -334,7 +343,8 @@ class PostgresMemoryStore:
         token = ""
         if len(rows) > kept:
             last = memories[-1]
-            token = encode_page_token(last.created_at, last.id, fp)
+            at = last.updated_at if flt.by_update_time else last.created_at
+            token = encode_page_token(at, last.id, fp)
         return memories, token
 
     async def revisions(

@@ -282,11 +282,17 @@ class ListFilter:
     scope: Scope
     tags: Sequence[str]
     show_deleted: bool
+    by_update_time: bool = False
+    """Oldest change first (``order_by`` ``update_time``) instead of newest created first."""
+    min_update_time: datetime | None = None
+    """Only memories last changed at or after this time."""
 
     def fingerprint(self) -> str:
         """Short hash that ties a page token to the filter that produced it."""
-        text = json.dumps(
-            [self.layer, self.scope.as_dict(), sorted(self.tags), self.show_deleted],
-            sort_keys=True,
-        )
+        parts: list[object] = [self.layer, self.scope.as_dict(), sorted(self.tags)]
+        parts.append(self.show_deleted)
+        if self.by_update_time:
+            since = self.min_update_time.isoformat() if self.min_update_time else None
+            parts.append(["update_time", since])
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

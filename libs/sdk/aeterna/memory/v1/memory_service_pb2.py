@@ -29,9 +29,10 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aeterna/memory/v1/memory_service.proto\x12\x11\x61\x65terna.memory.v1\x1a!aeterna/memory/v1/resources.proto\x1a\x1b\x61\x65terna/type/v1/layer.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x87\x01\n\x13\x43reateMemoryRequest\x12+\n\x06parent\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\x12\x12\x61\x65terna.dev/Memory\x12/\n\x06memory\x18\x02 \x01(\x0b\x32\x19.aeterna.memory.v1.MemoryB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x86\x01\n\x1a\x42\x61tchCreateMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x08requests\x18\x02 \x03(\x0b\x32&.aeterna.memory.v1.CreateMemoryRequestB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x1b\x42\x61tchCreateMemoriesResponse\x12+\n\x08memories\x18\x01 \x03(\x0b\x32\x19.aeterna.memory.v1.Memory\"=\n\x10GetMemoryRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12\x61\x65terna.dev/Memory\"\xca\x01\n\x13ListMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12+\n\x05layer\x18\x04 \x01(\x0e\x32\x1c.aeterna.type.v1.MemoryLayer\x12%\n\x05scope\x18\x05 \x01(\x0b\x32\x16.aeterna.type.v1.Scope\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x14\n\x0cshow_deleted\x18\x07 \x01(\x08\"\\\n\x14ListMemoriesResponse\x12+\n\x08memories\x18\x01 \x03(\x0b\x32\x19.aeterna.memory.v1.Memory\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x13UpdateMemoryRequest\x12/\n\x06memory\x18\x01 \x01(\x0b\x32\x19.aeterna.memory.v1.MemoryB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\")\n\x13\x44\x65leteMemoryRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\x0cNumericRange\x12\x10\n\x03gte\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03lte\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_gteB\x06\n\x04_lte\"\xce\x01\n\x0eMetadataFilter\x12\x11\n\x03key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12,\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x12\x30\n\x05range\x18\x04 \x01(\x0b\x32\x1f.aeterna.memory.v1.NumericRangeH\x00\x12\x12\n\x08\x63ontains\x18\x05 \x01(\tH\x00\x42\x0b\n\tcondition\"\x84\x02\n\x15SearchMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05query\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12%\n\x05scope\x18\x03 \x01(\x0b\x32\x16.aeterna.type.v1.Scope\x12,\n\x06layers\x18\x04 \x03(\x0e\x32\x1c.aeterna.type.v1.MemoryLayer\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12;\n\x10metadata_filters\x18\x06 \x03(\x0b\x32!.aeterna.memory.v1.MetadataFilter\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\tmin_score\x18\x08 \x01(\x01\"J\n\x16SearchMemoriesResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.aeterna.memory.v1.SearchResult\"W\n\x1aListMemoryRevisionsRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1bListMemoryRevisionsResponse\x12\x34\n\trevisions\x18\x01 \x03(\x0b\x32!.aeterna.memory.v1.MemoryRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x1bRecordMemoryFeedbackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x04type\x18\x02 \x01(\x0e\x32\x1f.aeterna.memory.v1.FeedbackTypeB\x04\xe2\x41\x01\x02\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Z\n\x16ReembedMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x14\n\x0cmax_memories\x18\x03 \x01(\x05\"[\n\x17ReembedMemoriesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10reembedded_count\x18\x02 \x01(\x05\x12\x17\n\x0fremaining_count\x18\x03 \x01(\x05\x32\xd3\x0b\n\rMemoryService\x12\x82\x01\n\x0c\x43reateMemory\x12&.aeterna.memory.v1.CreateMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"/\x82\xd3\xe4\x93\x02)\"\x1f/v1/{parent=tenants/*}/memories:\x06memory\x12\xac\x01\n\x13\x42\x61tchCreateMemories\x12-.aeterna.memory.v1.BatchCreateMemoriesRequest\x1a..aeterna.memory.v1.BatchCreateMemoriesResponse\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/{parent=tenants/*}/memories:batchCreate:\x01*\x12t\n\tGetMemory\x12#.aeterna.memory.v1.GetMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=tenants/*/memories/*}\x12\x88\x01\n\x0cListMemories\x12&.aeterna.memory.v1.ListMemoriesRequest\x1a\'.aeterna.memory.v1.ListMemoriesResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=tenants/*}/memories\x12\x89\x01\n\x0cUpdateMemory\x12&.aeterna.memory.v1.UpdateMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"6\x82\xd3\xe4\x93\x02\x30\x32&/v1/{memory.name=tenants/*/memories/*}:\x06memory\x12z\n\x0c\x44\x65leteMemory\x12&.aeterna.memory.v1.DeleteMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"\'\x82\xd3\xe4\x93\x02!*\x1f/v1/{name=tenants/*/memories/*}\x12\x98\x01\n\x0eSearchMemories\x12(.aeterna.memory.v1.SearchMemoriesRequest\x1a).aeterna.memory.v1.SearchMemoriesResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/{parent=tenants/*}/memories:search:\x01*\x12\xab\x01\n\x13ListMemoryRevisions\x12-.aeterna.memory.v1.ListMemoryRevisionsRequest\x1a..aeterna.memory.v1.ListMemoryRevisionsResponse\"5\x82\xd3\xe4\x93\x02/\x12-/v1/{name=tenants/*/memories/*}:listRevisions\x12\x9c\x01\n\x14RecordMemoryFeedback\x12..aeterna.memory.v1.RecordMemoryFeedbackRequest\x1a\x19.aeterna.memory.v1.Memory\"9\x82\xd3\xe4\x93\x02\x33\"./v1/{name=tenants/*/memories/*}:recordFeedback:\x01*\x12\x9c\x01\n\x0fReembedMemories\x12).aeterna.memory.v1.ReembedMemoriesRequest\x1a*.aeterna.memory.v1.ReembedMemoriesResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{parent=tenants/*}/memories:reembed:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aeterna/memory/v1/memory_service.proto\x12\x11\x61\x65terna.memory.v1\x1a!aeterna/memory/v1/resources.proto\x1a\x1b\x61\x65terna/type/v1/layer.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x13\x43reateMemoryRequest\x12+\n\x06parent\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\x12\x12\x61\x65terna.dev/Memory\x12/\n\x06memory\x18\x02 \x01(\x0b\x32\x19.aeterna.memory.v1.MemoryB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x86\x01\n\x1a\x42\x61tchCreateMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x08requests\x18\x02 \x03(\x0b\x32&.aeterna.memory.v1.CreateMemoryRequestB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x1b\x42\x61tchCreateMemoriesResponse\x12+\n\x08memories\x18\x01 \x03(\x0b\x32\x19.aeterna.memory.v1.Memory\"=\n\x10GetMemoryRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12\x61\x65terna.dev/Memory\"\x91\x02\n\x13ListMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12+\n\x05layer\x18\x04 \x01(\x0e\x32\x1c.aeterna.type.v1.MemoryLayer\x12%\n\x05scope\x18\x05 \x01(\x0b\x32\x16.aeterna.type.v1.Scope\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x14\n\x0cshow_deleted\x18\x07 \x01(\x08\x12\x10\n\x08order_by\x18\x08 \x01(\t\x12\x33\n\x0fmin_update_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x14ListMemoriesResponse\x12+\n\x08memories\x18\x01 \x03(\x0b\x32\x19.aeterna.memory.v1.Memory\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x13UpdateMemoryRequest\x12/\n\x06memory\x18\x01 \x01(\x0b\x32\x19.aeterna.memory.v1.MemoryB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\")\n\x13\x44\x65leteMemoryRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\x0cNumericRange\x12\x10\n\x03gte\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03lte\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_gteB\x06\n\x04_lte\"\xce\x01\n\x0eMetadataFilter\x12\x11\n\x03key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12,\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x12\x30\n\x05range\x18\x04 \x01(\x0b\x32\x1f.aeterna.memory.v1.NumericRangeH\x00\x12\x12\n\x08\x63ontains\x18\x05 \x01(\tH\x00\x42\x0b\n\tcondition\"\x84\x02\n\x15SearchMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05query\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12%\n\x05scope\x18\x03 \x01(\x0b\x32\x16.aeterna.type.v1.Scope\x12,\n\x06layers\x18\x04 \x03(\x0e\x32\x1c.aeterna.type.v1.MemoryLayer\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12;\n\x10metadata_filters\x18\x06 \x03(\x0b\x32!.aeterna.memory.v1.MetadataFilter\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\tmin_score\x18\x08 \x01(\x01\"J\n\x16SearchMemoriesResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.aeterna.memory.v1.SearchResult\"W\n\x1aListMemoryRevisionsRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1bListMemoryRevisionsResponse\x12\x34\n\trevisions\x18\x01 \x03(\x0b\x32!.aeterna.memory.v1.MemoryRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x1bRecordMemoryFeedbackRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x04type\x18\x02 \x01(\x0e\x32\x1f.aeterna.memory.v1.FeedbackTypeB\x04\xe2\x41\x01\x02\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Z\n\x16ReembedMemoriesRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x14\n\x0cmax_memories\x18\x03 \x01(\x05\"[\n\x17ReembedMemoriesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10reembedded_count\x18\x02 \x01(\x05\x12\x17\n\x0fremaining_count\x18\x03 \x01(\x05\x32\xd3\x0b\n\rMemoryService\x12\x82\x01\n\x0c\x43reateMemory\x12&.aeterna.memory.v1.CreateMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"/\x82\xd3\xe4\x93\x02)\"\x1f/v1/{parent=tenants/*}/memories:\x06memory\x12\xac\x01\n\x13\x42\x61tchCreateMemories\x12-.aeterna.memory.v1.BatchCreateMemoriesRequest\x1a..aeterna.memory.v1.BatchCreateMemoriesResponse\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/{parent=tenants/*}/memories:batchCreate:\x01*\x12t\n\tGetMemory\x12#.aeterna.memory.v1.GetMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=tenants/*/memories/*}\x12\x88\x01\n\x0cListMemories\x12&.aeterna.memory.v1.ListMemoriesRequest\x1a\'.aeterna.memory.v1.ListMemoriesResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=tenants/*}/memories\x12\x89\x01\n\x0cUpdateMemory\x12&.aeterna.memory.v1.UpdateMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"6\x82\xd3\xe4\x93\x02\x30\x32&/v1/{memory.name=tenants/*/memories/*}:\x06memory\x12z\n\x0c\x44\x65leteMemory\x12&.aeterna.memory.v1.DeleteMemoryRequest\x1a\x19.aeterna.memory.v1.Memory\"\'\x82\xd3\xe4\x93\x02!*\x1f/v1/{name=tenants/*/memories/*}\x12\x98\x01\n\x0eSearchMemories\x12(.aeterna.memory.v1.SearchMemoriesRequest\x1a).aeterna.memory.v1.SearchMemoriesResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/{parent=tenants/*}/memories:search:\x01*\x12\xab\x01\n\x13ListMemoryRevisions\x12-.aeterna.memory.v1.ListMemoryRevisionsRequest\x1a..aeterna.memory.v1.ListMemoryRevisionsResponse\"5\x82\xd3\xe4\x93\x02/\x12-/v1/{name=tenants/*/memories/*}:listRevisions\x12\x9c\x01\n\x14RecordMemoryFeedback\x12..aeterna.memory.v1.RecordMemoryFeedbackRequest\x1a\x19.aeterna.memory.v1.Memory\"9\x82\xd3\xe4\x93\x02\x33\"./v1/{name=tenants/*/memories/*}:recordFeedback:\x01*\x12\x9c\x01\n\x0fReembedMemories\x12).aeterna.memory.v1.ReembedMemoriesRequest\x1a*.aeterna.memory.v1.ReembedMemoriesResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{parent=tenants/*}/memories:reembed:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -90,40 +91,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMORYSERVICE'].methods_by_name['RecordMemoryFeedback']._serialized_options = b'\202\323\344\223\0023\"./v1/{name=tenants/*/memories/*}:recordFeedback:\001*'
   _globals['_MEMORYSERVICE'].methods_by_name['ReembedMemories']._loaded_options = None
   _globals['_MEMORYSERVICE'].methods_by_name['ReembedMemories']._serialized_options = b'\202\323\344\223\002,\"\'/v1/{parent=tenants/*}/memories:reembed:\001*'
-  _globals['_CREATEMEMORYREQUEST']._serialized_start=280
-  _globals['_CREATEMEMORYREQUEST']._serialized_end=415
-  _globals['_BATCHCREATEMEMORIESREQUEST']._serialized_start=418
-  _globals['_BATCHCREATEMEMORIESREQUEST']._serialized_end=552
-  _globals['_BATCHCREATEMEMORIESRESPONSE']._serialized_start=554
-  _globals['_BATCHCREATEMEMORIESRESPONSE']._serialized_end=628
-  _globals['_GETMEMORYREQUEST']._serialized_start=630
-  _globals['_GETMEMORYREQUEST']._serialized_end=691
-  _globals['_LISTMEMORIESREQUEST']._serialized_start=694
-  _globals['_LISTMEMORIESREQUEST']._serialized_end=896
-  _globals['_LISTMEMORIESRESPONSE']._serialized_start=898
-  _globals['_LISTMEMORIESRESPONSE']._serialized_end=990
-  _globals['_UPDATEMEMORYREQUEST']._serialized_start=992
-  _globals['_UPDATEMEMORYREQUEST']._serialized_end=1117
-  _globals['_DELETEMEMORYREQUEST']._serialized_start=1119
-  _globals['_DELETEMEMORYREQUEST']._serialized_end=1160
-  _globals['_NUMERICRANGE']._serialized_start=1162
-  _globals['_NUMERICRANGE']._serialized_end=1228
-  _globals['_METADATAFILTER']._serialized_start=1231
-  _globals['_METADATAFILTER']._serialized_end=1437
-  _globals['_SEARCHMEMORIESREQUEST']._serialized_start=1440
-  _globals['_SEARCHMEMORIESREQUEST']._serialized_end=1700
-  _globals['_SEARCHMEMORIESRESPONSE']._serialized_start=1702
-  _globals['_SEARCHMEMORIESRESPONSE']._serialized_end=1776
-  _globals['_LISTMEMORYREVISIONSREQUEST']._serialized_start=1778
-  _globals['_LISTMEMORYREVISIONSREQUEST']._serialized_end=1865
-  _globals['_LISTMEMORYREVISIONSRESPONSE']._serialized_start=1867
-  _globals['_LISTMEMORYREVISIONSRESPONSE']._serialized_end=1975
-  _globals['_RECORDMEMORYFEEDBACKREQUEST']._serialized_start=1978
-  _globals['_RECORDMEMORYFEEDBACKREQUEST']._serialized_end=2115
-  _globals['_REEMBEDMEMORIESREQUEST']._serialized_start=2117
-  _globals['_REEMBEDMEMORIESREQUEST']._serialized_end=2207
-  _globals['_REEMBEDMEMORIESRESPONSE']._serialized_start=2209
-  _globals['_REEMBEDMEMORIESRESPONSE']._serialized_end=2300
-  _globals['_MEMORYSERVICE']._serialized_start=2303
-  _globals['_MEMORYSERVICE']._serialized_end=3794
+  _globals['_CREATEMEMORYREQUEST']._serialized_start=313
+  _globals['_CREATEMEMORYREQUEST']._serialized_end=448
+  _globals['_BATCHCREATEMEMORIESREQUEST']._serialized_start=451
+  _globals['_BATCHCREATEMEMORIESREQUEST']._serialized_end=585
+  _globals['_BATCHCREATEMEMORIESRESPONSE']._serialized_start=587
+  _globals['_BATCHCREATEMEMORIESRESPONSE']._serialized_end=661
+  _globals['_GETMEMORYREQUEST']._serialized_start=663
+  _globals['_GETMEMORYREQUEST']._serialized_end=724
+  _globals['_LISTMEMORIESREQUEST']._serialized_start=727
+  _globals['_LISTMEMORIESREQUEST']._serialized_end=1000
+  _globals['_LISTMEMORIESRESPONSE']._serialized_start=1002
+  _globals['_LISTMEMORIESRESPONSE']._serialized_end=1094
+  _globals['_UPDATEMEMORYREQUEST']._serialized_start=1096
+  _globals['_UPDATEMEMORYREQUEST']._serialized_end=1221
+  _globals['_DELETEMEMORYREQUEST']._serialized_start=1223
+  _globals['_DELETEMEMORYREQUEST']._serialized_end=1264
+  _globals['_NUMERICRANGE']._serialized_start=1266
+  _globals['_NUMERICRANGE']._serialized_end=1332
+  _globals['_METADATAFILTER']._serialized_start=1335
+  _globals['_METADATAFILTER']._serialized_end=1541
+  _globals['_SEARCHMEMORIESREQUEST']._serialized_start=1544
+  _globals['_SEARCHMEMORIESREQUEST']._serialized_end=1804
+  _globals['_SEARCHMEMORIESRESPONSE']._serialized_start=1806
+  _globals['_SEARCHMEMORIESRESPONSE']._serialized_end=1880
+  _globals['_LISTMEMORYREVISIONSREQUEST']._serialized_start=1882
+  _globals['_LISTMEMORYREVISIONSREQUEST']._serialized_end=1969
+  _globals['_LISTMEMORYREVISIONSRESPONSE']._serialized_start=1971
+  _globals['_LISTMEMORYREVISIONSRESPONSE']._serialized_end=2079
+  _globals['_RECORDMEMORYFEEDBACKREQUEST']._serialized_start=2082
+  _globals['_RECORDMEMORYFEEDBACKREQUEST']._serialized_end=2219
+  _globals['_REEMBEDMEMORIESREQUEST']._serialized_start=2221
+  _globals['_REEMBEDMEMORIESREQUEST']._serialized_end=2311
+  _globals['_REEMBEDMEMORIESRESPONSE']._serialized_start=2313
+  _globals['_REEMBEDMEMORIESRESPONSE']._serialized_end=2404
+  _globals['_MEMORYSERVICE']._serialized_start=2407
+  _globals['_MEMORYSERVICE']._serialized_end=3898
 # @@protoc_insertion_point(module_scope)

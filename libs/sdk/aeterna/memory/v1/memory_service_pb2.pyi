@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -149,6 +150,8 @@ class ListMemoriesRequest(_message.Message):
     SCOPE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    MIN_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The tenant, `tenants/{tenant}`."""
     page_size: _builtins.int
@@ -159,6 +162,10 @@ class ListMemoriesRequest(_message.Message):
     """Only this layer, when set."""
     show_deleted: _builtins.bool
     """Also list soft-deleted and expired memories."""
+    order_by: _builtins.str
+    """Order (https://google.aip.dev/132): empty for newest created first, or `update_time`
+    for the oldest change first (then by name), the order devices pull in.
+    """
     @_builtins.property
     def scope(self) -> _layer_pb2.Scope:
         """Only memories whose scope has these identifiers (empty ones are ignored)."""
@@ -166,6 +173,10 @@ class ListMemoriesRequest(_message.Message):
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only memories with any of these tags (at most 32)."""
+
+    @_builtins.property
+    def min_update_time(self) -> _timestamp_pb2.Timestamp:
+        """Only memories last changed at or after this time (with `order_by` `update_time`)."""
 
     def __init__(
         self,
@@ -177,10 +188,12 @@ class ListMemoriesRequest(_message.Message):
         scope: _layer_pb2.Scope | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         show_deleted: _builtins.bool = ...,
+        order_by: _builtins.str = ...,
+        min_update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["min_update_time", b"min_update_time", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "scope", b"scope", "show_deleted", b"show_deleted", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "min_update_time", b"min_update_time", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "scope", b"scope", "show_deleted", b"show_deleted", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,7 +211,7 @@ class ListMemoriesResponse(_message.Message):
     """Token of the next page; empty on the last page."""
     @_builtins.property
     def memories(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Memory]:
-        """A page of memories, newest first."""
+        """A page of memories, newest first (or as `order_by` asks)."""
 
     def __init__(
         self,
