@@ -240,9 +240,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             present=out, interval_seconds=max(1, round(self.settings.presence_interval_s))
         )
 
-    # Pointer sync (status, cycles, conflicts) is built; resolving a conflict by a call,
-    # proposals and device sync are declared in the contract and not built yet:
-    # UNIMPLEMENTED, after the same authorization as they will have.
+    # Pointer sync (status, cycles, conflicts), proposals (in status and TriggerSync) and
+    # device sync are built; resolving a conflict by a call is declared in the contract and
+    # not built yet: UNIMPLEMENTED, after the same authorization as it will have.
 
     async def _unbuilt(self, parent: str, rpc: str) -> Any:
         principal = rc.current().principal
