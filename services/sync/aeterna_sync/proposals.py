@@ -41,7 +41,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import structlog
@@ -60,6 +60,14 @@ from google.protobuf import json_format, struct_pb2
 from prometheus_client import Counter
 
 from aeterna_sync.pointers import POINTER_TAG
+
+if TYPE_CHECKING:
+    # Only the generated .pyi knows the async stub types; at run time they are the same.
+    KnowledgeStub: TypeAlias = ksvc_grpc.KnowledgeServiceAsyncStub
+    MemoryStub: TypeAlias = msvc_grpc.MemoryServiceAsyncStub
+else:
+    KnowledgeStub = ksvc_grpc.KnowledgeServiceStub
+    MemoryStub = msvc_grpc.MemoryServiceStub
 
 log = structlog.get_logger("aeterna.sync.proposals")
 
@@ -273,8 +281,8 @@ class Proposals:
     def __init__(
         self,
         db: Database,
-        knowledge: ksvc_grpc.KnowledgeServiceStub,
-        memory: msvc_grpc.MemoryServiceStub,
+        knowledge: KnowledgeStub,
+        memory: MemoryStub,
         credentials: ServiceCredentials,
         threshold: float = promotion.DEFAULT_THRESHOLD,
     ) -> None:
