@@ -355,6 +355,9 @@ class Proposals:
             # Gone since (memory answers PERMISSION_DENIED for a missing memory to a caller
             # without tenant-wide read): nothing to propose.
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                # Logged: a refusal of a memory that exists would mean the Cedar rule
+                # memory-sync-proposals-read no longer admits this service.
+                log.info("sync.proposal_memory_gone", memory=event.resource, code=exc.code().name)
                 return
             raise
         state = await self._state(event.tenant, memory.name, memory.revision)
