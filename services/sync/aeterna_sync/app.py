@@ -5,6 +5,7 @@ listed in :data:`SERVICERS`."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
-from aeterna_common.events import StreamTrim
+from aeterna_common.events import EventConsumer, StreamTrim, consumer_redis
 from aeterna_common.server import ServiceApp, StartupError
 
 from aeterna_sync import pointer_jobs, servicer
@@ -25,6 +26,8 @@ from aeterna_sync.devices import DeviceLimits, DeviceSync
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
+from aeterna_sync.proposals import GROUP as PROPOSALS_GROUP
+from aeterna_sync.proposals import Proposals
 from aeterna_sync.settings import SyncSettings
 
 log = structlog.get_logger("aeterna.sync")
@@ -132,6 +135,18 @@ async def build(
     memory_url = settings.memory_url or settings.knowledge_url or common.authz_directory_url
     # Device sync forwards each caller's own token: it needs memory's address, no credentials.
     devices = DeviceSync(db, memory_url, limits) if memory_url else None
+    # Proposals need what pointer sync needs, and call the same services over its channels.
+    proposals = (
+        Proposals(
+            db,
+            pointers.knowledge,
+            pointers.memory,
+            pointers.credentials,
+            settings.proposal_threshold,
+        )
+        if pointers is not None
+        else None
+    )
     deps = Deps(
         common=common,
         settings=settings,
@@ -142,12 +157,15 @@ async def build(
         pointers=pointers,
         devices=devices,
         devices_limits=limits,
+        proposals=proposals,
     )
     jobs: list[Job] = []
     if bindings is not None:
         jobs.append(bindings.watch)
     if pointers is not None:
         jobs.extend(_pointer_jobs(db, pointers, redis, settings))
+    if proposals is not None and settings.proposal_events:
+        jobs.append(_proposal_consumer(common.redis_url, proposals))
     app = SyncApp(
         service_names=[spec.service_name for spec in SERVICERS],
         register=lambda server: None,
@@ -189,6 +207,23 @@ def _pointer_jobs(
     if settings.follow_knowledge_events:
         jobs.append(pointer_jobs.KnowledgeEvents(pointers, redis, settings).run)
     return jobs
+
+
+def _proposal_consumer(redis_url: str, proposals: Proposals) -> Job:
+    """The job consuming memory events into proposals: one consumer group over every
+    tenant stream, shared by the replicas (each event handled by one of them; a revision is
+    proposed once whichever handles it)."""
+
+    async def consume() -> None:
+        client = consumer_redis(redis_url, block_s=1.0)
+        consumer = EventConsumer(client, PROPOSALS_GROUP, proposals.handle, start="0")
+        try:
+            await consumer.run()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    return consume
 
 
 async def _close(

@@ -16,6 +16,7 @@ from aeterna_sync.devices import DeviceLimits, DeviceSync
 from aeterna_sync.live import LiveEvents
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.presence import PresenceBook
+from aeterna_sync.proposals import Proposals
 from aeterna_sync.settings import SyncSettings
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -36,6 +37,7 @@ class Deps:
             address of knowledge and memory.
         devices: Device push and pull; None without an address of memory.
         devices_limits: Bounds of device pushes and pulls.
+        proposals: Memory → knowledge proposals; None when pointer sync is (same needs).
     """
 
     common: CommonSettings
@@ -47,6 +49,7 @@ class Deps:
     pointers: PointerSync | None = None
     devices: DeviceSync | None = None
     devices_limits: DeviceLimits = field(default_factory=DeviceLimits)
+    proposals: Proposals | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

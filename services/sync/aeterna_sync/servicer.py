@@ -30,7 +30,6 @@ from aeterna_common.errors import (
     InvalidArgument,
     OutOfRange,
     ResourceExhausted,
-    Unimplemented,
 )
 from aeterna_common.events import Event, MalformedEventError
 from aeterna_common.names import invalid_name, parse_parent
@@ -259,15 +258,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             present=out, interval_seconds=max(1, round(self.settings.presence_interval_s))
         )
 
-    # Pointer sync (status, cycles, conflicts and their resolution) is built; device sync is
-    # declared in the contract and not built yet: UNIMPLEMENTED, after the same authorization
-    # as it will have.
-
-    async def _unbuilt(self, parent: str, rpc: str) -> Any:
-        principal = rc.current().principal
-        tenant = parse_parent(principal, parent.split("/syncStatus")[0].split("/syncConflicts")[0])
-        await self.access.require_tenant(principal, tenant, rpc)
-        raise Unimplemented(f"{rpc} is not implemented yet")
+    # Pointer sync (status, cycles, conflicts and their resolution), proposals (in status and
+    # TriggerSync) and device sync are built.
 
     def _pointers(self) -> PointerSync:
         if self.deps.pointers is None:
@@ -283,7 +275,8 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         self, request: svc.GetSyncStatusRequest, context: Ctx
     ) -> res.SyncStatus:
         """See the proto: the running cycle (one a dead replica left counts until it is
-        resumed), pointers held, open conflicts, items waiting for a retry."""
+        resumed), pointers held, open conflicts, items waiting for a retry, memory revisions
+        proposed as knowledge and those whose proposal failed."""
         principal = rc.current().principal
         m = STATUS_NAME.fullmatch(request.name)
         if m is None:
@@ -303,11 +296,17 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             ended = await conn.fetchval(
                 "SELECT max(end_time) FROM sync_cycles WHERE end_time IS NOT NULL"
             )
+            proposals = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE state = 'PROPOSED') AS proposed, "
+                "count(*) FILTER (WHERE state = 'FAILED') AS failed FROM sync_proposals"
+            ) or {"proposed": 0, "failed": 0}
         out = res.SyncStatus(
             name=request.name,
             pointer_count=pointers,
             open_conflict_count=open_conflicts,
             failed_item_count=failed,
+            proposal_count=proposals["proposed"],
+            failed_proposal_count=proposals["failed"],
         )
         if running is not None:
             out.running_cycle = f"tenants/{tenant}/syncCycles/{running}"
@@ -317,7 +316,9 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
 
     async def TriggerSync(self, request: svc.TriggerSyncRequest, context: Ctx) -> res.SyncCycle:
         """See the proto: runs a full reconcile now (or finishes the cycle a dead replica
-        left, from its checkpoint) and answers the finished cycle.
+        left, from its checkpoint) and answers the finished cycle, then proposes the tenant's
+        memories that pass the promotion threshold
+        (:meth:`aeterna_sync.proposals.Proposals.scan`).
 
         Raises:
             Aborted: Another replica runs the tenant's cycle (reason ``SYNC_CYCLE_RUNNING``).
@@ -332,6 +333,10 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         # A retried trigger runs another cycle: a cycle is idempotent (it writes only the
         # difference, and creates carry request_ids), so no request_id bookkeeping is needed.
         cycle = await self._pointers().reconcile(tenant)
+        if self.deps.proposals is not None:
+            # Memories → knowledge proposals (once per memory revision, so a retried trigger
+            # proposes nothing twice); counted in GetSyncStatus.
+            await self.deps.proposals.scan(tenant)
         return cycle.to_pb()
 
     async def ListSyncConflicts(

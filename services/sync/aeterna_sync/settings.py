@@ -5,6 +5,7 @@ are in :class:`aeterna_common.config.CommonSettings` (prefix ``AETERNA_``)."""
 from __future__ import annotations
 
 from aeterna.sync.v1 import resources_pb2 as res
+from aeterna_common.promotion import DEFAULT_THRESHOLD
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -56,6 +57,10 @@ class SyncSettings(BaseSettings):
             the scheduled job.
         auto_resolve: Conflict kinds resolved automatically (comma-separated names such as
             ``HASH_MISMATCH``); the others are left open for ``ResolveSyncConflict``.
+        proposal_threshold: Promotion score (DOMAIN.md formula) from which a PROJECT, TEAM
+            or ORG memory is proposed as a knowledge draft, in [0, 1]; DOMAIN.md's 0.8.
+        proposal_events: Propose from memory events on the bus (consumer group
+            ``sync-proposals``); off, only ``TriggerSync`` proposes.
     """
 
     model_config = SettingsConfigDict(env_prefix="AETERNA_SYNC_", extra="ignore")
@@ -87,6 +92,9 @@ class SyncSettings(BaseSettings):
         "HASH_MISMATCH,ORPHANED_POINTER,MISSING_POINTER,DUPLICATE_POINTER,STATUS_CHANGE,"
         "LAYER_MISMATCH"
     )
+
+    proposal_threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0.0, le=1.0)
+    proposal_events: bool = True
 
     @field_validator("auto_resolve")
     @classmethod

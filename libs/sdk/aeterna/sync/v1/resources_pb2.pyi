@@ -240,6 +240,8 @@ class SyncStatus(_message.Message):
     POINTER_COUNT_FIELD_NUMBER: _builtins.int
     OPEN_CONFLICT_COUNT_FIELD_NUMBER: _builtins.int
     FAILED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    PROPOSAL_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_PROPOSAL_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`tenants/{tenant}/syncStatus`."""
     running_cycle: _builtins.str
@@ -250,6 +252,10 @@ class SyncStatus(_message.Message):
     """Conflicts not yet resolved."""
     failed_item_count: _builtins.int
     """Items waiting for a retry."""
+    proposal_count: _builtins.int
+    """Knowledge drafts proposed from memories (one per memory revision)."""
+    failed_proposal_count: _builtins.int
+    """Memory revisions whose proposal failed and waits for a retry."""
     @_builtins.property
     def last_cycle_end_time(self) -> _timestamp_pb2.Timestamp:
         """When the last cycle finished."""
@@ -263,10 +269,12 @@ class SyncStatus(_message.Message):
         pointer_count: _builtins.int = ...,
         open_conflict_count: _builtins.int = ...,
         failed_item_count: _builtins.int = ...,
+        proposal_count: _builtins.int = ...,
+        failed_proposal_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cycle_end_time", b"last_cycle_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_item_count", b"failed_item_count", "last_cycle_end_time", b"last_cycle_end_time", "name", b"name", "open_conflict_count", b"open_conflict_count", "pointer_count", b"pointer_count", "running_cycle", b"running_cycle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_item_count", b"failed_item_count", "failed_proposal_count", b"failed_proposal_count", "last_cycle_end_time", b"last_cycle_end_time", "name", b"name", "open_conflict_count", b"open_conflict_count", "pointer_count", b"pointer_count", "proposal_count", b"proposal_count", "running_cycle", b"running_cycle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
