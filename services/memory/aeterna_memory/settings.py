@@ -13,8 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aeterna_memory.adapters.index_follower import APPLY_STEP
 
-BATCH_ITEMS_PER_S = 0.0
-"""Default per-tenant BatchCreateMemories admission limit, memories/s per replica."""
+BATCH_ITEMS_PER_S = 25.0
+"""Default per-tenant BatchCreateMemories admission limit, in memories per second per replica:
+about 15 % of what a 2-core replica embeds (~170 memories/s, int8 MiniLM, batch 4; see
+``embedding_batch_size``), so that one tenant's import leaves most of a replica to the other
+tenants' searches, and a few importing at once still do (90,000 memories an hour per replica
+per tenant). ``make bench-scale``'s ``during_ingest`` reports the import rate it allows."""
 
 
 class MemorySettings(BaseSettings, RelaySettings):
@@ -189,7 +193,7 @@ class MemorySettings(BaseSettings, RelaySettings):
     background_idle: bool = True
     bulk_step: int = Field(default=20, ge=0, le=1000)
     batch_items_per_s: float = Field(default=BATCH_ITEMS_PER_S, ge=0)
-    batch_items_burst: float = Field(default=1000, ge=1)
+    batch_items_burst: float = Field(default=500, ge=1)
     bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
     index_apply_step: int = Field(default=APPLY_STEP, ge=0, le=10_000)
     dense_context: int = Field(default=0, ge=0, le=10)
