@@ -122,8 +122,15 @@ async def test_permission_is_decided_before_the_limit(env: MemoryEnv, limited: C
 async def test_the_client_waits_out_retry_info(env: MemoryEnv) -> None:
     t = new_tenant()
     before = env.domain.batch_limit
-    # A real clock: 200 memories/s, a bucket of 5, so the second batch waits ~25 ms.
-    env.domain.batch_limit = TenantRateLimit(200.0, 5)
+
+    class Ticking(Clock):
+        def __call__(self) -> float:  # 0.1 s passes at each admission check
+            self.now += 0.1
+            return self.now
+
+    # 10 memories/s, a bucket of 5: after the first batch, the second is refused four times
+    # (the bucket holds 1, 2, 3, 4 at those checks) and admitted at the fifth.
+    env.domain.batch_limit = TenantRateLimit(10.0, 5, clock=Ticking())
     waits: list[float] = []
     try:
         for key in ("c1", "c2"):
@@ -134,7 +141,9 @@ async def test_the_client_waits_out_retry_info(env: MemoryEnv) -> None:
             assert len(reply.memories) == 5
     finally:
         env.domain.batch_limit = before
-    assert len(waits) >= 1 and all(w > 0 for w in waits)
+    assert len(waits) == 4
+    # Each wait is the delay RetryInfo named, plus up to 20 % jitter.
+    assert all(d <= w <= d * 1.2 + 1e-6 for w, d in zip(waits, (0.4, 0.3, 0.2, 0.1), strict=True))
     assert await count(env, t) == 10
 
 
