@@ -139,7 +139,12 @@ def run_mode(query_lane: bool, queries: int, seconds: float) -> dict[str, Any]:
         port=free_port(),
         root=root,
         fresh=True,
-        env={"AETERNA_MEMORY_EMBEDDING_QUERY_LANE": "true" if query_lane else "false"},
+        env={
+            "AETERNA_MEMORY_EMBEDDING_QUERY_LANE": "true" if query_lane else "false",
+            # What is measured is the embedding lanes under back-to-back 1,000-memory
+            # batches: no per-tenant admission limit in between.
+            "AETERNA_MEMORY_BATCH_ITEMS_PER_S": "0",
+        },
     )
     stack.start(log=lambda *_: None)
     try:

@@ -20,6 +20,7 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
+from aeterna_cli.client import honour_retry_info
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
 from aeterna_devstack.stack import DevStack
@@ -508,8 +509,11 @@ async def test_read_your_writes_with_the_token_while_another_tenant_imports(
                     ],
                     request_id=rid,
                 )
-                await stub.BatchCreateMemories(
-                    batch, metadata=(*bulk_md, ("x-aeterna-request-id", rid)), timeout=120
+                # Over the tenant's bulk write rate: wait the RetryInfo delay, as the CLI does.
+                await honour_retry_info(
+                    lambda batch=batch, rid=rid: stub.BatchCreateMemories(
+                        batch, metadata=(*bulk_md, ("x-aeterna-request-id", rid)), timeout=120
+                    )
                 )
                 imported += 100
                 n += 1

@@ -4,26 +4,33 @@ Writes always carry a ``request_id`` (:func:`new_request_id`, or a stable id per
 imports) and say so in metadata (:func:`write_metadata`), so the edge may retry them on any
 transient failure without applying them twice. A write's response carries a consistency
 token (:func:`call_with_token`); pass it to later reads (:func:`read_metadata`) to read your
-own writes on any replica.
+own writes on any replica. A write refused by a tenant's rate limit (``RESOURCE_EXHAUSTED``
+with ``RetryInfo``) is sent again after the delay it names (:func:`honour_retry_info`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.consistency import CONSISTENCY_TOKEN_KEY, ReadYourWrites
 from aeterna_common.limits import CLIENT_OPTIONS as CLIENT_OPTIONS
 from aeterna_common.telemetry import client_interceptors
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 REQUEST_ID_KEY = "x-aeterna-request-id"
 """Metadata that repeats a write's ``request_id`` so that the edge may retry it broadly."""
 
 DEFAULT_ENDPOINT = "127.0.0.1:8080"
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     # Only the generated .pyi knows the async stub type; at run time it is the same class.
@@ -101,6 +108,67 @@ async def call_with_token(call: Any) -> tuple[Any, str | None]:
     initial = await call.initial_metadata()
     token = next((str(v) for k, v in initial or () if k == CONSISTENCY_TOKEN_KEY), None)
     return response, token
+
+
+def retry_delay_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The delay a ``RESOURCE_EXHAUSTED`` error asks for in its ``RetryInfo`` detail.
+
+    Args:
+        exc: A failed call.
+
+    Returns:
+        Seconds to wait before sending the request again, or ``None`` when ``exc`` is not a
+        ``RESOURCE_EXHAUSTED`` with ``RetryInfo`` (e.g. a message over the size limit, which
+        no retry can fix).
+    """
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
+async def honour_retry_info(
+    call: Callable[[], Awaitable[T]],
+    *,
+    max_wait_s: float = 600.0,
+    on_wait: Callable[[float], None] | None = None,
+) -> T:
+    """Run ``call``; while it is refused with ``RetryInfo``, wait the delay and run it again.
+
+    For writes that carry a ``request_id`` (a retry is never applied twice). Each wait is the
+    server's delay plus up to 20 % random jitter, so that clients refused together do not
+    come back together (exponential backoff with jitter is for errors that name no delay).
+
+    Args:
+        call: Makes one attempt (a new call each time), e.g.
+            ``lambda: stub.BatchCreateMemories(req, metadata=md, timeout=300)``.
+        max_wait_s: Total seconds of waiting after which the refusal is raised.
+        on_wait: Told each wait's seconds before it (progress displays, benchmarks).
+
+    Returns:
+        The first successful response.
+
+    Raises:
+        grpc.aio.AioRpcError: Any other failure, or the refusal once ``max_wait_s`` is spent.
+    """
+    waited = 0.0
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            delay = retry_delay_s(exc)
+            if delay is None or waited + delay > max_wait_s:
+                raise
+            delay *= 1 + 0.2 * random.random()
+            if on_wait is not None:
+                on_wait(delay)
+            await asyncio.sleep(delay)
+            waited += delay
 
 
 def channel(target: str | None = None, *, read_your_writes: bool = False) -> grpc.aio.Channel:

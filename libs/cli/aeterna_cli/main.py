@@ -464,7 +464,10 @@ async def import_locomo_async(
         batch.parent = f"tenants/{tenant}"
         md = client.write_metadata(token, batch.request_id)
         async with sem:
-            reply = await stub.BatchCreateMemories(batch, metadata=md, timeout=300)
+            # A tenant over its bulk write rate is told when to come back (RetryInfo).
+            reply = await client.honour_retry_info(
+                lambda: stub.BatchCreateMemories(batch, metadata=md, timeout=300)
+            )
         written += len(reply.memories)
         if on_progress:
             on_progress(len(reply.memories))

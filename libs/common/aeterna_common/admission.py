@@ -1,4 +1,5 @@
-"""Admission control for bulk work: a batch import yields the event loop to searches.
+"""Admission control for bulk work: a batch import yields the event loop to searches, and
+each tenant's bulk writes are limited to a rate (:class:`TenantRateLimit`).
 
 A service process runs every request on one event loop. A batch import's steps that run on
 the loop (authorizing 100 scopes, encoding 100 rows with their vectors for PostgreSQL, reading
@@ -28,9 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
 
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2
 from prometheus_client import Counter
+
+from aeterna_common.errors import ResourceExhausted
 
 BULK_YIELD_SECONDS = Counter(
     "aeterna_bulk_yield_seconds",
@@ -151,3 +158,116 @@ class ForegroundGauge:
         waited = loop.time() - start
         BULK_YIELD_SECONDS.inc(waited)
         return waited
+
+
+RATE_LIMITED = "RATE_LIMITED"
+"""``ErrorInfo.reason`` of a request refused by a per-tenant rate limit."""
+
+ADMISSION_REFUSED = Counter(
+    "aeterna_admission_refused_total",
+    "Bulk write requests refused by the per-tenant rate limit (RESOURCE_EXHAUSTED).",
+)
+
+
+class RateLimited(ResourceExhausted):
+    """``RESOURCE_EXHAUSTED`` with ``RetryInfo``: the tenant's share of bulk writes is spent.
+
+    Args:
+        message: Message for the caller.
+        retry_after_s: When the request would be admitted, in seconds from now
+            (``RetryInfo.retry_delay``).
+        metadata: Extra ``ErrorInfo.metadata``.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, reason=RATE_LIMITED, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list[any_pb2.Any]:
+        """``ErrorInfo`` and ``RetryInfo`` details."""
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, math.ceil(self.retry_after_s * 1e9)))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        return [*super().details(), packed]
+
+
+class TenantRateLimit:
+    """Per-tenant admission limit of bulk write items: one token bucket per tenant.
+
+    A noisy neighbour's import must not take a replica's CPU from every other tenant's
+    searches (each imported memory costs its embedding, its rows, and one apply on every
+    replica's index). Each tenant's bucket refills at ``rate`` items per second up to
+    ``burst``; a request of ``n`` items is admitted while the bucket holds ``min(n, burst)``
+    and then takes all ``n`` (the balance may go negative, so that a batch larger than the
+    burst is admitted at the same average rate: the generic cell rate algorithm's
+    behaviour, ITU-T I.371). A refused request is told when it would be admitted
+    (``RetryInfo``), and nothing is written.
+
+    The buckets live in this process: with ``r`` replicas behind the edge, a tenant's total
+    is about ``r * rate``. Event-loop only: not thread-safe.
+
+    Args:
+        rate: Items per second per tenant (0: no limit).
+        burst: Bucket size in items (>= 1).
+        clock: Monotonic clock in seconds (tests).
+
+    Raises:
+        ValueError: ``rate`` negative or ``burst`` below 1.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate < 0:
+            raise ValueError(f"rate must be >= 0, got {rate}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        """tenant -> (balance in items, clock at that balance)."""
+
+    def admit(self, tenant: str, items: int) -> None:
+        """Take ``items`` from ``tenant``'s bucket, or refuse the request.
+
+        Args:
+            tenant: The tenant id (from the verified token).
+            items: Items the request writes (>= 1).
+
+        Raises:
+            RateLimited: The bucket holds less than ``min(items, burst)``; its
+                ``retry_after_s`` is the wait until it will, at ``rate``.
+        """
+        if self.rate == 0:
+            return
+        now = self._clock()
+        balance, then = self._buckets.get(tenant, (self.burst, now))
+        balance = min(self.burst, balance + (now - then) * self.rate)
+        need = min(items, self.burst)
+        if balance + 1e-9 < need:  # a retry after exactly the delay is admitted (rounding)
+            self._buckets[tenant] = (balance, now)
+            ADMISSION_REFUSED.inc()
+            raise RateLimited(
+                f"tenant {tenant} is over its bulk write rate ({self.rate:g} items/s per "
+                "replica); retry after the delay in RetryInfo",
+                retry_after_s=(need - balance) / self.rate,
+                metadata={"limit_items_per_s": f"{self.rate:g}"},
+            )
+        self._buckets[tenant] = (balance - items, now)
+        if len(self._buckets) > _MAX_BUCKETS:
+            self._forget_full(now)
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled (they equal a new one): memory stays bounded
+        by the tenants active within ``burst / rate`` seconds."""
+        for tenant, (balance, then) in list(self._buckets.items()):
+            if balance + (now - then) * self.rate >= self.burst:
+                del self._buckets[tenant]
+
+
+_MAX_BUCKETS = 10_000
+"""Buckets kept before the full ones are dropped."""

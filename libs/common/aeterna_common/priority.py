@@ -14,6 +14,13 @@ request needs it.
 Only threads that spend their time outside the GIL should be lowered (ONNX Runtime's
 ``Session.run`` releases it): a lowered thread holding the GIL while it waits for the CPU
 would hold the event loop up with it.
+
+A child process that does bulk work shares no GIL with the serving process, so it can go
+further: ``SCHED_IDLE`` (``sched(7)``: "for running very low priority background jobs"; a
+``SCHED_IDLE`` task weighs 3 against nice 0's 1024 and nice 19's 15, ``WEIGHT_IDLEPRIO`` in
+``kernel/sched/sched.h``), so that a search's threads in any process of the machine preempt
+it at once. An unprivileged process may switch itself to ``SCHED_IDLE`` (Linux 2.6.39 and
+later); where that is refused the child falls back to the nice increment.
 """
 
 from __future__ import annotations
@@ -81,10 +88,31 @@ def background_executor(name: str, workers: int, nice: int) -> ThreadPoolExecuto
     )
 
 
-def init_background_child(nice: int, poll_s: float = 1.0) -> None:
+def idle_scheduling() -> bool:
+    """Switch the calling thread to ``SCHED_IDLE`` (threads it starts afterwards inherit it).
+
+    For a child process's main thread before it starts any other: the whole child then runs
+    only on CPU time that no normal task wants (see the module's docstring). Cannot be undone
+    without ``CAP_SYS_NICE``.
+
+    Returns:
+        Whether the policy was set (False outside Linux or when the kernel refused).
+    """
+    if not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        log.warning("priority.not_idle", error=str(exc))
+        return False
+    return True
+
+
+def init_background_child(nice: int, poll_s: float = 1.0, idle: bool = False) -> None:
     """Initializer of a child process that does a service's bulk work (a process pool's).
 
-    Lowers the child to ``nice`` (threads started afterwards inherit it) and makes it exit
+    Lowers the child to ``nice`` (threads started afterwards inherit it), or to
+    ``SCHED_IDLE`` when ``idle`` (the nice increment where the kernel refuses), and makes it exit
     when its parent is gone: a ``ProcessPoolExecutor`` child holds both ends of its own call
     queue, so it never sees end-of-file when the parent is killed (SIGKILL, out of memory)
     and would otherwise live on as an orphan with a copy of the model. A daemon thread
@@ -93,11 +121,15 @@ def init_background_child(nice: int, poll_s: float = 1.0) -> None:
     Args:
         nice: Nice increment, 0-19.
         poll_s: Seconds between two checks of the parent.
+        idle: Run the child under ``SCHED_IDLE`` (:func:`idle_scheduling`).
 
     Raises:
         ValueError: ``nice`` outside 0-19.
     """
-    lower_thread_priority(nice)
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice increment must be 0-19, got {nice}")
+    if not (idle and idle_scheduling()):
+        lower_thread_priority(nice)
     parent = os.getppid()
 
     def watch() -> None:

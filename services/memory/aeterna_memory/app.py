@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common import leases
-from aeterna_common.admission import ForegroundGauge
+from aeterna_common.admission import ForegroundGauge, TenantRateLimit
 from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
@@ -259,6 +259,7 @@ def build_embedder(settings: MemorySettings) -> EmbeddingPort:
             query_lane=settings.embedding_query_lane,
             document_nice=settings.background_nice,
             document_process=settings.background_process,
+            document_idle=settings.background_idle,
         )
     except ModelUnavailableError as exc:
         raise StartupError(
@@ -421,7 +422,9 @@ async def build(
     # the index follower alike.
     foreground = ForegroundGauge(settings.bulk_yield_max_s)
     lexical = (
-        await asyncio.to_thread(ProcessDocumentEncoder, settings.background_nice)
+        await asyncio.to_thread(
+            ProcessDocumentEncoder, settings.background_nice, idle=settings.background_idle
+        )
         if settings.background_process
         else None
     )
@@ -466,6 +469,7 @@ async def build(
         foreground=foreground,
         bulk_step=settings.bulk_step,
         ranker=ranker,
+        batch_limit=TenantRateLimit(settings.batch_items_per_s, settings.batch_items_burst),
     )
     servicer = MemoryServicer(domain, reembed_per_s=settings.reembed_per_s)
     guard = ModelGuard(follower, domain, marker, settings.model_check_interval_s)

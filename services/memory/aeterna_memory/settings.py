@@ -13,6 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aeterna_memory.adapters.index_follower import APPLY_STEP
 
+BATCH_ITEMS_PER_S = 25.0
+"""Default per-tenant BatchCreateMemories admission limit, in memories per second per replica:
+about 15 % of what a 2-core replica embeds (~170 memories/s, int8 MiniLM, batch 4; see
+``embedding_batch_size``), so that one tenant's import leaves most of a replica to the other
+tenants' searches, and a few importing at once still do (90,000 memories an hour per replica
+per tenant). ``make bench-scale``'s ``during_ingest`` reports the import rate it allows."""
+
 
 class MemorySettings(BaseSettings, RelaySettings):
     """Configuration of the memory service; the outbox relay's ``events_*`` settings are
@@ -57,11 +64,28 @@ class MemorySettings(BaseSettings, RelaySettings):
             encoding of applied memories. The serving process's GIL is then never held by
             bulk work. ``False`` runs both on threads of this process (the former behaviour,
             the baseline of ``make bench-scale``'s ``during_ingest``).
+        background_idle: Run those child processes under ``SCHED_IDLE`` instead of
+            ``background_nice``: they run only on CPU time that no normal task of the
+            machine wants, so a search anywhere on it preempts them at once
+            (``aeterna_common.priority``). Takes effect with ``background_process``. On a
+            machine kept busy by other work, the import then slows down with it (the trade
+            is measured by ``make bench-scale``'s ``during_ingest``).
         bulk_step: Memories per step of a batch create (authorization, embedding, rows
             sent to PostgreSQL); between two steps the batch yields the event loop to
             searches in flight, at most ``bulk_yield_max_s`` per step
             (``aeterna_common.admission``). 0 does a batch in one step (the former
             behaviour, the baseline of ``make bench-scale``'s ``during_ingest``).
+        batch_items_per_s: Per-tenant admission limit of BatchCreateMemories, in memories
+            per second per replica (0: no limit): past it a batch is refused with
+            ``RESOURCE_EXHAUSTED`` and ``RetryInfo`` (when to retry), before any work, and
+            the CLI's and the SDK helpers' imports wait and retry with the same request id
+            (``aeterna_common.admission.TenantRateLimit``). A tenant's import then leaves
+            the replicas' CPU to other tenants' searches (noisy-neighbour isolation); the
+            rate it costs the import is measured by ``make bench-scale``'s
+            ``during_ingest``. CreateMemory (one memory) is not limited.
+        batch_items_burst: Bucket size of that limit, in memories: a tenant idle for a
+            while may send this many at once (a batch larger than it waits for a full
+            bucket, then is admitted whole).
         bulk_yield_max_s: Longest wait per step for in-flight searches, in seconds.
         index_apply_step: Memories per step when the index follower applies a batch of
             outbox changes (BM25 encoding, one engine write); between two steps it yields to
@@ -166,7 +190,10 @@ class MemorySettings(BaseSettings, RelaySettings):
     embedding_query_lane: bool = True
     background_nice: int = Field(default=10, ge=0, le=19)
     background_process: bool = True
+    background_idle: bool = True
     bulk_step: int = Field(default=20, ge=0, le=1000)
+    batch_items_per_s: float = Field(default=BATCH_ITEMS_PER_S, ge=0)
+    batch_items_burst: float = Field(default=500, ge=1)
     bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
     index_apply_step: int = Field(default=APPLY_STEP, ge=0, le=10_000)
     dense_context: int = Field(default=0, ge=0, le=10)

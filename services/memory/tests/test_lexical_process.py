@@ -41,9 +41,24 @@ async def test_child_process_encodes_like_the_library_at_lower_priority() -> Non
 
 async def test_shared_replica_applies_through_the_child_processes(env: MemoryEnv) -> None:
     # The session's replica runs the shipped default: its follower encodes in a child, and
-    # its documents are embedded in another.
+    # its documents are embedded in another, both under SCHED_IDLE (CPU time no normal task
+    # wants); the serving process keeps the normal policy.
     assert env.follower.encode_documents is not None
-    assert env.domain.embedder.process_ids()
+    children = env.domain.embedder.process_ids()
+    assert children
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    for child in children:
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE
+
+
+async def test_idle_child_encodes_the_same() -> None:
+    enc = ProcessDocumentEncoder(nice=5, idle=True)
+    try:
+        (child,) = enc.process_ids()
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE
+        assert await enc.encode(DOCS) == [encode_document(c, x) for c, x in DOCS]
+    finally:
+        enc.close()
 
 
 async def test_child_exits_when_its_replica_is_killed() -> None:

@@ -159,6 +159,10 @@ class MiniLMEmbedder:
             preparation of a batch, the conversion of its vectors) while it waits for the
             CPU stalls the event loop with it. Costs a child interpreter per session
             (spawned, ~1-2 s at construction) and another copy of the weights.
+        document_idle: Run those children under ``SCHED_IDLE`` instead of
+            ``document_nice`` (:func:`aeterna_common.priority.idle_scheduling`): they take
+            only CPU time that no normal task of the machine wants. Ignored without
+            ``document_process`` (a thread of this process may hold the GIL).
 
     Raises:
         ValueError: A numeric argument is below 1, or ``document_nice`` is outside 0-19.
@@ -177,6 +181,7 @@ class MiniLMEmbedder:
         query_lane: bool = True,
         document_nice: int = 0,
         document_process: bool = False,
+        document_idle: bool = False,
     ) -> None:
         if min(intra_op_threads, batch_size, sessions) < 1:
             raise ValueError("intra_op_threads, batch_size and sessions must be >= 1")
@@ -210,7 +215,14 @@ class MiniLMEmbedder:
         except Exception as exc:  # tokenizers and onnxruntime raise their own types
             raise ModelUnavailableError(f"cannot load {graph}: {exc}") from exc
         configure_tokenizer(self._tokenizer)
-        self._process_args = (str(directory), intra_op_threads, batch_size, quantize, document_nice)
+        self._process_args = (
+            str(directory),
+            intra_op_threads,
+            batch_size,
+            quantize,
+            document_nice,
+            document_idle,
+        )
         self._process: ProcessPoolExecutor | None = None
         if document_process:
             self._process = self._start_process_lane(sessions)
@@ -428,11 +440,11 @@ _CHILD: MiniLMEmbedder | None = None
 
 
 def _child_init(
-    model_dir: str, intra_op_threads: int, batch_size: int, quantize: bool, nice: int
+    model_dir: str, intra_op_threads: int, batch_size: int, quantize: bool, nice: int, idle: bool
 ) -> None:
     # Lowered before ONNX Runtime and the tokenizer start their threads, which inherit it:
-    # the whole child runs at ``nice``; it exits when this process is gone.
-    init_background_child(nice)
+    # the whole child runs at ``nice`` (or SCHED_IDLE); it exits when this process is gone.
+    init_background_child(nice, idle=idle)
     global _CHILD
     _CHILD = MiniLMEmbedder(
         model_dir,

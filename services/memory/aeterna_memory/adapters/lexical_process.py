@@ -40,18 +40,21 @@ class ProcessDocumentEncoder:
     Args:
         nice: Nice increment (0-19) of the children.
         workers: Child processes (default 1).
+        idle: Run the children under ``SCHED_IDLE`` instead of ``nice``
+            (:func:`aeterna_common.priority.idle_scheduling`).
 
     Raises:
         ValueError: ``workers`` below 1 or ``nice`` outside 0-19.
     """
 
-    def __init__(self, nice: int, workers: int = 1) -> None:
+    def __init__(self, nice: int, workers: int = 1, *, idle: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0-19, got {nice}")
         self._nice = nice
         self._workers = workers
+        self._idle = idle
         self._pool = self._start()
         for f in [self._pool.submit(_child_ready) for _ in range(workers)]:
             f.result(timeout=120)
@@ -62,7 +65,7 @@ class ProcessDocumentEncoder:
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_background_child,
-            initargs=(self._nice,),
+            initargs=(self._nice, 1.0, self._idle),
         )
 
     def process_ids(self) -> list[int]:

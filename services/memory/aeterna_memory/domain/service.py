@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 import structlog
-from aeterna_common.admission import ForegroundGauge
+from aeterna_common.admission import ForegroundGauge, TenantRateLimit
 from aeterna_common.authz import Authorizer, ReadableScope, Resource, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
@@ -238,6 +238,8 @@ class MemoryDomain:
         bulk_step: Memories per step of a create (authorization, embedding, rows sent to
             the store); 0 does each create in one step.
         ranker: Second-stage ranker of search candidates; None keeps the fused order.
+        batch_limit: Per-tenant admission limit of BatchCreateMemories items
+            (``RESOURCE_EXHAUSTED`` with ``RetryInfo`` past it); None admits every batch.
     """
 
     def __init__(
@@ -254,6 +256,7 @@ class MemoryDomain:
         foreground: ForegroundGauge | None = None,
         bulk_step: int = 20,
         ranker: Ranker | None = None,
+        batch_limit: TenantRateLimit | None = None,
     ) -> None:
         if bulk_step < 0:
             raise ValueError(f"bulk_step must be >= 0, got {bulk_step}")
@@ -268,6 +271,7 @@ class MemoryDomain:
         self.foreground = foreground or ForegroundGauge()
         self.bulk_step = bulk_step
         self.ranker = ranker
+        self.batch_limit = batch_limit
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
         self._touches: set[asyncio.Task[None]] = set()
@@ -385,6 +389,10 @@ class MemoryDomain:
                 ``ACTION_NOT_ALLOWED``); nothing is written.
             FailedPrecondition: ``request_id`` reused for another request.
             CommitOutcomeUnknown: the commit's outcome is unknown and there is no request id.
+            RateLimited: A BatchCreateMemories over the tenant's admission limit
+                (``RESOURCE_EXHAUSTED`` with ``RetryInfo``), checked after the permission
+                and after a replay of a request id (a retry of a done batch costs nothing);
+                nothing is written.
         """
         tenant = principal.tenant_id
         resources = list(dict.fromkeys(memory_resource(tenant, m.layer, m.scope) for m in memories))
@@ -415,6 +423,8 @@ class MemoryDomain:
             )
             if replay is not None:
                 return replay
+        if self.batch_limit is not None and method == "BatchCreateMemories":
+            self.batch_limit.admit(tenant, len(memories))
         prepared = await self._prepare(tenant, memories)
         return await self.store.create(
             tenant,
