@@ -99,9 +99,16 @@ class MemoryStore(Protocol):
         ...
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str]
+        self, tenant_id: str, ids: Sequence[str], *, vectors: bool = True
     ) -> dict[str, tuple[Memory, list[float]]]:
-        """Live memories among ``ids`` with their vectors."""
+        """Live memories among ``ids`` with their vectors (``[]`` without ``vectors``)."""
+        ...
+
+    async def episode_neighbours(
+        self, tenant_id: str, ids: Sequence[str], before: int, after: int
+    ) -> dict[str, Memory]:
+        """Live memories just before/after each of ``ids`` in its session (same layer and
+        scope)."""
         ...
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:

@@ -134,3 +134,25 @@ async def test_same_results_on_two_replicas_and_after_a_restart(
                 assert await results(svc_grpc.MemoryServiceStub(ch)) == first
         finally:
             await server.stop()
+
+
+async def test_session_neighbours_are_the_turns_around_a_hit_in_its_own_scope(
+    env: MemoryEnv,
+) -> None:
+    t = new_tenant()
+    ann = await batch(env, t, "ann", [turn(f"Ann: line {i}", "ann", "s1", "Ann") for i in range(5)])
+    # Same session id, another user: not Ann's episode, so never a neighbour of her turns.
+    other_user = await batch(env, t, "bo", [turn("Bo: line", "bo", "s1", "Bo")])
+    ids = [m.name.rsplit("/", 1)[1] for m in ann]
+    store = env.domain.store
+    assert set(await store.episode_neighbours(t, [ids[2]], 2, 1)) == {ids[0], ids[1], ids[3]}
+    assert set(await store.episode_neighbours(t, [ids[0]], 2, 1)) == {ids[1]}
+    assert set(await store.episode_neighbours(t, [ids[4]], 1, 1)) == {ids[3]}
+    foreign = {m.name.rsplit("/", 1)[1] for m in other_user}
+    near = await store.episode_neighbours(t, [m.name.rsplit("/", 1)[1] for m in ann], 5, 5)
+    assert set(near) == set(ids) and not set(near) & foreign
+    # A deleted turn is skipped: the nearest live one takes its place.
+    await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=ann[1].name), metadata=md(t))
+    assert set(await store.episode_neighbours(t, [ids[2]], 1, 0)) == {ids[0]}
+    # Another tenant's session of the same user and session id is invisible.
+    assert await store.episode_neighbours(new_tenant(), [ids[2]], 2, 1) == {}

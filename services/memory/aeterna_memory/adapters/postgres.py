@@ -393,7 +393,7 @@ class PostgresMemoryStore:
         return await self.db.run(tenant_id, work, readonly=True)
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str]
+        self, tenant_id: str, ids: Sequence[str], *, vectors: bool = True
     ) -> dict[str, tuple[Memory, list[float]]]:
         """Live (not deleted, not expired, not archived) memories among ``ids`` with their
         vectors.
@@ -401,6 +401,8 @@ class PostgresMemoryStore:
         Args:
             tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
             ids: Candidate ids from the index.
+            vectors: Read the vectors too; without, each vector is ``[]`` (decoding 384
+                floats a row is most of a re-read's cost).
         """
         if not ids:
             return {}
@@ -409,16 +411,74 @@ class PostgresMemoryStore:
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
-                    f"SELECT {_COLUMNS}, embedding FROM memories WHERE tenant_id = $1 "
-                    "AND id = ANY($2::uuid[]) AND deleted_at IS NULL AND archived_at IS NULL "
-                    "AND (expire_at IS NULL OR expire_at > now())",
+                    f"SELECT {_COLUMNS}{', embedding' if vectors else ''} FROM memories "
+                    "WHERE tenant_id = $1 AND id = ANY($2::uuid[]) AND deleted_at IS NULL "
+                    "AND archived_at IS NULL AND (expire_at IS NULL OR expire_at > now())",
                     tenant_id,
                     uuids,
                 )
             )
 
         rows = await self.db.run(tenant_id, work, readonly=True)
-        return {str(r["id"]): (row_to_memory(r), list(r["embedding"])) for r in rows}
+        return {
+            str(r["id"]): (row_to_memory(r), list(r["embedding"]) if vectors else []) for r in rows
+        }
+
+    async def episode_neighbours(
+        self, tenant_id: str, ids: Sequence[str], before: int, after: int
+    ) -> dict[str, Memory]:
+        """Live memories just before and after each of ``ids`` in its session.
+
+        A memory's neighbours share its tenant, layer, whole scope (every identifier) and
+        session, so whoever may read the memory may read them; the order is creation order,
+        ``(created_at, id)``, the order in which a session's turns were written (the same
+        order :meth:`recent_contents` gives write-time context in). Memories outside a
+        session have none.
+
+        Args:
+            tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
+            ids: The memories to expand.
+            before: Neighbours taken before each memory (the nearest ones).
+            after: Neighbours taken after each memory.
+
+        Returns:
+            The neighbours by id (the given memories themselves may be among them when they
+            neighbour each other).
+        """
+        if not ids or before + after <= 0:
+            return {}
+        uuids = [uuid.UUID(i) for i in ids]
+        live = (
+            "n.deleted_at IS NULL AND n.archived_at IS NULL "
+            "AND (n.expire_at IS NULL OR n.expire_at > now())"
+        )
+        same = " ".join(f"AND n.{f} IS NOT DISTINCT FROM h.{f}" for f in SCOPE_FIELDS)
+        side = (
+            "(SELECT n.id FROM memories n WHERE n.tenant_id = h.tenant_id "
+            "AND n.user_id = h.user_id AND n.session_id = h.session_id AND n.layer = h.layer "
+            f"{same} AND {live} AND (n.created_at, n.id) {{op}} (h.created_at, h.id) "
+            "ORDER BY n.created_at {dir}, n.id {dir} LIMIT {limit})"
+        )
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 "
+                    "AND id IN (SELECT k.id FROM memories h CROSS JOIN LATERAL ("
+                    + side.format(op="<", dir="DESC", limit="$3")
+                    + " UNION ALL "
+                    + side.format(op=">", dir="ASC", limit="$4")
+                    + ") AS k WHERE h.tenant_id = $1 AND h.id = ANY($2::uuid[]) "
+                    "AND h.user_id IS NOT NULL AND h.session_id IS NOT NULL)",
+                    tenant_id,
+                    uuids,
+                    before,
+                    after,
+                )
+            )
+
+        rows = await self.db.run(tenant_id, work, readonly=True)
+        return {str(r["id"]): row_to_memory(r) for r in rows}
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
         """Count one access of each memory (a search returned it), and the search and its
