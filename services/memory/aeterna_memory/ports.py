@@ -104,11 +104,18 @@ class MemoryStore(Protocol):
         """Live memories among ``ids`` with their vectors (``[]`` without ``vectors``)."""
         ...
 
-    async def episode_neighbours(
-        self, tenant_id: str, ids: Sequence[str], before: int, after: int
-    ) -> dict[str, Memory]:
-        """Live memories just before/after each of ``ids`` in its session (same layer and
-        scope)."""
+    async def read_pool(
+        self,
+        tenant_id: str,
+        ids: Sequence[str],
+        expand: Sequence[str],
+        before: int,
+        after: int,
+        *,
+        vectors: bool = True,
+    ) -> tuple[dict[str, tuple[Memory, list[float]]], dict[str, tuple[Memory, list[float]]]]:
+        """Live memories among ``ids``, and apart the live memories just before/after each of
+        ``expand`` in its session (same layer and scope), with vectors (``[]`` without)."""
         ...
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:

@@ -145,14 +145,24 @@ async def test_session_neighbours_are_the_turns_around_a_hit_in_its_own_scope(
     other_user = await batch(env, t, "bo", [turn("Bo: line", "bo", "s1", "Bo")])
     ids = [m.name.rsplit("/", 1)[1] for m in ann]
     store = env.domain.store
-    assert set(await store.episode_neighbours(t, [ids[2]], 2, 1)) == {ids[0], ids[1], ids[3]}
-    assert set(await store.episode_neighbours(t, [ids[0]], 2, 1)) == {ids[1]}
-    assert set(await store.episode_neighbours(t, [ids[4]], 1, 1)) == {ids[3]}
+
+    async def near(expand: list[str], before: int, after: int) -> set[str]:
+        hits, neighbours = await store.read_pool(t, [], expand, before, after)
+        assert hits == {}
+        return set(neighbours)
+
+    assert await near([ids[2]], 2, 1) == {ids[0], ids[1], ids[3]}
+    assert await near([ids[0]], 2, 1) == {ids[1]}
+    assert await near([ids[4]], 1, 1) == {ids[3]}
     foreign = {m.name.rsplit("/", 1)[1] for m in other_user}
-    near = await store.episode_neighbours(t, [m.name.rsplit("/", 1)[1] for m in ann], 5, 5)
-    assert set(near) == set(ids) and not set(near) & foreign
+    # Asked for every turn, each is a hit and its neighbours are the others.
+    hits, neighbours = await store.read_pool(t, ids, ids, 5, 5, vectors=False)
+    assert set(hits) == set(ids) and neighbours == {}
+    assert all(vector == [] for _, vector in hits.values())
+    assert await near(ids[:1], 0, 5) == set(ids[1:])
+    assert not await near(ids, 5, 5) & foreign
     # A deleted turn is skipped: the nearest live one takes its place.
     await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=ann[1].name), metadata=md(t))
-    assert set(await store.episode_neighbours(t, [ids[2]], 1, 0)) == {ids[0]}
+    assert await near([ids[2]], 1, 0) == {ids[0]}
     # Another tenant's session of the same user and session id is invisible.
-    assert await store.episode_neighbours(new_tenant(), [ids[2]], 2, 1) == {}
+    assert await store.read_pool(new_tenant(), [ids[2]], [ids[2]], 2, 1) == ({}, {})

@@ -424,61 +424,84 @@ class PostgresMemoryStore:
             str(r["id"]): (row_to_memory(r), list(r["embedding"]) if vectors else []) for r in rows
         }
 
-    async def episode_neighbours(
-        self, tenant_id: str, ids: Sequence[str], before: int, after: int
-    ) -> dict[str, Memory]:
-        """Live memories just before and after each of ``ids`` in its session.
+    async def read_pool(
+        self,
+        tenant_id: str,
+        ids: Sequence[str],
+        expand: Sequence[str],
+        before: int,
+        after: int,
+        *,
+        vectors: bool = True,
+    ) -> tuple[dict[str, tuple[Memory, list[float]]], dict[str, tuple[Memory, list[float]]]]:
+        """Live memories among ``ids``, and the live memories just before and after each of
+        ``expand`` in its session, in one statement.
 
-        A memory's neighbours share its tenant, layer, whole scope (every identifier) and
-        session, so whoever may read the memory may read them; the order is creation order,
-        ``(created_at, id)``, the order in which a session's turns were written (the same
-        order :meth:`recent_contents` gives write-time context in). Memories outside a
-        session have none.
+        A memory's session neighbours share its tenant, layer, whole scope (every
+        identifier) and session, so whoever may read the memory may read them; the order is
+        creation order, ``(created_at, id)``, the order in which a session's turns were
+        written (the order :meth:`recent_contents` gives write-time context in). Memories
+        outside a session have none.
 
         Args:
             tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
-            ids: The memories to expand.
-            before: Neighbours taken before each memory (the nearest ones).
-            after: Neighbours taken after each memory.
+            ids: Candidate ids from the index.
+            expand: Memories whose neighbours are wanted (usually the best of ``ids``).
+            before: Neighbours taken before each of ``expand`` (the nearest ones).
+            after: Neighbours taken after each of ``expand``.
+            vectors: Read the vectors too; without, each vector is ``[]`` (decoding 384
+                floats a row is most of a re-read's cost).
 
         Returns:
-            The neighbours by id (the given memories themselves may be among them when they
-            neighbour each other).
+            The rows of ``ids`` and, apart, those of neighbours that are not among ``ids``,
+            each by id.
         """
-        if not ids or before + after <= 0:
-            return {}
-        uuids = [uuid.UUID(i) for i in ids]
+        if not ids and not expand:
+            return {}, {}
+        if before + after <= 0:
+            expand = []
         live = (
-            "n.deleted_at IS NULL AND n.archived_at IS NULL "
-            "AND (n.expire_at IS NULL OR n.expire_at > now())"
+            "{t}.deleted_at IS NULL AND {t}.archived_at IS NULL "
+            "AND ({t}.expire_at IS NULL OR {t}.expire_at > now())"
         )
         same = " ".join(f"AND n.{f} IS NOT DISTINCT FROM h.{f}" for f in SCOPE_FIELDS)
         side = (
             "(SELECT n.id FROM memories n WHERE n.tenant_id = h.tenant_id "
             "AND n.user_id = h.user_id AND n.session_id = h.session_id AND n.layer = h.layer "
-            f"{same} AND {live} AND (n.created_at, n.id) {{op}} (h.created_at, h.id) "
-            "ORDER BY n.created_at {dir}, n.id {dir} LIMIT {limit})"
+            f"{same} AND {live.format(t='n')} AND (n.created_at, n.id) {{op}} "
+            "(h.created_at, h.id) ORDER BY n.created_at {dir}, n.id {dir} LIMIT {limit})"
+        )
+        near = (
+            "SELECT k.id FROM memories h CROSS JOIN LATERAL ("
+            + side.format(op="<", dir="DESC", limit="$4")
+            + " UNION ALL "
+            + side.format(op=">", dir="ASC", limit="$5")
+            + ") AS k WHERE h.tenant_id = $1 AND h.id = ANY($3::uuid[]) "
+            "AND h.user_id IS NOT NULL AND h.session_id IS NOT NULL"
         )
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM memories WHERE tenant_id = $1 "
-                    "AND id IN (SELECT k.id FROM memories h CROSS JOIN LATERAL ("
-                    + side.format(op="<", dir="DESC", limit="$3")
-                    + " UNION ALL "
-                    + side.format(op=">", dir="ASC", limit="$4")
-                    + ") AS k WHERE h.tenant_id = $1 AND h.id = ANY($2::uuid[]) "
-                    "AND h.user_id IS NOT NULL AND h.session_id IS NOT NULL)",
+                    f"SELECT {_COLUMNS}{', embedding' if vectors else ''} FROM memories m "
+                    f"WHERE tenant_id = $1 AND {live.format(t='m')} AND id IN ("
+                    f"SELECT unnest($2::uuid[]) UNION ALL {near})",
                     tenant_id,
-                    uuids,
+                    [uuid.UUID(i) for i in ids],
+                    [uuid.UUID(i) for i in expand],
                     before,
                     after,
                 )
             )
 
-        rows = await self.db.run(tenant_id, work, readonly=True)
-        return {str(r["id"]): row_to_memory(r) for r in rows}
+        hits: dict[str, tuple[Memory, list[float]]] = {}
+        neighbours: dict[str, tuple[Memory, list[float]]] = {}
+        wanted = set(ids)
+        for r in await self.db.run(tenant_id, work, readonly=True):
+            mid = str(r["id"])
+            row = (row_to_memory(r), list(r["embedding"]) if vectors else [])
+            (hits if mid in wanted else neighbours)[mid] = row
+        return hits, neighbours
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query: str = "") -> None:
         """Count one access of each memory (a search returned it), and the search and its

@@ -804,23 +804,27 @@ class MemoryDomain:
         candidates = {c.id: c for c in ranking if c.score >= query.min_score}
         ranked = list(candidates)
         read: dict[str, tuple[Memory, list[float]]] = {}
+        # Vectors only tell duplicates of different layers apart (``_keep``): a one-layer
+        # search reads none.
+        with_vectors = len(layers) > 1
         if self.ranker is not None and ranked:
-            ranked, candidates, read = await self._second_stage(tenant, query, ranked, candidates)
+            ranked, candidates, read = await self._second_stage(
+                tenant, query, ranked, candidates, with_vectors
+            )
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
         # top_k survive (deleted, expired and duplicate candidates drop out).
         chunk = max(2 * query.top_k, 20)
         kept: list[_Kept] = []
         for start in range(0, len(ranked), chunk):
             ids = ranked[start : start + chunk]
-            # The second stage read its pool without vectors: those are read here.
-            unread = [i for i in ids if i not in read or not read[i][1]]
-            rows = {i: read[i] for i in ids if i in read and read[i][1]}
+            unread = [i for i in ids if i not in read]
+            rows = {i: read[i] for i in ids if i in read}
             if unread:
                 with _TRACER.start_as_current_span(
                     "memory.search.reread",
                     attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(unread)},
                 ) as span:
-                    rows |= await self.store.read_hits(tenant, unread)
+                    rows |= await self.store.read_hits(tenant, unread, vectors=with_vectors)
                     span.set_attribute("aeterna.search.rows", len(rows))
             for mid in ids:
                 if mid not in rows:
@@ -852,6 +856,7 @@ class MemoryDomain:
         query: SearchQuery,
         ranked: list[str],
         candidates: dict[str, Candidate],
+        vectors: bool,
     ) -> tuple[list[str], dict[str, Candidate], dict[str, tuple[Memory, list[float]]]]:
         """Re-rank the first ``rerank_depth`` candidates, grown by their hits' session
         neighbours, with the ranker; the rest keep their fused order after them.
@@ -866,8 +871,7 @@ class MemoryDomain:
 
         Returns:
             The new order of every candidate id, the candidates with their new positions,
-            and the rows read by id (memory and an empty vector: the pool is read without
-            vectors, which only the kept hits need).
+            and the rows read by id (memory and vector, ``[]`` without ``vectors``).
         """
         pool = ranked[: self.tuning.rerank_depth]
         expand = (
@@ -879,20 +883,22 @@ class MemoryDomain:
             "memory.search.reread",
             attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(pool)},
         ) as span:
-            read, near = await asyncio.gather(
-                self.store.read_hits(tenant, pool, vectors=False),
-                self.store.episode_neighbours(
-                    tenant, expand, self.tuning.expand_before, self.tuning.expand_after
-                ),
+            read, near = await self.store.read_pool(
+                tenant,
+                pool,
+                expand,
+                self.tuning.expand_before,
+                self.tuning.expand_after,
+                vectors=vectors,
             )
             span.set_attribute("aeterna.search.rows", len(read) + len(near))
         layers = set(query.layers)
         in_pool = set(pool)
         for mid in sorted(near):
-            memory = near[mid]
+            memory = near[mid][0]
             if mid in in_pool or memory.layer not in layers:
                 continue
-            read[mid] = (memory, [])
+            read[mid] = near[mid]
             if mid not in candidates:
                 candidates[mid] = Candidate(
                     id=mid,
