@@ -46,9 +46,9 @@ LGBM_PARAMS: dict[str, Any] = {
     "metric": "ndcg",
     "eval_at": [10],
     "lambdarank_truncation_level": 20,
-    "num_leaves": 7,
+    "num_leaves": 15,
     "min_data_in_leaf": 30,
-    "learning_rate": 0.1,
+    "learning_rate": 0.05,
     "feature_fraction": 1.0,
     "bagging_fraction": 1.0,
     "lambda_l2": 1.0,
@@ -58,9 +58,10 @@ LGBM_PARAMS: dict[str, Any] = {
     "seed": 7,
     "verbose": -1,
 }
-NUM_ROUNDS = 75
-"""7 leaves x 75 rounds: leave-one-conversation-out R@10 as 15 x 150 (0.804 against 0.803)
-with a quarter of the nodes to walk per search (:class:`~aeterna_memory.domain.ranking.TreeEnsemble`)."""
+NUM_ROUNDS = 150
+"""Kept from the first model. A smaller one (7 leaves, 75 rounds, rate 0.1) has the same
+leave-one-conversation-out R@10 (0.804 against 0.803) and fits the dev file less (0.833
+against 0.862 in sample); capacity is not chosen on the dev file."""
 
 
 @dataclass
