@@ -95,9 +95,13 @@ def event_date_share(samples: list[Any], ingest_per_s: float) -> dict[str, float
     time per memory just measured through Envoy. Everything else a write does is unchanged
     by the ranker, so this share is the ingest slow-down it causes (at most, since the
     service overlaps it with I/O)."""
+    from aeterna_common.search import temporal
     from aeterna_memory.domain import ranking as rk
 
     turns = [t for s in samples for t in ev.conversation(s).turns]
+    # Cold caches: the in-process study has resolved these very texts already.
+    for memo in (temporal.resolve_relative, temporal.anchor_date, temporal.explicit_dates):
+        memo.cache_clear()
     t0 = time.perf_counter()
     for t in turns:
         rk.event_date_metadata(t.content, {"session_time": t.session_time})
