@@ -99,9 +99,23 @@ class MemoryStore(Protocol):
         ...
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str]
+        self, tenant_id: str, ids: Sequence[str], *, vectors: bool = True
     ) -> dict[str, tuple[Memory, list[float]]]:
-        """Live memories among ``ids`` with their vectors."""
+        """Live memories among ``ids`` with their vectors (``[]`` without ``vectors``)."""
+        ...
+
+    async def read_pool(
+        self,
+        tenant_id: str,
+        ids: Sequence[str],
+        expand: Sequence[str],
+        before: int,
+        after: int,
+        *,
+        vectors: bool = True,
+    ) -> tuple[dict[str, tuple[Memory, list[float]]], dict[str, tuple[Memory, list[float]]]]:
+        """Live memories among ``ids``, and apart the live memories just before/after each of
+        ``expand`` in its session (same layer and scope), with vectors (``[]`` without)."""
         ...
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query_tokens: int = 0) -> None:

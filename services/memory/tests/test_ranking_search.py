@@ -134,3 +134,35 @@ async def test_same_results_on_two_replicas_and_after_a_restart(
                 assert await results(svc_grpc.MemoryServiceStub(ch)) == first
         finally:
             await server.stop()
+
+
+async def test_session_neighbours_are_the_turns_around_a_hit_in_its_own_scope(
+    env: MemoryEnv,
+) -> None:
+    t = new_tenant()
+    ann = await batch(env, t, "ann", [turn(f"Ann: line {i}", "ann", "s1", "Ann") for i in range(5)])
+    # Same session id, another user: not Ann's episode, so never a neighbour of her turns.
+    other_user = await batch(env, t, "bo", [turn("Bo: line", "bo", "s1", "Bo")])
+    ids = [m.name.rsplit("/", 1)[1] for m in ann]
+    store = env.domain.store
+
+    async def near(expand: list[str], before: int, after: int) -> set[str]:
+        hits, neighbours = await store.read_pool(t, [], expand, before, after)
+        assert hits == {}
+        return set(neighbours)
+
+    assert await near([ids[2]], 2, 1) == {ids[0], ids[1], ids[3]}
+    assert await near([ids[0]], 2, 1) == {ids[1]}
+    assert await near([ids[4]], 1, 1) == {ids[3]}
+    foreign = {m.name.rsplit("/", 1)[1] for m in other_user}
+    # Asked for every turn, each is a hit and its neighbours are the others.
+    hits, neighbours = await store.read_pool(t, ids, ids, 5, 5, vectors=False)
+    assert set(hits) == set(ids) and neighbours == {}
+    assert all(vector == [] for _, vector in hits.values())
+    assert await near(ids[:1], 0, 5) == set(ids[1:])
+    assert not await near(ids, 5, 5) & foreign
+    # A deleted turn is skipped: the nearest live one takes its place.
+    await env.stub.DeleteMemory(svc.DeleteMemoryRequest(name=ann[1].name), metadata=md(t))
+    assert await near([ids[2]], 1, 0) == {ids[0]}
+    # Another tenant's session of the same user and session id is invisible.
+    assert await store.read_pool(new_tenant(), [ids[2]], [ids[2]], 2, 1) == ({}, {})

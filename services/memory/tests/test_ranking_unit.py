@@ -190,6 +190,20 @@ def test_the_shipped_ranker_loads_with_the_codes_feature_list() -> None:
     assert scores.shape == (8,) and np.isfinite(scores).all()
 
 
+def test_the_numpy_tree_walk_gives_lightgbms_scores() -> None:
+    ranker = rk.LambdaMartRanker.load()
+    rng = np.random.default_rng(7)
+    x = rng.random((64, len(rk.FEATURES)))
+    x[:, rk.FEATURES.index("temporal_query")] = rng.integers(0, 2, 64)
+    x[:8, rk.FEATURES.index("dense_rank_rr")] = 0.0  # exact zeros, as for absent ranks
+    expected = ranker.booster.predict(x, num_threads=1)
+    assert np.allclose(ranker.trees.predict(x), expected, rtol=0, atol=1e-12)
+    x[3, 0] = np.nan  # a missing value takes LightGBM's side too
+    assert np.allclose(
+        ranker.trees.predict(x), ranker.booster.predict(x, num_threads=1), rtol=0, atol=1e-12
+    )
+
+
 def test_same_file_same_scores_in_another_instance() -> None:
     items = [
         item(str(i), 1 - i / 10, f"Ann: I went out {'yesterday' if i % 2 else 'today'}", position=i)

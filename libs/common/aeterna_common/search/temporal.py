@@ -141,8 +141,10 @@ def is_temporal_query(query: str) -> bool:
     return bool(_TEMPORAL_QUERY.search(query))
 
 
+@lru_cache(maxsize=65536)
 def has_time_expression(text: str) -> bool:
-    """Whether ``text`` holds a date, weekday, month, year or relative time expression."""
+    """Whether ``text`` holds a date, weekday, month, year or relative time expression
+    (memoised: search asks it of the same candidates' texts again and again)."""
     return bool(_TIME_EXPRESSION.search(text) or _MONTH_NAME.search(text))
 
 
@@ -186,6 +188,7 @@ def explicit_dates(text: str) -> tuple[DateSpan, ...]:
     return tuple(dict.fromkeys((*days, *months, *years)))
 
 
+@lru_cache(maxsize=4096)
 def anchor_date(session_time: str) -> date | None:
     """The day of a session time such as ``1:56 pm on 8 May, 2023`` or ``2023-05-08T13:56``.
 

@@ -403,7 +403,7 @@ class PostgresMemoryStore:
         return await self.db.run(tenant_id, work, readonly=True)
 
     async def read_hits(
-        self, tenant_id: str, ids: Sequence[str]
+        self, tenant_id: str, ids: Sequence[str], *, vectors: bool = True
     ) -> dict[str, tuple[Memory, list[float]]]:
         """Live (not deleted, not expired, not archived) memories among ``ids`` with their
         vectors.
@@ -411,6 +411,8 @@ class PostgresMemoryStore:
         Args:
             tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
             ids: Candidate ids from the index.
+            vectors: Read the vectors too; without, each vector is ``[]`` (decoding 384
+                floats a row is most of a re-read's cost).
         """
         if not ids:
             return {}
@@ -419,16 +421,97 @@ class PostgresMemoryStore:
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
-                    f"SELECT {_COLUMNS}, embedding FROM memories WHERE tenant_id = $1 "
-                    "AND id = ANY($2::uuid[]) AND deleted_at IS NULL AND archived_at IS NULL "
-                    "AND (expire_at IS NULL OR expire_at > now())",
+                    f"SELECT {_COLUMNS}{', embedding' if vectors else ''} FROM memories "
+                    "WHERE tenant_id = $1 AND id = ANY($2::uuid[]) AND deleted_at IS NULL "
+                    "AND archived_at IS NULL AND (expire_at IS NULL OR expire_at > now())",
                     tenant_id,
                     uuids,
                 )
             )
 
         rows = await self.db.run(tenant_id, work, readonly=True)
-        return {str(r["id"]): (row_to_memory(r), list(r["embedding"])) for r in rows}
+        return {
+            str(r["id"]): (row_to_memory(r), list(r["embedding"]) if vectors else []) for r in rows
+        }
+
+    async def read_pool(
+        self,
+        tenant_id: str,
+        ids: Sequence[str],
+        expand: Sequence[str],
+        before: int,
+        after: int,
+        *,
+        vectors: bool = True,
+    ) -> tuple[dict[str, tuple[Memory, list[float]]], dict[str, tuple[Memory, list[float]]]]:
+        """Live memories among ``ids``, and the live memories just before and after each of
+        ``expand`` in its session, in one statement.
+
+        A memory's session neighbours share its tenant, layer, whole scope (every
+        identifier) and session, so whoever may read the memory may read them; the order is
+        creation order, ``(created_at, id)``, the order in which a session's turns were
+        written (the order :meth:`recent_contents` gives write-time context in). Memories
+        outside a session have none.
+
+        Args:
+            tenant_id: The tenant; rows of other tenants are invisible (RLS) and filtered.
+            ids: Candidate ids from the index.
+            expand: Memories whose neighbours are wanted (usually the best of ``ids``).
+            before: Neighbours taken before each of ``expand`` (the nearest ones).
+            after: Neighbours taken after each of ``expand``.
+            vectors: Read the vectors too; without, each vector is ``[]`` (decoding 384
+                floats a row is most of a re-read's cost).
+
+        Returns:
+            The rows of ``ids`` and, apart, those of neighbours that are not among ``ids``,
+            each by id.
+        """
+        if not ids and not expand:
+            return {}, {}
+        if before + after <= 0:
+            expand = []
+        live = (
+            "{t}.deleted_at IS NULL AND {t}.archived_at IS NULL "
+            "AND ({t}.expire_at IS NULL OR {t}.expire_at > now())"
+        )
+        same = " ".join(f"AND n.{f} IS NOT DISTINCT FROM h.{f}" for f in SCOPE_FIELDS)
+        side = (
+            "(SELECT n.id FROM memories n WHERE n.tenant_id = h.tenant_id "
+            "AND n.user_id = h.user_id AND n.session_id = h.session_id AND n.layer = h.layer "
+            f"{same} AND {live.format(t='n')} AND (n.created_at, n.id) {{op}} "
+            "(h.created_at, h.id) ORDER BY n.created_at {dir}, n.id {dir} LIMIT {limit})"
+        )
+        near = (
+            "SELECT k.id FROM memories h CROSS JOIN LATERAL ("
+            + side.format(op="<", dir="DESC", limit="$4")
+            + " UNION ALL "
+            + side.format(op=">", dir="ASC", limit="$5")
+            + ") AS k WHERE h.tenant_id = $1 AND h.id = ANY($3::uuid[]) "
+            "AND h.user_id IS NOT NULL AND h.session_id IS NOT NULL"
+        )
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return list(
+                await conn.fetch(
+                    f"SELECT {_COLUMNS}{', embedding' if vectors else ''} FROM memories m "
+                    f"WHERE tenant_id = $1 AND {live.format(t='m')} AND id IN ("
+                    f"SELECT unnest($2::uuid[]) UNION ALL {near})",
+                    tenant_id,
+                    [uuid.UUID(i) for i in ids],
+                    [uuid.UUID(i) for i in expand],
+                    before,
+                    after,
+                )
+            )
+
+        hits: dict[str, tuple[Memory, list[float]]] = {}
+        neighbours: dict[str, tuple[Memory, list[float]]] = {}
+        wanted = set(ids)
+        for r in await self.db.run(tenant_id, work, readonly=True):
+            mid = str(r["id"])
+            row = (row_to_memory(r), list(r["embedding"]) if vectors else [])
+            (hits if mid in wanted else neighbours)[mid] = row
+        return hits, neighbours
 
     async def touch(self, tenant_id: str, ids: Sequence[str], *, query_tokens: int = 0) -> None:
         """Count one access of each memory (a search returned it), and the search and its

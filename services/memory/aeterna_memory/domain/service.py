@@ -154,6 +154,10 @@ class SearchTuning:
             (reason ``CONSISTENCY_TOKEN_NOT_REACHED``) so that the edge retries elsewhere.
         rerank_depth: First-stage candidates handed to the second-stage ranker
             (:mod:`aeterna_memory.domain.ranking`); the rest keep their fused order after them.
+        expand_hits: Best first-stage candidates whose session neighbours join the ranker's
+            pool before ranking (episode expansion; 0 turns it off).
+        expand_before: Neighbours taken just before each expanded hit in its session.
+        expand_after: Neighbours taken just after each expanded hit in its session.
 
     The defaults (min-max, 0.4 dense / 0.6 lexical) weigh the stronger ranking more: on LoCoMo
     dev conversations BM25F with context beats dense alone by ~0.16 recall@10, and every
@@ -168,6 +172,9 @@ class SearchTuning:
     wait_s: float = 0.1
     token_wait_s: float = 2.0
     rerank_depth: int = 50
+    expand_hits: int = 10
+    expand_before: int = 2
+    expand_after: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,24 +832,13 @@ class MemoryDomain:
         candidates = {c.id: c for c in ranking if c.score >= query.min_score}
         ranked = list(candidates)
         read: dict[str, tuple[Memory, list[float]]] = {}
+        # Vectors only tell duplicates of different layers apart (``_keep``): a one-layer
+        # search reads none.
+        with_vectors = len(layers) > 1
         if self.ranker is not None and ranked:
-            # Second stage over the first ``rerank_depth`` candidates only: they are what the
-            # caller may read (the index filter narrowed them) and are re-read under RLS, so
-            # episode and neighbour features never see another memory.
-            pool = ranked[: self.tuning.rerank_depth]
-            with _TRACER.start_as_current_span(
-                "memory.search.reread",
-                attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(pool)},
-            ) as span:
-                read = await self.store.read_hits(tenant, pool)
-                span.set_attribute("aeterna.search.rows", len(read))
-            live = [candidates[m] for m in pool if m in read]
-            items = rank_inputs(live, [read[c.id][0] for c in live])
-            order = await asyncio.to_thread(rerank, self.ranker, QueryInfo.of(query.text), items)
-            ranked = [live[k].id for k in order] + ranked[len(pool) :]
-            candidates = {
-                mid: dataclasses.replace(candidates[mid], order=i) for i, mid in enumerate(ranked)
-            }
+            ranked, candidates, read = await self._second_stage(
+                tenant, query, ranked, candidates, with_vectors
+            )
         # Re-read candidates from the source of truth in rank order, a chunk at a time, until
         # top_k survive (deleted, expired and duplicate candidates drop out).
         chunk = max(2 * query.top_k, 20)
@@ -856,7 +852,7 @@ class MemoryDomain:
                     "memory.search.reread",
                     attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(unread)},
                 ) as span:
-                    rows |= await self.store.read_hits(tenant, unread)
+                    rows |= await self.store.read_hits(tenant, unread, vectors=with_vectors)
                     span.set_attribute("aeterna.search.rows", len(rows))
             for mid in ids:
                 if mid not in rows:
@@ -883,6 +879,78 @@ class MemoryDomain:
             for k in kept
         ]
         return SearchResult(hits=hits, stale=not fresh, applied_position=applied)
+
+    async def _second_stage(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        ranked: list[str],
+        candidates: dict[str, Candidate],
+        vectors: bool,
+    ) -> tuple[list[str], dict[str, Candidate], dict[str, tuple[Memory, list[float]]]]:
+        """Re-rank the first ``rerank_depth`` candidates, grown by their hits' session
+        neighbours, with the ranker; the rest keep their fused order after them.
+
+        The pool is what the caller may read: the index filter narrowed the candidates, and
+        a neighbour shares its hit's layer and whole scope (so the same authorization
+        decision covers it) and is read under RLS. Expansion is skipped when the query
+        filters on tags or metadata (a neighbour need not match them) or sets a
+        ``min_score`` (a neighbour has no first-stage score). An expanded memory that was
+        not a candidate enters with first-stage scores 0: the ranker's episode and
+        neighbour features carry its hit's score to it.
+
+        Returns:
+            The new order of every candidate id, the candidates with their new positions,
+            and the rows read by id (memory and vector, ``[]`` without ``vectors``).
+        """
+        pool = ranked[: self.tuning.rerank_depth]
+        expand = (
+            pool[: self.tuning.expand_hits]
+            if not query.tags and not query.metadata and query.min_score <= 0
+            else []
+        )
+        with _TRACER.start_as_current_span(
+            "memory.search.reread",
+            attributes={"aeterna.tenant": tenant, "aeterna.search.candidates": len(pool)},
+        ) as span:
+            read, near = await self.store.read_pool(
+                tenant,
+                pool,
+                expand,
+                self.tuning.expand_before,
+                self.tuning.expand_after,
+                vectors=vectors,
+            )
+            span.set_attribute("aeterna.search.rows", len(read) + len(near))
+        layers = set(query.layers)
+        in_pool = set(pool)
+        for mid in sorted(near):
+            memory = near[mid][0]
+            if mid in in_pool or memory.layer not in layers:
+                continue
+            read[mid] = near[mid]
+            if mid not in candidates:
+                candidates[mid] = Candidate(
+                    id=mid,
+                    layer=memory.layer,
+                    score=0.0,
+                    dense_score=0.0,
+                    lexical_score=0.0,
+                    order=len(candidates),
+                )
+            pool.append(mid)
+        live = [candidates[m] for m in pool if m in read]
+        items = rank_inputs(live, [read[c.id][0] for c in live])
+        # Inline: a few ms of numpy on the event loop cost less than a worker-thread hop.
+        assert self.ranker is not None
+        order = rerank(self.ranker, QueryInfo.of(query.text), items)
+        head = [live[k].id for k in order]
+        taken = set(head)
+        ranked = head + [m for m in ranked[self.tuning.rerank_depth :] if m not in taken]
+        candidates = {
+            mid: dataclasses.replace(candidates[mid], order=i) for i, mid in enumerate(ranked)
+        }
+        return ranked, candidates, read
 
     async def _search_layer(
         self,
