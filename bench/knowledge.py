@@ -235,12 +235,6 @@ async def _measure(
         }
         print(f"follower {name:<9} {len(extra)} items: {len(extra) / seconds:.1f} items/s")
     follower.pipelined, follower.embed_parallel = True, parallel
-    ingest = await _ingest(stub, md, follower, docs, args.concurrency)
-    print(
-        f"ingest: {len(docs)} items, created at {ingest['created_per_s']:.1f}/s, "
-        f"searchable after {ingest['seconds']:.1f} s ({ingest['searchable_per_s']:.1f} items/s)"
-    )
-
     written = json.loads(QUERIES.read_text())
     queries = [q["query"] for q in written] + [
         f"{rng.choice(CHOICES)} for {rng.choice(SUBJECTS)}" for _ in range(len(written))
@@ -261,7 +255,57 @@ async def _measure(
         )
 
     searches = {"hybrid": hybrid, "bm25_only": variant(0.0, 1.0), "dense_only": variant(1.0, 0.0)}
-    exact = await _measure_search(args, stub, md, searches, queries, written)
+    result: dict[str, Any] = {
+        "complete": False,
+        "synthetic_items": args.items,
+        "test_adrs": len(docs) - args.items,
+        "concurrency": args.concurrency,
+        "embedding_model": hybrid.embedder.model,
+        "embedding_sessions": parallel,
+        "ingest_comparison": {"items": args.compare_items, **comparison},
+        "checkpoints": [],
+        "recall_queries": len(written),
+        "loadavg_start": load_start,
+    }
+    # The ingest in segments, each ending at a checkpoint where search is measured on the
+    # exact scan; the results file is rewritten at each, so a run stopped early still
+    # leaves the figures of the largest size it reached.
+    marks = sorted({m + len(docs) - args.items for m in args.checkpoints if m < args.items})
+    marks.append(len(docs))
+    done, ingest_s, created_s = 0, 0.0, 0.0
+    exact: dict[str, Any] = {}
+    for mark in marks:
+        figures = await _ingest(stub, md, follower, docs[done:mark], args.concurrency)
+        ingest_s += figures["seconds"]
+        created_s += (mark - done) / figures["created_per_s"]
+        done = mark
+        exact = await _measure_search(args, stub, md, searches, queries, written)
+        ingest = {
+            "created_per_s": round(done / created_s, 1),
+            "searchable_per_s": round(done / ingest_s, 1),
+            "seconds": round(ingest_s, 1),
+        }
+        result["items"] = done
+        result["ingest"] = ingest
+        result["checkpoints"].append(
+            {
+                "items": done,
+                "ingest": ingest,
+                "search_latency_exact_scan": {
+                    k: percentiles(v) for k, v in exact["latency"].items()
+                },
+                "recall_at_3_exact_scan": exact["recall"],
+                "loadavg": os.getloadavg(),
+            }
+        )
+        print(
+            f"checkpoint {done} items: {ingest['searchable_per_s']:.1f} items/s until "
+            f"searchable, hybrid p50 "
+            f"{result['checkpoints'][-1]['search_latency_exact_scan']['hybrid']['p50_ms']} ms",
+            flush=True,
+        )
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "knowledge.json").write_text(json.dumps(result, indent=2) + "\n")
     truth = await _dense_top(hybrid, queries, 10)
 
     # HNSW graphs built on a copy of the shard and swapped in (searches go on meanwhile).
@@ -278,25 +322,22 @@ async def _measure(
     latency = graph["latency"]
     recall = graph["recall"]
     misses = graph["misses"]
-    result = {
-        "items": len(docs),
-        "synthetic_items": args.items,
-        "test_adrs": len(docs) - args.items,
-        "concurrency": args.concurrency,
-        "embedding_model": hybrid.embedder.model,
-        "embedding_sessions": parallel,
-        "ingest": ingest,
-        "ingest_comparison": {"items": args.compare_items, **comparison},
-        "search_latency": {k: percentiles(v) for k, v in latency.items()},
-        "search_latency_exact_scan": {k: percentiles(v) for k, v in exact["latency"].items()},
-        "hnsw": {"built": built, "build_s": round(build_s, 1), "recall_at_10": round(recall_10, 3)},
-        "recall_at_3": recall,
-        "recall_at_3_exact_scan": exact["recall"],
-        "recall_queries": len(written),
-        "misses": misses,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-    }
+    result.update(
+        {
+            "complete": True,
+            "search_latency": {k: percentiles(v) for k, v in latency.items()},
+            "search_latency_exact_scan": {k: percentiles(v) for k, v in exact["latency"].items()},
+            "hnsw": {
+                "built": built,
+                "build_s": round(build_s, 1),
+                "recall_at_10": round(recall_10, 3),
+            },
+            "recall_at_3": recall,
+            "recall_at_3_exact_scan": exact["recall"],
+            "misses": misses,
+            "loadavg_end": os.getloadavg(),
+        }
+    )
     for key in ("search_latency_exact_scan", "search_latency"):
         for name, figures in result[key].items():
             print(
@@ -427,7 +468,13 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=8, help="creates in flight")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the queries")
     parser.add_argument(
-        "--compare-items", type=int, default=1000, help="items per ingest comparison phase"
+        "--compare-items", type=int, default=500, help="items per ingest comparison phase"
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[5_000, 10_000, 20_000, 30_000, 40_000],
+        help="synthetic item counts (comma-separated) where search is measured during ingest",
     )
     parser.add_argument(
         "--sessions", type=int, default=2, help="embedding sessions (document embedding)"

@@ -11,7 +11,8 @@ makes every step idempotent: replaying a change is harmless.
 Vectors are made once per text: an item whose current text (:func:`source_hash`) has no
 stored chunks is chunked and embedded by the first follower that meets it, which stores the
 chunks under the tenant (application role, RLS) before indexing them, holding an advisory
-lock per text meanwhile; a follower that meets them stored (or waited on that lock) reuses
+lock per text meanwhile (one transaction per tenant and batch: the locks of a batch are taken
+in one statement, its texts embedded together); a follower that meets them stored (or waited on that lock) reuses
 them. So the replicas share the embedding work, a rebuild (a new replica, a lost index
 directory) never embeds again, and a write's consistency token is reached only once its
 item is searchable.
@@ -29,8 +30,8 @@ the trimmed changes.
 
 A periodic :meth:`KnowledgeIndexFollower.reconcile` compares the index with PostgreSQL and
 repairs what differs, and :meth:`KnowledgeIndexFollower.build_graph` builds the index's HNSW
-graphs on a copy without blocking searches (:mod:`aeterna_common.vectors.follow`, shared
-with nothing else yet: memory's follower keeps its own copy of that sequence).
+graphs on a copy without blocking searches (:func:`aeterna_common.vectors.follow.
+build_graph_on_copy`; memory's follower still has its own copy of that sequence).
 
 Catching up is a pipeline of two stages: while one batch's points are BM25-encoded and
 written to the index (Python, holding the GIL), the next batch is read, chunked and embedded
