@@ -11,11 +11,11 @@ makes every step idempotent: replaying a change is harmless.
 Vectors are made once per text: an item whose current text (:func:`source_hash`) has no
 stored chunks is chunked and embedded by the first follower that meets it, which stores the
 chunks under the tenant (application role, RLS) before indexing them, holding an advisory
-lock per text meanwhile (one transaction per tenant and batch: the locks of a batch are taken
-in one statement, its texts embedded together); a follower that meets them stored (or waited on that lock) reuses
-them. So the replicas share the embedding work, a rebuild (a new replica, a lost index
-directory) never embeds again, and a write's consistency token is reached only once its
-item is searchable.
+lock per text meanwhile (one transaction per tenant and batch: the locks of a batch are
+taken in one statement, its texts embedded together); a follower that meets them stored (or
+waited on that lock) reuses them. So the replicas share the embedding work, a rebuild (a
+new replica, a lost index directory) never embeds again, and a write's consistency token is
+reached only once its item is searchable.
 
 Every replica owns its index directory, its follower and a cursor file beside the index; a
 missing index or a cursor of another database is rebuilt from PostgreSQL in one snapshot.
