@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -192,6 +193,7 @@ async def _run(
     finally:
         await channel.close()
         await server.stop()
+        shutil.rmtree(settings.index_dir, ignore_errors=True)
 
 
 async def _measure(
