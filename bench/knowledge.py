@@ -13,16 +13,20 @@ the embedded index, its follower), then:
   created while it is held: applying one batch after the other with one embedding call per
   batch (the baseline), then pipelined (the next batch embedded while the previous one is
   written to the index) with each batch split across ``--sessions`` embedding sessions;
-* measures search latency p50/p95 over the queries of ``bench/data/knowledge_queries.json``
-  plus synthetic ones: through gRPC (hybrid, authorization included), and in process for the
-  hybrid ranking and the BM25-only baseline (the same index, dense weight 0), first on the
-  exact scan, then after the HNSW graphs were built on a copy and swapped in;
-* reports recall@3 of the answering ADR over the written queries (hybrid, BM25 only, dense
-  only) on both, and recall@10 of the HNSW index's dense nearest chunks against the exact
-  scan's over all queries.
+* at each of ``--checkpoints`` (synthetic item counts) and at the end, measures search latency
+  p50/p95 over the queries of ``bench/data/knowledge_queries.json`` plus synthetic ones:
+  through gRPC (hybrid, authorization included), and in process for the hybrid ranking and
+  the BM25-only baseline (the same index, dense weight 0), on the exact scan, with recall@3
+  of the answering ADR over the written queries (hybrid, BM25 only, dense only);
+* at the first checkpoint past ``--hnsw-at`` items (else at the end), builds the HNSW graphs
+  on a copy, swaps it in and reports recall@10 of the dense nearest chunks against the exact
+  scan's, with latency and recall@3 on the graph; at the end the graphs are built again
+  over every point and measured.
 
-Writes ``bench/results/knowledge.json``. On a shared 2-core machine the 50k ingest takes long
-(every item's sections are embedded); ``--items N`` runs a shorter configuration.
+Writes ``bench/results/knowledge.json`` at each checkpoint (``"complete": false`` until the
+end), so a run stopped early leaves the figures of the largest size it reached. On a shared
+2-core machine the 50k ingest takes long (every item's sections are embedded); ``--items N``
+runs a shorter configuration.
 
     make bench-knowledge
     python bench/knowledge.py --items 2000
