@@ -5,6 +5,7 @@ to Redis Streams."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from aeterna_common.usage import UsageReporter
 from aeterna_knowledge import items, servicer
 from aeterna_knowledge.access import Access
 from aeterna_knowledge.deps import Deps, Job, Registered, ServicerSpec
+from aeterna_knowledge.index_follower import trim_outbox
 from aeterna_knowledge.promotion import PromotionApprovals
 from aeterna_knowledge.promotion_governance import GovernanceApprovals
 from aeterna_knowledge.search import SearchParts, open_search
@@ -164,9 +166,56 @@ async def build(
                 ttl_s=settings.jobs_lease_ttl_s,
             )
 
+    follower = searching.follower
+    # This replica's name in outbox_followers: fresh per process (an old one's report expires).
+    follower_name = f"edge:{leases.new_owner_id()}"
+
+    async def report_position() -> None:
+        while True:
+            try:
+                await follower.report_position(follower_name, 3 * settings.outbox_report_interval_s)
+            except Exception:
+                log.exception("index.report_failed")
+            await asyncio.sleep(settings.outbox_report_interval_s)
+
+    async def trim(lease: leases.Lease) -> None:
+        await trim_outbox(db, lease)
+
+    async def outbox_trim() -> None:
+        if settings.outbox_trim_interval_s:
+            await leases.run_periodic_under_lease(
+                db.pool,
+                "knowledge:outbox:trim",
+                trim,
+                interval_s=settings.outbox_trim_interval_s,
+                ttl_s=settings.jobs_lease_ttl_s,
+            )
+
+    async def reconcile() -> None:
+        # Every replica reconciles its own embedded index.
+        while settings.reconcile_interval_s:
+            await asyncio.sleep(settings.reconcile_interval_s)
+            try:
+                await follower.reconcile()
+            except Exception:
+                log.exception("index.reconcile_failed")
+
+    async def build_graph() -> None:
+        # HNSW graphs are built on a copy of the shard (searches never wait), never at start.
+        while settings.graph_build_min_points:
+            await asyncio.sleep(settings.graph_build_interval_s)
+            try:
+                await follower.build_graph(settings.graph_build_min_points)
+            except Exception:
+                log.exception("index.graph_build_failed")
+
     jobs: list[Job] = [
         idempotency_gc,
-        searching.follower.run,
+        follower.run,
+        report_position,
+        outbox_trim,
+        reconcile,
+        build_graph,
         UsageReporter(db, indexer, service="knowledge", channel=items.NOTIFY_CHANNEL).run,
         monitor_job(db, items.NOTIFY_CHANNEL, "knowledge", indexer),
     ]

@@ -11,10 +11,11 @@ makes every step idempotent: replaying a change is harmless.
 Vectors are made once per text: an item whose current text (:func:`source_hash`) has no
 stored chunks is chunked and embedded by the first follower that meets it, which stores the
 chunks under the tenant (application role, RLS) before indexing them, holding an advisory
-lock per text meanwhile; a follower that meets them stored (or waited on that lock) reuses
-them. So the replicas share the embedding work, a rebuild (a new replica, a lost index
-directory) never embeds again, and a write's consistency token is reached only once its
-item is searchable.
+lock per text meanwhile (one transaction per tenant and batch: the locks of a batch are
+taken in one statement, its texts embedded together); a follower that meets them stored (or
+waited on that lock) reuses them. So the replicas share the embedding work, a rebuild (a
+new replica, a lost index directory) never embeds again, and a write's consistency token is
+reached only once its item is searchable.
 
 Every replica owns its index directory, its follower and a cursor file beside the index; a
 missing index or a cursor of another database is rebuilt from PostgreSQL in one snapshot.
@@ -22,29 +23,38 @@ Followers read every tenant's rows as the **indexer** role (SELECT only); writer
 with ``NOTIFY`` (:data:`aeterna_knowledge.items.NOTIFY_CHANNEL`), and a poll is the safety
 net. The LISTEN connection is re-opened when it drops.
 
-Knowledge's outbox is not trimmed (no job deletes its rows), so a follower never falls
-behind a trim; memory's follower handles that case.
+Each follower reports its applied position (``outbox_followers``), and the outbox is trimmed
+below every live report (:func:`trim_outbox`, migration 0006). A follower that comes back
+behind the trim (its report expired) rebuilds its index from PostgreSQL instead of skipping
+the trimmed changes.
+
+A periodic :meth:`KnowledgeIndexFollower.reconcile` compares the index with PostgreSQL and
+repairs what differs, and :meth:`KnowledgeIndexFollower.build_graph` builds the index's HNSW
+graphs on a copy without blocking searches (:func:`aeterna_common.vectors.follow.
+build_graph_on_copy`; memory's follower still has its own copy of that sequence).
+
+Catching up is a pipeline of two stages: while one batch's points are BM25-encoded and
+written to the index (Python, holding the GIL), the next batch is read, chunked and embedded
+(ONNX Runtime, releasing it). Batches are applied to the index in outbox order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import structlog
 from aeterna.knowledge.v1 import resources_pb2 as res
-from aeterna_common import usage
+from aeterna_common import leases, usage
 from aeterna_common.db import Database
-from aeterna_common.embedding import EmbeddingPort
+from aeterna_common.embedding import EmbeddingPort, Embeddings
+from aeterna_common.vectors.follow import FileCursor, build_graph_on_copy
 from aeterna_common.vectors.port import IndexPoint, SparseVector, VectorIndex
 from prometheus_client import Gauge
 
@@ -89,32 +99,13 @@ class ChunkRow:
     embedding: Sequence[float]
 
 
-class FileCursor:
-    """The applied position in a JSON file beside an embedded index, with the id of the
-    database it belongs to (written atomically; memory's ``FileCursor``)."""
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch ready for the index: each current item with its chunks, and the point ids
+    that must go (gone items, ordinals past an item's chunk count)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    async def load(self, database: str) -> int | None:
-        """The stored position; ``None`` when missing, unreadable or of another database."""
-        try:
-            data = json.loads(self.path.read_text())
-            if data["database"] != database:
-                log.warning("index.other_database", stored=data["database"], now=database)
-                return None
-            return int(data["position"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
-
-    async def save(self, position: int, database: str) -> None:
-        """Write via a temporary file and rename (atomic on POSIX), off the event loop."""
-        await asyncio.to_thread(self._save, position, database)
-
-    def _save(self, position: int, database: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"database": database, "position": position}))
-        os.replace(tmp, self.path)
+    indexed: list[tuple[asyncpg.Record, list[ChunkRow]]]
+    doomed: list[str]
 
 
 def item_id_of(resource: str) -> uuid.UUID | None:
@@ -141,6 +132,10 @@ class KnowledgeIndexFollower:
         dsn: DSN of the LISTEN connection (the indexer role's).
         batch_size: Outbox rows (or items, in a rebuild) per step.
         poll_s: Seconds between polls when no notification arrives.
+        embed_parallel: Embedding calls one batch's texts are split into, run concurrently
+            (set it to the embedder's number of document sessions: each call holds one).
+        pipelined: Overlap the embedding of a batch with the index writes of the previous
+            one (``False`` applies one batch after the other: the benchmark's baseline).
     """
 
     def __init__(
@@ -155,6 +150,8 @@ class KnowledgeIndexFollower:
         dsn: str,
         batch_size: int = 256,
         poll_s: float = 1.0,
+        embed_parallel: int = 1,
+        pipelined: bool = True,
     ) -> None:
         self.db = db
         self.indexer = indexer
@@ -165,12 +162,16 @@ class KnowledgeIndexFollower:
         self.dsn = dsn
         self.batch_size = batch_size
         self.poll_s = poll_s
+        self.embed_parallel = max(1, embed_parallel)
+        self.pipelined = pipelined
         self.applied = 0
         self.database = ""
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
         self._listen: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
+        self._rebuilds = 0
+        self._hold: int | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -234,30 +235,66 @@ class KnowledgeIndexFollower:
     # ---- applying ----------------------------------------------------------------------
 
     async def catch_up(self) -> int:
-        """Apply everything committed after the applied position.
+        """Apply everything committed after the applied position, or rebuild the index when
+        the outbox was trimmed past it.
 
         Returns:
             The number of outbox rows applied.
         """
         async with self._lock:
             total = 0
-            while True:
-                async with self.indexer.all_tenants_snapshot() as conn:
-                    changes = await conn.fetch(
-                        "SELECT position, resource FROM outbox WHERE position > $1 "
-                        "ORDER BY position LIMIT $2",
-                        self.applied,
-                        self.batch_size,
-                    )
-                    if not changes:
+            read_to = self.applied
+            indexing: asyncio.Task[None] | None = None
+            try:
+                while True:
+                    async with self.indexer.all_tenants_snapshot() as conn:
+                        trimmed = int(
+                            await conn.fetchval("SELECT upto FROM outbox_trim WHERE id = 1") or 0
+                        )
+                        # Changes after our position were trimmed while our report had
+                        # expired: rebuild (in its own snapshot) instead of skipping them.
+                        behind = trimmed > read_to
+                        if not behind:
+                            changes = await conn.fetch(
+                                "SELECT position, resource FROM outbox WHERE position > $1 "
+                                "ORDER BY position LIMIT $2",
+                                read_to,
+                                self.batch_size,
+                            )
+                            if not changes:
+                                return total
+                            ids = list(
+                                {i for c in changes if (i := item_id_of(c["resource"])) is not None}
+                            )
+                            rows, stored = await self._read(conn, ids)
+                    if behind:
+                        if indexing is not None:
+                            await indexing
+                            indexing = None
+                        log.warning("index.behind_outbox_trim", applied=read_to, trimmed=trimmed)
+                        await self._rebuild_locked()
                         return total
-                    ids = list({i for c in changes if (i := item_id_of(c["resource"])) is not None})
-                    rows, stored = await self._read(conn, ids)
-                await self._apply(rows, stored, ids)
-                last = int(changes[-1]["position"])
-                await self.cursor.save(last, self.database)
-                await self._advance(last)
-                total += len(changes)
+                    # Stage 1 (this task): chunk, embed and store the batch while stage 2
+                    # still writes the previous batch's points.
+                    prepared = await self._prepare(rows, stored, ids)
+                    read_to = int(changes[-1]["position"])
+                    if indexing is not None:
+                        await indexing
+                    indexing = asyncio.create_task(self._index_batch(prepared, read_to))
+                    if not self.pipelined:
+                        await indexing
+                        indexing = None
+                    total += len(changes)
+            finally:
+                if indexing is not None:
+                    await indexing
+
+    async def _index_batch(self, prepared: Prepared, position: int) -> None:
+        """Stage 2 of catching up: write a prepared batch's points, then record and announce
+        ``position``."""
+        await self._write_points(self.index, prepared)
+        await self.cursor.save(position, self.database)
+        await self._advance(position)
 
     async def rebuild(self) -> int:
         """Rebuild the index from PostgreSQL in one snapshot (stored vectors are reused;
@@ -267,21 +304,158 @@ class KnowledgeIndexFollower:
             The number of items indexed.
         """
         async with self._lock:
-            async with self.indexer.all_tenants_snapshot() as conn:
-                position = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM outbox"))
-                ids = [r["id"] for r in await conn.fetch("SELECT id FROM knowledge_items")]
-                live: set[str] = set()
-                for start in range(0, len(ids), self.batch_size):
-                    chunk_ids = ids[start : start + self.batch_size]
-                    rows, stored = await self._read(conn, chunk_ids)
-                    live |= await self._apply(rows, stored, chunk_ids, fresh=True)
-            stale = await self.index.all_ids() - live
-            if stale:
-                await self.index.delete(sorted(stale))
-            await self.cursor.save(position, self.database)
+            return await self._rebuild_locked()
+
+    async def _rebuild_locked(self) -> int:
+        self._rebuilds += 1
+        async with self.indexer.all_tenants_snapshot() as conn:
+            position = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM outbox"))
+            # Nothing trimmed yet reads as position 0: a rebuild covers everything committed.
+            position = max(
+                position,
+                int(await conn.fetchval("SELECT upto FROM outbox_trim WHERE id = 1") or 0),
+            )
+            ids = [r["id"] for r in await conn.fetch("SELECT id FROM knowledge_items")]
+            live: set[str] = set()
+            for start in range(0, len(ids), self.batch_size):
+                chunk_ids = ids[start : start + self.batch_size]
+                rows, stored = await self._read(conn, chunk_ids)
+                live |= await self._apply(self.index, rows, stored, chunk_ids, fresh=True)
+        stale = await self.index.all_ids() - live
+        if stale:
+            await self.index.delete(sorted(stale))
+        await self.cursor.save(position, self.database)
         await self._advance(position)
         log.info("index.rebuilt", items=len(ids), removed=len(stale), position=position)
         return len(ids)
+
+    async def build_graph(self, min_unindexed: int) -> bool:
+        """Build the index's HNSW graphs on a copy without blocking searches, when at least
+        ``min_unindexed`` points lack one (:func:`aeterna_common.vectors.follow.
+        build_graph_on_copy`). Until the copy is swapped in, this follower reports the
+        position the copy began at, so the outbox changes to replay into it are not trimmed.
+
+        Args:
+            min_unindexed: Least number of points without a graph that starts a build.
+
+        Returns:
+            Whether a copy was built and swapped in.
+        """
+        self._hold = self.applied
+        try:
+            return await build_graph_on_copy(
+                self.index,
+                self._lock,
+                lambda: self.applied,
+                lambda: self._rebuilds,
+                self._replay,
+                min_unindexed,
+            )
+        finally:
+            self._hold = None
+
+    async def _replay(self, index: VectorIndex, after: int, upto: int) -> int:
+        """Apply the outbox changes in ``(after, upto]`` to ``index`` (a copy being built);
+        returns the position reached."""
+        position = after
+        while position < upto:
+            async with self.indexer.all_tenants_snapshot() as conn:
+                changes = await conn.fetch(
+                    "SELECT position, resource FROM outbox WHERE position > $1 "
+                    "AND position <= $2 ORDER BY position LIMIT $3",
+                    position,
+                    upto,
+                    self.batch_size,
+                )
+                if not changes:
+                    return upto
+                ids = list({i for c in changes if (i := item_id_of(c["resource"])) is not None})
+                rows, stored = await self._read(conn, ids)
+            await self._apply(index, rows, stored, ids)
+            position = int(changes[-1]["position"])
+        return position
+
+    async def reconcile(self) -> dict[str, int]:
+        """Repair the index: compare it with PostgreSQL and re-apply the current state of
+        every item that differs. Idempotent.
+
+        An item differs when the index holds none of its chunks, holds a chunk of another
+        version, or holds another number of chunks than PostgreSQL stores for it; an item
+        the index holds that PostgreSQL does not is removed. The comparison runs outside the
+        apply lock (catching up and searches go on); only the repair takes it, re-reading
+        the items' current rows, so it never overwrites a newer applied change. Items whose
+        current text has no stored chunks yet are left to the outbox.
+
+        Returns:
+            ``{"added": a, "updated": u, "removed": r}``: items the index lacked, held out of
+            date, or held though gone (counted before the re-read).
+        """
+        versions = await self.index.payload_values("version")
+        owners = await self.index.payload_values("item_id")
+        indexed: dict[str, tuple[set[int], int]] = {}
+        for point, item in owners.items():
+            seen, count = indexed.get(str(item), (set(), 0))
+            version = versions.get(point)
+            seen.add(int(version) if version is not None else -1)
+            indexed[str(item)] = (seen, count + 1)
+        async with self.indexer.all_tenants_snapshot() as conn:
+            rows = await conn.fetch(
+                "SELECT i.id, i.version, (SELECT count(*) FROM knowledge_chunks c "
+                "WHERE c.tenant_id = i.tenant_id AND c.item_id = i.id "
+                "AND c.embedding_model = $1) AS chunks FROM knowledge_items i",
+                self.embedder.model,
+            )
+        live = {str(r["id"]): (int(r["version"]), int(r["chunks"])) for r in rows}
+        added = [i for i, (_, chunks) in live.items() if chunks and i not in indexed]
+        updated = [
+            i
+            for i, (version, chunks) in live.items()
+            if i in indexed and chunks and indexed[i] != ({version}, chunks)
+        ]
+        removed = [i for i in indexed if i not in live]
+        empty = {"added": 0, "updated": 0, "removed": 0}
+        if not (added or updated or removed):
+            return empty
+        differing: list[uuid.UUID] = []
+        doomed: list[str] = []
+        for i in [*added, *updated, *removed]:
+            try:
+                differing.append(uuid.UUID(i))
+            except ValueError:
+                # Not an item id of ours: drop its points.
+                doomed.extend(p for p, item in owners.items() if str(item) == i)
+        async with self._lock:
+            for start in range(0, len(differing), self.batch_size):
+                part = differing[start : start + self.batch_size]
+                async with self.indexer.all_tenants_snapshot() as conn:
+                    found, stored = await self._read(conn, part)
+                await self._apply(self.index, found, stored, part)
+            if doomed:
+                await self.index.delete(sorted(doomed))
+        result = {"added": len(added), "updated": len(updated), "removed": len(removed)}
+        log.warning("index.reconciled", **result)
+        return result
+
+    async def report_position(self, name: str, ttl_s: float) -> None:
+        """Report this follower's applied position for the outbox trim (``outbox_followers``,
+        expiring after ``ttl_s`` seconds unless reported again). While a graph build is in
+        progress, the position its copy began at is reported instead.
+
+        Args:
+            name: This follower's name (unique per replica process).
+            ttl_s: Seconds until the report expires.
+        """
+        position = self.applied if self._hold is None else min(self._hold, self.applied)
+        async with self.db.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO outbox_followers (name, position, expires_at) "
+                "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+                "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, "
+                "expires_at = EXCLUDED.expires_at",
+                name,
+                position,
+                ttl_s,
+            )
 
     async def _read(
         self, conn: asyncpg.Connection, ids: Sequence[uuid.UUID]
@@ -311,19 +485,32 @@ class KnowledgeIndexFollower:
 
     async def _apply(
         self,
+        index: VectorIndex,
         rows: Sequence[asyncpg.Record],
         stored: dict[tuple[uuid.UUID, str], list[ChunkRow]],
         ids: Sequence[uuid.UUID],
         *,
         fresh: bool = False,
     ) -> set[str]:
-        """Make the index hold the current chunks of ``ids`` (``rows``: their current rows;
+        """Make ``index`` hold the current chunks of ``ids`` (``rows``: their current rows;
         an id without a row is gone). ``fresh``: the index holds none of their points yet
         (a rebuild), so no stale ordinals are deleted.
 
         Returns:
             The point ids now indexed for these items.
         """
+        return await self._write_points(index, await self._prepare(rows, stored, ids, fresh=fresh))
+
+    async def _prepare(
+        self,
+        rows: Sequence[asyncpg.Record],
+        stored: dict[tuple[uuid.UUID, str], list[ChunkRow]],
+        ids: Sequence[uuid.UUID],
+        *,
+        fresh: bool = False,
+    ) -> Prepared:
+        """The chunks of the current texts of ``rows`` (embedded and stored where missing)
+        and the point ids of ``ids`` to delete (see :meth:`_apply`)."""
         indexed: list[tuple[asyncpg.Record, list[ChunkRow]]] = []
         doomed: list[str] = []
         present = {r["id"] for r in rows}
@@ -340,14 +527,18 @@ class KnowledgeIndexFollower:
             indexed.append((row, chunks))
             if not fresh:
                 doomed.extend(chunk_point_id(row["id"], i) for i in range(len(chunks), MAX_CHUNKS))
+        return Prepared(indexed, doomed)
+
+    async def _write_points(self, index: VectorIndex, prepared: Prepared) -> set[str]:
+        """Write a prepared batch to ``index``; returns the point ids written."""
         # BM25 encoding is pure Python: off the event loop.
         points = await asyncio.to_thread(
-            lambda: [self._point(row, c) for row, chunks in indexed for c in chunks]
+            lambda: [self._point(row, c) for row, chunks in prepared.indexed for c in chunks]
         )
         if points:
-            await self.index.upsert(points)
-        if doomed:
-            await self.index.delete(doomed)
+            await index.upsert(points)
+        if prepared.doomed:
+            await index.delete(prepared.doomed)
         return {p.id for p in points}
 
     async def _embed_and_store(
@@ -389,11 +580,13 @@ class KnowledgeIndexFollower:
                     r["id"]: source_hash(r["title"], r["summary"], r["content"])
                     for r in tenant_rows
                 }
-                for r in tenant_rows:
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                        f"knowledge-chunks:{r['id']}:{digests[r['id']]}:{model}",
-                    )
+                # One round trip for every lock, taken in the rows' (id) order: two followers
+                # meeting overlapping batches lock in the same order and never deadlock.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) "
+                    "FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n)",
+                    [f"knowledge-chunks:{r['id']}:{digests[r['id']]}:{model}" for r in tenant_rows],
+                )
                 ids = [r["id"] for r in tenant_rows]
                 live = {
                     x["id"]
@@ -419,7 +612,7 @@ class KnowledgeIndexFollower:
                         )
                 todo = [r for r in tenant_rows if r["id"] in live and r["id"] not in found]
                 texts = [chunk_text(r["title"], c) for r in todo for c in cut[r["id"]]]
-                embedded = await self.embedder.embed(texts)
+                embedded = await self._embed(texts)
                 # Billed in this transaction, which stores the chunks under their locks: a
                 # text is embedded, stored and billed once however many replicas follow.
                 await usage.record_usage(
@@ -432,13 +625,15 @@ class KnowledgeIndexFollower:
                 )
                 vectors = iter(embedded)
                 fresh = {r["id"]: [ChunkRow(c, next(vectors)) for c in cut[r["id"]]] for r in todo}
-                for r in todo:
+                if todo:
+                    # The chunk sets of the items' older texts go, in one statement.
                     await conn.execute(
-                        "DELETE FROM knowledge_chunks WHERE tenant_id = $1 AND item_id = $2 "
-                        "AND source_hash <> $3",
+                        "DELETE FROM knowledge_chunks c USING unnest($2::uuid[], $3::text[]) "
+                        "AS t(item_id, source_hash) WHERE c.tenant_id = $1 "
+                        "AND c.item_id = t.item_id AND c.source_hash <> t.source_hash",
                         tenant_id,
-                        r["id"],
-                        digests[r["id"]],
+                        [r["id"] for r in todo],
+                        [digests[r["id"]] for r in todo],
                     )
                 await conn.executemany(
                     "INSERT INTO knowledge_chunks (tenant_id, item_id, source_hash, "
@@ -464,6 +659,28 @@ class KnowledgeIndexFollower:
 
             made.update(await self.db.run(tenant_id, work))
         return made
+
+    async def _embed(self, texts: list[str]) -> Embeddings:
+        """Vectors of ``texts`` in order with their token counts, in up to ``embed_parallel``
+        concurrent calls of similar length (the embedder sorts each call's texts by length)."""
+        if not texts:
+            return Embeddings()
+        parts = min(self.embed_parallel, max(1, len(texts) // 32))
+        if parts == 1:
+            return await self.embedder.embed(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        # Interleaved slices of the length order: each call gets short and long texts alike.
+        slices = [order[k::parts] for k in range(parts)]
+        results = await asyncio.gather(
+            *(self.embedder.embed([texts[i] for i in part]) for part in slices)
+        )
+        out: list[list[float]] = [[] for _ in texts]
+        tokens = [0] * len(texts)
+        for part, vectors in zip(slices, results, strict=True):
+            for k, i in enumerate(part):
+                out[i] = vectors[k]
+                tokens[i] = vectors.tokens[k]
+        return Embeddings(out, tokens)
 
     def _point(self, row: asyncpg.Record, stored: ChunkRow) -> IndexPoint:
         chunk = stored.chunk
@@ -520,3 +737,34 @@ class KnowledgeIndexFollower:
                 waited_s=round(time.perf_counter() - started, 3),
             )
             return False
+
+
+async def trim_outbox(db: Database, lease: leases.Lease | None = None, *, batch: int = 5000) -> int:
+    """Delete the outbox rows every live follower has applied (``trim_outbox()`` of migration
+    0006: at or below the smallest unexpired report in ``outbox_followers``, the replicas'
+    index followers and the event relay), one bounded batch per transaction.
+
+    Args:
+        db: Application-role database.
+        lease: The job's lease (``knowledge:outbox:trim``); checked in each batch's
+            transaction.
+        batch: Rows per transaction (at most 10,000).
+
+    Returns:
+        How many rows were deleted.
+
+    Raises:
+        aeterna_common.leases.LeaseLostError: The lease was lost; what committed stays.
+    """
+    total = 0
+    while True:
+        async with db.pool.acquire() as conn, conn.transaction():
+            if lease is not None:
+                await leases.check(cast(asyncpg.Connection, conn), lease)
+            deleted = int(await conn.fetchval("SELECT trim_outbox($1)", batch))
+        total += deleted
+        if deleted < batch:
+            break
+    if total:
+        log.info("index.outbox_trimmed", rows=total)
+    return total

@@ -41,6 +41,7 @@ from aeterna_common.errors import Unavailable
 from aeterna_common.search import fusion
 from aeterna_common.search.lexical import BM25Encoder
 from aeterna_common.server import StartupError
+from aeterna_common.vectors.follow import FileCursor
 from aeterna_common.vectors.port import FieldMatch, IndexFilter, ScoredId, SparseVector, VectorIndex
 
 from aeterna_knowledge import items
@@ -48,7 +49,6 @@ from aeterna_knowledge.access import Access
 from aeterna_knowledge.index_follower import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
-    FileCursor,
     KnowledgeIndexFollower,
     enum_name,
 )
@@ -433,6 +433,7 @@ def build_embedder(settings: KnowledgeSettings) -> EmbeddingPort:
         return MiniLMEmbedder(
             settings.model_dir,
             intra_op_threads=settings.embedding_threads,
+            sessions=settings.embedding_sessions,
             quantize=settings.embedding_int8,
         )
     except ModelUnavailableError as exc:
@@ -469,6 +470,7 @@ async def open_search(
         embedder,
         encoder.encode_document,
         dsn=common.database_indexer_url,
+        embed_parallel=settings.embedding_sessions,
     )
     search = KnowledgeSearch(
         db,
