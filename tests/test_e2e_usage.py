@@ -148,6 +148,7 @@ async def test_rollups_add_up_under_concurrent_writes(stack: DevStack) -> None:
     user = bearer(stack, tenant, "alice")
     contents = [f"alice note {i}: the deploy window is {'x' * (i % 7)} Tuesday" for i in range(24)]
     queries = [f"when is deploy window {i}" for i in range(10)]
+    knowledge_queries = [f"which decision covers item {i}" for i in range(4)]
     items = [
         f"# Item {i}\n\n## Context\nc{i}\n\n## Decision\nd\n\n## Consequences\nq\n"
         for i in range(6)
@@ -202,10 +203,17 @@ async def test_rollups_add_up_under_concurrent_writes(stack: DevStack) -> None:
                 metadata=(*admin, ("x-aeterna-request-id", f"k-{i}")),
             )
 
+        async def knowledge_search(q: str) -> None:
+            await knowledge.SearchKnowledge(
+                ksvc.SearchKnowledgeRequest(parent=f"tenants/{tenant}", query=q, page_size=3),
+                metadata=admin,
+            )
+
         await asyncio.gather(
             *(create(i) for i in range(len(contents))),
             *(search(q) for q in queries),
             *(knowledge_item(i) for i in range(len(items))),
+            *(knowledge_search(q) for q in knowledge_queries),
         )
         dimension = 384
         chunks = [t for i, c in enumerate(items) for t in chunk_texts(f"Item {i}", c)]
@@ -217,8 +225,9 @@ async def test_rollups_add_up_under_concurrent_writes(stack: DevStack) -> None:
             ("memory", usage.EMBEDDING_TOKENS): tokens(*contents, *queries),
             ("knowledge", usage.KNOWLEDGE_ITEMS): len(items),
             ("knowledge", usage.KNOWLEDGE_BYTES): sum(len(t.encode()) for t in items),
-            ("knowledge", usage.EMBEDDING_CALLS): len(chunks),
-            ("knowledge", usage.EMBEDDING_TOKENS): tokens(*chunks),
+            ("knowledge", usage.KNOWLEDGE_SEARCHES): len(knowledge_queries),
+            ("knowledge", usage.EMBEDDING_CALLS): len(chunks) + len(knowledge_queries),
+            ("knowledge", usage.EMBEDDING_TOKENS): tokens(*chunks, *knowledge_queries),
         }
         reply = usvc.TenantUsage()
 

@@ -63,6 +63,8 @@ MEMORIES_STORED = "memory.stored"
 MEMORY_BYTES = "memory.bytes"
 """UTF-8 bytes of memory content written plus 4 bytes per vector dimension (float32), on
 create, and on update or re-embed for the content and vector that changed."""
+KNOWLEDGE_SEARCHES = "knowledge.searches"
+"""Knowledge searches served, count."""
 KNOWLEDGE_ITEMS = "knowledge.items"
 """Knowledge items created, count."""
 KNOWLEDGE_BYTES = "knowledge.bytes"
@@ -78,6 +80,7 @@ METRICS = (
     SEARCHES,
     MEMORIES_STORED,
     MEMORY_BYTES,
+    KNOWLEDGE_SEARCHES,
     KNOWLEDGE_ITEMS,
     KNOWLEDGE_BYTES,
     EVENTS_DELIVERED,
@@ -305,13 +308,15 @@ class PriceTable:
 DEFAULT_PRICES: dict[str, float] = {
     EMBEDDING_TOKENS: 0.02 / 1_000_000,
     SEARCHES: 0.10 / 1_000,
+    KNOWLEDGE_SEARCHES: 0.10 / 1_000,
     MEMORY_BYTES: 0.25 / 1_000_000_000,
     KNOWLEDGE_BYTES: 0.25 / 1_000_000_000,
     EVENTS_DELIVERED: 0.01 / 1_000,
 }
 """Illustrative defaults, per unit in USD (configure real ones): embedding tokens at $0.02 per
-million (the list price of OpenAI's text-embedding-3-small), $0.10 per thousand searches,
-$0.25 per GB stored (counted once per byte written), $0.01 per thousand events."""
+million (the list price of OpenAI's text-embedding-3-small), $0.10 per thousand searches
+(memory or knowledge), $0.25 per GB stored (counted once per byte written), $0.01 per thousand
+events."""
 
 
 EMBEDDING_BUDGET_EXHAUSTED = "EMBEDDING_BUDGET_EXHAUSTED"

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 from aeterna.knowledge.v1 import resources_pb2 as res
+from aeterna_common import usage
 from aeterna_common.config import CommonSettings
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
 from aeterna_common.db import Database
-from aeterna_common.embedding import EmbeddingPort
+from aeterna_common.embedding import EmbeddingPort, Embeddings
 from aeterna_common.errors import Unavailable
 from aeterna_common.search import fusion
 from aeterna_common.search.lexical import BM25Encoder
@@ -310,12 +311,13 @@ class KnowledgeSearch:
                 return True
             return await self.follower.wait_for(await self.latest_position(tenant), tuning.wait_s)
 
-        async def dense_vector() -> list[float]:
-            return (await self.embedder.embed_query([query.text]))[0] if dense_on else []
+        async def dense_vector() -> Embeddings:
+            return await self.embedder.embed_query([query.text]) if dense_on else Embeddings()
 
-        fresh, dense_q, sparse_q = await asyncio.gather(
+        fresh, embedded, sparse_q = await asyncio.gather(
             caught_up(), dense_vector(), asyncio.to_thread(self.encode_query, query.text)
         )
+        dense_q = embedded[0] if embedded else []
         applied = self.follower.applied
         flt = index_filter(tenant, query, units)
         n = max(tuning.candidates, query.limit)
@@ -331,8 +333,27 @@ class KnowledgeSearch:
         )
         hits = await self._read_hits(tenant, fused, query, units)
         ordered = order_hits(hits, tuning.near_tie)[: query.limit]
+        await self._bill(tenant, embedded.total_tokens)
         log.debug("search", hits=len(ordered), ms=round((time.perf_counter() - started) * 1e3, 2))
         return Outcome(hits=ordered, stale=not fresh, applied_position=applied)
+
+    async def _bill(self, tenant: str, query_tokens: int) -> None:
+        """Record the search and its query's embedding as billable usage
+        (:mod:`aeterna_common.usage`); 0 tokens: the vector came from the cache (no call) or
+        dense retrieval is off."""
+
+        async def work(conn: asyncpg.Connection) -> None:
+            await usage.record_usage(
+                conn,
+                tenant,
+                {
+                    usage.KNOWLEDGE_SEARCHES: 1,
+                    usage.EMBEDDING_CALLS: 1 if query_tokens else 0,
+                    usage.EMBEDDING_TOKENS: query_tokens,
+                },
+            )
+
+        await self.db.run(tenant, work)
 
     async def latest_position(self, tenant_id: str) -> int:
         """The tenant's last committed outbox position (0 when none)."""
