@@ -60,6 +60,16 @@ async def latest_position(env: MemoryEnv) -> int:
         await conn.close()
 
 
+async def reported(env: MemoryEnv, name: str) -> int:
+    conn = await asyncpg.connect(env.urls.superuser)
+    try:
+        return int(
+            await conn.fetchval("SELECT position FROM outbox_followers WHERE name = $1", name)
+        )
+    finally:
+        await conn.close()
+
+
 async def test_background_build_keeps_points_serves_and_replays(
     env: MemoryEnv, tmp_path: Path
 ) -> None:
@@ -115,6 +125,8 @@ async def test_background_build_keeps_points_serves_and_replays(
                 answered.append((time.perf_counter() - t, len(hits)))
                 await asyncio.sleep(0.005)
 
+        start = await latest_position(env)
+        assert await follower.wait_for(start, 10)
         querying = asyncio.create_task(query_forever())
         building = asyncio.create_task(follower.build_graph(1))
         await asyncio.wait_for(index.copy_built.wait(), 60)
@@ -132,8 +144,15 @@ async def test_background_build_keeps_points_serves_and_replays(
             svc.DeleteMemoryRequest(name=f"{parent}/memories/{gone}"), metadata=md(tenant)
         )
         assert await follower.wait_for(await latest_position(env), 10)
+        # The copy replays from where it began: the outbox trim must keep those rows, so the
+        # follower reports that position, not the one it has applied, until the swap.
+        assert follower.applied > start
+        assert await follower.report_position("graph-build-test", 60)
+        assert await reported(env, "graph-build-test") == start
         index.gate.set()
         assert await asyncio.wait_for(building, 60) is True
+        assert await follower.report_position("graph-build-test", 60)
+        assert await reported(env, "graph-build-test") == follower.applied
         stop.set()
         await querying
 

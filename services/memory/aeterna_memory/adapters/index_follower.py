@@ -419,6 +419,9 @@ class IndexFollower:
         self._listen: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._rebuilds = 0
+        # Set while a graph build's copy replays the outbox from this position: the trim must
+        # keep those rows, so reports hold back to it.
+        self._copy_from: int | None = None
         self.database = ""
         self.keeper: leases.LeaseKeeper | None = None
         self._keeping: asyncio.Task[None] | None = None
@@ -658,7 +661,7 @@ class IndexFollower:
                 "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, "
                 "expires_at = EXCLUDED.expires_at",
                 name,
-                self.applied,
+                self.applied if self._copy_from is None else min(self.applied, self._copy_from),
                 ttl_s,
             )
         return True
@@ -816,8 +819,13 @@ class IndexFollower:
         async with self._lock:
             # Everything up to this position is in the live shard before the copy begins.
             start, rebuilds = self.applied, self._rebuilds
+            self._copy_from = start
         began = time.perf_counter()
-        copy = await buildable.build_copy()
+        try:
+            copy = await buildable.build_copy()
+        except BaseException:
+            self._copy_from = None
+            raise
         try:
             position = await self._replay(copy, start)
             async with self._lock:
@@ -830,6 +838,8 @@ class IndexFollower:
         except BaseException:
             await buildable.discard(copy)
             raise
+        finally:
+            self._copy_from = None
         log.info(
             "index.graph_built",
             seconds=round(time.perf_counter() - began, 1),
