@@ -180,8 +180,10 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
             await create(env, tenant, memory(f"after the cut {i}", user_id="u"))
         p3 = await max_position(env)
         await until(lambda: b.applied >= p3 and a.applied >= p3, 10, "phase 3 applied")
-        await asyncio.sleep(0.5)
-        assert a.leader is False and b.leader is True
+        # Exactly one leader. Usually b; on a loaded machine b's renewal may lapse and a take
+        # the lease again at a newer epoch, which is correct as long as each epoch has one
+        # holder and nothing is applied twice (checked below).
+        assert a.leader != b.leader
 
         # No position applied twice, none skipped, and never by a deposed epoch.
         covered: list[int] = []
@@ -190,9 +192,13 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
         assert sorted(covered) == covered == list(range(start_position + 1, p3 + 1))
         epochs = [epoch for _, epoch, _, _ in log]
         assert epochs == sorted(epochs)
-        assert all(epoch == 1 for name, epoch, _, _ in log if name == "a")
-        assert all(epoch >= 2 for name, epoch, _, _ in log if name == "b")
-        b_epoch = b.keeper.lease.epoch if b.keeper and b.keeper.lease else 0
+        # One holder per epoch: a applied at epoch 1 (and later ones only if it took the
+        # lease again), b only at the epochs it held, never at a's.
+        a_epochs = {epoch for name, epoch, _, _ in log if name == "a"}
+        b_epochs = {epoch for name, epoch, _, _ in log if name == "b"}
+        assert 1 in a_epochs and a_epochs.isdisjoint(b_epochs) and min(b_epochs) >= 2
+        holder = a if a.leader else b
+        holder_epoch = holder.keeper.lease.epoch if holder.keeper and holder.keeper.lease else 0
         # The shared index holds the tenant's 15 memories at their revisions.
         values = await index.payload_values("revision")
         conn = await asyncpg.connect(env.urls.superuser)
@@ -207,7 +213,7 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
             await conn.close()
         assert len(rows) == 15
         assert all(values[str(r["id"])] == r["revision"] for r in rows)
-        assert cursor is not None and cursor["position"] >= p3 and cursor["epoch"] == b_epoch
+        assert cursor is not None and cursor["position"] >= p3 and cursor["epoch"] == holder_epoch
     finally:
         await rb.stop()
         await ra.stop()
