@@ -49,6 +49,7 @@ from aeterna_common.auth import ServiceCredentials
 from aeterna_common.db import Database
 from aeterna_common.errors import Aborted
 from aeterna_devstack.auth import DevAuth
+from aeterna_devstack.pytest_plugin import while_aborted
 from aeterna_devstack.servers import free_port
 from aeterna_devstack.stack import SYNC_DATABASE, DevStack
 from aeterna_sync.pointers import PointerSync
@@ -180,17 +181,10 @@ async def _accepted_adr(
 
 
 async def _trigger(sync: Any, md: Any) -> sres.SyncCycle:
-    """TriggerSync, again while another replica's cycle holds the tenant (ABORTED)."""
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            try:
-                return await sync.TriggerSync(  # type: ignore[no-any-return]
-                    ssvc.TriggerSyncRequest(parent=PARENT), metadata=md
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.ABORTED:
-                    raise
-            await asyncio.sleep(0.2)
+    """TriggerSync, again while another cycle holds the tenant's lease (ABORTED)."""
+    return await while_aborted(
+        lambda: sync.TriggerSync(ssvc.TriggerSyncRequest(parent=PARENT), metadata=md), WAIT_S
+    )
 
 
 async def _conflicts(sync: Any, md: Any, item: str = "") -> list[sres.SyncConflict]:

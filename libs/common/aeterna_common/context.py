@@ -84,7 +84,10 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        """Resource-style actor string: ``users/{user}`` or ``users/{user}/agents/{agent}``."""
+        """Resource-style actor string: ``users/{user}``, ``users/{user}/agents/{agent}``, or
+        ``services/{service}`` for a service principal (token ``sub`` ``service:{service}``)."""
+        if self.is_service:
+            return f"services/{self.user_id.removeprefix('service:')}"
         base = f"users/{self.user_id}"
         return f"{base}/agents/{self.agent_id}" if self.agent_id else base
 

@@ -54,6 +54,13 @@ def test_principal_from_claims() -> None:
     }
     service = principal_from_claims({"sub": "service:memory", "roles": "SERVICE"})
     assert service.is_service and service.tenant_id == ""
+    assert service.actor == "services/memory"
+    # Acting in a request's tenant, it is still the service, never a user of that tenant.
+    acting = service.acting_in("acme")
+    assert acting.is_service and acting.tenant_id == "acme" and acting.actor == "services/memory"
+    assert principal_from_claims({"tenant": "acme", "sub": "u"}).acting_in("other").tenant_id == (
+        "acme"
+    )
     with pytest.raises(Unauthenticated) as missing:
         principal_from_claims({"tenant": "acme"})
     assert missing.value.reason == "TOKEN_CLAIM_MISSING"

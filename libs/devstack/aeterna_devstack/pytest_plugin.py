@@ -11,20 +11,43 @@ tokens: :func:`session_auth` is one development key per test process, and
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import pytest
 import pytest_asyncio
 from aeterna_common.db import provision
 
 from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAuth
 from aeterna_devstack.servers import PostgresServer, RedisServer
+
+T = TypeVar("T")
+
+
+async def while_aborted(call: Callable[[], Awaitable[T]], timeout_s: float = 30.0) -> T:
+    """``call()`` again every 0.2 s while it fails with ``ABORTED`` (a conflict that a retry of
+    the whole call resolves, https://google.aip.dev/194), for up to ``timeout_s`` seconds.
+
+    Raises:
+        grpc.aio.AioRpcError: Any other code, or ``ABORTED`` past the deadline.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 @functools.cache

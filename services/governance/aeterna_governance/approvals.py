@@ -197,8 +197,6 @@ def check_comment(comment: str, required: bool) -> None:
 def requester_of(principal: Principal) -> str:
     """Who ``principal`` is as a requester: ``services/{service}`` for a service principal
     (token ``sub`` ``service:{service}``), else its actor (``users/{user}``, ...)."""
-    if principal.is_service:
-        return f"services/{principal.user_id.removeprefix('service:')}"
     return principal.actor
 
 
