@@ -363,3 +363,26 @@ async def test_a_burst_of_rotated_tokens_shares_one_refetch(
         assert server.fetches == 2
     finally:
         server.close()
+
+
+async def test_a_governance_directory_needs_the_service_token(tmp_path: Path) -> None:
+    from aeterna_common.authz import StaticDirectory
+    from aeterna_common.authz.governance import GovernanceDirectory, directory_from_settings
+    from aeterna_common.server import StartupError
+
+    url = "127.0.0.1:1"
+    # No directory address: token roles only.
+    assert directory_from_settings(CommonSettings(authz_directory_url="")) is None
+    # An explicit directory wins over the address.
+    given = StaticDirectory({})
+    assert directory_from_settings(CommonSettings(authz_directory_url=url), given) is given
+    # An address without the service's own token: refused at start, never an anonymous call.
+    with pytest.raises(StartupError, match="AETERNA_SERVICE_TOKEN_FILE"):
+        directory_from_settings(CommonSettings(authz_directory_url=url, service_token_file=""))
+    token = tmp_path / "token"
+    token.write_text("a.b.c")
+    found = directory_from_settings(
+        CommonSettings(authz_directory_url=url, service_token_file=token)
+    )
+    assert isinstance(found, GovernanceDirectory)
+    await found.close()

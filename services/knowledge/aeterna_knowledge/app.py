@@ -16,6 +16,7 @@ from aeterna_common import leases, writes
 from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
+from aeterna_common.authz.governance import directory_from_settings
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.events import relay_from_settings
@@ -52,26 +53,6 @@ class KnowledgeApp(ServiceApp):
     servicers: dict[str, Registered] = field(default_factory=dict)
 
 
-def _directory(common: CommonSettings, directory: Directory | None) -> Directory | None:
-    """``directory``, else governance's (``AETERNA_AUTHZ_DIRECTORY_URL``, called with the
-    service's own token), else None (token roles only).
-
-    Raises:
-        StartupError: A governance directory is configured without service credentials.
-    """
-    if directory is not None or not common.authz_directory_url:
-        return directory
-    credentials = ServiceCredentials.from_settings(common)
-    if credentials is None:
-        raise StartupError(
-            "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
-            "called with the service's own token"
-        )
-    from aeterna_common.authz.governance import GovernanceDirectory
-
-    return GovernanceDirectory(common.authz_directory_url, credentials)
-
-
 async def build(
     common: CommonSettings | None = None,
     settings: KnowledgeSettings | None = None,
@@ -98,7 +79,7 @@ async def build(
     common = common or CommonSettings()
     settings = settings or KnowledgeSettings()
     schema = schema or SchemaSettings()
-    source = _directory(common, directory)
+    source = directory_from_settings(common, directory)
     try:
         await prepare_schema(
             schema,

@@ -18,6 +18,7 @@ from aeterna_common.admission import ForegroundGauge, TenantRateLimit
 from aeterna_common.anomaly import monitor_job
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
+from aeterna_common.authz.governance import directory_from_settings
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.embedding.port import EmbeddingPort
@@ -333,15 +334,7 @@ def build_authorizer(
     Raises:
         StartupError: A governance directory is configured without service credentials.
     """
-    if directory is None and common.authz_directory_url:
-        if credentials is None:
-            raise StartupError(
-                "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
-                "called with the service's own token"
-            )
-        from aeterna_common.authz.governance import GovernanceDirectory
-
-        directory = GovernanceDirectory(common.authz_directory_url, credentials)
+    directory = directory_from_settings(common, directory, credentials)
     cache = None
     if directory is not None:
         cache = DirectoryCache(

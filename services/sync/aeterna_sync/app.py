@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from aeterna_common.auth import ServiceCredentials
 from aeterna_common.authz import Authorizer, Directory, DirectoryCache
+from aeterna_common.authz.governance import directory_from_settings
 from aeterna_common.config import CommonSettings
 from aeterna_common.db import Database, SchemaNotReadyError, SchemaSettings, prepare_schema
 from aeterna_common.events import EventConsumer, StreamTrim, consumer_redis
@@ -51,26 +52,6 @@ class SyncApp(ServiceApp):
     servicers: dict[str, Registered] = field(default_factory=dict)
 
 
-def _directory(common: CommonSettings, directory: Directory | None) -> Directory | None:
-    """``directory``, else governance's (``AETERNA_AUTHZ_DIRECTORY_URL``, called with the
-    service's own token), else None (token roles only).
-
-    Raises:
-        StartupError: A governance directory is configured without service credentials.
-    """
-    if directory is not None or not common.authz_directory_url:
-        return directory
-    credentials = ServiceCredentials.from_settings(common)
-    if credentials is None:
-        raise StartupError(
-            "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
-            "called with the service's own token"
-        )
-    from aeterna_common.authz.governance import GovernanceDirectory
-
-    return GovernanceDirectory(common.authz_directory_url, credentials)
-
-
 async def build(
     common: CommonSettings | None = None,
     settings: SyncSettings | None = None,
@@ -96,7 +77,7 @@ async def build(
     schema = schema or SchemaSettings()
     if not common.redis_url:
         raise StartupError("AETERNA_REDIS_URL is required: live events come from its streams")
-    source = _directory(common, directory)
+    source = directory_from_settings(common, directory)
     try:
         await prepare_schema(
             schema,

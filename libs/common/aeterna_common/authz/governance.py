@@ -10,7 +10,10 @@ from aeterna.governance.v1 import organization_service_pb2_grpc as org_grpc
 from aeterna.governance.v1 import resources_pb2 as gres
 
 from aeterna_common.auth import ServiceCredentials
+from aeterna_common.authz.directory import Directory
 from aeterna_common.authz.model import Delegation, OrgUnit, RoleBinding, Snapshot, UnitKind
+from aeterna_common.config import CommonSettings
+from aeterna_common.server import StartupError
 from aeterna_common.telemetry import client_interceptors
 
 CALL_TIMEOUT_S = 2.0
@@ -87,3 +90,31 @@ class GovernanceDirectory:
     async def close(self) -> None:
         """Close the channel."""
         await self.channel.close()
+
+
+def directory_from_settings(
+    common: CommonSettings,
+    directory: Directory | None = None,
+    credentials: ServiceCredentials | None = None,
+) -> Directory | None:
+    """A service's source of role bindings: ``directory`` when given (plain data, e.g. a
+    ``StaticDirectory`` in tests), else governance's at ``AETERNA_AUTHZ_DIRECTORY_URL`` called
+    with the service's own token, else None (token roles only).
+
+    Args:
+        common: Shared settings.
+        directory: An explicit directory, returned as is.
+        credentials: The service's token; read from the settings when omitted.
+
+    Raises:
+        StartupError: A governance directory is configured without service credentials.
+    """
+    if directory is not None or not common.authz_directory_url:
+        return directory
+    credentials = credentials or ServiceCredentials.from_settings(common)
+    if credentials is None:
+        raise StartupError(
+            "AETERNA_AUTHZ_DIRECTORY_URL needs AETERNA_SERVICE_TOKEN_FILE: governance is "
+            "called with the service's own token"
+        )
+    return GovernanceDirectory(common.authz_directory_url, credentials)
