@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import structlog
 
@@ -138,3 +138,25 @@ def init_background_child(nice: int, poll_s: float = 1.0, idle: bool = False) ->
         os._exit(0)  # the parent is gone: nobody will read a result
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def stop_background_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool of background children now, abandoning the work they hold.
+
+    ``shutdown(wait=False)`` alone lets each child finish the work item it holds, and the
+    interpreter's exit then joins them (``_python_exit`` in ``concurrent/futures/process.py``):
+    a ``SCHED_IDLE`` child in the middle of a batch on a busy machine gets almost no CPU, so a
+    service stopping on SIGTERM would wait minutes for a result nobody reads. Background work
+    is redone from durable state (an outbox cursor, a retried call), so the children are
+    killed (SIGKILL) after pending calls are cancelled.
+
+    Args:
+        pool: The pool to stop; calls still pending on it are cancelled and running ones
+            fail with ``BrokenProcessPool``.
+    """
+    # Read before shutdown(), which drops the pool's reference to its processes.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.kill()

@@ -27,7 +27,11 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from aeterna_common.embedding.port import EmbeddingError, Embeddings, EmbeddingUnavailableError
-from aeterna_common.priority import background_executor, init_background_child
+from aeterna_common.priority import (
+    background_executor,
+    init_background_child,
+    stop_background_pool,
+)
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 """Name recorded with every vector."""
@@ -280,7 +284,7 @@ class MiniLMEmbedder:
             # A child died (killed, out of memory): later calls get a fresh pool.
             if self._process is pool and not self._closed:
                 self._process = self._start_process_lane(self._process_workers, warm=False)
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop_background_pool(pool)
             raise EmbeddingUnavailableError(f"document embedding process died: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EmbeddingError(f"ONNX inference failed: {exc}") from exc
@@ -302,7 +306,7 @@ class MiniLMEmbedder:
                 for f in [pool.submit(_child_pid) for _ in range(workers)]:
                     f.result(timeout=120)
             except Exception as exc:
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop_background_pool(pool)
                 raise ModelUnavailableError(
                     f"the document embedding process did not start: {exc!r}"
                 ) from exc
@@ -432,7 +436,7 @@ class MiniLMEmbedder:
         self._executor.shutdown(wait=False)
         self._query_executor.shutdown(wait=False)
         if self._process is not None:
-            self._process.shutdown(wait=False, cancel_futures=True)
+            stop_background_pool(self._process)
 
 
 _CHILD: MiniLMEmbedder | None = None

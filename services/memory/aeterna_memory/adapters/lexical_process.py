@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import structlog
-from aeterna_common.priority import init_background_child
+from aeterna_common.priority import init_background_child, stop_background_pool
 from aeterna_common.search.lexical import encode_document
 from aeterna_common.vectors.port import SparseVector
 
@@ -95,13 +95,13 @@ class ProcessDocumentEncoder:
             log.warning("lexical_process.died", documents=len(docs))
             if pool is self._pool:
                 self._pool = self._start()
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop_background_pool(pool)
             return await asyncio.to_thread(lambda: [encode_document(c, x) for c, x in docs])
         return [SparseVector(indices=i, values=v) for i, v in parts]
 
     def close(self) -> None:
         """Stop the children (pending calls are cancelled)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        stop_background_pool(self._pool)
 
 
 def _encode_batch(docs: list[tuple[str, list[str]]]) -> list[tuple[list[int], list[float]]]:
