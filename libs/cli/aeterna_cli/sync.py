@@ -26,6 +26,12 @@ from aeterna.sync.v1 import sync_service_pb2_grpc as svc_grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from aeterna_cli import client
 from aeterna_cli.governance import caller
@@ -182,22 +188,39 @@ def sync_status(
     console.print_json(json.dumps(json_format.MessageToDict(got)))
 
 
+TRIGGER_WAIT_S = 60.0
+"""Seconds ``sync trigger`` waits out a cycle that another replica runs for the tenant."""
+
+
+def _aborted(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.ABORTED
+
+
 @sync_app.command("trigger")
 def sync_trigger(
     tenant: Tenant = "default", user: User = "cli", token: Token = None, roles: Roles = ""
 ) -> None:
-    """Start a full reconcile (or show the one running)."""
+    """Run a full reconcile and show the finished cycle; while another replica runs the
+    tenant's cycle (``ABORTED``, reason ``SYNC_CYCLE_RUNNING``), wait for it and try again, up
+    to TRIGGER_WAIT_S seconds."""
     rid = client.new_request_id()
-    got = _sync_call(
-        tenant,
-        user,
-        token,
-        roles,
-        lambda stub, c: stub.TriggerSync(
-            svc.TriggerSyncRequest(parent=c.parent, request_id=rid),
-            metadata=client.write_metadata(c.token, rid),
-        ),
-    )
+
+    async def trigger(stub: svc_grpc.SyncServiceStub, c: Any) -> res.SyncCycle:
+        # AIP-194: ABORTED is retried at the level of the whole call; a cycle is idempotent.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_aborted),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            stop=stop_after_delay(TRIGGER_WAIT_S),
+            reraise=True,
+        ):
+            with attempt:
+                got: res.SyncCycle = await stub.TriggerSync(
+                    svc.TriggerSyncRequest(parent=c.parent, request_id=rid),
+                    metadata=client.write_metadata(c.token, rid),
+                )
+        return got
+
+    got = _sync_call(tenant, user, token, roles, trigger)
     console.print_json(json.dumps(json_format.MessageToDict(got)))
 
 
