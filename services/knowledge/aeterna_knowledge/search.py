@@ -33,6 +33,7 @@ import asyncpg
 import structlog
 from aeterna.knowledge.v1 import resources_pb2 as res
 from aeterna_common import usage
+from aeterna_common.after_answer import AfterAnswer
 from aeterna_common.config import CommonSettings
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
@@ -252,6 +253,8 @@ class KnowledgeSearch:
         self.encode_query = encode_query
         self.access = access
         self.tuning = tuning or SearchTuning()
+        self.after_answer = AfterAnswer()
+        """Usage writes started after the answer (:meth:`_bill`), drained at close."""
 
     async def search(
         self, principal: Principal, query: Query, *, min_position: int | None = None
@@ -333,7 +336,10 @@ class KnowledgeSearch:
         )
         hits = await self._read_hits(tenant, fused, query, units)
         ordered = order_hits(hits, tuning.near_tie)[: query.limit]
-        await self._bill(tenant, embedded.total_tokens)
+        # Billing is read hours later: its transaction does not delay the answer.
+        self.after_answer.spawn(
+            self._bill(tenant, embedded.total_tokens), "search.usage_not_written", tenant=tenant
+        )
         log.debug("search", hits=len(ordered), ms=round((time.perf_counter() - started) * 1e3, 2))
         return Outcome(hits=ordered, stale=not fresh, applied_position=applied)
 
@@ -433,7 +439,9 @@ class SearchParts:
     embedder: EmbeddingPort
 
     async def close(self) -> None:
-        """Stop following, close the index (flushes it) and the embedder."""
+        """Finish the pending usage writes, stop following, close the index (flushes it) and
+        the embedder."""
+        await self.search.after_answer.drain()
         await self.follower.close()
         with contextlib.suppress(Exception):
             await self.index.close()

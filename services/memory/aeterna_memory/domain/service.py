@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 import structlog
 from aeterna_common.admission import ForegroundGauge, TenantRateLimit
+from aeterna_common.after_answer import AfterAnswer
 from aeterna_common.authz import Authorizer, ReadableScope, Resource, denied
 from aeterna_common.consistency import TOKEN_NOT_REACHED
 from aeterna_common.context import Principal
@@ -281,7 +282,7 @@ class MemoryDomain:
         self.batch_limit = batch_limit
         self.model_mismatch: str | None = None
         """Set while stored vectors are of another model: searches are refused with it."""
-        self._touches: set[asyncio.Task[None]] = set()
+        self._after_answer = AfterAnswer()
         self.embedding_cap: Callable[[str], Awaitable[None]] | None = None
         """Raises ``RESOURCE_EXHAUSTED`` for a tenant whose budget is spent (hard cap), before
         the model embeds documents (:class:`aeterna_common.usage.EmbeddingCap`)."""
@@ -304,22 +305,16 @@ class MemoryDomain:
             query_tokens: Tokens the model read to embed the query (billed with the search,
                 :mod:`aeterna_common.usage`); 0 when its vector came from the cache.
         """
-        task = asyncio.get_running_loop().create_task(
-            self._touch(tenant_id, list(ids), query_tokens)
+        self._after_answer.spawn(
+            self.store.touch(tenant_id, list(ids), query_tokens=query_tokens),
+            "search.access_count_not_written",
+            tenant=tenant_id,
+            hits=len(ids),
         )
-        self._touches.add(task)  # a reference, or the loop may drop the task midway
-        task.add_done_callback(self._touches.discard)
-
-    async def _touch(self, tenant_id: str, ids: list[str], query_tokens: int) -> None:
-        try:
-            await self.store.touch(tenant_id, ids, query_tokens=query_tokens)
-        except Exception:
-            log.warning("search.access_count_not_written", tenant=tenant_id, hits=len(ids))
 
     async def drain_touches(self) -> None:
         """Wait until every pending access-count write has finished (at shutdown)."""
-        while self._touches:
-            await asyncio.gather(*self._touches, return_exceptions=True)
+        await self._after_answer.drain()
 
     # ---- embeddings ------------------------------------------------------------------
 
