@@ -113,7 +113,7 @@ class Replica:
             dimension=DIM,
             lease_name=lease_name,
             lease_ttl_s=3.0,
-            apply_timeout_s=1.5,  # well under the 3 s lease, with room for a loaded machine
+            apply_timeout_s=0.5,  # the default ttl / 6: below the 1 s renewal interval
             poll_s=0.2,
         )
         await self.follower.start()
@@ -217,6 +217,24 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
     finally:
         await rb.stop()
         await ra.stop()
+
+
+async def test_a_batch_margin_beyond_the_renewal_interval_is_refused(env: MemoryEnv) -> None:
+    # Just before a renewal the keeper counts ttl / 3 left: a batch needing more would find
+    # the lease "not held" on every other step, and the leader would give it up.
+    with pytest.raises(ValueError, match="renewal interval"):
+        IndexFollower(
+            Database(env.urls.app),
+            Database(env.urls.indexer),
+            shared_index(),
+            PostgresCursor(Database(env.urls.app), "test:margin"),
+            encode_document,
+            dsn=env.urls.indexer,
+            dimension=DIM,
+            lease_name="test-lease:margin",
+            lease_ttl_s=3.0,
+            apply_timeout_s=1.5,
+        )
 
 
 async def test_a_stale_epoch_is_refused(env: MemoryEnv) -> None:

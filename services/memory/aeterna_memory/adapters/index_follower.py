@@ -363,8 +363,9 @@ class IndexFollower:
             ``None`` in embedded mode (every replica maintains its own index).
         lease_ttl_s: Time to live of that lease in seconds.
         apply_timeout_s: Longest time one batch may take to reach a shared index, in
-            seconds; a batch starts only with at least this much left on the lease, so a
-            deposed leader's batch ends before anybody else can hold the lease.
+            seconds (default ``lease_ttl_s / 6``); a batch starts only with at least this much
+            left on the lease, so a deposed leader's batch ends before anybody else can hold
+            the lease. Must be below the renewal interval, ``lease_ttl_s / 3``.
         poll_s: Seconds between polls when no notification arrives (safety net).
         foreground: The replica's searches in flight; between two steps of a batch the
             follower yields to them (bounded per step), except to a search waiting in
@@ -377,7 +378,8 @@ class IndexFollower:
             ``None`` encodes on a thread of this process.
 
     Raises:
-        ValueError: ``apply_step`` is negative.
+        ValueError: ``apply_step`` is negative, or ``apply_timeout_s`` is not below the
+            lease's renewal interval.
     """
 
     def __init__(
@@ -426,13 +428,21 @@ class IndexFollower:
         self.keeper: leases.LeaseKeeper | None = None
         self._keeping: asyncio.Task[None] | None = None
         self._epoch = 0
+        self.apply_timeout_s = apply_timeout_s or lease_ttl_s / 6
+        if lease_name is not None and self.apply_timeout_s >= lease_ttl_s / leases.RENEW_FRACTION:
+            # Just before an on-time renewal the keeper counts renew_every_s left
+            # (LeaseKeeper.current); a batch needing more would find the lease "not held" on
+            # every other step and the leader would give it up.
+            raise ValueError(
+                f"apply_timeout_s ({self.apply_timeout_s}) must be below the lease's renewal "
+                f"interval ({lease_ttl_s / leases.RENEW_FRACTION} s)"
+            )
         if lease_name is not None:
             if not isinstance(cursor, PostgresCursor):
                 raise TypeError("a shared index keeps its cursor in PostgreSQL")
             self.keeper = leases.LeaseKeeper(
                 db.pool, lease_name, ttl_s=lease_ttl_s, on_change=self._on_lease_change
             )
-        self.apply_timeout_s = apply_timeout_s or lease_ttl_s / 6
         # BM25 encoding of applied rows on a thread of its own: a batch being encoded never
         # takes a default-executor worker that a search's query encoding or index query needs.
         # Pure Python, so it keeps the process's priority (see aeterna_common.priority).
