@@ -27,8 +27,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential_jitter
 
-from aeterna_sync.rooms import entry_key
-
 log = structlog.get_logger("aeterna.sync.live")
 
 # Stream subscribers and lag. No tenant label (unbounded cardinality, see
@@ -55,6 +53,10 @@ DELIVERY_LAG_SECONDS = Histogram(
 )
 
 Entry = tuple[str, Mapping[str, str]]
+
+KEEPALIVE: Entry = ("", {})
+"""Put in an idle subscription's queue (compared by identity) when its keepalive is due;
+it may take one of the queue's places."""
 
 
 @dataclass(eq=False)
@@ -223,8 +225,3 @@ async def _stop(task: asyncio.Task[None], timeout_s: float = 5.0) -> None:
     for finished in done:
         with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
             finished.result()
-
-
-def newer(entry_id: str, than: str) -> bool:
-    """Whether stream entry ``entry_id`` comes after ``than``."""
-    return entry_key(entry_id) > entry_key(than)

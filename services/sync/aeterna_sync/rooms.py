@@ -13,6 +13,7 @@ strictly within a stream, so "after the cursor" is exactly the events not yet re
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,8 +91,10 @@ def room_resource(tenant_id: str, room: str) -> Resource:
     return Resource.unit(tenant_id, UNIT_ROOMS[kind], ident)
 
 
+@functools.lru_cache(maxsize=16384)
 def entry_key(entry_id: str) -> tuple[int, int]:
-    """An entry id as a comparable ``(ms, seq)``.
+    """An entry id as a comparable ``(ms, seq)`` (cached: every subscriber of a replica
+    compares the same entries).
 
     Raises:
         ValueError: Not ``{ms}-{seq}``.

@@ -9,10 +9,12 @@ before anything is read), validates the request's rooms and cursor, authorizes e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,7 +40,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from aeterna_sync.deps import Deps, Registered, ServicerSpec
 from aeterna_sync.devices import DeviceSync, check_pull, check_push
-from aeterna_sync.live import DELIVERED, DELIVERY_LAG_SECONDS, Entry, Subscription, newer
+from aeterna_sync.live import DELIVERED, DELIVERY_LAG_SECONDS, KEEPALIVE, Entry, Subscription
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.rooms import (
     Routed,
@@ -94,12 +96,42 @@ def _conflict_pb(tenant: str, r: Any) -> res.SyncConflict:
     return c
 
 
-def _delivered_live(event: res.LiveEvent) -> None:
-    """Count a live event handed to the stream, and its commit-to-send lag in seconds."""
-    DELIVERED.labels("live").inc()
-    lag_s = time.time() - event.commit_time.ToNanoseconds() / 1e9
+_DELIVERED_LIVE = DELIVERED.labels("live")
+_DELIVERED_CATCHUP = DELIVERED.labels("catchup")
+
+
+def _delivered_live(commit_s: float) -> None:
+    """Count a live event handed to the stream, and its commit-to-send lag in seconds
+    (``commit_s``: the event's commit time, Unix seconds)."""
+    _DELIVERED_LIVE.inc()
     # PostgreSQL's clock may run ahead of this replica's: a negative lag is skew, not speed.
-    DELIVERY_LAG_SECONDS.observe(max(lag_s, 0.0))
+    DELIVERY_LAG_SECONDS.observe(max(time.time() - commit_s, 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One event's ``SubscribeResponse``, serialized once for every subscriber it goes to.
+
+    Attributes:
+        data: The serialized ``SubscribeResponse`` (sent as is: see :func:`_response_bytes`).
+        commit_s: The event's commit time, Unix seconds (for the delivery lag).
+    """
+
+    data: bytes
+    commit_s: float
+
+
+def _response_bytes(message: svc.SubscribeResponse | bytes) -> bytes:
+    """Subscribe's response serializer: bytes an event's fan-out serialized once go out as
+    they are, other messages (the first one, keepalives) are serialized here.
+
+    Args:
+        message: A ``SubscribeResponse`` or its serialized form.
+
+    Returns:
+        The wire form of one ``SubscribeResponse``.
+    """
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 FANOUT_MEMO_ENTRIES = 4096
@@ -122,12 +154,13 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         self.access = deps.access
         self.live = deps.live
         self._parse_memo: dict[tuple[str, str], tuple[Event, Routed] | None] = {}
-        self._message_memo: dict[tuple[str, ...], svc.SubscribeResponse] = {}
+        self._message_memo: dict[tuple[str, ...], Outgoing] = {}
 
-    async def Subscribe(
+    async def Subscribe(  # type: ignore[override]  # bytes too: see _add_to_server
         self, request: svc.SubscribeRequest, context: Ctx
-    ) -> AsyncIterator[svc.SubscribeResponse]:
-        """See the proto."""
+    ) -> AsyncIterator[svc.SubscribeResponse | bytes]:
+        """See the proto. Events are yielded serialized (shared by every subscriber they go
+        to); the method's response serializer (:func:`_response_bytes`) passes them on."""
         principal = rc.current().principal
         tenant = parse_parent(principal, request.parent)
         rooms = parse_rooms(request.rooms, self.settings.max_rooms)
@@ -152,16 +185,14 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
             while after is not None:
                 page = await self.live.backlog(tenant, position, self.settings.catchup_page)
                 for entry in page:
-                    message = await self._message(principal, tenant, rooms, entry)
+                    out = await self._message(principal, tenant, rooms, entry)
                     position = entry[0]
-                    if message is not None:
-                        DELIVERED.labels("catchup").inc()
-                        yield message
+                    if out is not None:
+                        _DELIVERED_CATCHUP.inc()
+                        yield out.data
                 if len(page) < self.settings.catchup_page:
                     break
-            async for message, _ in self._follow(principal, tenant, rooms, sub, position):
-                if message.HasField("event"):
-                    _delivered_live(message.event)
+            async for message in self._follow(principal, tenant, rooms, sub, position):
                 yield message
         finally:
             await self.live.close(sub)
@@ -173,27 +204,55 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         rooms: Sequence[str],
         sub: Subscription,
         position: str,
-    ) -> AsyncIterator[tuple[svc.SubscribeResponse, str]]:
-        """Live entries after ``position``, with keepalives; ends on overflow."""
-        while True:
-            if sub.overflowed:
-                raise ResourceExhausted(
-                    "the subscriber fell too far behind; resume from resume_cursor",
-                    reason="SUBSCRIBER_TOO_SLOW",
-                    metadata={"resume_cursor": encode_cursor(position)},
-                )
-            try:
-                async with asyncio.timeout(self.settings.keepalive_s):
-                    entry = await sub.queue.get()
-            except TimeoutError:
-                yield svc.SubscribeResponse(cursor=encode_cursor(position)), position
-                continue
-            if not newer(entry[0], position):
-                continue
-            message = await self._message(principal, tenant, rooms, entry)
-            position = entry[0]
-            if message is not None:
-                yield message, position
+    ) -> AsyncIterator[svc.SubscribeResponse | bytes]:
+        """Live entries after ``position``, with keepalives; ends on overflow.
+
+        The keepalive is one timer per subscription, re-armed from the last entry taken,
+        not a timeout around every wait: an event would otherwise arm and cancel a timer
+        for each of a replica's subscribers.
+        """
+        loop = asyncio.get_running_loop()
+        keepalive_s = self.settings.keepalive_s
+        queue = sub.queue
+        last = loop.time()
+        timer: asyncio.TimerHandle
+
+        def tick() -> None:
+            nonlocal timer
+            idle_s = loop.time() - last
+            if idle_s < keepalive_s:
+                timer = loop.call_later(keepalive_s - idle_s, tick)
+                return
+            # A full queue has entries to send: no keepalive needed.
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(KEEPALIVE)
+            timer = loop.call_later(keepalive_s, tick)
+
+        timer = loop.call_later(keepalive_s, tick)
+        at = entry_key(position)
+        try:
+            while True:
+                if sub.overflowed:
+                    raise ResourceExhausted(
+                        "the subscriber fell too far behind; resume from resume_cursor",
+                        reason="SUBSCRIBER_TOO_SLOW",
+                        metadata={"resume_cursor": encode_cursor(position)},
+                    )
+                entry = await queue.get()
+                last = loop.time()
+                if entry is KEEPALIVE:
+                    yield svc.SubscribeResponse(cursor=encode_cursor(position))
+                    continue
+                key = entry_key(entry[0])
+                if key <= at:
+                    continue
+                out = await self._message(principal, tenant, rooms, entry)
+                position, at = entry[0], key
+                if out is not None:
+                    _delivered_live(out.commit_s)
+                    yield out.data
+        finally:
+            timer.cancel()
 
     def _parsed(self, tenant: str, entry: Entry) -> tuple[Event, Routed] | None:
         """An entry's event and routing, parsed once per replica however many subscribers
@@ -211,11 +270,12 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
 
     async def _message(
         self, principal: Principal, tenant: str, rooms: Sequence[str], entry: Entry
-    ) -> svc.SubscribeResponse | None:
-        """The message of one stream entry for this subscription, or None when it is not
-        for its rooms. A binding change re-checks the rooms first (PERMISSION_DENIED ends the
-        stream). Subscribers of the same rooms share one message object (never mutated): the
-        payload's conversion to a ``Struct`` is the costly part of a fan-out."""
+    ) -> Outgoing | None:
+        """The message of one stream entry for this subscription, serialized, or None when
+        it is not for its rooms. A binding change re-checks the rooms first
+        (PERMISSION_DENIED ends the stream). Subscribers of the same rooms share one
+        serialization: the payload's conversion to a ``Struct`` and the encoding are the
+        costly part of a fan-out, and neither depends on the subscriber."""
         parsed = self._parsed(tenant, entry)
         if parsed is None:
             return None
@@ -227,14 +287,13 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         if not routed.live_type or not hit:
             return None
         key = (tenant, entry[0], *hit)
-        message = self._message_memo.get(key)
-        if message is None:
-            message = svc.SubscribeResponse(
-                event=_live_event(entry[0], event, routed.live_type, hit),
-                cursor=encode_cursor(entry[0]),
-            )
-            _remember(self._message_memo, key, message)
-        return message
+        out = self._message_memo.get(key)
+        if out is None:
+            live = _live_event(entry[0], event, routed.live_type, hit)
+            message = svc.SubscribeResponse(event=live, cursor=live.cursor)
+            out = Outgoing(message.SerializeToString(), live.commit_time.ToNanoseconds() / 1e9)
+            _remember(self._message_memo, key, out)
+        return out
 
     async def Heartbeat(self, request: svc.HeartbeatRequest, context: Ctx) -> svc.HeartbeatResponse:
         """See the proto."""
@@ -455,9 +514,39 @@ class SyncServicer(svc_grpc.SyncServiceServicer):
         )
 
 
+class _Handlers:
+    """Takes the generated method handlers instead of a server (to change one of them)."""
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_to_server(servicer: SyncServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated code does, with Subscribe's responses
+    serialized by :func:`_response_bytes` (events arrive serialized)."""
+    taken = _Handlers()
+    generated: Any = taken  # stands in for the server
+    svc_grpc.add_SyncServiceServicer_to_server(servicer, generated)
+    handlers = taken.handlers
+    handlers["Subscribe"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Subscribe,
+        request_deserializer=svc.SubscribeRequest.FromString,
+        response_serializer=_response_bytes,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _build(deps: Deps, server: grpc.aio.Server) -> Registered:
     servicer = SyncServicer(deps)
-    svc_grpc.add_SyncServiceServicer_to_server(servicer, server)
+    _add_to_server(servicer, server)
     return Registered(servicer=servicer, background=[_sweeper(deps)])
 
 

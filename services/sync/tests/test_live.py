@@ -15,6 +15,7 @@ from aeterna.sync.v1 import sync_service_pb2 as svc
 from aeterna_common.authz import RoleBinding, Snapshot, StaticDirectory
 from aeterna_common.events import stream_key
 from aeterna_devstack.servers import RedisServer
+from aeterna_sync.rooms import decode_cursor, entry_key
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
@@ -173,6 +174,33 @@ async def test_room_events_in_commit_order_then_resume_with_no_gap_and_no_duplic
     assert moved["aeterna_sync_delivery_lag_seconds_count{}"] == live
     resumed.call.cancel()
     await metrics.subscribers_back()
+
+
+async def test_an_idle_subscriber_gets_keepalives_carrying_the_cursor_past_other_rooms(
+    sync_env: SyncEnv,
+) -> None:
+    tenant = sync_env.tenant()
+    pub = Publisher(sync_env.redis, tenant)
+    follower = Follower(sync_env, tenant, "dev", ["project:checkout"])
+    start = decode_cursor(await follower.started())
+    ids = await pub.publish("memory.created", project("elsewhere"), count=3)
+    # Keepalives (every second here) only: their cursors never go back and reach the last
+    # entry, though none of the entries is for the subscriber's room.
+    reached = start
+    while reached != ids[-1]:
+        got = await follower.message()
+        assert not got.HasField("event")
+        cursor = decode_cursor(got.cursor)
+        assert entry_key(cursor) >= entry_key(reached)
+        reached = cursor
+    # Still idle: another keepalive, at the same place.
+    again = await follower.message()
+    assert not again.HasField("event") and decode_cursor(again.cursor) == ids[-1]
+    # The next event for the room comes next, with its own cursor.
+    [entry] = await pub.publish("memory.created", project("checkout"))
+    [event] = await follower.events(1)
+    assert decode_cursor(event.cursor) == entry and event.event_id == "memory:4"
+    follower.call.cancel()
 
 
 async def test_tenant_admin_follows_the_tenant_room_and_users_their_own(
