@@ -197,11 +197,46 @@ def test_the_numpy_tree_walk_gives_lightgbms_scores() -> None:
     x[:, rk.FEATURES.index("temporal_query")] = rng.integers(0, 2, 64)
     x[:8, rk.FEATURES.index("dense_rank_rr")] = 0.0  # exact zeros, as for absent ranks
     expected = ranker.booster.predict(x, num_threads=1)
+    assert ranker.trees._masks is not None  # 15 leaves a tree: the bit-vector evaluation
     assert np.allclose(ranker.trees.predict(x), expected, rtol=0, atol=1e-12)
+    walked = ranker.trees._predict_walk(x.ravel(), *x.shape)
+    assert np.allclose(walked, expected, rtol=0, atol=1e-12)
     x[3, 0] = np.nan  # a missing value takes LightGBM's side too
     assert np.allclose(
         ranker.trees.predict(x), ranker.booster.predict(x, num_threads=1), rtol=0, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("leaves", [2, 16, 17, 40, 100])
+def test_both_tree_evaluations_give_lightgbms_scores_whatever_the_tree_size(leaves: int) -> None:
+    import lightgbm
+
+    rng = np.random.default_rng(leaves)
+    x = rng.random((400, 5))
+    x[:, 2] = rng.integers(0, 3, 400)  # ties at split thresholds
+    y = (x[:, 0] + x[:, 1] * x[:, 2] + rng.normal(0, 0.1, 400) > 1.2).astype(float)
+    booster = lightgbm.train(
+        {
+            "objective": "regression",
+            "num_leaves": leaves,
+            "min_data_in_leaf": 2,
+            "verbose": -1,
+            "num_threads": 1,
+            "deterministic": True,
+        },
+        lightgbm.Dataset(x, y),
+        num_boost_round=20,
+    )
+    trees = rk.TreeEnsemble(booster.dump_model())
+    # Up to 64 leaves a tree the bit vectors fit one integer; beyond, the walk scores alone.
+    most = max(t["num_leaves"] for t in booster.dump_model()["tree_info"])
+    assert (trees._masks is not None) == (most <= 64)
+    probe = rng.random((33, 5))
+    probe[:, 2] = rng.integers(0, 3, 33)
+    expected = booster.predict(probe, num_threads=1)
+    assert np.allclose(trees.predict(probe), expected, rtol=0, atol=1e-12)
+    assert np.allclose(trees._predict_walk(probe.ravel(), *probe.shape), expected, atol=1e-12)
+    assert trees.predict(probe[:0]).shape == (0,)
 
 
 def test_same_file_same_scores_in_another_instance() -> None:

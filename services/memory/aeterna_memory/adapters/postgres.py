@@ -85,12 +85,17 @@ def content_hash(content: str) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+_LAYERS = {int(layer): layer for layer in Layer}
+"""Layers by stored value: a dict lookup is several times cheaper than ``Layer(value)``, and a
+search with a ranker converts up to ~80 rows."""
+
+
 def row_to_memory(row: asyncpg.Record) -> Memory:
     """Convert a ``memories`` row (selected with the service's column list)."""
     return Memory(
         tenant_id=row["tenant_id"],
         id=str(row["id"]),
-        layer=Layer(row["layer"]),
+        layer=_LAYERS[row["layer"]],
         scope=Scope(**{f: row[f] for f in SCOPE_FIELDS}),
         content=row["content"],
         content_hash=row["content_hash"],
@@ -490,12 +495,17 @@ class PostgresMemoryStore:
             "AND h.user_id IS NOT NULL AND h.session_id IS NOT NULL"
         )
 
+        # ``id = ANY(ids || ARRAY(near))``: the neighbours' ids come from an uncorrelated
+        # sub-select evaluated once, so every row is an index probe on the primary key. The
+        # earlier ``id IN (SELECT unnest(ids) UNION ALL near)`` was planned as a hash
+        # semi-join over a sequential scan of the tenant's memories (2.2 ms of 2.3 at 2,760
+        # memories, growing with the tenant).
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(
                 await conn.fetch(
                     f"SELECT {_COLUMNS}{', embedding' if vectors else ''} FROM memories m "
-                    f"WHERE tenant_id = $1 AND {live.format(t='m')} AND id IN ("
-                    f"SELECT unnest($2::uuid[]) UNION ALL {near})",
+                    f"WHERE tenant_id = $1 AND {live.format(t='m')} "
+                    f"AND id = ANY($2::uuid[] || ARRAY({near}))",
                     tenant_id,
                     [uuid.UUID(i) for i in ids],
                     [uuid.UUID(i) for i in expand],

@@ -858,8 +858,11 @@ class MemoryDomain:
                     break
             if len(kept) == query.top_k:
                 break
-        # A more specific duplicate may have replaced a kept hit: restore the ranking order.
-        kept.sort(key=lambda k: candidates[k.candidate.id].order)
+        # A more specific duplicate may have replaced a kept hit: restore the ranking order
+        # (the ranked list's, which the second stage may have changed; a candidate's own
+        # ``order`` is its first-stage position).
+        position = {mid: i for i, mid in enumerate(ranked)}
+        kept.sort(key=lambda k: position[k.candidate.id])
         self.touch_after_answer(
             tenant, [k.candidate.id for k in kept], query_tokens=vectors.tokens[0]
         )
@@ -895,8 +898,9 @@ class MemoryDomain:
         neighbour features carry its hit's score to it.
 
         Returns:
-            The new order of every candidate id, the candidates with their new positions,
-            and the rows read by id (memory and vector, ``[]`` without ``vectors``).
+            The new order of every candidate id, the candidates (grown by the expanded
+            neighbours; ``order`` stays the first-stage position), and the rows read by id
+            (memory and vector, ``[]`` without ``vectors``).
         """
         pool = ranked[: self.tuning.rerank_depth]
         expand = (
@@ -942,9 +946,6 @@ class MemoryDomain:
         head = [live[k].id for k in order]
         taken = set(head)
         ranked = head + [m for m in ranked[self.tuning.rerank_depth :] if m not in taken]
-        candidates = {
-            mid: dataclasses.replace(candidates[mid], order=i) for i, mid in enumerate(ranked)
-        }
         return ranked, candidates, read
 
     async def _search_layer(
