@@ -26,8 +26,10 @@ Envoy, all in the same run:
   create works in steps of
   ``AETERNA_MEMORY_BULK_STEP=20`` memories and yields the event loop to searches in flight
   between steps, ``aeterna_common.admission``; each replica's index follower applies the
-  import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and yields to
-  the same searches), then, after a rolling restart of the replicas with all of them off (the
+  import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and defers
+  each step, the first included, and each outbox read while those searches are in flight, at
+  most ``AETERNA_MEMORY_INDEX_APPLY_DEFER_MAX_S=0.1`` per step), then, after a rolling
+  restart of the replicas with all of them off (the
   baseline: no limit, embedding and BM25 encoding on threads of the serving process, each
   batch created and applied in one step), each with its import rate, so the latency gained and the
   throughput paid are compared under the same machine load. The baseline's document threads
