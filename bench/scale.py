@@ -258,6 +258,7 @@ async def run(
     index_dirs: list[Path],
     restart: Callable[[dict[str, str]], None],
     shipped_env: dict[str, str],
+    variant_env: dict[str, str] | None = None,
 ) -> dict:
     rng = random.Random(7)
     channel, stub = client.memory_stub(endpoint)
@@ -330,6 +331,13 @@ async def run(
         # The replicas as shipped (the setup's load above ran without the tenant limit).
         await asyncio.to_thread(restart, shipped_env)
         shipped = await during_ingest("scale-import")
+        variant: dict[str, Any] | None = None
+        if variant_env:
+            # As shipped but for the given settings (e.g. one measure off), between the
+            # shipped run and the baseline.
+            await asyncio.to_thread(restart, {**shipped_env, **variant_env})
+            variant = await during_ingest("scale-import-variant")
+            variant["env"] = variant_env
         # The baseline: the same replicas with each batch create and each applied outbox
         # batch done in one step, bulk work on threads of the serving process, no limit.
         await asyncio.to_thread(
@@ -355,6 +363,7 @@ async def run(
         "whole_tenant_p95_over_by_user_p95": round(ratio_tenant, 2),
         "shipped_env": shipped_env,
         "during_ingest": shipped,
+        **({"during_ingest_variant": variant} if variant is not None else {}),
         "during_ingest_baseline_one_step": baseline,
         "targets_met": {
             "whole_tenant_p95_within_1.5x_by_user": ratio_tenant <= 1.5,
@@ -380,6 +389,14 @@ def main() -> int:
         default=[],
         metavar="KEY=VALUE",
         help="extra replica setting for the shipped run (repeatable), for experiments",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also measure during_ingest as shipped with these settings (repeatable), after "
+        "the shipped run and before the baseline, e.g. one measure off",
     )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aeterna-scale-"))
@@ -428,9 +445,11 @@ def main() -> int:
                 dirs,
                 restart,
                 shipped_env,
+                dict(kv.split("=", 1) for kv in args.variant),
             )
         )
         result["extra_env"] = args.env
+        result["variant_env"] = args.variant
         result["machine"] = {
             "cpus": os.cpu_count(),
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
