@@ -981,11 +981,11 @@ class IndexFollower:
         try:
             # The waiting search is not in flight for the follower's yield: yielding to it
             # would only delay the apply it waits for.
+            # The bound covers taking the condition's lock too, and asyncio.timeout rather
+            # than wait_for (Python 3.11 cancellation semantics): a search never waits longer.
             with self.foreground.waiting_on_bulk():
-                async with self._advanced:
-                    await asyncio.wait_for(
-                        self._advanced.wait_for(lambda: self.applied >= position), timeout_s
-                    )
+                async with asyncio.timeout(timeout_s), self._advanced:
+                    await self._advanced.wait_for(lambda: self.applied >= position)
             return True
         except TimeoutError:
             log.warning("index.behind", applied=self.applied, wanted=position)
