@@ -40,6 +40,12 @@ Envoy, all in the same run:
   must stay under the build threshold (90 %), or the import triggers a graph build that the
   figures would include.
 
+``--variant KEY=VALUE`` adds a third ``during_ingest`` run, as shipped but for those settings
+(e.g. ``AETERNA_MEMORY_INDEX_APPLY_DEFER_MAX_S=0``: the follower's deferral off), between the
+shipped run and the baseline. After the setup's load the database is analysed (``ANALYZE``)
+as after any bulk load, so that the planner's statistics of the fresh table are not what the
+first searches measure.
+
 The vector store alone is measured by ``bench/bench_vectors.py``. Writes
 ``bench/results/scale.json``.
 
