@@ -21,7 +21,9 @@ of searches (the loss of rate is measured by ``make bench-scale``, ``during_inge
 A tracked request that is itself waiting for bulk work (a search waiting for the index to
 apply a consistency token's position) is not in flight while it waits
 (:meth:`ForegroundGauge.waiting_on_bulk`): bulk work yielding to it would only delay the very
-thing it waits for.
+thing it waits for. The index follower goes further (``awaited=True``): it defers each of its
+steps, the first included, with a bound of its own, and stops deferring as soon as any
+request waits for it, whatever else is in flight.
 """
 
 from __future__ import annotations
