@@ -61,8 +61,9 @@ FLOAT_FIELDS = ("created_at",)
 APPLY_STEP = 256
 """Most memories per step of an applied batch (BM25 encoding, then one engine write; the
 edge engine's ``WRITE_CHUNK``, so one step is one ``update`` call holding the GIL for ~6 ms at
-~23 µs per 384-d point, :mod:`aeterna_common.vectors.edge`). Between two steps the follower
-yields to the replica's searches in flight (:mod:`aeterna_common.admission`)."""
+~23 µs per 384-d point, :mod:`aeterna_common.vectors.edge`). Each step, the first included,
+is deferred while the replica has searches in flight (:data:`APPLY_DEFER_MAX_S`,
+:mod:`aeterna_common.admission`)."""
 
 APPLY_DEFER_MAX_S = 0.1
 """Longest time in seconds the follower defers one apply step (or its next outbox read) while
