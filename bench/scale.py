@@ -26,8 +26,10 @@ Envoy, all in the same run:
   create works in steps of
   ``AETERNA_MEMORY_BULK_STEP=20`` memories and yields the event loop to searches in flight
   between steps, ``aeterna_common.admission``; each replica's index follower applies the
-  import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and yields to
-  the same searches), then, after a rolling restart of the replicas with all of them off (the
+  import's outbox batches in steps of ``AETERNA_MEMORY_INDEX_APPLY_STEP=256`` and defers
+  each step, the first included, and each outbox read while those searches are in flight, at
+  most ``AETERNA_MEMORY_INDEX_APPLY_DEFER_MAX_S=0.1`` per step), then, after a rolling
+  restart of the replicas with all of them off (the
   baseline: no limit, embedding and BM25 encoding on threads of the serving process, each
   batch created and applied in one step), each with its import rate, so the latency gained and the
   throughput paid are compared under the same machine load. The baseline's document threads
@@ -37,6 +39,12 @@ Envoy, all in the same run:
   are): the points left without a graph after the build (10 % of ``--n``) plus the import
   must stay under the build threshold (90 %), or the import triggers a graph build that the
   figures would include.
+
+``--variant KEY=VALUE`` adds a third ``during_ingest`` run, as shipped but for those settings
+(e.g. ``AETERNA_MEMORY_INDEX_APPLY_DEFER_MAX_S=0``: the follower's deferral off), between the
+shipped run and the baseline. After the setup's load the database is analysed (``ANALYZE``)
+as after any bulk load, so that the planner's statistics of the fresh table are not what the
+first searches measure.
 
 The vector store alone is measured by ``bench/bench_vectors.py``. Writes
 ``bench/results/scale.json``.
@@ -56,10 +64,11 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
@@ -256,6 +265,8 @@ async def run(
     index_dirs: list[Path],
     restart: Callable[[dict[str, str]], None],
     shipped_env: dict[str, str],
+    variant_env: dict[str, str] | None = None,
+    analyze: Callable[[], Awaitable[None]] | None = None,
 ) -> dict:
     rng = random.Random(7)
     channel, stub = client.memory_stub(endpoint)
@@ -283,6 +294,8 @@ async def run(
 
     async with channel:
         ingest_s = await ingest(endpoint, token, tenant, n, users, 7, channel_stub=(channel, stub))
+        if analyze is not None:
+            await analyze()
         await measure("by user", 20)  # warm-up
         before = {"whole tenant": await measure("whole tenant", min(queries, 100))}
         print(f"  before the graphs: {before}", flush=True)
@@ -328,6 +341,13 @@ async def run(
         # The replicas as shipped (the setup's load above ran without the tenant limit).
         await asyncio.to_thread(restart, shipped_env)
         shipped = await during_ingest("scale-import")
+        variant: dict[str, Any] | None = None
+        if variant_env:
+            # As shipped but for the given settings (e.g. one measure off), between the
+            # shipped run and the baseline.
+            await asyncio.to_thread(restart, {**shipped_env, **variant_env})
+            variant = await during_ingest("scale-import-variant")
+            variant["env"] = variant_env
         # The baseline: the same replicas with each batch create and each applied outbox
         # batch done in one step, bulk work on threads of the serving process, no limit.
         await asyncio.to_thread(
@@ -353,6 +373,7 @@ async def run(
         "whole_tenant_p95_over_by_user_p95": round(ratio_tenant, 2),
         "shipped_env": shipped_env,
         "during_ingest": shipped,
+        **({"during_ingest_variant": variant} if variant is not None else {}),
         "during_ingest_baseline_one_step": baseline,
         "targets_met": {
             "whole_tenant_p95_within_1.5x_by_user": ratio_tenant <= 1.5,
@@ -378,6 +399,14 @@ def main() -> int:
         default=[],
         metavar="KEY=VALUE",
         help="extra replica setting for the shipped run (repeatable), for experiments",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also measure during_ingest as shipped with these settings (repeatable), after "
+        "the shipped run and before the baseline, e.g. one measure off",
     )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aeterna-scale-"))
@@ -412,6 +441,19 @@ def main() -> int:
                 stack.restart_replica(i, **env)
             time.sleep(5)  # the edge's health checks see the restarted replicas
 
+        async def analyze() -> None:
+            # Statistics of the freshly loaded table, as after any bulk load: until autovacuum
+            # analyses it (within about a minute), the planner takes it for empty and a
+            # search's re-read of its hits ran for seconds (the first searches after a fast
+            # load timed out). Not what this benchmark measures.
+            if stack.superuser_url is None:
+                return
+            conn = await asyncpg.connect(stack.superuser_url)
+            try:
+                await conn.execute("ANALYZE")
+            finally:
+                await conn.close()
+
         load_before = os.getloadavg()
         result = asyncio.run(
             run(
@@ -426,9 +468,12 @@ def main() -> int:
                 dirs,
                 restart,
                 shipped_env,
+                dict(kv.split("=", 1) for kv in args.variant),
+                analyze,
             )
         )
         result["extra_env"] = args.env
+        result["variant_env"] = args.variant
         result["machine"] = {
             "cpus": os.cpu_count(),
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],

@@ -21,7 +21,9 @@ of searches (the loss of rate is measured by ``make bench-scale``, ``during_inge
 A tracked request that is itself waiting for bulk work (a search waiting for the index to
 apply a consistency token's position) is not in flight while it waits
 (:meth:`ForegroundGauge.waiting_on_bulk`): bulk work yielding to it would only delay the very
-thing it waits for.
+thing it waits for. The index follower goes further (``awaited=True``): it defers each of its
+steps, the first included, with a bound of its own, and stops deferring as soon as any
+request waits for it, whatever else is in flight.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class ForegroundGauge:
         self._blocked = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set while nothing is in flight or some tracked request waits on bulk work: what
+        # releases bulk work that the waiting request depends on (the index follower).
+        self._idle_or_awaited = asyncio.Event()
+        self._idle_or_awaited.set()
 
     @property
     def in_flight(self) -> int:
@@ -119,6 +125,7 @@ class ForegroundGauge:
             return
         self._leave()
         self._blocked += 1
+        self._update()
         token = _TRACKED.set(None)
         try:
             yield
@@ -129,20 +136,45 @@ class ForegroundGauge:
 
     def _enter(self) -> None:
         self._in_flight += 1
-        self._idle.clear()
+        self._update()
 
     def _leave(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
+        self._update()
 
-    async def yield_to_foreground(self) -> float:
-        """Between two steps of bulk work: let in-flight requests run first (bounded).
+    def _update(self) -> None:
+        for event, state in (
+            (self._idle, self._in_flight == 0),
+            (self._idle_or_awaited, self._in_flight == 0 or self._blocked > 0),
+        ):
+            if state:
+                event.set()
+            else:
+                event.clear()
+
+    async def yield_to_foreground(
+        self, max_wait_s: float | None = None, *, awaited: bool = False
+    ) -> float:
+        """Before a step of bulk work: let in-flight requests run first (bounded).
+
+        Args:
+            max_wait_s: Longest wait in seconds (``None``: the gauge's ``max_yield_s``).
+            awaited: The bulk work is what a request waiting in :meth:`waiting_on_bulk`
+                waits for (the index follower): it does not wait while such a request
+                exists, and stops waiting as soon as one appears, so that read-your-writes
+                waits progress at full speed.
 
         Returns:
             Seconds waited (0.0 when nothing was in flight).
+
+        Raises:
+            ValueError: ``max_wait_s`` is negative.
         """
-        if self._in_flight == 0 or self.max_yield_s == 0:
+        bound = self.max_yield_s if max_wait_s is None else max_wait_s
+        if bound < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {bound}")
+        release = self._idle_or_awaited if awaited else self._idle
+        if release.is_set() or bound == 0:
             await asyncio.sleep(0)
             return 0.0
         loop = asyncio.get_running_loop()
@@ -151,8 +183,8 @@ class ForegroundGauge:
         self._waiting += 1
         try:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.max_yield_s):
-                    await self._idle.wait()
+                async with asyncio.timeout(bound):
+                    await release.wait()
         finally:
             self._waiting -= 1
         waited = loop.time() - start

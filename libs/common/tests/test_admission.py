@@ -100,3 +100,28 @@ async def test_tasks_started_by_a_tracked_request_count_as_that_request() -> Non
     with gauge.track():
         assert await asyncio.gather(wait_part()) == [0]  # the child task inherits the context
         assert gauge.in_flight == 1
+
+
+async def test_awaited_bulk_work_is_released_when_a_request_starts_waiting_on_it() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    with gauge.track():  # a request in flight that does not wait for the bulk work
+        step = asyncio.create_task(gauge.yield_to_foreground(awaited=True))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert gauge.waiting == 1 and not step.done()
+        with gauge.track(), gauge.waiting_on_bulk():  # another one waits for the bulk work
+            await asyncio.wait_for(step, 5)
+            assert gauge.in_flight == 1 and gauge.blocked_on_bulk == 1
+            # While it waits, awaited bulk work does not wait at all; other bulk work does.
+            assert await gauge.yield_to_foreground(awaited=True) == 0.0
+            assert await gauge.yield_to_foreground(0.01) > 0
+    assert gauge.waiting == 0
+
+
+async def test_a_step_bound_overrides_the_gauge_bound() -> None:
+    gauge = ForegroundGauge(max_yield_s=60)
+    with gauge.track():
+        assert await asyncio.wait_for(gauge.yield_to_foreground(0.01), 5) > 0
+        assert await gauge.yield_to_foreground(0) == 0.0
+        with pytest.raises(ValueError, match="max_wait_s"):
+            await gauge.yield_to_foreground(-1)

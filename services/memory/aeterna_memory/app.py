@@ -433,6 +433,7 @@ async def build(
         lease_ttl_s=settings.index_lease_ttl_s,
         foreground=foreground,
         apply_step=settings.index_apply_step,
+        defer_max_s=settings.index_apply_defer_max_s,
         encode_documents=lexical.encode if lexical is not None else None,
     )
     store = PostgresMemoryStore(db, idempotency_ttl_s=settings.idempotency_ttl_s)

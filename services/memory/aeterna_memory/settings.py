@@ -11,7 +11,7 @@ from aeterna_common.events import RelaySettings
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from aeterna_memory.adapters.index_follower import APPLY_STEP
+from aeterna_memory.adapters.index_follower import APPLY_DEFER_MAX_S, APPLY_STEP
 
 BATCH_ITEMS_PER_S = 25.0
 """Default per-tenant BatchCreateMemories admission limit, in memories per second per replica:
@@ -88,9 +88,14 @@ class MemorySettings(BaseSettings, RelaySettings):
             bucket, then is admitted whole).
         bulk_yield_max_s: Longest wait per step for in-flight searches, in seconds.
         index_apply_step: Memories per step when the index follower applies a batch of
-            outbox changes (BM25 encoding, one engine write); between two steps it yields to
-            searches in flight, at most ``bulk_yield_max_s`` per step. 0 applies each batch
-            in one step (the baseline of ``make bench-scale``'s ``during_ingest``).
+            outbox changes (BM25 encoding, one engine write). Before each step, and before
+            each read of the outbox, it defers while searches are in flight, at most
+            ``index_apply_defer_max_s`` per step, and never while a search waits for a
+            consistency token's position. 0 applies each batch in one step without deferring
+            (the baseline of ``make bench-scale``'s ``during_ingest``).
+        index_apply_defer_max_s: Longest deferral of one apply step for searches in flight,
+            in seconds (0: never defer). Under a continuous stream of searches the follower
+            still applies one step per this time.
         dense_context: Preceding session turns in the dense index text.
         lexical_context: Preceding session turns in the BM25 index text.
         index_metadata_keys: Metadata keys whose values are indexed with the content.
@@ -196,6 +201,7 @@ class MemorySettings(BaseSettings, RelaySettings):
     batch_items_burst: float = Field(default=500, ge=1)
     bulk_yield_max_s: float = Field(default=DEFAULT_MAX_YIELD_S, ge=0, le=1.0)
     index_apply_step: int = Field(default=APPLY_STEP, ge=0, le=10_000)
+    index_apply_defer_max_s: float = Field(default=APPLY_DEFER_MAX_S, ge=0, le=5.0)
     dense_context: int = Field(default=0, ge=0, le=10)
     lexical_context: int = Field(default=2, ge=0, le=10)
     index_metadata_keys: list[str] = ["session_time"]

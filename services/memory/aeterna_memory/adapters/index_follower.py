@@ -61,8 +61,16 @@ FLOAT_FIELDS = ("created_at",)
 APPLY_STEP = 256
 """Most memories per step of an applied batch (BM25 encoding, then one engine write; the
 edge engine's ``WRITE_CHUNK``, so one step is one ``update`` call holding the GIL for ~6 ms at
-~23 µs per 384-d point, :mod:`aeterna_common.vectors.edge`). Between two steps the follower
-yields to the replica's searches in flight (:mod:`aeterna_common.admission`)."""
+~23 µs per 384-d point, :mod:`aeterna_common.vectors.edge`). Each step, the first included,
+is deferred while the replica has searches in flight (:data:`APPLY_DEFER_MAX_S`,
+:mod:`aeterna_common.admission`)."""
+
+APPLY_DEFER_MAX_S = 0.1
+"""Longest time in seconds the follower defers one apply step (or its next outbox read) while
+searches are in flight in its replica: about one by-user search at the 95th percentile on a
+loaded 2-core machine (idle p95 67 ms at 100k in ``bench/results/scale.json``), so a search
+that is running when a step is due finishes first, and an apply keeps at least one step per
+this time under a continuous stream of searches."""
 
 INDEX_POSITION = Gauge("aeterna_index_applied_position", "Last outbox position applied.")
 LEADER = Gauge(
@@ -367,19 +375,21 @@ class IndexFollower:
             left on the lease, so a deposed leader's batch ends before anybody else can hold
             the lease. Must be below the renewal interval, ``lease_ttl_s / 3``.
         poll_s: Seconds between polls when no notification arrives (safety net).
-        foreground: The replica's searches in flight; between two steps of a batch the
-            follower yields to them (bounded per step), except to a search waiting in
-            :meth:`wait_for` (it waits for the follower itself).
+        foreground: The replica's searches in flight. Before each step of an applied batch
+            (its first included) and before each read of the outbox, the follower defers
+            while any is in flight, at most ``defer_max_s`` per step, and not at all while a
+            search waits in :meth:`wait_for` (that search waits for the follower itself).
         apply_step: Most memories per step of an applied batch (``APPLY_STEP``); 0 applies
-            each batch in one step without yielding.
+            each batch in one step without deferring.
+        defer_max_s: Longest deferral of one step, in seconds (``APPLY_DEFER_MAX_S``).
         encode_documents: Batch form of ``encode_sparse`` that runs elsewhere (a lowered
             child process: ``ProcessDocumentEncoder.encode`` in
             :mod:`aeterna_memory.adapters.lexical_process`), used instead of it when given;
             ``None`` encodes on a thread of this process.
 
     Raises:
-        ValueError: ``apply_step`` is negative, or ``apply_timeout_s`` is not below the
-            lease's renewal interval.
+        ValueError: ``apply_step`` or ``defer_max_s`` is negative, or ``apply_timeout_s`` is
+            not below the lease's renewal interval.
     """
 
     def __init__(
@@ -399,10 +409,14 @@ class IndexFollower:
         poll_s: float = 1.0,
         foreground: ForegroundGauge | None = None,
         apply_step: int = APPLY_STEP,
+        defer_max_s: float = APPLY_DEFER_MAX_S,
         encode_documents: DocumentEncoder | None = None,
     ) -> None:
         if apply_step < 0:
             raise ValueError(f"apply_step must be >= 0, got {apply_step}")
+        if defer_max_s < 0:
+            raise ValueError(f"defer_max_s must be >= 0, got {defer_max_s}")
+        self.defer_max_s = defer_max_s
         self.db = db
         self.indexer = indexer
         self.index = index
@@ -616,6 +630,8 @@ class IndexFollower:
                     self.applied = max(self.applied, stored)
             total = 0
             while True:
+                # Decoding a batch of rows with their vectors runs on the event loop.
+                await self._defer()
                 async with self.indexer.all_tenants_snapshot() as conn:
                     trimmed = int(
                         await conn.fetchval("SELECT upto FROM outbox_trim WHERE id = 1") or 0
@@ -703,14 +719,14 @@ class IndexFollower:
         live_ids = {r["id"] for r in live}
         gone = [str(i) for i in ids if i not in live_ids]
         # Every replica applies every tenant's changes, so an import elsewhere is applied
-        # here too: in steps (BM25 encoding holds the GIL in pure Python, the engine holds it
-        # for each write), yielding between two steps to the searches in flight here.
-        # ``apply_step`` 0 applies the batch in one step without yielding (the baseline).
+        # here too: in steps (building the points and the engine's write hold the GIL, so a
+        # search's every thread hop would wait for them), each deferred while searches are
+        # in flight here. ``apply_step`` 0 applies the batch in one step without deferring
+        # (the baseline).
         step = self.apply_step or max(len(live), len(gone), 1)
         loop = asyncio.get_running_loop()
-        steps = 0
         for start in range(0, len(live), step):
-            steps = await self._between_steps(steps)
+            await self._defer()
             part = live[start : start + step]
             if self.encode_documents is not None:
                 sparse = await self.encode_documents(
@@ -722,15 +738,16 @@ class IndexFollower:
                 points = await loop.run_in_executor(self._encoder, self._points, part)
             await index.upsert(points)
         for start in range(0, len(gone), step):
-            steps = await self._between_steps(steps)
+            await self._defer()
             await index.delete(gone[start : start + step])
 
-    async def _between_steps(self, done: int) -> int:
-        """Before a step of an applied batch: after ``done`` > 0 steps (and unless
-        ``apply_step`` is 0), yield to the searches in flight (bounded); returns ``done + 1``."""
-        if done and self.apply_step:
-            await self.foreground.yield_to_foreground()
-        return done + 1
+    async def _defer(self) -> None:
+        """Before a step of apply work (unless ``apply_step`` is 0): wait while searches are
+        in flight in this replica, at most ``defer_max_s``, and not while a search waits for
+        this follower (:meth:`wait_for`). The step after that wait cannot be pre-empted, so
+        a search arriving meanwhile waits for at most one step."""
+        if self.apply_step:
+            await self.foreground.yield_to_foreground(self.defer_max_s, awaited=True)
 
     @staticmethod
     def _points_of(
@@ -975,11 +992,11 @@ class IndexFollower:
         try:
             # The waiting search is not in flight for the follower's yield: yielding to it
             # would only delay the apply it waits for.
+            # The bound covers taking the condition's lock too, and asyncio.timeout rather
+            # than wait_for (Python 3.11 cancellation semantics): a search never waits longer.
             with self.foreground.waiting_on_bulk():
-                async with self._advanced:
-                    await asyncio.wait_for(
-                        self._advanced.wait_for(lambda: self.applied >= position), timeout_s
-                    )
+                async with asyncio.timeout(timeout_s), self._advanced:
+                    await self._advanced.wait_for(lambda: self.applied >= position)
             return True
         except TimeoutError:
             log.warning("index.behind", applied=self.applied, wanted=position)
