@@ -205,7 +205,7 @@ def sync_trigger(
     to TRIGGER_WAIT_S seconds."""
     rid = client.new_request_id()
 
-    async def trigger(stub: svc_grpc.SyncServiceStub, c: Any) -> res.SyncCycle:
+    async def trigger(stub: Any, c: Any) -> res.SyncCycle:
         # AIP-194: ABORTED is retried at the level of the whole call; a cycle is idempotent.
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_aborted),
