@@ -108,3 +108,42 @@ async def test_invalid_tenant_never_reaches_sql(env: MemoryEnv) -> None:
                 pass
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("vectors", [True, False])
+async def test_search_pool_read_probes_the_primary_key_under_rls(
+    env: MemoryEnv, vectors: bool
+) -> None:
+    # Under RLS only leakproof conditions become index conditions; a pool read whose id
+    # condition is not (``id = ANY($2 || ARRAY(...))``: array_cat) is a scan of the tenant's
+    # rows as the application role, 314 ms at 100k memories. With enough rows that a probe
+    # is clearly cheapest, both id conditions must be index conditions.
+    from aeterna_memory.adapters.postgres import pool_sql
+
+    tenant = new_tenant()
+    first = await create(env, tenant, memory("pool probe", user_id="u", session_id="s"))
+    admin = await asyncpg.connect(env.urls.superuser)
+    try:
+        await admin.execute(
+            "INSERT INTO memories SELECT (jsonb_populate_record(m, "
+            "jsonb_build_object('id', gen_random_uuid()))).* FROM memories m, "
+            "generate_series(1, 3000) WHERE m.tenant_id = $1",
+            tenant,
+        )
+        await admin.execute("ANALYZE memories")
+    finally:
+        await admin.close()
+    ids = [uuid.UUID(first.name.rsplit("/", 1)[1]), uuid.uuid4()]
+    db = Database(env.urls.app, min_size=1, max_size=1)
+    await db.open()
+    try:
+        async with db.transaction(tenant) as conn:
+            plan = await conn.fetch(
+                f"EXPLAIN {pool_sql(vectors=vectors)}", tenant, ids, ids[:1], 2, 1
+            )
+    finally:
+        await db.close()
+    text = "\n".join(r[0] for r in plan)
+    probes = [line for line in text.splitlines() if "Index Cond" in line and "id = ANY" in line]
+    assert len(probes) >= 3, text  # the candidates, the expanded ones, the neighbours
+    assert "Seq Scan" not in text, text
