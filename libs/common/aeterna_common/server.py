@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -165,6 +166,12 @@ class ServiceApp:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
 
 
+CLOSE_TIMEOUT_S = 10.0
+"""Seconds a stopping server gives its background tasks and its app's ``close`` after the
+grace period (with ``drain_s`` 3 and ``grace_period_s`` 10, within Kubernetes' default 30 s
+``terminationGracePeriodSeconds``)."""
+
+
 class GrpcServer:
     """A ``grpc.aio`` server with the shared interceptors, health and reflection.
 
@@ -302,8 +309,15 @@ class GrpcServer:
         await self.server.stop(self.grace_period_s)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.app.close()
+        # Bounded: a background task that swallows its cancellation (asyncio.wait_for on
+        # Python 3.11 can) or a pool waiting for a connection never released would otherwise
+        # keep a SIGTERMed replica alive until the orchestrator kills it.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await self.app.close()
+        except TimeoutError:
+            log.error("server.close_timed_out", seconds=CLOSE_TIMEOUT_S)
         log.info("server.stopped")
 
 
@@ -424,6 +438,12 @@ def service_main(
             common = CommonSettings()
             schema = SchemaSettings()
             asyncio.run(run_service(service, common, lambda: build(common, schema)))
+            # Stopped gracefully. The interpreter's exit would still join every non-daemon
+            # thread and executor worker (an engine flush or a model batch a cancelled call
+            # left running) for as long as they take; nothing of theirs is needed any more.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except ValidationError as exc:
         sys.exit(f"{prog}: invalid settings:\n{exc}")
     except InvalidArgument as exc:
