@@ -543,7 +543,13 @@ class DevStack:
 
     def kill_replica(self, i: int, sig: int = signal.SIGKILL, *, service: str = "memory") -> None:
         """Send ``sig`` to replica ``i`` of ``service`` (``memory``, ``governance``,
-        ``knowledge`` or ``sync``) and wait for it to exit."""
+        ``knowledge`` or ``sync``) and wait for it to exit.
+
+        Raises:
+            subprocess.TimeoutExpired: it had not exited 30 s after ``sig``; it is then killed
+                (SIGKILL) before the error is raised, so the stack's later users find the
+                replica gone rather than half stopped.
+        """
         replicas = {
             "memory": self._replicas,
             "governance": self._governance,
@@ -553,7 +559,12 @@ class DevStack:
         proc = replicas[i].proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                raise
 
     def restart_replica(self, i: int, **env: str) -> None:
         """Stop replica ``i`` gracefully (SIGTERM) and start it again with ``env`` added to
