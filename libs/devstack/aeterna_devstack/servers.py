@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -64,23 +65,60 @@ class DevServerError(RuntimeError):
     """A development server could not be started, reached or stopped."""
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port that is free on ``host`` right now.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LISTEN_PORTS_FROM = 10_000
+_handed_out: set[int] = set()
 
-    The port is not reserved: another process may take it before the caller binds it, so
-    callers retry on a bind failure.
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's
+    ``net.ipv4.ip_local_port_range``; 32768, its default, where it cannot be read)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port that is free on ``host`` right now, below the ephemeral range.
+
+    The port is chosen at random between 10000 and the start of the kernel's ephemeral range
+    and checked by binding it. A port the kernel assigned (``bind(host, 0)``) would lie in the
+    ephemeral range, from which the kernel also picks the local port of every outgoing
+    connection: between this call and the caller's bind, a connection of any process (a
+    PostgreSQL or Redis client starting) could take it, and the server then fails with
+    "Address already in use". Below that range only another listener can take the port.
+    A port is not handed out twice by one process. The port is not reserved.
 
     Args:
         host: Address to probe, e.g. ``"127.0.0.1"``.
 
     Returns:
-        A port number in the ephemeral range.
+        A port number, or one in the ephemeral range where the range starts too low to
+        leave room below it.
 
+    Raises:
+        OSError: No free port was found in 200 tries.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    low = _ephemeral_low()
+    if low - _LISTEN_PORTS_FROM < 1000:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+            return port
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_LISTEN_PORTS_FROM, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise OSError(f"no free TCP port on {host} between {_LISTEN_PORTS_FROM} and {low}")
 
 
 def docker_available() -> bool:

@@ -10,7 +10,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aeterna_devstack.servers import DevServerError, PostgresServer, RedisServer
+from aeterna_devstack import servers
+from aeterna_devstack.servers import (
+    DevServerError,
+    PostgresServer,
+    RedisServer,
+    _ephemeral_low,
+    free_port,
+)
 
 
 def _port_open(port: int) -> bool:
@@ -125,3 +132,26 @@ async def test_postgres_in_a_root_only_directory_keeps_its_data(
         conn = await asyncpg.connect(pg.dsn())
         assert await conn.fetchval("select v from kept") == 7
         await conn.close()
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_not_handed_out_twice() -> None:
+    # Outgoing connections take their local port from the ephemeral range: a listening port
+    # chosen there can be taken by any client between the choice and the server's bind.
+    low = _ephemeral_low()
+    ports = [free_port() for _ in range(100)]
+    assert all(10_000 <= p < low for p in ports)
+    assert len(set(ports)) == len(ports)
+
+
+def test_free_port_skips_a_port_another_listener_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+        other = free_port()
+        draws = iter([held, other + 1 if other + 1 < _ephemeral_low() else other - 1])
+        monkeypatch.setattr(
+            servers.random.SystemRandom, "randrange", lambda self, a, b: next(draws)
+        )
+        monkeypatch.setattr(servers, "_ephemeral_low", lambda: 65536)
+        assert free_port() != held
