@@ -286,9 +286,19 @@ class DevStack:
     def start(self, log: object = print) -> Self:
         """Start everything and wait until Envoy routes to healthy replicas.
 
+        A start that fails stops what it had started before raising, so that no replica or
+        server outlives it.
+
         Raises:
             RuntimeError: a replica did not become healthy; the message has its log tail.
         """
+        try:
+            return self._start(log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, log: object) -> Self:
         say = log if callable(log) else print
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
