@@ -112,8 +112,11 @@ class Replica:
             dsn=self.listen_dsn,
             dimension=DIM,
             lease_name=lease_name,
-            lease_ttl_s=3.0,
-            apply_timeout_s=0.5,  # the default ttl / 6: below the 1 s renewal interval
+            # The default ratio (apply margin ttl / 6, below the 2 s renewal interval): the
+            # start's rebuild applies the session's memories in fenced batches, which took
+            # over 0.5 s each on a slow machine with a 3 s lease.
+            lease_ttl_s=6.0,
+            apply_timeout_s=1.0,
             poll_s=0.2,
         )
         await self.follower.start()
@@ -170,7 +173,7 @@ async def test_leader_cut_off_is_replaced_without_double_apply(
         # b took over at a later epoch (2, or higher if a slow renewal let it lapse and b
         # took it again: still one holder at a time, each epoch newer than the last).
         assert b.keeper and b.keeper.lease and b.keeper.lease.epoch >= 2
-        # Not before the cut leader's lease (3 s, renewed every 1 s) could expire. Measured from
+        # Not before the cut leader's lease (6 s, renewed every 2 s) could expire. Measured from
         # the cut: the creates above may take a while on a loaded machine.
         assert time.monotonic() - cut_at > 1.0
 

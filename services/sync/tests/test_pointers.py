@@ -131,9 +131,11 @@ async def test_only_the_sync_principal_lists_knowledge_and_only_lists() -> None:
 
 
 @pytest.fixture
-def unreachable(sync_env: SyncEnv, tmp_path: Path) -> PointerSync:
+async def unreachable(sync_env: SyncEnv, tmp_path: Path) -> PointerSync:
     """Pointer sync of the test server's database whose knowledge and memory do not
-    answer (nothing listens on the port): every call fails UNAVAILABLE, once."""
+    answer (nothing listens on the port): every call fails UNAVAILABLE, once. Made in the
+    tests' event loop, to which its gRPC channels are bound (outside a running loop
+    grpc.aio looks up the thread's loop, which an earlier ``asyncio.run`` may have unset)."""
     token = tmp_path / "token"
     token.write_text("not-a-token")
     return PointerSync(
