@@ -29,9 +29,7 @@ def test_a_failed_start_leaves_no_process_behind() -> None:
     assert [r.service for r in replicas] == ["memory", "governance"]
     assert all(r.proc is not None and r.proc.poll() is not None for r in replicas)
     # PostgreSQL and Redis were stopped too: their ports refuse connections.
-    servers = [stack._pg, stack._redis]
-    assert all(s is not None for s in servers)
-    for server in servers:
+    for server in (stack._pg, stack._redis):
         assert server is not None
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
