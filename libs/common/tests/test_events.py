@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -516,6 +516,42 @@ async def test_an_entry_failing_three_deliveries_goes_to_the_dead_letter_stream(
     assert Event.from_fields(dead[0]).event_id == ids[1]  # the envelope is kept whole
     assert (await stack.redis.xpending(stream_key(t), group))["pending"] == 0
     assert metric("aeterna_events_dead_letters_total", group=group) - dead_before == 1
+
+
+async def test_a_batch_handler_takes_each_read_whole_and_a_failed_batch_goes_one_by_one(
+    stack: Stack,
+) -> None:
+    t = new_tenant()
+    ids = await publish(stack, t, 7)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    batches: list[list[str]] = []
+    singles: list[str] = []
+
+    async def batch(events: Sequence[Event]) -> None:
+        mine = [e.event_id for e in events if e.tenant == t]
+        if mine:
+            batches.append(mine)
+        if ids[4] in mine:
+            raise ValueError("cannot audit this one")
+
+    async def single(event: Event) -> None:
+        if event.tenant == t:
+            singles.append(event.event_id)
+            if event.event_id == ids[4]:
+                raise ValueError("cannot audit this one")
+
+    c = consumer(stack, group, single, batch_handler=batch, count=4)
+    for _ in range(6):
+        await c.poll_once()
+    # Reads of four in stream order; the second batch failed and went one by one.
+    assert batches[:2] == [ids[:4], ids[4:]]
+    assert singles[:3] == ids[4:]
+    # The bad one alone was delivered again, as a batch of one, up to the limit.
+    assert all(b == [ids[4]] for b in batches[2:]) and len(batches) == 4
+    assert singles.count(ids[4]) == 3 and singles.count(ids[5]) == 1
+    dead = await entries(stack.redis, dead_letter_key(stream_key(t)))
+    assert [d["event_id"] for d in dead] == [ids[4]]
+    assert (await stack.redis.xpending(stream_key(t), group))["pending"] == 0
 
 
 async def test_an_entry_never_acknowledged_three_times_is_dead_lettered_when_claimed(

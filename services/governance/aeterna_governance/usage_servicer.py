@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from datetime import UTC
 
 import grpc
@@ -114,10 +115,14 @@ def consumer(redis_client: object, ledger: UsageLedger, settings: UsageSettings)
     async def handle(event: Event) -> None:
         await ledger.fold(event)
 
+    async def handle_batch(events: Sequence[Event]) -> None:
+        await ledger.fold_many(events)
+
     events = EventConsumer(
         redis_client,  # type: ignore[arg-type]
         GROUP,
         handle,
+        batch_handler=handle_batch,
         start="0",
         block_s=settings.consume_block_ms / 1000,
         count=settings.consume_batch,

@@ -70,6 +70,27 @@ async def test_chain_links_and_idempotent_appends(gov: GovernanceEnv) -> None:
     assert outcome.valid and outcome.entries_checked == 22 and outcome.head_hash == entries[-1].hash
 
 
+async def test_a_batch_appends_as_single_appends_would(gov: GovernanceEnv) -> None:
+    t, other = new_tenant(), new_tenant()
+    audit = AuditLog(gov.app.deps.db)
+    await audit.append(parse_envelope(envelope(t, 1)))
+    # Already in the chain (1), twice in the batch (3), two tenants in one batch.
+    batch = [parse_envelope(envelope(t, n)) for n in (1, 2, 3, 3, 4)]
+    batch.insert(2, parse_envelope(envelope(other, 7)))
+    assert await audit.append_many(batch) == 4
+    assert await audit.append_many(batch) == 0  # delivered again: nothing twice
+    entries = await audit.page(t, after=0, limit=100)
+    assert [(e.sequence, e.event_id) for e in entries] == [(n, f"memory:{n}") for n in (1, 2, 3, 4)]
+    assert all(b.previous_hash == a.hash for a, b in itertools.pairwise(entries))
+    # A single append goes on from the batch's head, and the whole chain verifies.
+    fifth, appended = await audit.append(parse_envelope(envelope(t, 5)))
+    assert appended and fifth.sequence == 5 and fifth.previous_hash == entries[-1].hash
+    outcome = await audit.verify(t)
+    assert outcome.valid and outcome.entries_checked == 5
+    assert [e.event_id for e in await audit.page(other, after=0, limit=10)] == ["memory:7"]
+    assert (await audit.verify(other)).valid
+
+
 async def test_app_role_cannot_update_delete_or_truncate(gov: GovernanceEnv) -> None:
     t = new_tenant()
     await fill(gov, t, 2)

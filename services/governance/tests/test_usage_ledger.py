@@ -73,6 +73,44 @@ async def test_each_event_counts_once_and_prices_make_the_cost(gov: GovernanceEn
     assert got.monthly_budget == 0 and not got.embeddings_capped
 
 
+async def test_a_batch_folds_as_single_folds_would(gov: GovernanceEnv) -> None:
+    one, many = new_tenant(), new_tenant()
+    settings = UsageSettings(prices={usage.EMBEDDING_TOKENS: 0.001, usage.SEARCHES: 0.5})
+    ledger = UsageLedger(gov.app.deps.db, settings)
+
+    def events(tenant: str) -> list[Event]:
+        created = dataclasses.replace(report(tenant, 12), type="memory.created", payload={})
+        from_sync = dataclasses.replace(
+            report(tenant, 3, memory_searches=4), event_id="sync:3", service="sync"
+        )
+        return [
+            report(tenant, 10, embedding_tokens=100, memory_searches=2),
+            report(tenant, 10, embedding_tokens=100, memory_searches=2),  # again
+            report(tenant, 9, embedding_tokens=7),  # older than the cursor
+            from_sync,  # another service's cursor
+            report(tenant, 11, embedding_tokens=50),
+            created,
+        ]
+
+    singly = [await ledger.fold(e) for e in events(one)]
+    assert await ledger.fold_many(events(many)) == sum(singly) == 4
+    assert await ledger.fold_many(events(many)) == 0  # delivered again
+
+    def lines(tenant: str) -> object:
+        return {(x.service, x.metric, x.quantity) for x in got[tenant].lines}
+
+    got = {t: await ledger.report(t, None, None) for t in (one, many)}
+    assert lines(one) == lines(many) != set()
+    assert got[one].total_cost == pytest.approx(got[many].total_cost)
+    # A malformed report in a batch folds nothing of it (the consumer goes one by one).
+    bad = dataclasses.replace(report(many, 20), payload={"deltas": "x"})
+    with pytest.raises(ValueError):
+        await ledger.fold_many([report(many, 19, memory_searches=1), bad])
+    assert lines(many) == {
+        (x.service, x.metric, x.quantity) for x in (await ledger.report(many, None, None)).lines
+    }
+
+
 async def test_a_malformed_report_counts_nothing(gov: GovernanceEnv) -> None:
     tenant = new_tenant()
     ledger = UsageLedger(gov.app.deps.db, UsageSettings())

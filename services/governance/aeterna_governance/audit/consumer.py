@@ -2,15 +2,16 @@
 
 A consumer group :data:`GROUP` of :class:`aeterna_common.events.EventConsumer` over the
 streams ``events:{tenant}`` (the event envelope contract), created from the start of each
-stream (``0``), so a new group misses nothing still there. Each event is appended with
-:meth:`AuditLog.append` (a no-op for an event id the chain has) and acknowledged only after
-its append committed, so a crash between the two re-delivers it and the append makes that
-harmless: every event lands in the chain exactly once. A failed append leaves the entry
-pending; after :data:`~aeterna_common.events.consumer.DEFAULT_MAX_DELIVERIES` deliveries it
-goes to the stream's dead-letter stream ``events:{tenant}:dead`` with the reason (as does at
-once an entry that is not an envelope). The append's own retries of transient PostgreSQL
-errors (:meth:`aeterna_common.db.Database.run`) come first, so a short outage costs no
-delivery.
+stream (``0``), so a new group misses nothing still there. The events of one read of a
+stream are appended in one transaction with :meth:`AuditLog.append_many` (each a no-op for
+an event id the chain has; one by one with :meth:`AuditLog.append` after a failed batch) and
+acknowledged only after their append committed, so a crash between the two re-delivers
+them and the append makes that harmless: every event lands in the chain exactly once. A
+failed append leaves the entry pending; after
+:data:`~aeterna_common.events.consumer.DEFAULT_MAX_DELIVERIES` deliveries it goes to the
+stream's dead-letter stream ``events:{tenant}:dead`` with the reason (as does at once an
+entry that is not an envelope). The append's own retries of transient PostgreSQL errors
+(:meth:`aeterna_common.db.Database.run`) come first, so a short outage costs no delivery.
 
 Order: one replica consumes at a time, the holder of the lease :data:`LEASE` (two consumers
 of one group would split a stream between them, and their appends could commit out of
@@ -22,6 +23,8 @@ of an event id is a no-op.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -69,6 +72,7 @@ class AuditConsumer:
             redis,
             group,
             self.handle,
+            batch_handler=self.handle_batch,
             consumer=name,
             start="0",
             block_s=block_s,
@@ -87,6 +91,18 @@ class AuditConsumer:
                 the pending entries before reading on.
         """
         await self.audit.append(parse_envelope(event.to_fields()))
+
+    async def handle_batch(self, events: Sequence[Event]) -> None:
+        """Append one read's events to their tenants' chains in stream order, each once, one
+        transaction per tenant (:meth:`AuditLog.append_many`).
+
+        Raises:
+            aeterna_governance.audit.chain.InvalidEventError: An envelope cannot be an
+                audit entry (the consumer then appends the events one by one, and
+                dead-letters that one after the delivery limit).
+            Exception: The append failed (likewise).
+        """
+        await self.audit.append_many([parse_envelope(e.to_fields()) for e in events])
 
     async def step(self) -> int:
         """One round (:meth:`aeterna_common.events.LeasedConsumer.step`).

@@ -14,6 +14,7 @@ appends ``governance.budget.threshold_reached`` to the outbox (and counts the me
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -159,6 +160,86 @@ class UsageLedger:
         counted = await self.db.run(event.tenant, work)
         if counted:
             FOLDED.labels("usage" if event.type.endswith(usage.REPORTED_EVENT) else "event").inc()
+        return counted
+
+    async def fold_many(self, events: Sequence[Event]) -> int:
+        """Fold ``events`` in order, each once: the effect of :meth:`fold` on each in turn,
+        in one transaction per tenant (a cursor read, one upsert of the hours, the cursors
+        moved, one budget check).
+
+        Args:
+            events: Events of any tenant streams, in stream order.
+
+        Returns:
+            How many counted (the others were folded before).
+
+        Raises:
+            ValueError: A ``usage.reported`` payload is malformed (nothing of the batch is
+                folded; the consumer then folds the events one by one).
+        """
+        by_tenant: dict[str, list[tuple[Event, list[tuple[datetime, str, int]]]]] = {}
+        for event in events:
+            by_tenant.setdefault(event.tenant, []).append((event, self._deltas(event)))
+        counted = 0
+        for tenant, group in by_tenant.items():
+
+            async def work(
+                conn: asyncpg.Connection,
+                tenant: str = tenant,
+                group: list[tuple[Event, list[tuple[datetime, str, int]]]] = group,
+            ) -> list[Event]:
+                services = sorted({e.service for e, _ in group})
+                cursor = {
+                    r["service"]: int(r["position"])
+                    for r in await conn.fetch(
+                        "SELECT service, position FROM usage_cursors "
+                        "WHERE tenant_id = $1 AND service = ANY($2) FOR UPDATE",
+                        tenant,
+                        services,
+                    )
+                }
+                folded: list[Event] = []
+                sums: dict[tuple[str, datetime, str], int] = defaultdict(int)
+                for event, deltas in group:
+                    # As fold: an event counts when its position passes its service's cursor.
+                    if event.position <= cursor.get(event.service, -1):
+                        continue
+                    cursor[event.service] = event.position
+                    folded.append(event)
+                    for hour, metric, quantity in deltas:
+                        sums[(event.service, hour, metric)] += quantity
+                if not folded:
+                    return []
+                moved = sorted({e.service for e in folded})
+                await conn.execute(
+                    "INSERT INTO usage_cursors AS c (tenant_id, service, position) "
+                    "SELECT $1, s, p FROM unnest($2::text[], $3::bigint[]) AS x(s, p) "
+                    "ON CONFLICT (tenant_id, service) DO UPDATE "
+                    "SET position = EXCLUDED.position WHERE c.position < EXCLUDED.position",
+                    tenant,
+                    moved,
+                    [cursor[m] for m in moved],
+                )
+                keys = sorted(sums)
+                await conn.execute(
+                    "INSERT INTO tenant_usage_hourly AS u (tenant_id, hour, service, metric, "
+                    "quantity) SELECT $1, h, s, m, q FROM unnest($2::timestamptz[], "
+                    "$3::text[], $4::text[], $5::bigint[]) AS x(h, s, m, q) "
+                    "ON CONFLICT (tenant_id, hour, service, metric) "
+                    "DO UPDATE SET quantity = u.quantity + EXCLUDED.quantity",
+                    tenant,
+                    [h for _, h, _ in keys],
+                    [s for s, _, _ in keys],
+                    [m for _, _, m in keys],
+                    [sums[k] for k in keys],
+                )
+                await self._check_budget(conn, tenant)
+                return folded
+
+            for event in await self.db.run(tenant, work):
+                kind = "usage" if event.type.endswith(usage.REPORTED_EVENT) else "event"
+                FOLDED.labels(kind).inc()
+                counted += 1
         return counted
 
     def _deltas(self, event: Event) -> list[tuple[datetime, str, int]]:
