@@ -597,7 +597,13 @@ async def build(
 
             async def consume_approvals() -> None:
                 client = consumer_redis(redis_url, block_s=1.0)
-                consumer = EventConsumer(client, GROUP, team_promotions.handle, start="0")
+                consumer = EventConsumer(
+                    client,
+                    GROUP,
+                    team_promotions.handle,
+                    batch_handler=team_promotions.handle_batch,
+                    start="0",
+                )
                 try:
                     await LeasedConsumer(consumer, CONSUME_LEASE).run(
                         db.pool, ttl_s=settings.lifecycle_lease_ttl_s
