@@ -16,7 +16,7 @@ export AETERNA_KNOWLEDGE_MODEL_DIR ?= $(abspath $(MODEL_DIR))
 PACKAGES := -e libs/sdk -e libs/common[model-export] -e libs/devstack -e 'libs/cli[dev]' -e services/memory -e services/governance -e services/knowledge -e services/sync
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run train-ranker bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-knowledge deps-system bench-tracing drill clean
+.PHONY: help venv constraints gen check-gen lint lint-py lint-protos lint-envoy lint-charts lint-docker lint-packages model test run train-ranker bench bench-locomo bench-scale bench-vectors bench-tenancy bench-query-lane bench-authz bench-events bench-audit bench-knowledge deps-system bench-tracing drill clean
 
 help:
 	@echo "make run            start PostgreSQL, Redis, two replicas each of memory, governance, knowledge and sync and Envoy on 127.0.0.1:8080"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-tenancy  sealed tenant binding against the settable app.tenant_id (baseline)"
 	@echo "make bench-query-lane  search latency while a 1,000-memory batch embeds (query lane vs shared queue)"
 	@echo "make bench-authz    authorization decision p50/p99, and an authorised memory search against an unchecked one"
+	@echo "make bench-audit    audit chain appends per second: single against the consumer's batches"
 	@echo "make bench-events   outbox relay to Redis Streams: backlog drain rate, commit-to-consumer latency, 1,000 live subscribers vs bare XREAD"
 	@echo "make bench-knowledge  knowledge search: ingest rate, p50/p95, recall@3, BM25-only baseline (ITEMS=50000)"
 	@echo "make bench-tracing  search latency with a sampled, exported trace vs an unsampled one"
@@ -146,6 +147,11 @@ bench-authz: $(STAMP) $(MODEL)
 # Outbox relay to Redis Streams: backlog drain (rows/s) and commit-to-consumer latency.
 bench-events: $(STAMP)
 	$(PY) bench/events.py
+
+# Audit chain appends: one tenant, several tenants, and the consumer's batches against single
+# appends.
+bench-audit: $(STAMP)
+	$(PY) bench/audit_append.py
 
 # Knowledge search: ingest rate, latency and recall@3 against a BM25-only baseline.
 ITEMS ?= 50000

@@ -5,9 +5,13 @@ consumer does per event: one transaction of the application role that binds the 
 takes the tenant's append lock, looks the event id up, reads the head and inserts the entry
 with its SHA-256 over the RFC 8785 form. Runs ``--events`` appends to one tenant from one
 task, then from ``--concurrency`` tasks (still one tenant, so they queue on its lock), then
-to ``--concurrency`` tenants at once, and prints appends per second of each.
+to ``--concurrency`` tenants at once, and prints appends per second of each. Then the same
+one-tenant, one-task run with the consumer's batched appends (``AuditLog.append_many``, one
+transaction per ``--batch`` events: the audit consumer's read size), with the single appends
+as its baseline, each with the client process's CPU time per event (``time.process_time``;
+the server's is not counted). Writes ``bench/results/audit_append.json``.
 
-    .venv/bin/python bench/audit_append.py [--events 2000] [--concurrency 8]
+    .venv/bin/python bench/audit_append.py [--events 2000] [--concurrency 8] [--batch 100]
 """
 
 from __future__ import annotations
@@ -58,6 +62,23 @@ async def rate(audit: AuditLog, tenants: list[str], events: int, tasks: int) -> 
     return per_task * tasks / (time.perf_counter() - start)
 
 
+async def batched(audit: AuditLog, tenant: str, events: int, batch: int) -> tuple[float, float]:
+    """Appends per second and client CPU milliseconds per append of ``events`` appends to
+    one tenant in batches of ``batch`` (one transaction each)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for first in range(0, events, batch):
+        last = min(events, first + batch)
+        await audit.append_many([parse_envelope(envelope(tenant, n)) for n in range(first, last)])
+    return events / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / events
+
+
+async def single(audit: AuditLog, tenant: str, events: int) -> tuple[float, float]:
+    """As :func:`batched`, one transaction per append (the baseline)."""
+    cpu = time.process_time()
+    per_s = await rate(audit, [tenant], events, 1)
+    return per_s, (time.process_time() - cpu) * 1000 / events
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     base = tempfile.mkdtemp(prefix="aeterna-bench-pg-")
     os.chmod(base, 0o755)
@@ -73,7 +94,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             audit = AuditLog(db)
             c = args.concurrency
             await rate(audit, ["warm"], 200, 1)
+            single_per_s, single_cpu_ms = await single(audit, "single", args.events)
+            batch_per_s, batch_cpu_ms = await batched(audit, "batched", args.events, args.batch)
             return {
+                "batch": args.batch,
+                "one_tenant_single_per_s": round(single_per_s),
+                "one_tenant_single_client_cpu_ms_per_event": round(single_cpu_ms, 3),
+                "one_tenant_batched_per_s": round(batch_per_s),
+                "one_tenant_batched_client_cpu_ms_per_event": round(batch_cpu_ms, 3),
+                "batched_over_single_rate": round(batch_per_s / single_per_s, 2),
                 "machine": platform.machine(),
                 "cpus": os.cpu_count(),
                 "events": args.events,
@@ -93,4 +122,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
-    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
+    parser.add_argument("--batch", type=int, default=100)
+    result = asyncio.run(main(parser.parse_args()))
+    print(json.dumps(result, indent=2))
+    out = Path(__file__).resolve().parent / "results" / "audit_append.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")

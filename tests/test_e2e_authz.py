@@ -17,10 +17,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,8 +26,7 @@ from aeterna.memory.v1 import memory_service_pb2 as svc
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.memory.v1 import resources_pb2 as res
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -44,34 +41,28 @@ BOOTSTRAP = ("--tenant", TENANT, "--admin", "users/root")
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-authz-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-authz-",
         replicas=1,
         governance_replicas=2,
-        port=free_port(),
-        root=root,
-        fresh=True,
         env={
             "AETERNA_AUTH_TRUST_TOKEN_ROLES": "false",
             "AETERNA_AUTHZ_CACHE_TTL_S": str(TTL_S),
             "AETERNA_AUTHZ_STALE_GRACE_S": str(GRACE_S),
         },
-    )
-    s.start(log=lambda *_: None)
-    # The tenant's first TENANT_ADMIN, as an operator writes it (the owner role).
-    gov_env = s.governance_list[0].env
-    done = subprocess.run(
-        [sys.executable, "-m", "aeterna_governance", "bootstrap", *BOOTSTRAP],
-        env=gov_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0 and "bound now" in done.stdout, done.stdout + done.stderr
-    yield s
-    s.stop()
+    ) as s:
+        # The tenant's first TENANT_ADMIN, as an operator writes it (the owner role).
+        gov_env = s.governance_list[0].env
+        done = subprocess.run(
+            [sys.executable, "-m", "aeterna_governance", "bootstrap", *BOOTSTRAP],
+            env=gov_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0 and "bound now" in done.stdout, done.stdout + done.stderr
+        yield s
 
 
 def cli(stack: DevStack, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_cli.client import honour_retry_info
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -34,17 +32,8 @@ DATA = ROOT / "bench" / "data" / "locomo-dev.json"
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
-        replicas=2,
-        port=free_port(),
-        root=root,
-        fresh=True,
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    with throwaway_stack("aeterna-e2e-", replicas=2) as s:
+        yield s
 
 
 def bearer(stack: DevStack, tenant: str, user: str = "e2e") -> tuple[tuple[str, str], ...]:

@@ -7,13 +7,10 @@ each service's position order. Memory's authorization cache follows governance's
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,7 +28,7 @@ from aeterna.memory.v1 import resources_pb2 as mres
 from aeterna.type.v1 import layer_pb2
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DATABASE, GOVERNANCE_DATABASE, DevStack
+from aeterna_devstack.stack import DATABASE, GOVERNANCE_DATABASE, DevStack, throwaway_stack
 
 CACHE_TTL_S = 60.0
 """Memory's authorization cache TTL here: long, so only an event can explain a quick
@@ -43,15 +40,12 @@ LEASE_TTL_S = "2"
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-events-"))
-    os.chmod(root, 0o755)
     port = free_port()
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-events-",
         replicas=2,
         governance_replicas=2,
         port=port,
-        root=root,
-        fresh=True,
         env={
             # Memory reads bindings from governance through the gateway.
             "AETERNA_AUTHZ_DIRECTORY_URL": f"127.0.0.1:{port}",
@@ -62,10 +56,8 @@ def stack() -> Iterator[DevStack]:
             # Only the writes' own events: no usage reports joining the outbox meanwhile.
             "AETERNA_USAGE_REPORT_INTERVAL_S": "0",
         },
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 @pytest_asyncio.fixture

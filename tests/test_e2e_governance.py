@@ -7,28 +7,21 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from aeterna.governance.v1 import organization_service_pb2 as osvc
 from aeterna.governance.v1 import organization_service_pb2_grpc as osvc_grpc
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-gov-"))
-    os.chmod(root, 0o755)
-    s = DevStack(replicas=0, governance_replicas=2, port=free_port(), root=root, fresh=True)
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    with throwaway_stack("aeterna-e2e-gov-", replicas=0, governance_replicas=2) as s:
+        yield s
 
 
 def cli(stack: DevStack, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,11 +6,8 @@ a memory written meanwhile."""
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -22,8 +19,7 @@ from aeterna.sync.v1 import resources_pb2 as sres
 from aeterna.sync.v1 import sync_service_pb2 as ssvc
 from aeterna.type.v1 import layer_pb2
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 
 TENANT = "gw"
 ORIGIN = "http://localhost:5173"
@@ -32,20 +28,14 @@ WAIT_S = 60.0
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-grpcweb-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-grpcweb-",
         replicas=1,
         governance_replicas=1,
         sync_replicas=1,
-        port=free_port(),
-        root=root,
-        fresh=True,
         env={"AETERNA_SYNC_KEEPALIVE_S": "2"},
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 def _token(stack: DevStack) -> str:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,27 +24,17 @@ from aeterna.knowledge.v1 import knowledge_service_pb2_grpc as ksvc_grpc
 from aeterna.knowledge.v1 import resources_pb2 as kres
 from aeterna_common.markdown import ParsedRecord, parse_record
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 
 ADR = "# Luxon\n\n## Context\nc\n\n## Decision Outcome\nd\n\n## Consequences\nq\n"
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-knowledge-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
-        replicas=0,
-        governance_replicas=1,
-        knowledge_replicas=2,
-        port=free_port(),
-        root=root,
-        fresh=True,
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    with throwaway_stack(
+        "aeterna-e2e-knowledge-", replicas=0, governance_replicas=1, knowledge_replicas=2
+    ) as s:
+        yield s
 
 
 async def _tree(

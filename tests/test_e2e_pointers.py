@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -50,8 +49,7 @@ from aeterna_common.db import Database
 from aeterna_common.errors import Aborted
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.pytest_plugin import while_aborted
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import SYNC_DATABASE, DevStack
+from aeterna_devstack.stack import SYNC_DATABASE, DevStack, throwaway_stack
 from aeterna_sync.pointers import PointerSync
 from aeterna_sync.settings import SyncSettings
 
@@ -65,16 +63,12 @@ ORG = layer_pb2.MEMORY_LAYER_ORG
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-pointers-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-pointers-",
         replicas=1,
         governance_replicas=1,
         knowledge_replicas=1,
         sync_replicas=2,
-        port=free_port(),
-        root=root,
-        fresh=True,
         # A short lease (a killed replica's cycle is taken over within seconds) and a
         # scheduled reconcile every few seconds.
         env={
@@ -82,10 +76,8 @@ def stack() -> Iterator[DevStack]:
             "AETERNA_SYNC_RECONCILE_INTERVAL_S": "6",
             "AETERNA_SYNC_EVENT_DEBOUNCE_S": "0.2",
         },
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 @pytest_asyncio.fixture

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -38,8 +35,7 @@ from aeterna.memory.v1 import resources_pb2 as mres
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.consistency import ReadYourWrites
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 TENANT = "promo"
@@ -52,24 +48,18 @@ SEARCHES = 5
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-promotion-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-promotion-",
         replicas=1,
         governance_replicas=1,
-        port=free_port(),
-        root=root,
-        fresh=True,
         env={
             "AETERNA_MEMORY_PROMOTION_INTERVAL_S": "0.5",
             # Decisions reach memory by events only, until the reconciler is turned on.
             RECONCILE_ENV: "0",
             "AETERNA_MEMORY_LIFECYCLE_LEASE_TTL_S": "2",
         },
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 @pytest_asyncio.fixture

@@ -12,10 +12,7 @@ which the replicas leave alone."""
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,8 +34,7 @@ from aeterna_common.auth import ServiceCredentials
 from aeterna_common.db import Database
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.pytest_plugin import while_aborted
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from aeterna_sync.proposals import Proposals, State
 from google.protobuf import field_mask_pb2, struct_pb2
 
@@ -49,21 +45,15 @@ PARENT = f"tenants/{TENANT}"
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-proposals-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-proposals-",
         replicas=1,
         governance_replicas=1,
         knowledge_replicas=1,
         sync_replicas=1,
-        port=free_port(),
-        root=root,
-        fresh=True,
         env={"AETERNA_SYNC_PROPOSAL_THRESHOLD": "0.55"},
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 def _md(stack: DevStack, user: str = "root", roles: tuple[str, ...] = ("TENANT_ADMIN",)) -> Any:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,7 @@ from aeterna.sync.v1 import resources_pb2 as sres
 from aeterna.sync.v1 import sync_service_pb2 as ssvc
 from aeterna.sync.v1 import sync_service_pb2_grpc as ssvc_grpc
 from aeterna_devstack.auth import DevAuth
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 from google.protobuf import field_mask_pb2
 
 TENANT = "sy"
@@ -43,21 +41,15 @@ ADR = "# Luxon\n\n## Context\nc\n\n## Decision\nd\n\n## Consequences\nq\n"
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-sync-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-sync-",
         replicas=0,
         governance_replicas=1,
         knowledge_replicas=1,
         sync_replicas=2,
-        port=free_port(),
-        root=root,
-        fresh=True,
         env={"AETERNA_SYNC_KEEPALIVE_S": "2"},
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 def _admin(stack: DevStack) -> tuple[tuple[str, str], ...]:

@@ -12,12 +12,9 @@ consumer in the same trace.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,8 +25,7 @@ from aeterna.memory.v1 import resources_pb2 as res
 from aeterna.type.v1 import layer_pb2
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.otlp import read_spans
-from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack
+from aeterna_devstack.stack import DevStack, throwaway_stack
 
 TENANT = "traced"
 WAIT_S = 90.0
@@ -40,14 +36,8 @@ Span = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-trace-"))
-    os.chmod(root, 0o755)
-    s = DevStack(
-        replicas=1, governance_replicas=1, port=free_port(), root=root, fresh=True, traces=True
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    with throwaway_stack("aeterna-e2e-trace-", replicas=1, governance_replicas=1, traces=True) as s:
+        yield s
 
 
 def metadata(stack: DevStack, user: str, trace_id: str) -> tuple[tuple[str, str], ...]:

@@ -26,10 +26,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -51,7 +49,7 @@ from aeterna_common import usage
 from aeterna_common.embedding.onnx_minilm import TOKENIZER_FILE, configure_tokenizer
 from aeterna_devstack.auth import DevAuth
 from aeterna_devstack.servers import free_port
-from aeterna_devstack.stack import DevStack, require_model
+from aeterna_devstack.stack import DevStack, require_model, throwaway_stack
 from aeterna_knowledge.search_chunks import chunk_item, chunk_text
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
@@ -67,16 +65,13 @@ BUDGET = 2e-6
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[DevStack]:
-    root = Path(tempfile.mkdtemp(prefix="aeterna-e2e-usage-"))
-    os.chmod(root, 0o755)
     port = free_port()
-    s = DevStack(
+    with throwaway_stack(
+        "aeterna-e2e-usage-",
         replicas=1,
         governance_replicas=1,
         knowledge_replicas=1,
         port=port,
-        root=root,
-        fresh=True,
         env={
             "AETERNA_AUTHZ_DIRECTORY_URL": f"127.0.0.1:{port}",
             "AETERNA_USAGE_REPORT_INTERVAL_S": "0.5",
@@ -85,10 +80,8 @@ def stack() -> Iterator[DevStack]:
             "AETERNA_GOVERNANCE_USAGE_HARD_CAP": "true",
             "AETERNA_GOVERNANCE_JOBS_LEASE_TTL_S": "2",
         },
-    )
-    s.start(log=lambda *_: None)
-    yield s
-    s.stop()
+    ) as s:
+        yield s
 
 
 def tokens(*texts: str) -> int:

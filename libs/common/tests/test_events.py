@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from aeterna_common.events import (
     stream_key,
 )
 from aeterna_common.events.envelope import rfc3339
-from aeterna_devstack.servers import RedisServer, free_port
+from aeterna_devstack.servers import RedisServer, free_port, scratch_dir
 from aeterna_memory.adapters.postgres import NOTIFY_CHANNEL, _append_outbox
 from aeterna_memory.app import MIGRATIONS
 from opentelemetry.sdk.trace import TracerProvider
@@ -604,9 +602,7 @@ async def test_a_group_starting_at_dollar_skips_entries_already_in_the_stream(
 async def test_nothing_is_lost_across_a_redis_restart_while_events_are_written(
     stack: Stack,
 ) -> None:
-    data = tempfile.mkdtemp(prefix="aeterna-redis-data-")
-    os.chmod(data, 0o755)
-    server = RedisServer(port=free_port(), data_dir=data).start()
+    server = RedisServer(port=free_port(), data_dir=str(scratch_dir("aeterna-redis-data-"))).start()
     client = aioredis.Redis.from_url(
         server.url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0
     )

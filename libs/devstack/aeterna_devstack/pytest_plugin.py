@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,7 +25,7 @@ import pytest_asyncio
 from aeterna_common.db import provision
 
 from aeterna_devstack.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAuth
-from aeterna_devstack.servers import PostgresServer, RedisServer
+from aeterna_devstack.servers import PostgresServer, RedisServer, scratch_dir
 
 T = TypeVar("T")
 
@@ -97,11 +96,7 @@ class DatabaseUrls:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL cluster for the whole test session."""
-    # As root the server runs as an unprivileged user, which must be able to enter the
-    # data directory's parents: pytest's tmp_path (0700) is not, /tmp is.
-    base = tempfile.mkdtemp(prefix="aeterna-pg-")
-    os.chmod(base, 0o755)
-    server = PostgresServer(os.path.join(base, "data")).start()
+    server = PostgresServer(str(scratch_dir("aeterna-pg-") / "data")).start()
     yield server
     server.stop()
 

@@ -79,6 +79,23 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A new empty directory under the system's temporary directory that other users may
+    enter (mode 0755): run as root, PostgreSQL drops to an unprivileged user, which must be
+    able to enter its data directory's parents (pytest's ``tmp_path`` is 0700; ``/tmp`` is
+    world-enterable).
+
+    Args:
+        prefix: Start of the directory's name.
+
+    Returns:
+        Its path; the caller removes it (or leaves it to the system's temporary cleanup).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port that is free on ``host`` right now, below the ephemeral range.
 

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -64,7 +65,7 @@ from aeterna_devstack.prom import (
     find_prometheus,
     scrape_config,
 )
-from aeterna_devstack.servers import PostgresServer, RedisServer, free_port
+from aeterna_devstack.servers import PostgresServer, RedisServer, free_port, scratch_dir
 
 MEMORY_SERVICE = "aeterna.memory.v1.MemoryService"
 GOVERNANCE_SERVICE = "aeterna.governance.v1.OrganizationService"
@@ -704,3 +705,30 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def throwaway_stack(prefix: str, *, port: int | None = None, **options: Any) -> Iterator[DevStack]:
+    """A fresh :class:`DevStack` in a new scratch root (:func:`~aeterna_devstack.servers.
+    scratch_dir`), started quietly and stopped on exit: the end-to-end tests' stack.
+
+    Args:
+        prefix: Start of the root directory's name (e.g. ``aeterna-e2e-sync-``).
+        port: The edge's port (default: a free one), for settings that must name it before
+            the stack starts.
+        **options: Other :class:`DevStack` fields (``replicas``, ``env``, ...).
+
+    Yields:
+        The started stack.
+
+    Raises:
+        RuntimeError: The stack did not start (what it had started is stopped).
+    """
+    stack = DevStack(
+        port=free_port() if port is None else port, root=scratch_dir(prefix), fresh=True, **options
+    )
+    stack.start(log=lambda *_: None)
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -17,6 +17,7 @@ from aeterna_devstack.servers import (
     RedisServer,
     _ephemeral_low,
     free_port,
+    scratch_dir,
 )
 
 
@@ -30,10 +31,7 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    # Under /tmp itself: when the tests run as root, the server runs as the postgres user,
-    # which cannot enter pytest's private tmp_path.
-    path = Path(tempfile.mkdtemp(prefix="aeterna-test-pg-"))
-    path.chmod(0o755)
+    path = scratch_dir("aeterna-test-pg-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -104,8 +102,7 @@ async def test_redis_answers_and_stops() -> None:
 def root_only_clone(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
     private = Path(tempfile.mkdtemp(prefix="aeterna-root-only-"))
     private.chmod(0o700)
-    fallback = Path(tempfile.mkdtemp(prefix="aeterna-pg-fallback-"))
-    fallback.chmod(0o755)
+    fallback = scratch_dir("aeterna-pg-fallback-")
     monkeypatch.setenv("AETERNA_PG_FALLBACK_DIR", str(fallback))
     yield private / "clone", fallback
     shutil.rmtree(private, ignore_errors=True)

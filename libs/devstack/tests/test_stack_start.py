@@ -1,25 +1,20 @@
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
-from pathlib import Path
 
 import pytest
-from aeterna_devstack.servers import free_port
+from aeterna_devstack.servers import free_port, scratch_dir
 from aeterna_devstack.stack import DevStack
 
 
 def test_a_failed_start_leaves_no_process_behind() -> None:
     # Memory refuses its settings and exits; governance, PostgreSQL and Redis had started
     # already. Left running, they would outlive the test session that tried the stack.
-    root = Path(tempfile.mkdtemp(prefix="aeterna-test-stack-"))
-    os.chmod(root, 0o755)
     stack = DevStack(
         replicas=1,
         governance_replicas=1,
         port=free_port(),
-        root=root,
+        root=scratch_dir("aeterna-test-stack-"),
         fresh=True,
         env={"AETERNA_MEMORY_CONSISTENCY_WAIT_S": "soon"},
     )

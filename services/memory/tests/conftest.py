@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,13 +9,13 @@ import pytest
 import pytest_asyncio
 from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna_common.consistency import ReadYourWrites
+from aeterna_devstack.servers import scratch_dir
 from memory_testkit import MemoryEnv, start_memory
 
 
 @pytest.fixture(scope="session")
 def scratch() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="aeterna-mem-"))
-    os.chmod(base, 0o755)
+    base = scratch_dir("aeterna-mem-")
     return base
 
 

@@ -4,7 +4,6 @@ a stopped PostgreSQL, and an OpenAI-compatible embedding endpoint on a closed po
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import grpc
@@ -13,14 +12,13 @@ from aeterna.memory.v1 import memory_service_pb2_grpc as svc_grpc
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.db import provision
 from aeterna_devstack.pytest_plugin import DatabaseUrls
-from aeterna_devstack.servers import PostgresServer, free_port
+from aeterna_devstack.servers import PostgresServer, free_port, scratch_dir
 from memory_testkit import md, memory, new_tenant, start_memory
 from test_grpc_api import expect
 
 
 async def test_stopped_database_is_unavailable(scratch: Any) -> None:
-    base = tempfile.mkdtemp(prefix="aeterna-pg-outage-")
-    os.chmod(base, 0o755)
+    base = str(scratch_dir("aeterna-pg-outage-"))
     pg = PostgresServer(os.path.join(base, "data")).start()
     stopped = False
     try:

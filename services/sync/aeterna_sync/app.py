@@ -197,7 +197,13 @@ def _proposal_consumer(redis_url: str, proposals: Proposals) -> Job:
 
     async def consume() -> None:
         client = consumer_redis(redis_url, block_s=1.0)
-        consumer = EventConsumer(client, PROPOSALS_GROUP, proposals.handle, start="0")
+        consumer = EventConsumer(
+            client,
+            PROPOSALS_GROUP,
+            proposals.handle,
+            batch_handler=proposals.handle_batch,
+            start="0",
+        )
         try:
             await consumer.run()
         finally:

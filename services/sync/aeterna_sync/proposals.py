@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -333,6 +333,19 @@ class Proposals:
                 if not token:
                     break
         return out
+
+    async def handle_batch(self, events: Sequence[Event]) -> None:
+        """:meth:`handle` for each of one read's events in turn, so that the consumer
+        acknowledges the read with one ``XACK`` (most events of a stream are not proposal
+        candidates, and each cost an acknowledgement and a span).
+
+        Raises:
+            grpc.aio.AioRpcError: As :meth:`handle` (the consumer then goes one by one;
+                the events handled before are proposed once all the same).
+            ProposalFailedError: Likewise.
+        """
+        for event in events:
+            await self.handle(event)
 
     async def handle(self, event: Event) -> None:
         """Consider the memory of one memory event (a consumer group handler: idempotent,

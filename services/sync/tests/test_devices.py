@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +23,7 @@ from aeterna.sync.v1 import resources_pb2 as res
 from aeterna.sync.v1 import sync_service_pb2 as svc
 from aeterna.type.v1 import layer_pb2
 from aeterna_common.authz import StaticDirectory
-from aeterna_devstack.servers import RedisServer
+from aeterna_devstack.servers import RedisServer, scratch_dir
 from aeterna_sync.devices import KEEP, MARKER, DeviceLimits, DeviceSync
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
@@ -49,8 +46,7 @@ class Env:
 async def env(make_database: Any, redis_server: RedisServer) -> AsyncIterator[Env]:
     """A memory server and a sync server calling it (pulls settle at once, pushes of at
     most 1 MB, under gRPC's 4 MiB message limit)."""
-    scratch = Path(tempfile.mkdtemp(prefix="aeterna-devices-"))
-    os.chmod(scratch, 0o755)
+    scratch = scratch_dir("aeterna-devices-")
     server, _ = await start_memory(await make_database(), redis_server.url, scratch / "index")
     sync = await start_sync(
         await make_database(),
