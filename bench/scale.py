@@ -4,7 +4,9 @@ Starts a fresh local stack (two replicas, embedded index), ingests N short synth
 with the batch API (users, sessions, tags), then measures SearchMemories latency through
 Envoy, all in the same run:
 
-* before the HNSW graphs exist (exact scans: the baseline), whole-tenant search;
+* right after the ingest, whole-tenant search: exact scans while the HNSW graphs are not yet
+  swapped in (``graphs_in_before`` says whether they already were: a fast ingest reaches the
+  end after the build that started at 90 %);
 * after each replica has built its graphs in the background and swapped them in (the build
   threshold is set to 90 % of N so that one build runs, after the ingest): whole-tenant
   (every memory of the layer, no user filter), by user, and by user plus tags. Target:
@@ -297,6 +299,7 @@ async def run(
         if analyze is not None:
             await analyze()
         await measure("by user", 20)  # warm-up
+        graphs_in_before = all((d / "shard.active").exists() for d in index_dirs)
         before = {"whole tenant": await measure("whole tenant", min(queries, 100))}
         print(f"  before the graphs: {before}", flush=True)
         t0 = time.perf_counter()
@@ -368,6 +371,7 @@ async def run(
         "users": users,
         "ingest_per_s": round(n / ingest_s, 1),
         "search_ms_exact_before_graphs": before,
+        "graphs_in_before": graphs_in_before,
         "graph_wait_s": round(build_s, 1),
         "search_ms": search,
         "whole_tenant_p95_over_by_user_p95": round(ratio_tenant, 2),

@@ -327,19 +327,7 @@ class EventConsumer:
         try:
             # The handler continues the trace of the request that wrote the event (the
             # envelope's traceparent): outbox → relay → stream → consumer is one trace.
-            with _TRACER.start_as_current_span(
-                f"{self.group} process",
-                context=traceparent_context(event.traceparent),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "redis",
-                    "messaging.operation.type": "process",
-                    "messaging.consumer.group.name": self.group,
-                    "messaging.message.id": event.event_id,
-                    "aeterna.event.type": event.type,
-                    "aeterna.tenant": event.tenant,
-                },
-            ):
+            with self._span(event):
                 await self.handler(event)
         except asyncio.CancelledError:
             raise
@@ -359,6 +347,27 @@ class EventConsumer:
         await self.redis.xack(stream, self.group, entry_id)
         HANDLED.labels(self.group).inc()
         return 1
+
+    def _span(self, event: Event, batch: int = 0) -> contextlib.AbstractContextManager[Any]:
+        """The consumer span of handling ``event``, a child of the producer's span named by
+        its ``traceparent`` (outbox → relay → stream → consumer is one trace); ``batch`` is
+        the size of the batch it is handled in, when it is."""
+        attributes: dict[str, str | int] = {
+            "messaging.system": "redis",
+            "messaging.operation.type": "process",
+            "messaging.consumer.group.name": self.group,
+            "messaging.message.id": event.event_id,
+            "aeterna.event.type": event.type,
+            "aeterna.tenant": event.tenant,
+        }
+        if batch:
+            attributes["messaging.batch.message_count"] = batch
+        return _TRACER.start_as_current_span(
+            f"{self.group} process",
+            context=traceparent_context(event.traceparent),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
 
     async def _deliver_batch(
         self, stream: str, entries: Sequence[Entry], counts: dict[str, int]
@@ -398,22 +407,7 @@ class EventConsumer:
             # (cheap when unsampled: a non-recording span).
             with contextlib.ExitStack() as spans:
                 for event in events:
-                    spans.enter_context(
-                        _TRACER.start_as_current_span(
-                            f"{self.group} process",
-                            context=traceparent_context(event.traceparent),
-                            kind=SpanKind.CONSUMER,
-                            attributes={
-                                "messaging.system": "redis",
-                                "messaging.operation.type": "process",
-                                "messaging.consumer.group.name": self.group,
-                                "messaging.message.id": event.event_id,
-                                "messaging.batch.message_count": len(events),
-                                "aeterna.event.type": event.type,
-                                "aeterna.tenant": event.tenant,
-                            },
-                        )
-                    )
+                    spans.enter_context(self._span(event, batch=len(events)))
                 await self.batch_handler(events)
         except asyncio.CancelledError:
             raise

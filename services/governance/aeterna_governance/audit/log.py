@@ -34,6 +34,32 @@ _COLUMNS = (
 )
 
 
+_INSERT = (
+    f"INSERT INTO audit_entries ({_COLUMNS}) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
+
+
+def _values(
+    event: Event, sequence: int, append_time: datetime, previous: str, digest: str
+) -> tuple[object, ...]:
+    """The parameters of :data:`_INSERT` for ``event`` as entry ``sequence``."""
+    return (
+        event.tenant,
+        sequence,
+        event.event_id,
+        event.event_type,
+        event.service,
+        event.resource,
+        event.actor,
+        event.event_time,
+        append_time,
+        event.payload,
+        previous,
+        digest,
+    )
+
+
 def _record(row: asyncpg.Record) -> AuditRecord:
     return AuditRecord(
         tenant=row["tenant_id"],
@@ -82,21 +108,7 @@ async def append_in(conn: asyncpg.Connection, event: Event) -> tuple[AuditRecord
     append_time: datetime = await conn.fetchval("SELECT clock_timestamp()")
     digest = entry_hash(event, sequence, append_time, previous)
     row = await conn.fetchrow(
-        f"INSERT INTO audit_entries ({_COLUMNS}) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-        f"RETURNING {_COLUMNS}",
-        event.tenant,
-        sequence,
-        event.event_id,
-        event.event_type,
-        event.service,
-        event.resource,
-        event.actor,
-        event.event_time,
-        append_time,
-        event.payload,
-        previous,
-        digest,
+        f"{_INSERT} RETURNING {_COLUMNS}", *_values(event, sequence, append_time, previous, digest)
     )
     assert row is not None
     return _record(row), True
@@ -149,32 +161,13 @@ async def append_many_in(conn: asyncpg.Connection, events: Sequence[Event]) -> i
     # One append time for the batch: entries appended in one transaction share it, as the
     # single appends' clock_timestamp() readings would within the transaction's span.
     append_time: datetime = await conn.fetchval("SELECT clock_timestamp()")
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for event in fresh:
         sequence += 1
         digest = entry_hash(event, sequence, append_time, previous)
-        rows.append(
-            (
-                tenant,
-                sequence,
-                event.event_id,
-                event.event_type,
-                event.service,
-                event.resource,
-                event.actor,
-                event.event_time,
-                append_time,
-                event.payload,
-                previous,
-                digest,
-            )
-        )
+        rows.append(_values(event, sequence, append_time, previous, digest))
         previous = digest
-    await conn.executemany(
-        f"INSERT INTO audit_entries ({_COLUMNS}) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        rows,
-    )
+    await conn.executemany(_INSERT, rows)
     return len(rows)
 
 
