@@ -340,16 +340,19 @@ async def test_losing_a_replica_mid_run_loses_no_idempotent_call(
         calls = [asyncio.create_task(bounded(i)) for i in range(300)]
         while done < 100:  # noqa: ASYNC110 (poll a counter the calls advance)
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(stack.kill_replica, 0, sig)
-        await asyncio.gather(*calls)
-        assert failures == []
-        assert len(client_retries) <= 2, client_retries  # only calls in flight at the kill
-        listed = await stub.ListMemories(
-            svc.ListMemoriesRequest(parent=f"tenants/{tenant}", page_size=1000), metadata=md
-        )
-        assert len(listed.memories) == 100  # one per request id, none lost, none doubled
-    stack.start_replica(stack.replica_list[0])
-    stack.wait_healthy(stack.replica_list[0])
+        try:
+            await asyncio.to_thread(stack.kill_replica, 0, sig)
+            await asyncio.gather(*calls)
+            assert failures == []
+            assert len(client_retries) <= 2, client_retries  # only calls in flight at the kill
+            listed = await stub.ListMemories(
+                svc.ListMemoriesRequest(parent=f"tenants/{tenant}", page_size=1000), metadata=md
+            )
+            assert len(listed.memories) == 100  # one per request id, none lost, none doubled
+        finally:
+            # Back for the module's later tests, whatever the outcome here.
+            stack.start_replica(stack.replica_list[0])
+            stack.wait_healthy(stack.replica_list[0])
 
 
 async def test_creates_without_request_id_are_never_doubled_when_a_replica_dies(
