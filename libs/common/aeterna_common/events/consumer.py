@@ -304,25 +304,8 @@ class EventConsumer:
     async def _deliver(
         self, stream: str, entry_id: str, fields: dict[str, str] | None, *, deliveries: int
     ) -> int:
-        if fields is None:
-            # Deleted from the stream after delivery: nothing left to handle.
-            await self.redis.xack(stream, self.group, entry_id)
-            return 0
-        try:
-            event = Event.from_fields(fields)
-        except MalformedEventError as exc:
-            await self._dead_letter(stream, entry_id, fields, deliveries, f"malformed: {exc}")
-            return 0
-        if deliveries > self.max_deliveries:
-            # Claimed after max_deliveries attempts that never acknowledged it (the consumer
-            # died or hung each time).
-            await self._dead_letter(
-                stream,
-                entry_id,
-                fields,
-                deliveries - 1,
-                f"not acknowledged after {deliveries - 1} deliveries",
-            )
+        event = await self._settle(stream, entry_id, fields, deliveries)
+        if event is None or fields is None:
             return 0
         try:
             # The handler continues the trace of the request that wrote the event (the
@@ -347,6 +330,34 @@ class EventConsumer:
         await self.redis.xack(stream, self.group, entry_id)
         HANDLED.labels(self.group).inc()
         return 1
+
+    async def _settle(
+        self, stream: str, entry_id: str, fields: dict[str, str] | None, deliveries: int
+    ) -> Event | None:
+        """The entry's event when it is to be handled; else the entry is settled here and
+        ``None`` returned: acknowledged when it is gone from the stream, dead-lettered when it
+        is not an envelope or has used up its deliveries."""
+        if fields is None:
+            # Deleted from the stream after delivery: nothing left to handle.
+            await self.redis.xack(stream, self.group, entry_id)
+            return None
+        try:
+            event = Event.from_fields(fields)
+        except MalformedEventError as exc:
+            await self._dead_letter(stream, entry_id, fields, deliveries, f"malformed: {exc}")
+            return None
+        if deliveries > self.max_deliveries:
+            # Claimed after max_deliveries attempts that never acknowledged it (the consumer
+            # died or hung each time).
+            await self._dead_letter(
+                stream,
+                entry_id,
+                fields,
+                deliveries - 1,
+                f"not acknowledged after {deliveries - 1} deliveries",
+            )
+            return None
+        return event
 
     def _span(self, event: Event, batch: int = 0) -> contextlib.AbstractContextManager[Any]:
         """The consumer span of handling ``event``, a child of the producer's span named by
@@ -379,25 +390,9 @@ class EventConsumer:
         assert self.batch_handler is not None
         batch: list[tuple[str, dict[str, str], Event]] = []
         for entry_id, fields in entries:
-            deliveries = counts.get(entry_id, 1)
-            if not fields:
-                await self.redis.xack(stream, self.group, entry_id)
-                continue
-            try:
-                event = Event.from_fields(fields)
-            except MalformedEventError as exc:
-                await self._dead_letter(stream, entry_id, fields, deliveries, f"malformed: {exc}")
-                continue
-            if deliveries > self.max_deliveries:
-                await self._dead_letter(
-                    stream,
-                    entry_id,
-                    fields,
-                    deliveries - 1,
-                    f"not acknowledged after {deliveries - 1} deliveries",
-                )
-                continue
-            batch.append((entry_id, fields, event))
+            event = await self._settle(stream, entry_id, fields or None, counts.get(entry_id, 1))
+            if event is not None and fields:
+                batch.append((entry_id, fields, event))
         if not batch:
             return 0
         events = [e for _, _, e in batch]
